@@ -1,0 +1,154 @@
+"""Decoder-only transformer over bytes: RMSNorm, rotary positions, causal SDPA attention.
+
+The feed-forward sub-layer is pluggable (`ffn_factory`), so the same block serves the dense model,
+the MoE model and the byte models' stages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim // 2] for rotary position embedding."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; rotate pairs (first half, second half) of the head dimension."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        assert width % heads == 0, "heads must divide width"
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope[0][:t], rope[1][:t]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+FFNFactory = Callable[[int], nn.Module]  # layer index -> feed-forward module
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ffn_norm = RMSNorm(width)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TransformerStack(nn.Module):
+    """`depth` blocks sharing one rotary table; maps [B, T, width] -> [B, T, width] (normed)."""
+
+    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory,
+                 max_seq_len: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_factory(i)) for i in range(depth))
+        self.norm = RMSNorm(width)
+        cos, sin = rotary_tables(max_seq_len, width // heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {x.shape[1]} exceeds max_seq_len {self.rope_cos.shape[0]}")
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.norm(x)
+
+
+class ByteTransformerLM(nn.Module):
+    """Flat byte-level language model: embed 256 byte values, transformer stack, tied-free head."""
+
+    vocab_size = 256
+
+    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory,
+                 max_seq_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab_size, width)
+        self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len)
+        self.head = nn.Linear(width, self.vocab_size, bias=False)
+        self.apply(init_weights)
+        # GPT-2 style: shrink the residual projections by depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "down.weight", "w_down")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: [B, T] int64 byte values. Returns logits [B, T, 256] and mean CE (nats)."""
+        logits = self.head(self.stack(self.embed(idx)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1))
+        return logits, loss
+
+
+def init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
