@@ -1,0 +1,213 @@
+"""The job spec: one typed config tree (pydantic v2). YAML is its serialised form.
+
+Every component takes the piece it needs (`spec.model`, `spec.optim`, ...). Unknown keys are
+errors; cross-field rules (top_k <= num_experts, heads | width, ...) live in validators here so
+`shardyard validate` catches them without a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class FFNSpec(Section):
+    """Feed-forward sub-layer of dense blocks (and the expert shape of MoE blocks)."""
+
+    kind: Literal["swiglu", "gelu", "lowrank"] = Field("swiglu", description="swiglu | gelu | lowrank (U V factorised SwiGLU)")
+    hidden: PositiveInt | None = Field(None, description="hidden width; default: from the preset, or 3 x width")
+    rank: PositiveInt | None = Field(None, description="lowrank only: rank of each factorised projection")
+    self_guided: NonNegFloat = Field(0.0, le=1.0, description="lowrank only: fraction of training over which a dense guide is blended out (0 = off)")
+
+    @model_validator(mode="after")
+    def _lowrank_needs_rank(self) -> "FFNSpec":
+        if self.kind == "lowrank" and self.rank is None:
+            raise ValueError("ffn.kind 'lowrank' needs ffn.rank")
+        if self.kind != "lowrank" and self.rank is not None:
+            raise ValueError(f"ffn.rank only applies to ffn.kind 'lowrank', not {self.kind!r}")
+        return self
+
+
+class MoESpec(Section):
+    num_experts: PositiveInt = Field(8, description="experts per MoE layer")
+    top_k: PositiveInt = Field(2, description="experts per token")
+    router: Literal["softmax_topk", "switch"] = Field("softmax_topk", description="softmax_topk (renormalised top-k) | switch (top-1, raw probability)")
+    aux_loss: NonNegFloat = Field(0.01, description="weight of the load-balancing loss")
+    z_loss: NonNegFloat = Field(0.001, description="weight of the router z-loss")
+    capacity_factor: PositiveFloat | None = Field(None, description="null = dropless; else each expert keeps ceil(cf * tokens * k / E) assignments")
+    backend: Literal["auto", "loop", "torch", "triton", "megablocks"] = Field("auto", description="grouped GEMM backend for the experts")
+    jitter: NonNegFloat = Field(0.0, lt=1.0, description="multiplicative router input noise during training")
+    every: PositiveInt = Field(1, description="every n-th block is MoE (1 = all)")
+    expert_kind: Literal["swiglu", "gelu"] = Field("swiglu", description="expert MLP shape")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoESpec":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"router 'switch' is top-1, but top_k is {self.top_k}")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"width": 128, "depth": 4, "heads": 4, "ffn": {"hidden": 384}},
+    "small": {"width": 256, "depth": 6, "heads": 8, "ffn": {"hidden": 768}},
+    "base": {"width": 768, "depth": 12, "heads": 12, "ffn": {"hidden": 2048}},
+}
+
+
+class ModelSpec(Section):
+    kind: Literal["dense", "moe"] = Field("moe", description="model registry key: dense | moe")
+    preset: Literal["tiny", "small", "base"] | None = Field(None, description="size preset; fields given here override it")
+    width: PositiveInt = Field(128, description="residual stream width")
+    depth: PositiveInt = Field(4, description="number of transformer blocks")
+    heads: PositiveInt = Field(4, description="attention heads (must divide width)")
+    ffn: FFNSpec = Field(default_factory=FFNSpec)
+    moe: MoESpec | None = Field(None, description="MoE settings; required (defaults filled) when kind is moe")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset = PRESETS.get(data["preset"])
+        if preset is None:
+            return data  # the Literal check reports the bad name
+        merged = {**preset, **data}
+        if isinstance(data.get("ffn"), dict):
+            merged["ffn"] = {**preset["ffn"], **data["ffn"]}
+        return merged
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"head size width/heads = {self.width // self.heads} must be even for rotary positions")
+        if self.kind == "moe" and self.moe is None:
+            self.moe = MoESpec()
+        if self.kind == "dense" and self.moe is not None:
+            raise ValueError("model.moe is set but model.kind is 'dense'; use kind: moe")
+        if self.kind == "moe" and self.moe is not None and self.moe.every > self.depth:
+            raise ValueError(f"moe.every ({self.moe.every}) exceeds depth ({self.depth}): no block would be MoE")
+        return self
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.ffn.hidden or 3 * self.width
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DataSpec(Section):
+    paths: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1, description="files, directories or globs; 'stdlib' = this Python's standard library sources")
+    extensions: list[str] = Field(default_factory=lambda: [".py"], description="file suffixes kept when a path is a directory ('*' = all)")
+    seq_len: PositiveInt = Field(256, description="bytes per training sequence")
+    val_fraction: float = Field(0.02, gt=0, lt=0.5, description="fraction of files (chosen deterministically by path hash) held out for validation")
+    max_bytes: PositiveInt | None = Field(None, description="cap on corpus bytes read (first files in sorted order)")
+
+
+# --------------------------------------------------------------------------------------------- optim
+class ScheduleSpec(Section):
+    warmup: NonNegInt = Field(20, description="linear warm-up steps")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optim.lr")
+
+
+class OptimSpec(Section):
+    kind: Literal["adamw"] = Field("adamw", description="optimizer")
+    lr: PositiveFloat = Field(3e-3, description="peak learning rate")
+    weight_decay: NonNegFloat = Field(0.1, description="decoupled weight decay (matrices only)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
+    eps: PositiveFloat = Field(1e-8, description="Adam epsilon")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    grad_clip: NonNegFloat = Field(1.0, description="max global grad norm (0 = off)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimSpec":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ training
+class TrainingSpec(Section):
+    steps: PositiveInt = Field(200, description="optimizer steps")
+    batch_size: PositiveInt = Field(8, description="sequences per worker per step")
+    eval_every: NonNegInt = Field(50, description="steps between validation passes (0 = only at the end)")
+    eval_batches: PositiveInt = Field(8, description="validation batches per pass")
+    log_every: PositiveInt = Field(1, description="steps between metric records")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype for the forward pass")
+
+
+class ParallelSpec(Section):
+    expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
+    a2a: Literal["flat", "hierarchical", "leader"] = Field("flat", description="all-to-all algorithm for expert parallelism")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 = plain DDP")
+
+
+class ResourcesSpec(Section):
+    workers: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per worker (fractions allowed)")
+    gpus_per_worker: NonNegFloat = Field(0.0, description="GPUs per worker (0 = CPU training with gloo)")
+    max_failures: NonNegInt = Field(1, description="worker-group restarts from the newest checkpoint before the job fails")
+
+
+class CheckpointSpec(Section):
+    dir: str = Field("runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)")
+    every: NonNegInt = Field(50, description="steps between checkpoints (0 = only at the end)")
+    keep: PositiveInt = Field(3, description="newest checkpoints kept")
+
+
+class TrackingSpec(Section):
+    wandb_project: str = Field("shardyard", min_length=1, description="wandb project")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode; metrics.jsonl is always written")
+    run_name: str | None = Field(None, description="wandb run name (default: the job name)")
+    tags: list[str] = Field(default_factory=list, description="wandb tags")
+
+
+class JobSpec(Section):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="job name: the run directory's and the Ray job's name")
+    seed: NonNegInt = Field(0, description="seed for weights, data order and routing noise")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "JobSpec":
+        ep = self.parallel.expert_parallel
+        if ep > 1:
+            if self.model.kind != "moe":
+                raise ValueError(f"parallel.expert_parallel is {ep} but model.kind is {self.model.kind!r}: only MoE models have experts to shard")
+            if self.resources.workers % ep:
+                raise ValueError(f"parallel.expert_parallel ({ep}) must divide resources.workers ({self.resources.workers})")
+            if self.model.moe and self.model.moe.num_experts % ep:
+                raise ValueError(f"parallel.expert_parallel ({ep}) must divide model.moe.num_experts ({self.model.moe.num_experts})")
+        if self.training.eval_every and self.training.eval_every > self.training.steps:
+            raise ValueError(f"training.eval_every ({self.training.eval_every}) exceeds training.steps ({self.training.steps})")
+        if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:
+            raise ValueError(f"optim.schedule.warmup ({self.optim.schedule.warmup}) must be below training.steps ({self.training.steps})")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.workers
+
+    def tokens_per_step(self) -> int:
+        return self.resources.workers * self.training.batch_size * self.data.seq_len
+

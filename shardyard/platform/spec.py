@@ -1,0 +1,157 @@
+"""Load a job spec: YAML file -> `--set` overrides -> validated `JobSpec`.
+
+Precedence: schema defaults < file < overrides. Every error names the file, the line and the field
+path (or the `--set` that caused it) and raises `SpecError`, which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from shardyard.platform.errors import SpecError
+from shardyard.platform.schema import JobSpec
+
+Path_ = tuple[str | int, ...]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_index(node: yaml.Node | None, path: Path_ = (), out: dict[Path_, int] | None = None) -> dict[Path_, int]:
+    """Map each field path in the YAML document to its 1-based line number."""
+    out = {} if out is None else out
+    if node is None:
+        return out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = path + (str(key_node.value),)
+            out[child] = key_node.start_mark.line + 1
+            _line_index(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, path + (i,), out)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a', 'b', 'c'], value parsed as YAML: numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.steps=50")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise SpecError(f"--set {text!r}: empty field name in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise SpecError(f"--set {text!r}: value is not valid YAML: {err}") from None
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """Apply `--set` overrides in place; returns field path -> the override text that set it."""
+    sources: dict[tuple[str, ...], str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+        sources[tuple(keys)] = text
+    return sources
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[Path_, int],
+                   override_sources: dict[tuple[str, ...], str]) -> str:
+    messages = []
+    for e in err.errors():
+        loc: Path_ = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "literal["))))
+        field = ".".join(str(x) for x in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `shardyard schema` lists the fields)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        where = _where(loc, source, lines, override_sources)
+        messages.append(f"{where}: {field}: {msg}")
+    return "invalid job spec\n  " + "\n  ".join(messages)
+
+
+def _where(loc: Path_, source: str, lines: dict[Path_, int], override_sources: dict[tuple[str, ...], str]) -> str:
+    str_loc = tuple(str(x) for x in loc)
+    for n in range(len(str_loc), 0, -1):
+        if str_loc[:n] in override_sources:
+            return f"{source} (--set {override_sources[str_loc[:n]]})"
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{source}:{lines[loc[:n]]}"
+    return source
+
+
+def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | None = None) -> JobSpec:
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}{line}: not valid YAML: {err.problem or err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}:1: a job spec is a mapping of sections (name:, model:, ...), got {type(data).__name__}")
+    override_sources = apply_overrides(data, overrides or [])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source, _line_index(node), override_sources)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job spec file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read job spec: {err}") from None
+    return load_spec_text(text, str(path), overrides)
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False)
+
+
+def spec_from_json(text: str) -> JobSpec:
+    """The resolved spec as it travels to the cluster (already validated once)."""
+    return JobSpec.model_validate_json(text)
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
