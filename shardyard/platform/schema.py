@@ -36,6 +36,10 @@ class FFNSpec(Section):
             raise ValueError("ffn.kind 'lowrank' needs ffn.rank")
         if self.kind != "lowrank" and self.rank is not None:
             raise ValueError(f"ffn.rank only applies to ffn.kind 'lowrank', not {self.kind!r}")
+        if self.kind != "lowrank" and self.self_guided > 0:
+            raise ValueError(f"ffn.self_guided only applies to ffn.kind 'lowrank', not {self.kind!r}")
+        if self.kind == "lowrank" and self.hidden is not None and self.rank is not None and self.rank >= self.hidden:
+            raise ValueError(f"ffn.rank ({self.rank}) must be below ffn.hidden ({self.hidden}); a full-rank factorisation saves nothing")
         return self
 
 
@@ -67,14 +71,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class StageSpec(Section):
+    """One stage of a hierarchical byte model (kind megabyte | multiscale); model.stages lists them global first."""
+
+    width: PositiveInt = Field(..., description="this stage's residual width")
+    depth: PositiveInt = Field(..., description="transformer blocks in this stage")
+    heads: PositiveInt = Field(..., description="attention heads (must divide width; width/heads even)")
+    patch_size: PositiveInt = Field(..., description="positions this stage sees per unit of the stage above; for the first (global) stage: patches per context. Context = product over stages")
+    ffn_hidden: PositiveInt | None = Field(None, description="feed-forward hidden width (default 3 x width); also each expert's hidden width when moe is set")
+    checkpoint_chunks: NonNegInt = Field(0, description="0 = no activation checkpointing; n >= 1 = run this stage under torch.utils.checkpoint in n chunks of its batch of patches")
+    moe: MoESpec | None = Field(None, description="make this stage's feed-forward layers MoE (every moe.every-th block)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageSpec":
+        if self.width % self.heads:
+            raise ValueError(f"stage heads ({self.heads}) must divide stage width ({self.width})")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"stage head size width/heads = {self.width // self.heads} must be even for rotary positions")
+        if self.moe is not None and self.moe.every > self.depth:
+            raise ValueError(f"stage moe.every ({self.moe.every}) exceeds stage depth ({self.depth}): no block would be MoE")
+        return self
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 3 * self.width
+
+
 class ModelSpec(Section):
-    kind: Literal["dense", "moe"] = Field("moe", description="model registry key: dense | moe")
+    kind: Literal["dense", "moe", "megabyte", "multiscale"] = Field("moe", description="model registry key: dense | moe | megabyte (2-stage byte model) | multiscale (N-stage byte model)")
     preset: Literal["tiny", "small", "base"] | None = Field(None, description="size preset; fields given here override it")
     width: PositiveInt = Field(128, description="residual stream width")
     depth: PositiveInt = Field(4, description="number of transformer blocks")
     heads: PositiveInt = Field(4, description="attention heads (must divide width)")
     ffn: FFNSpec = Field(default_factory=FFNSpec)
     moe: MoESpec | None = Field(None, description="MoE settings; required (defaults filled) when kind is moe")
+    stages: list[StageSpec] | None = Field(None, description="megabyte | multiscale only: the stages, global first, local (byte) last; top-level width/depth/heads/ffn.hidden are not used by these kinds")
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +122,10 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
+        if self.kind in ("megabyte", "multiscale"):
+            self._check_byte_stages()
+        elif self.stages is not None:
+            raise ValueError(f"model.stages only applies to kinds megabyte | multiscale, not {self.kind!r}")
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
         if (self.width // self.heads) % 2:
@@ -106,6 +141,34 @@ class ModelSpec(Section):
     @property
     def ffn_hidden(self) -> int:
         return self.ffn.hidden or 3 * self.width
+
+    def _check_byte_stages(self) -> None:
+        kind, stages = self.kind, self.stages
+        if not stages:
+            raise ValueError(f"model.kind {kind!r} needs model.stages: a list of {{width, depth, heads, patch_size}}, global stage first")
+        if kind == "megabyte" and len(stages) != 2:
+            raise ValueError(f"model.kind 'megabyte' has exactly 2 stages (global, local), got {len(stages)}; use kind 'multiscale' for more")
+        if len(stages) < 2:
+            raise ValueError("model.kind 'multiscale' needs at least 2 stages")
+        if self.preset is not None:
+            raise ValueError(f"model.preset sizes dense models; a {kind} model is sized by model.stages (remove preset)")
+        if self.moe is not None:
+            raise ValueError(f"model.moe does not apply to kind {kind!r}; set model.stages[i].moe on the stages that should be MoE")
+        if self.ffn.hidden is not None:
+            raise ValueError(f"model.ffn.hidden does not apply to kind {kind!r}; set model.stages[i].ffn_hidden")
+        for i, stage in enumerate(stages[1:], start=1):
+            if stage.patch_size < 2:
+                raise ValueError(f"model.stages[{i}].patch_size is {stage.patch_size}; inner stages need patch_size >= 2")
+
+    @property
+    def context(self) -> int | None:
+        """Byte models: the longest sequence in bytes (product of stage patch sizes); data.seq_len may not exceed it."""
+        if not self.stages:
+            return None
+        context = 1
+        for stage in self.stages:
+            context *= stage.patch_size
+        return context
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -124,19 +187,65 @@ class ScheduleSpec(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optim.lr")
 
 
+class QGaLoreSpec(Section):
+    """Q-GaLore: INT4 projections, INT8 weights with stochastic rounding, similarity-adaptive update gap."""
+
+    proj_group_size: PositiveInt = Field(64, multiple_of=2, description="elements per INT4 scale group of a projection matrix (even: two codes per byte)")
+    weight_group_size: PositiveInt = Field(128, description="elements per INT8 scale group of a projected weight")
+    stochastic_rounding: bool = Field(True, description="round weight updates to INT8 stochastically (unbiased); false = round to nearest")
+    sim_threshold: float = Field(0.4, ge=0, le=1, description="subspace overlap ||P_old^T P_new||^2/r above which a refresh counts as 'similar'")
+    sim_streak: PositiveInt = Field(5, description="consecutive similar refreshes before the update gap grows")
+    gap_growth: float = Field(2.0, ge=1, description="factor applied to a parameter's update gap after a similar streak")
+    max_update_gap: PositiveInt = Field(2000, description="cap on the adapted update gap")
+
+
+class GaLoreSpec(Section):
+    """Gradient low-rank projection (GaLore / GaLore 2) settings for galore_adamw and q_galore_adamw."""
+
+    rank: PositiveInt = Field(32, description="rank of the gradient projection (matrices with min(shape) <= rank stay dense)")
+    update_gap: PositiveInt = Field(200, description="steps between projection refreshes (Q-GaLore adapts it per parameter)")
+    scale: PositiveFloat = Field(0.25, description="multiplier of the projected-back update (GaLore's alpha)")
+    projection: Literal["svd", "randomized"] = Field("svd", description="svd = exact SVD (GaLore); randomized = randomized range finder + small SVD (GaLore 2)")
+    oversample: NonNegInt = Field(8, description="randomized only: extra sketch columns beyond rank")
+    power_iters: NonNegInt = Field(2, description="randomized only: power (subspace) iterations")
+    targets: list[str] = Field(default_factory=lambda: ["attn", "ffn"], min_length=1, description="regexes searched in parameter names; matching >=2-D weights are projected (embeddings, norms, biases always dense)")
+    experts: Literal["per_expert", "dense"] = Field("per_expert", description="3-D stacked expert weights [E, K, N]: one projector per expert slice, or leave them dense")
+    layerwise: bool = Field(False, description="step each parameter from its post-accumulate-grad hook and free its gradient at once (single worker, no grad clip)")
+    broadcast_projection: bool = Field(False, description="data parallel: compute projections on rank 0 and broadcast (default: every rank computes the same deterministic projection from the DDP-averaged gradient)")
+    seed: NonNegInt = Field(0, description="seed of the randomized sketches and stochastic rounding (derived per parameter and step, identical on every rank)")
+    quant: QGaLoreSpec | None = Field(None, description="q_galore_adamw settings (defaults filled for that kind)")
+
+
 class OptimSpec(Section):
-    kind: Literal["adamw"] = Field("adamw", description="optimizer")
+    kind: Literal["adamw", "galore_adamw", "q_galore_adamw"] = Field("adamw", description="optimizer: adamw | galore_adamw | q_galore_adamw")
     lr: PositiveFloat = Field(3e-3, description="peak learning rate")
     weight_decay: NonNegFloat = Field(0.1, description="decoupled weight decay (matrices only)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     grad_clip: NonNegFloat = Field(1.0, description="max global grad norm (0 = off)")
+    galore: GaLoreSpec | None = Field(None, description="low-rank projection settings; defaults filled when kind is galore_adamw or q_galore_adamw")
 
     @model_validator(mode="after")
     def _check(self) -> "OptimSpec":
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.kind == "adamw":
+            if self.galore is not None:
+                raise ValueError("optim.galore is set but optim.kind is 'adamw'; use kind: galore_adamw or q_galore_adamw")
+            return self
+        if self.galore is None:
+            self.galore = GaLoreSpec()
+        g = self.galore
+        if self.kind == "q_galore_adamw" and g.quant is None:
+            g.quant = QGaLoreSpec()
+        if self.kind == "galore_adamw" and g.quant is not None:
+            raise ValueError("optim.galore.quant only applies to kind q_galore_adamw, not galore_adamw")
+        if g.layerwise and self.grad_clip > 0:
+            raise ValueError("optim.galore.layerwise steps each parameter during backward, so a global grad-norm clip "
+                             f"is impossible; set optim.grad_clip: 0 (it is {self.grad_clip})")
+        if g.quant is not None and g.quant.max_update_gap < g.update_gap:
+            raise ValueError(f"optim.galore.quant.max_update_gap ({g.quant.max_update_gap}) is below optim.galore.update_gap ({g.update_gap})")
         return self
 
 

@@ -108,10 +108,12 @@ def _where(loc: Path_, source: str, lines: dict[Path_, int], override_sources: d
     for n in range(len(str_loc), 0, -1):
         if str_loc[:n] in override_sources:
             return f"{source} (--set {override_sources[str_loc[:n]]})"
+    inside = [text for key, text in override_sources.items() if key[:len(str_loc)] == str_loc]
+    suffix = f" (after --set {', --set '.join(inside)})" if inside else ""
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
-            return f"{source}:{lines[loc[:n]]}"
-    return source
+            return f"{source}:{lines[loc[:n]]}{suffix}"
+    return source + suffix
 
 
 def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | None = None) -> JobSpec:

@@ -1,0 +1,132 @@
+"""Ray Jobs: submit a job spec to a cluster, and ask about / stop / follow submitted jobs.
+
+The project's code travels as the job's working_dir (Ray honours .gitignore and .rayignore, so
+runs, venvs and checkpoints stay behind); the resolved spec travels as an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from shardyard.cluster.auth import ensure_token
+from shardyard.platform.errors import ClusterError
+from shardyard.platform.schema import JobSpec
+from shardyard.runtime.entry import SPEC_ENV
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ADDRESS_ENV = "SHARDYARD_ADDRESS"
+EXCLUDES = ["runs/", "wandb/", ".venv/", "*.pt", "*.ckpt", "benchmarks/results/*.png", ".git/"]
+
+
+def resolve_address(address: str | None) -> str:
+    address = address or os.environ.get(ADDRESS_ENV) or os.environ.get("RAY_API_SERVER_ADDRESS") \
+        or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "://" not in address:
+        host = address.split(":")[0]
+        address = f"http://{host}:8265" if address.endswith(":6379") else f"http://{address}"
+    return address
+
+
+def client(address: str | None = None):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        ensure_token(generate=False)
+    except FileNotFoundError as err:
+        raise ClusterError(str(err)) from None
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:  # connection refused, auth failure, ...
+        raise ClusterError(f"cannot reach the Ray cluster at {url}: {err}\n"
+                           "  start one with `shardyard cluster up`, or pass --address") from None
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from, shipped as working_dir; None when installed site-wide."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").exists() and (root / "shardyard").is_dir() else None
+
+
+def submit(spec: JobSpec, run_dir: Path, address: str | None = None, fault_step: int | None = None) -> str:
+    job_client = client(address)
+    env = {SPEC_ENV: spec.model_dump_json(), "SHARDYARD_RUN_DIR": str(run_dir),
+           "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode if spec.tracking.mode != "disabled" else "disabled"}
+    if fault_step is not None:
+        env["SHARDYARD_FAULT_STEP"] = str(fault_step)
+    runtime_env: dict = {"env_vars": env}
+    root = project_root()
+    if root is not None:
+        runtime_env["working_dir"] = str(root)
+        runtime_env["excludes"] = EXCLUDES
+    submission_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
+    try:
+        return job_client.submit_job(entrypoint="python -m shardyard.runtime.entry", runtime_env=runtime_env,
+                                     submission_id=submission_id, metadata={"shardyard_job": spec.name})
+    except Exception as err:
+        raise ClusterError(f"job submission failed: {err}") from None
+
+
+def status(job_id: str, address: str | None = None) -> tuple[str, str | None]:
+    info = _info(job_id, address)
+    return str(info.status.value if hasattr(info.status, "value") else info.status), info.message
+
+
+def _info(job_id: str, address: str | None):
+    job_client = client(address)
+    try:
+        return job_client.get_job_info(job_id)
+    except Exception as err:
+        raise ClusterError(f"no job {job_id!r} on the cluster: {err}") from None
+
+
+def logs(job_id: str, address: str | None = None) -> str:
+    _info(job_id, address)
+    return client(address).get_job_logs(job_id)
+
+
+def follow_logs(job_id: str, address: str | None = None) -> Iterator[str]:
+    """Yield new log text until the job ends (polling; no websocket needed)."""
+    job_client = client(address)
+    _info(job_id, address)
+    seen = 0
+    while True:
+        text = job_client.get_job_logs(job_id)
+        if len(text) > seen:
+            yield text[seen:]
+            seen = len(text)
+        state = str(job_client.get_job_status(job_id).value)
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            text = job_client.get_job_logs(job_id)
+            if len(text) > seen:
+                yield text[seen:]
+            return
+        time.sleep(1.0)
+
+
+def stop(job_id: str, address: str | None = None) -> bool:
+    _info(job_id, address)
+    return client(address).stop_job(job_id)
+
+
+def list_jobs(address: str | None = None) -> list[dict]:
+    rows = []
+    for info in client(address).list_jobs():
+        rows.append({"id": info.submission_id or info.job_id, "status": str(info.status.value),
+                     "name": (info.metadata or {}).get("shardyard_job", ""),
+                     "start": info.start_time, "end": info.end_time})
+    return sorted(rows, key=lambda r: r["start"] or 0)
+
+
+def wait(job_id: str, address: str | None = None, timeout_s: float = 600) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state, _ = status(job_id, address)
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(1.0)
+    raise ClusterError(f"job {job_id} still running after {timeout_s:.0f} s")

@@ -1,0 +1,33 @@
+"""The embedded local Ray cluster `shardyard run` starts for a job and stops afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator
+
+from shardyard.cluster.auth import ensure_token
+from shardyard.platform.schema import JobSpec
+
+
+def cpus_needed(spec: JobSpec) -> int:
+    """Logical CPUs for the workers plus one for the Ray Train controller (never fewer than 2)."""
+    return max(2, math.ceil(spec.resources.workers * spec.resources.cpus_per_worker) + 1)
+
+
+@contextlib.contextmanager
+def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 256) -> Iterator[None]:
+    ensure_token(generate=True)  # before Ray reads its config
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # The dashboard serves the state API Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
+             log_to_driver=True, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()

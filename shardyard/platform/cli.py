@@ -1,0 +1,296 @@
+"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | schema | cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shardyard.platform.errors import UserError
+from shardyard.platform.schema import JobSpec
+from shardyard.platform.spec import json_schema, load_spec
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
+    """One screen about a job: model size, active parameters, resources, steps, where it writes."""
+    from shardyard.models import build_model, count_parameters
+    from shardyard.runtime.entry import run_directory
+
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(spec.model, spec.data.seq_len)
+    total, active = count_parameters(model)
+    m, r, t = spec.model, spec.resources, spec.training
+    lines = [
+        f"job        {spec.name}  ({source})",
+        f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}",
+    ]
+    if m.moe is not None:
+        cap = "dropless" if m.moe.capacity_factor is None else f"capacity factor {m.moe.capacity_factor}"
+        lines.append(f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
+                     f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}")
+    lines += [
+        f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
+        f"data       {', '.join(spec.data.paths)}; sequences of {spec.data.seq_len} bytes",
+        f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
+        f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes total; {t.precision}",
+        f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
+        f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
+        f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
+        f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, zero {spec.parallel.zero}",
+        f"run dir    {run_directory(spec, base)}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
+        f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
+    ]
+    return "\n".join(lines)
+
+
+def print_result(spec: JobSpec, result: Any) -> None:
+    metrics = result.metrics
+    print(f"\n== {spec.name}: {'FAILED' if result.error else 'done'} at step {result.final_step}/{spec.training.steps}")
+    if metrics:
+        print(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} bits/byte), "
+              f"val {metrics.get('val_bpb', float('nan')):.4f} bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s")
+    print(f"   run directory {result.run_dir}")
+    if result.checkpoint:
+        print(f"   newest checkpoint {result.checkpoint}")
+    wandb_dir = result.run_dir / "wandb"
+    if wandb_dir.exists() and spec.tracking.mode == "offline":
+        print(f"   wandb offline runs in {wandb_dir}: push with `wandb sync {wandb_dir}/offline-run-*`")
+    if result.error:
+        print(f"   error: {result.error}")
+
+
+class ProgressBar:
+    """tqdm bar fed from the metrics records rank 0 writes (step, loss, tokens/s, ETA)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout,
+                        disable=None if sys.stdout.isatty() else False, mininterval=0.5)
+        self.last_val: float | None = None
+
+    def __call__(self, records: list[dict]) -> None:
+        for r in records:
+            if r.get("kind") == "eval":
+                self.last_val = r["val_bpb"]
+                continue
+            step = r["step"]
+            if step > self.bar.n:
+                self.bar.update(step - self.bar.n)
+            post = {"loss": f"{r['loss']:.3f}", "tok/s": f"{r['tokens_per_s']:.0f}"}
+            if self.last_val is not None:
+                post["val_bpb"] = f"{self.last_val:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            if not sys.stdout.isatty():
+                self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.set)
+    print(spec_summary(spec, args.spec))
+    print("spec OK")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from shardyard.cluster.local import cpus_needed, local_cluster
+    from shardyard.runtime.entry import latest_step, run_directory, run_training
+
+    spec = load_spec(args.spec, args.set)
+    print(spec_summary(spec, args.spec), flush=True)
+    run_dir = run_directory(spec)
+    start = latest_step(run_dir)
+    if start:
+        print(f"resuming {spec.name} from its checkpoint at step {start} (use another name to start fresh)")
+    if start >= spec.training.steps:
+        print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
+        return 0
+    print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
+    gpus = int(spec.resources.workers * spec.resources.gpus_per_worker + 0.999) or None
+    with local_cluster(cpus_needed(spec), gpus):
+        bar = ProgressBar(spec.training.steps, start)
+        try:
+            result = run_training(spec, run_dir, bar, args.fault_step)
+        finally:
+            bar.close()
+    print_result(spec, result)
+    return 1 if result.error else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from shardyard.cluster import jobs
+    from shardyard.runtime.entry import run_directory
+
+    spec = load_spec(args.spec, args.set)
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else run_directory(spec)
+    job_id = jobs.submit(spec, run_dir, args.address, args.fault_step)
+    print(job_id)
+    print(f"follow it with: shardyard logs {job_id} --follow", file=sys.stderr)
+    if args.wait:
+        state = jobs.wait(job_id, args.address, args.wait)
+        print(state)
+        return 0 if state == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shardyard.cluster import jobs
+
+    state, message = jobs.status(args.job_id, args.address)
+    print(state if not message else f"{state}: {message}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from shardyard.cluster import jobs
+
+    if args.follow:
+        for chunk in jobs.follow_logs(args.job_id, args.address):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(jobs.logs(args.job_id, args.address))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from shardyard.cluster import jobs
+
+    stopped = jobs.stop(args.job_id, args.address)
+    print("stop requested" if stopped else "job already finished")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from shardyard.cluster import jobs
+
+    rows = jobs.list_jobs(args.address)
+    if not rows:
+        print("no jobs")
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start"] / 1000)) if r["start"] else "-"
+        print(f"{r['id']:<40} {r['status']:<10} {started}  {r['name']}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from shardyard.platform.specdoc import schema_markdown
+
+        print(schema_markdown())
+    else:
+        print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from shardyard.tracking.report import write_report
+
+    out = write_report(Path(args.run_dir))
+    print(f"report written: {out}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from shardyard.cluster.head import cluster_down, cluster_up
+
+    if args.action == "up":
+        print(cluster_up(args.num_cpus, args.port, args.dashboard_port))
+    else:
+        print(cluster_down())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardyard", description="Train MoE, byte and low-rank models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="job spec YAML file")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a field, e.g. --set training.steps=50 (repeatable)")
+
+    def with_address(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", default=None, help="Ray Jobs address (default $SHARDYARD_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265)")
+
+    p = sub.add_parser("validate", help="check a job spec and print its summary (no cluster needed)")
+    with_spec(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("run", help="train a job on an embedded local Ray cluster")
+    with_spec(p)
+    p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("submit", help="send a job to a Ray cluster through Ray Jobs; prints the job id")
+    with_spec(p)
+    with_address(p)
+    p.add_argument("--run-dir", default=None, help="run directory on the cluster (default: <checkpoint.dir>/<name>, resolved here)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for the job to finish")
+    p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_submit)
+
+    for name, fn, text in (("status", cmd_status, "state of a submitted job"),
+                           ("stop", cmd_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        with_address(p)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    with_address(p)
+    p.set_defaults(fn=cmd_logs)
+
+    p = sub.add_parser("list", help="jobs on the cluster")
+    with_address(p)
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("schema", help="print the job spec's JSON schema")
+    p.add_argument("--markdown", action="store_true", help="print the reference as Markdown (docs/spec.md)")
+    p.set_defaults(fn=cmd_schema)
+
+    p = sub.add_parser("report", help="plots and an HTML page from a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("cluster", help="start or stop a local Ray head with token authentication")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--port", type=int, default=6379)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.set_defaults(fn=cmd_cluster)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

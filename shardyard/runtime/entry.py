@@ -1,0 +1,160 @@
+"""Driver side of a job: build a Ray Train TorchTrainer from the spec and run it.
+
+`run_training` is called by `shardyard run` (embedded local cluster) and by the Ray job's
+entrypoint (`python -m shardyard.runtime.entry`, what `shardyard submit` launches). Re-running a job
+with the same name and storage resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shardyard.platform.schema import JobSpec
+from shardyard.platform.spec import spec_from_json, spec_to_yaml
+from shardyard.runtime.checkpoint import META_FILE
+from shardyard.tracking.logger import METRICS_FILE, read_metrics
+
+SPEC_ENV = "SHARDYARD_SPEC_JSON"
+FAULT_ENV = "SHARDYARD_FAULT_STEP"
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    final_step: int
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    error: str | None
+
+
+def storage_root(spec: JobSpec, base: Path | None = None) -> Path:
+    root = Path(spec.checkpoint.dir).expanduser()
+    return root if root.is_absolute() else (base or Path.cwd()) / root
+
+
+def run_directory(spec: JobSpec, base: Path | None = None) -> Path:
+    return storage_root(spec, base) / spec.name
+
+
+def write_run_files(spec: JobSpec, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".spec.yaml.tmp"
+    tmp.write_text(spec_to_yaml(spec))
+    os.replace(tmp, run_dir / "spec.yaml")
+
+
+def build_trainer(spec: JobSpec, run_dir: Path, fault_step: int | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from shardyard.runtime.worker import train_loop_per_worker
+
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir), "fault_step": fault_step},
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+
+
+def run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None = None,
+                 fault_step: int | None = None) -> TrainingResult:
+    """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric records."""
+    write_run_files(spec, run_dir)
+    trainer = build_trainer(spec, run_dir, fault_step)
+    stop = threading.Event()
+    watcher = None
+    if on_progress is not None:
+        watcher = threading.Thread(target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop), daemon=True)
+        watcher.start()
+    error = None
+    try:
+        result = trainer.fit()
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        error = str(result.error) if getattr(result, "error", None) else None
+    except Exception as err:  # Ray Train raises TrainingFailedError once max_failures is exhausted
+        checkpoint, error = None, f"{type(err).__name__}: {err}"
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=5)
+    records = read_metrics(run_dir)
+    last_train = next((r for r in reversed(records) if r.get("kind") == "train"), {})
+    last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
+    metrics = {**last_train, **{k: v for k, v in last_eval.items() if k.startswith("val")}}
+    return TrainingResult(run_dir, int(metrics.get("step", 0)), metrics, checkpoint, error)
+
+
+def _watch_metrics(path: Path, on_progress: Callable[[list[dict]], None], stop: threading.Event) -> None:
+    offset = path.stat().st_size if path.exists() else 0  # only what this run appends
+    while not stop.wait(0.5):
+        offset = _emit_new(path, offset, on_progress)
+    _emit_new(path, offset, on_progress)
+
+
+def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]) -> int:
+    if not path.exists():
+        return offset
+    with open(path) as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[:chunk.rfind("\n") + 1]
+    records = []
+    for line in complete.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    if records:
+        on_progress(records)
+    return offset + len(complete.encode())
+
+
+def latest_step(run_dir: Path) -> int:
+    steps = [json.loads((p / META_FILE).read_text())["step"] for p in run_dir.glob("checkpoint_*") if (p / META_FILE).exists()]
+    return max(steps, default=0)
+
+
+def main() -> int:
+    """Entrypoint of a submitted Ray job: the resolved spec arrives in $SHARDYARD_SPEC_JSON."""
+    import ray
+
+    from shardyard.platform.cli import print_result
+
+    spec = spec_from_json(os.environ[SPEC_ENV])
+    run_dir = Path(os.environ.get("SHARDYARD_RUN_DIR") or run_directory(spec))
+    fault = os.environ.get(FAULT_ENV)
+    ray.init(address="auto", log_to_driver=True)
+    print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
+
+    def progress(records: list[dict]) -> None:
+        for r in records:
+            if r.get("kind") == "train":
+                print(f"[shardyard] step {r['step']}/{r['total_steps']} loss {r['loss']:.4f} "
+                      f"bpb {r['bpb']:.3f} tok/s {r['tokens_per_s']:.0f}", flush=True)
+            elif r.get("kind") == "eval":
+                print(f"[shardyard] step {r['step']} val_bpb {r['val_bpb']:.4f}", flush=True)
+
+    result = run_training(spec, run_dir, progress, int(fault) if fault else None)
+    print_result(spec, result)
+    return 1 if result.error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

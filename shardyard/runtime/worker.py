@@ -1,0 +1,240 @@
+"""The training loop every Ray Train worker runs.
+
+topology -> model, optimizer, data -> resume from the newest checkpoint -> train, evaluate,
+checkpoint -> rank 0 logs. Ray Train has already initialised torch.distributed (gloo on CPU,
+nccl on GPU) when this runs; the same loop runs single-process when it has not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from shardyard.data.corpus import load_corpus
+from shardyard.data.loader import build_train_loader, validation_batches
+from shardyard.models import build_model, moe_layers
+from shardyard.optim import build_optimizer, build_scheduler
+from shardyard.platform.schema import JobSpec
+from shardyard.platform.spec import spec_from_json
+from shardyard.runtime import checkpoint as ckpt
+from shardyard.tracking.logger import MetricsLogger
+
+LN2 = math.log(2)
+warnings.filterwarnings("ignore", message=".*set_vital.*")
+FAULT_MARKER = ".injected_fault_done"
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _context() -> WorkerContext:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return WorkerContext(rank, world, device)
+
+
+def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+def _autocast(spec: JobSpec, device: torch.device):
+    if spec.training.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Wires the components of one worker together; the only place that does."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, fault_step: int | None = None) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.fault_step = fault_step
+        self.ctx = _context()
+        torch.manual_seed(spec.seed)  # identical initial weights on every rank
+
+        self.model = build_model(spec.model, spec.data.seq_len).to(self.ctx.device)
+        self.moe = moe_layers(self.model)
+        self.optimizer = build_optimizer(spec.optim, self.model)
+        self.scheduler = build_scheduler(spec.optim, self.optimizer, spec.training.steps)
+        self.ddp: torch.nn.Module = self.model
+        if self.ctx.world > 1:
+            self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
+
+        corpus = load_corpus(spec.data)
+        self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
+                                         self.ctx.rank, self.ctx.world, spec.seed)
+        self.val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size,
+                                      spec.training.eval_batches, self.ctx.rank, self.ctx.world)
+        self.step = 0
+        self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        loader_state = self.loader.state_dict()
+        if self.ctx.world > 1:
+            gathered: list[Any] = [None] * self.ctx.world
+            dist.all_gather_object(gathered, loader_state)
+        else:
+            gathered = [loader_state]
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loaders": gathered,
+            "step": self.step,
+            "rng": ckpt.rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        loaders = state["loaders"]
+        if len(loaders) != self.ctx.world:
+            raise RuntimeError(f"checkpoint was written by {len(loaders)} workers, this job has {self.ctx.world}")
+        self.loader.load_state_dict(loaders[self.ctx.rank])
+        self.step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+
+    def resume_if_possible(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            state, _ = ckpt.read_checkpoint(Path(directory))
+        self.load_state(state)
+        if self.ctx.rank == 0:
+            print(f"[shardyard] resumed from step {self.step} ({checkpoint.path})", flush=True)
+
+    def save_and_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        state = self.state()  # collective: every rank takes part
+        if self.ctx.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
+                directory = ckpt.write_checkpoint(Path(tmp) / f"step_{self.step:08d}", state,
+                                                  {"step": self.step, "name": self.spec.name})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+        self.model.train()
+        with _autocast(self.spec, self.ctx.device):
+            _, ce = self.ddp(inputs, targets)
+        aux = sum((layer.aux_loss for layer in self.moe), torch.zeros((), device=ce.device))
+        loss = ce + aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.spec.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"ce": ce.detach(), "aux": aux.detach(), "grad_norm": grad_norm.detach()}
+
+    def moe_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, layer in enumerate(self.moe):
+            load = layer.stats["tokens_per_expert"].float()
+            if self.ctx.world > 1:
+                dist.all_reduce(load)
+            share = load / load.sum().clamp(min=1)
+            out.update({f"moe/layer{i}/expert{e}_share": float(s) for e, s in enumerate(share)})
+            out[f"moe/layer{i}/max_share"] = float(share.max())
+            out[f"moe/layer{i}/balance_loss"] = float(layer.stats["balance_loss"])
+            out[f"moe/layer{i}/z_loss"] = float(layer.stats["z_loss"])
+            out[f"moe/layer{i}/dropped_fraction"] = float(layer.stats["dropped_fraction"])
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation loss in bits per byte, averaged over all ranks' validation batches."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        for inputs, targets in self.val:
+            with _autocast(self.spec, self.ctx.device):
+                _, ce = self.model(inputs.to(self.ctx.device), targets.to(self.ctx.device))
+            total += torch.tensor([ce.item() * targets.numel(), targets.numel()], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1)) / LN2
+
+    def maybe_inject_fault(self) -> None:
+        """Test hook: crash rank 0 once at `fault_step` so Ray Train restarts from a checkpoint."""
+        marker = self.run_dir / FAULT_MARKER
+        if self.fault_step is not None and self.step == self.fault_step and self.ctx.rank == 0 and not marker.exists():
+            marker.write_text(str(self.step))
+            raise RuntimeError(f"injected fault at step {self.step} (SHARDYARD_FAULT_STEP)")
+
+    def fit(self) -> None:
+        spec = self.spec.training
+        ckpt_every = self.spec.checkpoint.every
+        tokens_per_step = self.spec.tokens_per_step()
+        data = iter(self.loader)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < spec.steps:
+            self.maybe_inject_fault()
+            step_metrics = self.train_step(next(data))
+            self.step += 1
+            window_steps += 1
+            last = self.step == spec.steps
+            if self.step % spec.log_every == 0 or last:
+                values = torch.stack([step_metrics["ce"], step_metrics["aux"]]).float()
+                ce, aux = _all_reduce_mean(values, self.ctx.world).tolist()
+                elapsed = time.perf_counter() - window_start
+                record = {"kind": "train", "loss": ce, "bpb": ce / LN2, "aux_loss": aux,
+                          "grad_norm": float(step_metrics["grad_norm"]),
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                          "total_steps": spec.steps}
+                record.update(self.moe_metrics())
+                self.log.log(self.step, record)
+                window_start, window_steps = time.perf_counter(), 0
+            metrics: dict[str, Any] = {"step": self.step}
+            if (spec.eval_every and self.step % spec.eval_every == 0) or last:
+                val_bpb = self.evaluate()
+                metrics["val_bpb"] = val_bpb
+                self.log.log(self.step, {"kind": "eval", "val_bpb": val_bpb, "total_steps": spec.steps})
+            if (ckpt_every and self.step % ckpt_every == 0) or last:
+                self.save_and_report(metrics)
+        self.log.close()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: config carries the resolved spec as JSON and the run directory."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # keep the driver's progress bar readable
+    spec = spec_from_json(config["spec_json"])
+    trainer = Trainer(spec, Path(config["run_dir"]), config.get("fault_step"))
+    trainer.resume_if_possible()
+    trainer.fit()
