@@ -23,6 +23,7 @@ def _fmt_count(n: float) -> str:
 
 def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
+    from shardyard.data.corpus import resolve_files
     from shardyard.models import build_model, count_parameters
     from shardyard.runtime.entry import run_directory
 
@@ -31,6 +32,10 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
     with torch.device("meta"):
         model = build_model(spec.model, spec.data.seq_len)
     total, active = count_parameters(model)
+    files = resolve_files(spec.data)  # fails here, not on the cluster, when a path matches nothing
+    corpus_bytes = sum(f.stat().st_size for f, _ in files)
+    if spec.data.max_bytes is not None:
+        corpus_bytes = min(corpus_bytes, spec.data.max_bytes)
     m, r, t = spec.model, spec.resources, spec.training
     lines = [
         f"job        {spec.name}  ({source})",
@@ -42,7 +47,8 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
                      f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}")
     lines += [
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
-        f"data       {', '.join(spec.data.paths)}; sequences of {spec.data.seq_len} bytes",
+        f"data       {', '.join(spec.data.paths)}: {len(files)} files, {_fmt_count(corpus_bytes)}B; "
+        f"sequences of {spec.data.seq_len} bytes",
         f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
         f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes total; {t.precision}",
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "

@@ -302,15 +302,15 @@ class JobSpec(Section):
         ep = self.parallel.expert_parallel
         if ep > 1:
             if self.model.kind != "moe":
-                raise ValueError(f"parallel.expert_parallel is {ep} but model.kind is {self.model.kind!r}: only MoE models have experts to shard")
+                raise ValueError(f"parallel.expert_parallel: {ep} but model.kind is {self.model.kind!r}: only MoE models have experts to shard")
             if self.resources.workers % ep:
-                raise ValueError(f"parallel.expert_parallel ({ep}) must divide resources.workers ({self.resources.workers})")
+                raise ValueError(f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})")
             if self.model.moe and self.model.moe.num_experts % ep:
-                raise ValueError(f"parallel.expert_parallel ({ep}) must divide model.moe.num_experts ({self.model.moe.num_experts})")
+                raise ValueError(f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})")
         if self.training.eval_every and self.training.eval_every > self.training.steps:
-            raise ValueError(f"training.eval_every ({self.training.eval_every}) exceeds training.steps ({self.training.steps})")
+            raise ValueError(f"training.eval_every: {self.training.eval_every} exceeds training.steps ({self.training.steps})")
         if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:
-            raise ValueError(f"optim.schedule.warmup ({self.optim.schedule.warmup}) must be below training.steps ({self.training.steps})")
+            raise ValueError(f"optim.schedule.warmup: {self.optim.schedule.warmup} must be below training.steps ({self.training.steps})")
         return self
 
     @property

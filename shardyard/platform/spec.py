@@ -7,6 +7,7 @@ path (or the `--set` that caused it) and raises `SpecError`, which the CLI print
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from shardyard.platform.errors import SpecError
 from shardyard.platform.schema import JobSpec
 
 Path_ = tuple[str | int, ...]
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): ")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -92,8 +94,12 @@ def _format_errors(err: ValidationError, source: str, lines: dict[Path_, int],
     messages = []
     for e in err.errors():
         loc: Path_ = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "literal["))))
-        field = ".".join(str(x) for x in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        named = _FIELD_PREFIX.match(msg)  # cross-section rules name the field they are about
+        if named and not loc:
+            loc = tuple(named.group(1).split("."))
+            msg = msg[named.end():]
+        field = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `shardyard schema` lists the fields)"
         elif e["type"] == "missing":

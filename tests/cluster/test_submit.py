@@ -1,0 +1,63 @@
+"""`shardyard cluster up`, `submit`, `status`, `logs`, `list`, `stop` against a real local Ray head
+with token authentication."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli, tiny_spec_yaml
+
+pytestmark = pytest.mark.slow
+PORT, DASHBOARD = 6389, 8275
+ADDRESS = f"http://127.0.0.1:{DASHBOARD}"
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    token = tmp_path_factory.mktemp("head") / "auth_token"
+    env = {"RAY_AUTH_TOKEN_PATH": str(token)}
+    up = run_cli("cluster", "up", "--num-cpus", "3", "--port", str(PORT), "--dashboard-port", str(DASHBOARD), env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert token.exists() and "token authentication on" in up.stdout
+    try:
+        yield env
+    finally:
+        run_cli("cluster", "down", env=env)
+
+
+def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml("submitted", tmp_path / "runs",
+                                   training="{steps: 12, batch_size: 4, eval_every: 6, eval_batches: 1, log_every: 2}"))
+    proc = run_cli("submit", str(spec), "--address", ADDRESS, "--set", "checkpoint.every=6", env=ray_head)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("submitted-")
+    deadline = time.time() + 420
+    state = ""
+    while time.time() < deadline:
+        state = run_cli("status", job_id, "--address", ADDRESS, env=ray_head).stdout.strip()
+        if state.split(":")[0] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(3)
+    logs = run_cli("logs", job_id, "--address", ADDRESS, env=ray_head).stdout
+    assert state.startswith("SUCCEEDED"), state + logs[-4000:]
+    assert "[shardyard] step 12/12" in logs and "val_bpb" in logs
+    assert (tmp_path / "runs" / "submitted" / "metrics.jsonl").exists()
+    followed = run_cli("logs", job_id, "--follow", "--address", ADDRESS, env=ray_head, timeout=60)
+    assert followed.returncode == 0 and "done at step 12/12" in followed.stdout
+    listing = run_cli("list", "--address", ADDRESS, env=ray_head).stdout
+    assert job_id in listing and "SUCCEEDED" in listing
+    stop = run_cli("stop", job_id, "--address", ADDRESS, env=ray_head)
+    assert stop.returncode == 0 and "already finished" in stop.stdout
+    missing = run_cli("status", "no-such-job", "--address", ADDRESS, env=ray_head)
+    assert missing.returncode == 3 and "no job 'no-such-job'" in missing.stderr
+
+
+def test_a_wrong_token_is_refused(ray_head: dict, tmp_path: Path) -> None:
+    (tmp_path / "wrong").write_text("f" * 64)
+    proc = run_cli("list", "--address", ADDRESS, env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")})
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,21 @@
+"""Shared test set-up: hermetic Ray auth token, offline wandb, small tiny specs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    token_dir = tmp_path_factory.mktemp("ray-auth")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token_dir / "auth_token"))
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`/`ray` of this venv

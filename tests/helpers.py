@@ -1,0 +1,31 @@
+"""Helpers shared by tests: tiny job specs and running the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
+    """A tiny MoE job spec that trains in seconds on CPU; keyword sections replace defaults."""
+    parts = {
+        "model": "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2}}",
+        "data": "{paths: [stdlib], seq_len: 64, max_bytes: 3000000}",
+        "optim": "{lr: 3.0e-3, schedule: {warmup: 4}}",
+        "training": "{steps: 24, batch_size: 8, eval_every: 12, eval_batches: 2, log_every: 1}",
+        "resources": "{workers: 2, cpus_per_worker: 1, max_failures: 1}",
+        "checkpoint": f"{{dir: {storage}, every: 8, keep: 2}}",
+        "tracking": "{mode: offline}",
+    }
+    parts.update(sections)
+    return f"name: {name}\nseed: 0\n" + "".join(f"{k}: {v}\n" for k, v in parts.items())
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([str(BIN / "shardyard"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)

@@ -1,0 +1,61 @@
+"""The CLI as a user runs it: a subprocess, exit codes, messages without tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import ROOT, run_cli, tiny_spec_yaml
+
+
+def test_validate_prints_summary() -> None:
+    proc = run_cli("validate", "jobs/moe-tiny.yaml", "--set", "training.steps=50", "--set", "model.moe.num_experts=8")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "spec OK" in out and "moe-tiny" in out
+    assert "50 steps" in out and "8 per MoE layer" in out
+    assert "active per token" in out and "run dir" in out
+
+
+def test_bad_spec_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\nmodel:\n  kind: moe\n  moe:\n    num_experts: 2\n    top_k: 3\n")
+    proc = run_cli("validate", str(bad))
+    assert proc.returncode == 2
+    assert f"{bad}:4" in proc.stderr and "top_k (3) must not exceed num_experts (2)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    proc = run_cli("run", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "no such job spec file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("validate", "jobs/moe-tiny.yaml", "--set", "training.steps")
+    assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
+
+
+def test_bad_data_path_fails_cleanly_before_the_cluster(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml("nodata", tmp_path / "runs", data=f"{{paths: [{tmp_path}/none/*.txt]}}"))
+    proc = run_cli("validate", str(spec))
+    assert proc.returncode == 2 and "matches no file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_schema_and_generated_reference_are_current() -> None:
+    proc = run_cli("schema")
+    schema = json.loads(proc.stdout)
+    assert "model" in schema["properties"] and schema["additionalProperties"] is False
+    md = run_cli("schema", "--markdown").stdout
+    assert (ROOT / "docs" / "spec.md").read_text() == md, "regenerate: shardyard schema --markdown > docs/spec.md"
+
+
+def test_submit_without_token_or_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "no_token")}
+    proc = run_cli("submit", "jobs/moe-tiny.yaml", "--address", "http://127.0.0.1:9", env=env, timeout=120)
+    assert proc.returncode == 3 and "no Ray auth token" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "token").write_text("0" * 64)
+    env = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    proc = run_cli("submit", "jobs/moe-tiny.yaml", "--address", "http://127.0.0.1:9", env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "Ray cluster at http://127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_on_a_non_run_directory(tmp_path: Path) -> None:
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
