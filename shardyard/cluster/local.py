@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 from typing import Iterator
 
 from shardyard.cluster.auth import ensure_token
@@ -27,6 +28,33 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
              log_to_driver=True, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def existing_cluster(address: str) -> Iterator[None]:
+    """Connect to a running cluster (`auto`, or host:port of its GCS) with its token."""
+    from shardyard.platform.errors import ClusterError
+
+    try:
+        ensure_token(generate=False)
+    except FileNotFoundError as err:
+        raise ClusterError(str(err)) from None
+    if address != "auto":
+        host, _, port = address.removeprefix("ray://").partition(":")
+        try:
+            socket.create_connection((host, int(port or 6379)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise ClusterError(f"cannot reach the Ray cluster's GCS at {address}: {err}") from None
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    except Exception as err:  # ConnectionError, auth failure
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {err}") from None
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from shardyard.cluster.local import cpus_needed, local_cluster
+    from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
     from shardyard.runtime.entry import latest_step, run_directory, run_training
 
     spec = load_spec(args.spec, args.set)
@@ -127,9 +128,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if start >= spec.training.steps:
         print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
         return 0
-    print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
-    gpus = int(spec.resources.workers * spec.resources.gpus_per_worker + 0.999) or None
-    with local_cluster(cpus_needed(spec), gpus):
+    if args.address:
+        print(f"connecting to the Ray cluster at {args.address}...", flush=True)
+        cluster = existing_cluster(args.address)
+    else:
+        print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
+        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None)
+    with cluster:
         bar = ProgressBar(spec.training.steps, start)
         try:
             result = run_training(spec, run_dir, bar, args.fault_step)
@@ -213,6 +218,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shardyard.comm.cost_model import plan
+
+    spec = load_spec(args.spec, args.set)
+    if spec.model.kind != "moe":
+        raise UserError(f"{args.spec}: model.kind is {spec.model.kind!r}; the all-to-all plan is for MoE models")
+    try:
+        result = plan(spec, args.nodes, args.gpus_per_node, expert_parallel=args.expert_parallel)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(result.render())
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from shardyard.cluster.head import cluster_down, cluster_up
 
@@ -241,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train a job on an embedded local Ray cluster")
     with_spec(p)
+    p.add_argument("--address", default=None,
+                   help="use a running Ray cluster (`auto` on one of its nodes, or GCS host:port) instead of an embedded one")
     p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
 
@@ -276,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and an HTML page from a run directory")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("plan", help="predict all-to-all time per step (flat / hierarchical / leader) at a cluster size")
+    with_spec(p)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--expert-parallel", type=int, default=None, help="EP degree (default: the spec's, or all ranks)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("cluster", help="start or stop a local Ray head with token authentication")
     p.add_argument("action", choices=["up", "down"])

@@ -8,9 +8,11 @@ nccl on GPU) when this runs; the same loop runs single-process when it has not.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -22,6 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from shardyard.cluster.topology import Topology, topology_from_ray
+from shardyard.comm.expert_parallel import apply_expert_parallel, clip_grad_norm, sync_gradients
+from shardyard.comm.groups import build_groups
 from shardyard.data.corpus import load_corpus
 from shardyard.data.loader import build_train_loader, validation_batches
 from shardyard.models import build_model, moe_layers
@@ -69,6 +74,15 @@ def _autocast(spec: JobSpec, device: torch.device):
     return contextlib.nullcontext()
 
 
+def record_topology(run_dir: Path, topology: Topology) -> None:
+    """Where this rank ran (node rank, local rank as Ray Train assigned them), for reports and tests."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"rank": topology.rank, "node_local": [topology.node_rank, topology.local_rank],
+              "ranks_per_node": topology.ranks_per_node, "world_size": topology.world_size,
+              "hostname": socket.gethostname(), "node_id": os.environ.get("RAY_NODE_ID", "")}
+    (run_dir / f"topology-rank{topology.rank}.json").write_text(json.dumps(record))
+
+
 class Trainer:
     """Wires the components of one worker together; the only place that does."""
 
@@ -81,11 +95,19 @@ class Trainer:
 
         self.model = build_model(spec.model, spec.data.seq_len).to(self.ctx.device)
         self.moe = moe_layers(self.model)
+        self.groups = None  # expert-parallel process groups when parallel.expert_parallel > 1
+        self.ddp: torch.nn.Module = self.model
+        if spec.parallel.expert_parallel > 1:
+            # Experts sharded over EP groups: gradients are reduced explicitly (dense over the
+            # world, experts over their expert-data-parallel group), not by DDP.
+            topology = topology_from_ray()
+            self.groups = build_groups(topology, spec.parallel.expert_parallel)
+            record_topology(run_dir, topology)
+            apply_expert_parallel(self.model, self.groups, spec.parallel.a2a)
+        elif self.ctx.world > 1:
+            self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
         self.optimizer = build_optimizer(spec.optim, self.model)
         self.scheduler = build_scheduler(spec.optim, self.optimizer, spec.training.steps)
-        self.ddp: torch.nn.Module = self.model
-        if self.ctx.world > 1:
-            self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
 
         corpus = load_corpus(spec.data)
         self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
@@ -97,24 +119,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        loader_state = self.loader.state_dict()
-        if self.ctx.world > 1:
-            gathered: list[Any] = [None] * self.ctx.world
-            dist.all_gather_object(gathered, loader_state)
-        else:
-            gathered = [loader_state]
+        gathered = self._gather(self.loader.state_dict())
+        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.groups is not None:  # each rank holds different experts: keep every rank's shard
+            model_state, optim_state = self._gather(model_state), self._gather(optim_state)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "loaders": gathered,
             "step": self.step,
             "rng": ckpt.rng_state(),
         }
 
+    def _gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (collective)."""
+        if self.ctx.world == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.ctx.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = isinstance(state["model"], list)
+        if sharded != (self.groups is not None):
+            raise RuntimeError("checkpoint and job disagree on expert parallelism (parallel.expert_parallel)")
+        rank = self.ctx.rank
+        self.model.load_state_dict(state["model"][rank] if sharded else state["model"])
+        self.optimizer.load_state_dict(state["optimizer"][rank] if sharded else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         loaders = state["loaders"]
         if len(loaders) != self.ctx.world:
@@ -158,7 +190,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.spec.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        max_norm = clip if clip > 0 else float("inf")
+        if self.groups is not None:
+            sync_gradients(self.model, self.groups)
+            grad_norm = clip_grad_norm(self.model, max_norm, self.groups)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         return {"ce": ce.detach(), "aux": aux.detach(), "grad_norm": grad_norm.detach()}

@@ -59,3 +59,13 @@ def test_submit_without_token_or_cluster_is_a_clear_error(tmp_path: Path) -> Non
 def test_report_on_a_non_run_directory(tmp_path: Path) -> None:
     proc = run_cli("report", str(tmp_path))
     assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
+
+
+def test_plan_prints_all_three_algorithms_and_a_recommendation() -> None:
+    proc = run_cli("plan", "jobs/moe-tiny.yaml", "--nodes", "64", "--gpus-per-node", "8")
+    assert proc.returncode == 0, proc.stderr
+    for algo in ("flat", "hierarchical", "leader"):
+        assert algo in proc.stdout
+    assert "recommendation: parallel.a2a =" in proc.stdout
+    bad = run_cli("plan", "jobs/moe-tiny.yaml", "--nodes", "3", "--expert-parallel", "5")
+    assert bad.returncode == 2 and "must divide" in bad.stderr

@@ -1,0 +1,39 @@
+"""Start real gloo process groups on one machine (tests, small benchmarks).
+
+`spawn(fn, world_size, ranks_per_node, *args)` starts `world_size` processes, initialises gloo through
+a file store (no ports to race for), fakes `ranks_per_node` ranks per node and calls
+`fn(topology, *args)` on each rank. An exception on any rank fails the whole call with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shardyard.cluster.topology import Topology
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str,
+           args: tuple[Any, ...]) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        fn(Topology.from_rank(rank, world_size, ranks_per_node), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world_size: int, ranks_per_node: int, *args: Any) -> None:
+    """Run `fn(topology, *args)` on `world_size` gloo ranks; `fn` must be importable (module level)."""
+    with tempfile.TemporaryDirectory(prefix="shardyard-pg-") as tmp:
+        store = os.path.join(tmp, "store")
+        mp.spawn(_entry, args=(fn, world_size, ranks_per_node, store, args), nprocs=world_size, join=True)
