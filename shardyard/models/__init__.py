@@ -46,7 +46,7 @@ def build_ffn_factory(spec: ModelSpec) -> Callable[[int], nn.Module]:
         if spec.kind == "moe" and moe is not None and (layer + 1) % moe.every == 0:
             return MoELayer(spec.width, spec.ffn_hidden, moe.num_experts, moe.top_k, moe.router,
                             moe.aux_loss, moe.z_loss, moe.capacity_factor, moe.backend,
-                            moe.expert_kind, moe.jitter)
+                            moe.expert_kind, moe.jitter, moe.shared_expert, moe.bias_update_rate)
         return build_dense_ffn(spec)
     return make
 
@@ -77,3 +77,4 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         expert_params = sum(p.numel() for p in layer.experts.parameters())
         inactive += expert_params * (layer.num_experts - layer.top_k) // layer.num_experts
     return total, total - inactive
+import shardyard.models.bytes  # noqa: E402,F401  (registers megabyte, multiscale)

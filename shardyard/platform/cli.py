@@ -38,10 +38,15 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
     if spec.data.max_bytes is not None:
         corpus_bytes = min(corpus_bytes, spec.data.max_bytes)
     m, r, t = spec.model, spec.resources, spec.training
-    lines = [
-        f"job        {spec.name}  ({source})",
-        f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}",
-    ]
+    lines = [f"job        {spec.name}  ({source})"]
+    if m.stages:
+        lines.append(f"model      {m.kind}: {len(m.stages)} stages, context {m.context} bytes (global first)")
+        for i, st in enumerate(m.stages):
+            moe = f", MoE {st.moe.num_experts} experts top-{st.moe.top_k}" if st.moe else ""
+            lines.append(f"  stage {i}  width {st.width}, depth {st.depth}, heads {st.heads}, patch {st.patch_size}, "
+                         f"ffn {st.ffn_hidden or 3 * st.width}{moe}, checkpoint chunks {st.checkpoint_chunks}")
+    else:
+        lines.append(f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}")
     if m.moe is not None:
         cap = "dropless" if m.moe.capacity_factor is None else f"capacity factor {m.moe.capacity_factor}"
         lines.append(f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
@@ -218,6 +223,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardyard.models.bytes import generate_from_checkpoint
+    from shardyard.runtime.checkpoint import find_latest_checkpoint, read_checkpoint
+
+    target = Path(args.run_or_checkpoint)
+    checkpoint = target if (target / "meta.json").exists() else find_latest_checkpoint(target)
+    if checkpoint is None:
+        raise UserError(f"{target}: neither a checkpoint directory nor a run directory holding one")
+    spec_file = checkpoint.parent / "spec.yaml"
+    if not spec_file.exists():
+        raise UserError(f"{spec_file}: missing; a run directory keeps the resolved spec beside its checkpoints")
+    spec = load_spec(spec_file)
+    state, meta = read_checkpoint(checkpoint)
+    if isinstance(state["model"], list):
+        raise UserError(f"{checkpoint}: an expert-parallel checkpoint (one shard per rank); generation needs a "
+                        "checkpoint of a job with parallel.expert_parallel 1")
+    prompt = args.prompt.encode("utf-8")
+    start = time.perf_counter()
+    out = generate_from_checkpoint(spec.model, state["model"], prompt, args.bytes, seq_len=spec.data.seq_len,
+                                   temperature=args.temperature, top_k=args.top_k, use_cache=not args.no_cache,
+                                   seed=args.seed)
+    elapsed = time.perf_counter() - start
+    sys.stdout.buffer.write(prompt + out + b"\n")
+    sys.stdout.flush()
+    print(f"[{len(out)} bytes in {elapsed:.2f} s ({len(out) / max(elapsed, 1e-9):.0f} bytes/s) from step "
+          f"{meta['step']} of {spec.name}, {'with' if not args.no_cache else 'without'} cache]", file=sys.stderr)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from shardyard.comm.cost_model import plan
 
@@ -297,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and an HTML page from a run directory")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("generate", help="continue a byte prompt with a trained model")
+    p.add_argument("run_or_checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (UTF-8)")
+    p.add_argument("--bytes", type=int, default=256, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole model per byte (slow; for comparison)")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("plan", help="predict all-to-all time per step (flat / hierarchical / leader) at a cluster size")
     with_spec(p)

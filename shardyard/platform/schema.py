@@ -46,14 +46,16 @@ class FFNSpec(Section):
 class MoESpec(Section):
     num_experts: PositiveInt = Field(8, description="experts per MoE layer")
     top_k: PositiveInt = Field(2, description="experts per token")
-    router: Literal["softmax_topk", "switch"] = Field("softmax_topk", description="softmax_topk (renormalised top-k) | switch (top-1, raw probability)")
+    router: Literal["softmax_topk", "switch", "aux_free", "expert_choice"] = Field("softmax_topk", description="softmax_topk (renormalised top-k) | switch (top-1, raw probability) | aux_free (top-k with a selection-only per-expert bias moved toward balance; DeepSeek-V3) | expert_choice (each expert takes its top capacity_factor*T*k/E tokens; non-causal)")
     aux_loss: NonNegFloat = Field(0.01, description="weight of the load-balancing loss")
     z_loss: NonNegFloat = Field(0.001, description="weight of the router z-loss")
-    capacity_factor: PositiveFloat | None = Field(None, description="null = dropless; else each expert keeps ceil(cf * tokens * k / E) assignments")
+    capacity_factor: PositiveFloat | None = Field(None, description="null = dropless; else each expert keeps ceil(cf * tokens * k / E) assignments (expert_choice: each expert takes exactly that many tokens, null = 1.0)")
     backend: Literal["auto", "loop", "torch", "triton", "megablocks"] = Field("auto", description="grouped GEMM backend for the experts")
     jitter: NonNegFloat = Field(0.0, lt=1.0, description="multiplicative router input noise during training")
     every: PositiveInt = Field(1, description="every n-th block is MoE (1 = all)")
     expert_kind: Literal["swiglu", "gelu"] = Field("swiglu", description="expert MLP shape")
+    shared_expert: bool = Field(False, description="add one always-on dense expert (same hidden size) to every MoE layer")
+    bias_update_rate: NonNegFloat = Field(1e-3, description="aux_free router: per-step bias change toward balance (bias += rate * sign(mean load - load))")
 
     @model_validator(mode="after")
     def _check(self) -> "MoESpec":
@@ -307,6 +309,13 @@ class JobSpec(Section):
                 raise ValueError(f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})")
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})")
+        context = self.model.context
+        if context is not None and self.data.seq_len > context:
+            raise ValueError(f"data.seq_len: {self.data.seq_len} exceeds the model's context of {context} bytes "
+                             "(the product of model.stages[*].patch_size)")
+        if self.parallel.zero:
+            raise ValueError(f"parallel.zero: DeepSpeed ZeRO stage {self.parallel.zero} is not wired into the trainer yet; "
+                             "use 0 (DDP, or expert parallelism)")
         if self.training.eval_every and self.training.eval_every > self.training.steps:
             raise ValueError(f"training.eval_every: {self.training.eval_every} exceeds training.steps ({self.training.steps})")
         if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:

@@ -91,6 +91,8 @@ class Trainer:
         self.run_dir = run_dir
         self.fault_step = fault_step
         self.ctx = _context()
+        # One intra-op thread per CPU the worker was given: oversubscribed cores slow small matmuls badly.
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
 
         self.model = build_model(spec.model, spec.data.seq_len).to(self.ctx.device)

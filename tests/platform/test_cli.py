@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import ROOT, run_cli, tiny_spec_yaml
+import subprocess
+
+from tests.helpers import BIN, ROOT, run_cli, tiny_spec_yaml
 
 
 def test_validate_prints_summary() -> None:
@@ -69,3 +71,24 @@ def test_plan_prints_all_three_algorithms_and_a_recommendation() -> None:
     assert "recommendation: parallel.a2a =" in proc.stdout
     bad = run_cli("plan", "jobs/moe-tiny.yaml", "--nodes", "3", "--expert-parallel", "5")
     assert bad.returncode == 2 and "must divide" in bad.stderr
+
+
+def test_generate_from_a_checkpoint(tmp_path: Path) -> None:
+    """`shardyard generate` on a run directory written by the trainer's checkpoint code."""
+    from shardyard.models import build_model
+    from shardyard.platform.spec import load_spec_text, spec_to_yaml
+    from shardyard.runtime.checkpoint import write_checkpoint
+
+    spec = load_spec_text(tiny_spec_yaml("gen", tmp_path))
+    run_dir = tmp_path / "gen"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    model = build_model(spec.model, spec.data.seq_len)
+    write_checkpoint(run_dir / "checkpoint_0", {"model": model.state_dict(), "step": 3}, {"step": 3})
+    proc = subprocess.run([str(BIN / "shardyard"), "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"def ") and len(proc.stdout) == 4 + 12 + 1
+    assert b"12 bytes" in proc.stderr and b"step 3" in proc.stderr
+    missing = run_cli("generate", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "neither a checkpoint" in missing.stderr

@@ -60,3 +60,16 @@ def test_restart_after_a_worker_crash_equals_an_uninterrupted_run(tmp_path: Path
     # Running the finished job again resumes from its last checkpoint and has nothing left to do.
     again = run_cli("run", str(spec), "--set", "name=clean")
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = run_cli("run", str(root / "jobs" / "megabyte-tiny.yaml"), "--set", f"checkpoint.dir={tmp_path}",
+                   "--set", "training.steps=16", "--set", "optim.schedule.warmup=2", "--set", "training.eval_every=8",
+                   "--set", "training.log_every=1", "--set", "checkpoint.every=8", "--set", "data.max_bytes=3000000")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _train_losses(tmp_path / "megabyte-tiny")
+    assert sorted(losses) == list(range(1, 17))
+    assert losses[16] < losses[1] - 0.5
+    sample = run_cli("generate", str(tmp_path / "megabyte-tiny"), "--prompt", "def ", "--bytes", "32")
+    assert sample.returncode == 0 and "32 bytes" in sample.stderr
