@@ -1,72 +1,139 @@
-"""Routers: pick experts for each token and say how much each pick weighs.
+"""Routers: pick (token, expert) assignments and say how much each weighs.
 
-Every router returns a `Routing`: top-k expert ids and weights per token, plus the auxiliary losses
-it wants optimised (load balancing, router z-loss), already unweighted; the layer applies weights.
+Every router returns a `Routing`: flat assignment lists (token id, expert id, weight), plus the
+auxiliary losses it wants optimised (load balancing, router z-loss), unweighted; the layer weights them.
+
+- `softmax_topk`: softmax over experts, top-k per token, kept probabilities renormalised (Mixtral).
+- `switch`: top-1, raw probability as the weight (Switch Transformer).
+- `aux_free`: like softmax_topk, but a per-expert bias is added to the scores for *selection only*;
+  the bias moves toward balance after every training step (DeepSeek-V3's auxiliary-loss-free
+  balancing). The bias is a buffer (saved in checkpoints) and is updated from the load summed over
+  all data-parallel ranks, so every replica keeps the same bias.
+- `expert_choice`: each expert picks its top-C tokens (C = capacity_factor * T * k / E); balanced by
+  construction, but a token may get no expert, and the choice looks at the whole batch (non-causal).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+ROUTERS = ("softmax_topk", "switch", "aux_free", "expert_choice")
 
 
 @dataclass
 class Routing:
-    expert_ids: torch.Tensor  # [T, k] int64
-    weights: torch.Tensor  # [T, k] float, same dtype as the input
+    token_ids: torch.Tensor  # [A] int64: the token of each assignment
+    expert_ids: torch.Tensor  # [A] int64: its expert
+    weights: torch.Tensor  # [A] float, the input dtype: its combine weight
     balance_loss: torch.Tensor  # scalar; Switch-style E * sum_e f_e * P_e (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # scalar; mean(logsumexp(logits)^2)
+    sorted_by_expert: bool = False  # assignments already grouped by expert (expert choice)
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer aux loss: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
-    fraction = counts / expert_ids.numel()
-    mean_prob = probs.mean(dim=0)
-    return num_experts * torch.sum(fraction * mean_prob)
+    fraction = counts.to(probs.dtype) / counts.sum().clamp(min=1)
+    return probs.shape[-1] * torch.sum(fraction * probs.mean(dim=0))
 
 
-class TopKRouter(nn.Module):
-    """Linear gate + softmax; top-k experts per token.
-
-    `softmax_topk` renormalises the k kept probabilities to sum to 1 (Mixtral style);
-    `switch` is top-1 and keeps the raw probability as the weight (Switch Transformer).
-    """
-
-    def __init__(self, width: int, num_experts: int, top_k: int, kind: str = "softmax_topk",
-                 jitter: float = 0.0) -> None:
+class _RouterBase(nn.Module):
+    def __init__(self, width: int, num_experts: int, top_k: int, jitter: float) -> None:
         super().__init__()
-        if kind == "switch" and top_k != 1:
-            raise ValueError("the switch router is top-1")
         self.num_experts = num_experts
         self.top_k = top_k
-        self.kind = kind
         self.jitter = jitter
         self.gate = nn.Linear(width, num_experts, bias=False)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.gate(x).float()
+        return self.gate(x).float()
+
+
+class TopKRouter(_RouterBase):
+    """Token choice: every token picks top_k experts (`softmax_topk`, `switch`, `aux_free`)."""
+
+    def __init__(self, width: int, num_experts: int, top_k: int, kind: str = "softmax_topk",
+                 jitter: float = 0.0, bias_update_rate: float = 1e-3) -> None:
+        super().__init__(width, num_experts, top_k, jitter)
+        if kind == "switch" and top_k != 1:
+            raise ValueError("the switch router is top-1")
+        if top_k > num_experts:
+            raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
+        self.kind = kind
+        self.bias_update_rate = bias_update_rate
+        # Selection-only bias for aux_free balancing; a buffer so checkpoints carry it.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=(kind == "aux_free"))
+        self.balance_group: dist.ProcessGroup | None = None  # None = the default (world) group
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.logits(x)
         probs = F.softmax(logits, dim=-1)
-        top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
-        if self.kind == "softmax_topk":
+        if self.kind == "aux_free":
+            _, expert_ids = (probs + self.expert_bias).topk(self.top_k, dim=-1)
+            top_probs = probs.gather(-1, expert_ids)
+        else:
+            top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
+        if self.kind != "switch":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        flat_experts = expert_ids.reshape(-1)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         return Routing(
-            expert_ids=expert_ids,
-            weights=top_probs.to(x.dtype),
-            balance_loss=load_balancing_loss(probs, expert_ids, self.num_experts),
+            token_ids=tokens,
+            expert_ids=flat_experts,
+            weights=top_probs.reshape(-1).to(x.dtype),
+            balance_loss=load_balancing_loss(probs, counts),
             z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
         )
 
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """bias_e += rate * sign(mean load - load_e), load summed over every data-parallel rank."""
+        load = counts.to(self.expert_bias.dtype)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.balance_group) > 1:
+            dist.all_reduce(load, group=self.balance_group)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
-ROUTERS = ("softmax_topk", "switch")
+
+class ExpertChoiceRouter(_RouterBase):
+    """Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest score for e."""
+
+    def __init__(self, width: int, num_experts: int, top_k: int, jitter: float = 0.0,
+                 capacity_factor: float | None = None) -> None:
+        super().__init__(width, num_experts, top_k, jitter)
+        self.capacity_factor = capacity_factor or 1.0
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.logits(x)
+        probs = F.softmax(logits, dim=-1)
+        c = self.capacity(x.shape[0])
+        weights, tokens = probs.t().topk(c, dim=-1)  # [E, C] each
+        experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
+        counts = torch.full((self.num_experts,), c, device=x.device)
+        return Routing(
+            token_ids=tokens.reshape(-1),
+            expert_ids=experts,
+            weights=weights.reshape(-1).to(x.dtype),
+            balance_loss=load_balancing_loss(probs, counts),
+            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            sorted_by_expert=True,
+        )
 
 
-def build_router(kind: str, width: int, num_experts: int, top_k: int, jitter: float = 0.0) -> nn.Module:
+def build_router(kind: str, width: int, num_experts: int, top_k: int, jitter: float = 0.0,
+                 capacity_factor: float | None = None, bias_update_rate: float = 1e-3) -> nn.Module:
+    if kind == "expert_choice":
+        return ExpertChoiceRouter(width, num_experts, top_k, jitter, capacity_factor)
     if kind in ROUTERS:
-        return TopKRouter(width, num_experts, top_k, kind, jitter)
+        return TopKRouter(width, num_experts, top_k, kind, jitter, bias_update_rate)
     raise ValueError(f"unknown router {kind!r}; available: {list(ROUTERS)}")
