@@ -26,6 +26,7 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
     from shardyard.models import build_model, count_parameters
+    from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.runtime.entry import run_directory
 
     import torch
@@ -63,6 +64,8 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, zero {spec.parallel.zero}",
         f"run dir    {run_directory(spec, base)}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
+        "memory per worker (training state, before activations):",
+        "  " + format_report(optimizer_memory_report(spec.optim, model)).replace("\n", "\n  "),
     ]
     return "\n".join(lines)
 

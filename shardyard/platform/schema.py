@@ -309,6 +309,10 @@ class JobSpec(Section):
                 raise ValueError(f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})")
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})")
+        galore = self.optim.galore
+        if galore is not None and galore.layerwise and self.resources.workers > 1:
+            raise ValueError(f"optim.galore.layerwise: steps parameters inside backward, before data-parallel gradient "
+                             f"averaging; it needs resources.workers 1, not {self.resources.workers}")
         context = self.model.context
         if context is not None and self.data.seq_len > context:
             raise ValueError(f"data.seq_len: {self.data.seq_len} exceeds the model's context of {context} bytes "

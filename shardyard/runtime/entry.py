@@ -140,7 +140,7 @@ def main() -> int:
     spec = spec_from_json(os.environ[SPEC_ENV])
     run_dir = Path(os.environ.get("SHARDYARD_RUN_DIR") or run_directory(spec))
     fault = os.environ.get(FAULT_ENV)
-    ray.init(address="auto", log_to_driver=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
     print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
 
     def progress(records: list[dict]) -> None:

@@ -30,6 +30,7 @@ from shardyard.comm.groups import build_groups
 from shardyard.data.corpus import load_corpus
 from shardyard.data.loader import build_train_loader, validation_batches
 from shardyard.models import build_model, moe_layers
+from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json
@@ -185,6 +186,8 @@ class Trainer:
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in batch)
         self.model.train()
+        if self.spec.model.ffn.kind == "lowrank":
+            set_lowrank_progress(self.model, self.step / self.spec.training.steps)  # self-guided blend
         with _autocast(self.spec, self.ctx.device):
             _, ce = self.ddp(inputs, targets)
         aux = sum((layer.aux_loss for layer in self.moe), torch.zeros((), device=ce.device))

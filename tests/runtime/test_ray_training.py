@@ -73,3 +73,16 @@ def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> Non
     assert losses[16] < losses[1] - 0.5
     sample = run_cli("generate", str(tmp_path / "megabyte-tiny"), "--prompt", "def ", "--bytes", "32")
     assert sample.returncode == 0 and "32 bytes" in sample.stderr
+
+
+def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml(
+        "galore", tmp_path / "runs",
+        model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: 0.5}}",
+        optim="{kind: q_galore_adamw, lr: 3.0e-3, schedule: {warmup: 2}, galore: {rank: 8, update_gap: 5}}",
+        training="{steps: 16, batch_size: 4, eval_every: 8, eval_batches: 1, log_every: 1}"))
+    proc = run_cli("run", str(spec))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _train_losses(tmp_path / "runs" / "galore")
+    assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
