@@ -65,7 +65,7 @@ def validation_batches(data: np.ndarray, seq_len: int, batch_size: int, num_batc
                        world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the first world * num_batches * batch_size validation windows (fewer if short)."""
     windows = (len(data) - 1) // seq_len
-    wanted = min(windows, world * num_batches * batch_size)
+    wanted = min(windows, world * num_batches * batch_size) // world * world  # same count on every rank
     mine = list(range(rank, wanted, world))
     batches = []
     for i in range(0, len(mine), batch_size):
