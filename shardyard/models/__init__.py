@@ -13,7 +13,7 @@ from torch import nn
 
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.transformer import ByteTransformerLM, GeluMLP, SwiGLU
-from shardyard.platform.schema import ModelSpec
+from shardyard.platform.schema import ModelSpec, MoESpec
 
 ModelBuilder = Callable[[ModelSpec, int], nn.Module]
 MODEL_REGISTRY: dict[str, ModelBuilder] = {}
@@ -26,35 +26,39 @@ def register_model(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return wrap
 
 
-def build_dense_ffn(spec: ModelSpec) -> nn.Module:
-    """The dense feed-forward sub-layer named by spec.ffn."""
-    hidden = spec.ffn_hidden
+def build_dense_ffn(spec: ModelSpec, width: int, hidden: int) -> nn.Module:
+    """The dense feed-forward sub-layer of kind spec.ffn.kind at the given width and hidden size."""
     if spec.ffn.kind == "swiglu":
-        return SwiGLU(spec.width, hidden)
+        return SwiGLU(width, hidden)
     if spec.ffn.kind == "gelu":
-        return GeluMLP(spec.width, hidden)
+        return GeluMLP(width, hidden)
     if spec.ffn.kind == "lowrank":
-        from shardyard.models.lowrank import LowRankSwiGLU  # provided by the low-rank models module
-        return LowRankSwiGLU(spec.width, hidden, spec.ffn.rank)
+        from shardyard.models.lowrank import LowRankSwiGLU
+        return LowRankSwiGLU(width, hidden, spec.ffn.rank, self_guided=spec.ffn.self_guided)
     raise ValueError(f"unknown ffn kind {spec.ffn.kind!r}")
 
 
-def build_ffn_factory(spec: ModelSpec) -> Callable[[int], nn.Module]:
-    """Layer index -> FFN module: MoE on every `moe.every`-th block of an MoE model, dense elsewhere."""
+def build_moe_layer(moe: MoESpec, width: int, hidden: int) -> MoELayer:
+    return MoELayer(width, hidden, moe.num_experts, moe.top_k, moe.router, moe.aux_loss, moe.z_loss,
+                    moe.capacity_factor, moe.backend, moe.expert_kind, moe.jitter, moe.shared_expert,
+                    moe.bias_update_rate)
+
+
+def build_ffn_factory(spec: ModelSpec, width: int, hidden: int, moe: MoESpec | None) -> Callable[[int], nn.Module]:
+    """Block index -> FFN module: MoE on every `moe.every`-th block when `moe` is set, dense elsewhere."""
     def make(layer: int) -> nn.Module:
-        moe = spec.moe
-        if spec.kind == "moe" and moe is not None and (layer + 1) % moe.every == 0:
-            return MoELayer(spec.width, spec.ffn_hidden, moe.num_experts, moe.top_k, moe.router,
-                            moe.aux_loss, moe.z_loss, moe.capacity_factor, moe.backend,
-                            moe.expert_kind, moe.jitter, moe.shared_expert, moe.bias_update_rate)
-        return build_dense_ffn(spec)
+        if moe is not None and (layer + 1) % moe.every == 0:
+            return build_moe_layer(moe, width, hidden)
+        return build_dense_ffn(spec, width, hidden)
     return make
 
 
 @register_model("dense")
 @register_model("moe")
 def build_transformer(spec: ModelSpec, seq_len: int) -> nn.Module:
-    return ByteTransformerLM(spec.width, spec.depth, spec.heads, build_ffn_factory(spec), seq_len)
+    moe = spec.moe if spec.kind == "moe" else None
+    return ByteTransformerLM(spec.width, spec.depth, spec.heads,
+                             build_ffn_factory(spec, spec.width, spec.ffn_hidden, moe), seq_len)
 
 
 def build_model(spec: ModelSpec, seq_len: int) -> nn.Module:

@@ -1,7 +1,11 @@
 """Optimizers and learning-rate schedules built from `spec.optim`.
 
 `build_optimizer(spec.optim, model)` returns a plain torch.optim.Optimizer (state_dict-compatible, so
-the checkpoint code saves every kind the same way); `build_scheduler` the warm-up + decay schedule.
+the checkpoint code saves every kind the same way): torch AdamW, GaLoreAdamW (galore.py) or
+QGaLoreAdamW (qgalore.py); `build_scheduler` the warm-up + decay schedule;
+`optimizer_memory_report` (memory.py) the parameter / gradient / state bytes of a spec's optimizer.
+With `optim.galore.layerwise` the optimizer steps inside backward: the trainer must then skip
+grad clipping (the spec forbids it) and `step()` / `zero_grad()` are harmless no-ops.
 """
 
 from __future__ import annotations
@@ -28,6 +32,26 @@ def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
     if spec.kind == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr,
                                  betas=spec.betas, eps=spec.eps)
+    if spec.kind in ("galore_adamw", "q_galore_adamw"):
+        from shardyard.optim.galore import GaLoreAdamW, galore_param_groups
+        from shardyard.optim.qgalore import QGaLoreAdamW
+
+        g = spec.galore
+        assert g is not None  # filled by OptimSpec's validator
+        groups = galore_param_groups(model, g.targets, g.rank, spec.weight_decay, g.experts)
+        common = dict(lr=spec.lr, betas=spec.betas, eps=spec.eps, rank=g.rank,
+                      update_gap=g.update_gap, scale=g.scale, projection=g.projection,
+                      oversample=g.oversample, power_iters=g.power_iters, seed=g.seed,
+                      broadcast_projection=g.broadcast_projection, layerwise=g.layerwise)
+        if spec.kind == "galore_adamw":
+            return GaLoreAdamW(groups, **common)
+        q = g.quant
+        assert q is not None
+        return QGaLoreAdamW(groups, proj_group_size=q.proj_group_size,
+                            weight_group_size=q.weight_group_size,
+                            stochastic_rounding=q.stochastic_rounding, sim_threshold=q.sim_threshold,
+                            sim_streak=q.sim_streak, gap_growth=q.gap_growth,
+                            max_update_gap=q.max_update_gap, **common)
     raise ValueError(f"unknown optimizer {spec.kind!r}")
 
 

@@ -45,7 +45,7 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
         for i, st in enumerate(m.stages):
             moe = f", MoE {st.moe.num_experts} experts top-{st.moe.top_k}" if st.moe else ""
             lines.append(f"  stage {i}  width {st.width}, depth {st.depth}, heads {st.heads}, patch {st.patch_size}, "
-                         f"ffn {st.ffn_hidden or 3 * st.width}{moe}, checkpoint chunks {st.checkpoint_chunks}")
+                         f"ffn {st.hidden}{moe}, checkpoint chunks {st.checkpoint_chunks}")
     else:
         lines.append(f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}")
     if m.moe is not None:

@@ -8,34 +8,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from shardyard.models import register_model
+from shardyard.models import build_ffn_factory, register_model
 from shardyard.models.bytes.generate import generate, generate_from_checkpoint
 from shardyard.models.bytes.megabyte import MegabyteLM
 from shardyard.models.bytes.multiscale import MultiscaleByteLM, StageDims
-from shardyard.models.moe.layer import MoELayer
-from shardyard.models.transformer import FFNFactory, GeluMLP, SwiGLU
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import ModelSpec, StageSpec
 
 __all__ = ["MegabyteLM", "MultiscaleByteLM", "StageDims", "build_byte_model", "generate",
-           "generate_from_checkpoint", "stage_ffn_factory"]
-
-
-def stage_ffn_factory(spec: ModelSpec, stage: StageSpec) -> FFNFactory:
-    """Block index -> the stage's FFN: MoE on every `stage.moe.every`-th block, else spec.ffn.kind."""
-    def make(layer: int) -> nn.Module:
-        moe = stage.moe
-        if moe is not None and (layer + 1) % moe.every == 0:
-            return MoELayer(stage.width, stage.hidden, moe.num_experts, moe.top_k, moe.router,
-                            moe.aux_loss, moe.z_loss, moe.capacity_factor, moe.backend,
-                            moe.expert_kind, moe.jitter)
-        if spec.ffn.kind == "swiglu":
-            return SwiGLU(stage.width, stage.hidden)
-        if spec.ffn.kind == "gelu":
-            return GeluMLP(stage.width, stage.hidden)
-        from shardyard.models.lowrank import LowRankSwiGLU  # type: ignore[attr-defined]
-        return LowRankSwiGLU(stage.width, stage.hidden, spec.ffn.rank)
-    return make
+           "generate_from_checkpoint"]
 
 
 def stage_dims(stage: StageSpec) -> StageDims:
@@ -54,7 +35,7 @@ def build_byte_model(spec: ModelSpec, seq_len: int) -> nn.Module:
         raise UserError(f"data.seq_len ({seq_len}) exceeds the {spec.kind} model's context {sizes} = {context} bytes; "
                         f"raise model.stages[0].patch_size to at least {-(-seq_len // (context // stages[0].patch_size))}")
     dims = [stage_dims(s) for s in stages]
-    ffns = [stage_ffn_factory(spec, s) for s in stages]
+    ffns = [build_ffn_factory(spec, s.width, s.hidden, s.moe) for s in stages]
     if spec.kind == "megabyte":
         return MegabyteLM(dims[0], dims[1], ffns[0], ffns[1])
     return MultiscaleByteLM(dims, ffns)
