@@ -239,6 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"{spec_file}: missing; a run directory keeps the resolved spec beside its checkpoints")
     spec = load_spec(spec_file)
     state, meta = read_checkpoint(checkpoint)
+    if state["model"] is None:
+        raise UserError(f"{checkpoint}: a ZeRO-3 checkpoint keeps only partitioned weights; generation needs zero <= 2")
     if isinstance(state["model"], list):
         raise UserError(f"{checkpoint}: an expert-parallel checkpoint (one shard per rank); generation needs a "
                         "checkpoint of a job with parallel.expert_parallel 1")

@@ -317,9 +317,11 @@ class JobSpec(Section):
         if context is not None and self.data.seq_len > context:
             raise ValueError(f"data.seq_len: {self.data.seq_len} exceeds the model's context of {context} bytes "
                              "(the product of model.stages[*].patch_size)")
-        if self.parallel.zero:
-            raise ValueError(f"parallel.zero: DeepSpeed ZeRO stage {self.parallel.zero} is not wired into the trainer yet; "
-                             "use 0 (DDP, or expert parallelism)")
+        if self.parallel.zero and ep > 1:
+            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) and expert parallelism "
+                             f"({ep}) do not combine here; choose one")
+        if self.parallel.zero and galore is not None and galore.layerwise:
+            raise ValueError("parallel.zero: DeepSpeed owns the optimizer step; layer-wise GaLore cannot run under it")
         if self.training.eval_every and self.training.eval_every > self.training.steps:
             raise ValueError(f"training.eval_every: {self.training.eval_every} exceeds training.steps ({self.training.steps})")
         if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:

@@ -35,6 +35,7 @@ from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json
 from shardyard.runtime import checkpoint as ckpt
+from shardyard.runtime import zero
 from shardyard.tracking.logger import MetricsLogger
 
 LN2 = math.log(2)
@@ -111,6 +112,10 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
         self.optimizer = build_optimizer(spec.optim, self.model)
         self.scheduler = build_scheduler(spec.optim, self.optimizer, spec.training.steps)
+        self.engine = None  # DeepSpeed ZeRO engine: replaces DDP, clipping and the optimizer step
+        if spec.parallel.zero:
+            self.engine = zero.build_engine(spec, self.model, self.optimizer, self.scheduler)
+            self.ddp = self.engine
 
         corpus = load_corpus(spec.data)
         self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
@@ -123,6 +128,10 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         gathered = self._gather(self.loader.state_dict())
+        if self.engine is not None:  # model and optimizer live in the engine's own files
+            return {"model": self.model.state_dict() if self.spec.parallel.zero < 3 else None,
+                    "optimizer": None, "scheduler": self.scheduler.state_dict(), "loaders": gathered,
+                    "step": self.step, "rng": ckpt.rng_state()}
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.groups is not None:  # each rank holds different experts: keep every rank's shard
             model_state, optim_state = self._gather(model_state), self._gather(optim_state)
@@ -144,12 +153,21 @@ class Trainer:
         return gathered
 
     def load_state(self, state: dict[str, Any]) -> None:
+        if self.engine is None and state["optimizer"] is None:
+            raise RuntimeError("checkpoint was written by a DeepSpeed ZeRO job; this job has parallel.zero 0")
+        if self.engine is not None:
+            self._load_progress(state)
+            return
         sharded = isinstance(state["model"], list)
         if sharded != (self.groups is not None):
             raise RuntimeError("checkpoint and job disagree on expert parallelism (parallel.expert_parallel)")
         rank = self.ctx.rank
         self.model.load_state_dict(state["model"][rank] if sharded else state["model"])
         self.optimizer.load_state_dict(state["optimizer"][rank] if sharded else state["optimizer"])
+        self._load_progress(state)
+
+    def _load_progress(self, state: dict[str, Any]) -> None:
+        """Scheduler, every rank's data position, step and RNG."""
         self.scheduler.load_state_dict(state["scheduler"])
         loaders = state["loaders"]
         if len(loaders) != self.ctx.world:
@@ -166,6 +184,8 @@ class Trainer:
             return
         with checkpoint.as_directory() as directory:
             state, _ = ckpt.read_checkpoint(Path(directory))
+            if self.engine is not None:
+                zero.load_engine(self.engine, Path(directory))
         self.load_state(state)
         if self.ctx.rank == 0:
             print(f"[shardyard] resumed from step {self.step} ({checkpoint.path})", flush=True)
@@ -174,6 +194,9 @@ class Trainer:
         import ray.train
 
         state = self.state()  # collective: every rank takes part
+        if self.engine is not None:
+            self._save_and_report_engine(state, metrics)
+            return
         if self.ctx.rank == 0:
             with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
                 directory = ckpt.write_checkpoint(Path(tmp) / f"step_{self.step:08d}", state,
@@ -181,6 +204,20 @@ class Trainer:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+    def _save_and_report_engine(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Every rank reports its own directory (its optimizer partition); Ray Train merges them."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
+            directory = Path(tmp) / f"step_{self.step:08d}"
+            zero.save_engine(self.engine, directory)
+            if self.ctx.rank == 0:
+                staged = ckpt.write_checkpoint(Path(tmp) / "staged", state, {"step": self.step, "name": self.spec.name,
+                                                                            "deepspeed_zero": self.spec.parallel.zero})
+                for item in staged.iterdir():
+                    item.rename(directory / item.name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
@@ -192,6 +229,12 @@ class Trainer:
             _, ce = self.ddp(inputs, targets)
         aux = sum((layer.aux_loss for layer in self.moe), torch.zeros((), device=ce.device))
         loss = ce + aux
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()  # clip, optimizer step, scheduler step, zero grads
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = torch.as_tensor(0.0 if norm is None else float(norm))
+            return {"ce": ce.detach(), "aux": aux.detach(), "grad_norm": grad_norm}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.spec.optim.grad_clip

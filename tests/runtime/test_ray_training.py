@@ -86,3 +86,19 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = _train_losses(tmp_path / "runs" / "galore")
     assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
+
+
+def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml("ddp", tmp_path / "runs",
+                                   training="{steps: 12, batch_size: 4, eval_every: 6, eval_batches: 1, log_every: 1}",
+                                   checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 6, keep: 2}}"))
+    ddp = run_cli("run", str(spec))
+    zero = run_cli("run", str(spec), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9")
+    assert ddp.returncode == 0 and zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
+    assert "resumed from step 6" in zero.stdout + zero.stderr
+    a, b = _train_losses(tmp_path / "runs" / "ddp"), _train_losses(tmp_path / "runs" / "zero2")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
