@@ -275,7 +275,7 @@ def grouped_mm_t(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backen
     return _dispatch(x, w, offsets, backend, transpose_w=True)
 
 
-def _check_device(backend: str, x: torch.Tensor) -> None:
+def check_backend_device(backend: str, x: torch.Tensor) -> None:
     if x.device.type != "cpu":
         return
     if backend == "megablocks":
@@ -291,7 +291,7 @@ def _dispatch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: 
         raise ValueError(f"grouped_mm wants x [M, K], w [E, K, N], offsets [E]; got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}, {tuple(offsets.shape)}")
     backend = resolve_backend(backend, x)
-    _check_device(backend, x)
+    check_backend_device(backend, x)
     if backend == "loop":
         return loop_grouped_mm(x, w.transpose(1, 2) if transpose_w else w, offsets)
     ops = get_ops(backend)
