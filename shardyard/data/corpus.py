@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,32 +67,77 @@ def is_validation(key: str, val_fraction: float) -> bool:
 
 @dataclass
 class ByteCorpus:
-    train: np.ndarray  # uint8
-    val: np.ndarray  # uint8
+    train: np.ndarray  # uint8, memory-mapped from disk
+    val: np.ndarray  # uint8, memory-mapped from disk
     train_files: int
     val_files: int
 
 
+def _cache_key(spec: DataSpec, files: list[tuple[Path, str]]) -> str:
+    h = hashlib.sha1(f"{spec.val_fraction}|{spec.max_bytes}".encode())
+    for f, key in files:
+        st = f.stat()
+        h.update(f"{key}|{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _stream_into(path: Path, parts: list[Path]) -> int:
+    """Concatenate files into `path` one buffer at a time, atomically (temp name, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    written = 0
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+                    written += len(chunk)
+    os.replace(tmp, path)
+    return written
+
+
+def _memmap(path: Path) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
 def load_corpus(spec: DataSpec) -> ByteCorpus:
+    """Split by file and stream the files, without holding them in memory, into a cache of two flat
+    byte files (train, val) that every worker memory-maps; the cache is keyed by the files' paths,
+    sizes and mtimes. A single file (one long document) is memory-mapped in place and split at
+    (1 - val_fraction) of its length instead."""
     files = resolve_files(spec)
-    train_parts: list[bytes] = []
-    val_parts: list[bytes] = []
-    total = 0
+    chosen, total = [], 0
     for f, key in files:
         if spec.max_bytes is not None and total >= spec.max_bytes:
             break
-        data = f.read_bytes()
-        total += len(data)
-        (val_parts if is_validation(key, spec.val_fraction) else train_parts).append(data)
-    if len(files) == 1 or not val_parts:
-        # One file (or an unlucky split): hold out its tail instead of a whole file.
-        joined = b"".join(train_parts + val_parts)
-        cut = int(len(joined) * (1 - spec.val_fraction))
-        train_parts, val_parts = [joined[:cut]], [joined[cut:]]
-    train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
-    val = np.frombuffer(b"".join(val_parts), dtype=np.uint8)
+        chosen.append((f, key))
+        total += f.stat().st_size
+    val_files = [f for f, key in chosen if is_validation(key, spec.val_fraction)]
+    train_files = [f for f, key in chosen if not is_validation(key, spec.val_fraction)]
+    if len(chosen) == 1 or not val_files or not train_files:
+        if len(chosen) == 1:
+            whole = _memmap(chosen[0][0])
+        else:
+            whole = _cached(spec, chosen, "all", [f for f, _ in chosen])
+        cut = int(len(whole) * (1 - spec.val_fraction))
+        train, val, n_train, n_val = whole[:cut], whole[cut:], len(chosen), 0
+    else:
+        train = _cached(spec, chosen, "train", train_files)
+        val = _cached(spec, chosen, "val", val_files)
+        n_train, n_val = len(train_files), len(val_files)
     need = spec.seq_len + 1
     if len(train) < need or len(val) < need:
         raise UserError(f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
                         f"{len(val)} validation bytes (each needs at least {need})")
-    return ByteCorpus(train, val, len(train_parts), len(val_parts))
+    return ByteCorpus(train, val, n_train, n_val)
+
+
+def _cached(spec: DataSpec, chosen: list[tuple[Path, str]], split: str, parts: list[Path]) -> np.ndarray:
+    root = Path(spec.cache_dir).expanduser() if spec.cache_dir else Path.home() / ".cache" / "shardyard" / "corpus"
+    directory = root / _cache_key(spec, chosen)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{split}.bin"
+    if not path.exists():
+        _stream_into(path, parts)
+    return _memmap(path)

@@ -180,6 +180,7 @@ class DataSpec(Section):
     seq_len: PositiveInt = Field(256, description="bytes per training sequence")
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="fraction of files (chosen deterministically by path hash) held out for validation")
     max_bytes: PositiveInt | None = Field(None, description="cap on corpus bytes read (first files in sorted order)")
+    cache_dir: str | None = Field(None, description="where the train/val byte streams are cached for memory-mapping (default ~/.cache/shardyard/corpus)")
 
 
 # --------------------------------------------------------------------------------------------- optim

@@ -72,3 +72,28 @@ def test_validation_batches_cover_each_rank_share() -> None:
     shares = [validation_batches(data, 32, 4, 2, rank, 2) for rank in range(2)]
     assert all(len(s) == 2 for s in shares)
     assert not torch.equal(shares[0][0][0], shares[1][0][0])
+
+
+def test_corpus_is_streamed_into_a_memory_mapped_cache(tmp_path: Path) -> None:
+    (tmp_path / "files").mkdir()
+    corpus_dir = _corpus_dir(tmp_path / "files")
+    spec = DataSpec(paths=[str(corpus_dir)], extensions=[".txt"], seq_len=32, val_fraction=0.2,
+                    cache_dir=str(tmp_path / "cache"))
+    first = load_corpus(spec)
+    assert isinstance(first.train, np.memmap)
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.bin"))
+    assert cached == ["train.bin", "val.bin"]
+    again = load_corpus(spec)  # served from the cache
+    assert np.array_equal(first.train, again.train)
+    (corpus_dir / "f000.txt").write_bytes(b"changed" * 100)  # a changed file makes a new cache entry
+    load_corpus(spec)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_one_long_file_is_mapped_in_place_and_split_at_its_tail(tmp_path: Path) -> None:
+    long_doc = tmp_path / "book.bin"
+    long_doc.write_bytes(np.random.default_rng(3).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    corpus = load_corpus(DataSpec(paths=[str(long_doc)], seq_len=4096, val_fraction=0.1, cache_dir=str(tmp_path / "c")))
+    assert len(corpus.train) == 90_000 and len(corpus.val) == 10_000
+    assert not (tmp_path / "c").exists()  # no copy of a single file
+    assert bytes(corpus.val[:5]) == long_doc.read_bytes()[90_000:90_005]
