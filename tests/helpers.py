@@ -27,5 +27,5 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
-    return subprocess.run([str(BIN / "shardyard"), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([str(BIN / "shardyard"), *args], capture_output=True, text=True, errors="replace", timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT)

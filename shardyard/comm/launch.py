@@ -28,6 +28,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: i
                             timeout=timedelta(seconds=120))
     try:
         fn(Topology.from_rank(rank, world_size, ranks_per_node), *args)
+        # Tear down together: a rank that destroys its gloo pairs while a peer still reads from them
+        # can abort the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

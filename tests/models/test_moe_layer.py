@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, before triton is imported
 
@@ -216,34 +215,31 @@ def test_bias_balancing_moves_load_toward_balance_and_is_checkpointed():
     assert "router.expert_bias" not in make_layer("softmax_topk").state_dict()
 
 
-def _dp_worker(rank: int, world: int, port: int, queue) -> None:
+def _dp_worker(topology, out_dir: str) -> None:
+    import json
+
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        layer = make_layer("aux_free", 2, bias_update_rate=0.01)
-        _skew_router(layer)
-        with torch.no_grad():
-            for step in range(5):  # every rank sees different tokens
-                layer(_skewed_tokens(64, seed=100 * rank + step))
-        queue.put((rank, layer.router.expert_bias.tolist()))  # plain floats: no shared memory
-    finally:
-        dist.destroy_process_group()
+
+    layer = make_layer("aux_free", 2, bias_update_rate=0.01)
+    _skew_router(layer)
+    with torch.no_grad():
+        for step in range(5):  # every rank sees different tokens
+            layer(_skewed_tokens(64, seed=100 * topology.rank + step))
+    bias = layer.router.expert_bias.clone()
+    gathered = [torch.empty_like(bias) for _ in range(topology.world_size)]
+    dist.all_gather(gathered, bias)
+    if topology.rank == 0:
+        with open(f"{out_dir}/bias.json", "w") as f:
+            json.dump([g.tolist() for g in gathered], f)
 
 
-def test_bias_update_is_identical_across_data_parallel_ranks():
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_dp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+def test_bias_update_is_identical_across_data_parallel_ranks(tmp_path):
+    import json
+
+    from shardyard.comm.launch import spawn
+
+    spawn(_dp_worker, 2, 2, str(tmp_path))
+    results = json.loads((tmp_path / "bias.json").read_text())
     assert results[0] == results[1]
     # and equal to one process updating from the summed load of both ranks' tokens
     layer = make_layer("aux_free", 2, bias_update_rate=0.01)

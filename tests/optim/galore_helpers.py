@@ -57,31 +57,15 @@ DDP_CONFIGS: list[tuple[str, dict]] = [
 ]
 
 
-def _entry(rank: int, world: int, store: str, steps: int) -> None:
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        ddp_worker(steps)
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn_ddp(world: int, steps: int) -> None:
-    """torch.multiprocessing.spawn `world` gloo ranks (file store: no ports) running ddp_worker."""
-    import os
-    import tempfile
+    """`world` real gloo ranks (spawned processes) each running ddp_worker."""
+    from shardyard.comm.launch import spawn
 
-    import torch.multiprocessing as mp
+    spawn(_ddp_rank, world, world, steps)
 
-    with tempfile.TemporaryDirectory(prefix="galore-ddp-") as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), steps), nprocs=world, join=True)
+
+def _ddp_rank(topology, steps: int) -> None:
+    ddp_worker(steps)
 
 
 def ddp_worker(steps: int) -> None:
