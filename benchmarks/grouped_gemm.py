@@ -2,6 +2,7 @@
 
     python benchmarks/grouped_gemm.py            # M=8192 K=256 N=2048 E=8 and M=32768 K=512 N=4096 E=16
     python benchmarks/grouped_gemm.py --quick    # one small shape, 3 rounds
+    python benchmarks/grouped_gemm.py --device cuda --bf16   # on a GPU: torch, triton, megablocks vs cuBLAS
 
 For each shape and load we time, in interleaved rounds, the forward product (y = x_e @ w[e]) and the
 forward plus both backward products (dX, dW) of every available backend, and the same for a single
@@ -39,21 +40,25 @@ def group_sizes(m: int, experts: int, skew: float) -> torch.Tensor:
     return sizes
 
 
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bool, dtype: torch.dtype) -> None:
+def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bool, dtype: torch.dtype,
+        device: torch.device) -> None:
     m, k, n, e = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    w = (torch.randn(e, k, n, generator=gen) / k**0.5).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    w = (torch.randn(e, k, n, generator=gen) / k**0.5).to(device, dtype)
     w_dense = w[0].clone()
     sizes = group_sizes(m, e, skew)
-    offsets = sizes.cumsum(0).to(torch.int32)
-    grad = torch.randn(m, n, generator=gen).to(dtype)
+    offsets = sizes.cumsum(0).to(device, torch.int32)
+    grad = torch.randn(m, n, generator=gen).to(device, dtype)
 
     def dense() -> None:
         if backward:
@@ -71,7 +76,8 @@ def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bo
                 grouped_mm(x, w, offsets, backend)
         return fn
 
-    backends = [b for b in available_backends(x.device) if b != "triton"]  # CPU interpreter: tests only
+    # On CPU triton runs only in its interpreter (a correctness tool): timed on GPUs only.
+    backends = [b for b in available_backends(x.device) if device.type == "cuda" or b != "triton"]
     cases = {"dense matmul": dense} | {f"grouped [{b}]": grouped(b) for b in backends}
     wall: dict[str, list[float]] = {c: [] for c in cases}
     cpu: dict[str, list[float]] = {c: [] for c in cases}
@@ -79,19 +85,20 @@ def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bo
         fn()  # warm-up
     for _ in range(rounds):
         for name, fn in cases.items():
-            w_s, c_s = timed(fn)
+            w_s, c_s = timed(fn, device)
             wall[name].append(w_s)
             cpu[name].append(c_s)
     what = "fwd+bwd" if backward else "fwd"
     load = "balanced" if skew == 0 else f"Zipf s={skew} (max/mean {sizes.max().item() * e / m:.2f})"
     print(f"\n### M={m} K={k} N={n} E={e}, {load}, {what}, {str(dtype).removeprefix('torch.')}, {rounds} rounds\n")
-    print("| case | median wall ms | min..max | median CPU ms | wall x dense | CPU x dense |")
-    print("|---|---:|---:|---:|---:|---:|")
+    flops = 2 * m * k * n * (3 if backward else 1)
+    print("| case | median wall ms | min..max | median CPU ms | TFLOP/s | wall x dense | CPU x dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     dw, dc = statistics.median(wall["dense matmul"]), statistics.median(cpu["dense matmul"])
     for name in cases:
         mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
         print(f"| {name} | {mw * 1e3:.1f} | {min(wall[name]) * 1e3:.1f}..{max(wall[name]) * 1e3:.1f} | "
-              f"{mc * 1e3:.1f} | {mw / dw:.2f} | {mc / dc:.2f} |")
+              f"{mc * 1e3:.1f} | {flops / mw / 1e12:.3f} | {mw / dw:.2f} | {mc / dc:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,17 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the skewed load")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds = args.rounds or (3 if args.quick else 5)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {name}")
     for shape in shapes:
         for skew in (0.0, args.skew):
             for backward in (False, True):
-                run(shape, skew, rounds, backward, dtype)
+                run(shape, skew, rounds, backward, dtype, device)
 
 
 if __name__ == "__main__":
