@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
-from shardyard.runtime.checkpoint import META_FILE
+from shardyard.runtime.checkpoint import META_FILE, find_latest_checkpoint
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
 
 SPEC_ENV = "SHARDYARD_SPEC_JSON"
@@ -127,8 +127,9 @@ def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]
 
 
 def latest_step(run_dir: Path) -> int:
-    steps = [json.loads((p / META_FILE).read_text())["step"] for p in run_dir.glob("checkpoint_*") if (p / META_FILE).exists()]
-    return max(steps, default=0)
+    """Step of the run's newest complete checkpoint (0 when it has none)."""
+    latest = find_latest_checkpoint(run_dir)
+    return 0 if latest is None else int(json.loads((latest / META_FILE).read_text())["step"])
 
 
 def main() -> int:

@@ -287,7 +287,7 @@ class Trainer:
         ckpt_every = self.spec.checkpoint.every
         tokens_per_step = self.spec.tokens_per_step()
         data = iter(self.loader)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes eval/checkpoints
         while self.step < spec.steps:
             self.maybe_inject_fault()
             step_metrics = self.train_step(next(data))
@@ -297,7 +297,7 @@ class Trainer:
             if self.step % spec.log_every == 0 or last:
                 values = torch.stack([step_metrics["ce"], step_metrics["aux"]]).float()
                 ce, aux = _all_reduce_mean(values, self.ctx.world).tolist()
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused
                 record = {"kind": "train", "loss": ce, "bpb": ce / LN2, "aux_loss": aux,
                           "grad_norm": float(step_metrics["grad_norm"]),
                           "lr": self.scheduler.get_last_lr()[0],
@@ -305,7 +305,8 @@ class Trainer:
                           "total_steps": spec.steps}
                 record.update(self.moe_metrics())
                 self.log.log(self.step, record)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
                 val_bpb = self.evaluate()
@@ -313,6 +314,7 @@ class Trainer:
                 self.log.log(self.step, {"kind": "eval", "val_bpb": val_bpb, "total_steps": spec.steps})
             if (ckpt_every and self.step % ckpt_every == 0) or last:
                 self.save_and_report(metrics)
+            paused += time.perf_counter() - pause_start
         self.log.close()
 
 
