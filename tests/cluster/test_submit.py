@@ -61,3 +61,24 @@ def test_a_wrong_token_is_refused(ray_head: dict, tmp_path: Path) -> None:
     (tmp_path / "wrong").write_text("f" * 64)
     proc = run_cli("list", "--address", ADDRESS, env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")})
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_stop_a_running_job(ray_head: dict, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml("stopped", tmp_path / "runs",
+                                   training="{steps: 5000, batch_size: 4, eval_every: 1000, eval_batches: 1, log_every: 10}"))
+    job_id = run_cli("submit", str(spec), "--address", ADDRESS, env=ray_head).stdout.strip().splitlines()[-1]
+    deadline = time.time() + 180
+    while time.time() < deadline:  # wait until it is really training
+        if "RUNNING" in run_cli("status", job_id, "--address", ADDRESS, env=ray_head).stdout:
+            break
+        time.sleep(2)
+    stop = run_cli("stop", job_id, "--address", ADDRESS, env=ray_head)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    state = ""
+    while time.time() < deadline + 120:
+        state = run_cli("status", job_id, "--address", ADDRESS, env=ray_head).stdout.strip()
+        if not state.startswith(("RUNNING", "PENDING")):
+            break
+        time.sleep(2)
+    assert state.startswith("STOPPED"), state
