@@ -125,11 +125,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
-    from shardyard.runtime.entry import latest_step, run_directory, run_training
+    from shardyard.runtime.entry import latest_step, resume_conflicts, run_directory, run_training
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
     run_dir = run_directory(spec)
+    conflicts = resume_conflicts(spec, run_dir)
+    if conflicts:
+        raise UserError(f"{run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
+                        "they are left untouched: give this job another name (--set name=...) to start fresh")
     start = latest_step(run_dir)
     if start:
         print(f"resuming {spec.name} from its checkpoint at step {start} (use another name to start fresh)")

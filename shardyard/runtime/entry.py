@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shardyard.platform.schema import JobSpec
-from shardyard.platform.spec import spec_from_json, spec_to_yaml
+from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
 from shardyard.runtime.checkpoint import META_FILE, find_latest_checkpoint
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
 
@@ -126,6 +126,34 @@ def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]
     return offset + len(complete.encode())
 
 
+RESUME_MUST_MATCH = ("seed", "model", "data.paths", "data.seq_len", "optim.kind", "resources.workers", "parallel")
+
+
+def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
+    """Fields that differ between `spec` and the spec a run's checkpoints were written with, among
+    those a checkpoint depends on (architecture, data order, optimizer state, sharding)."""
+    stored_file = run_dir / "spec.yaml"
+    if not stored_file.exists() or find_latest_checkpoint(run_dir) is None:
+        return []
+    stored = json.loads(load_spec(stored_file).model_dump_json())
+    new = json.loads(spec.model_dump_json())
+    conflicts: list[str] = []
+    for field in RESUME_MUST_MATCH:
+        old_value, new_value = stored, new
+        for key in field.split("."):
+            old_value, new_value = old_value[key], new_value[key]
+        _diff(field, old_value, new_value, conflicts)
+    return conflicts
+
+
+def _diff(path: str, old: Any, new: Any, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            _diff(f"{path}.{key}", old.get(key), new.get(key), out)
+    elif old != new:
+        out.append(f"{path}: {old!r} -> {new!r}")
+
+
 def latest_step(run_dir: Path) -> int:
     """Step of the run's newest complete checkpoint (0 when it has none)."""
     latest = find_latest_checkpoint(run_dir)
@@ -141,6 +169,11 @@ def main() -> int:
     spec = spec_from_json(os.environ[SPEC_ENV])
     run_dir = Path(os.environ.get("SHARDYARD_RUN_DIR") or run_directory(spec))
     fault = os.environ.get(FAULT_ENV)
+    conflicts = resume_conflicts(spec, run_dir)
+    if conflicts:
+        print(f"[shardyard] error: {run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
+              "left untouched. Submit under another name.", file=sys.stderr, flush=True)
+        return 2
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
     print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
 

@@ -92,3 +92,22 @@ def test_generate_from_a_checkpoint(tmp_path: Path) -> None:
     assert b"12 bytes" in proc.stderr and b"step 3" in proc.stderr
     missing = run_cli("generate", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "neither a checkpoint" in missing.stderr
+
+
+def test_rerun_with_an_incompatible_spec_keeps_the_old_run(tmp_path: Path) -> None:
+    """A run directory with checkpoints is never resumed by, or overwritten with, another model."""
+    from shardyard.platform.spec import load_spec_text, spec_to_yaml
+    from shardyard.runtime.checkpoint import write_checkpoint
+
+    text = tiny_spec_yaml("keep", tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "keep"
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(load_spec_text(text)))
+    write_checkpoint(run_dir / "checkpoint_0", {"step": 8}, {"step": 8})
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(text)
+    proc = run_cli("run", str(spec), "--set", "model.width=128", "--set", "resources.workers=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.width: 64 -> 128" in proc.stderr and "resources.workers: 2 -> 1" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
