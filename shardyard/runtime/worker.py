@@ -318,9 +318,21 @@ class Trainer:
         self.log.close()
 
 
+def quiet_ray_train_logs() -> None:
+    """Keep the driver's progress bar readable: Ray Train's per-report INFO lines come from a logger
+    named after its module's file path, not from the "ray.train" hierarchy."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray Train version: its lines stay
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: config carries the resolved spec as JSON and the run directory."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # keep the driver's progress bar readable
+    quiet_ray_train_logs()
     spec = spec_from_json(config["spec_json"])
     trainer = Trainer(spec, Path(config["run_dir"]), config.get("fault_step"))
     trainer.resume_if_possible()
