@@ -223,13 +223,17 @@ class FlatAllToAll(AllToAll):
         return Route([Exchange(self.groups.ep, counts.sum(1).tolist(), recv.sum(1).tolist())], counts, recv)
 
 
-class HierarchicalAllToAll(AllToAll):
-    name = "hierarchical"
+class _NodeAwareAllToAll(AllToAll):
+    """Base of the two-level algorithms: they need the EP group to be whole nodes of equal size."""
 
     def __init__(self, groups: ProcessGroups) -> None:
         super().__init__(groups)
         if not groups.hierarchical_ok:
-            raise ValueError("hierarchical all-to-all needs the EP group to be whole nodes of equal size")
+            raise ValueError(f"{self.name} all-to-all needs the EP group to be whole nodes of equal size")
+
+
+class HierarchicalAllToAll(_NodeAwareAllToAll):
+    name = "hierarchical"
 
     def plan(self, counts: torch.Tensor) -> Route:
         g = self.groups
@@ -247,13 +251,8 @@ class HierarchicalAllToAll(AllToAll):
         return Route(stages, counts, r.reshape(n_nodes * per_node, k))
 
 
-class LeaderAllToAll(AllToAll):
+class LeaderAllToAll(_NodeAwareAllToAll):
     name = "leader"
-
-    def __init__(self, groups: ProcessGroups) -> None:
-        super().__init__(groups)
-        if not groups.hierarchical_ok:
-            raise ValueError("leader all-to-all needs the EP group to be whole nodes of equal size")
 
     def plan(self, counts: torch.Tensor) -> Route:
         g, me = self.groups, self.groups.topology.rank

@@ -54,6 +54,15 @@ def grads(layer: MoELayer, x: torch.Tensor, fn) -> tuple[torch.Tensor, list[torc
     return out.detach(), [x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
+def assert_matches_per_token_reference(layer, x):
+    """Outputs and gradients of the layer equal a per-token loop over its routing decisions."""
+    out, g = grads(layer, x, layer)
+    ref, g_ref = grads(layer, x, lambda t: per_token_reference(layer, t))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("router,top_k", [("softmax_topk", 1), ("softmax_topk", 2), ("softmax_topk", 3),
                                           ("softmax_topk", 4), ("switch", 1), ("aux_free", 2)])
 def test_dropless_matches_per_token_reference(router, top_k):
@@ -61,11 +70,7 @@ def test_dropless_matches_per_token_reference(router, top_k):
     if router == "aux_free":
         layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, EXPERTS))  # bias changes the selection
     x = torch.randn(20, WIDTH)
-    out, g = grads(layer, x, layer)
-    ref, g_ref = grads(layer, x, lambda t: per_token_reference(layer, t))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_matches_per_token_reference(layer, x)
     assert layer.stats["dropped_fraction"].item() == 0.0
     assert layer.stats["tokens_per_expert"].sum().item() == 20 * top_k
 
@@ -124,11 +129,7 @@ def test_capacity_drops_in_token_order():
 def test_expert_choice():
     layer = make_layer("expert_choice", 2, capacity_factor=1.0).eval()
     x = torch.randn(30, WIDTH)
-    out, g = grads(layer, x, layer)
-    ref, g_ref = grads(layer, x, lambda t: per_token_reference(layer, t))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_matches_per_token_reference(layer, x)
     capacity = math.ceil(30 * 2 / EXPERTS)
     assert layer.stats["tokens_per_expert"].tolist() == [capacity] * EXPERTS
     routing = layer.router(x)

@@ -65,12 +65,11 @@ class MoELayer(nn.Module):
         if (self.training and isinstance(self.router, TopKRouter) and self.router.kind == "aux_free"
                 and not _inside_backward()):  # activation-checkpoint recompute must not update twice
             self.router.update_bias(counts)
+        kept = counts
         if routing.sorted_by_expert:
             token_of, weight_of = routing.token_ids, routing.weights
-            kept = counts
         else:
             order = torch.argsort(routing.expert_ids, stable=True)  # assignments grouped by expert
-            kept = counts
             if self.capacity_factor is not None:
                 order, kept = self._drop_over_capacity(order, counts, assignments)
             token_of, weight_of = routing.token_ids[order], routing.weights[order]
