@@ -1,0 +1,22 @@
+"""Every environment variable shardyard reads or sets, by name, in one place (a leaf module).
+
+Test hooks are read where they act (the worker reads FAULT_STEP itself); they reach Ray workers
+because the driver forwards every `SHARDYARD_*` variable through the Ray runtime environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFIX = "SHARDYARD_"
+SPEC_JSON = "SHARDYARD_SPEC_JSON"  # the resolved spec a submitted job's entrypoint runs
+RUN_DIR = "SHARDYARD_RUN_DIR"  # overrides <checkpoint.dir>/<name> for a submitted job
+ADDRESS = "SHARDYARD_ADDRESS"  # the Ray Jobs address clients use
+FAKE_RANKS_PER_NODE = "SHARDYARD_FAKE_RANKS_PER_NODE"  # tests: pretend each node holds this many ranks
+FAULT_STEP = "SHARDYARD_FAULT_STEP"  # tests: rank 0 raises once when it reaches this step
+SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
+
+
+def forwarded() -> dict[str, str]:
+    """The SHARDYARD_* variables of this process, for a Ray runtime_env's env_vars."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PREFIX) and k != SPEC_JSON}
