@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shardyard.data.corpus import load_corpus
-from shardyard.models import build_model, moe_layers
+from shardyard.models import build_model
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.optim.galore import galore_param_groups
@@ -114,8 +114,7 @@ def train_run(model_kind: str, run: str, steps: int, train: np.ndarray, val: np.
         t0 = time.perf_counter()
         set_lowrank_progress(model, step / steps)
         _, loss = model(x[:, :-1], x[:, 1:])
-        loss = loss + sum((m.aux_loss for m in moe_layers(model)), torch.zeros(()))
-        loss.backward()
+        loss.backward()  # MoE aux losses ride along in backward
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

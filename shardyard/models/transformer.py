@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardyard.models.moe.accounting import checkpointed
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -108,13 +110,15 @@ class TransformerStack(nn.Module):
         cos, sin = rotary_tables(max_seq_len, width // heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_every = 0  # activation checkpointing: 0 = off, n = every n-th block (1 = all)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {x.shape[1]} exceeds max_seq_len {self.rope_cos.shape[0]}")
         rope = (self.rope_cos, self.rope_sin)
-        for block in self.blocks:
-            x = block(x, rope)
+        every = self.checkpoint_every if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            x = checkpointed(block, x, rope) if every and (i + 1) % every == 0 else block(x, rope)
         return self.norm(x)
 
 

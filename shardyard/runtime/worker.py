@@ -30,6 +30,7 @@ from shardyard.comm.groups import build_groups
 from shardyard.data.corpus import load_corpus
 from shardyard.data.loader import build_train_loader, validation_batches
 from shardyard.models import build_model, moe_layers
+from shardyard.models.moe.layer import attach_router_bias_updates
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.platform.schema import JobSpec
@@ -111,6 +112,7 @@ class Trainer:
         elif self.ctx.world > 1:
             self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
         self.optimizer = build_optimizer(spec.optim, self.model)
+        attach_router_bias_updates(self.moe, self.optimizer)
         self.scheduler = build_scheduler(spec.optim, self.optimizer, spec.training.steps)
         self.engine = None  # DeepSpeed ZeRO engine: replaces DDP, clipping and the optimizer step
         if spec.parallel.zero:
@@ -227,14 +229,13 @@ class Trainer:
             set_lowrank_progress(self.model, self.step / self.spec.training.steps)  # self-guided blend
         with _autocast(self.spec, self.ctx.device):
             _, ce = self.ddp(inputs, targets)
-        aux = sum((layer.aux_loss for layer in self.moe), torch.zeros((), device=ce.device))
-        loss = ce + aux
+        loss = ce  # the MoE layers' aux losses ride along in backward
         if self.engine is not None:
             self.engine.backward(loss)
             self.engine.step()  # clip, optimizer step, scheduler step, zero grads
             norm = self.engine.get_global_grad_norm()
             grad_norm = torch.as_tensor(0.0 if norm is None else float(norm))
-            return {"ce": ce.detach(), "aux": aux.detach(), "grad_norm": grad_norm}
+            return {"ce": ce.detach(), "grad_norm": grad_norm}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.spec.optim.grad_clip
@@ -246,20 +247,30 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {"ce": ce.detach(), "aux": aux.detach(), "grad_norm": grad_norm.detach()}
+        return {"ce": ce.detach(), "grad_norm": grad_norm.detach()}
 
     def moe_metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        """The step's MoE accounting, summed over ranks (collective); resets the layers' buffers."""
+        if not self.moe:
+            return {"aux_loss": 0.0}
+        stats = [layer.take_step_stats() for layer in self.moe]
+        flat = torch.cat([torch.cat([s["tokens_per_expert"], torch.stack([s["aux_loss"], s["balance_loss"], s["z_loss"],
+                                                                         s["dropped"], s["routed"]])]) for s in stats])
+        if self.ctx.world > 1:
+            dist.all_reduce(flat)
+        out: dict[str, float] = {"aux_loss": 0.0}
+        offset = 0
         for i, layer in enumerate(self.moe):
-            load = layer.stats["tokens_per_expert"].float()
-            if self.ctx.world > 1:
-                dist.all_reduce(load)
+            load = flat[offset:offset + layer.num_experts]
+            aux, balance, z, dropped, routed = (flat[offset + layer.num_experts:offset + layer.num_experts + 5] / torch.tensor([self.ctx.world] * 3 + [1, 1], dtype=flat.dtype)).tolist()
+            offset += layer.num_experts + 5
             share = load / load.sum().clamp(min=1)
             out.update({f"moe/layer{i}/expert{e}_share": float(s) for e, s in enumerate(share)})
             out[f"moe/layer{i}/max_share"] = float(share.max())
-            out[f"moe/layer{i}/balance_loss"] = float(layer.stats["balance_loss"])
-            out[f"moe/layer{i}/z_loss"] = float(layer.stats["z_loss"])
-            out[f"moe/layer{i}/dropped_fraction"] = float(layer.stats["dropped_fraction"])
+            out[f"moe/layer{i}/balance_loss"] = balance
+            out[f"moe/layer{i}/z_loss"] = z
+            out[f"moe/layer{i}/dropped_fraction"] = dropped / max(routed, 1.0)
+            out["aux_loss"] += aux
         return out
 
     @torch.no_grad()
@@ -294,11 +305,13 @@ class Trainer:
             self.step += 1
             window_steps += 1
             last = self.step == spec.steps
-            if self.step % spec.log_every == 0 or last:
-                values = torch.stack([step_metrics["ce"], step_metrics["aux"]]).float()
-                ce, aux = _all_reduce_mean(values, self.ctx.world).tolist()
+            if not (self.step % spec.log_every == 0 or last):
+                for layer in self.moe:
+                    layer.take_step_stats()  # the accounting covers one optimizer step
+            else:
+                ce = _all_reduce_mean(step_metrics["ce"].float().reshape(1), self.ctx.world).item()
                 elapsed = time.perf_counter() - window_start - paused
-                record = {"kind": "train", "loss": ce, "bpb": ce / LN2, "aux_loss": aux,
+                record = {"kind": "train", "loss": ce, "bpb": ce / LN2,
                           "grad_norm": float(step_metrics["grad_norm"]),
                           "lr": self.scheduler.get_last_lr()[0],
                           "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from shardyard.kernels import backend_available
 from shardyard.models import build_ffn_factory
 from shardyard.models.moe import MoELayer
+from shardyard.models.moe.layer import update_router_biases
 from shardyard.platform.schema import ModelSpec, MoESpec
 
 WIDTH, HIDDEN, EXPERTS = 16, 24, 6
@@ -70,9 +71,11 @@ def test_dropless_matches_per_token_reference(router, top_k):
     if router == "aux_free":
         layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, EXPERTS))  # bias changes the selection
     x = torch.randn(20, WIDTH)
-    assert_matches_per_token_reference(layer, x)
-    assert layer.stats["dropped_fraction"].item() == 0.0
-    assert layer.stats["tokens_per_expert"].sum().item() == 20 * top_k
+    layer.take_step_stats()
+    layer(x)
+    stats = layer.take_step_stats()
+    assert stats["dropped"].item() == 0.0 and stats["routed"].item() == 20 * top_k
+    assert stats["tokens_per_expert"].sum().item() == 20 * top_k
 
 
 def test_router_weights():
@@ -119,22 +122,26 @@ def test_capacity_drops_in_token_order():
         seen[e] += 1
     out = layer(x)
     torch.testing.assert_close(out, per_token_reference(layer, x, keep).detach(), atol=1e-5, rtol=1e-4)
-    load = layer.stats["tokens_per_expert"]
+    stats = layer.take_step_stats()
+    load = stats["tokens_per_expert"]
     assert load.max().item() <= capacity
     expected_drop = 1 - len(keep) / 48
     assert expected_drop > 0
-    assert layer.stats["dropped_fraction"].item() == pytest.approx(expected_drop)
+    assert (stats["dropped"] / stats["routed"]).item() == pytest.approx(expected_drop)
 
 
 def test_expert_choice():
     layer = make_layer("expert_choice", 2, capacity_factor=1.0).eval()
     x = torch.randn(30, WIDTH)
     assert_matches_per_token_reference(layer, x)
+    layer.take_step_stats()
+    layer(x)
+    stats = layer.take_step_stats()
     capacity = math.ceil(30 * 2 / EXPERTS)
-    assert layer.stats["tokens_per_expert"].tolist() == [capacity] * EXPERTS
+    assert stats["tokens_per_expert"].tolist() == [capacity] * EXPERTS
     routing = layer.router(x)
     untouched = 30 - torch.unique(routing.token_ids).numel()
-    assert layer.stats["dropped_fraction"].item() == pytest.approx(untouched / 30)
+    assert (stats["dropped"] / stats["routed"]).item() == pytest.approx(untouched / 30)
 
 
 BACKENDS = ["loop", "torch"] + (["triton"] if backend_available("triton", "cpu") else [])
@@ -165,15 +172,16 @@ def test_aux_loss_values():
     counts = torch.bincount(probs.topk(2, dim=-1).indices.reshape(-1), minlength=EXPERTS).float()
     balance = EXPERTS * torch.sum(counts / 100 * probs.mean(0))
     z = torch.logsumexp(logits, -1).square().mean()
-    torch.testing.assert_close(layer.stats["balance_loss"], balance)
-    torch.testing.assert_close(layer.stats["z_loss"], z)
-    torch.testing.assert_close(layer.aux_loss, 0.1 * balance + 0.01 * z)
-    assert layer.aux_loss.requires_grad
+    stats = {k: v.float() for k, v in layer.take_step_stats().items()}
+    torch.testing.assert_close(stats["balance_loss"], balance)
+    torch.testing.assert_close(stats["z_loss"], z)
+    torch.testing.assert_close(stats["aux_loss"], 0.1 * balance + 0.01 * z)
     with torch.no_grad():
         layer.router.gate.weight.zero_()  # uniform router: balance loss is exactly 1, z-loss log(E)^2
     layer(x)
-    assert layer.stats["balance_loss"].item() == pytest.approx(1.0)
-    assert layer.stats["z_loss"].item() == pytest.approx(math.log(EXPERTS) ** 2)
+    stats = layer.take_step_stats()
+    assert stats["balance_loss"].item() == pytest.approx(1.0)
+    assert stats["z_loss"].item() == pytest.approx(math.log(EXPERTS) ** 2)
 
 
 def _skewed_tokens(n: int, seed: int) -> torch.Tensor:
@@ -196,14 +204,16 @@ def test_bias_balancing_moves_load_toward_balance_and_is_checkpointed():
         layer.eval()
         with torch.no_grad():
             layer(x)
-        load = layer.stats["tokens_per_expert"].float()
+        load = layer.take_step_stats()["tokens_per_expert"].float()
         layer.train()
         return (load.max() / load.mean()).item()
 
     before = imbalance()
     with torch.no_grad():
-        for _ in range(60):
+        for _ in range(60):  # one optimizer step each: the bias moves once per step
             layer(x)
+            update_router_biases([layer])
+            layer.take_step_stats()
     after = imbalance()
     assert before > 1.5 and after < 1.25, (before, after)
     bias = layer.router.expert_bias.clone()
@@ -226,6 +236,8 @@ def _dp_worker(topology, out_dir: str) -> None:
     with torch.no_grad():
         for step in range(5):  # every rank sees different tokens
             layer(_skewed_tokens(64, seed=100 * topology.rank + step))
+            update_router_biases([layer])  # collective: the load summed over both ranks
+            layer.take_step_stats()
     bias = layer.router.expert_bias.clone()
     gathered = [torch.empty_like(bias) for _ in range(topology.world_size)]
     dist.all_gather(gathered, bias)
@@ -260,15 +272,14 @@ def test_shared_expert_adds_a_dense_path():
     torch.testing.assert_close(layer(x), expected.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_stats_and_aux_for_the_trainer():
+def test_step_stats_for_the_trainer():
     layer = make_layer()
     out = layer(torch.randn(3, 5, WIDTH))
     assert out.shape == (3, 5, WIDTH)
-    assert set(layer.stats) == {"tokens_per_expert", "balance_loss", "z_loss", "dropped_fraction"}
-    assert layer.aux_loss.dim() == 0
-    for key in ("balance_loss", "z_loss", "dropped_fraction"):
-        float(layer.stats[key])
-    assert layer.stats["tokens_per_expert"].shape == (EXPERTS,)
+    stats = layer.take_step_stats()
+    assert set(stats) == {"tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "weight"}
+    assert all(stats[key].dim() == 0 for key in stats if key != "tokens_per_expert")
+    assert stats["tokens_per_expert"].shape == (EXPERTS,) and stats["tokens_per_expert"].sum() == 15 * layer.top_k
 
 
 def test_spec_fields_reach_the_layer():
@@ -284,13 +295,23 @@ def test_spec_fields_reach_the_layer():
     assert ec.router.capacity(64) == math.ceil(2.0 * 64 * 2 / 8)
 
 
-def test_checkpoint_recompute_updates_bias_once():
-    from torch.utils.checkpoint import checkpoint
+def test_bias_moves_once_per_optimizer_step_despite_micro_batches_and_recompute():
+    from shardyard.models.moe.accounting import checkpointed, moe_scope
+    from shardyard.models.moe.layer import attach_router_bias_updates
+
     layer = make_layer("aux_free", 2, bias_update_rate=0.01)
-    x = torch.randn(32, WIDTH, requires_grad=True)
-    checkpoint(layer, x, use_reentrant=False).sum().backward()
-    assert layer.router.expert_bias.abs().max().item() == pytest.approx(0.01)  # one step of +-rate
-    assert x.grad is not None
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    attach_router_bias_updates([layer], optimizer)
+    x = torch.randn(32, WIDTH)
+    for half in x.chunk(2):  # two micro-batches, each recomputed in backward
+        with moe_scope(weight=0.5):
+            checkpointed(layer, half.requires_grad_()).sum().backward()
+    assert layer.router.expert_bias.abs().max().item() == 0.0  # nothing moves before the step
+    load = layer.tokens_per_expert.clone()
+    assert load.sum().item() == 32 * 2  # each token counted once
+    optimizer.step()
+    expected = 0.01 * torch.sign(load.mean() - load).float()
+    torch.testing.assert_close(layer.router.expert_bias, expected)
 
 
 def test_bf16_layer_runs_close_to_fp32():

@@ -7,6 +7,8 @@ import math
 import torch
 
 from shardyard.models import build_model, count_parameters, moe_layers
+from shardyard.models.moe.accounting import checkpointed, moe_scope
+from shardyard.models.moe.layer import MoELayer
 from shardyard.platform.spec import load_spec_text
 
 
@@ -31,17 +33,47 @@ def test_causal_and_init_loss_near_8_bits() -> None:
         assert not torch.allclose(logits[:, 30:], logits2[:, 30:], atol=1e-5)
 
 
-def test_moe_reports_aux_losses_and_load() -> None:
+def test_moe_layers_account_tokens_and_aux_loss_over_the_step() -> None:
     model, spec = _model("moe", ", moe: {num_experts: 4, top_k: 2}")
     x = torch.randint(0, 256, (2, 32))
-    _, loss = model(x, x)
+    for _ in range(2):  # two micro-batches of half the step each
+        with moe_scope(weight=0.5):
+            _, loss = model(x, x)
+        loss.backward()
     layers = moe_layers(model)
     assert len(layers) == spec.model.depth
     for layer in layers:
-        assert layer.stats["tokens_per_expert"].sum().item() == 2 * 32 * 2
-        assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
-    (loss + sum(layer.aux_loss for layer in layers)).backward()
+        stats = layer.take_step_stats()
+        assert stats["tokens_per_expert"].sum().item() == 2 * 2 * 32 * 2  # both micro-batches x top_k
+        assert stats["weight"].item() == 1.0 and stats["aux_loss"].item() > 0
+        assert layer.tokens_per_expert.sum().item() == 0  # reset
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_aux_loss_gradient_equals_adding_it_to_the_loss() -> None:
+    """The aux loss reaches the router through the layer's output exactly as if it had been added
+    to the loss: compare with the router's own losses added explicitly (layer in eval mode skips it)."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, num_experts=4, top_k=2, aux_loss_weight=0.5, z_loss_weight=0.1)
+    x = torch.randn(24, 16)
+    layer(x).square().sum().backward()
+    implicit = layer.router.gate.weight.grad.clone()
+    layer.zero_grad()
+    layer.eval()  # no attached aux loss
+    routing = layer.router(x)
+    explicit_aux = 0.5 * routing.balance_loss + 0.1 * routing.z_loss
+    (layer(x).square().sum() + explicit_aux).backward()
+    torch.testing.assert_close(implicit, layer.router.gate.weight.grad, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(implicit, torch.zeros_like(implicit))
+
+
+def test_recomputed_forward_is_not_counted_twice() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(24, 16, requires_grad=True)
+    checkpointed(layer, x).sum().backward()  # forward, then recompute inside backward
+    stats = layer.take_step_stats()
+    assert stats["tokens_per_expert"].sum().item() == 24 * 2 and stats["weight"].item() == 1.0
 
 
 def test_active_parameters_count_only_top_k_experts() -> None:
@@ -59,7 +91,7 @@ def test_a_few_steps_reduce_the_loss() -> None:
     for _ in range(15):
         _, loss = model(x[:, :-1], x[:, 1:])
         opt.zero_grad()
-        (loss + sum(layer.aux_loss for layer in moe_layers(model))).backward()
+        loss.backward()  # the MoE layers' aux losses ride along in backward
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0

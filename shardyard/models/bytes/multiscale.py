@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from shardyard.models.moe.accounting import checkpointed
 
-from shardyard.models.moe.layer import MoELayer
 from shardyard.models.transformer import FFNFactory, TransformerStack, init_weights
 
 
@@ -88,12 +87,6 @@ class MultiscaleByteLM(nn.Module):
                 if name.endswith(("attn.proj.weight", "down.weight", "w_down")):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * stage.depth))
 
-        # MoE aux loss / stats merged over checkpoint chunks; restored after backward's recompute.
-        self._moe_merged: dict[MoELayer, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
-        for layer in self.modules():
-            if isinstance(layer, MoELayer):
-                layer.register_forward_hook(self._restore_moe_after_recompute)
-
     # ------------------------------------------------------------------------------------- pieces
     def unit_embeddings(self, byte_emb: torch.Tensor, level: int) -> list[torch.Tensor]:
         """byte_emb [B, S, d_last] (S a multiple of U_level) -> [emb_level, ..., emb_last], emb_i of
@@ -123,7 +116,6 @@ class MultiscaleByteLM(nn.Module):
     def predict(self, seq: torch.Tensor, length: int) -> torch.Tensor:
         """Logits [B, length, 256]: position t predicts seq[:, t] from seq[:, :t]. `seq` [B, S] holds
         the known bytes (S >= length - 1; bytes at positions >= length - 1 are never read)."""
-        self._moe_merged.clear()
         b, n = seq.shape[0], len(self.dims)
         patches = -(-length // self.units[0])
         if patches > self.global_len:
@@ -153,35 +145,10 @@ class MultiscaleByteLM(nn.Module):
 
     # ----------------------------------------------------------------------- chunked checkpointing
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Run stage i; with checkpoint_chunks n, under activation checkpointing in n chunks of its
+        batch of patches (each chunk's MoE layers carry its share of the aux loss)."""
         stack, chunks = self.stacks[i], self.dims[i].checkpoint_chunks
         if chunks == 0 or not torch.is_grad_enabled():
             return stack(x)
-        moe = [m for m in stack.modules() if isinstance(m, MoELayer)]
-        outs, records = [], []
-        for piece in x.tensor_split(min(chunks, x.shape[0])):
-            outs.append(checkpoint(stack, piece, use_reentrant=False))
-            records.append((piece.shape[0], [(m.aux_loss, m.stats) for m in moe]))
-        if moe and len(records) > 1:
-            self._merge_moe(moe, records)
-        return torch.cat(outs)
-
-    def _merge_moe(self, moe: list[MoELayer], records: list[tuple[int, list[Any]]]) -> None:
-        """Chunks each overwrite a layer's aux_loss/stats: combine them (size-weighted mean; integer
-        counts summed) so the trainer sees the whole stage, as without checkpointing."""
-        total = sum(size for size, _ in records)
-        for j, layer in enumerate(moe):
-            aux = sum(rec[j][0] * (size / total) for size, rec in records)
-            stats: dict[str, torch.Tensor] = {}
-            for key in records[0][1][j][1]:
-                vals = [(size, rec[j][1][key]) for size, rec in records]
-                if vals[0][1].is_floating_point():
-                    stats[key] = sum(v * (size / total) for size, v in vals)
-                else:
-                    stats[key] = sum(v for _, v in vals)
-            layer.aux_loss, layer.stats = aux, stats
-            self._moe_merged[layer] = (aux, stats)
-
-    def _restore_moe_after_recompute(self, layer: nn.Module, args: Any, output: Any) -> None:
-        merged = self._moe_merged.get(layer)  # set only after a stage's chunks all ran forward
-        if merged is not None:
-            layer.aux_loss, layer.stats = merged
+        pieces = x.tensor_split(min(chunks, x.shape[0]))
+        return torch.cat([checkpointed(stack, piece, weight=piece.shape[0] / x.shape[0]) for piece in pieces])

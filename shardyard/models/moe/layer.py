@@ -16,15 +16,14 @@ import math
 import torch
 from torch import nn
 
+import torch.distributed as dist
+
+from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, recomputing
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
 from shardyard.models.moe.permute import combine, dispatch
 from shardyard.models.moe.router import Routing, TopKRouter, build_router
 
-
-def _inside_backward() -> bool:
-    """True while the autograd engine runs (e.g. a checkpointed forward being recomputed)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "weight")
 
 
 class MoELayer(nn.Module):
@@ -42,9 +41,12 @@ class MoELayer(nn.Module):
         self.router = build_router(router, width, num_experts, top_k, jitter, capacity_factor, bias_update_rate)
         self.experts = GroupedExperts(num_experts, width, hidden, expert_kind, backend)
         self.shared_expert = SharedExpert(width, hidden, expert_kind) if shared_expert else None
-        # Filled by forward; read by the trainer for the loss and for tracking.
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.stats: dict[str, torch.Tensor] = {}
+        # Accumulated over the optimizer step (micro-batches and checkpoint chunks, recompute not
+        # counted twice); the trainer reads and resets them with take_step_stats(). Not persistent:
+        # a checkpoint is taken between steps, when they are zero.
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        for name in STEP_STATS[1:]:
+            self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
 
     @property
     def backend(self) -> str:
@@ -62,9 +64,6 @@ class MoELayer(nn.Module):
         assignments = routing.expert_ids.numel()
 
         counts = torch.bincount(routing.expert_ids, minlength=self.num_experts)
-        if (self.training and isinstance(self.router, TopKRouter) and self.router.kind == "aux_free"
-                and not _inside_backward()):  # activation-checkpoint recompute must not update twice
-            self.router.update_bias(counts)
         kept = counts
         if routing.sorted_by_expert:
             token_of, weight_of = routing.token_ids, routing.weights
@@ -80,16 +79,38 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
 
-        self.aux_loss = (self.aux_loss_weight * routing.balance_loss
-                         + self.z_loss_weight * routing.z_loss)
-        self.stats = {
-            "balance_loss": routing.balance_loss.detach(),
-            "z_loss": routing.z_loss.detach(),
-            "tokens_per_expert": kept.detach(),
-            "dropped_fraction": self._dropped_fraction(token_of, kept, num_tokens, assignments,
-                                                       routing.sorted_by_expert),
-        }
+        aux = self.aux_loss_weight * routing.balance_loss + self.z_loss_weight * routing.z_loss
+        weight = aux_weight()
+        if self.training and torch.is_grad_enabled() and aux.requires_grad:
+            out = AttachAuxLoss.apply(out, aux, weight)
+        if not recomputing():
+            self._accumulate(routing, aux, kept, token_of, num_tokens, assignments, weight)
         return out.view(shape)
+
+    @torch.no_grad()
+    def _accumulate(self, routing: Routing, aux: torch.Tensor, kept: torch.Tensor, token_of: torch.Tensor,
+                    num_tokens: int, assignments: int, weight: float) -> None:
+        self.tokens_per_expert += kept.to(self.tokens_per_expert)
+        self.aux_loss += weight * aux.detach().double()
+        self.balance_loss += weight * routing.balance_loss.detach().double()
+        self.z_loss += weight * routing.z_loss.detach().double()
+        if routing.sorted_by_expert:  # expert choice: tokens no expert took
+            covered = torch.zeros(num_tokens, dtype=torch.bool, device=token_of.device)
+            covered[token_of] = True
+            self.dropped += num_tokens - covered.sum().double()
+            self.routed += num_tokens
+        else:  # token choice: assignments over capacity
+            self.dropped += assignments - kept.sum().double()
+            self.routed += assignments
+        self.weight += weight
+
+    @torch.no_grad()
+    def take_step_stats(self) -> dict[str, torch.Tensor]:
+        """This step's accounting (weighted means for the losses, sums for the counts); resets it."""
+        stats = {name: getattr(self, name).clone() for name in STEP_STATS}
+        for name in STEP_STATS:
+            getattr(self, name).zero_()
+        return stats
 
     def _drop_over_capacity(self, order: torch.Tensor, counts: torch.Tensor, assignments: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +122,27 @@ class MoELayer(nn.Module):
         keep = rank_in_expert < capacity
         return order[keep], counts.clamp(max=capacity)
 
-    @staticmethod
-    def _dropped_fraction(token_of: torch.Tensor, kept: torch.Tensor, num_tokens: int, assignments: int,
-                          expert_choice: bool) -> torch.Tensor:
-        """Token choice: share of assignments dropped. Expert choice: share of tokens no expert took."""
-        if expert_choice:
-            covered = torch.zeros(num_tokens, dtype=torch.bool, device=token_of.device)
-            covered[token_of] = True
-            return 1.0 - covered.float().mean()
-        return 1.0 - kept.sum().float() / max(assignments, 1)
+
+@torch.no_grad()
+def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
+    """Aux-loss-free balancing, once per optimizer step: move each aux_free router's bias toward
+    balance by the step's token counts summed over every data-parallel rank (so replicas agree).
+    Collective over `group` (default: the world) when torch.distributed is initialised."""
+    routers = [(layer, layer.router) for layer in layers
+               if isinstance(layer.router, TopKRouter) and layer.router.kind == "aux_free"]
+    if not routers:
+        return
+    loads = torch.stack([layer.tokens_per_expert for layer, _ in routers])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)
+    for (_, router), load in zip(routers, loads):
+        router.update_bias(load)
+
+
+def attach_router_bias_updates(layers: list[MoELayer], optimizer: torch.optim.Optimizer,
+                               group: dist.ProcessGroup | None = None):
+    """Run `update_router_biases` as a pre-step hook of `optimizer` (before the step's stats are
+    reset). Returns the hook handle, or None when no layer uses the aux_free router."""
+    if not any(isinstance(layer.router, TopKRouter) and layer.router.kind == "aux_free" for layer in layers):
+        return None
+    return optimizer.register_step_pre_hook(lambda *_: update_router_biases(layers, group))

@@ -6,9 +6,9 @@ auxiliary losses it wants optimised (load balancing, router z-loss), unweighted;
 - `softmax_topk`: softmax over experts, top-k per token, kept probabilities renormalised (Mixtral).
 - `switch`: top-1, raw probability as the weight (Switch Transformer).
 - `aux_free`: like softmax_topk, but a per-expert bias is added to the scores for *selection only*;
-  the bias moves toward balance after every training step (DeepSeek-V3's auxiliary-loss-free
-  balancing). The bias is a buffer (saved in checkpoints) and is updated from the load summed over
-  all data-parallel ranks, so every replica keeps the same bias.
+  the bias moves toward balance once per optimizer step (DeepSeek-V3's auxiliary-loss-free
+  balancing; `layer.update_router_biases`, an optimizer pre-step hook). The bias is a buffer (saved in
+  checkpoints) moved by the load summed over all data-parallel ranks, so every replica keeps the same bias.
 - `expert_choice`: each expert picks its top-C tokens (C = capacity_factor * T * k / E); balanced by
   construction, but a token may get no expert, and the choice looks at the whole batch (non-causal).
 """
@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,7 +69,6 @@ class TopKRouter(_RouterBase):
         self.bias_update_rate = bias_update_rate
         # Selection-only bias for aux_free balancing; a buffer so checkpoints carry it.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=(kind == "aux_free"))
-        self.balance_group: dist.ProcessGroup | None = None  # None = the default (world) group
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)
@@ -94,11 +92,9 @@ class TopKRouter(_RouterBase):
         )
 
     @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor) -> None:
-        """bias_e += rate * sign(mean load - load_e), load summed over every data-parallel rank."""
-        load = counts.to(self.expert_bias.dtype)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.balance_group) > 1:
-            dist.all_reduce(load, group=self.balance_group)
+    def update_bias(self, load: torch.Tensor) -> None:
+        """bias_e += rate * sign(mean load - load_e); `load` is the step's count summed over ranks."""
+        load = load.to(self.expert_bias.dtype)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 

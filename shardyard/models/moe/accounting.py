@@ -1,0 +1,88 @@
+"""How MoE layers account for their work over an optimizer step, without side channels.
+
+- The auxiliary loss (load balancing + router z-loss) enters the backward pass explicitly through
+  `AttachAuxLoss`: the layer's output carries it, and its gradient is `aux_weight`, the layer's
+  share of the step's loss (1 / grad_accum per micro-batch; times a chunk's share of its stage when
+  a stage is checkpointed in chunks). No loss is stored on the module for someone to pick up.
+- Per-expert token counts, the aux loss value, dropped assignments and routed assignments are
+  accumulated in buffers over the optimizer step; the trainer reads and resets them after the step
+  (`MoELayer.take_step_stats`). A forward recomputed by activation checkpointing is not counted
+  twice: `checkpointed` runs the recompute inside `moe_scope(recomputing=True)` (torch's public
+  `context_fn` hook of non-reentrant checkpointing).
+
+The scope is thread-local: torch runs a recompute in the thread executing the backward, and the
+context manager torch enters there is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_state = threading.local()
+
+
+def aux_weight() -> float:
+    """Share of the optimizer step's loss that the current forward carries (1.0 outside a scope)."""
+    return getattr(_state, "aux_weight", 1.0)
+
+
+def recomputing() -> bool:
+    """True while activation checkpointing recomputes a forward during backward."""
+    return getattr(_state, "recomputing", False)
+
+
+@contextlib.contextmanager
+def moe_scope(*, weight: float | None = None, recompute: bool | None = None) -> Iterator[None]:
+    """Set the aux-loss weight (multiplied into the enclosing one) and/or the recompute flag."""
+    saved = (aux_weight(), recomputing())
+    if weight is not None:
+        _state.aux_weight = saved[0] * weight
+    if recompute is not None:
+        _state.recomputing = recompute
+    try:
+        yield
+    finally:
+        _state.aux_weight, _state.recomputing = saved
+
+
+def checkpointed(fn: Callable[..., Any], *args: Any, weight: float = 1.0) -> Any:
+    """`torch.utils.checkpoint` (non-reentrant) of fn(*args) whose MoE layers carry `weight` of the
+    enclosing aux-loss weight, in the forward and in the recompute, and count their tokens once."""
+    effective = aux_weight() * weight  # fixed now: the recompute runs later, outside this scope
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return _absolute_scope(effective, False), _absolute_scope(effective, True)
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def _absolute_scope(weight: float, recompute: bool) -> Iterator[None]:
+    saved = (aux_weight(), recomputing())
+    _state.aux_weight, _state.recomputing = weight, recompute
+    try:
+        yield
+    finally:
+        _state.aux_weight, _state.recomputing = saved
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on `out`; in backward, `aux` receives gradient `weight` (as if weight * aux had been
+    added to the loss). The Megatron-LM / DeepSeek pattern for auxiliary losses of inner layers."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.weight = weight
+        ctx.aux_meta = (aux.dtype, aux.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        dtype, device = ctx.aux_meta
+        return grad_out, torch.full((), ctx.weight, dtype=dtype, device=device), None
