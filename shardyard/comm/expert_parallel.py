@@ -28,14 +28,9 @@ from torch import nn
 
 from shardyard.comm.alltoall import AllToAll, build_all_to_all, run_route, transpose_index
 from shardyard.comm.groups import ProcessGroups
-from shardyard.models.moe.experts import GroupedExperts
+from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
 
-EXPERT_PARAM_ATTR = "_shardyard_expert_parallel"
-
-
-def _is_expert_param(p: nn.Parameter) -> bool:
-    return getattr(p, EXPERT_PARAM_ATTR, False)
 
 
 class ExpertParallelExperts(nn.Module):
@@ -56,7 +51,7 @@ class ExpertParallelExperts(nn.Module):
         local = copy.deepcopy(experts, memo={id(p): None for p in full.values()})
         for name, p in full.items():
             shard = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
-            setattr(shard, EXPERT_PARAM_ATTR, True)
+            setattr(shard, EXPERT_SHARD_ATTR, True)
             local._parameters[name] = shard
         local.num_experts = self.experts_per_rank
         self.local = local
@@ -136,7 +131,7 @@ def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (expert if _is_expert_param(p) else dense).append(p.grad)
+        (expert if is_expert_shard(p) else dense).append(p.grad)
     _all_reduce_flat(dense, groups.dp, 1.0 / world)
     _all_reduce_flat(expert, groups.edp, 1.0 / world)
 
@@ -157,7 +152,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ProcessGroups) -> 
             continue
         grads.append(p.grad)
         sq = p.grad.detach().double().square().sum().cpu()
-        if _is_expert_param(p):
+        if is_expert_shard(p):
             expert_sq += sq
         else:
             dense_sq += sq
