@@ -24,8 +24,9 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # The dashboard serves the state API Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
+    # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
+    # always a new embedded cluster, never one that happens to run on this machine already.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
              log_to_driver=True, logging_level="WARNING")
     try:

@@ -6,7 +6,8 @@ A checkpoint is a directory:
                      (`__<rank>_0.distcp`), rank 0 the global `.metadata`; replicated tensors once
     deepspeed/       instead of shards/ for DeepSpeed ZeRO jobs (the engine's own partitions)
     rng-rank<r>.json each rank's RNG state (JSON: nothing in a checkpoint is unpickled as code)
-    meta.json        rank 0: step, scheduler, global data position, layout, spec digest
+    meta.json        rank 0: step, scheduler, global data position, layout
+    spec.yaml        rank 0: the resolved spec (a checkpoint is self-describing for export/generate)
     manifest.json    rank 0, written LAST: size and sha256 of every other file; the commit marker
 
 A checkpoint counts only when its manifest exists and every file matches it, so a save killed
@@ -95,9 +96,10 @@ def file_digests(directory: Path) -> dict[str, list]:
     return out
 
 
-def save_checkpoint(plan, directory: Path, meta: dict[str, Any]) -> None:
+def save_checkpoint(plan, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
     """Collective: every rank writes its shards and RNG into `directory` (its own local directory
-    when each rank reports one); rank 0 writes meta.json and, after every rank is done, the manifest."""
+    when each rank reports one); rank 0 writes meta.json and `texts` (name -> content, e.g. the
+    resolved spec) and, after every rank is done, the manifest."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(plan, "save"):  # DeepSpeed writes its own partitions
@@ -109,6 +111,8 @@ def save_checkpoint(plan, directory: Path, meta: dict[str, Any]) -> None:
     _write_json(directory / f"rng-rank{rank}.json", rng_state())
     if rank == 0:
         _write_json(directory / META_FILE, {"format": FORMAT, **meta})
+        for name, text in (texts or {}).items():
+            (directory / name).write_text(text)
     _fsync_tree(directory)
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]

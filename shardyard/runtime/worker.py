@@ -34,7 +34,7 @@ from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.layer import attach_router_bias_updates
 from shardyard.platform.schema import JobSpec
-from shardyard.platform.spec import spec_from_json
+from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.parallel import build_plan
 from shardyard.tracking.logger import MetricsLogger
@@ -152,7 +152,7 @@ class Trainer:
                 "scheduler": self.plan.scheduler.state_dict(), "data_position": self.loader.position()}
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.plan, directory, meta)
+            ckpt.save_checkpoint(self.plan, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
             self.report(metrics, directory)
 
     # ------------------------------------------------------------------ loop

@@ -1,0 +1,61 @@
+"""`shardyard export` consolidates sharded checkpoints (expert-parallel, DeepSpeed ZeRO-3) into the
+single-worker model; `generate` reads every kind of checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardyard.runtime.worker import LocalReporter, Trainer
+from tests.helpers import run_cli
+from tests.runtime.test_parallel_plans import job, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+DENSE = "{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}"
+
+
+def single_worker_weights(spec, run_dir: Path) -> dict[str, torch.Tensor]:
+    trainer = Trainer(spec, run_dir, LocalReporter(run_dir, 1))
+    trainer.fit()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def exported(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    proc = run_cli("export", str(run_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "spec.yaml").exists()
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_export_of_an_expert_parallel_checkpoint_is_the_single_worker_model(tmp_path: Path) -> None:
+    run(job(tmp_path, "ep", 2, 2, "none", 6, 6), tmp_path / "ep")
+    reference = single_worker_weights(job(tmp_path, "one", 1, 1, "none", 6, 6), tmp_path / "one")
+    assert_same_weights(exported(tmp_path / "ep", tmp_path / "export-ep"), reference)
+    for source in (tmp_path / "ep", tmp_path / "export-ep"):  # a run directory and an export
+        sample = run_cli("generate", str(source), "--prompt", "def ", "--bytes", "16")
+        assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
+
+
+def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    zero3 = job(tmp_path, "zero3", 2, 1, "none", 6, 6)
+    zero3 = zero3.model_copy(update={"parallel": zero3.parallel.model_copy(update={"zero": 3})})
+    zero3.model = zero3.model.model_validate_json('{"kind": "dense", "width": 64, "depth": 2, "heads": 2, "ffn": {"hidden": 128}}')
+    run(zero3, tmp_path / "zero3")
+    one = job(tmp_path, "one", 1, 1, "none", 6, 6)
+    one.model = zero3.model
+    reference = single_worker_weights(one, tmp_path / "one")
+    assert_same_weights(exported(tmp_path / "zero3", tmp_path / "export-zero3"), reference)
+    sample = run_cli("generate", str(tmp_path / "zero3"), "--prompt", "def ", "--bytes", "16")
+    assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
