@@ -32,7 +32,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from datetime import timedelta
 
-    from shardyard.cluster.topology import Topology
+    from shardyard.comm.topology import Topology
     from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route
     from shardyard.comm.groups import build_groups
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, before triton is imported
 
 import pytest
 import torch
