@@ -96,6 +96,7 @@ def _check_all(topo: Topology) -> None:
     dist.barrier()
 
 
+@pytest.mark.distributed
 def test_algorithms_agree_bitwise_4_ranks_2_nodes() -> None:
     spawn(_check_all, 4, 2)
 
@@ -108,6 +109,7 @@ def _check_three_nodes(topo: Topology) -> None:
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_algorithms_agree_6_ranks_3_nodes() -> None:
     spawn(_check_three_nodes, 6, 2)

@@ -85,5 +85,6 @@ def _check_ep(topo: Topology) -> None:
     dist.barrier()
 
 
+@pytest.mark.distributed
 def test_expert_parallel_matches_single_worker() -> None:
     spawn(_check_ep, 4, 2)

@@ -243,6 +243,7 @@ def _dp_worker(topology, out_dir: str) -> None:
             json.dump([g.tolist() for g in gathered], f)
 
 
+@pytest.mark.distributed
 def test_bias_update_is_identical_across_data_parallel_ranks(tmp_path):
     import json
 
