@@ -17,6 +17,16 @@ PACKAGE = "shardyard"
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_MODULES = {f"{PACKAGE}.platform.{name}" for name in ("errors", "schema", "spec", "specdoc")}
 CLI = f"{PACKAGE}.platform.cli"
+# The layers of docs/architecture.md's package map: a part imports only parts of lower layers.
+LAYERS = {
+    "spec": 0, "envvars": 0,  # platform.{errors,schema,spec,specdoc}; environment-variable names
+    "kernels": 1, "data": 1, "tracking": 1, "cluster": 1,
+    "models": 2,
+    "comm": 3, "optim": 3,
+    "runtime": 4,
+    "cli": 5,
+    "root": 0,  # shardyard/__init__.py: imports nothing
+}
 
 
 def package_modules() -> dict[str, Path]:
@@ -114,6 +124,23 @@ def test_spec_is_a_leaf() -> None:
 def test_nothing_imports_the_cli() -> None:
     importers = sorted(m for m, targets in GRAPH.items() if CLI in targets)
     assert importers == [], f"{importers} import the CLI, which is the root of the graph"
+
+
+def part(module: str) -> str:
+    """The part of the package map a module belongs to (a subpackage, the spec, or the CLI)."""
+    if module in SPEC_MODULES or module == f"{PACKAGE}.platform":  # (platform/__init__.py is empty)
+        return "spec"
+    if module == CLI:
+        return "cli"
+    return module.split(".")[1] if "." in module else "root"
+
+
+def test_parts_import_only_lower_layers() -> None:
+    """The package map of docs/architecture.md: every import between parts goes down a layer."""
+    upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
+                    if part(m) != part(t) and LAYERS[part(m)] <= LAYERS[part(t)])
+    assert upward == [], "imports against the layering of docs/architecture.md:\n" + "\n".join(upward)
+    assert {part(m) for m in GRAPH} <= set(LAYERS), "a new part: give it a layer here and in the docs"
 
 
 def test_leaves_stay_leaves() -> None:
