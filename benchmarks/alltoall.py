@@ -8,7 +8,8 @@ For each (nodes, link rate) it builds the testbed, starts nodes x ranks_per_node
 message size, algorithms interleaved round-robin so drift hits all equally. A sample is the slowest
 rank's time (all_reduce MAX). Rows are width 256 fp32 (1 KiB); routing is a seeded multinomial
 over all ranks, so splits are uneven. Rank 0 appends JSON lines to --out; the driver prints medians,
-spreads and ratios, then fits the cost model (shardyard.comm.cost_model) unless --no-fit.
+spreads and ratios, then fits the cost model (benchmarks/alltoall_fit.py, constants for
+shardyard.comm.cost_model) unless --no-fit.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from datetime import timedelta
 
-    from shardyard.cluster.topology import Topology
+    from shardyard.comm.topology import Topology
     from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route
     from shardyard.comm.groups import build_groups
 
@@ -78,8 +79,7 @@ def worker(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------------------------- driver
 def run_config(nodes: int, rpn: int, rate: float, rows: list[int], reps: int, out: Path,
                timeout: float) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from netbed import NetBed
+    from netbed import NetBed  # beside this script (sys.path[0] when run as one)
 
     world = nodes * rpn
     with NetBed(nodes, rate_mbit=rate) as bed:
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     print(summarize(args.out))
     print(f"total {time.time() - t0:.0f} s; raw samples in {args.out}")
     if not args.no_fit:
-        sys.path.insert(0, str(ROOT))
-        from shardyard.comm import cost_model
-        print(cost_model.fit_report(args.out, RESULTS))
+        from alltoall_fit import fit_report  # beside this script
+
+        print(fit_report(args.out, RESULTS))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared test set-up: hermetic Ray auth token, offline wandb, small tiny specs."""
+"""Shared test set-up: Triton's CPU interpreter, hermetic Ray auth token, offline wandb."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# Triton reads this when it is first imported, and test modules ask at import time which grouped
+# GEMM backends run here: set it before pytest imports any of them. Triton kernels then run on CPU
+# tensors (correctness only; speed needs a GPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BIN = Path(sys.executable).parent
 

@@ -12,18 +12,17 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
 from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
-from shardyard.runtime.entry import SPEC_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ADDRESS_ENV = "SHARDYARD_ADDRESS"
 EXCLUDES = ["runs/", "wandb/", ".venv/", "*.pt", "*.ckpt", "benchmarks/results/*.png", ".git/"]
 
 
 def resolve_address(address: str | None) -> str:
-    address = address or os.environ.get(ADDRESS_ENV) or os.environ.get("RAY_API_SERVER_ADDRESS") \
+    address = address or os.environ.get(envvars.ADDRESS) or os.environ.get("RAY_API_SERVER_ADDRESS") \
         or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if "://" not in address:
         host = address.split(":")[0]
@@ -52,12 +51,11 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").exists() and (root / "shardyard").is_dir() else None
 
 
-def submit(spec: JobSpec, run_dir: Path, address: str | None = None, fault_step: int | None = None) -> str:
+def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
+    """Submit `spec` as a Ray job; this process's SHARDYARD_* variables (test hooks) travel with it."""
     job_client = client(address)
-    env = {SPEC_ENV: spec.model_dump_json(), "SHARDYARD_RUN_DIR": str(run_dir),
-           "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode if spec.tracking.mode != "disabled" else "disabled"}
-    if fault_step is not None:
-        env["SHARDYARD_FAULT_STEP"] = str(fault_step)
+    env = {**envvars.forwarded(), envvars.SPEC_JSON: spec.model_dump_json(), envvars.RUN_DIR: str(run_dir),
+           "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode}
     runtime_env: dict = {"env_vars": env}
     root = project_root()
     if root is not None:

@@ -8,7 +8,9 @@ import os
 import socket
 from typing import Iterator
 
+from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
+from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
 
 
@@ -25,10 +27,11 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
-    # always a new embedded cluster, never one that happens to run on this machine already.
+    # always a new embedded cluster, never one that happens to run on this machine already. SHARDYARD_*
+    # variables (test hooks such as FAULT_STEP) reach every worker through the runtime_env.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
-             log_to_driver=True, logging_level="WARNING")
+             log_to_driver=True, logging_level="WARNING", runtime_env={"env_vars": envvars.forwarded()})
     try:
         yield
     finally:
@@ -38,8 +41,6 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
 @contextlib.contextmanager
 def existing_cluster(address: str) -> Iterator[None]:
     """Connect to a running cluster (`auto`, or host:port of its GCS) with its token."""
-    from shardyard.platform.errors import ClusterError
-
     try:
         ensure_token(generate=False)
     except FileNotFoundError as err:
@@ -53,7 +54,8 @@ def existing_cluster(address: str) -> Iterator[None]:
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING",
+                 runtime_env={"env_vars": envvars.forwarded()})
     except Exception as err:  # ConnectionError, auth failure
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {err}") from None
     try:

@@ -132,7 +132,7 @@ def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         (expert if is_expert_shard(p) else dense).append(p.grad)
-    _all_reduce_flat(dense, groups.dp, 1.0 / world)
+    _all_reduce_flat(dense, None, 1.0 / world)  # the default group: the whole world
     _all_reduce_flat(expert, groups.edp, 1.0 / world)
 
 

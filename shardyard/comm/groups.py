@@ -1,6 +1,6 @@
 """Process groups for expert parallelism, built once from a Topology.
 
-Layout (ranks are node-major, see cluster.topology):
+Layout (ranks are node-major, see comm.topology):
 
 - expert-parallel (EP) groups: contiguous blocks of `ep` ranks, [g*ep, (g+1)*ep). Each EP group
   holds one full copy of every MoE layer's experts, E/ep per rank. Contiguous blocks keep an EP
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from shardyard.cluster.topology import Topology
+from shardyard.comm.topology import Topology
 
 
 @dataclass
@@ -36,7 +36,6 @@ class ProcessGroups:
     intra: dist.ProcessGroup
     inter_ranks: list[int]  # this local rank on every node of the EP group (by node)
     inter: dist.ProcessGroup
-    dp: dist.ProcessGroup | None = None  # the whole world (dense gradients); None = default group
 
     @property
     def ep_rank(self) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shardyard.cluster.topology import Topology
+from shardyard.comm.topology import Topology
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str,

@@ -2,13 +2,13 @@
 
 from shardyard.kernels.grouped_gemm import (
     BACKENDS,
-    BackendUnavailable,
     available_backends,
     backend_available,
     grouped_mm,
     grouped_mm_t,
     resolve_backend,
 )
+from shardyard.kernels.ops import BackendUnavailable, GroupedOps
 
-__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "backend_available", "grouped_mm",
-           "grouped_mm_t", "resolve_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "GroupedOps", "available_backends", "backend_available",
+           "grouped_mm", "grouped_mm_t", "resolve_backend"]

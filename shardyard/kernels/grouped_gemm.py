@@ -14,7 +14,7 @@ forward and backward:
 - `megablocks`: the grouped_gemm CUDA kernel that megablocks uses (GPU only, optional extra).
 - `auto`: the fastest available one for the tensors' device and dtype (`resolve_backend`).
 
-Every non-reference backend is three primitives (`GroupedOps`) wrapped by one autograd Function:
+Every non-reference backend is three primitives (`GroupedOps`, in ops.py) wrapped by one autograd Function:
 `mm(a, b, offs)` (a_e @ b[e], b possibly a transposed view) and `wgrad(a, g, offs, E)` (a_e^T @ g_e).
 """
 
@@ -23,24 +23,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from shardyard.kernels.ops import BackendUnavailable, GroupedOps
+
 log = logging.getLogger(__name__)
-
-
-class BackendUnavailable(RuntimeError):
-    """The named backend cannot run here (missing package or wrong device)."""
-
-
-@dataclass(frozen=True)
-class GroupedOps:
-    name: str
-    mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    wgrad: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -234,13 +224,22 @@ def get_ops(backend: str) -> GroupedOps:
     return _ops_cache[backend]
 
 
+def device_refusal(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run on `device` whatever is installed, or None when the device is fine."""
+    if torch.device(device).type != "cpu":
+        return None
+    if backend == "megablocks":
+        return "backend 'megablocks' runs on CUDA tensors only; use 'torch' or 'auto' on CPU"
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton; "
+                "correctness only, slow); use 'torch' or 'auto' on CPU")
+    return None
+
+
 def backend_available(backend: str, device: torch.device | str = "cpu") -> bool:
-    device = torch.device(device)
     if backend == "loop":
         return True
-    if backend == "megablocks" and device.type != "cuda":
-        return False
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device_refusal(backend, device) is not None:
         return False
     try:
         get_ops(backend)
@@ -276,13 +275,10 @@ def grouped_mm_t(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backen
 
 
 def check_backend_device(backend: str, x: torch.Tensor) -> None:
-    if x.device.type != "cpu":
-        return
-    if backend == "megablocks":
-        raise BackendUnavailable("backend 'megablocks' runs on CUDA tensors only; use 'torch' or 'auto' on CPU")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailable("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before "
-                                 "importing triton; correctness only, slow); use 'torch' or 'auto' on CPU")
+    """Raise BackendUnavailable when `backend` cannot run on x's device (see `device_refusal`)."""
+    reason = device_refusal(backend, x.device)
+    if reason is not None:
+        raise BackendUnavailable(reason)
 
 
 def _dispatch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str,

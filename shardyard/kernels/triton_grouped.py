@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from shardyard.kernels.grouped_gemm import BackendUnavailable, GroupedOps
+from shardyard.kernels.ops import BackendUnavailable, GroupedOps
 
 
 @functools.cache

@@ -84,6 +84,15 @@ class GeluMLP(nn.Module):
 
 
 FFNFactory = Callable[[int], nn.Module]  # layer index -> feed-forward module
+DENSE_MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
+def dense_mlp(kind: str, width: int, hidden: int) -> nn.Module:
+    """A dense MLP by kind (swiglu | gelu): dense blocks' FFN and MoE layers' shared expert alike."""
+    try:
+        return DENSE_MLPS[kind](width, hidden)
+    except KeyError:
+        raise ValueError(f"unknown MLP kind {kind!r}; available: {', '.join(DENSE_MLPS)}") from None
 
 
 class Block(nn.Module):
@@ -134,10 +143,7 @@ class ByteTransformerLM(nn.Module):
         self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len)
         self.head = nn.Linear(width, self.vocab_size, bias=False)
         self.apply(init_weights)
-        # GPT-2 style: shrink the residual projections by depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "down.weight", "w_down")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        scale_residual_projections(self.stack, depth)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,6 +153,17 @@ class ByteTransformerLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1))
         return logits, loss
+
+
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "down.weight", "w_down")  # what writes into the residual stream
+
+
+def scale_residual_projections(stack: nn.Module, depth: int) -> None:
+    """GPT-2 style: re-initialise the projections that write into the residual stream with std
+    0.02 / sqrt(2 * depth), so the stream's variance does not grow with the number of blocks."""
+    for name, p in stack.named_parameters():
+        if name.endswith(RESIDUAL_PROJECTIONS):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
 
 def init_weights(module: nn.Module) -> None:

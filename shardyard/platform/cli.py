@@ -9,8 +9,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from shardyard import envvars
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import json_schema, load_spec
@@ -23,7 +23,7 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
+def spec_summary(spec: JobSpec, source: str) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
     from shardyard.models import build_model, count_parameters
@@ -63,28 +63,12 @@ def spec_summary(spec: JobSpec, source: str, base: Path | None = None) -> str:
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
         f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, zero {spec.parallel.zero}",
-        f"run dir    {run_directory(spec, base)}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
+        f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
         "memory per worker (training state, before activations):",
         "  " + format_report(optimizer_memory_report(spec.optim, model)).replace("\n", "\n  "),
     ]
     return "\n".join(lines)
-
-
-def print_result(spec: JobSpec, result: Any) -> None:
-    metrics = result.metrics
-    print(f"\n== {spec.name}: {'FAILED' if result.error else 'done'} at step {result.final_step}/{spec.training.steps}")
-    if metrics:
-        print(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} bits/byte), "
-              f"val {metrics.get('val_bpb', float('nan')):.4f} bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s")
-    print(f"   run directory {result.run_dir}")
-    if result.checkpoint:
-        print(f"   newest checkpoint {result.checkpoint}")
-    wandb_dir = result.run_dir / "wandb"
-    if wandb_dir.exists() and spec.tracking.mode == "offline":
-        print(f"   wandb offline runs in {wandb_dir}: push with `wandb sync {wandb_dir}/offline-run-*`")
-    if result.error:
-        print(f"   error: {result.error}")
 
 
 class ProgressBar:
@@ -116,6 +100,13 @@ class ProgressBar:
         self.bar.close()
 
 
+def set_test_hooks(args: argparse.Namespace) -> None:
+    """`--fault-step N` (hidden, tests only) sets envvars.FAULT_STEP here; the embedded cluster and
+    job submission forward every SHARDYARD_* variable to the workers, which read it where it acts."""
+    if args.fault_step is not None:
+        os.environ[envvars.FAULT_STEP] = str(args.fault_step)
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
@@ -126,25 +117,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
-    from shardyard.runtime.entry import latest_step, resume_conflicts, run_directory, run_training
+    from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
     run_dir = run_directory(spec)
-    conflicts = resume_conflicts(spec, run_dir)
-    if conflicts:
-        raise UserError(f"{run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
-                        "they are left untouched: give this job another name (--set name=...) to start fresh")
+    refuse_conflicting_resume(spec, run_dir)
     start = latest_step(run_dir)
     if start:
         print(f"resuming {spec.name} from its checkpoint at step {start} (use another name to start fresh)")
     if start >= spec.training.steps:
         print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
         return 0
-    if args.fault_step is not None:  # test hook, read by the workers from their environment
-        from shardyard import envvars
-
-        os.environ[envvars.FAULT_STEP] = str(args.fault_step)
+    set_test_hooks(args)
     if args.address:
         print(f"connecting to the Ray cluster at {args.address}...", flush=True)
         cluster = existing_cluster(args.address)
@@ -154,10 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with cluster:
         bar = ProgressBar(spec.training.steps, start)
         try:
-            result = run_training(spec, run_dir, bar, args.fault_step)
+            result = run_training(spec, run_dir, bar)
         finally:
             bar.close()
-    print_result(spec, result)
+    print(result.summary(spec))
     return 1 if result.error else 0
 
 
@@ -166,8 +151,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.runtime.entry import run_directory
 
     spec = load_spec(args.spec, args.set)
+    set_test_hooks(args)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else run_directory(spec)
-    job_id = jobs.submit(spec, run_dir, args.address, args.fault_step)
+    job_id = jobs.submit(spec, run_dir, args.address)
     print(job_id)
     print(f"follow it with: shardyard logs {job_id} --follow", file=sys.stderr)
     if args.wait:
@@ -293,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a field, e.g. --set training.steps=50 (repeatable)")
 
     def with_address(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--address", default=None, help="Ray Jobs address (default $SHARDYARD_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265)")
+        p.add_argument("--address", default=None, help=f"Ray Jobs address (default ${envvars.ADDRESS}, $RAY_ADDRESS or http://127.0.0.1:8265)")
 
     p = sub.add_parser("validate", help="check a job spec and print its summary (no cluster needed)")
     with_spec(p)

@@ -172,6 +172,17 @@ class ModelSpec(Section):
             context *= stage.patch_size
         return context
 
+    def seq_len_problem(self, seq_len: int) -> str | None:
+        """Why sequences of `seq_len` bytes do not fit this model (None when they do): byte models
+        see at most `context` bytes. The one statement of the rule, for the spec and the builders."""
+        context, stages = self.context, self.stages
+        if context is None or stages is None or seq_len <= context:
+            return None
+        sizes = " x ".join(str(s.patch_size) for s in stages)
+        least = -(-seq_len // (context // stages[0].patch_size))
+        return (f"data.seq_len: {seq_len} exceeds the {self.kind} model's context of {context} bytes (the product "
+                f"of model.stages[*].patch_size, {sizes}); raise model.stages[0].patch_size to at least {least}")
+
 
 # ---------------------------------------------------------------------------------------------- data
 class DataSpec(Section):
@@ -318,10 +329,9 @@ class JobSpec(Section):
         if galore is not None and galore.layerwise and self.resources.workers > 1:
             raise ValueError(f"optim.galore.layerwise: steps parameters inside backward, before data-parallel gradient "
                              f"averaging; it needs resources.workers 1, not {self.resources.workers}")
-        context = self.model.context
-        if context is not None and self.data.seq_len > context:
-            raise ValueError(f"data.seq_len: {self.data.seq_len} exceeds the model's context of {context} bytes "
-                             "(the product of model.stages[*].patch_size)")
+        seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
+        if seq_len_problem:
+            raise ValueError(seq_len_problem)
         if self.parallel.zero and ep > 1:
             raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with expert "
                              f"parallelism ({ep}); use parallel.shard: full (FSDP2) with parallel.zero: 0")
@@ -344,10 +354,6 @@ class JobSpec(Section):
         if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:
             raise ValueError(f"optim.schedule.warmup: {self.optim.schedule.warmup} must be below training.steps ({self.training.steps})")
         return self
-
-    @property
-    def world_size(self) -> int:
-        return self.resources.workers
 
     def tokens_per_step(self) -> int:
         """Bytes trained on per optimizer step, over all workers and micro-batches."""

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from shardyard import envvars
+from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
-
-SPEC_ENV = "SHARDYARD_SPEC_JSON"
-FAULT_ENV = "SHARDYARD_FAULT_STEP"
 
 
 @dataclass
@@ -32,14 +31,29 @@ class TrainingResult:
     checkpoint: str | None
     error: str | None
 
+    def summary(self, spec: JobSpec) -> str:
+        """What a finished (or failed) run tells its user: final losses, where its files are."""
+        metrics = self.metrics
+        lines = [f"\n== {spec.name}: {'FAILED' if self.error else 'done'} at step {self.final_step}/{spec.training.steps}"]
+        if metrics:
+            lines.append(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
+                         f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f} bits/byte, "
+                         f"{metrics.get('tokens_per_s', 0):.0f} bytes/s")
+        lines.append(f"   run directory {self.run_dir}")
+        if self.checkpoint:
+            lines.append(f"   newest checkpoint {self.checkpoint}")
+        wandb_runs = self.run_dir / "wandb"
+        if wandb_runs.exists() and spec.tracking.mode == "offline":
+            lines.append(f"   wandb offline runs in {wandb_runs}: push with `wandb sync {wandb_runs}/offline-run-*`")
+        if self.error:
+            lines.append(f"   error: {self.error}")
+        return "\n".join(lines)
 
-def storage_root(spec: JobSpec, base: Path | None = None) -> Path:
+
+def run_directory(spec: JobSpec) -> Path:
+    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory."""
     root = Path(spec.checkpoint.dir).expanduser()
-    return root if root.is_absolute() else (base or Path.cwd()) / root
-
-
-def run_directory(spec: JobSpec, base: Path | None = None) -> Path:
-    return storage_root(spec, base) / spec.name
+    return (root if root.is_absolute() else Path.cwd() / root) / spec.name
 
 
 def write_run_files(spec: JobSpec, run_dir: Path) -> None:
@@ -49,7 +63,7 @@ def write_run_files(spec: JobSpec, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "spec.yaml")
 
 
-def build_trainer(spec: JobSpec, run_dir: Path, fault_step: int | None = None):
+def build_trainer(spec: JobSpec, run_dir: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -62,7 +76,7 @@ def build_trainer(spec: JobSpec, run_dir: Path, fault_step: int | None = None):
         per_worker["GPU"] = res.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir), "fault_step": fault_step},
+        train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=spec.name,
@@ -73,11 +87,11 @@ def build_trainer(spec: JobSpec, run_dir: Path, fault_step: int | None = None):
     )
 
 
-def run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None = None,
-                 fault_step: int | None = None) -> TrainingResult:
+def run_training(spec: JobSpec, run_dir: Path,
+                 on_progress: Callable[[list[dict]], None] | None = None) -> TrainingResult:
     """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric records."""
     write_run_files(spec, run_dir)
-    trainer = build_trainer(spec, run_dir, fault_step)
+    trainer = build_trainer(spec, run_dir)
     stop = threading.Event()
     watcher = None
     if on_progress is not None:
@@ -152,6 +166,14 @@ def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
     return conflicts
 
 
+def refuse_conflicting_resume(spec: JobSpec, run_dir: Path) -> None:
+    """Raise UserError when `run_dir` holds checkpoints of a different job (see `resume_conflicts`)."""
+    conflicts = resume_conflicts(spec, run_dir)
+    if conflicts:
+        raise UserError(f"{run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
+                        "they are left untouched: give this job another name (--set name=...) to start fresh")
+
+
 def _diff(path: str, old: Any, new: Any, out: list[str]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -170,16 +192,13 @@ def main() -> int:
     """Entrypoint of a submitted Ray job: the resolved spec arrives in $SHARDYARD_SPEC_JSON."""
     import ray
 
-    from shardyard.platform.cli import print_result
-
-    spec = spec_from_json(os.environ[SPEC_ENV])
-    run_dir = Path(os.environ.get("SHARDYARD_RUN_DIR") or run_directory(spec))
-    fault = os.environ.get(FAULT_ENV)
-    conflicts = resume_conflicts(spec, run_dir)
-    if conflicts:
-        print(f"[shardyard] error: {run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
-              "left untouched. Submit under another name.", file=sys.stderr, flush=True)
-        return 2
+    spec = spec_from_json(os.environ[envvars.SPEC_JSON])
+    run_dir = Path(os.environ.get(envvars.RUN_DIR) or run_directory(spec))
+    try:
+        refuse_conflicting_resume(spec, run_dir)
+    except UserError as err:
+        print(f"[shardyard] error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
     print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
 
@@ -191,8 +210,8 @@ def main() -> int:
             elif r.get("kind") == "eval":
                 print(f"[shardyard] step {r['step']} val_bpb {r['val_bpb']:.4f}", flush=True)
 
-    result = run_training(spec, run_dir, progress, int(fault) if fault else None)
-    print_result(spec, result)
+    result = run_training(spec, run_dir, progress)
+    print(result.summary(spec), flush=True)
     return 1 if result.error else 0
 
 

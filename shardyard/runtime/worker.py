@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
-from shardyard.cluster.topology import Topology
+from shardyard.comm.topology import Topology
 from shardyard.data.corpus import load_corpus
 from shardyard.data.loader import build_train_loader, validation_batches
 from shardyard.models import build_model, moe_layers

@@ -59,10 +59,6 @@ class MetricsLogger:
                 reinit="finish_previous",
             )
 
-    @property
-    def wandb_dir(self) -> str | None:
-        return None if self._wandb_run is None else str(Path(self._wandb_run.dir).parent)
-
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

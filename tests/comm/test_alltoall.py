@@ -10,19 +10,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardyard.cluster.topology import Topology
+from shardyard import envvars
 from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, transpose_index
 from shardyard.comm.groups import build_groups, ep_layout
 from shardyard.comm.launch import spawn
+from shardyard.comm.topology import Topology
 
 
 def test_topology_fake_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("SHARDYARD_FAKE_RANKS_PER_NODE", "2")
+    monkeypatch.setenv(envvars.FAKE_RANKS_PER_NODE, "2")
     t = Topology.from_env()
     assert (t.node_rank, t.local_rank, t.ranks_per_node, t.num_nodes) == (1, 1, 2, 2)
-    monkeypatch.delenv("SHARDYARD_FAKE_RANKS_PER_NODE")
+    monkeypatch.delenv(envvars.FAKE_RANKS_PER_NODE)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("NODE_RANK", "0")
@@ -95,6 +96,7 @@ def _check_all(topo: Topology) -> None:
     dist.barrier()
 
 
+@pytest.mark.distributed
 def test_algorithms_agree_bitwise_4_ranks_2_nodes() -> None:
     spawn(_check_all, 4, 2)
 
@@ -107,6 +109,7 @@ def _check_three_nodes(topo: Topology) -> None:
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_algorithms_agree_6_ranks_3_nodes() -> None:
     spawn(_check_three_nodes, 6, 2)

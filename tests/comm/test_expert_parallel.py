@@ -15,11 +15,11 @@ from shardyard.models.moe.accounting import moe_scope
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.cluster.topology import Topology
 from shardyard.comm.alltoall import ALGORITHMS
 from shardyard.comm.expert_parallel import ExpertParallelExperts, apply_expert_parallel, sync_gradients
 from shardyard.comm.groups import build_groups
 from shardyard.comm.launch import spawn
+from shardyard.comm.topology import Topology
 from shardyard.models.moe.layer import MoELayer
 
 WIDTH, HIDDEN, EXPERTS, TOKENS = 16, 24, 8, 24
@@ -85,5 +85,6 @@ def _check_ep(topo: Topology) -> None:
     dist.barrier()
 
 
+@pytest.mark.distributed
 def test_expert_parallel_matches_single_worker() -> None:
     spawn(_check_ep, 4, 2)

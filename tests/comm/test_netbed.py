@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from benchmarks.netbed import NetBed
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
@@ -21,8 +20,6 @@ def _ours() -> set[str]:
 
 
 def test_netbed_up_traffic_down() -> None:
-    from netbed import NetBed
-
     with NetBed(2, rate_mbit=100) as bed:
         assert _ours() == {*bed.names, bed.switch}
         server = bed.popen(1, [sys.executable, "-c",

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: run kernels on CPU
 
 import pytest
 import torch

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, before triton is imported
 
 import pytest
 import torch
@@ -246,6 +243,7 @@ def _dp_worker(topology, out_dir: str) -> None:
             json.dump([g.tolist() for g in gathered], f)
 
 
+@pytest.mark.distributed
 def test_bias_update_is_identical_across_data_parallel_ranks(tmp_path):
     import json
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from shardyard.models import build_model, count_parameters, moe_layers
 from shardyard.models.moe.accounting import checkpointed, moe_scope
@@ -47,7 +48,49 @@ def test_moe_layers_account_tokens_and_aux_loss_over_the_step() -> None:
         assert stats["tokens_per_expert"].sum().item() == 2 * 2 * 32 * 2  # both micro-batches x top_k
         assert stats["weight"].item() == 1.0 and stats["aux_loss"].item() > 0
         assert layer.tokens_per_expert.sum().item() == 0  # reset
-    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_moe_model_gradient_matches_finite_differences() -> None:
+    """Backward through routing, the grouped experts and attention equals central differences of
+    the loss (float64, loop backend) on coordinates of every kind of parameter. Routing is piecewise
+    constant: a coordinate whose step changes any expert choice is skipped (the difference would
+    measure the jump), the others must match. The router computes its probabilities in float32,
+    hence a step of 1e-3 and a 0.1% tolerance."""
+    model, _ = _model("moe", ", moe: {num_experts: 4, top_k: 2, backend: loop}")
+    model = model.double().eval()  # eval: no router jitter
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    routes: list[torch.Tensor] = []
+    for layer in moe_layers(model):
+        layer.router.register_forward_hook(lambda _m, _i, routing: routes.append(routing.expert_ids.clone()))
+
+    def loss() -> tuple[torch.Tensor, list[torch.Tensor]]:  # CE in float64 (the model's own casts to float32)
+        routes.clear()
+        value = F.cross_entropy(model(x[:, :-1])[0].reshape(-1, 256), x[:, 1:].reshape(-1))
+        return value, list(routes)
+
+    model.zero_grad()
+    base, base_routes = loss()
+    base.backward()
+    checked: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        kind = next((k for k in ("router", "experts.w_up", "experts.w_down", "attn.qkv", "embed") if k in name), None)
+        if kind is None or name.startswith("stack.blocks.0."):  # block 1 has every kind; fewer forwards
+            continue
+        flat, grad = p.data.view(-1), p.grad.view(-1)
+        for i in torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(len(checked)))[:3].tolist():
+            old, eps = flat[i].item(), 1e-3
+            with torch.no_grad():
+                flat[i] = old + eps
+                up, up_routes = loss()
+                flat[i] = old - eps
+                down, down_routes = loss()
+                flat[i] = old
+            if any(not torch.equal(a, b) or not torch.equal(a, c) for a, b, c in zip(base_routes, up_routes, down_routes)):
+                continue  # the step moved a token to another expert
+            estimate = (up.item() - down.item()) / (2 * eps)
+            assert abs(estimate - grad[i].item()) <= 1e-5 + 1e-3 * abs(grad[i].item()), (name, i, estimate, grad[i].item())
+            checked[kind] = checked.get(kind, 0) + 1
+    assert set(checked) == {"router", "experts.w_up", "experts.w_down", "attn.qkv", "embed"}, checked
 
 
 def test_aux_loss_gradient_equals_adding_it_to_the_loss() -> None:

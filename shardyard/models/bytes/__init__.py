@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from shardyard.models import build_ffn_factory, register_model
 from shardyard.models.bytes.generate import generate, generate_from_checkpoint
 from shardyard.models.bytes.megabyte import MegabyteLM
 from shardyard.models.bytes.multiscale import MultiscaleByteLM, StageDims
+from shardyard.models.ffn import build_ffn_factory
+from shardyard.models.registry import register_model
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import ModelSpec, StageSpec
 
@@ -28,12 +29,10 @@ def stage_dims(stage: StageSpec) -> StageDims:
 def build_byte_model(spec: ModelSpec, seq_len: int) -> nn.Module:
     """seq_len may be anything up to the context (product of patch sizes); shorter sequences are
     padded at the end to a whole number of global patches, never to the full context."""
+    problem = spec.seq_len_problem(seq_len)
+    if problem:
+        raise UserError(problem)
     stages = spec.stages or []
-    context = spec.context or 0
-    if seq_len > context:
-        sizes = " x ".join(str(s.patch_size) for s in stages)
-        raise UserError(f"data.seq_len ({seq_len}) exceeds the {spec.kind} model's context {sizes} = {context} bytes; "
-                        f"raise model.stages[0].patch_size to at least {-(-seq_len // (context // stages[0].patch_size))}")
     dims = [stage_dims(s) for s in stages]
     ffns = [build_ffn_factory(spec, s.width, s.hidden, s.moe) for s in stages]
     if spec.kind == "megabyte":

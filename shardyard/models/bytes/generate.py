@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardyard.models.bytes.multiscale import MultiscaleByteLM
+from shardyard.models.registry import build_model
 from shardyard.models.transformer import ByteTransformerLM, TransformerStack, apply_rotary
 
 if TYPE_CHECKING:
@@ -200,8 +201,6 @@ def generate_from_checkpoint(model_spec: ModelSpec, state_dict: Mapping[str, tor
                              device: str | torch.device = "cpu") -> bytes:
     """Build the model of `model_spec` (a ModelSpec; seq_len = the job's data.seq_len), load
     `state_dict` (a checkpoint's "model" entry; a DDP "module." prefix is stripped) and generate."""
-    from shardyard.models import build_model  # late: the registry imports this package
-
     model = build_model(model_spec, seq_len)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     model.load_state_dict(state)

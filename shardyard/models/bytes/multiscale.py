@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from shardyard.models.moe.accounting import checkpointed
 
-from shardyard.models.transformer import FFNFactory, TransformerStack, init_weights
+from shardyard.models.transformer import FFNFactory, TransformerStack, init_weights, scale_residual_projections
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,7 @@ class MultiscaleByteLM(nn.Module):
         for pad in self.pads:
             nn.init.normal_(pad, std=0.02)
         for stage, stack in zip(self.dims, self.stacks):
-            for name, p in stack.named_parameters():
-                if name.endswith(("attn.proj.weight", "down.weight", "w_down")):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * stage.depth))
+            scale_residual_projections(stack, stage.depth)
 
     # ------------------------------------------------------------------------------------- pieces
     def unit_embeddings(self, byte_emb: torch.Tensor, level: int) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from shardyard.kernels import grouped_mm
 from shardyard.kernels.grouped_gemm import check_backend_device, get_ops, resolve_backend
-from shardyard.models.transformer import GeluMLP, SwiGLU
+from shardyard.models.transformer import dense_mlp
 
 
 # ---------------------------------------------------------------- activations
@@ -157,8 +157,8 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "swiglu",
                  backend: str = "auto", block_rows: int | None = None) -> None:
         super().__init__()
-        if kind not in ("swiglu", "gelu"):
-            raise ValueError(f"unknown expert kind {kind!r}; available: swiglu, gelu")
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"unknown expert kind {kind!r}; available: {', '.join(ACTIVATIONS)}")
         self.kind = kind
         self.backend = backend
         self.num_experts = num_experts
@@ -191,11 +191,7 @@ class GroupedExperts(nn.Module):
 
 def SharedExpert(width: int, hidden: int, kind: str = "swiglu") -> nn.Module:
     """The always-on expert every token also passes through (DeepSeekMoE's shared expert): a dense MLP."""
-    if kind == "swiglu":
-        return SwiGLU(width, hidden)
-    if kind == "gelu":
-        return GeluMLP(width, hidden)
-    raise ValueError(f"unknown expert kind {kind!r}; available: swiglu, gelu")
+    return dense_mlp(kind, width, hidden)
 
 
 EXPERT_SHARD_ATTR = "_shardyard_expert_parallel"  # set on the parameters of one rank's expert shard

@@ -29,7 +29,7 @@ def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> Paralle
         return DeepSpeedPlan(spec, model, optimizer, scheduler_for(optimizer))
     if par.expert_parallel > 1 or (par.shard != "none" and world > 1):
         from shardyard.comm.groups import build_groups
-        from shardyard.cluster.topology import topology_from_ray
+        from shardyard.comm.topology import topology_from_ray
         from shardyard.runtime.parallel.mesh import MeshPlan
 
         groups = build_groups(topology_from_ray(), par.expert_parallel) if par.expert_parallel > 1 else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-FAKE_RANKS_PER_NODE_ENV = "SHARDYARD_FAKE_RANKS_PER_NODE"
+from shardyard import envvars
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,6 @@ class Topology:
     def num_nodes(self) -> int:
         return self.world_size // self.ranks_per_node
 
-    def node_of(self, rank: int) -> int:
-        return rank // self.ranks_per_node
-
-    def local_of(self, rank: int) -> int:
-        return rank % self.ranks_per_node
-
     @classmethod
     def from_rank(cls, rank: int, world_size: int, ranks_per_node: int) -> "Topology":
         """A node-major topology (also how tests fake nodes on one machine)."""
@@ -59,7 +53,7 @@ class Topology:
         env = os.environ
         world = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
-        fake = ranks_per_node or (int(env[FAKE_RANKS_PER_NODE_ENV]) if env.get(FAKE_RANKS_PER_NODE_ENV) else None)
+        fake = ranks_per_node or (int(env[envvars.FAKE_RANKS_PER_NODE]) if env.get(envvars.FAKE_RANKS_PER_NODE) else None)
         if fake:
             return cls.from_rank(rank, world, fake)
         per_node = int(env.get("LOCAL_WORLD_SIZE", str(world)))
@@ -92,7 +86,7 @@ def topology_from_ray() -> Topology:
     """
     import torch.distributed as dist
 
-    if os.environ.get(FAKE_RANKS_PER_NODE_ENV) or not (dist.is_available() and dist.is_initialized()):
+    if os.environ.get(envvars.FAKE_RANKS_PER_NODE) or not (dist.is_available() and dist.is_initialized()):
         return Topology.from_env()
     try:
         import ray

@@ -1,0 +1,1 @@
+"""Benchmark scripts (run them as scripts); a package so that tests import their helpers by name."""
