@@ -43,7 +43,7 @@ seed: 0
 model: {{kind: {kind}, width: {width}, depth: 4, heads: 4, ffn: {{hidden: {3 * width}}}, moe: {{num_experts: {experts}, top_k: 2}}}}
 data: {{paths: [stdlib], seq_len: 128, max_bytes: 3000000}}
 optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
-training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_batches: 1}}
+training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_bytes: 2048}}
 parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}}}
 resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
 checkpoint: {{dir: {storage}, every: 0, keep: 1}}

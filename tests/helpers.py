@@ -17,7 +17,7 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
         "model": "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2}}",
         "data": "{paths: [stdlib], seq_len: 64, max_bytes: 3000000}",
         "optim": "{lr: 3.0e-3, schedule: {warmup: 4}}",
-        "training": "{steps: 24, batch_size: 8, eval_every: 12, eval_batches: 2, log_every: 1}",
+        "training": "{steps: 24, batch_size: 8, eval_every: 12, eval_bytes: 2048, log_every: 1}",
         "resources": "{workers: 2, cpus_per_worker: 1, max_failures: 1}",
         "checkpoint": f"{{dir: {storage}, every: 8, keep: 2}}",
         "tracking": "{mode: offline}",

@@ -71,6 +71,7 @@ class ByteCorpus:
     val: np.ndarray  # uint8, memory-mapped from disk
     train_files: int
     val_files: int
+    val_offsets: np.ndarray  # int64 start of each held-out file (or file piece) in `val`, ascending, first 0
 
 
 def _cache_key(spec: DataSpec, files: list[tuple[Path, str]]) -> str:
@@ -122,15 +123,28 @@ def load_corpus(spec: DataSpec) -> ByteCorpus:
             whole = _cached(spec, chosen, "all", [f for f, _ in chosen])
         cut = int(len(whole) * (1 - spec.val_fraction))
         train, val, n_train, n_val = whole[:cut], whole[cut:], len(chosen), 0
+        val_offsets = _file_offsets([f for f, _ in chosen], skip=cut)
     else:
         train = _cached(spec, chosen, "train", train_files)
         val = _cached(spec, chosen, "val", val_files)
         n_train, n_val = len(train_files), len(val_files)
+        val_offsets = _file_offsets(val_files)
     need = spec.seq_len + 1
     if len(train) < need or len(val) < need:
         raise UserError(f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
                         f"{len(val)} validation bytes (each needs at least {need})")
-    return ByteCorpus(train, val, n_train, n_val)
+    return ByteCorpus(train, val, n_train, n_val, val_offsets)
+
+
+def _file_offsets(parts: list[Path], skip: int = 0) -> np.ndarray:
+    """Start of each file in the concatenation of `parts` with its first `skip` bytes removed (files
+    wholly inside the removed prefix are dropped; the one it cuts starts at 0). Validation sampling
+    uses these to represent every held-out file in proportion to its bytes."""
+    sizes = np.array([p.stat().st_size for p in parts], dtype=np.int64)
+    ends = np.cumsum(sizes) - skip
+    starts = ends - sizes
+    keep = (ends > 0) & (sizes > 0)
+    return np.maximum(starts[keep], 0) if keep.any() else np.zeros(1, dtype=np.int64)
 
 
 def _cached(spec: DataSpec, chosen: list[tuple[Path, str]], split: str, parts: list[Path]) -> np.ndarray:

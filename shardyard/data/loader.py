@@ -97,17 +97,3 @@ class TrainLoader:
 def build_train_loader(data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int,
                        seed: int) -> TrainLoader:
     return TrainLoader(GlobalWindowStream(data, seq_len, batch_size, rank, world, seed))
-
-
-def validation_batches(data: np.ndarray, seq_len: int, batch_size: int, num_batches: int, rank: int,
-                       world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the first world * num_batches * batch_size validation windows (fewer if short)."""
-    windows = (len(data) - 1) // seq_len
-    wanted = min(windows, world * num_batches * batch_size) // world * world  # same count on every rank
-    mine = list(range(rank, wanted, world))
-    batches = []
-    for i in range(0, len(mine), batch_size):
-        starts = [w * seq_len for w in mine[i:i + batch_size]]
-        block = torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-        batches.append((block[:, :-1], block[:, 1:]))
-    return batches

@@ -1,4 +1,4 @@
-"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | schema | cluster."""
+"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | eval | schema | cluster."""
 
 from __future__ import annotations
 
@@ -245,6 +245,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from shardyard.runtime.evaluation import evaluate_run
+
+    start = time.perf_counter()
+    spec, result = evaluate_run(Path(args.run_dir), args.data or None, args.step, args.set)
+    where = ", ".join(args.data) if args.data else f"the held-out split of {', '.join(spec.data.paths)}"
+    print(f"{result}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
+          f"{time.perf_counter() - start:.1f} s]")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from shardyard.comm.cost_model import plan
 
@@ -341,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (model.safetensors, spec.yaml)")
     p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="bits per byte (+- standard error) of a trained run on held-out text")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="file, directory or glob to evaluate on, repeatable (default: the run's held-out split)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the run's spec, e.g. --set training.eval_bytes=1000000 or "
+                        "--set data.extensions=[.txt] (repeatable)")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("plan", help="predict all-to-all time per step (flat / hierarchical / leader) at a cluster size")
     with_spec(p)

@@ -7,6 +7,7 @@ errors; cross-field rules (top_k <= num_experts, heads | width, ...) live in val
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -268,12 +269,22 @@ class TrainingSpec(Section):
     steps: PositiveInt = Field(200, description="optimizer steps")
     batch_size: PositiveInt = Field(8, description="sequences per worker per step")
     eval_every: NonNegInt = Field(50, description="steps between validation passes (0 = only at the end)")
-    eval_batches: PositiveInt = Field(8, description="validation batches per pass")
+    eval_bytes: PositiveInt = Field(524_288, description="bytes scored per validation pass (windows of data.seq_len, sampled evenly over the whole held-out split, every file in proportion to its size; capped at the split's size). The default covers the whole stdlib held-out split (482 KB): a standard error of ~0.009-0.010 bits/byte")
+    eval_sets: dict[str, list[str]] = Field(default_factory=dict, description="extra held-out texts evaluated beside the validation split, by name: {name: [files, directories or globs]}; each logs val/<name>_bpb")
     log_every: PositiveInt = Field(1, description="steps between metric records")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype for the forward pass")
     grad_accum: PositiveInt = Field(1, description="micro-batches of batch_size per optimizer step (gradients are synchronised once, after the last)")
     activation_checkpointing: Literal["none", "full", "every_n"] = Field("none", description="flat models: recompute block activations in backward: none | full (every block) | every_n (every activation_checkpointing_every-th block). Byte models use model.stages[i].checkpoint_chunks")
     activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
+
+    @model_validator(mode="after")
+    def _check_eval_sets(self) -> "TrainingSpec":
+        for name, paths in self.eval_sets.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"training.eval_sets: name {name!r} becomes the metric val/{name}_bpb; use letters, digits, _ . -")
+            if not paths:
+                raise ValueError(f"training.eval_sets.{name}: give at least one file, directory or glob")
+        return self
 
 
 class ParallelSpec(Section):

@@ -37,8 +37,9 @@ class TrainingResult:
         lines = [f"\n== {spec.name}: {'FAILED' if self.error else 'done'} at step {self.final_step}/{spec.training.steps}"]
         if metrics:
             lines.append(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
-                         f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f} bits/byte, "
-                         f"{metrics.get('tokens_per_s', 0):.0f} bytes/s")
+                         f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f}"
+                         + (f" +- {metrics['val_bpb_stderr']:.4f}" if "val_bpb_stderr" in metrics else "")
+                         + f" bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s")
         lines.append(f"   run directory {self.run_dir}")
         if self.checkpoint:
             lines.append(f"   newest checkpoint {self.checkpoint}")

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from shardyard import envvars
 from shardyard.comm.topology import Topology
 from shardyard.data.corpus import load_corpus
-from shardyard.data.loader import build_train_loader, validation_batches
+from shardyard.data.loader import build_train_loader
+from shardyard.data.validation import eval_set_texts, held_out_split, rank_batches
 from shardyard.models import build_model, moe_layers
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
@@ -36,6 +37,7 @@ from shardyard.models.moe.layer import attach_router_bias_updates
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
+from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
 from shardyard.runtime.parallel import build_plan
 from shardyard.tracking.logger import MetricsLogger
 
@@ -125,8 +127,11 @@ class Trainer:
         corpus = load_corpus(spec.data)
         self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
                                          self.ctx.rank, self.ctx.world, spec.seed)
-        self.val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size,
-                                      spec.training.eval_batches, self.ctx.rank, self.ctx.world)
+        # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
+        texts = {"": held_out_split(corpus), **eval_set_texts(spec.training.eval_sets, spec.data.extensions,
+                                                               spec.data.seq_len, self.ctx.world)}
+        self.val = {name: rank_batches(text, spec.data.seq_len, spec.training.eval_bytes, spec.training.batch_size,
+                                       self.ctx.rank, self.ctx.world) for name, text in texts.items()}
         self.step = 0
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
 
@@ -197,20 +202,12 @@ class Trainer:
             out["aux_loss"] += aux / self.ctx.world
         return out
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Validation loss in bits per byte, averaged over all ranks' validation batches."""
-        self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        for inputs, targets in self.val:
-            with _autocast(self.spec, self.ctx.device):
-                _, ce = self.model(inputs.to(self.ctx.device), targets.to(self.ctx.device))
-            total += torch.tensor([ce.item() * targets.numel(), targets.numel()], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.world > 1:
-            dist.all_reduce(total)
-        for layer in self.moe:
-            layer.take_step_stats()  # evaluation is not training accounting
-        return float(total[0] / total[1].clamp(min=1)) / LN2
+    def evaluate(self) -> dict[str, EvalResult]:
+        """Bits per byte (mean and standard error over windows, all ranks) of the held-out split (key "")
+        and of every training.eval_sets entry (key: its name). Collective."""
+        autocast = autocast_for(self.spec, self.ctx.device)
+        return {name: evaluate(self.model, batches, self.ctx.device, autocast, self.ctx.world)
+                for name, batches in self.val.items()}
 
     def maybe_inject_fault(self) -> None:
         """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
@@ -249,9 +246,17 @@ class Trainer:
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
-                val_bpb = self.evaluate()
-                metrics["val_bpb"] = val_bpb
-                self.log.log(self.step, {"kind": "eval", "val_bpb": val_bpb, "total_steps": spec.steps})
+                eval_start = time.perf_counter()
+                results = self.evaluate()
+                metrics["val_bpb"] = results[""].bpb
+                record = {"kind": "eval", "val_bpb": results[""].bpb, "val_bpb_stderr": results[""].stderr,
+                          "val_windows": results[""].windows, "eval_s": time.perf_counter() - eval_start,
+                          "total_steps": spec.steps}
+                for name, result in results.items():
+                    if name:
+                        record[f"val/{name}_bpb"] = result.bpb
+                        record[f"val/{name}_bpb_stderr"] = result.stderr
+                self.log.log(self.step, record)
             if (ckpt_every and self.step % ckpt_every == 0) or last:
                 self.save_and_report(metrics)
             paused += time.perf_counter() - pause_start

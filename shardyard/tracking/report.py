@@ -34,7 +34,12 @@ def write_report(run_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in train], [r["bpb"] for r in train], label="train")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label="validation")
+        ax.errorbar([r["step"] for r in evals], [r["val_bpb"] for r in evals],
+                    yerr=[r.get("val_bpb_stderr", 0.0) for r in evals], fmt="o-", capsize=3, label="validation (+- s.e.)")
+        for name in sorted({k for r in evals for k in r if k.startswith("val/") and k.endswith("_bpb")}):
+            points = [r for r in evals if name in r]
+            ax.errorbar([r["step"] for r in points], [r[name] for r in points],
+                        yerr=[r.get(f"{name}_stderr", 0.0) for r in points], fmt="s--", capsize=3, label=name)
     ax.set_xlabel("step"), ax.set_ylabel("bits per byte"), ax.legend(), ax.grid(alpha=0.3)
     figures.append(("Loss", _png(fig)))
     plt.close(fig)
@@ -60,7 +65,11 @@ def write_report(run_dir: Path) -> Path:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.5g}</td></tr>" for k, v in last.items()
                    if isinstance(v, (int, float)) and not k.startswith("moe/layer"))
     if evals:
-        rows += f"<tr><td>val_bpb (final)</td><td>{evals[-1]['val_bpb']:.5g}</td></tr>"
+        final = evals[-1]
+        for key in ["val_bpb", *sorted(k for k in final if k.startswith("val/") and k.endswith("_bpb"))]:
+            stderr = final.get(f"{key}_stderr")
+            error = f" +- {stderr:.2g}" if isinstance(stderr, float) else ""
+            rows += f"<tr><td>{html.escape(key)} (final)</td><td>{final[key]:.5g}{error}</td></tr>"
     spec_file = run_dir / "spec.yaml"
     spec_text = html.escape(spec_file.read_text()) if spec_file.exists() else "(no spec.yaml)"
     body = "".join(f"<h2>{t}</h2><img src='data:image/png;base64,{img}'/>" for t, img in figures)

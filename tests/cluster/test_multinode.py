@@ -32,7 +32,7 @@ def test_two_node_cluster_hierarchical_expert_parallel(tmp_path: Path) -> None:
         ray.init(address=cluster.address, logging_level="WARNING")
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         text = tiny_spec_yaml("twonode", tmp_path / "runs",
-                              training="{steps: 8, batch_size: 2, eval_every: 4, eval_batches: 1, log_every: 1}",
+                              training="{steps: 8, batch_size: 2, eval_every: 4, eval_bytes: 2048, log_every: 1}",
                               resources="{workers: 4, cpus_per_worker: 1, max_failures: 0}",
                               parallel="{expert_parallel: 4, a2a: hierarchical}")
         spec = load_spec_text(text)
@@ -58,7 +58,7 @@ def read_placements(run_dir: Path) -> list[tuple[int, int]]:
 def test_expert_parallel_run_equals_data_parallel_run(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(tiny_spec_yaml("dp", tmp_path / "runs",
-                                   training="{steps: 10, batch_size: 4, eval_every: 5, eval_batches: 1, log_every: 1}"))
+                                   training="{steps: 10, batch_size: 4, eval_every: 5, eval_bytes: 2048, log_every: 1}"))
     dp = run_cli("run", str(spec))
     ep = run_cli("run", str(spec), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
     assert dp.returncode == 0 and ep.returncode == 0, dp.stderr[-2000:] + ep.stderr[-2000:]

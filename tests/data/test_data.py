@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardyard.data.corpus import is_validation, load_corpus, resolve_files
-from shardyard.data.loader import build_train_loader, validation_batches
+from shardyard.data.loader import build_train_loader
 from shardyard.platform.schema import DataSpec
 
 
@@ -87,13 +87,6 @@ def test_position_is_global_so_a_resume_on_another_world_size_skips_and_repeats_
     reference = build_train_loader(data, 64, 8, 0, 1, seed=5)  # one rank, the same global batch
     expected = [w for _ in range(10) for w in _window_ids(reference.next_batch()[0], data, 64)]
     assert consumed == expected and len(set(consumed)) == 80
-
-
-def test_validation_batches_cover_each_rank_share() -> None:
-    data = np.random.default_rng(2).integers(0, 256, 10_000, dtype=np.uint8)
-    shares = [validation_batches(data, 32, 4, 2, rank, 2) for rank in range(2)]
-    assert all(len(s) == 2 for s in shares)
-    assert not torch.equal(shares[0][0][0], shares[1][0][0])
 
 
 def test_corpus_is_streamed_into_a_memory_mapped_cache(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ GLOBAL_BATCH = 8
 
 def job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int):
     text = tiny_spec_yaml(name, storage, model=MODEL,
-                          training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_batches: 1}}",
+                          training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
                           resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
                           checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}")
     return load_spec_text(text, overrides=[f"parallel.expert_parallel={ep}", f"parallel.shard={shard}",

@@ -18,7 +18,7 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml("learns", tmp_path / "runs", training="{steps: 40, batch_size: 8, eval_every: 20, eval_batches: 2, log_every: 1}"))
+    spec.write_text(tiny_spec_yaml("learns", tmp_path / "runs", training="{steps: 40, batch_size: 8, eval_every: 20, eval_bytes: 2048, log_every: 1}"))
     proc = run_cli("run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done at step 40/40" in proc.stdout
@@ -45,7 +45,7 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
 
 def test_restart_after_a_worker_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    training = "{steps: 16, batch_size: 4, eval_every: 8, eval_batches: 1, log_every: 1}"
+    training = "{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}"
     spec.write_text(tiny_spec_yaml("resume", tmp_path / "runs", training=training))
     clean = run_cli("run", str(spec), "--set", "name=clean")
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
@@ -81,7 +81,7 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
         "galore", tmp_path / "runs",
         model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: 0.5}}",
         optim="{kind: q_galore_adamw, lr: 3.0e-3, schedule: {warmup: 2}, galore: {rank: 8, update_gap: 5}}",
-        training="{steps: 16, batch_size: 4, eval_every: 8, eval_batches: 1, log_every: 1}"))
+        training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}"))
     proc = run_cli("run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = _train_losses(tmp_path / "runs" / "galore")
@@ -92,7 +92,7 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     spec = tmp_path / "job.yaml"
     spec.write_text(tiny_spec_yaml("ddp", tmp_path / "runs",
-                                   training="{steps: 12, batch_size: 4, eval_every: 6, eval_batches: 1, log_every: 1}",
+                                   training="{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, log_every: 1}",
                                    checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 6, keep: 2}}"))
     ddp = run_cli("run", str(spec))
     zero = run_cli("run", str(spec), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9")

@@ -41,7 +41,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_resume_in_one_process_continues_exactly(tmp_path: Path) -> None:
-    spec = one_worker_spec(tmp_path, training="{steps: 12, batch_size: 4, eval_every: 6, eval_batches: 1}")
+    spec = one_worker_spec(tmp_path, training="{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048}")
     full, reporter = train(spec, tmp_path / "full")
     assert [m["step"] for m in reporter.metrics] == [8, 12]  # checkpoint.every 8, and the last step
     first = ckpt.find_latest_checkpoint(tmp_path / "full")
@@ -60,7 +60,7 @@ def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
     runs = {}
     for accum, batch in ((1, 8), (4, 2)):
         spec = one_worker_spec(tmp_path, f"acc{accum}", model=model,
-                               training=f"{{steps: 6, batch_size: {batch}, grad_accum: {accum}, eval_every: 0, eval_batches: 1}}")
+                               training=f"{{steps: 6, batch_size: {batch}, grad_accum: {accum}, eval_every: 0, eval_bytes: 2048}}")
         trainer, _ = train(spec, tmp_path / f"acc{accum}")
         runs[accum] = (losses(tmp_path / f"acc{accum}"), trainer.model.state_dict())
     assert runs[4][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
@@ -69,7 +69,7 @@ def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
 
 
 def test_activation_checkpointing_changes_memory_not_results(tmp_path: Path) -> None:
-    base = "{steps: 6, batch_size: 4, eval_every: 0, eval_batches: 1%s}"
+    base = "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 2048%s}"
     plain, _ = train(one_worker_spec(tmp_path, "plain", training=base % ""), tmp_path / "plain")
     for mode in ("full", "every_n"):
         spec = one_worker_spec(tmp_path, mode, training=base % f", activation_checkpointing: {mode}")

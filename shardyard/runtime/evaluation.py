@@ -1,0 +1,154 @@
+"""Held-out bits per byte with a standard error: one path for in-training evaluation and `shardyard eval`.
+
+Every validation window scores the same number of bytes (data.seq_len), so the windows are equal
+units: the reported figure is the mean of the per-window bits per byte, and its standard error is
+the sample standard deviation over windows / sqrt(windows). Ranks all-reduce three sums (count,
+sum, sum of squares) in float64, so the result does not depend on how the windows were split.
+
+Windows are a systematic sample (data/validation.py), for which the i.i.d. standard error is a
+conservative estimate. Two models evaluated on the same data score the same windows, so their
+difference can be judged window by window (`window_bits_per_byte`), which is far tighter than
+comparing the two error bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shardyard.platform.schema import JobSpec
+
+LN2 = math.log(2)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    bpb: float  # mean bits per byte over windows
+    stderr: float  # standard error of that mean (nan with fewer than 2 windows)
+    windows: int  # windows scored, all ranks
+    bytes: int  # bytes scored, all ranks
+
+    def __str__(self) -> str:
+        return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
+
+
+def window_bits_per_byte(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean bits per byte of each window of the batch, float64 [batch]."""
+    logits, _ = model(inputs, targets)
+    nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nats.view(targets.shape).double().mean(dim=1) / LN2
+
+
+def summarize(count: float, total: float, total_sq: float, bytes_per_window: float) -> EvalResult:
+    """Mean and standard error from the count, sum and sum of squares of per-window values."""
+    n = int(round(count))
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0, 0)
+    mean = total / n
+    if n < 2:
+        return EvalResult(mean, float("nan"), n, int(round(bytes_per_window * n)))
+    variance = max(total_sq - n * mean * mean, 0.0) / (n - 1)
+    return EvalResult(mean, math.sqrt(variance / n), n, int(round(bytes_per_window * n)))
+
+
+@contextlib.contextmanager
+def training_accounting_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluation forwards must not count toward the training step's bookkeeping: MoE layers sum
+    per-expert token counts and losses into buffers between optimizer steps (their
+    `take_step_stats()` reads and resets them; the aux-free bias update and the logged expert loads
+    use them). Set them aside, evaluate, drop what evaluation added, put them back."""
+    layers = [m for m in model.modules() if callable(getattr(m, "take_step_stats", None))]
+    saved = [layer.take_step_stats() for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, stats in zip(layers, saved):
+            layer.take_step_stats()
+            for name, value in stats.items():
+                getattr(layer, name).copy_(value)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No grad, eval mode and untouched training bookkeeping; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), training_accounting_kept(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
+             autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, world: int = 1,
+             group: dist.ProcessGroup | None = None) -> EvalResult:
+    """Bits per byte of `model` over this rank's `batches`, combined over the `world` ranks (collective
+    when world > 1: every rank calls it, with the same number of batches for expert-parallel models)."""
+    sums = torch.zeros(4, dtype=torch.float64)  # windows, sum, sum of squares, scored bytes
+    with eval_mode(model):
+        for inputs, targets in batches:
+            with autocast():
+                per_window = window_bits_per_byte(model, inputs.to(device), targets.to(device)).cpu()
+            sums += torch.tensor([len(per_window), float(per_window.sum()), float(per_window.square().sum()),
+                                  targets.numel()], dtype=torch.float64)
+    if world > 1:
+        reduced = sums.to(device)
+        dist.all_reduce(reduced, group=group)
+        sums = reduced.cpu()
+    count, total, total_sq, scored = sums.tolist()
+    return summarize(count, total, total_sq, scored / count if count else 0.0)
+
+
+def autocast_for(spec: JobSpec, device: torch.device) -> Callable[[], ContextManager[Any]]:
+    """The forward-pass autocast training uses (training.precision), as a context factory."""
+    if spec.training.precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int | None = None,
+                 overrides: list[str] | None = None) -> tuple[JobSpec, EvalResult]:
+    """`shardyard eval`: a run's model (newest checkpoint, or `step`) on `data_paths` (every file under
+    them; default: the run's own held-out split), through the same window selection and evaluation as
+    training. The windows are those a job with the run's resources.workers would score, evaluated in
+    one process, so with the run's held-out split the figure equals the run's logged val_bpb."""
+    from shardyard.data.corpus import load_corpus
+    from shardyard.data.validation import all_batches, held_out_split, load_text
+    from shardyard.platform.spec import load_spec_text, spec_to_yaml
+    from shardyard.runtime.export import load_for_inference
+
+    spec, model = load_for_inference(Path(run_dir), step)
+    if overrides:
+        spec = load_spec_text(spec_to_yaml(spec), f"{run_dir}/spec.yaml", overrides)
+    text = load_text(data_paths, spec.data.extensions) if data_paths else held_out_split(load_corpus(spec.data))
+    seq_len = spec.data.seq_len
+    world = spec.resources.workers
+    if (len(text.data) - 1) // seq_len < world:
+        from shardyard.platform.errors import UserError
+
+        raise UserError(f"--data: {len(text.data)} bytes hold fewer than {world} windows of {seq_len + 1} bytes")
+    batches = all_batches(text, seq_len, spec.training.eval_bytes, spec.training.batch_size, world)
+    device = torch.device("cpu")
+    return spec, evaluate(model, batches, device, autocast_for(spec, device))
+
+
+def per_window_bits(model: torch.nn.Module, batches: list[Batch], device: torch.device,
+                    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> np.ndarray:
+    """Every window's bits per byte in batch order (single process): for paired comparisons."""
+    out = []
+    with eval_mode(model):
+        for inputs, targets in batches:
+            with autocast():
+                out.append(window_bits_per_byte(model, inputs.to(device), targets.to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)

@@ -1,0 +1,136 @@
+"""Held-out bits per byte and its standard error: against a direct computation, across gloo ranks,
+and `shardyard eval` against the figure the training loop logged."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardyard.comm.topology import Topology
+from shardyard.comm.launch import spawn
+from shardyard.data.validation import HeldOutText, all_batches, rank_batches
+from shardyard.models import build_model
+from shardyard.platform.schema import ModelSpec
+from shardyard.runtime.evaluation import evaluate, summarize
+from tests.helpers import run_cli, tiny_spec_yaml
+
+SEQ = 32
+
+
+def _model(kind: str = "dense") -> torch.nn.Module:
+    torch.manual_seed(0)
+    moe = {"num_experts": 4, "top_k": 2} if kind == "moe" else None
+    return build_model(ModelSpec(kind=kind, width=32, depth=2, heads=2, ffn={"hidden": 64}, moe=moe), SEQ)
+
+
+def _text(length: int = 20_000) -> HeldOutText:
+    data = np.frombuffer((b"def f(x):\n    return x * 2  # doubled\n" * 1000)[:length], dtype=np.uint8).copy()
+    data[::7] = np.random.default_rng(0).integers(0, 256, len(data[::7]), dtype=np.uint8)  # some noise
+    return HeldOutText(data, np.zeros(1, np.int64))
+
+
+def _direct(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
+    """Per-window bits per byte from log-softmax by hand; mean and numpy's standard error."""
+    values = []
+    with torch.no_grad():
+        model.eval()
+        for inputs, targets in batches:
+            logits, _ = model(inputs)
+            logp = F.log_softmax(logits.double(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            values.extend((-logp.mean(dim=1) / math.log(2)).tolist())
+    arr = np.array(values)
+    return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))), len(arr)
+
+
+def test_standard_error_matches_a_direct_computation() -> None:
+    model = _model()
+    batches = all_batches(_text(), SEQ, eval_bytes=6400, batch_size=16, world=1)
+    result = evaluate(model, batches, torch.device("cpu"))
+    mean, stderr, n = _direct(model, batches)
+    assert result.windows == n == 200 and result.bytes == n * SEQ
+    assert result.bpb == pytest.approx(mean, rel=1e-6)
+    assert result.stderr == pytest.approx(stderr, rel=1e-4)
+    model.train()  # evaluation puts the model in eval mode and back
+    evaluate(model, batches, torch.device("cpu"))
+    assert model.training
+
+
+def test_summarize_edge_cases() -> None:
+    one = summarize(1, 3.0, 9.0, 32)
+    assert one.bpb == 3.0 and math.isnan(one.stderr) and one.windows == 1
+    same = summarize(4, 8.0, 16.0, 32)  # four windows of 2.0: no spread
+    assert same.bpb == 2.0 and same.stderr == 0.0
+
+
+def _rank_eval(topology: Topology, kind: str, out: str) -> None:
+    model = _model(kind)
+    batches = rank_batches(_text(), SEQ, 6400, 16, topology.rank, topology.world_size)
+    result = evaluate(model, batches, torch.device("cpu"), world=topology.world_size)
+    Path(out, f"rank{topology.rank}.json").write_text(json.dumps({**result.__dict__, "mine": sum(len(b[0]) for b in batches)}))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,kind", [(2, "moe"), (4, "dense")])
+def test_ranks_agree_with_one_process_over_the_same_windows(tmp_path: Path, world: int, kind: str) -> None:
+    spawn(_rank_eval, world, world, kind, str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    assert len({r["mine"] for r in results}) == 1  # equal window counts on every rank
+    single = evaluate(_model(kind), all_batches(_text(), SEQ, 6400, 16, world), torch.device("cpu"))
+    for r in results:  # every rank reports the all-reduced figure of the whole window set
+        assert r["windows"] == single.windows == results[0]["mine"] * world
+        assert r["bpb"] == pytest.approx(single.bpb, rel=1e-6)
+        assert r["stderr"] == pytest.approx(single.stderr, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_command_matches_in_training_evaluation(tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_bytes(b"The quick brown fox jumps over the lazy dog. " * 400)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml(
+        "evalcmd", tmp_path / "runs",
+        training=f"{{steps: 12, batch_size: 4, eval_every: 12, eval_bytes: 8192, log_every: 4, "
+                 f"eval_sets: {{own: [{own / 'notes.txt'}]}}}}",
+        checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 1}}"))
+    trained = run_cli("run", str(spec), timeout=900)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "evalcmd"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in evals if r.get("kind") == "eval"][-1]
+    assert logged["val_windows"] == 8192 // 64 and logged["val_bpb_stderr"] > 0
+    held_out = run_cli("eval", str(run_dir), "--step", "12")
+    assert held_out.returncode == 0, held_out.stderr
+    printed = float(held_out.stdout.split()[0])
+    assert printed == pytest.approx(logged["val_bpb"], abs=2e-4)  # printed with 4 decimals
+    assert float(held_out.stdout.split()[2]) == pytest.approx(logged["val_bpb_stderr"], abs=2e-4)
+    own_text = run_cli("eval", str(run_dir), "--data", str(own / "notes.txt"))
+    assert own_text.returncode == 0, own_text.stderr
+    assert float(own_text.stdout.split()[0]) == pytest.approx(logged["val/own_bpb"], abs=2e-4)
+    missing = run_cli("eval", str(run_dir), "--step", "5")
+    assert missing.returncode != 0 and "step 5" in missing.stderr
+
+
+def test_evaluation_leaves_the_training_steps_moe_accounting_alone() -> None:
+    model = _model("moe")
+    model.train()
+    inputs = torch.randint(0, 256, (4, SEQ))
+    model(inputs, inputs)  # a training forward: counts go into the layers' step buffers
+    layers = [m for m in model.modules() if hasattr(m, "take_step_stats")]
+    assert layers
+    before = [{k: v.clone() for k, v in layer.take_step_stats().items()} for layer in layers]
+    for layer, stats in zip(layers, before):  # put them back: take_step_stats resets
+        for name, value in stats.items():
+            getattr(layer, name).copy_(value)
+    evaluate(model, all_batches(_text(), SEQ, 3200, 16, 1), torch.device("cpu"))
+    assert model.training
+    for layer, stats in zip(layers, before):
+        after = layer.take_step_stats()
+        assert stats.keys() == after.keys() and all(torch.equal(stats[k], after[k]) for k in stats)
+    assert float(before[0]["tokens_per_expert"].sum()) == 4 * SEQ * 2  # the training forward did count
