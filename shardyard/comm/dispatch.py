@@ -49,7 +49,7 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
     totals = torch.zeros(len(COUNTERS), dtype=torch.float64)
     div = float(max(steps, 1))
     for layer in dispatch_layers(model):
-        c = layer.comm_counters.detach().cpu()
+        c = layer.comm_counters.detach().cpu().clone()
         layer.comm_counters.zero_()
         totals += c
         i = getattr(layer, "layer", 0)

@@ -88,7 +88,7 @@ class ExpertParallelExperts(nn.Module):
         lsh = dispatch.lsh
         self.lsh = None if lsh is None else CentroidHasher(
             width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
-            lsh.error_every, lsh.seed)
+            lsh.error_every, lsh.seed, lsh.residual)
         self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
         # Copy the module (config, hooks, buffers) without copying its full weights, then give it
@@ -169,7 +169,7 @@ class ExpertParallelExperts(nn.Module):
         sent = cents.counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
         self._account(sent, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
         self._add("centroids_sent", float(cents.rows.shape[0]))
-        out = expand(self._through_experts(cents.rows, cents.counts, self.codec), x_sorted, cents)
+        out = expand(self._through_experts(cents.rows, cents.counts, self.codec), x_sorted, cents, self.lsh.residual)
         if training and self.lsh.measure_now():
             with torch.no_grad():
                 exact = self._through_experts(x_sorted.detach(), counts, Codec())

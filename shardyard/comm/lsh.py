@@ -81,9 +81,11 @@ def compress(x: torch.Tensor, group_counts: torch.Tensor, codes: torch.Tensor, b
     return Centroids(rows, torch.bincount(centroid_group, minlength=groups), inverse)
 
 
-def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids) -> torch.Tensor:
-    """Row i's output: E(c_b(i)) + (x_i - c_b(i)) (residual compensation)."""
+def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool = True) -> torch.Tensor:
+    """Row i's output: E(c_b(i)) + (x_i - c_b(i)) (residual compensation), or E(c_b(i)) without it."""
     inv = centroids.inverse
+    if not residual:
+        return expert_out.index_select(0, inv)
     return expert_out.index_select(0, inv) + (x - centroids.rows.index_select(0, inv))
 
 
@@ -91,14 +93,14 @@ class CentroidHasher(nn.Module):
     """Per-layer LSH state: the rotation schedule (persistent) and the adaptive number of hashes in use."""
 
     def __init__(self, width: int, layer: int, hashes: int, buckets_per_hash: int, rotation_refresh: int,
-                 target_ratio: float | None, error_every: int, seed: int) -> None:
+                 target_ratio: float | None, error_every: int, seed: int, residual: bool = True) -> None:
         super().__init__()
         if buckets_per_hash % 2 or buckets_per_hash < 2:
             raise ValueError(f"buckets_per_hash must be even and >= 2, got {buckets_per_hash}")
         self.width, self.layer, self.hashes = width, layer, hashes
         self.buckets_per_hash, self.half = buckets_per_hash, buckets_per_hash // 2
         self.rotation_refresh, self.target_ratio = rotation_refresh, target_ratio
-        self.error_every, self.seed = error_every, seed
+        self.error_every, self.seed, self.residual = error_every, seed, residual
         # Persistent: restored by a checkpoint, so a resumed run hashes exactly as the original would.
         self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))  # training micro-batches seen
         self.register_buffer("active_hashes", torch.tensor(hashes, dtype=torch.int64))

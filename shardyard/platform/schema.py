@@ -271,6 +271,7 @@ class LSHSpec(Section):
     target_ratio: float | None = Field(None, gt=0, le=1, description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always use all")
     error_every: NonNegInt = Field(50, description="every n-th training micro-batch also runs the exact dispatch and records the relative error of the expert outputs (0 = never)")
     seed: NonNegInt = Field(0, description="seed of the random rotations (combined with the layer index and the refresh epoch)")
+    residual: bool = Field(True, description="add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only")
 
     @model_validator(mode="after")
     def _even_buckets(self) -> "LSHSpec":

@@ -108,9 +108,12 @@ class Trainer:
             topology = topology_from_ray()
             self.groups = build_groups(topology, spec.parallel.expert_parallel)
             record_topology(run_dir, topology)
-            apply_expert_parallel(self.model, self.groups, spec.parallel.a2a)
-        elif self.ctx.world > 1:
-            self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
+            apply_expert_parallel(self.model, self.groups, spec.parallel)
+        else:
+            # EP 1: parallel.dispatch stages (if any) still wrap the experts, with a local transport.
+            apply_expert_parallel(self.model, None, spec.parallel)
+            if self.ctx.world > 1:
+                self.ddp = DistributedDataParallel(self.model, device_ids=None if self.ctx.device.type == "cpu" else [self.ctx.device])
         self.optimizer = build_optimizer(spec.optim, self.model)
         attach_router_bias_updates(self.moe, self.optimizer)
         self.scheduler = build_scheduler(spec.optim, self.optimizer, spec.training.steps)
