@@ -45,6 +45,7 @@ class Centroids:
     rows: torch.Tensor  # [C, width] the mean of each non-empty bucket, grouped like the input rows
     counts: torch.Tensor  # [groups] int64 centroids per group (expert)
     inverse: torch.Tensor  # [M] int64 the centroid of every input row
+    members: torch.Tensor  # [C] int64 rows per centroid
 
 
 def bucket_ids(group_of: torch.Tensor, codes: torch.Tensor, num_groups: int, buckets_per_hash: int
@@ -78,7 +79,29 @@ def compress(x: torch.Tensor, group_counts: torch.Tensor, codes: torch.Tensor, b
     sums = x.new_zeros(num, x.shape[1]).index_add(0, inverse, x)
     rows = sums / members.unsqueeze(1).to(x.dtype)
     centroid_group = group_of.new_zeros(num).scatter_(0, inverse, group_of)
-    return Centroids(rows, torch.bincount(centroid_group, minlength=groups), inverse)
+    return Centroids(rows, torch.bincount(centroid_group, minlength=groups), inverse, members)
+
+
+class _Residual(torch.autograd.Function):
+    """x - c_b(x) with c the bucket mean: backward g - mean_b(g) (the projection's exact Jacobian).
+
+    Written out so that with one row per bucket the gradient is exactly zero (autograd through
+    x - mean(x) would give g - g/1 only up to rounding, and break bit-equality with the plain path).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, centroids: torch.Tensor, inverse: torch.Tensor, members: torch.Tensor
+                ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse, members)
+        return x - centroids.index_select(0, inverse)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        inverse, members = ctx.saved_tensors
+        mean = grad.new_zeros(members.numel(), grad.shape[1]).index_add_(0, inverse, grad)
+        mean /= members.unsqueeze(1).to(grad.dtype)
+        return grad - mean.index_select(0, inverse), None, None, None
 
 
 def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool = True) -> torch.Tensor:
@@ -86,7 +109,7 @@ def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, resi
     inv = centroids.inverse
     if not residual:
         return expert_out.index_select(0, inv)
-    return expert_out.index_select(0, inv) + (x - centroids.rows.index_select(0, inv))
+    return expert_out.index_select(0, inv) + _Residual.apply(x, centroids.rows.detach(), inv, centroids.members)
 
 
 class CentroidHasher(nn.Module):
