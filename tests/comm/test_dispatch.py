@@ -171,3 +171,21 @@ def test_dispatch_spec_validation() -> None:
     with pytest.raises(ValidationError, match="payload"):
         DispatchSpec(payload="int4")
     assert not DispatchSpec().compressed and DispatchSpec(payload="bf16").compressed
+
+
+def test_lsh_one_worker_metrics_and_state() -> None:
+    module = _wrap(None, "flat", lsh={"hashes": 3, "error_every": 2, "rotation_refresh": 5})
+    for _ in range(3):
+        _run(module, 0, fused=False)
+    m = dispatch_metrics(module, steps=3)
+    assert m["comm/layer0/tokens_in"] == TOKENS * TOP_K
+    assert 0 < m["comm/layer0/centroids_sent"] < m["comm/layer0/tokens_in"]
+    assert m["comm/layer0/compression_ratio"] == pytest.approx(m["comm/layer0/centroids_sent"] / (TOKENS * TOP_K))
+    assert m["comm/lsh_rel_error"] > 0 and m["comm/layer0/lsh_hashes"] == 3
+    state = module.state_dict()
+    assert int(state["lsh.forwards"]) == 3 and "comm_counters" not in state  # counters are not persistent
+    with torch.no_grad():  # evaluation does not advance the rotation schedule
+        module.eval()
+        tokens, token_of, weight_of, offsets = _routing(0)
+        module(dispatch(tokens, token_of), offsets)
+    assert int(module.lsh.forwards) == 3
