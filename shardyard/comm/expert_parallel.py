@@ -89,6 +89,7 @@ class ExpertParallelExperts(nn.Module):
         self.lsh = None if lsh is None else CentroidHasher(
             width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
             lsh.error_every, lsh.seed, lsh.residual)
+        self._pending_ratio: float | None = None  # last micro-batch's centroids / rows, for target_ratio
         self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
         # Copy the module (config, hooks, buffers) without copying its full weights, then give it
@@ -165,6 +166,9 @@ class ExpertParallelExperts(nn.Module):
             return self._through_experts(x_sorted, counts, self.codec)
 
         training = self.training and torch.is_grad_enabled() and not _inside_backward()
+        if training:  # advance before hashing: an activation-checkpoint recompute then hashes alike
+            self.lsh.advance(self._pending_ratio)
+            self._pending_ratio = None
         cents = compress(x_sorted, counts, self.lsh.codes(x_sorted), self.lsh.buckets_per_hash)
         sent = cents.counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
         self._account(sent, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
@@ -176,8 +180,8 @@ class ExpertParallelExperts(nn.Module):
                 self._add("err_sq", float((out.detach() - exact).double().square().sum()))
                 self._add("ref_sq", float(exact.double().square().sum()))
                 self._add("err_samples", 1.0)
-        if training:
-            self.lsh.advance(self._global_ratio(cents.rows.shape[0], x_sorted.shape[0]))
+        if training:  # applied at the next training micro-batch (see above)
+            self._pending_ratio = self._global_ratio(cents.rows.shape[0], x_sorted.shape[0])
         return out
 
     def _global_ratio(self, centroids: int, rows: int) -> float | None:

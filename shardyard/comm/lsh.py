@@ -149,7 +149,8 @@ class CentroidHasher(nn.Module):
         return self.error_every > 0 and int(self.forwards) % self.error_every == 0
 
     def advance(self, ratio: float | None) -> None:
-        """After a training micro-batch: count it; move the hashes in use toward target_ratio."""
+        """Before a training micro-batch: count it; move the hashes in use toward target_ratio given the
+        previous micro-batch's centroids / rows (None = no change)."""
         self.forwards += 1
         if self.target_ratio is None or ratio is None:
             return

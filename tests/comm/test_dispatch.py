@@ -189,3 +189,23 @@ def test_lsh_one_worker_metrics_and_state() -> None:
         tokens, token_of, weight_of, offsets = _routing(0)
         module(dispatch(tokens, token_of), offsets)
     assert int(module.lsh.forwards) == 3
+
+
+def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
+    """rotation_refresh 1 draws a new rotation every micro-batch; the recompute must reuse this one's."""
+    from torch.utils.checkpoint import checkpoint
+
+    tokens, token_of, weight_of, offsets = _routing(0)
+    grads = []
+    for use_checkpoint in (False, True):
+        module = _wrap(None, "flat", lsh={"hashes": 3, "rotation_refresh": 1, "target_ratio": 0.05,
+                                          "error_every": 0})
+        module.lsh.forwards.fill_(5)
+        module._pending_ratio = 1.0  # the adaptation also happens before hashing
+        x = tokens.clone().requires_grad_(True)
+        run = lambda t: module(dispatch(t, token_of), offsets)  # noqa: E731
+        out = checkpoint(run, x, use_reentrant=False) if use_checkpoint else run(x)
+        out.square().sum().backward()
+        assert int(module.lsh.forwards) == 6 and int(module.lsh.active_hashes) == 2
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
