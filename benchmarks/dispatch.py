@@ -11,7 +11,12 @@ configurations are interleaved round-robin, a sample is the slowest rank's time 
 and bytes come from `dispatch_metrics` summed over ranks (`bytes_remote`: rows that leave a rank).
 Tokens are clustered (--clusters centres, N(0,1), plus N(0, spread^2) noise): LSH's ratio depends on
 how the hidden states cluster, so its bytes here are those of this synthetic stand-in, stated as such.
-Rank 0 appends JSON lines to --out; the driver prints a markdown table.
+Experts get unit-gain weights (std 1/sqrt(fan-in)) so the LSH error is against outputs of the
+inputs' scale. Rank 0 appends JSON lines to --out; the driver prints a markdown table.
+
+    python benchmarks/dispatch.py quality RUN_DIR...   # val bpb of finished runs: table + plot
+
+reads each run's metrics.jsonl and prints val bits per byte side by side (and writes --plot).
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ def measure(topo, args: argparse.Namespace) -> None:
     groups = build_groups(topo, ep=topo.world_size)
     torch.manual_seed(0)
     full = GroupedExperts(EXPERTS, WIDTH, HIDDEN, "swiglu", "auto")
+    with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
+        full.w_up.normal_(std=WIDTH ** -0.5)
+        full.w_down.normal_(std=HIDDEN ** -0.5)
     modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**cfg), slots=TOP_K)
                for name, cfg in CONFIGS.items()}
     x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread)
@@ -141,7 +149,7 @@ def run_netbed(args: argparse.Namespace) -> None:
         for rank in range(nodes * rpn):
             argv = [sys.executable, str(Path(__file__).resolve()), "worker", "--rank", str(rank),
                     "--world", str(nodes * rpn), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29511",
-                    "--rate", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
+                    "--netbed", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
                     "--tokens", str(args.tokens), "--clusters", str(args.clusters), "--spread", str(args.spread),
                     "--a2a", args.a2a]
             procs.append(bed.popen(rank // rpn, argv, env))
@@ -170,7 +178,119 @@ def summarize(path: Path) -> str:
     return "\n".join(lines)
 
 
+def quality(run_dirs: list[Path], plot: Path | None) -> str:
+    """Val bpb per eval step of each run (metrics.jsonl), side by side; final-step ratio to the first."""
+    curves: dict[str, dict[int, float]] = {}
+    walls: dict[str, float] = {}
+    for d in run_dirs:
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curves[d.name] = {r["step"]: r["val_bpb"] for r in recs if r.get("val_bpb") is not None}
+        times = [r["time"] for r in recs if "time" in r]
+        walls[d.name] = times[-1] - times[0] if len(times) > 1 else float("nan")
+    names = list(curves)
+    steps = sorted(set().union(*[set(c) for c in curves.values()]))
+    lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for st in steps:
+        lines.append(f"| {st} | " + " | ".join(f"{curves[n].get(st, float('nan')):.4f}" for n in names) + " |")
+    last = steps[-1]
+    ref = curves[names[0]].get(last, float("nan"))
+    lines.append("| vs " + names[0] + " at " + str(last) + " | " +
+                 " | ".join(f"{100 * (curves[n].get(last, float('nan')) / ref - 1):+.2f} %" for n in names) + " |")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n in names:
+            xs = sorted(curves[n])
+            ax.plot(xs, [curves[n][x] for x in xs], marker="o", label=n)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title("tiny MoE byte LM, 1 worker: flat vs compressed dispatch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+    return "\n".join(lines)
+
+
+def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
+    """Bytes and LSH error of dispatch configurations on a trained model's real hidden states.
+
+    Loads the run's spec and newest checkpoint on one worker, wraps its MoE layers with each
+    `parallel.dispatch` setting (YAML/JSON mappings), runs `batches` training-mode forwards (no
+    optimizer step) on validation windows with the error measured on every one, and reports
+    `dispatch_metrics`: rows sent per (token, expert) copy, bytes ratio, LSH relative error.
+    """
+    import torch
+
+    from shardyard.comm.dispatch import dispatch_metrics
+    from shardyard.comm.expert_parallel import apply_expert_parallel
+    from shardyard.data.corpus import load_corpus
+    from shardyard.data.loader import validation_batches
+    from shardyard.models import build_model
+    from shardyard.platform.spec import load_spec
+    from shardyard.runtime.checkpoint import read_checkpoint
+
+    spec = load_spec(run_dir / "spec.yaml")
+    newest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    state, _ = read_checkpoint(newest)
+    corpus = load_corpus(spec.data)
+    val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size, batches, 0, 1)
+    lines = ["| dispatch | rows sent / copies | bytes vs flat fp32 | LSH rel. error | hashes in use |",
+             "|---|---|---|---|---|"]
+    for text in dispatches:
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, spec.data.seq_len)
+        import yaml
+
+        parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(**yaml.safe_load(text))})
+        if parallel.dispatch.lsh is not None:
+            parallel.dispatch.lsh.error_every = 1
+        apply_expert_parallel(model, None, parallel)
+        want = model.state_dict().keys()
+        own = {}
+        for k, v in state["model"].items():  # a run trained with(out) the wrapper has (no) ".local."
+            for cand in (k, k.replace(".experts.", ".experts.local."), k.replace(".experts.local.", ".experts.")):
+                if cand in want:
+                    own[cand] = v
+                    break
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        if unexpected or any("lsh." not in k for k in missing):  # a flat run has no LSH buffers
+            raise RuntimeError(f"state does not fit: missing {missing}, unexpected {unexpected}")
+        model.train()
+        for inputs, targets in val:
+            model(inputs, targets)
+        m = dispatch_metrics(model, steps=len(val))
+        rows = sum(v for k, v in m.items() if k.endswith("/rows_sent"))
+        copies = sum(v for k, v in m.items() if k.endswith("/tokens_in"))
+        hashes = [v for k, v in m.items() if k.endswith("/lsh_hashes")]
+        err = m.get("comm/lsh_rel_error")
+        lines.append(f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | "
+                     f"{'-' if err is None else f'{err:.3f}'} | {'-' if not hashes else sum(hashes) / len(hashes):g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "probe":
+        q = argparse.ArgumentParser()
+        q.add_argument("mode")
+        q.add_argument("run", type=Path)
+        q.add_argument("dispatch", nargs="+", help="parallel.dispatch settings as YAML flow mappings")
+        q.add_argument("--batches", type=int, default=8)
+        qa = q.parse_args()
+        print(probe(qa.run, qa.dispatch, qa.batches))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "quality":
+        q = argparse.ArgumentParser()
+        q.add_argument("mode")
+        q.add_argument("runs", nargs="+", type=Path)
+        q.add_argument("--plot", type=Path)
+        qa = q.parse_args()
+        print(quality(qa.runs, qa.plot))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="run", choices=["run", "worker"])
     p.add_argument("--netbed", dest="rate", type=float, default=0.0, help="link Mbit/s on the netns testbed (0 = loopback)")
