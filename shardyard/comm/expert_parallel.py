@@ -40,7 +40,7 @@ from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.lsh import CentroidHasher, compress, expand
 from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
 from shardyard.models.moe.experts import GroupedExperts
-from shardyard.models.moe.layer import MoELayer, _inside_backward
+from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.permute import combine as weighted_sum
 from shardyard.models.moe.permute import dispatch as gather_rows
 from shardyard.models.moe.router import ExpertChoiceRouter
@@ -51,6 +51,12 @@ EXPERT_PARAM_ATTR = "_shardyard_expert_parallel"
 
 def _is_expert_param(p: nn.Parameter) -> bool:
     return getattr(p, EXPERT_PARAM_ATTR, False)
+
+
+def _inside_backward() -> bool:
+    """True while the autograd engine runs (an activation-checkpointed forward being recomputed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 class ExpertParallelExperts(nn.Module):
