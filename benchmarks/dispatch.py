@@ -235,7 +235,7 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     from shardyard.runtime.checkpoint import read_checkpoint
 
     spec = load_spec(run_dir / "spec.yaml")
-    newest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     state, _ = read_checkpoint(newest)
     corpus = load_corpus(spec.data)
     val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size, batches, 0, 1)
@@ -253,6 +253,8 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         want = model.state_dict().keys()
         own = {}
         for k, v in state["model"].items():  # a run trained with(out) the wrapper has (no) ".local."
+            if ".lsh." in k:  # this configuration's own LSH schedule, not the trained run's
+                continue
             for cand in (k, k.replace(".experts.", ".experts.local."), k.replace(".experts.local.", ".experts.")):
                 if cand in want:
                     own[cand] = v
@@ -268,8 +270,9 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         copies = sum(v for k, v in m.items() if k.endswith("/tokens_in"))
         hashes = [v for k, v in m.items() if k.endswith("/lsh_hashes")]
         err = m.get("comm/lsh_rel_error")
-        lines.append(f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | "
-                     f"{'-' if err is None else f'{err:.3f}'} | {'-' if not hashes else sum(hashes) / len(hashes):g} |")
+        err_cell = "-" if err is None else f"{err:.3f}"
+        hash_cell = "-" if not hashes else f"{sum(hashes) / len(hashes):g}"
+        lines.append(f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | {err_cell} | {hash_cell} |")
     return "\n".join(lines)
 
 

@@ -142,7 +142,9 @@ class CentroidHasher(nn.Module):
         return self._rot
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return bucket_codes(x, self.matrix(), int(self.active_hashes), self.half)
+        # clamped: a checkpoint written with more hashes than this spec has may be loaded
+        active = max(1, min(int(self.active_hashes), self.hashes))
+        return bucket_codes(x, self.matrix(), active, self.half)
 
     def measure_now(self) -> bool:
         """Whether this (training) micro-batch also measures the error against the exact dispatch."""
