@@ -40,6 +40,7 @@ from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.lsh import CentroidHasher, compress, expand
 from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
 from shardyard.models.moe.experts import GroupedExperts
+from shardyard.models.moe.accounting import recomputing
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.permute import combine as weighted_sum
 from shardyard.models.moe.permute import dispatch as gather_rows
@@ -54,9 +55,10 @@ def _is_expert_param(p: nn.Parameter) -> bool:
 
 
 def _inside_backward() -> bool:
-    """True while the autograd engine runs (an activation-checkpointed forward being recomputed)."""
+    """True while an activation-checkpointed forward is recomputed: the trainer's flag (moe_scope), or
+    the autograd engine running (plain torch.utils.checkpoint)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    return recomputing() or (task_id is not None and task_id() != -1)
 
 
 class ExpertParallelExperts(nn.Module):
