@@ -31,17 +31,26 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
     try:
         ray.init(address=cluster.address, logging_level="WARNING")
         runs = {}
-        for name, fault in (("clean", None), ("crashed", 7)):
-            text = tiny_spec_yaml(name, tmp_path / "runs",
-                                  training="{steps: 10, batch_size: 2, eval_every: 5, eval_batches: 1, log_every: 1}",
-                                  resources="{workers: 4, cpus_per_worker: 1, max_failures: 1}",
-                                  checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 5, keep: 2}}",
-                                  parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "
-                                           "{payload: bf16, lsh: {hashes: 4, rotation_refresh: 3, error_every: 2}}}")
-            result = run_training(load_spec_text(text), tmp_path / "runs" / name, fault_step=fault)
-            assert result.error is None, result.error
-            assert result.final_step == 10
-            runs[name] = _losses(tmp_path / "runs" / name)
+
+        def spec(name: str, max_failures: int):
+            return load_spec_text(tiny_spec_yaml(
+                name, tmp_path / "runs",
+                training="{steps: 10, batch_size: 2, eval_every: 5, eval_batches: 1, log_every: 1}",
+                resources=f"{{workers: 4, cpus_per_worker: 1, max_failures: {max_failures}}}",
+                checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 5, keep: 2}}",
+                parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "
+                         "{payload: bf16, lsh: {hashes: 4, rotation_refresh: 3, error_every: 2}}}"))
+
+        clean = run_training(spec("clean", 0), tmp_path / "runs" / "clean")
+        assert clean.error is None and clean.final_step == 10, clean.error
+        runs["clean"] = _losses(tmp_path / "runs" / "clean")
+        # crash at step 7 (after the step-5 checkpoint) with no restarts; then run the job again:
+        # it resumes from step 5 in a fresh worker group, LSH schedule from the checkpoint
+        crashed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed", fault_step=7)
+        assert crashed.error is not None
+        resumed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed")
+        assert resumed.error is None and resumed.final_step == 10, resumed.error
+        runs["crashed"] = _losses(tmp_path / "runs" / "crashed")
         assert (tmp_path / "runs" / "crashed" / ".injected_fault_done").exists()
         a, b = runs["clean"], runs["crashed"]
         assert sorted(a) == sorted(b) == list(range(1, 11)) and a[10] < a[1]
