@@ -39,19 +39,13 @@ from shardyard.comm.dispatch import COUNTERS
 from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.lsh import CentroidHasher, compress, expand
 from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
-from shardyard.models.moe.experts import GroupedExperts
 from shardyard.models.moe.accounting import recomputing
+from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.permute import combine as weighted_sum
 from shardyard.models.moe.permute import dispatch as gather_rows
 from shardyard.models.moe.router import ExpertChoiceRouter
 from shardyard.platform.schema import DispatchSpec, ParallelSpec
-
-EXPERT_PARAM_ATTR = "_shardyard_expert_parallel"
-
-
-def _is_expert_param(p: nn.Parameter) -> bool:
-    return getattr(p, EXPERT_PARAM_ATTR, False)
 
 
 def _inside_backward() -> bool:
@@ -106,7 +100,7 @@ class ExpertParallelExperts(nn.Module):
         local = copy.deepcopy(experts, memo={id(p): None for p in full.values()})
         for name, p in full.items():
             shard = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
-            setattr(shard, EXPERT_PARAM_ATTR, True)
+            setattr(shard, EXPERT_SHARD_ATTR, True)
             local._parameters[name] = shard
         local.num_experts = self.experts_per_rank
         self.local = local
@@ -291,7 +285,7 @@ def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (expert if _is_expert_param(p) else dense).append(p.grad)
+        (expert if is_expert_shard(p) else dense).append(p.grad)
     _all_reduce_flat(dense, groups.dp, 1.0 / world)
     _all_reduce_flat(expert, groups.edp, 1.0 / world)
 
@@ -312,7 +306,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ProcessGroups) -> 
             continue
         grads.append(p.grad)
         sq = p.grad.detach().double().square().sum().cpu()
-        if _is_expert_param(p):
+        if is_expert_shard(p):
             expert_sq += sq
         else:
             dense_sq += sq

@@ -1,12 +1,17 @@
-"""Resumable, rank-sharded loaders over a byte array (torchdata StatefulDataLoader).
+"""Resumable, rank-sharded training loader over a byte array (torchdata StatefulDataLoader).
 
-Training: each epoch a seeded permutation of non-overlapping window starts is split across ranks
-(rank r takes order[r::world]); the dataset's state {epoch, pos} makes a restored loader yield
-exactly the batches the interrupted one would have. Validation: a fixed, unshuffled slice.
+The data position is GLOBAL, so a run can resume on a different number of workers without
+skipping or repeating a window. Each epoch a seeded permutation orders all non-overlapping windows;
+every micro-batch step takes the next `world * batch_size` windows of it, rank r the r-th block of
+`batch_size`. The position `{epoch, pos}` (windows of the epoch consumed by all ranks together) is
+the same on every rank; a loader restored from it at any world size continues at that window.
+An epoch's tail shorter than one global batch is skipped (the next epoch reshuffles everything).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -14,51 +19,84 @@ import torch
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from shardyard import envvars
 
-class ShardedByteWindows(IterableDataset):
-    """Yields (input, target) int64 pairs of length seq_len from windows of seq_len + 1 bytes."""
 
-    def __init__(self, data: np.ndarray, seq_len: int, rank: int, world: int, seed: int) -> None:
+class GlobalWindowStream(IterableDataset):
+    """Yields this rank's (input, target) int64 pairs of length seq_len, from windows of seq_len + 1 bytes."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int) -> None:
         super().__init__()
         self.data = data
         self.seq_len = seq_len
+        self.batch_size = batch_size
         self.rank = rank
         self.world = world
         self.seed = seed
         self.num_windows = (len(data) - 1) // seq_len
-        if self.num_windows < world:
-            raise ValueError(f"{self.num_windows} windows of {seq_len} bytes cannot feed {world} ranks")
+        if self.num_windows < world * batch_size:
+            raise ValueError(f"{self.num_windows} windows of {seq_len} bytes cannot fill one batch of "
+                             f"{batch_size} on {world} ranks")
         self.epoch = 0
-        self.pos = 0  # windows of this rank's epoch order already yielded
+        self.pos = 0  # windows of this epoch's order consumed by all ranks together
+        self.taken = 0  # windows of the current global batch this rank has yielded
+        ledger = os.environ.get(envvars.SAMPLE_LEDGER)  # test hook: which windows this rank trains on
+        self.ledger = Path(ledger) / f"rank{rank}-world{world}.txt" if ledger else None
 
-    def _rank_order(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
-        usable = (len(order) // self.world) * self.world  # equal share on every rank
-        return order[:usable][self.rank::self.world]
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        span = self.world * self.batch_size
         while True:
-            order = self._rank_order()
-            while self.pos < len(order):
-                start = int(order[self.pos]) * self.seq_len
-                self.pos += 1
+            order = self._order()
+            while self.pos + span <= len(order):
+                window_id = int(order[self.pos + self.rank * self.batch_size + self.taken])
+                self.taken += 1
+                if self.taken == self.batch_size:  # state after this sample: the next global batch
+                    self.pos, self.taken = self.pos + span, 0
+                if self.ledger is not None:
+                    with open(self.ledger, "a") as f:
+                        f.write(f"{self.epoch} {window_id}\n")
+                start = window_id * self.seq_len
                 window = torch.from_numpy(self.data[start:start + self.seq_len + 1].astype(np.int64))
                 yield window[:-1], window[1:]
-            self.epoch += 1
-            self.pos = 0
+            self.epoch, self.pos, self.taken = self.epoch + 1, 0, 0
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, int]:
+        """The global position: identical on every rank between steps, valid at any world size."""
+        if self.taken:
+            raise RuntimeError("the data position is only global between steps (a batch is half consumed)")
         return {"epoch": self.epoch, "pos": self.pos}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.pos = int(state["pos"])
+    def set_position(self, position: dict[str, Any]) -> None:
+        self.epoch, self.pos, self.taken = int(position["epoch"]), int(position["pos"]), 0
+
+
+class TrainLoader:
+    """Batches of this rank's windows; `position()` / `set_position()` are the resumable global state."""
+
+    def __init__(self, stream: GlobalWindowStream) -> None:
+        self.stream = stream
+        self.loader = StatefulDataLoader(stream, batch_size=stream.batch_size, num_workers=0)
+        self._iter: Iterator | None = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        return next(self._iter)
+
+    def position(self) -> dict[str, int]:
+        return self.stream.position()
+
+    def set_position(self, position: dict[str, Any]) -> None:
+        self.stream.set_position(position)
+        self._iter = None  # the next batch starts from the restored position
 
 
 def build_train_loader(data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int,
-                       seed: int) -> StatefulDataLoader:
-    dataset = ShardedByteWindows(data, seq_len, rank, world, seed)
-    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=0)
+                       seed: int) -> TrainLoader:
+    return TrainLoader(GlobalWindowStream(data, seq_len, batch_size, rank, world, seed))
 
 
 def validation_batches(data: np.ndarray, seq_len: int, batch_size: int, num_batches: int, rank: int,

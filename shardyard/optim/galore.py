@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardyard.models.moe.experts import is_expert_shard
 from shardyard.optim.projection import (Side, choose_side, compute_basis, project, project_back,
                                         sketch_generator)
 
-EXPERT_SHARD_ATTR = "_shardyard_expert_parallel"  # set by shardyard.comm.expert_parallel on local shards
 
 GALORE_DEFAULTS: dict[str, Any] = {
     "galore": False, "rank": 32, "update_gap": 200, "scale": 0.25, "projection": "svd",
@@ -180,7 +180,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         basis = compute_basis(grad, group["rank"], side, group["projection"], group["oversample"],
                               group["power_iters"], gen)
         # expert-parallel shards hold different experts on every rank: never broadcast those
-        sharded = getattr(p, EXPERT_SHARD_ATTR, False)
+        sharded = is_expert_shard(p)
         if self.broadcast_projection and not sharded and dist.is_available() and dist.is_initialized():
             dist.broadcast(basis, src=0)
         return basis

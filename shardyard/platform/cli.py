@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if start >= spec.training.steps:
         print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
         return 0
+    if args.fault_step is not None:  # test hook, read by the workers from their environment
+        from shardyard import envvars
+
+        os.environ[envvars.FAULT_STEP] = str(args.fault_step)
     if args.address:
         print(f"connecting to the Ray cluster at {args.address}...", flush=True)
         cluster = existing_cluster(args.address)
@@ -231,33 +236,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from shardyard.models.bytes import generate_from_checkpoint
-    from shardyard.runtime.checkpoint import find_latest_checkpoint, read_checkpoint
+    from shardyard.models.bytes.generate import generate
+    from shardyard.runtime.export import load_for_inference
 
-    target = Path(args.run_or_checkpoint)
-    checkpoint = target if (target / "meta.json").exists() else find_latest_checkpoint(target)
-    if checkpoint is None:
-        raise UserError(f"{target}: neither a checkpoint directory nor a run directory holding one")
-    spec_file = checkpoint.parent / "spec.yaml"
-    if not spec_file.exists():
-        raise UserError(f"{spec_file}: missing; a run directory keeps the resolved spec beside its checkpoints")
-    spec = load_spec(spec_file)
-    state, meta = read_checkpoint(checkpoint)
-    if state["model"] is None:
-        raise UserError(f"{checkpoint}: a ZeRO-3 checkpoint keeps only partitioned weights; generation needs zero <= 2")
-    if isinstance(state["model"], list):
-        raise UserError(f"{checkpoint}: an expert-parallel checkpoint (one shard per rank); generation needs a "
-                        "checkpoint of a job with parallel.expert_parallel 1")
+    spec, model = load_for_inference(Path(args.run_or_checkpoint), args.step)
     prompt = args.prompt.encode("utf-8")
     start = time.perf_counter()
-    out = generate_from_checkpoint(spec.model, state["model"], prompt, args.bytes, seq_len=spec.data.seq_len,
-                                   temperature=args.temperature, top_k=args.top_k, use_cache=not args.no_cache,
-                                   seed=args.seed)
+    out = generate(model, prompt, args.bytes, args.temperature, args.top_k, not args.no_cache, args.seed)
     elapsed = time.perf_counter() - start
     sys.stdout.buffer.write(prompt + out + b"\n")
     sys.stdout.flush()
-    print(f"[{len(out)} bytes in {elapsed:.2f} s ({len(out) / max(elapsed, 1e-9):.0f} bytes/s) from step "
-          f"{meta['step']} of {spec.name}, {'with' if not args.no_cache else 'without'} cache]", file=sys.stderr)
+    print(f"[{len(out)} bytes in {elapsed:.2f} s ({len(out) / max(elapsed, 1e-9):.0f} bytes/s) from {spec.name}, "
+          f"{'with' if not args.no_cache else 'without'} cache]", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from shardyard.runtime.export import export
+
+    weights = export(Path(args.run_or_checkpoint), Path(args.out), args.step)
+    print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / 'spec.yaml'}")
     return 0
 
 
@@ -349,7 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole model per byte (slow; for comparison)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint of any layout into one safetensors file plus its spec")
+    p.add_argument("run_or_checkpoint", help="a run directory (newest complete checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, spec.yaml)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("plan", help="predict all-to-all time per step (flat / hierarchical / leader) at a cluster size")
     with_spec(p)

@@ -260,6 +260,9 @@ class TrainingSpec(Section):
     eval_batches: PositiveInt = Field(8, description="validation batches per pass")
     log_every: PositiveInt = Field(1, description="steps between metric records")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype for the forward pass")
+    grad_accum: PositiveInt = Field(1, description="micro-batches of batch_size per optimizer step (gradients are synchronised once, after the last)")
+    activation_checkpointing: Literal["none", "full", "every_n"] = Field("none", description="flat models: recompute block activations in backward: none | full (every block) | every_n (every activation_checkpointing_every-th block). Byte models use model.stages[i].checkpoint_chunks")
+    activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
 
 
 class LSHSpec(Section):
@@ -305,7 +308,8 @@ class ParallelSpec(Section):
     expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
     a2a: Literal["flat", "hierarchical", "leader"] = Field("flat", description="all-to-all algorithm for expert parallelism")
     dispatch: DispatchSpec = Field(default_factory=DispatchSpec, description="compressed expert dispatch (docs/lsh.md); works with expert_parallel 1 too")
-    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 = plain DDP")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 = off. Dense models only; its checkpoints resume at the same number of workers")
+    shard: Literal["none", "zero2", "full"] = Field("none", description="FSDP2 sharding of the dense weights, gradients and optimizer state over all workers, composable with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = parameters kept gathered between forward and backward | full = parameters resharded after forward (ZeRO-3)")
 
 
 class ResourcesSpec(Section):
@@ -359,8 +363,20 @@ class JobSpec(Section):
             raise ValueError(f"data.seq_len: {self.data.seq_len} exceeds the model's context of {context} bytes "
                              "(the product of model.stages[*].patch_size)")
         if self.parallel.zero and ep > 1:
-            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) and expert parallelism "
-                             f"({ep}) do not combine here; choose one")
+            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with expert "
+                             f"parallelism ({ep}); use parallel.shard: full (FSDP2) with parallel.zero: 0")
+        if self.parallel.zero and self.parallel.shard != "none":
+            raise ValueError(f"parallel.shard: {self.parallel.shard!r} and parallel.zero: {self.parallel.zero} both "
+                             "shard the model; choose one (parallel.shard composes with expert parallelism)")
+        if self.parallel.shard != "none" and self.optim.kind != "adamw":
+            raise ValueError(f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
+                             f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it")
+        if self.training.grad_accum > 1 and galore is not None and galore.layerwise:
+            raise ValueError("training.grad_accum: layer-wise GaLore steps every parameter inside each backward, "
+                             f"so it cannot accumulate {self.training.grad_accum} micro-batches; set grad_accum: 1")
+        if self.training.activation_checkpointing != "none" and self.model.stages:
+            raise ValueError(f"training.activation_checkpointing applies to flat models; a {self.model.kind} model "
+                             "checkpoints per stage with model.stages[i].checkpoint_chunks")
         if self.parallel.zero and galore is not None and galore.layerwise:
             raise ValueError("parallel.zero: DeepSpeed owns the optimizer step; layer-wise GaLore cannot run under it")
         if self.training.eval_every and self.training.eval_every > self.training.steps:
@@ -374,5 +390,6 @@ class JobSpec(Section):
         return self.resources.workers
 
     def tokens_per_step(self) -> int:
-        return self.resources.workers * self.training.batch_size * self.data.seq_len
+        """Bytes trained on per optimizer step, over all workers and micro-batches."""
+        return self.resources.workers * self.training.batch_size * self.training.grad_accum * self.data.seq_len
 

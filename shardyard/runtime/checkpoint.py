@@ -1,13 +1,24 @@
-"""Checkpoints: one directory holds everything needed to resume (model, optimizer, scheduler,
-every rank's data-loader state, step, RNG).
+"""Sharded, verified checkpoints.
 
-Files are written under a temporary name and renamed into place, and the directory itself is
-assembled under a temporary name and renamed, so a crash never leaves a half-written checkpoint
-where a reader would look for a complete one.
+A checkpoint is a directory:
+
+    shards/          torch.distributed.checkpoint (DCP): every rank writes only its own chunks
+                     (`__<rank>_0.distcp`), rank 0 the global `.metadata`; replicated tensors once
+    deepspeed/       instead of shards/ for DeepSpeed ZeRO jobs (the engine's own partitions)
+    rng-rank<r>.json each rank's RNG state (JSON: nothing in a checkpoint is unpickled as code)
+    meta.json        rank 0: step, scheduler, global data position, layout, spec digest
+    manifest.json    rank 0, written LAST: size and sha256 of every other file; the commit marker
+
+A checkpoint counts only when its manifest exists and every file matches it, so a save killed
+between shards leaves the previous checkpoint the newest complete one. Ray Train merges the
+directories every rank reports into one storage directory; locally `commit_local` renames a
+finished directory into place. Loading reshards: the target state dict comes from the plan of the
+resuming job (any world size, EP degree or sharding), and DCP reads the chunks each rank needs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,66 +28,180 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+FORMAT = 2
 
 
+# ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    """This process's RNG states as JSON-serialisable values (the device's own generator only)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()  # this rank's current device only
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+# ------------------------------------------------------------------------------------ writing
+def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_checkpoint(directory: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write `state` (torch objects) and `meta` (JSON) as `directory`, atomically."""
-    directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    atomic_torch_save(state, staging / STATE_FILE)
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    directory = Path(directory)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    meta = json.loads((directory / META_FILE).read_text())
-    return state, meta
+def file_digests(directory: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under `directory` but the manifest."""
+    out: dict[str, list] = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[str(path.relative_to(directory))] = [path.stat().st_size, digest.hexdigest()]
+    return out
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP / other wrappers (their state_dict keys carry a prefix)."""
-    return getattr(model, "module", model)
+def save_checkpoint(plan, directory: Path, meta: dict[str, Any]) -> None:
+    """Collective: every rank writes its shards and RNG into `directory` (its own local directory
+    when each rank reports one); rank 0 writes meta.json and, after every rank is done, the manifest."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(plan, "save"):  # DeepSpeed writes its own partitions
+        plan.save(directory)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(plan.state_dict(), checkpoint_id=str(directory / SHARDS_DIR))
+    _write_json(directory / f"rng-rank{rank}.json", rng_state())
+    if rank == 0:
+        _write_json(directory / META_FILE, {"format": FORMAT, **meta})
+    _fsync_tree(directory)
+    digests = file_digests(directory)
+    gathered: list[dict[str, list]] = [digests]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, digests)  # file names and hashes only, never tensors
+    if rank == 0:
+        manifest = {name: entry for files in gathered for name, entry in files.items()}
+        _write_json(directory / MANIFEST_FILE, {"files": manifest})
+        _fsync_tree(directory)
 
 
-def find_latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint directory in a run (as Ray Train stores them), or None."""
-    candidates = [p for p in Path(run_dir).glob("checkpoint_*") if (p / META_FILE).exists()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: json.loads((p / META_FILE).read_text())["step"])
+def commit_local(staged: Path, final: Path) -> Path:
+    """Move a complete staged checkpoint into place atomically (single-process runs)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    return final
+
+
+# ------------------------------------------------------------------------------------ reading
+def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
+    """None when `directory` is a complete checkpoint, else why not. `full` also checks hashes."""
+    manifest_file = Path(directory) / MANIFEST_FILE
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest (the save did not finish)"
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return "unreadable manifest"
+    for name, (size, sha) in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    if full:
+        actual = file_digests(Path(directory))
+        for name, (size, sha) in files.items():
+            if actual[name][1] != sha:
+                return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint_* with a readable meta.json, newest first."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint_*"):
+        try:
+            found.append((int(read_meta(path)["step"]), path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
+
+
+def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Path | None:
+    """Newest complete (manifest-verified) checkpoint of a run, or None. Incomplete newer ones are
+    skipped; `report(message)` hears about each."""
+    for _, path in checkpoints_newest_first(run_dir):
+        problem = verify_checkpoint(path, full=full)
+        if problem is None:
+            return path
+        if report is not None:
+            report(f"skipping {path.name}: {problem}")
+    return None
+
+
+def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
+    """Collective: load `directory` into the plan (resharding as needed); restore this rank's RNG
+    when the world size is unchanged. Returns the checkpoint's meta."""
+    meta = read_meta(directory)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    layout = meta["layout"]
+    if hasattr(plan, "load"):
+        if layout.get("mode") != "deepspeed" or layout.get("world") != world:
+            raise RuntimeError(f"{directory}: a DeepSpeed ZeRO job resumes only its own checkpoints at the same "
+                               f"number of workers (checkpoint layout {layout}, this job {plan.layout()})")
+        plan.load(directory)
+    else:
+        if layout.get("mode") == "deepspeed":
+            raise RuntimeError(f"{directory}: written by a DeepSpeed ZeRO job; resume it with parallel.zero "
+                               f"{layout.get('zero')}, or `shardyard export` it")
+        import torch.distributed.checkpoint as dcp
+
+        state = plan.state_dict()
+        dcp.load(state, checkpoint_id=str(Path(directory) / SHARDS_DIR))
+        plan.load_state_dict(state)
+    rng_file = Path(directory) / f"rng-rank{rank}.json"
+    if layout.get("world") == world and rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return meta

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
-from shardyard.runtime.checkpoint import META_FILE, find_latest_checkpoint
+from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
 
 SPEC_ENV = "SHARDYARD_SPEC_JSON"
@@ -126,7 +126,9 @@ def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]
     return offset + len(complete.encode())
 
 
-RESUME_MUST_MATCH = ("seed", "model", "data.paths", "data.seq_len", "optim.kind", "resources.workers", "parallel")
+# Fields a checkpoint depends on. The number of workers, EP degree and sharding may change: resuming
+# reshards (DeepSpeed ZeRO checkpoints excepted, see `resume_conflicts`).
+RESUME_MUST_MATCH = ("seed", "model", "data.paths", "data.seq_len", "optim.kind")
 
 
 def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
@@ -143,6 +145,10 @@ def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
         for key in field.split("."):
             old_value, new_value = old_value[key], new_value[key]
         _diff(field, old_value, new_value, conflicts)
+    if stored["parallel"]["zero"] or new["parallel"]["zero"]:  # DeepSpeed's own format: same layout only
+        for field in ("resources.workers", "parallel.zero"):
+            section, key = field.split(".")
+            _diff(field, stored[section][key], new[section][key], conflicts)
     return conflicts
 
 
@@ -157,7 +163,7 @@ def _diff(path: str, old: Any, new: Any, out: list[str]) -> None:
 def latest_step(run_dir: Path) -> int:
     """Step of the run's newest complete checkpoint (0 when it has none)."""
     latest = find_latest_checkpoint(run_dir)
-    return 0 if latest is None else int(json.loads((latest / META_FILE).read_text())["step"])
+    return 0 if latest is None else int(read_meta(latest)["step"])
 
 
 def main() -> int:

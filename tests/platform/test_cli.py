@@ -73,41 +73,40 @@ def test_plan_prints_all_three_algorithms_and_a_recommendation() -> None:
     assert bad.returncode == 2 and "must divide" in bad.stderr
 
 
+def _one_process_run(tmp_path: Path, name: str, steps: int = 3) -> Path:
+    """A run directory with a real checkpoint, trained by the Trainer in this process."""
+    from shardyard.platform.spec import load_spec_text, spec_to_yaml
+    from shardyard.runtime.worker import LocalReporter, Trainer
+
+    spec = load_spec_text(tiny_spec_yaml(name, tmp_path), overrides=[
+        "resources.workers=1", f"training.steps={steps}", "training.eval_every=0", "optim.schedule.warmup=1"])
+    run_dir = tmp_path / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    Trainer(spec, run_dir, LocalReporter(run_dir, 2)).fit()
+    return run_dir
+
+
 def test_generate_from_a_checkpoint(tmp_path: Path) -> None:
     """`shardyard generate` on a run directory written by the trainer's checkpoint code."""
-    from shardyard.models import build_model
-    from shardyard.platform.spec import load_spec_text, spec_to_yaml
-    from shardyard.runtime.checkpoint import write_checkpoint
-
-    spec = load_spec_text(tiny_spec_yaml("gen", tmp_path))
-    run_dir = tmp_path / "gen"
-    run_dir.mkdir()
-    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
-    model = build_model(spec.model, spec.data.seq_len)
-    write_checkpoint(run_dir / "checkpoint_0", {"model": model.state_dict(), "step": 3}, {"step": 3})
+    run_dir = _one_process_run(tmp_path, "gen")
     proc = subprocess.run([str(BIN / "shardyard"), "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
                           capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(b"def ") and len(proc.stdout) == 4 + 12 + 1
-    assert b"12 bytes" in proc.stderr and b"step 3" in proc.stderr
+    assert b"12 bytes" in proc.stderr and b"gen" in proc.stderr
     missing = run_cli("generate", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "neither a checkpoint" in missing.stderr
 
 
 def test_rerun_with_an_incompatible_spec_keeps_the_old_run(tmp_path: Path) -> None:
     """A run directory with checkpoints is never resumed by, or overwritten with, another model."""
-    from shardyard.platform.spec import load_spec_text, spec_to_yaml
-    from shardyard.runtime.checkpoint import write_checkpoint
-
+    run_dir = _one_process_run(tmp_path / "runs", "keep", steps=2)
     text = tiny_spec_yaml("keep", tmp_path / "runs")
-    run_dir = tmp_path / "runs" / "keep"
-    run_dir.mkdir(parents=True)
-    (run_dir / "spec.yaml").write_text(spec_to_yaml(load_spec_text(text)))
-    write_checkpoint(run_dir / "checkpoint_0", {"step": 8}, {"step": 8})
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     spec = tmp_path / "job.yaml"
     spec.write_text(text)
-    proc = run_cli("run", str(spec), "--set", "model.width=128", "--set", "resources.workers=1")
+    proc = run_cli("run", str(spec), "--set", "model.width=128", "--set", "optim.kind=galore_adamw")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "model.width: 64 -> 128" in proc.stderr and "resources.workers: 2 -> 1" in proc.stderr
+    assert "model.width: 64 -> 128" in proc.stderr and "optim.kind: 'adamw' -> 'galore_adamw'" in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

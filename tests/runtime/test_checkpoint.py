@@ -1,36 +1,75 @@
-"""Checkpoint files: round trip, atomic replacement, half-written ones never picked."""
+"""Checkpoint directories: RNG as JSON, the manifest as commit marker, incomplete ones never picked."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from shardyard.runtime.checkpoint import (find_latest_checkpoint, read_checkpoint, rng_state, set_rng_state,
-                                          write_checkpoint)
+from shardyard.platform.spec import load_spec_text
+from shardyard.runtime import checkpoint as ckpt
+from shardyard.runtime.worker import LocalReporter, Trainer
+from tests.helpers import tiny_spec_yaml
 
 
-def test_round_trip_and_rng(tmp_path: Path) -> None:
+def test_rng_state_round_trips_through_json() -> None:
     torch.manual_seed(5)
-    state = {"model": {"w": torch.randn(3, 3)}, "step": 7, "rng": rng_state()}
-    write_checkpoint(tmp_path / "checkpoint_a", state, {"step": 7})
+    state = json.loads(json.dumps(ckpt.rng_state()))
     expected_next = torch.rand(4)
-    loaded, meta = read_checkpoint(tmp_path / "checkpoint_a")
-    assert meta == {"step": 7} and torch.equal(loaded["model"]["w"], state["model"]["w"])
-    set_rng_state(loaded["rng"])
+    ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(4), expected_next)
 
 
-def test_overwrite_is_atomic_and_partials_are_ignored(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "checkpoint_1", {"x": 1}, {"step": 1})
-    write_checkpoint(tmp_path / "checkpoint_1", {"x": 2}, {"step": 1})
-    assert read_checkpoint(tmp_path / "checkpoint_1")[0] == {"x": 2}
-    assert not list(tmp_path.glob(".*partial*")) and not list((tmp_path / "checkpoint_1").glob(".*tmp*"))
-    write_checkpoint(tmp_path / "checkpoint_2", {"x": 3}, {"step": 2})
-    # A crash mid-write leaves a directory without meta.json (or a staging dir): never chosen.
-    (tmp_path / "checkpoint_3").mkdir()
-    (tmp_path / "checkpoint_3" / "state.pt").write_bytes(b"\x00garbage")
-    (tmp_path / ".checkpoint_4.partial-1").mkdir()
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_2"
-    assert json.loads((tmp_path / "checkpoint_2" / "meta.json").read_text())["step"] == 2
+@pytest.fixture(scope="module")
+def run_with_two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    spec = load_spec_text(tiny_spec_yaml("c", root), overrides=[
+        "resources.workers=1", "training.steps=4", "training.eval_every=0", "checkpoint.every=2",
+        "optim.schedule.warmup=1"])
+    run_dir = root / "c"
+    Trainer(spec, run_dir, LocalReporter(run_dir, 3)).fit()
+    return run_dir
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_checkpoint_is_complete_only_with_a_matching_manifest(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
+    newest, older = run / "checkpoint_00000004", run / "checkpoint_00000002"
+    assert ckpt.verify_checkpoint(newest) is None and ckpt.find_latest_checkpoint(run) == newest
+    files = json.loads((newest / ckpt.MANIFEST_FILE).read_text())["files"]
+    assert "meta.json" in files and "rng-rank0.json" in files and any(f.startswith("shards/") for f in files)
+
+    (newest / ckpt.MANIFEST_FILE).unlink()  # what a save killed before its commit marker leaves
+    assert "no manifest" in ckpt.verify_checkpoint(newest)
+    skipped: list[str] = []
+    assert ckpt.find_latest_checkpoint(run, report=skipped.append) == older
+    assert skipped and "checkpoint_00000004" in skipped[0]
+
+
+def test_a_truncated_shard_or_meta_is_detected_and_skipped(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
+    newest = run / "checkpoint_00000004"
+    shard = next((newest / ckpt.SHARDS_DIR).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # the file a resume would read
+    assert "bytes, the manifest says" in ckpt.verify_checkpoint(newest)
+    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_00000002"
+    (run / "checkpoint_00000002" / ckpt.META_FILE).write_text('{"step": 2, "lay')  # truncated JSON
+    assert ckpt.find_latest_checkpoint(run) is None  # no traceback, nothing complete left
+
+
+def test_a_flipped_byte_fails_the_full_check(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
+    shard = next((run / "checkpoint_00000004" / ckpt.SHARDS_DIR).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.verify_checkpoint(run / "checkpoint_00000004", full=False) is None  # sizes still match
+    assert "sha256" in ckpt.verify_checkpoint(run / "checkpoint_00000004", full=True)

@@ -196,3 +196,11 @@ def SharedExpert(width: int, hidden: int, kind: str = "swiglu") -> nn.Module:
     if kind == "gelu":
         return GeluMLP(width, hidden)
     raise ValueError(f"unknown expert kind {kind!r}; available: swiglu, gelu")
+
+
+EXPERT_SHARD_ATTR = "_shardyard_expert_parallel"  # set on the parameters of one rank's expert shard
+
+
+def is_expert_shard(p: torch.Tensor) -> bool:
+    """True for a parameter holding one expert-parallel rank's slice of an expert stack."""
+    return getattr(p, EXPERT_SHARD_ATTR, False)

@@ -1,0 +1,167 @@
+"""Per-rank training state, checkpoint cost and step time of every parallelism mode at 1, 2, 4 ranks.
+
+For each (mode, world) it spawns real gloo ranks running the Trainer on the same MoE model and
+measures, on every rank, from the real tensors: bytes of parameters + gradients + optimizer state;
+the time to save a sharded checkpoint and the bytes this rank wrote; the time to load it back
+(into the same layout); the median step time. From bytes per parameter it states the largest model
+whose state fits a per-rank budget under each mode.
+
+    python benchmarks/scale.py --worlds 1 2 4 --steps 6 --out benchmarks/results/scale-<date>.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from shardyard import envvars
+from shardyard.comm.launch import spawn
+from shardyard.platform.spec import load_spec_text
+
+MODES = {  # name -> (expert_parallel(world), shard, zero)
+    "ddp": (lambda w: 1, "none", 0),
+    "ep": (lambda w: w, "none", 0),
+    "zero2": (lambda w: 1, "none", 2),
+    "fsdp": (lambda w: 1, "full", 0),
+    "ep+fsdp": (lambda w: min(w, 2), "full", 0),
+}
+
+
+def spec_text(name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int) -> str:
+    ep_of, shard, zero = MODES[mode]
+    kind = "moe" if zero == 0 else "moe"
+    return f"""name: {name}
+seed: 0
+model: {{kind: {kind}, width: {width}, depth: 4, heads: 4, ffn: {{hidden: {3 * width}}}, moe: {{num_experts: {experts}, top_k: 2}}}}
+data: {{paths: [stdlib], seq_len: 128, max_bytes: 3000000}}
+optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
+training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_batches: 1}}
+parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}}}
+resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
+checkpoint: {{dir: {storage}, every: 0, keep: 1}}
+tracking: {{mode: disabled}}
+"""
+
+
+def _rank(topology, text: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    import torch.distributed as dist
+
+    from shardyard.runtime import checkpoint as ckpt
+    from shardyard.runtime.worker import Trainer
+
+    os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size),
+                      **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)})
+    spec = load_spec_text(text)
+    trainer = Trainer(spec, Path(out), lambda metrics, directory: None)
+
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    times = []
+    for _ in range(spec.training.steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - start)
+    inputs, targets = trainer.loader.next_batch()
+    _, ce = trainer.plan.module(inputs, targets)
+    trainer.plan.backward(ce)
+    if hasattr(trainer.plan, "engine"):  # DeepSpeed keeps partitions in its own flat buffers
+        opt = trainer.plan.engine.optimizer
+        state = sum(local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        state += sum(local_bytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
+        grads = sum(local_bytes(g) for g in getattr(opt, "averaged_gradients", {}).values() for g in (g if isinstance(g, list) else [g]))
+    else:
+        state = sum(local_bytes(v) for s in trainer.plan.optimizer.state.values() for v in s.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+        grads = sum(local_bytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
+    params = sum(local_bytes(p) for p in trainer.model.parameters())
+    total_params = sum(p.numel() for p in __import__("shardyard.models", fromlist=["build_model"]).build_model(spec.model, spec.data.seq_len).parameters())
+    trainer.plan.optimizer.zero_grad(set_to_none=True)
+
+    rank = topology.rank
+    with tempfile.TemporaryDirectory(prefix=f"scale-r{rank}-") as tmp:
+        directory = Path(tmp) / "ckpt"
+        meta = {"step": 0, "name": spec.name, "layout": trainer.layout(), "scheduler": trainer.plan.scheduler.state_dict(),
+                "data_position": trainer.loader.position()}
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt.save_checkpoint(trainer.plan, directory, meta)
+        save_s = time.perf_counter() - start
+        written = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        # Load back from a merged copy (every rank's files, as Ray Train merges them), same layout.
+        merged = Path(out) / "merged"
+        if rank == 0:
+            merged.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        subprocess.run(["cp", "-r", f"{directory}/.", str(merged)], check=True)
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt.load_checkpoint(trainer.plan, merged)
+        load_s = time.perf_counter() - start
+    record = {"rank": rank, "params": params, "grads": grads, "optim": state, "total_params": total_params,
+              "save_s": save_s, "load_s": load_s, "ckpt_bytes": written,
+              "step_s": statistics.median(times[1:] or times)}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def measure(mode: str, world: int, width: int, experts: int, steps: int) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        text = spec_text(f"scale-{mode.replace('+', '-')}-{world}", Path(tmp), world, mode, width, experts, steps)
+        spawn(_rank, world, min(world, 2), text, tmp)
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--budget-gb", type=float, default=80.0, help="per-rank state budget for the 'largest model' column")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    rows = []
+    for mode in args.modes:
+        for world in args.worlds:
+            if mode == "ep+fsdp" and world == 1 or mode in ("ep",) and world == 1:
+                continue
+            ranks = measure(mode, world, args.width, args.experts, args.steps)
+            state = [r["params"] + r["grads"] + r["optim"] for r in ranks]
+            total = ranks[0]["total_params"]
+            per_param = max(state) / total
+            rows.append({"mode": mode, "world": world, "params": total, "state_max_mb": max(state) / 1e6,
+                         "state_mean_mb": statistics.mean(state) / 1e6, "bytes_per_param": per_param,
+                         "ckpt_mb_per_rank": max(r["ckpt_bytes"] for r in ranks) / 1e6,
+                         "save_s": max(r["save_s"] for r in ranks), "load_s": max(r["load_s"] for r in ranks),
+                         "step_s": statistics.median(r["step_s"] for r in ranks),
+                         "fits_b_params": args.budget_gb * 1e9 / per_param / 1e9})
+            print(json.dumps(rows[-1]), flush=True)
+    header = ("| mode | ranks | state/rank max (MB) | mean | bytes/param | ckpt MB/rank | save s | load s | step s | "
+              f"largest model in {args.budget_gb:g} GB/rank (B params) |")
+    lines = [header, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['world']} | {r['state_max_mb']:.2f} | {r['state_mean_mb']:.2f} | "
+                     f"{r['bytes_per_param']:.2f} | {r['ckpt_mb_per_rank']:.2f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
+                     f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

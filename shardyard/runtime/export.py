@@ -1,0 +1,91 @@
+"""Consolidate any checkpoint (replicated, expert-parallel, FSDP2-sharded, DeepSpeed ZeRO 1-3) into
+one single-worker model: for `shardyard export` (one safetensors file plus the resolved spec),
+`generate` and `eval`. Runs in one process; DCP reads every rank's chunks into full tensors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shardyard.models import build_model
+from shardyard.platform.errors import UserError
+from shardyard.platform.schema import JobSpec
+from shardyard.platform.spec import load_spec
+from shardyard.runtime import checkpoint as ckpt
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.yaml"
+
+
+def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
+    """A checkpoint directory from a run directory (newest complete, or the one at `step`) or itself."""
+    target = Path(target)
+    if (target / ckpt.META_FILE).exists():
+        problem = ckpt.verify_checkpoint(target, full=False)
+        if problem:
+            raise UserError(f"{target}: incomplete checkpoint ({problem})")
+        return target
+    if step is not None:
+        for found_step, path in ckpt.checkpoints_newest_first(target):
+            if found_step == step and ckpt.verify_checkpoint(path, full=False) is None:
+                return path
+        raise UserError(f"{target}: no complete checkpoint at step {step}")
+    latest = ckpt.find_latest_checkpoint(target)
+    if latest is None:
+        raise UserError(f"{target}: neither a checkpoint directory nor a run directory holding a complete one")
+    return latest
+
+
+def _spec_for(checkpoint: Path) -> JobSpec:
+    for candidate in (checkpoint / SPEC_FILE, checkpoint.parent / SPEC_FILE):
+        if candidate.exists():
+            return load_spec(candidate)
+    raise UserError(f"{checkpoint.parent / SPEC_FILE}: missing; a run directory keeps the resolved spec beside its checkpoints")
+
+
+def consolidated_state(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model` (single-worker names) read from `checkpoint`, whatever wrote it."""
+    meta = ckpt.read_meta(checkpoint)
+    if meta["layout"].get("mode") == "deepspeed":
+        from shardyard.runtime.parallel.deepspeed_zero import consolidated_weights
+
+        return consolidated_weights(checkpoint)
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(checkpoint / ckpt.SHARDS_DIR), no_dist=True)
+    return state["model"]
+
+
+def load_for_inference(target: Path, step: int | None = None) -> tuple[JobSpec, nn.Module]:
+    """(spec, model on CPU in eval mode) from a run directory, a checkpoint, or an export directory."""
+    target = Path(target)
+    if (target / WEIGHTS_FILE).exists():
+        from safetensors.torch import load_file
+
+        spec = load_spec(target / SPEC_FILE)
+        model = build_model(spec.model, spec.data.seq_len)
+        model.load_state_dict(load_file(str(target / WEIGHTS_FILE)))
+        return spec, model.eval()
+    checkpoint = resolve_checkpoint(target, step)
+    spec = _spec_for(checkpoint)
+    model = build_model(spec.model, spec.data.seq_len)
+    model.load_state_dict(consolidated_state(checkpoint, model))
+    return spec, model.eval()
+
+
+def export(target: Path, out: Path, step: int | None = None) -> Path:
+    """Write `out/model.safetensors` (full single-worker weights) and `out/spec.yaml`."""
+    from safetensors.torch import save_file
+
+    checkpoint = resolve_checkpoint(target, step)
+    spec, model = load_for_inference(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE),
+              metadata={"step": str(ckpt.read_meta(checkpoint)["step"]), "source": str(checkpoint)})
+    spec_src = checkpoint / SPEC_FILE if (checkpoint / SPEC_FILE).exists() else checkpoint.parent / SPEC_FILE
+    shutil.copyfile(spec_src, out / SPEC_FILE)
+    return out / WEIGHTS_FILE
