@@ -46,8 +46,13 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
         runs["clean"] = _losses(tmp_path / "runs" / "clean")
         # crash at step 7 (after the step-5 checkpoint) with no restarts; then run the job again:
         # it resumes from step 5 in a fresh worker group, LSH schedule from the checkpoint
+        # the workers read the fault step from their environment: reconnect with it set
+        ray.shutdown()
+        ray.init(address=cluster.address, logging_level="WARNING",
+                 runtime_env={"env_vars": {"SHARDYARD_FAULT_STEP": "7"}})
         crashed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed", fault_step=7)
         assert crashed.error is not None
+        # rank 0 left a marker: the rerun does not fault again
         resumed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed")
         assert resumed.error is None and resumed.final_step == 10, resumed.error
         runs["crashed"] = _losses(tmp_path / "runs" / "crashed")
