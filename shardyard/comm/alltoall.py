@@ -1,10 +1,11 @@
-"""All-to-all for expert parallelism: `dispatch(x, splits) -> (y, recv_splits)` and its inverse `combine`.
+"""All-to-all for expert parallelism: `plan(counts) -> Route`; `run_route(x, route)` dispatches and
+`run_route(y, route.reverse())` combines.
 
 Every rank of the expert-parallel (EP) group holds rows `x` grouped by destination EP rank
-(`splits[j]` rows for rank j). `dispatch` returns the rows every rank sent to this one, grouped by
-source EP rank (`recv_splits[i]` rows from rank i); `combine(y, recv_splits)` sends them back, so
-`combine(dispatch(x, s)) == x`. Splits may be uneven and zero. Both are differentiable: the backward
-of dispatch is combine and vice versa.
+(`counts[j].sum()` rows for rank j). The dispatch returns the rows every rank sent to this one,
+grouped by source EP rank (`route.recv_counts`); the reverse route sends them back, so
+combine(dispatch(x)) == x. Counts may be uneven and zero. Both are differentiable: the backward of
+one is the other. The dispatch stack (dedup, LSH, payload dtype; comm/expert_parallel.py) sits on top.
 
 Three algorithms; they only move rows, never add them, so all three are bit-identical to `flat`:
 
@@ -25,7 +26,6 @@ gathers/scatters). Running the stages in reverse with inverted stages is the com
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,11 +170,6 @@ def run_route(x: torch.Tensor, route: Route) -> torch.Tensor:
     return _RouteFn.apply(x, route)
 
 
-class RecvSplits(list[int]):
-    """`recv_splits` as a list of ints that also carries the Route, so combine needs no count exchange."""
-    route: Route | None = None
-
-
 # ------------------------------------------------------------------------------------- algorithms
 class AllToAll(ABC):
     name: str
@@ -189,20 +184,6 @@ class AllToAll(ABC):
 
         Collective over the EP group. The Route's recv_counts [P, k] are the counts every rank sent here.
         """
-
-    def dispatch(self, x: torch.Tensor, splits: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, RecvSplits]:
-        counts = torch.as_tensor(splits, dtype=torch.int64).reshape(self.size, -1)
-        route = self.plan(counts)
-        recv = RecvSplits(route.recv_splits)
-        recv.route = route
-        return run_route(x, route), recv
-
-    def combine(self, y: torch.Tensor, recv_splits: Sequence[int]) -> torch.Tensor:
-        route = getattr(recv_splits, "route", None)
-        if route is None:  # plain list: plan the way back from scratch (one more count exchange)
-            route = self.plan(torch.as_tensor(list(recv_splits), dtype=torch.int64).reshape(self.size, 1))
-            return run_route(y, route)
-        return run_route(y, route.reverse())
 
 
 def _exchange_equal(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

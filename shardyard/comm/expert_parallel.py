@@ -5,6 +5,12 @@ grouped by GLOBAL expert with offsets over all E experts in, expert outputs in t
 Inside: per-expert counts are exchanged, rows are dispatched to the rank owning their expert, the
 rank runs one grouped GEMM over its experts, and the outputs are combined back.
 
+Between the rows and the transport sits the dispatch stack (DESIGN.md; parallel.dispatch in the
+spec): deduplicate per destination rank (comm/dedup.py) -> optional LSH centroids (comm/lsh.py) ->
+payload dtype (comm/wire.py) -> flat | hierarchical | leader transport (comm/alltoall.py), or the
+local transport of a one-worker EP group. Counters for `comm.dispatch.dispatch_metrics` are kept
+per layer in buffers.
+
 EP rank r of an EP group owns global experts [r*E/ep, (r+1)*E/ep). Its `local` module is a
 `GroupedExperts` holding exactly that slice of the full weights (parameters `local.w_up`, ...).
 
@@ -21,29 +27,72 @@ handles both kinds of parameters with gloo and NCCL alike:
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.comm.alltoall import AllToAll, build_all_to_all, run_route, transpose_index
+from shardyard.comm.alltoall import AllToAll, Route, build_all_to_all, transpose_index
+from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
+from shardyard.comm.dispatch import COUNTERS
 from shardyard.comm.groups import ProcessGroups
+from shardyard.comm.lsh import CentroidHasher, compress, expand
+from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
+from shardyard.models.moe.accounting import recomputing
 from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
+from shardyard.models.moe.permute import combine as weighted_sum
+from shardyard.models.moe.permute import dispatch as gather_rows
+from shardyard.models.moe.router import ExpertChoiceRouter
+from shardyard.platform.schema import DispatchSpec, ParallelSpec
 
+
+def _inside_backward() -> bool:
+    """True while an activation-checkpointed forward is recomputed: the trainer's flag (moe_scope), or
+    the autograd engine running (plain torch.utils.checkpoint)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return recomputing() or (task_id is not None and task_id() != -1)
 
 
 class ExpertParallelExperts(nn.Module):
-    def __init__(self, experts: GroupedExperts, groups: ProcessGroups, a2a: str | AllToAll = "flat") -> None:
+    """This rank's experts behind the dispatch stack: [dedup ->] [LSH centroids ->] payload -> transport.
+
+    `forward(x_sorted, offsets)` is the drop-in for `GroupedExperts` (LSH and the payload dtype apply);
+    `forward_tokens(tokens, token_of, weight_of, offsets, num_tokens)` also takes over the weighted
+    un-permute, which deduplication needs (it sums a token's expert outputs on the receiving rank).
+    With `groups` None the EP group is this one worker (LocalAllToAll): nothing moves, but every stage
+    runs, so its effect on quality shows on one worker. Counters for `dispatch_metrics` live in the
+    non-persistent buffer `comm_counters`; LSH state in the persistent buffers of `.lsh`.
+    """
+
+    def __init__(self, experts: GroupedExperts, groups: ProcessGroups | None, a2a: str | AllToAll = "flat",
+                 dispatch: DispatchSpec | None = None, layer: int = 0, slots: int | None = None) -> None:
         super().__init__()
-        num_experts, ep = experts.num_experts, groups.ep_size
+        num_experts, ep = experts.num_experts, (groups.ep_size if groups is not None else 1)
         if num_experts % ep:
             raise ValueError(f"expert_parallel ({ep}) must divide num_experts ({num_experts})")
         self.num_experts = num_experts
         self.ep_size = ep
         self.experts_per_rank = num_experts // ep
-        self.first_expert = groups.ep_rank * self.experts_per_rank
-        self.a2a = a2a if isinstance(a2a, AllToAll) else build_all_to_all(a2a, groups)
+        self.ep_rank = groups.ep_rank if groups is not None else 0
+        self.first_expert = self.ep_rank * self.experts_per_rank
+        if isinstance(a2a, AllToAll):
+            self.a2a = a2a
+        else:
+            self.a2a = LocalAllToAll() if groups is None or ep == 1 else build_all_to_all(a2a, groups)
+        self.layer = layer
+        dispatch = dispatch or DispatchSpec()
+        self.dedup = dispatch.dedup
+        self.codec = build_codec(dispatch.payload)
+        self.slots = min(slots or self.experts_per_rank, self.experts_per_rank)
+        width = experts.w_up.shape[1]
+        lsh = dispatch.lsh
+        self.lsh = None if lsh is None else CentroidHasher(
+            width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
+            lsh.error_every, lsh.seed, lsh.residual)
+        self._pending_ratio: float | None = None  # last micro-batch's centroids / rows, for target_ratio
+        self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
         # Copy the module (config, hooks, buffers) without copying its full weights, then give it
         # this rank's slice of every parameter (all are stacked [E, ...] by expert).
@@ -64,38 +113,143 @@ class ExpertParallelExperts(nn.Module):
     def backend(self, name: str) -> None:
         self.local.backend = name
 
+    # ------------------------------------------------------------------ accounting
+    def _add(self, slot: str, value: float) -> None:
+        self.comm_counters[COUNTERS[slot]] += value
+
+    def _account(self, rows_by_rank: torch.Tensor, base_by_rank: torch.Tensor, width: int, element_size: int,
+                 backward: bool, extra_row_bytes: int = 0) -> None:
+        """Bytes of the dispatch and return trips (and their gradients when a backward will run)."""
+        rows, own = float(rows_by_rank.sum()), float(rows_by_rank[self.ep_rank])
+        base, base_own = float(base_by_rank.sum()), float(base_by_rank[self.ep_rank])
+        per_row = 2 * (self.codec.row_bytes(width, element_size) + extra_row_bytes)
+        base_row = 2 * width * element_size
+        if backward:
+            per_row += 2 * (self.codec.grad_codec.row_bytes(width, element_size) + extra_row_bytes)
+            base_row *= 2
+        self._add("rows_sent", rows)
+        self._add("bytes_sent", rows * per_row)
+        self._add("bytes_remote", (rows - own) * per_row)
+        self._add("baseline_bytes", base * base_row)
+        self._add("baseline_remote", (base - base_own) * base_row)
+
+    def _plan(self, counts: torch.Tensor) -> Route:
+        start = time.perf_counter()
+        route = self.a2a.plan(counts)
+        self._add("a2a_ms", (time.perf_counter() - start) * 1e3)
+        return route
+
+    # ------------------------------------------------------------------ paths
+    def _through_experts(self, rows: torch.Tensor, counts: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """rows grouped by global expert (counts [E]) -> their expert outputs, via the transport."""
+        timer = Timer(self.comm_counters, COUNTERS["a2a_ms"])
+        route = self._plan(counts.view(self.ep_size, self.experts_per_rank))
+        recv = route.recv_counts  # [source EP rank, local expert]
+        y = send(rows, route, codec, timer)  # rows (source, local expert)
+        # group by local expert for one grouped GEMM: (source, expert) -> (expert, source)
+        sizes = recv.cpu().numpy()
+        y = y.index_select(0, transpose_index(sizes).to(y.device))
+        local_offsets = torch.cumsum(recv.sum(0), 0).to(device=rows.device, dtype=torch.int32)
+        out = self.local(y, local_offsets)
+        self._add("expert_rows", float(out.shape[0]))
+        out = out.index_select(0, transpose_index(sizes.T.copy()).to(out.device))
+        return send(out, route.reverse(), codec, timer)
+
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted: [M, width] grouped by global expert; offsets: [E] int32 cumulative row ends."""
         ends = offsets.to(torch.int64)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # on x's device (NCCL needs that)
-        route = self.a2a.plan(counts.view(self.ep_size, self.experts_per_rank))
-        recv = route.recv_counts  # [source EP rank, local expert]
-        y = run_route(x_sorted, route)  # rows (source, local expert)
-        # group by local expert for one grouped GEMM: (source, expert) -> (expert, source)
-        sizes = recv.cpu().numpy()
-        y = y.index_select(0, transpose_index(sizes).to(y.device))
-        local_offsets = torch.cumsum(recv.sum(0), 0).to(device=x_sorted.device, dtype=torch.int32)
-        out = self.local(y, local_offsets)
-        out = out.index_select(0, transpose_index(sizes.T.copy()).to(out.device))
-        return run_route(out, route.reverse())
+        backward = x_sorted.requires_grad and torch.is_grad_enabled()
+        per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
+        self._add("microbatches", 1.0)
+        self._add("tokens_in", float(x_sorted.shape[0]))
+        if self.lsh is None:
+            self._account(per_rank, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
+            return self._through_experts(x_sorted, counts, self.codec)
+
+        training = self.training and torch.is_grad_enabled() and not _inside_backward()
+        if training:  # advance before hashing: an activation-checkpoint recompute then hashes alike
+            self.lsh.advance(self._pending_ratio)
+            self._pending_ratio = None
+        cents = compress(x_sorted, counts, self.lsh.codes(x_sorted), self.lsh.buckets_per_hash)
+        sent = cents.counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
+        self._account(sent, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
+        self._add("centroids_sent", float(cents.rows.shape[0]))
+        out = expand(self._through_experts(cents.rows, cents.counts, self.codec), x_sorted, cents, self.lsh.residual)
+        if training and self.lsh.measure_now():
+            with torch.no_grad():
+                exact = self._through_experts(x_sorted.detach(), counts, Codec())
+                self._add("err_sq", float((out.detach() - exact).double().square().sum()))
+                self._add("ref_sq", float(exact.double().square().sum()))
+                self._add("err_samples", 1.0)
+        if training:  # applied at the next training micro-batch (see above)
+            self._pending_ratio = self._global_ratio(cents.rows.shape[0], x_sorted.shape[0])
+        return out
+
+    def _global_ratio(self, centroids: int, rows: int) -> float | None:
+        """centroids / rows over the EP group (a tiny all-reduce), for target_ratio adaptation."""
+        if self.lsh is None or self.lsh.target_ratio is None:
+            return None
+        t = torch.tensor([float(centroids), float(rows)], dtype=torch.float64)
+        if self.ep_size > 1:
+            t = t.to(self.comm_counters.device)
+            dist.all_reduce(t, group=self.a2a.groups.ep)
+            t = t.cpu()
+        return float(t[0] / t[1].clamp(min=1))
+
+    def forward_tokens(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                       offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The MoE layer's dispatch -> experts -> weighted combine in one call: [T, width] out.
+
+        Equals `permute.combine(self(permute.dispatch(tokens, token_of), offsets), weight_of, token_of,
+        num_tokens)`; with dedup on, each token travels once per destination rank (bit-identical).
+        """
+        if not self.dedup:
+            return weighted_sum(self(gather_rows(tokens, token_of), offsets), weight_of, token_of, num_tokens)
+        ends = offsets.to(torch.int64)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        backward = tokens.requires_grad and torch.is_grad_enabled()
+        plan = plan_dedup(token_of, weight_of, counts, num_tokens, self.ep_size, self.slots)
+        per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
+        self._add("microbatches", 1.0)
+        self._add("tokens_in", float(token_of.numel()))
+        self._account(plan.send_counts.cpu(), per_rank, tokens.shape[1], tokens.element_size(), backward,
+                      extra_row_bytes=plan.meta.shape[1] * 4 // 2)  # meta out and its weight grads back
+        timer = Timer(self.comm_counters, COUNTERS["a2a_ms"])
+        route = self._plan(plan.send_counts.view(self.ep_size, 1))
+        rows = send(gather_rows(tokens, plan.token), route, self.codec, timer)
+        meta = send(plan.meta, route, Codec(), timer)
+        summed, computed = fan_out_and_sum(rows, meta, self.local, self.experts_per_rank)
+        self._add("expert_rows", float(computed))
+        back = send(summed, route.reverse(), self.codec, timer)
+        return scatter_to_tokens(back, plan, num_tokens)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of "
-                f"{self.num_experts}, ep={self.ep_size}, a2a={self.a2a.name}")
+                f"{self.num_experts}, ep={self.ep_size}, a2a={self.a2a.name}, dedup={self.dedup}, "
+                f"payload={self.codec.name}")
 
 
-def apply_expert_parallel(model: nn.Module, groups: ProcessGroups, a2a: str = "flat") -> nn.Module:
+def apply_expert_parallel(model: nn.Module, groups: ProcessGroups | None,
+                          parallel: ParallelSpec | str = "flat") -> nn.Module:
     """Swap every MoELayer's `.experts` for an ExpertParallelExperts keeping this rank's slice.
 
+    `parallel` is the job's `spec.parallel` (a2a algorithm and dispatch stages) or just an a2a name.
+    The layers are wrapped when the EP group has more than one rank or any dispatch stage changes what
+    travels (`parallel.dispatch.compressed`); `groups` None means one worker (EP 1, nothing moves).
     All ranks must hold the same full weights beforehand (same seed, or a broadcast). In place;
-    returns the model. With ep_size 1 the model is left as is.
+    returns the model.
     """
-    if groups.ep_size == 1:
+    spec = parallel if isinstance(parallel, ParallelSpec) else ParallelSpec(a2a=parallel)
+    ep = groups.ep_size if groups is not None else 1
+    if ep == 1 and not spec.dispatch.compressed:
         return model
-    algo = build_all_to_all(a2a, groups)
-    for module in model.modules():
-        if isinstance(module, MoELayer) and isinstance(module.experts, GroupedExperts):
-            module.experts = ExpertParallelExperts(module.experts, groups, algo)
+    algo: AllToAll = LocalAllToAll() if ep == 1 else build_all_to_all(spec.a2a, groups)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and isinstance(m.experts, GroupedExperts)]
+    for index, module in enumerate(layers):
+        slots = module.num_experts if isinstance(module.router, ExpertChoiceRouter) else module.top_k
+        module.experts = ExpertParallelExperts(module.experts, groups if ep > 1 else None, algo,
+                                               spec.dispatch, layer=index, slots=slots)
     return model
 
 

@@ -287,9 +287,49 @@ class TrainingSpec(Section):
         return self
 
 
+class LSHSpec(Section):
+    """LSH-MoE centroids: tokens bound for one expert that hash alike travel as their mean (docs/lsh.md)."""
+
+    hashes: PositiveInt = Field(6, le=16, description="cross-polytope hash functions ANDed into one bucket id; more = finer buckets, more bytes, less error")
+    buckets_per_hash: int = Field(2, ge=2, le=64, description="buckets of one hash function (2m for m projected coordinates; 2 = the sign of one projection); even")
+    rotation_refresh: PositiveInt = Field(100, description="training micro-batches between new random rotations (the same on every rank)")
+    target_ratio: float | None = Field(None, gt=0, le=1, description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always use all")
+    error_every: NonNegInt = Field(50, description="every n-th training micro-batch also runs the exact dispatch and records the relative error of the expert outputs (0 = never)")
+    seed: NonNegInt = Field(0, description="seed of the random rotations (combined with the layer index and the refresh epoch)")
+    residual: bool = Field(True, description="add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only")
+
+    @model_validator(mode="after")
+    def _even_buckets(self) -> "LSHSpec":
+        if self.buckets_per_hash % 2:
+            raise ValueError(f"parallel.dispatch.lsh.buckets_per_hash: {self.buckets_per_hash} must be even "
+                             "(a cross-polytope hash has 2 buckets per projected coordinate)")
+        return self
+
+
+class DispatchSpec(Section):
+    """How expert rows travel: deduplicate -> optional LSH centroids -> payload dtype -> parallel.a2a transport."""
+
+    dedup: bool = Field(False, description="send a token once per destination EP rank (top-k > 1) and sum its expert outputs there; exact")
+    payload: Literal["fp32", "bf16", "fp8"] = Field("fp32", description="wire dtype of the rows, always applied: fp32 = as computed (bf16 under bf16 autocast), bf16 = cast both ways (gradients too), fp8 = e4m3 with one fp32 scale per row forward, bf16 gradients")
+    lsh: LSHSpec | None = Field(None, description="LSH-MoE centroid compression; null = off")
+
+    @model_validator(mode="after")
+    def _dedup_or_lsh(self) -> "DispatchSpec":
+        if self.dedup and self.lsh is not None:
+            raise ValueError("parallel.dispatch.dedup and parallel.dispatch.lsh do not combine: centroids are formed "
+                             "per destination expert, deduplicated rows per destination rank; choose one")
+        return self
+
+    @property
+    def compressed(self) -> bool:
+        """True when any stage changes what travels (the layer then needs the dispatch wrapper, EP 1 included)."""
+        return self.dedup or self.payload != "fp32" or self.lsh is not None
+
+
 class ParallelSpec(Section):
     expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
     a2a: Literal["flat", "hierarchical", "leader"] = Field("flat", description="all-to-all algorithm for expert parallelism")
+    dispatch: DispatchSpec = Field(default_factory=DispatchSpec, description="compressed expert dispatch (docs/lsh.md); works with expert_parallel 1 too")
     zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 = off. Dense models only; its checkpoints resume at the same number of workers")
     shard: Literal["none", "zero2", "full"] = Field("none", description="FSDP2 sharding of the dense weights, gradients and optimizer state over all workers, composable with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = parameters kept gathered between forward and backward | full = parameters resharded after forward (ZeRO-3)")
 

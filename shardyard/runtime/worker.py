@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.comm.topology import Topology
+from shardyard.comm.dispatch import dispatch_metrics
 from shardyard.data.corpus import load_corpus
 from shardyard.data.loader import build_train_loader
 from shardyard.data.validation import eval_set_texts, held_out_split, rank_batches
@@ -238,6 +239,7 @@ class Trainer:
                           "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                           "total_steps": spec.steps}
                 record.update(self.moe_metrics())
+                record.update(dispatch_metrics(self.model, steps=window_steps * spec.grad_accum))
                 self.log.log(self.step, record)
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             else:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
-from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, transpose_index
+from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route, transpose_index
 from shardyard.comm.groups import build_groups, ep_layout
 from shardyard.comm.launch import spawn
 from shardyard.comm.topology import Topology
@@ -68,9 +68,10 @@ def _check_all(topo: Topology) -> None:
             a2a = build_all_to_all(name, groups)
             assert a2a.name == name
             xi = x.detach().clone().requires_grad_(True)
-            y, recv = a2a.dispatch(xi, splits)
+            route = a2a.plan(torch.tensor(splits).view(-1, 1))
+            y, recv = run_route(xi, route), route.recv_splits
             w = torch.linspace(-1, 1, y.numel()).view_as(y) + topo.rank
-            z = a2a.combine(y * w, recv)
+            z = run_route(y * w, route.reverse())
             (z.sin().sum() + (y ** 2).sum()).backward()
             results[name] = (y.detach(), list(recv), z.detach(), xi.grad)
         # rows from rank i are that rank's block for me, in order
@@ -89,10 +90,10 @@ def _check_all(topo: Topology) -> None:
                     assert torch.equal(a, b), name
                 else:
                     assert a == b, name
-        # combine without the carried route (plain list) plans its own way back
-        a2a = build_all_to_all("hierarchical", groups)
-        y, recv = a2a.dispatch(x.detach(), splits)
-        assert torch.equal(a2a.combine(y, list(recv)), x.detach())
+        # the reverse route brings every row home unchanged
+        for name in ALGORITHMS:
+            route = build_all_to_all(name, groups).plan(torch.tensor(splits).view(-1, 1))
+            assert torch.equal(route.reverse().run(route.run(x.detach())), x.detach()), name
     dist.barrier()
 
 
@@ -105,7 +106,7 @@ def _check_three_nodes(topo: Topology) -> None:
     groups = build_groups(topo, ep=topo.world_size)
     splits = _splits(topo.rank, topo.world_size, 2)
     x = torch.randn(sum(splits), 3, generator=torch.Generator().manual_seed(topo.rank))
-    ys = [build_all_to_all(n, groups).dispatch(x, splits)[0] for n in ALGORITHMS]
+    ys = [run_route(x, build_all_to_all(n, groups).plan(torch.tensor(splits).view(-1, 1))) for n in ALGORITHMS]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 

@@ -74,8 +74,10 @@ class MoELayer(nn.Module):
             token_of, weight_of = routing.token_ids[order], routing.weights[order]
 
         offsets = torch.cumsum(kept, dim=0).to(torch.int32)
-        expert_out = self.experts(dispatch(tokens, token_of), offsets)
-        out = combine(expert_out, weight_of, token_of, num_tokens)
+        if hasattr(self.experts, "forward_tokens"):  # expert-parallel / compressed dispatch (dedup needs tokens)
+            out = self.experts.forward_tokens(tokens, token_of, weight_of, offsets, num_tokens)
+        else:
+            out = combine(self.experts(dispatch(tokens, token_of), offsets), weight_of, token_of, num_tokens)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
 

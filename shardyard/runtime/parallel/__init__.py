@@ -34,8 +34,11 @@ def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> Paralle
 
         groups = build_groups(topology_from_ray(), par.expert_parallel) if par.expert_parallel > 1 else None
         return MeshPlan(model, optimizer_for, scheduler_for, spec.optim.grad_clip, groups=groups,
-                        ep=par.expert_parallel, shard=par.shard, a2a=par.a2a, device=device)
+                        ep=par.expert_parallel, shard=par.shard, a2a=par, device=device)
+    from shardyard.comm.expert_parallel import apply_expert_parallel
     from shardyard.runtime.parallel.replicated import ReplicatedPlan
+
+    apply_expert_parallel(model, None, par)  # EP 1: parallel.dispatch stages, if any, with a local transport
 
     optimizer = optimizer_for(model)
     return ReplicatedPlan(model, optimizer, scheduler_for(optimizer), spec.optim.grad_clip, device)

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardyard.comm.expert_parallel import apply_expert_parallel
 from shardyard.comm.groups import ProcessGroups
+from shardyard.platform.schema import ParallelSpec
 from shardyard.runtime.parallel.base import EXPERT_LOCAL, ParallelPlan, expert_params, local_square_norm, scale_grads
 
 
@@ -41,14 +42,15 @@ class MeshPlan(ParallelPlan):
     name = "mesh"
 
     def __init__(self, model: nn.Module, build_optimizer, build_scheduler, grad_clip: float, *,
-                 groups: ProcessGroups | None, ep: int, shard: str, a2a: str, device: torch.device) -> None:
+                 groups: ProcessGroups | None, ep: int, shard: str, a2a: ParallelSpec | str,
+                 device: torch.device) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.ep, self.shard, self.world = ep, shard, world
         self.groups = groups
         self.expert_mesh: DeviceMesh | None = None
         if ep > 1:
             assert groups is not None
-            apply_expert_parallel(model, groups, a2a)
+            apply_expert_parallel(model, groups, a2a)  # a2a: spec.parallel (algorithm + dispatch stages)
             self.expert_mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
         self.experts = expert_params(model)
         if shard != "none":

@@ -1,0 +1,325 @@
+"""Bytes on the wire and time per MoE layer step of the dispatch stack (issue 11).
+
+    PYTHONPATH=$PWD python benchmarks/dispatch.py                    # loopback: 4 gloo ranks, 2 fake nodes
+    sudo PYTHONPATH=$PWD python benchmarks/dispatch.py --netbed 200  # netns testbed, 2 nodes x 2, 200 Mbit/s links
+
+One MoE layer's experts (8 experts of width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
+seeded random router) behind `ExpertParallelExperts` on an EP group of 4, for each configuration:
+flat fp32 (today), +dedup, +dedup+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16).
+A step is forward + backward of dispatch -> experts -> weighted combine (`forward_tokens`);
+configurations are interleaved round-robin, a sample is the slowest rank's time (all_reduce MAX),
+and bytes come from `dispatch_metrics` summed over ranks (`bytes_remote`: rows that leave a rank).
+Tokens are clustered (--clusters centres, N(0,1), plus N(0, spread^2) noise): LSH's ratio depends on
+how the hidden states cluster, so its bytes here are those of this synthetic stand-in, stated as such.
+Experts get unit-gain weights (std 1/sqrt(fan-in)) so the LSH error is against outputs of the
+inputs' scale. Rank 0 appends JSON lines to --out; the driver prints a markdown table.
+
+    python benchmarks/dispatch.py quality RUN_DIR...   # val bpb of finished runs: table + plot
+
+reads each run's metrics.jsonl and prints val bits per byte side by side (and writes --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WIDTH, HIDDEN, EXPERTS, TOP_K = 256, 512, 8, 2
+
+CONFIGS: dict[str, dict] = {
+    "flat fp32": {},
+    "+dedup": {"dedup": True},
+    "+dedup +bf16": {"dedup": True, "payload": "bf16"},
+    "+bf16": {"payload": "bf16"},
+    "+fp8": {"payload": "fp8"},
+    **{f"+LSH {h}": {"lsh": {"hashes": h, "error_every": 1}} for h in (2, 4, 6, 8)},
+    "+LSH 8 +bf16": {"payload": "bf16", "lsh": {"hashes": 8, "error_every": 1}},
+}
+
+
+def _tokens(rank: int, n: int, clusters: int, spread: float):
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(clusters, WIDTH, generator=g)  # the same centres on every rank
+    router = torch.randn(WIDTH, EXPERTS, generator=g) / WIDTH ** 0.5
+    g = torch.Generator().manual_seed(100 + rank)
+    x = centres[torch.randint(0, clusters, (n,), generator=g)] + spread * torch.randn(n, WIDTH, generator=g)
+    probs = (x @ router).softmax(-1)
+    weights, experts = probs.topk(TOP_K, dim=1)
+    weights = weights / weights.sum(1, keepdim=True)
+    expert_ids, token_ids = experts.reshape(-1), torch.arange(n).repeat_interleave(TOP_K)
+    order = torch.argsort(expert_ids, stable=True)
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=EXPERTS), 0).to(torch.int32)
+    return x, token_ids[order], weights.reshape(-1)[order], offsets
+
+
+def measure(topo, args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from shardyard.comm.dispatch import dispatch_metrics
+    from shardyard.comm.expert_parallel import ExpertParallelExperts
+    from shardyard.comm.groups import build_groups
+    from shardyard.models.moe.experts import GroupedExperts
+    from shardyard.platform.schema import DispatchSpec
+
+    groups = build_groups(topo, ep=topo.world_size)
+    torch.manual_seed(0)
+    full = GroupedExperts(EXPERTS, WIDTH, HIDDEN, "swiglu", "auto")
+    with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
+        full.w_up.normal_(std=WIDTH ** -0.5)
+        full.w_down.normal_(std=HIDDEN ** -0.5)
+    modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**cfg), slots=TOP_K)
+               for name, cfg in CONFIGS.items()}
+    x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread)
+    samples: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    names = list(CONFIGS)
+    for rep in range(args.reps + 1):  # first round is warm-up
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            m = modules[name]
+            xi = x.clone().requires_grad_(True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            out = m.forward_tokens(xi, token_of, weight_of, offsets, args.tokens)
+            out.sum().backward()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if rep:
+                samples[name].append(float(t))
+            else:
+                dispatch_metrics(m)  # drop the warm-up's counters
+    records = []
+    for name in names:
+        met = dispatch_metrics(modules[name], steps=args.reps)
+        keys = ("comm/bytes_sent", "comm/bytes_remote", "comm/a2a_ms", "comm/layer0/rows_sent",
+                "comm/layer0/tokens_in")
+        vals = torch.tensor([met[k] for k in keys] + [met.get("comm/lsh_rel_error", 0.0)], dtype=torch.float64)
+        summed = vals.clone()
+        dist.all_reduce(summed)
+        rec = {k.split("/")[-1]: float(v) for k, v in zip(keys, summed)}
+        rec["lsh_rel_error"] = float(summed[-1]) / topo.world_size
+        rec.update(config=name, step_ms=[1e3 * s for s in samples[name]], nodes=topo.num_nodes,
+                   rpn=topo.ranks_per_node, rate_mbit=args.rate, tokens=args.tokens, width=WIDTH,
+                   clusters=args.clusters, spread=args.spread, a2a=args.a2a, cpu_count=os.cpu_count())
+        records.append(rec)
+    if topo.rank == 0:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    dist.barrier()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank on the netns testbed (tcp rendezvous through node 0's address)."""
+    import torch
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    from shardyard.comm.topology import Topology
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank,
+                            world_size=args.world, timeout=timedelta(seconds=300))
+    try:
+        measure(Topology.from_rank(args.rank, args.world, args.rpn), args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_netbed(args: argparse.Namespace) -> None:
+    import subprocess  # noqa: F401  (the testbed's popen)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from netbed import NetBed
+
+    nodes, rpn = 2, 2
+    with NetBed(nodes, rate_mbit=args.rate) as bed:
+        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               "TORCH_CPP_LOG_LEVEL": "ERROR"}
+        procs = []
+        for rank in range(nodes * rpn):
+            argv = [sys.executable, str(Path(__file__).resolve()), "worker", "--rank", str(rank),
+                    "--world", str(nodes * rpn), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29511",
+                    "--netbed", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
+                    "--tokens", str(args.tokens), "--clusters", str(args.clusters), "--spread", str(args.spread),
+                    "--a2a", args.a2a]
+            procs.append(bed.popen(rank // rpn, argv, env))
+        for p in procs:
+            if p.wait(timeout=1800):
+                raise RuntimeError("a worker failed")
+
+
+def summarize(path: Path) -> str:
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| link | config | rows sent / copies | bytes between ranks (MB) | x fewer than flat | "
+             "step ms median (IQR) | LSH rel. error |", "|---|---|---|---|---|---|---|"]
+    base: dict[str, float] = {}
+    for r in recs:
+        link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
+        if r["config"] == "flat fp32":
+            base[link] = r["bytes_remote"]
+    for r in recs:
+        link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
+        ms = r["step_ms"]
+        q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+        err = f"{r['lsh_rel_error']:.3f}" if "LSH" in r["config"] else "-"
+        lines.append(f"| {link} | {r['config']} | {r['rows_sent'] / r['tokens_in']:.3f} | "
+                     f"{r['bytes_remote'] / 1e6:.2f} | {base.get(link, float('nan')) / r['bytes_remote']:.2f} | "
+                     f"{statistics.median(ms):.1f} ({q[0]:.1f}-{q[2]:.1f}) | {err} |")
+    return "\n".join(lines)
+
+
+def quality(run_dirs: list[Path], plot: Path | None) -> str:
+    """Val bpb per eval step of each run (metrics.jsonl), side by side; final-step ratio to the first."""
+    curves: dict[str, dict[int, float]] = {}
+    walls: dict[str, float] = {}
+    for d in run_dirs:
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curves[d.name] = {r["step"]: r["val_bpb"] for r in recs if r.get("val_bpb") is not None}
+        times = [r["time"] for r in recs if "time" in r]
+        walls[d.name] = times[-1] - times[0] if len(times) > 1 else float("nan")
+    names = list(curves)
+    steps = sorted(set().union(*[set(c) for c in curves.values()]))
+    lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for st in steps:
+        lines.append(f"| {st} | " + " | ".join(f"{curves[n].get(st, float('nan')):.4f}" for n in names) + " |")
+    last = steps[-1]
+    ref = curves[names[0]].get(last, float("nan"))
+    lines.append("| vs " + names[0] + " at " + str(last) + " | " +
+                 " | ".join(f"{100 * (curves[n].get(last, float('nan')) / ref - 1):+.2f} %" for n in names) + " |")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n in names:
+            xs = sorted(curves[n])
+            ax.plot(xs, [curves[n][x] for x in xs], marker="o", label=n)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title("tiny MoE byte LM, 1 worker: flat vs compressed dispatch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+    return "\n".join(lines)
+
+
+def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
+    """Bytes and LSH error of dispatch configurations on a trained model's real hidden states.
+
+    Loads the run's spec and newest checkpoint on one worker, wraps its MoE layers with each
+    `parallel.dispatch` setting (YAML/JSON mappings), runs `batches` training-mode forwards (no
+    optimizer step) on validation windows with the error measured on every one, and reports
+    `dispatch_metrics`: rows sent per (token, expert) copy, bytes ratio, LSH relative error.
+    """
+    import torch
+
+    from shardyard.comm.dispatch import dispatch_metrics
+    from shardyard.comm.expert_parallel import apply_expert_parallel
+    from shardyard.data.corpus import load_corpus
+    from shardyard.data.loader import validation_batches
+    from shardyard.models import build_model
+    from shardyard.platform.spec import load_spec
+    from shardyard.runtime.checkpoint import read_checkpoint
+
+    spec = load_spec(run_dir / "spec.yaml")
+    newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    state, _ = read_checkpoint(newest)
+    corpus = load_corpus(spec.data)
+    val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size, batches, 0, 1)
+    lines = ["| dispatch | rows sent / copies | bytes vs flat fp32 | LSH rel. error | hashes in use |",
+             "|---|---|---|---|---|"]
+    for text in dispatches:
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, spec.data.seq_len)
+        import yaml
+
+        parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(**yaml.safe_load(text))})
+        if parallel.dispatch.lsh is not None:
+            parallel.dispatch.lsh.error_every = 1
+        apply_expert_parallel(model, None, parallel)
+        want = model.state_dict().keys()
+        own = {}
+        for k, v in state["model"].items():  # a run trained with(out) the wrapper has (no) ".local."
+            if ".lsh." in k:  # this configuration's own LSH schedule, not the trained run's
+                continue
+            for cand in (k, k.replace(".experts.", ".experts.local."), k.replace(".experts.local.", ".experts.")):
+                if cand in want:
+                    own[cand] = v
+                    break
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        if unexpected or any("lsh." not in k for k in missing):  # a flat run has no LSH buffers
+            raise RuntimeError(f"state does not fit: missing {missing}, unexpected {unexpected}")
+        model.train()
+        for inputs, targets in val:
+            model(inputs, targets)
+        m = dispatch_metrics(model, steps=len(val))
+        rows = sum(v for k, v in m.items() if k.endswith("/rows_sent"))
+        copies = sum(v for k, v in m.items() if k.endswith("/tokens_in"))
+        hashes = [v for k, v in m.items() if k.endswith("/lsh_hashes")]
+        err = m.get("comm/lsh_rel_error")
+        err_cell = "-" if err is None else f"{err:.3f}"
+        hash_cell = "-" if not hashes else f"{sum(hashes) / len(hashes):g}"
+        lines.append(f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | {err_cell} | {hash_cell} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "probe":
+        q = argparse.ArgumentParser()
+        q.add_argument("mode")
+        q.add_argument("run", type=Path)
+        q.add_argument("dispatch", nargs="+", help="parallel.dispatch settings as YAML flow mappings")
+        q.add_argument("--batches", type=int, default=8)
+        qa = q.parse_args()
+        print(probe(qa.run, qa.dispatch, qa.batches))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "quality":
+        q = argparse.ArgumentParser()
+        q.add_argument("mode")
+        q.add_argument("runs", nargs="+", type=Path)
+        q.add_argument("--plot", type=Path)
+        qa = q.parse_args()
+        print(quality(qa.runs, qa.plot))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "worker"])
+    p.add_argument("--netbed", dest="rate", type=float, default=0.0, help="link Mbit/s on the netns testbed (0 = loopback)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step")
+    p.add_argument("--clusters", type=int, default=256)
+    p.add_argument("--spread", type=float, default=0.3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--a2a", default="flat", choices=["flat", "hierarchical", "leader"])
+    p.add_argument("--out", type=Path, default=Path("/tmp/dispatch-bench.jsonl"))
+    p.add_argument("--rank", type=int)
+    p.add_argument("--world", type=int)
+    p.add_argument("--rpn", type=int)
+    p.add_argument("--master")
+    p.add_argument("--port")
+    args = p.parse_args()
+    if args.mode == "worker":
+        worker(args)
+        return
+    if args.rate > 0:
+        run_netbed(args)
+    else:
+        from shardyard.comm.launch import spawn
+
+        spawn(measure, 4, 2, args)
+    print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()
