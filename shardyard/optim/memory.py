@@ -111,3 +111,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  total           {report['total_bytes'] / mib:9.2f} MiB "
                  f"({report['total_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_total_bytes'] / mib:.2f} MiB)")
     return "\n".join(lines)
+
+
+def model_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers (an expanded INT8
+    handle counts its one element, a tied weight once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -42,8 +42,11 @@ def test_spec_defaults_and_validators() -> None:
     assert OptimSpec(kind="galore_adamw").galore.quant is None
     with pytest.raises(ValidationError, match="kind is 'adamw'"):
         OptimSpec(kind="adamw", galore={"rank": 4})
-    with pytest.raises(ValidationError, match="grad-norm clip is impossible"):
-        OptimSpec(kind="galore_adamw", galore={"layerwise": True})
+    # layer-wise with a clip: each parameter's gradient is clipped on its own (LayerwiseStepper)
+    assert OptimSpec(kind="galore_adamw", galore={"layerwise": True}).grad_clip == 1.0
+    assert OptimSpec(kind="galore_adamw", galore={"moments": "int8"}).galore.moments == "int8"
+    with pytest.raises(ValidationError):
+        OptimSpec(kind="galore_adamw", galore={"moments": "int4"})
     with pytest.raises(ValidationError, match="only applies to kind q_galore_adamw"):
         OptimSpec(kind="galore_adamw", galore={"quant": {}})
     with pytest.raises(ValidationError, match="max_update_gap"):
