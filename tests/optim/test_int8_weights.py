@@ -175,3 +175,19 @@ def test_other_kinds_are_left_alone() -> None:
         assert prepare_model_for_optimizer(model, spec) is model
     assert model_tensor_bytes(model) == before
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("moments", ["fp32", "int8"])
+def test_memory_report_matches_prepared_model_and_state(moments: str) -> None:
+    from shardyard.optim.memory import measured_state_bytes, optimizer_memory_report
+
+    spec = qspec(moments=moments)
+    model = prepare_model_for_optimizer(tiny_model(), spec)
+    opt = build_optimizer(spec, model)
+    train(model, opt, batches(1))
+    report = optimizer_memory_report(spec, model)
+    assert measured_state_bytes(opt) == report["optimizer_state_bytes"]  # no INT8 master in the state
+    handles = [p for p in model.parameters() if int8_weight_of(p) is not None]
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                  if not n.endswith(("_codes", "_scales")))
+    assert model_tensor_bytes(model) == report["param_bytes"] + report["int8_weight_bytes"] + 4 * len(handles) + buffers
