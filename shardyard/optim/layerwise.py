@@ -34,6 +34,13 @@ GaLore's memory" problem). `LayerwiseStepper` replaces DDP for the model's gradi
   leave gradients to accumulate in `.grad` (full gradient memory during those micro-batches: the
   price of accumulating); the last micro-batch's hooks see the summed gradient and proceed as above.
 
+Whole-model steps (an optimizer not in layer-wise mode): the stepper is then a DDP replacement
+that works for INT8-weight models too (DDP's start-up broadcast cannot write their memory-less
+gradient handles): the same bucketed async reductions from the hooks, but the gradients are kept;
+`finish()` waits for them, clips by the global norm (`max_norm`, as clip_grad_norm_), calls
+`optimizer.step()` and frees the gradients. Peak gradient memory is then the whole model's, as
+with DDP.
+
 Collective order: the same buckets in the same order on every rank of a group, as long as backward
 produces gradients in the same order on every rank (the same graph; true for every model here).
 With world_size 1 nothing is reduced and the stepper is plain layer-wise stepping with buckets.
@@ -96,7 +103,7 @@ class LayerwiseStepper:
     def attach(self) -> "LayerwiseStepper":
         """Register the hooks (taking over from the optimizer's own single-worker hooks)."""
         self.optimizer.remove_hooks()
-        self.optimizer.external_hooks = True
+        self.optimizer.external_hooks = self.optimizer.layerwise
         for p in self.params:
             self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         return self
@@ -121,6 +128,15 @@ class LayerwiseStepper:
         for expert in (False, True):
             self._drain(expert)
         norm = self._global_norm()
+        if not self.optimizer.layerwise:  # whole-model step on the reduced gradients
+            if self.max_norm > 0:
+                coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+                for p in self.params:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+            self.optimizer.step()
+            for p in self.params:
+                self._track(-p.grad.numel() * p.grad.element_size())
+                p.grad = None
         for b in self.buckets:
             b.ready.clear()
             b.launched = False
@@ -213,6 +229,8 @@ class LayerwiseStepper:
             if self.world_size > 1:
                 grad.div_(self.world_size)
             self._sq[expert] += grad.double().square().sum()
+            if not self.optimizer.layerwise:
+                continue  # kept for the whole-model step in finish()
             if self.max_norm > 0:
                 clip_param_grad_(grad, self.max_norm)
             self.optimizer.step_param(p)

@@ -2,7 +2,8 @@
 
 - 2 and 4 workers: the same weights as non-layer-wise GaLore under DDP (tolerance: float
   reassociation of different bucketings), with and without gradient accumulation, Q-GaLore on
-  INT8 layers included; the returned grad norm equals the DDP run's global norm; peak gradient
+  INT8 layers included (its reference averages gradients explicitly: DDP cannot broadcast INT8
+  handles; the stepper's whole-model mode is checked against it too); the returned grad norm equals the DDP run's global norm; peak gradient
   bytes per rank, measured from the hooks, about one bucket.
 - Expert parallelism (2 ranks, ep 2): layer-wise stepping with expert gradients reduced over the
   expert-data-parallel group equals the explicit sync_gradients + step() path, and both equal one
@@ -91,6 +92,15 @@ def _dp_rank(topo: Topology) -> None:
             assert stepper.peak_grad_bytes <= 2 * (BUCKET + largest), (stepper.peak_grad_bytes, BUCKET)
             assert stepper.peak_grad_bytes < 0.5 * total_grad, (stepper.peak_grad_bytes, total_grad)
         stepper.detach()
+        if kind == "q_galore_adamw":  # whole-model steps: the stepper replaces DDP for INT8 layers
+            whole = prepare_model_for_optimizer(tiny_model(), _spec(kind, False))
+            opt_whole = build_optimizer(_spec(kind, False), whole)
+            whole_stepper = LayerwiseStepper(whole, opt_whole, None, None, world, BUCKET).attach()
+            for step, micro in enumerate(data):
+                (whole(micro[0][:, :-1], micro[0][:, 1:])[1]).backward()
+                torch.testing.assert_close(whole_stepper.finish(), ref_norms[step].float(), rtol=1e-4, atol=1e-6)
+                assert all(p.grad is None for p in whole.parameters())
+            torch.testing.assert_close(_flat_weights(whole), _flat_weights(ref), rtol=1e-4, atol=5e-5)
         gathered = [torch.empty_like(_flat_weights(model)) for _ in range(world)]
         dist.all_gather(gathered, _flat_weights(model))
         assert all(torch.equal(gathered[0], g) for g in gathered[1:]), "ranks diverged"
