@@ -44,11 +44,11 @@ from torch import nn
 from shardyard.models.moe.experts import GroupedExperts, _BlockedExpertMLP, swiglu
 from shardyard.kernels import grouped_mm
 from shardyard.kernels.grouped_gemm import check_backend_device, resolve_backend
+from shardyard.optim.galore import EXPERT_SHARD_ATTR, galore_param_groups
 from shardyard.optim.quant import dequantize_int8, quantize_int8
 from shardyard.platform.schema import OptimSpec
 
 INT8_WEIGHT_ATTR = "_shardyard_int8_weight"
-EXPERT_SHARD_ATTR = "_shardyard_expert_parallel"  # as in shardyard.comm.expert_parallel
 BLOCK_ELEMENTS = 1 << 20  # weights dequantised at once by Int8Linear (4 MiB of fp32)
 
 
@@ -72,9 +72,8 @@ class _Int8Weights:
         module.register_buffer(f"{name}_scales", scales)
         handle = nn.Parameter(_handle(weight.shape, weight.dtype, weight.device),
                               requires_grad=weight.requires_grad)
-        for attr in (EXPERT_SHARD_ATTR,):
-            if hasattr(weight, attr):
-                setattr(handle, attr, getattr(weight, attr))
+        if hasattr(weight, EXPERT_SHARD_ATTR):  # an expert-parallel shard stays one
+            setattr(handle, EXPERT_SHARD_ATTR, getattr(weight, EXPERT_SHARD_ATTR))
         setattr(handle, INT8_WEIGHT_ATTR, (module, name))
         module._parameters[name] = handle
 
@@ -247,8 +246,6 @@ def prepare_model_for_optimizer(model: nn.Module, spec: OptimSpec) -> nn.Module:
     """
     if spec.kind != "q_galore_adamw":
         return model
-    from shardyard.optim.galore import galore_param_groups  # galore imports nothing from here
-
     g = spec.galore
     assert g is not None and g.quant is not None  # filled by OptimSpec's validator
     groups = galore_param_groups(model, g.targets, g.rank, spec.weight_decay, g.experts)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from shardyard.models import build_model
 from shardyard.models.moe.experts import GroupedExperts
 from shardyard.optim import build_optimizer, prepare_model_for_optimizer
 from shardyard.optim import int8_weights
 from shardyard.optim.int8_weights import Int8GroupedExperts, Int8Linear, int8_weight_of
 from shardyard.optim.memory import model_tensor_bytes
 from shardyard.optim.quant import dequantize_int8, quantize_int8
-from shardyard.platform.schema import OptimSpec
+from shardyard.platform.schema import ModelSpec, OptimSpec
 from tests.optim.galore_helpers import batches, one_thread, tiny_model, train
 
 
@@ -32,13 +33,12 @@ def qspec(stochastic: bool = True, **galore: object) -> OptimSpec:
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_prepared_model_holds_no_fp32_copy_of_projected_weights(kind: str) -> None:
-    extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
-    model = tiny_model(kind=kind, **({} if kind == "dense" else {}))
     if kind == "moe":
-        from shardyard.models import build_model
-        from shardyard.platform.schema import ModelSpec
         torch.manual_seed(0)
-        model = build_model(ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64}, **extra), 16)
+        model = build_model(ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64},
+                                      moe={"num_experts": 4, "top_k": 2}), 16)
+    else:
+        model = tiny_model()
     fp32_bytes = model_tensor_bytes(model)
     spec = qspec()
     opt_before = build_optimizer(spec, model)
