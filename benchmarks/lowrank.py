@@ -217,8 +217,7 @@ def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> N
     for step in range(steps):
         x = batch_at(corpus.train, gen)
         t0 = time.perf_counter()
-        _, loss = forward(x[:, :-1], x[:, 1:])
-        loss = loss + sum((m.aux_loss for m in moe_layers(model)), torch.zeros(()))
+        _, loss = forward(x[:, :-1], x[:, 1:])  # MoE aux losses ride on the backward (AttachAuxLoss)
         loss.backward()
         if stepper is not None:
             stepper.finish()

@@ -23,8 +23,9 @@ GaLore's memory" problem). `LayerwiseStepper` replaces DDP for the model's gradi
   memory is about two buckets (each at most bucket_bytes plus one gradient), instead of the whole
   model's gradients.
 - `finish()` (after backward) gives parameters whose hook never fired (unused this step) a zero
-  gradient, launches the remaining buckets, waits for every reduction, steps what remains and
-  returns the global gradient norm (computed from the reduced buckets; expert shards' squared
+  gradient, launches the remaining buckets, waits for every reduction, steps what remains, calls
+  `optimizer.step()` (a no-op in layer-wise mode that runs the optimizer's step hooks, e.g. the MoE
+  router-bias update; do not call it again) and returns the global gradient norm (computed from the reduced buckets; expert shards' squared
   norms summed over the world and divided by the expert-data-parallel size, so each shard counts
   once).
 - Clipping: a global clip needs every reduced gradient before the first step, which is exactly what
@@ -137,6 +138,8 @@ class LayerwiseStepper:
             for p in self.params:
                 self._track(-p.grad.numel() * p.grad.element_size())
                 p.grad = None
+        else:
+            self.optimizer.step()  # a no-op step that still runs the optimizer's step hooks (router biases)
         for b in self.buckets:
             b.ready.clear()
             b.launched = False

@@ -175,10 +175,8 @@ def _ep_rank(topo: Topology) -> None:
 
 
 def _moe_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from shardyard.models import moe_layers
-
-    _, ce = model(x[:, :-1], x[:, 1:])
-    return ce + sum((m.aux_loss for m in moe_layers(model)), torch.zeros(()))
+    _, ce = model(x[:, :-1], x[:, 1:])  # the MoE aux losses are attached to the backward
+    return ce
 
 
 @pytest.mark.distributed
