@@ -122,6 +122,7 @@ def _ep_rank(topo: Topology) -> None:
     from shardyard.comm.expert_parallel import apply_expert_parallel, sync_gradients
     from shardyard.comm.groups import build_groups
     from shardyard.models import build_model
+    from shardyard.models.moe.accounting import moe_scope
     from shardyard.platform.schema import ModelSpec
 
     steps, world = 3, topo.world_size
@@ -140,8 +141,9 @@ def _ep_rank(topo: Topology) -> None:
     opt_ref = build_optimizer(spec, ref)
     data = {r: _moe_batches(r, steps) for r in range(world)}
     for step in range(steps):
-        total = sum(_moe_loss(ref, data[r][step]) for r in range(world)) / world
-        total.backward()
+        for r in range(world):
+            with moe_scope(weight=1 / world):  # each rank's aux loss carries 1/world of the step, like its ce
+                (_moe_loss(ref, data[r][step]) / world).backward()
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
