@@ -268,6 +268,38 @@ def state_matrix(steps: int, models: list[str], runs: list[str], worlds: list[in
     return rows
 
 
+def cpu_step_times(model_kind: str, runs: list[str], steps: int) -> dict[str, float]:
+    """Median CPU time (time.process_time, one thread) per training step of each run, the runs
+    interleaved step by step in one process: on a shared machine, wall time measures the other
+    tenants; the CPU time a step consumes, measured in alternation, mostly does not."""
+    torch.set_num_threads(1)
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    setups = {}
+    for run in runs:
+        torch.manual_seed(0)
+        spec = state_optim_spec(run)
+        model = prepare_model_for_optimizer(build_model(state_model_spec(model_kind), SEQ), spec)
+        opt = build_optimizer(spec, model)
+        stepper = LayerwiseStepper(model, opt, max_norm=spec.grad_clip).attach() if run.endswith("_lw") else None
+        setups[run] = (model, opt, stepper, spec)
+    gen = np.random.default_rng(0)
+    times: dict[str, list[float]] = {run: [] for run in runs}
+    for _ in range(steps):
+        x = batch_at(corpus.train, gen)[:STATE_BATCH]
+        for run, (model, opt, stepper, spec) in setups.items():
+            t0 = time.process_time()
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            if stepper is not None:
+                stepper.finish()
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times[run].append(time.process_time() - t0)
+    return {run: 1000 * statistics.median(ts[WARMUP:]) for run, ts in times.items()}
+
+
 def print_state_table(rows: list[dict[str, Any]]) -> None:
     mib = 2 ** 20
     print("\n| model | workers | run | weights | grads (peak) | optimizer state | total (MiB) | vs AdamW "
@@ -296,9 +328,18 @@ def main() -> None:
                              "stalls for seconds when another process holds a core)")
     parser.add_argument("--state", action="store_true", help="the training-state matrix (see the docstring)")
     parser.add_argument("--state-runs", default=",".join(STATE_RUNS), help="--state: comma list of runs")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="median CPU time per step of the --state runs, interleaved in one process")
     parser.add_argument("--workers", default="1,2", help="--state: comma list of data-parallel worker counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        for model_kind in args.models.split(","):
+            ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12)
+            print(f"{model_kind}: median CPU ms per step " + ", ".join(
+                f"{run} {t:.0f} ({t / ms['adamw']:.2f}x)" if "adamw" in ms else f"{run} {t:.0f}" for run, t in ms.items()),
+                flush=True)
+        return
     if args.state:
         runs = args.state_runs.split(",")
         rows = state_matrix(args.steps or 60, args.models.split(","), runs,

@@ -119,18 +119,40 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=2)
+def _nearest_code_lut(signed: bool) -> torch.Tensor:
+    """For every float32 bit pattern's top 17 bits (sign, exponent, 8 mantissa bits: buckets of
+    0.4% relative width), the map index nearest to the bucket's lower edge. The map's relative
+    spacing (>= 1.4%) exceeds a bucket's width, so the nearest code of any value in the bucket is
+    this index or one of its neighbours (`quantize_moment` checks both)."""
+    edges = (torch.arange(1 << 17, dtype=torch.int64) << 15).to(torch.int32).view(torch.float32)
+    edges = torch.nan_to_num(edges, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
+    table = dynamic_map(signed)
+    hi = torch.searchsorted(table, edges).clamp_(1, 255)
+    lo = hi - 1
+    return torch.where((edges - table[lo]) <= (table[hi] - edges), lo, hi).to(torch.int64)
+
+
 def quantize_moment(x: torch.Tensor, signed: bool, block: int = MOMENT_BLOCK
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (uint8 indices into dynamic_map(signed), with x's shape; fp32 absmax per block)."""
+    """x -> (uint8 indices into dynamic_map(signed), with x's shape; fp32 absmax per block).
+
+    Nearest map value of each block-normalised element, found with a bit-pattern lookup plus a
+    neighbour check (a binary search over the 256 values costs ten times more on CPU)."""
     table = dynamic_map(signed).to(x.device)
     groups, n = _grouped(x, block)
     absmax = groups.abs().amax(dim=1).clamp_min(1e-30)
     normed = (groups / absmax[:, None]).reshape(-1)
-    hi = torch.searchsorted(table, normed).clamp_(1, 255)
-    lo = hi - 1
-    nearer_lo = (normed - table[lo]) <= (table[hi] - normed)
-    idx = torch.where(nearer_lo, lo, hi).to(torch.uint8)
-    return idx[:n].view(x.shape), absmax
+    lut = _nearest_code_lut(signed).to(x.device)
+    bucket = (normed.view(torch.int32).to(torch.int64) >> 15) & ((1 << 17) - 1)
+    idx = lut[bucket]
+    best, best_err = idx, (table[idx] - normed).abs()
+    for step in (-1, 1):
+        cand = (idx + step).clamp_(0, 255)
+        err = (table[cand] - normed).abs()
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    return best.to(torch.uint8)[:n].view(x.shape), absmax
 
 
 def dequantize_moment(idx: torch.Tensor, absmax: torch.Tensor, signed: bool,
