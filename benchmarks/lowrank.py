@@ -268,7 +268,7 @@ def state_matrix(steps: int, models: list[str], runs: list[str], worlds: list[in
     return rows
 
 
-def cpu_step_times(model_kind: str, runs: list[str], steps: int) -> dict[str, float]:
+def cpu_step_times(model_kind: str, runs: list[str], steps: int, batch: int = STATE_BATCH) -> dict[str, float]:
     """Median CPU time (time.process_time, one thread) per training step of each run, the runs
     interleaved step by step in one process: on a shared machine, wall time measures the other
     tenants; the CPU time a step consumes, measured in alternation, mostly does not."""
@@ -285,7 +285,7 @@ def cpu_step_times(model_kind: str, runs: list[str], steps: int) -> dict[str, fl
     gen = np.random.default_rng(0)
     times: dict[str, list[float]] = {run: [] for run in runs}
     for _ in range(steps):
-        x = batch_at(corpus.train, gen)[:STATE_BATCH]
+        x = torch.cat([batch_at(corpus.train, gen) for _ in range(math.ceil(batch / BATCH))])[:batch]
         for run, (model, opt, stepper, spec) in setups.items():
             t0 = time.process_time()
             _, loss = model(x[:, :-1], x[:, 1:])
@@ -330,13 +330,14 @@ def main() -> None:
     parser.add_argument("--state-runs", default=",".join(STATE_RUNS), help="--state: comma list of runs")
     parser.add_argument("--cpu-time", action="store_true",
                         help="median CPU time per step of the --state runs, interleaved in one process")
+    parser.add_argument("--batch", type=int, default=STATE_BATCH, help="--cpu-time: sequences per step")
     parser.add_argument("--workers", default="1,2", help="--state: comma list of data-parallel worker counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         for model_kind in args.models.split(","):
-            ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12)
-            print(f"{model_kind}: median CPU ms per step " + ", ".join(
+            ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12, args.batch)
+            print(f"{model_kind} batch {args.batch}x{SEQ}: median CPU ms per step " + ", ".join(
                 f"{run} {t:.0f} ({t / ms['adamw']:.2f}x)" if "adamw" in ms else f"{run} {t:.0f}" for run, t in ms.items()),
                 flush=True)
         return
