@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardyard.models.moe.experts import GroupedExperts, _BlockedExpertMLP, swiglu
 from shardyard.kernels import grouped_mm
 from shardyard.kernels.grouped_gemm import check_backend_device, resolve_backend
-from shardyard.optim.galore import EXPERT_SHARD_ATTR, galore_param_groups
+from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, _BlockedExpertMLP, swiglu
+from shardyard.optim.galore import galore_param_groups
 from shardyard.optim.quant import dequantize_int8, quantize_int8
 from shardyard.platform.schema import OptimSpec
 

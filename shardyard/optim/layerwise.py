@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.optim.galore import EXPERT_SHARD_ATTR, GaLoreAdamW, clip_param_grad_
+from shardyard.models.moe.experts import is_expert_shard
+from shardyard.optim.galore import GaLoreAdamW, clip_param_grad_
 
 
 @dataclass
@@ -157,7 +158,7 @@ class LayerwiseStepper:
 
     @staticmethod
     def _is_expert(p: torch.Tensor) -> bool:
-        return bool(getattr(p, EXPERT_SHARD_ATTR, False))
+        return bool(is_expert_shard(p))
 
     def _make_buckets(self) -> list[_Bucket]:
         buckets: list[_Bucket] = []
