@@ -10,9 +10,11 @@ Wiring, in this order:
    expert parallelism applied): for q_galore_adamw it swaps projected weights for INT8 layers
    (int8_weights.py); for other kinds it returns the model unchanged.
 2. `optimizer = build_optimizer(spec.optim, model)`.
-3. With `optim.galore.layerwise`: `LayerwiseStepper` (layerwise.py) reduces each gradient from its
-   hook and steps the parameter; `optimizer.step()` is a no-op and `stepper.finish()` returns the
-   global grad norm.
+3. With `optim.galore.layerwise` (any world size), or q_galore_adamw with more than one worker
+   (DDP cannot wrap INT8 layers): `LayerwiseStepper` (layerwise.py) instead of DDP. It reduces
+   gradients in buckets from their hooks; layer-wise it steps each parameter as its bucket lands,
+   otherwise it clips globally and steps once in `finish()`, which returns the global grad norm and
+   runs the optimizer's step hooks in both modes.
 """
 
 from __future__ import annotations
