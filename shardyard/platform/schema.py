@@ -326,6 +326,9 @@ class JobSpec(Section):
         if self.parallel.shard != "none" and self.optim.kind != "adamw":
             raise ValueError(f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
                              f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it")
+        if self.training.grad_accum > 1 and galore is not None and galore.layerwise:
+            raise ValueError("training.grad_accum: layer-wise GaLore steps every parameter inside each backward, "
+                             f"so it cannot accumulate {self.training.grad_accum} micro-batches; set grad_accum: 1")
         if self.training.activation_checkpointing != "none" and self.model.stages:
             raise ValueError(f"training.activation_checkpointing applies to flat models; a {self.model.kind} model "
                              "checkpoints per stage with model.stages[i].checkpoint_chunks")
