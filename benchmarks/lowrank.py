@@ -4,17 +4,33 @@ standard-library sources; plus randomized vs exact SVD time at 1024x4096.
 
     python benchmarks/lowrank.py            # 200 steps per run
     python benchmarks/lowrank.py --quick    # 30 steps, smoke test
+    python benchmarks/lowrank.py --state --steps 60   # training-state matrix (below)
 
 Per run: measured optimizer-state bytes (every tensor in optimizer.state), the model-level training
 state (parameters + gradients + optimizer state, activations excluded), mean step time (forward +
 backward + step, projection refreshes included), and validation bits per byte after equal steps.
+
+`--state`: the training-state matrix of issue 14. AdamW, GaLore (fp32 moments, whole-model step,
+DDP with 2 workers), GaLore layer-wise (LayerwiseStepper) and Q-GaLore with INT8 weights
+(prepare_model_for_optimizer), int8 moments and layer-wise updates, on the dense byte model
+(width 128, depth 12) and the MoE byte model (width 128, depth 4, 4 experts top-2), each with 1
+worker and with 2 gloo workers (data parallel). Every run is its own process(es), so peak RSS is
+that run's. Training state is measured from the tensors: weights = distinct storages of the
+model's parameters and buffers; gradients = the peak bytes of live gradients (all of them after
+backward for whole-model steps, the hooks' peak for layer-wise); optimizer state = every tensor in
+optimizer.state. Batch 4 x 128 per worker. Step time: mean over the steps after the first 2. Val bpb
+on rank 0 after equal steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,9 +42,10 @@ from torch import nn
 from shardyard.data.corpus import load_corpus
 from shardyard.models import build_model
 from shardyard.models.lowrank import set_lowrank_progress
-from shardyard.optim import build_optimizer, build_scheduler
+from shardyard.optim import build_optimizer, build_scheduler, prepare_model_for_optimizer
 from shardyard.optim.galore import galore_param_groups
-from shardyard.optim.memory import measured_state_bytes, optimizer_memory_report
+from shardyard.optim.layerwise import LayerwiseStepper
+from shardyard.optim.memory import measured_state_bytes, model_tensor_bytes, optimizer_memory_report
 from shardyard.optim.projection import exact_basis, randomized_basis, subspace_overlap
 from shardyard.platform.schema import DataSpec, ModelSpec, OptimSpec
 
@@ -155,6 +172,149 @@ def svd_timing(repeats: int = 3) -> dict[str, float]:
             "speedup": t_exact / t_rand, "overlap": subspace_overlap(b_exact, b_rand), "energy": energy}
 
 
+# --------------------------------------------------------------------- training-state matrix
+STATE_RUNS = ("adamw", "galore", "galore_lw", "q_galore_int8_lw")
+BUCKET_BYTES = 128 << 10
+STATE_BATCH = 4  # sequences per worker per step in the state matrix (memory does not depend on it)
+WARMUP = 2  # steps left out of the step-time mean
+
+
+def state_model_spec(kind: str) -> ModelSpec:
+    extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
+    return ModelSpec(kind=kind, width=128, depth=12 if kind == "dense" else 4, heads=4, ffn={"hidden": 384}, **extra)
+
+
+def state_optim_spec(run: str) -> OptimSpec:
+    if run == "adamw":
+        return OptimSpec(kind="adamw", lr=LR, schedule={"warmup": 10})
+    galore: dict[str, Any] = {"rank": RANK, "update_gap": GAP, "scale": SCALE, "layerwise": run.endswith("_lw")}
+    if run.startswith("q_galore"):
+        galore.update(moments="int8", projection="randomized")
+        return OptimSpec(kind="q_galore_adamw", lr=LR, schedule={"warmup": 10}, galore=galore)
+    return OptimSpec(kind="galore_adamw", lr=LR, schedule={"warmup": 10}, galore=galore)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    world, rank = topo.world_size, topo.rank
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    rss_before = _rss_bytes()
+    torch.manual_seed(0)
+    spec = state_optim_spec(run)
+    model = prepare_model_for_optimizer(build_model(state_model_spec(model_kind), SEQ), spec)
+    opt = build_optimizer(spec, model)
+    sched = build_scheduler(spec, opt, steps)
+    layerwise = spec.galore is not None and spec.galore.layerwise
+    stepper = LayerwiseStepper(model, opt, None, None, world, BUCKET_BYTES, spec.grad_clip).attach() if layerwise else None
+    forward = DDP(model) if world > 1 and not layerwise else model
+    gen = np.random.default_rng(100 + rank)
+    times, grad_peak = [], 0
+    for step in range(steps):
+        x = batch_at(corpus.train, gen)[:STATE_BATCH]
+        t0 = time.perf_counter()
+        _, loss = forward(x[:, :-1], x[:, 1:])  # MoE aux losses ride on the backward (AttachAuxLoss)
+        loss.backward()
+        if stepper is not None:
+            stepper.finish()
+        else:
+            grad_peak = max(grad_peak, sum(p.grad.numel() * p.grad.element_size()
+                                           for p in model.parameters() if p.grad is not None))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+        times.append(time.perf_counter() - t0)
+    if stepper is not None:
+        grad_peak = stepper.peak_grad_bytes
+    result = {"model": model_kind, "run": run, "world": world, "weights": model_tensor_bytes(model),
+              "grads": grad_peak, "state": measured_state_bytes(opt),
+              "step_ms": 1000 * statistics.fmean(times[WARMUP:]), "median_ms": 1000 * statistics.median(times[WARMUP:]),
+              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": rss_before,
+              "params": sum(p.numel() for p in model.parameters())}
+    result["bpb"] = val_bpb(model, corpus.val) if rank == 0 else float("nan")
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if world > 1:
+        dist.barrier()
+
+
+def state_matrix(steps: int, models: list[str], runs: list[str], worlds: list[int]) -> list[dict[str, Any]]:
+    from shardyard.comm.launch import spawn
+
+    rows = []
+    for model_kind in models:
+        for world in worlds:
+            for run in runs:
+                with tempfile.TemporaryDirectory() as out:
+                    spawn(_state_rank, world, world, model_kind, run, steps, out)
+                    ranks = [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(world)]
+                row = ranks[0]
+                row["peak_rss"] = max(r["peak_rss"] for r in ranks)
+                row["grads"] = max(r["grads"] for r in ranks)
+                row["total"] = row["weights"] + row["grads"] + row["state"]
+                rows.append(row)
+                mib = 2 ** 20
+                print(f"{model_kind:5s} w{world} {run:17s} weights {row['weights'] / mib:6.2f} grads {row['grads'] / mib:6.2f} "
+                      f"state {row['state'] / mib:6.2f} total {row['total'] / mib:6.2f} MiB  peak RSS {row['peak_rss'] / mib:6.0f} MiB "
+                      f"step {row['step_ms']:7.1f} ms  bpb {row['bpb']:.4f}", flush=True)
+    return rows
+
+
+def cpu_step_times(model_kind: str, runs: list[str], steps: int, batch: int = STATE_BATCH) -> dict[str, float]:
+    """Median CPU time (time.process_time, one thread) per training step of each run, the runs
+    interleaved step by step in one process: on a shared machine, wall time measures the other
+    tenants; the CPU time a step consumes, measured in alternation, mostly does not."""
+    torch.set_num_threads(1)
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    setups = {}
+    for run in runs:
+        torch.manual_seed(0)
+        spec = state_optim_spec(run)
+        model = prepare_model_for_optimizer(build_model(state_model_spec(model_kind), SEQ), spec)
+        opt = build_optimizer(spec, model)
+        stepper = LayerwiseStepper(model, opt, max_norm=spec.grad_clip).attach() if run.endswith("_lw") else None
+        setups[run] = (model, opt, stepper, spec)
+    gen = np.random.default_rng(0)
+    times: dict[str, list[float]] = {run: [] for run in runs}
+    for _ in range(steps):
+        x = torch.cat([batch_at(corpus.train, gen) for _ in range(math.ceil(batch / BATCH))])[:batch]
+        for run, (model, opt, stepper, spec) in setups.items():
+            t0 = time.process_time()
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            if stepper is not None:
+                stepper.finish()
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times[run].append(time.process_time() - t0)
+    return {run: 1000 * statistics.median(ts[WARMUP:]) for run, ts in times.items()}
+
+
+def print_state_table(rows: list[dict[str, Any]]) -> None:
+    mib = 2 ** 20
+    print("\n| model | workers | run | weights | grads (peak) | optimizer state | total (MiB) | vs AdamW "
+          "| grads vs GaLore | peak RSS (MiB) | step ms (mean / median) | vs AdamW | val bpb | vs GaLore |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        same = [b for b in rows if b["model"] == r["model"] and b["world"] == r["world"]]
+        adamw = next((b for b in same if b["run"] == "adamw"), r)
+        galore = next((b for b in same if b["run"] == "galore"), r)
+        print(f"| {r['model']} | {r['world']} | {r['run']} | {r['weights'] / mib:.2f} | {r['grads'] / mib:.2f} | "
+              f"{r['state'] / mib:.2f} | {r['total'] / mib:.2f} | {r['total'] / adamw['total']:.1%} | "
+              f"{r['grads'] / galore['grads']:.1%} | {r['peak_rss'] / mib:.0f} | {r['step_ms']:.1f} / {r['median_ms']:.1f} | "
+              f"{r['step_ms'] / adamw['step_ms']:.2f}x | {r['bpb']:.4f} | {r['bpb'] / galore['bpb'] - 1:+.2%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="30 steps per run")
@@ -166,8 +326,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine multi-threaded LAPACK "
                              "stalls for seconds when another process holds a core)")
+    parser.add_argument("--state", action="store_true", help="the training-state matrix (see the docstring)")
+    parser.add_argument("--state-runs", default=",".join(STATE_RUNS), help="--state: comma list of runs")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="median CPU time per step of the --state runs, interleaved in one process")
+    parser.add_argument("--batch", type=int, default=STATE_BATCH, help="--cpu-time: sequences per step")
+    parser.add_argument("--workers", default="1,2", help="--state: comma list of data-parallel worker counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        for model_kind in args.models.split(","):
+            ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12, args.batch)
+            print(f"{model_kind} batch {args.batch}x{SEQ}: median CPU ms per step " + ", ".join(
+                f"{run} {t:.0f} ({t / ms['adamw']:.2f}x)" if "adamw" in ms else f"{run} {t:.0f}" for run, t in ms.items()),
+                flush=True)
+        return
+    if args.state:
+        runs = args.state_runs.split(",")
+        rows = state_matrix(args.steps or 60, args.models.split(","), runs,
+                            [int(w) for w in args.workers.split(",")])
+        print_state_table(rows)
+        return
     s = svd_timing()
     print(f"SVD 1024x4096, rank 128: exact {s['exact_s'] * 1000:.0f} ms, randomized (p=8, q=2) "
           f"{s['randomized_s'] * 1000:.0f} ms ({s['speedup']:.1f}x), q=1 {s['randomized_q1_s'] * 1000:.0f} ms; "

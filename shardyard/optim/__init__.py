@@ -4,8 +4,17 @@
 the checkpoint code saves every kind the same way): torch AdamW, GaLoreAdamW (galore.py) or
 QGaLoreAdamW (qgalore.py); `build_scheduler` the warm-up + decay schedule;
 `optimizer_memory_report` (memory.py) the parameter / gradient / state bytes of a spec's optimizer.
-With `optim.galore.layerwise` the optimizer steps inside backward: the trainer must then skip
-grad clipping (the spec forbids it) and `step()` / `zero_grad()` are harmless no-ops.
+
+Wiring, in this order:
+1. `model = prepare_model_for_optimizer(model, spec.optim)` right after the model is built (and
+   expert parallelism applied): for q_galore_adamw it swaps projected weights for INT8 layers
+   (int8_weights.py); for other kinds it returns the model unchanged.
+2. `optimizer = build_optimizer(spec.optim, model)`.
+3. With `optim.galore.layerwise` (any world size), or q_galore_adamw with more than one worker
+   (DDP cannot wrap INT8 layers): `LayerwiseStepper` (layerwise.py) instead of DDP. It reduces
+   gradients in buckets from their hooks; layer-wise it steps each parameter as its bucket lands,
+   otherwise it clips globally and steps once in `finish()`, which returns the global grad norm and
+   runs the optimizer's step hooks in both modes.
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ import math
 import torch
 from torch import nn
 
+from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import OptimSpec, ScheduleSpec
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_multiplier", "param_groups", "prepare_model_for_optimizer"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -42,7 +54,8 @@ def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
         common = dict(lr=spec.lr, betas=spec.betas, eps=spec.eps, rank=g.rank,
                       update_gap=g.update_gap, scale=g.scale, projection=g.projection,
                       oversample=g.oversample, power_iters=g.power_iters, seed=g.seed,
-                      broadcast_projection=g.broadcast_projection, layerwise=g.layerwise)
+                      broadcast_projection=g.broadcast_projection, layerwise=g.layerwise,
+                      moments=g.moments, layerwise_clip=spec.grad_clip if g.layerwise else 0.0)
         if spec.kind == "galore_adamw":
             return GaLoreAdamW(groups, **common)
         q = g.quant

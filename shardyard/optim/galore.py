@@ -19,14 +19,23 @@ communication. `broadcast_projection=True` instead broadcasts rank 0's basis aft
 differ in the last bits. Expert-parallel shards (different experts on every rank) are never broadcast:
 each rank projects its own experts' gradients.
 
-Layer-wise mode (`layerwise=True`): each parameter is stepped from its post-accumulate-grad hook
-during backward and its gradient is freed at once, so at most about one gradient is alive at a time;
-`step()` is then a no-op. It needs the final gradient inside backward, which rules out global
-gradient clipping and DDP (whose averaged gradient only lands after backward) and gradient
-accumulation over micro-batches.
+Layer-wise mode (`layerwise=True`): each parameter is stepped during backward as soon as its
+gradient is final and its gradient is freed at once; `step()` is then a no-op. With one worker the
+optimizer attaches its own post-accumulate-grad hooks; under data parallelism (or to reduce
+gradients, clip or accumulate micro-batches) `shardyard.optim.layerwise.LayerwiseStepper` takes the
+hooks over: it all-reduces gradients in buckets from the hooks and calls `step_param` when a
+bucket's reduction lands.
+
+Moments (`moments="int8"`): every moment tensor of at least MOMENT_BLOCK elements (the low-rank
+moments of projected parameters, the dense moments of large matrices) is stored as 8-bit codes on
+8-bit Adam's dynamic map with one fp32 absmax per block of 256 (quant.quantize_moment); the first
+moment is signed, the second is stored as sqrt(v) (unsigned), which halves its dynamic range in
+decades so small entries do not round to zero and blow up m / sqrt(v). Each step dequantises,
+runs the fp32 Adam arithmetic and re-quantises (round to nearest).
 
 State (all saved by state_dict, loadable with torch.load(weights_only=True)): per parameter
-`step` (int), `exp_avg`, `exp_avg_sq` (fp32, low-rank shape when projected), and for projected
+`step` (int), `exp_avg`, `exp_avg_sq` (fp32, low-rank shape when projected) or with int8 moments
+`exp_avg_q`, `exp_avg_absmax`, `exp_avg_sq_q`, `exp_avg_sq_absmax`, and for projected
 parameters `basis` (fp32 [.., min(m,n), r]), `side` ('left'/'right'), `next_refresh` (int),
 `refreshes` (int, number of SVDs so far).
 """
@@ -45,6 +54,7 @@ from torch import nn
 from shardyard.models.moe.experts import is_expert_shard
 from shardyard.optim.projection import (Side, choose_side, compute_basis, project, project_back,
                                         sketch_generator)
+from shardyard.optim.quant import MOMENT_BLOCK, dequantize_moment, quantize_moment
 
 
 GALORE_DEFAULTS: dict[str, Any] = {
@@ -84,15 +94,28 @@ def galore_param_groups(model: nn.Module, targets: Iterable[str], rank: int, wei
     return [g for g in groups if g["params"]]
 
 
+def clip_param_grad_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Layer-wise clipping: scale one parameter's gradient to norm <= max_norm (0 = off); returns
+    its norm before clipping. A global clip needs every gradient before any step, which layer-wise
+    updates do not wait for; clipping each parameter at the global threshold bounds the same spikes
+    (a parameter's norm never exceeds the global one, so this clips no more than the global rule)."""
+    norm = grad.detach().float().norm()
+    if max_norm > 0:
+        grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+    return norm
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int = 32, update_gap: int = 200,
                  scale: float = 0.25, projection: str = "svd", oversample: int = 8,
                  power_iters: int = 2, seed: int = 0, broadcast_projection: bool = False,
-                 layerwise: bool = False) -> None:
+                 layerwise: bool = False, moments: str = "fp32", layerwise_clip: float = 0.0) -> None:
         if projection not in ("svd", "randomized"):
             raise ValueError(f"unknown projection {projection!r}; available: svd, randomized")
+        if moments not in ("fp32", "int8"):
+            raise ValueError(f"unknown moments {moments!r}; available: fp32, int8")
         defaults = {**GALORE_DEFAULTS, "lr": lr, "betas": betas, "eps": eps,
                     "weight_decay": weight_decay, "rank": rank, "update_gap": update_gap,
                     "scale": scale, "projection": projection, "oversample": oversample,
@@ -101,7 +124,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.seed = seed
         self.broadcast_projection = broadcast_projection
         self.layerwise = layerwise
+        self.moments = moments
+        self.layerwise_clip = layerwise_clip  # layer-wise: clip each gradient's norm to this (0 = off)
         self._hooks: list[Any] = []
+        self.external_hooks = False  # True while a LayerwiseStepper drives step_param
+        self._index: dict[torch.Tensor, tuple[int, dict]] = {}
+        self._build_index()
         if layerwise:
             self._attach_layerwise_hooks()
 
@@ -113,12 +141,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            if not self._hooks and not self.external_hooks:
+                raise RuntimeError("layer-wise GaLore under data parallelism steps parameters from "
+                                   "shardyard.optim.layerwise.LayerwiseStepper; none is attached")
             return loss  # parameters were stepped by their gradient hooks during backward
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor) -> None:
+        """Step one parameter from its current `.grad` (layer-wise mode: called from a hook or by
+        LayerwiseStepper once the parameter's reduced gradient is in place)."""
+        self._update(p, self._group_of(p))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_index"):
+            self._build_index()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but tensors keep their saved dtype (torch would cast INT codes to float)
@@ -133,6 +175,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device).clone()
                 else:  # torch's cast would turn strings and lists into generators
                     self.state[p][key] = copy.deepcopy(value)
+        self._build_index()  # torch replaces the group dicts
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -141,12 +184,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------- internals
     def _attach_layerwise_hooks(self) -> None:
+        """Single worker: step and free each gradient from its own hook. Under data parallelism the
+        gradient must first be averaged over ranks: LayerwiseStepper attaches those hooks instead."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError("layer-wise GaLore steps parameters inside backward, before DDP has averaged "
-                               "their gradients; use layerwise only with a single worker")
+            return
 
         def hook(p: torch.Tensor) -> None:
             with torch.no_grad():
+                clip_param_grad_(p.grad, self.layerwise_clip)
                 self._update(p, self._group_of(p))
             p.grad = None
 
@@ -154,20 +199,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
-    def _group_of(self, p: torch.Tensor) -> dict:
+    def _build_index(self) -> None:
+        """parameter -> (position over all groups, its group), built once (and after the groups
+        change): the per-step lookups are dictionary hits, not scans of every group."""
+        self._index = {}
         for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not managed by this optimizer")
+            for p in group["params"]:
+                self._index[p] = (len(self._index), group)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        try:
+            return self._index[p][1]
+        except KeyError:
+            raise KeyError("parameter is not managed by this optimizer") from None
 
     def _param_index(self, p: torch.Tensor) -> int:
-        i = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return i
-                i += 1
-        raise KeyError("parameter is not managed by this optimizer")
+        try:
+            return self._index[p][0]
+        except KeyError:
+            raise KeyError("parameter is not managed by this optimizer") from None
 
     def _projected(self, p: torch.Tensor, group: dict) -> bool:
         return bool(group["galore"]) and is_projectable(p, group["rank"])
@@ -209,10 +259,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 self._refresh(p, grad, group, state)
             basis = self._basis(state)
             grad = project(grad, basis, state["side"])
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = self._load_moments(state, grad)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         step = state["step"]
@@ -222,9 +269,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
         bias2 = 1 - beta2 ** step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
         update = (exp_avg / bias1) / denom
+        self._store_moments(state, exp_avg, exp_avg_sq)
         if projected:
             update = project_back(update, basis, state["side"]).mul_(group["scale"])
         self._apply(p, update, group, state, projected)
+
+    def _quantized_moments(self, numel: int) -> bool:
+        return self.moments == "int8" and numel >= MOMENT_BLOCK
+
+    def _load_moments(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 working moments: the state's own tensors (fp32) or dequantised copies (int8)."""
+        if not self._quantized_moments(grad.numel()):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            return state["exp_avg"], state["exp_avg_sq"]
+        if "exp_avg_q" not in state:
+            return torch.zeros_like(grad), torch.zeros_like(grad)
+        m = dequantize_moment(state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
+        root_v = dequantize_moment(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
+        return m, root_v.square_()
+
+    def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        if not self._quantized_moments(exp_avg.numel()):
+            return  # updated in place
+        state["exp_avg_q"], state["exp_avg_absmax"] = quantize_moment(exp_avg, signed=True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_moment(exp_avg_sq.sqrt(), signed=False)
 
     def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict,
                projected: bool) -> None:

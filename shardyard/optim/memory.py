@@ -9,9 +9,12 @@ optimizers (tests compare them with the tensors actually held after a step):
   moments 2 * E * max(m, n) * r * 4 bytes, basis E * min(m, n) * r * 4 bytes.
   Dense parameters: 2 * numel * 4 bytes (the step counter is a Python int: no tensor bytes).
 - Q-GaLore: moments as GaLore; basis as packed INT4, ceil(N / g) groups * (g / 2 + 4) bytes for
-  N = E * min(m, n) * r elements and group size g; INT8 master weights of projected parameters,
-  numel + 4 * ceil(numel / g_w) bytes, reported separately as `int8_weight_bytes` (they sit in the
-  optimizer state next to the fp32 working copy of the weight).
+  N = E * min(m, n) * r elements and group size g; INT8 weights of projected parameters,
+  numel + 4 * ceil(numel / g_w) bytes, reported separately as `int8_weight_bytes`. On a model
+  prepared by `prepare_model_for_optimizer` they are the layers' only weight (`param_bytes` then
+  leaves those parameters out); otherwise they sit in the optimizer state next to the fp32 copy.
+- int8 moments (`galore.moments: int8`): a moment of N >= 256 elements costs N + 4 ceil(N / 256)
+  bytes instead of 4 N.
 - Gradients: one per parameter; in layer-wise mode gradients are freed as soon as each parameter
   is stepped, so the peak is about the largest single gradient (`grad_bytes`; upper bound on
   .grad storage, ignoring a few gradients whose hooks fire together).
@@ -25,6 +28,8 @@ from typing import Any
 from torch import nn
 
 from shardyard.optim.galore import galore_param_groups, is_projectable
+from shardyard.optim.int8_weights import int8_weight_of
+from shardyard.optim.quant import MOMENT_BLOCK
 from shardyard.platform.schema import OptimSpec
 
 FP32 = 4
@@ -34,10 +39,17 @@ def _adamw_state_bytes(model: nn.Module) -> int:
     return sum(2 * p.numel() * p.element_size() + FP32 for p in model.parameters() if p.requires_grad)
 
 
+def _moment_bytes(numel: int, int8: bool) -> int:
+    """Both Adam moments of one tensor of `numel` elements."""
+    if int8 and numel >= MOMENT_BLOCK:
+        return 2 * (numel + FP32 * math.ceil(numel / MOMENT_BLOCK))
+    return 2 * numel * FP32
+
+
 def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    grad_bytes = param_bytes
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params if int8_weight_of(p) is None)
     adamw_state = _adamw_state_bytes(model)
     report: dict[str, Any] = {
         "kind": spec.kind,
@@ -55,13 +67,14 @@ def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]
                      if is_projectable(p, g.rank)]
         projected_ids = {id(p) for p in projected}
         state, int8_bytes = 0, 0
+        int8_moments = g.moments == "int8"
         for p in params:
             if id(p) not in projected_ids:
-                state += 2 * p.numel() * FP32
+                state += _moment_bytes(p.numel(), int8_moments)
                 continue
             m, n = p.shape[-2], p.shape[-1]
             batch = p.numel() // (m * n)
-            state += 2 * batch * max(m, n) * g.rank * FP32
+            state += _moment_bytes(batch * max(m, n) * g.rank, int8_moments)
             basis_numel = batch * min(m, n) * g.rank
             if spec.kind == "q_galore_adamw":
                 assert g.quant is not None
@@ -79,7 +92,7 @@ def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]
         "optimizer_state_bytes": state,
         "int8_weight_bytes": int8_bytes,
         "total_bytes": param_bytes + grad_bytes + state + int8_bytes,
-        "adamw_total_bytes": 2 * param_bytes + adamw_state,
+        "adamw_total_bytes": 2 * grad_bytes + adamw_state,
         "state_ratio_vs_adamw": state / adamw_state if adamw_state else 0.0,
         "projected_params": projected_count,
         "projected_fraction": projected_numel / max(1, report["num_params"]),
@@ -111,3 +124,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  total           {report['total_bytes'] / mib:9.2f} MiB "
                  f"({report['total_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_total_bytes'] / mib:.2f} MiB)")
     return "\n".join(lines)
+
+
+def model_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers (an expanded INT8
+    handle counts its one element, a tied weight once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

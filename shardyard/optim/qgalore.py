@@ -4,15 +4,19 @@ What differs from GaLoreAdamW, for projected parameters only (dense ones step as
 
 - Projection bases are stored as signed INT4 codes packed two per byte with one fp32 scale per
   `proj_group_size` elements (`basis_q`, `basis_scales`, `basis_shape`) and dequantised when used.
-- The weight's master copy is INT8 (`qweight`, one fp32 scale per `weight_group_size` elements in
-  `qscales`). Each step dequantises it, applies decay and the update in fp32, and re-quantises with
-  stochastic rounding (P(round up) = fractional part, so E[new weight] = exact fp32 result: updates
-  far below one quantisation step still move the weight on average; round-to-nearest would drop
-  them). The module's fp32 parameter is overwritten with the dequantised INT8 weight, so forward
-  and backward see exactly the INT8 values. Scales only grow (when an update overflows a group);
-  they are never re-derived from scratch, so sub-step updates do not re-round a whole group.
-  Note: this module keeps nn.Linear's fp32 tensor as the working copy; the INT8 master is what a
-  dequantise-on-the-fly linear layer would hold instead (memory.py reports both).
+- Weights are INT8 (one fp32 scale per `weight_group_size` elements). Each step dequantises them
+  chunk by chunk, applies decay and the update in fp32, and re-quantises with stochastic rounding
+  (P(round up) = fractional part, so E[new weight] = exact fp32 result: updates far below one
+  quantisation step still move the weight on average; round-to-nearest would drop them). Scales
+  only grow (when an update overflows a group); they are never re-derived from scratch, so
+  sub-step updates do not re-round a whole group. Where the weight lives:
+  * in an INT8 layer (`int8_weights.prepare_model_for_optimizer`, the normal path): the layer's
+    `<name>_codes` / `<name>_scales` buffers are the only copy and are updated in place;
+  * otherwise (a projected weight whose module has no INT8 variant): an INT8 master in the
+    optimizer state (`qweight`, `qscales`) plus the module's fp32 tensor, overwritten with the
+    dequantised master after each step so forward and backward see exactly the INT8 values.
+  Both paths do the same arithmetic (the first is tested bit-identical to the second in
+  round-to-nearest mode).
 - Update gap per parameter: at every refresh the overlap ||P_old^T P_new||_F^2 / r of the old
   and new bases is measured; after `sim_streak` consecutive refreshes with overlap >=
   `sim_threshold`, the parameter's gap is multiplied by `gap_growth` (capped at `max_update_gap`).
@@ -24,14 +28,18 @@ every data-parallel rank and on a resumed run, with no RNG state to save.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
 from shardyard.optim.galore import GaLoreAdamW
+from shardyard.optim.int8_weights import int8_weight_of
 from shardyard.optim.projection import choose_side, sketch_generator, subspace_overlap
 from shardyard.optim.quant import (INT8_MAX, dequantize_int4, dequantize_int8, group_scales,
-                                   quantize_int4, stochastic_round)
+                                   quantize_int4, quantize_int8_with_scales)
+
+CHUNK_GROUPS = 8192  # INT8 groups re-quantised at once (1 Mi weights at the default group size)
 
 
 class QGaLoreAdamW(GaLoreAdamW):
@@ -83,33 +91,41 @@ class QGaLoreAdamW(GaLoreAdamW):
             super()._apply(p, update, group, state, projected)
             return
         gs = self.weight_group_size
+        owner = int8_weight_of(p)
+        if owner is not None:  # an INT8 layer: its codes are the weight
+            module, name = owner
+            if module.group_size != gs:
+                raise ValueError(f"INT8 layer group size {module.group_size} != optimizer's weight_group_size {gs}")
+            self._step_codes(p, update, group, state, module.int8_codes(name), module.int8_scales(name))
+            return
         if "qweight" not in state:  # first step: the fp32 init is rounded to nearest once
             scales = group_scales(p.detach(), gs, INT8_MAX)
             state["qscales"] = scales
-            state["qweight"] = self._requantize(p.detach().float(), scales, None)
-        lr, wd = group["lr"], group["weight_decay"]
-        w = dequantize_int8(state["qweight"], state["qscales"], gs)
-        if wd:
-            w.mul_(1 - lr * wd)
-        w.add_(update, alpha=-lr)
-        # grow (never shrink) a group's scale only when a value would round beyond +-127
-        needed = group_scales(w, gs, INT8_MAX)
-        old = state["qscales"]
-        state["qscales"] = torch.where(needed * INT8_MAX > old * (INT8_MAX + 0.5), needed, old)
-        gen = None
-        if self.stochastic_rounding:
-            gen = sketch_generator(self.seed + 7919, self._param_index(p), state["step"], w.device)
-        state["qweight"] = self._requantize(w, state["qscales"], gen)
+            state["qweight"] = quantize_int8_with_scales(p.detach(), scales, gs)
+        self._step_codes(p, update, group, state, state["qweight"], state["qscales"])
         p.copy_(dequantize_int8(state["qweight"], state["qscales"], gs, p.dtype))
 
-    def _requantize(self, w: torch.Tensor, scales: torch.Tensor, gen: torch.Generator | None
-                    ) -> torch.Tensor:
+    def _step_codes(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict,
+                    codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """codes, scales <- quantise(dequantise(codes) * (1 - lr wd) - lr update), in place, chunk by
+        chunk of CHUNK_GROUPS groups (no full fp32 copy of the weight beyond the update itself)."""
         gs = self.weight_group_size
-        flat = w.reshape(-1)
-        n = flat.numel()
-        pad = (-n) % gs
-        if pad:
-            flat = torch.cat((flat, flat.new_zeros(pad)))
-        scaled = flat.view(-1, gs) / scales[:, None]
-        q = stochastic_round(scaled, gen) if gen is not None else torch.round(scaled)
-        return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(-1)[:n].view(w.shape)
+        lr, wd = group["lr"], group["weight_decay"]
+        gen = None
+        if self.stochastic_rounding:
+            gen = sketch_generator(self.seed + 7919, self._param_index(p), state["step"], codes.device)
+        flat_codes, flat_update = codes.view(-1), update.reshape(-1)
+        n, chunk = flat_codes.numel(), CHUNK_GROUPS * gs
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            g_lo, g_hi = lo // gs, math.ceil(hi / gs)
+            old = scales[g_lo:g_hi]
+            w = dequantize_int8(flat_codes[lo:hi], old, gs)
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.add_(flat_update[lo:hi], alpha=-lr)
+            # grow (never shrink) a group's scale only when a value would round beyond +-127
+            needed = group_scales(w, gs, INT8_MAX)
+            new = torch.where(needed * INT8_MAX > old * (INT8_MAX + 0.5), needed, old)
+            flat_codes[lo:hi] = quantize_int8_with_scales(w, new, gs, gen)
+            scales[g_lo:g_hi] = new

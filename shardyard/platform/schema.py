@@ -225,7 +225,8 @@ class GaLoreSpec(Section):
     power_iters: NonNegInt = Field(2, description="randomized only: power (subspace) iterations")
     targets: list[str] = Field(default_factory=lambda: ["attn", "ffn"], min_length=1, description="regexes searched in parameter names; matching >=2-D weights are projected (embeddings, norms, biases always dense)")
     experts: Literal["per_expert", "dense"] = Field("per_expert", description="3-D stacked expert weights [E, K, N]: one projector per expert slice, or leave them dense")
-    layerwise: bool = Field(False, description="step each parameter from its post-accumulate-grad hook and free its gradient at once (single worker, no grad clip)")
+    layerwise: bool = Field(False, description="step each parameter as soon as its (data-parallel reduced) gradient is final and free it at once; grad_clip then clips each parameter's gradient on its own")
+    moments: Literal["fp32", "int8"] = Field("fp32", description="Adam moments: fp32, or int8 = block-wise 8-bit codes on a dynamic map with per-block absmax scales (8-bit Adam) for every moment of >= 256 elements")
     broadcast_projection: bool = Field(False, description="data parallel: compute projections on rank 0 and broadcast (default: every rank computes the same deterministic projection from the DDP-averaged gradient)")
     seed: NonNegInt = Field(0, description="seed of the randomized sketches and stochastic rounding (derived per parameter and step, identical on every rank)")
     quant: QGaLoreSpec | None = Field(None, description="q_galore_adamw settings (defaults filled for that kind)")
@@ -256,9 +257,6 @@ class OptimSpec(Section):
             g.quant = QGaLoreSpec()
         if self.kind == "galore_adamw" and g.quant is not None:
             raise ValueError("optim.galore.quant only applies to kind q_galore_adamw, not galore_adamw")
-        if g.layerwise and self.grad_clip > 0:
-            raise ValueError("optim.galore.layerwise steps each parameter during backward, so a global grad-norm clip "
-                             f"is impossible; set optim.grad_clip: 0 (it is {self.grad_clip})")
         if g.quant is not None and g.quant.max_update_gap < g.update_gap:
             raise ValueError(f"optim.galore.quant.max_update_gap ({g.quant.max_update_gap}) is below optim.galore.update_gap ({g.update_gap})")
         return self
@@ -377,9 +375,6 @@ class JobSpec(Section):
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})")
         galore = self.optim.galore
-        if galore is not None and galore.layerwise and self.resources.workers > 1:
-            raise ValueError(f"optim.galore.layerwise: steps parameters inside backward, before data-parallel gradient "
-                             f"averaging; it needs resources.workers 1, not {self.resources.workers}")
         seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
         if seq_len_problem:
             raise ValueError(seq_len_problem)
@@ -392,14 +387,13 @@ class JobSpec(Section):
         if self.parallel.shard != "none" and self.optim.kind != "adamw":
             raise ValueError(f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
                              f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it")
-        if self.training.grad_accum > 1 and galore is not None and galore.layerwise:
-            raise ValueError("training.grad_accum: layer-wise GaLore steps every parameter inside each backward, "
-                             f"so it cannot accumulate {self.training.grad_accum} micro-batches; set grad_accum: 1")
         if self.training.activation_checkpointing != "none" and self.model.stages:
             raise ValueError(f"training.activation_checkpointing applies to flat models; a {self.model.kind} model "
                              "checkpoints per stage with model.stages[i].checkpoint_chunks")
-        if self.parallel.zero and galore is not None and galore.layerwise:
-            raise ValueError("parallel.zero: DeepSpeed owns the optimizer step; layer-wise GaLore cannot run under it")
+        if self.parallel.zero and galore is not None:
+            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
+                             f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
+                             "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw")
         if self.training.eval_every and self.training.eval_every > self.training.steps:
             raise ValueError(f"training.eval_every: {self.training.eval_every} exceeds training.steps ({self.training.steps})")
         if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:

@@ -42,8 +42,11 @@ def test_spec_defaults_and_validators() -> None:
     assert OptimSpec(kind="galore_adamw").galore.quant is None
     with pytest.raises(ValidationError, match="kind is 'adamw'"):
         OptimSpec(kind="adamw", galore={"rank": 4})
-    with pytest.raises(ValidationError, match="grad-norm clip is impossible"):
-        OptimSpec(kind="galore_adamw", galore={"layerwise": True})
+    # layer-wise with a clip: each parameter's gradient is clipped on its own (LayerwiseStepper)
+    assert OptimSpec(kind="galore_adamw", galore={"layerwise": True}).grad_clip == 1.0
+    assert OptimSpec(kind="galore_adamw", galore={"moments": "int8"}).galore.moments == "int8"
+    with pytest.raises(ValidationError):
+        OptimSpec(kind="galore_adamw", galore={"moments": "int4"})
     with pytest.raises(ValidationError, match="only applies to kind q_galore_adamw"):
         OptimSpec(kind="galore_adamw", galore={"quant": {}})
     with pytest.raises(ValidationError, match="max_update_gap"):
@@ -337,3 +340,55 @@ def test_resume_continues_exactly(kind: str, galore: dict) -> None:
     sched2.load_state_dict(ckpt["sched"])
     run(resumed, opt2, sched2, data[4:])
     assert_same_weights(full, resumed)
+
+
+def test_layerwise_stepper_single_worker_matches_optimizer_hooks_and_clips_per_parameter() -> None:
+    from shardyard.optim.galore import clip_param_grad_
+    from shardyard.optim.layerwise import LayerwiseStepper
+
+    data = batches(5)
+    s = spec(layerwise=True)  # grad_clip 0
+    a, b = tiny_model(), tiny_model()
+    opt_a = build_optimizer(s, a)  # its own hooks (single worker)
+    opt_b = build_optimizer(s, b)
+    stepper = LayerwiseStepper(b, opt_b, bucket_bytes=8 << 10).attach()
+    assert not opt_b._hooks  # the stepper took the hooks over
+    for x in data:
+        a(x[:, :-1], x[:, 1:])[1].backward()
+        _, loss = b(x[:, :-1], x[:, 1:])
+        loss.backward()
+        norm = stepper.finish()
+        assert torch.isfinite(norm) and norm > 0
+    assert_same_weights(a, b, atol=1e-6, rtol=1e-5)
+    assert stepper.peak_grad_bytes < sum(p.numel() * 4 for p in b.parameters()) / 2
+    stepper.detach()
+    opt_a.remove_hooks()
+    # per-parameter clip: a clipped stepper equals an unclipped step on pre-clipped gradients
+    clipped = OptimSpec(kind="galore_adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.05,
+                        galore={"rank": RANK, "update_gap": 3, "layerwise": True})
+    c, d = tiny_model(), tiny_model()
+    opt_c = build_optimizer(clipped, c)  # hooks clip each gradient to 0.05
+    opt_d = build_optimizer(spec(), d)
+    for x in data:
+        c(x[:, :-1], x[:, 1:])[1].backward()
+        d(x[:, :-1], x[:, 1:])[1].backward()
+        for p in d.parameters():
+            clip_param_grad_(p.grad, 0.05)
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+    assert_same_weights(c, d, atol=1e-6, rtol=1e-5)
+    opt_c.remove_hooks()
+
+
+def test_job_spec_composition_rules() -> None:
+    from shardyard.platform.schema import JobSpec
+
+    base = {"name": "t", "model": {"kind": "moe", "preset": "tiny"}, "training": {"steps": 50}}
+    galore = {"kind": "galore_adamw", "galore": {"layerwise": True}}
+    # layer-wise under data parallelism, with expert parallelism: accepted
+    JobSpec(**base, optim=galore, resources={"workers": 4}, parallel={"expert_parallel": 2})
+    # DeepSpeed ZeRO flattens parameters: refused with GaLore of any kind
+    for kind in ("galore_adamw", "q_galore_adamw"):
+        with pytest.raises(ValidationError, match="parallel.zero.*1-D partitions"):
+            JobSpec(**{**base, "model": {"kind": "dense", "preset": "tiny"}}, optim={"kind": kind},
+                    parallel={"zero": 1})

@@ -77,3 +77,19 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path: Path) -> 
         assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
         for name, value in plain.model.state_dict().items():
             torch.testing.assert_close(checkpointed.model.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_path: Path) -> None:
+    """Layer-wise GaLore through the hook-reduced plan with grad_accum 2 steps like plain GaLore."""
+    weights = {}
+    for layerwise in (False, True):
+        name = f"lw{int(layerwise)}"
+        spec = one_worker_spec(tmp_path, name, model=DENSE,
+                               training="{steps: 4, batch_size: 4, grad_accum: 2, eval_every: 0, eval_bytes: 2048}",
+                               overrides=["optim.kind=galore_adamw", "optim.grad_clip=0", "optim.galore.rank=8",
+                                          f"optim.galore.layerwise={str(layerwise).lower()}", "optim.schedule.warmup=1"])
+        trainer, _ = train(spec, tmp_path / name)
+        assert type(trainer.plan).__name__ == ("HookReducedPlan" if layerwise else "ReplicatedPlan")
+        weights[layerwise] = trainer.model.state_dict()
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.optim import build_optimizer, build_scheduler
+from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime.parallel.base import ParallelPlan
 
@@ -17,6 +18,7 @@ def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> Paralle
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     def optimizer_for(m: nn.Module) -> torch.optim.Optimizer:
+        prepare_model_for_optimizer(m, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
         return build_optimizer(spec.optim, m)
 
     def scheduler_for(opt: torch.optim.Optimizer):
@@ -27,12 +29,19 @@ def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> Paralle
 
         optimizer = optimizer_for(model)
         return DeepSpeedPlan(spec, model, optimizer, scheduler_for(optimizer))
-    if par.expert_parallel > 1 or (par.shard != "none" and world > 1):
+    galore = spec.optim.galore
+    # Layer-wise GaLore (any world: it also carries gradient accumulation) and multi-worker Q-GaLore
+    # (INT8 weights DDP cannot wrap) reduce gradients from their hooks.
+    hook_reduced = galore is not None and (galore.layerwise or (spec.optim.kind == "q_galore_adamw" and world > 1))
+    if par.expert_parallel > 1 or (par.shard != "none" and world > 1) or hook_reduced:
         from shardyard.comm.groups import build_groups
         from shardyard.comm.topology import topology_from_ray
-        from shardyard.runtime.parallel.mesh import MeshPlan
+        from shardyard.runtime.parallel.mesh import HookReducedPlan, MeshPlan
 
         groups = build_groups(topology_from_ray(), par.expert_parallel) if par.expert_parallel > 1 else None
+        if hook_reduced:
+            return HookReducedPlan(model, optimizer_for, scheduler_for, spec.optim.grad_clip, groups=groups,
+                                   ep=par.expert_parallel, a2a=par, device=device)
         return MeshPlan(model, optimizer_for, scheduler_for, spec.optim.grad_clip, groups=groups,
                         ep=par.expert_parallel, shard=par.shard, a2a=par, device=device)
     from shardyard.comm.expert_parallel import apply_expert_parallel

@@ -136,3 +136,34 @@ def _all_reduce_mean(params: list[nn.Parameter], group, world: int) -> None:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+class HookReducedPlan(MeshPlan):
+    """Data (and optionally expert) parallelism whose gradients are reduced from their
+    post-accumulate-grad hooks by optim.layerwise.LayerwiseStepper instead of DDP: layer-wise GaLore
+    (each parameter stepped and its gradient freed as soon as its reduction lands) and Q-GaLore's
+    INT8-weight models (whose gradient handles DDP cannot broadcast). Checkpoints and expert shards
+    as MeshPlan (shard: none)."""
+
+    def __init__(self, model: nn.Module, build_optimizer, build_scheduler, grad_clip: float, *,
+                 groups: ProcessGroups | None, ep: int, a2a: ParallelSpec | str, device: torch.device) -> None:
+        from shardyard.optim.layerwise import LayerwiseStepper
+
+        super().__init__(model, build_optimizer, build_scheduler, grad_clip, groups=groups, ep=ep, shard="none",
+                         a2a=a2a, device=device)
+        self.stepper = LayerwiseStepper(model, self.optimizer, dense_group=None,
+                                        expert_group=groups.edp if groups is not None else None,
+                                        world_size=self.world, max_norm=grad_clip).attach()
+        self.name = f"hook-reduced(ep={ep})"
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        self.stepper.accumulate = not last  # gradients accumulate locally until the last micro-batch
+        return contextlib.nullcontext()
+
+    def step(self) -> torch.Tensor:
+        norm = self.stepper.finish()  # reduces, clips, steps (the optimizer's step hooks included)
+        self.scheduler.step()
+        return norm.detach().float().cpu()
+
+    def layout(self) -> dict[str, Any]:
+        return {**super().layout(), "mode": "mesh"}
