@@ -14,6 +14,7 @@ RUN_DIR = "SHARDYARD_RUN_DIR"  # overrides <checkpoint.dir>/<name> for a submitt
 ADDRESS = "SHARDYARD_ADDRESS"  # the Ray Jobs address clients use
 FAKE_RANKS_PER_NODE = "SHARDYARD_FAKE_RANKS_PER_NODE"  # tests: pretend each node holds this many ranks
 FAULT_STEP = "SHARDYARD_FAULT_STEP"  # tests: rank 0 raises once when it reaches this step
+KILL_IN_SAVE = "SHARDYARD_KILL_IN_SAVE"  # tests: "<step>:<marker>": the last rank dies mid-save once
 SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
 
 

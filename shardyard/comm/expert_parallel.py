@@ -48,13 +48,6 @@ from shardyard.models.moe.router import ExpertChoiceRouter
 from shardyard.platform.schema import DispatchSpec, ParallelSpec
 
 
-def _inside_backward() -> bool:
-    """True while an activation-checkpointed forward is recomputed: the trainer's flag (moe_scope), or
-    the autograd engine running (plain torch.utils.checkpoint)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return recomputing() or (task_id is not None and task_id() != -1)
-
-
 class ExpertParallelExperts(nn.Module):
     """This rank's experts behind the dispatch stack: [dedup ->] [LSH centroids ->] payload -> transport.
 
@@ -167,7 +160,7 @@ class ExpertParallelExperts(nn.Module):
             self._account(per_rank, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
             return self._through_experts(x_sorted, counts, self.codec)
 
-        training = self.training and torch.is_grad_enabled() and not _inside_backward()
+        training = self.training and torch.is_grad_enabled() and not recomputing()
         if training:  # advance before hashing: an activation-checkpoint recompute then hashes alike
             self.lsh.advance(self._pending_ratio)
             self._pending_ratio = None

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from shardyard import envvars
+
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -114,6 +116,7 @@ def save_checkpoint(plan, directory: Path, meta: dict[str, Any], texts: dict[str
         for name, text in (texts or {}).items():
             (directory / name).write_text(text)
     _fsync_tree(directory)
+    _maybe_die_mid_save(int(meta.get("step", -1)))
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -123,6 +126,18 @@ def save_checkpoint(plan, directory: Path, meta: dict[str, Any], texts: dict[str
         manifest = {name: entry for files in gathered for name, entry in files.items()}
         _write_json(directory / MANIFEST_FILE, {"files": manifest})
         _fsync_tree(directory)
+
+
+def _maybe_die_mid_save(step: int) -> None:
+    """Test hook ($SHARDYARD_KILL_IN_SAVE="<step>:<marker file>"): the last rank's process exits
+    abruptly once, after writing its shards and before the manifest exists."""
+    hook = os.environ.get(envvars.KILL_IN_SAVE)
+    if not hook or not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
+        return
+    at, marker = hook.split(":", 1)
+    if int(at) == step and not Path(marker).exists():
+        Path(marker).write_text(str(step))
+        os._exit(17)
 
 
 def commit_local(staged: Path, final: Path) -> Path:

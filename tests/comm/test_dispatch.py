@@ -192,8 +192,9 @@ def test_lsh_one_worker_metrics_and_state() -> None:
 
 
 def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
-    """rotation_refresh 1 draws a new rotation every micro-batch; the recompute must reuse this one's."""
-    from torch.utils.checkpoint import checkpoint
+    """rotation_refresh 1 draws a new rotation every micro-batch; the recompute (shardyard's
+    activation checkpointing, which flags recomputes) must reuse this one's."""
+    from shardyard.models.moe.accounting import checkpointed
 
     tokens, token_of, weight_of, offsets = _routing(0)
     grads = []
@@ -204,7 +205,7 @@ def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
         module._pending_ratio = 1.0  # the adaptation also happens before hashing
         x = tokens.clone().requires_grad_(True)
         run = lambda t: module(dispatch(t, token_of), offsets)  # noqa: E731
-        out = checkpoint(run, x, use_reentrant=False) if use_checkpoint else run(x)
+        out = checkpointed(run, x) if use_checkpoint else run(x)
         out.square().sum().backward()
         assert int(module.lsh.forwards) == 6 and int(module.lsh.active_hashes) == 2
         grads.append(x.grad)

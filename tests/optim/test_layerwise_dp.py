@@ -156,7 +156,7 @@ def _ep_rank(topo: Topology) -> None:
         opt = build_optimizer(lw_spec if mode == "layerwise" else spec, net)
         stepper = None
         if mode == "layerwise":
-            stepper = LayerwiseStepper(net, opt, groups.dp, groups.edp, world, 8 << 10).attach()
+            stepper = LayerwiseStepper(net, opt, None, groups.edp, world, 8 << 10).attach()
         for step in range(steps):
             _moe_loss(net, data[topo.rank][step]).backward()
             if stepper is None:

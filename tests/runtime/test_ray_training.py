@@ -102,3 +102,22 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path: Path) -> None:
+    """The last rank's process exits after writing its shards of the step-8 checkpoint, before the
+    manifest: Ray Train restarts the group from step 4 and the run ends with the uninterrupted losses."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text(tiny_spec_yaml("clean", tmp_path / "runs",
+                                   training="{steps: 12, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}",
+                                   checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 4, keep: 3}}"))
+    clean = run_cli("run", str(spec))
+    marker = tmp_path / "killed"
+    killed = run_cli("run", str(spec), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"})
+    assert clean.returncode == 0 and killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert marker.read_text() == "8"
+    assert "resumed from step 4" in killed.stdout + killed.stderr
+    a, b = _train_losses(tmp_path / "runs" / "clean"), _train_losses(tmp_path / "runs" / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
