@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,37 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def _start_wandb(spec: JobSpec, run_dir: Path, attempts: int = 6):
+    """The job's wandb run (one id for every restart), or None with one warning when wandb cannot
+    start: tracking must never stop training; metrics.jsonl has every record anyway. A restarted
+    worker group can find its run id still held by the killed group's wandb process for a few
+    seconds ("run ID ... is in use"): retry before giving up."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for attempt in range(attempts):
+        try:
+            return wandb.init(
+                project=spec.tracking.wandb_project,
+                name=spec.tracking.run_name or spec.name,
+                id=wandb_run_id(run_dir),
+                group=spec.name,
+                tags=spec.tracking.tags,
+                dir=str(run_dir),
+                mode=spec.tracking.mode,
+                config=json.loads(spec.model_dump_json()),
+                resume="allow",
+                reinit="finish_previous",
+            )
+        except Exception as err:  # wandb raises its own error types from its service
+            if attempt == attempts - 1:
+                warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); this run logs to "
+                              f"{run_dir / METRICS_FILE} only", RuntimeWarning, stacklevel=2)
+                return None
+            time.sleep(2.0 * (attempt + 1))
+    return None
+
+
 class MetricsLogger:
     """Writes metric records; a no-op on ranks other than 0."""
 
@@ -43,21 +75,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
         if spec.tracking.mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb_run = wandb.init(
-                project=spec.tracking.wandb_project,
-                name=spec.tracking.run_name or spec.name,
-                id=wandb_run_id(run_dir),
-                group=spec.name,
-                tags=spec.tracking.tags,
-                dir=str(run_dir),
-                mode=spec.tracking.mode,
-                config=json.loads(spec.model_dump_json()),
-                resume="allow",
-                reinit="finish_previous",
-            )
+            self._wandb_run = _start_wandb(spec, run_dir)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -35,7 +35,7 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
         def spec(name: str, max_failures: int):
             return load_spec_text(tiny_spec_yaml(
                 name, tmp_path / "runs",
-                training="{steps: 10, batch_size: 2, eval_every: 5, eval_batches: 1, log_every: 1}",
+                training="{steps: 10, batch_size: 2, eval_every: 5, eval_bytes: 2048, log_every: 1}",
                 resources=f"{{workers: 4, cpus_per_worker: 1, max_failures: {max_failures}}}",
                 checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 5, keep: 2}}",
                 parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "

@@ -45,6 +45,16 @@ def test_export_of_an_expert_parallel_checkpoint_is_the_single_worker_model(tmp_
     for source in (tmp_path / "ep", tmp_path / "export-ep"):  # a run directory and an export
         sample = run_cli("generate", str(source), "--prompt", "def ", "--bytes", "16")
         assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
+    assert_evaluates(tmp_path / "ep", tmp_path)
+
+
+def assert_evaluates(run_dir: Path, tmp_path: Path) -> None:
+    """`shardyard eval` scores the checkpoint's model on any text."""
+    text = tmp_path / "held-out.txt"
+    text.write_bytes(b"def main(argv):\n    return sum(int(a) for a in argv)\n" * 200)
+    proc = run_cli("eval", str(run_dir), "--data", str(text))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bits" in proc.stdout or "bpb" in proc.stdout, proc.stdout
 
 
 def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path) -> None:
@@ -59,3 +69,4 @@ def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path)
     assert_same_weights(exported(tmp_path / "zero3", tmp_path / "export-zero3"), reference)
     sample = run_cli("generate", str(tmp_path / "zero3"), "--prompt", "def ", "--bytes", "16")
     assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
+    assert_evaluates(tmp_path / "zero3", tmp_path)

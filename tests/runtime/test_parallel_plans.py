@@ -148,3 +148,22 @@ def test_resume_reshards_and_continues_like_an_uninterrupted_run(tmp_path: Path,
     windows = _ledger(ledgers["first"], steps=4) + _ledger(ledgers["resumed"])
     assert len(windows) == 8 * GLOBAL_BATCH and len(set(windows)) == len(windows)  # none seen twice
     assert sorted(windows) == _ledger(ledgers["reference"])  # and none skipped: the uninterrupted run's windows
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "q_galore_adamw"])
+def test_galore_with_expert_parallelism_resumes_exactly(tmp_path: Path, optim: str) -> None:
+    """EP 2 with (Q-)GaLore (per-expert projectors on each shard): a run resumed from its step-4
+    checkpoint ends with the losses of the uninterrupted run."""
+    overrides = {"optim": f"{{kind: {optim}, lr: 3.0e-3, schedule: {{warmup: 2}}, galore: {{rank: 8, update_gap: 3}}}}"}
+
+    def galore_job(name: str):
+        text = tiny_spec_yaml(name, tmp_path, model=MODEL, **overrides,
+                              training="{steps: 8, batch_size: 4, eval_every: 0, eval_bytes: 2048}",
+                              resources="{workers: 2, cpus_per_worker: 1, max_failures: 0}",
+                              checkpoint=f"{{dir: {tmp_path}, every: 4, keep: 3}}")
+        return load_spec_text(text, overrides=["parallel.expert_parallel=2"])
+
+    full = run(galore_job("full"), tmp_path / "full")
+    resumed = run(galore_job("resumed"), tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint_00000004")
+    assert len(resumed) == 4
+    assert resumed == pytest.approx(full[-4:], rel=1e-5, abs=1e-6)
