@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,8 @@ MODES = {  # name -> (expert_parallel(world), shard, zero)
     "ep": (lambda w: w, "none", 0),
     "zero2": (lambda w: 1, "none", 2),
     "fsdp": (lambda w: 1, "full", 0),
-    "ep+fsdp": (lambda w: min(w, 2), "full", 0),
+    "ep+fsdp": (lambda w: w, "full", 0),  # the composed mode: experts over all ranks, the rest sharded
+    "ep2+fsdp": (lambda w: min(w, 2), "full", 0),  # EP 2 x shard (the tested layout)
 }
 
 
@@ -59,7 +60,7 @@ def _rank(topology, text: str, out: str) -> None:
     from shardyard.runtime import checkpoint as ckpt
     from shardyard.runtime.worker import Trainer
 
-    os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size),
+    os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size), LOCAL_RANK=str(topology.local_rank),
                       **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)})
     spec = load_spec_text(text)
     trainer = Trainer(spec, Path(out), lambda metrics, directory: None)
@@ -80,7 +81,8 @@ def _rank(topology, text: str, out: str) -> None:
         opt = trainer.plan.engine.optimizer
         state = sum(local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         state += sum(local_bytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
-        grads = sum(local_bytes(g) for g in getattr(opt, "averaged_gradients", {}).values() for g in (g if isinstance(g, list) else [g]))
+        grads = sum(local_bytes(t) for g in getattr(opt, "averaged_gradients", {}).values()
+                    for t in (g if isinstance(g, list) else [g]) if t is not None)
     else:
         state = sum(local_bytes(v) for s in trainer.plan.optimizer.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor) and v.dim() > 0)
@@ -103,8 +105,10 @@ def _rank(topology, text: str, out: str) -> None:
         merged = Path(out) / "merged"
         if rank == 0:
             merged.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        subprocess.run(["cp", "-r", f"{directory}/.", str(merged)], check=True)
+        for turn in range(topology.world_size):  # one rank at a time: ranks share sub-directory names
+            dist.barrier()
+            if turn == rank:
+                shutil.copytree(directory, merged, dirs_exist_ok=True)
         dist.barrier()
         start = time.perf_counter()
         ckpt.load_checkpoint(trainer.plan, merged)
@@ -136,7 +140,7 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for world in args.worlds:
-            if mode == "ep+fsdp" and world == 1 or mode in ("ep",) and world == 1:
+            if world == 1 and mode.startswith("ep"):
                 continue
             ranks = measure(mode, world, args.width, args.experts, args.steps)
             state = [r["params"] + r["grads"] + r["optim"] for r in ranks]
