@@ -246,17 +246,21 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups | None,
     return model
 
 
-def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None, scale: float) -> None:
-    """One all-reduce per dtype over the concatenated gradients, scaled, copied back."""
+def all_reduce_mean_(params: list[nn.Parameter], group: dist.ProcessGroup | None, world: int) -> None:
+    """Sum the gradients of `params` over `group` and divide by `world`: one all-reduce per dtype
+    over the concatenated gradients. A parameter without a gradient gets a zero one, so every rank
+    reduces the same buffers."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for bucket in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)
-        flat.mul_(scale)
+        flat.div_(world)
         offset = 0
-        for g in bucket:
+        for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
@@ -265,51 +269,12 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None,
 def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
     """Average gradients to those of the world-mean loss: dense over the world, experts over EDP.
 
-    Call after backward, before clipping and the optimizer step; collective over the world. A
-    parameter without a gradient gets a zero one, so every rank reduces the same buffers.
+    Call after backward, before clipping and the optimizer step; collective over the world. The
+    parallelism plan (runtime.parallel.mesh) does the same with the same helper; tests use this.
     """
     world = groups.topology.world_size
     if world == 1:
         return
-    dense: list[torch.Tensor] = []
-    expert: list[torch.Tensor] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        (expert if is_expert_shard(p) else dense).append(p.grad)
-    _all_reduce_flat(dense, None, 1.0 / world)  # the default group: the whole world
-    _all_reduce_flat(expert, groups.edp, 1.0 / world)
-
-
-@torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, groups: ProcessGroups) -> torch.Tensor:
-    """Clip by the norm of the whole (unsharded) model's gradient; the same on every rank.
-
-    After `sync_gradients` dense gradients are identical everywhere, while each rank of an EP group
-    holds the gradients of different experts: their squared norms are summed over the EP group.
-    Clipping by a local norm instead would scale the replicas differently and let them drift apart.
-    """
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    grads = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().square().sum().cpu()
-        if is_expert_shard(p):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    if groups.ep_size > 1:
-        expert_sq = expert_sq.to(grads[0].device if grads else "cpu")
-        dist.all_reduce(expert_sq, group=groups.ep)
-        expert_sq = expert_sq.cpu()
-    total = (dense_sq + expert_sq).sqrt()
-    coef = max_norm / (float(total) + 1e-6)
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
-    return total.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    all_reduce_mean_([p for p in params if not is_expert_shard(p)], None, world)  # the whole world
+    all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.edp, world)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from shardyard.comm.expert_parallel import apply_expert_parallel
+from shardyard.comm.expert_parallel import all_reduce_mean_, apply_expert_parallel
 from shardyard.comm.groups import ProcessGroups
 from shardyard.platform.schema import ParallelSpec
 from shardyard.runtime.parallel.base import EXPERT_LOCAL, ParallelPlan, expert_params, local_square_norm, scale_grads
@@ -98,9 +98,9 @@ class MeshPlan(ParallelPlan):
         if self.world == 1:
             return
         if self.shard == "none":
-            _all_reduce_mean(self.dense, None, self.world)
+            all_reduce_mean_(self.dense, None, self.world)
         if self.ep > 1:
-            _all_reduce_mean(self.experts, self.groups.edp, self.world)
+            all_reduce_mean_(self.experts, self.groups.edp, self.world)
 
     def layout(self) -> dict[str, Any]:
         return {"mode": "mesh", "world": self.world, "ep": self.ep, "shard": self.shard}
@@ -118,24 +118,6 @@ class MeshPlan(ParallelPlan):
         if self.expert_mesh is not None and isinstance(value, DTensor) and value.device_mesh is self.expert_mesh:
             return value.to_local()
         return value
-
-
-def _all_reduce_mean(params: list[nn.Parameter], group, world: int) -> None:
-    """One all-reduce per dtype over the concatenated gradients (zeros where a rank has none),
-    divided by the world size: the gradient of the world-mean loss."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 class HookReducedPlan(MeshPlan):
