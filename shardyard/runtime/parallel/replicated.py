@@ -18,10 +18,10 @@ class ReplicatedPlan(ParallelPlan):
     def __init__(self, model, optimizer, scheduler, grad_clip: float, device: torch.device) -> None:
         super().__init__(model, optimizer, scheduler, grad_clip)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # broadcast_buffers off: MoE layers accumulate per-rank counts in buffers; the persistent
-            # ones (router biases) are kept identical by construction.
+            # No buffer sync in forward: MoE layers accumulate per-rank counts in buffers; the persistent
+            # ones (router biases) are kept identical by construction (the one sync at init is harmless).
             self.module = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
-                                                  broadcast_buffers=False)
+                                                  forward_sync_buffers=False)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         if last or not isinstance(self.module, DistributedDataParallel):
