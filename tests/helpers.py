@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,3 +31,29 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run([str(BIN / "shardyard"), *args], capture_output=True, text=True, errors="replace", timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl (a restarted step keeps its last record)."""
+    from shardyard.tracking.logger import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
+
+
+@contextlib.contextmanager
+def two_node_ray_cluster() -> Iterator[Any]:
+    """A real 2-node Ray cluster on this machine (two raylets of 2 CPUs), connected; torn down after."""
+    from shardyard.cluster.auth import ensure_token
+
+    ensure_token(generate=True)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 1024**2})
+    cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -8,28 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from shardyard.cluster.auth import ensure_token
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.entry import run_training
-from shardyard.tracking.logger import read_metrics
-from tests.helpers import run_cli, tiny_spec_yaml
+from tests.helpers import run_cli, tiny_spec_yaml, train_losses, two_node_ray_cluster
 
 pytestmark = pytest.mark.slow
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
-
-
 def test_two_node_cluster_hierarchical_expert_parallel(tmp_path: Path) -> None:
-    ensure_token(generate=True)
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 1024**2})
-    cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
-    try:
-        ray.init(address=cluster.address, logging_level="WARNING")
+    with two_node_ray_cluster() as cluster:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         text = tiny_spec_yaml("twonode", tmp_path / "runs",
                               training="{steps: 8, batch_size: 2, eval_every: 4, eval_bytes: 2048, log_every: 1}",
@@ -39,14 +28,11 @@ def test_two_node_cluster_hierarchical_expert_parallel(tmp_path: Path) -> None:
         result = run_training(spec, tmp_path / "runs" / "twonode")
         assert result.error is None, result.error
         assert result.final_step == 8
-        losses = _losses(tmp_path / "runs" / "twonode")
+        losses = train_losses(tmp_path / "runs" / "twonode")
         assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1]
         # Workers really ran on both nodes, and each learned its node rank from Ray.
         placements = read_placements(tmp_path / "runs" / "twonode")
         assert sorted(placements) == [(0, 0), (0, 1), (1, 0), (1, 1)], placements
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def read_placements(run_dir: Path) -> list[tuple[int, int]]:
@@ -62,7 +48,7 @@ def test_expert_parallel_run_equals_data_parallel_run(tmp_path: Path) -> None:
     dp = run_cli("run", str(spec))
     ep = run_cli("run", str(spec), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
     assert dp.returncode == 0 and ep.returncode == 0, dp.stderr[-2000:] + ep.stderr[-2000:]
-    a, b = _losses(tmp_path / "runs" / "dp"), _losses(tmp_path / "runs" / "ep")
+    a, b = train_losses(tmp_path / "runs" / "dp"), train_losses(tmp_path / "runs" / "ep")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])

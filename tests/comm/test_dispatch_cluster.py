@@ -8,28 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from shardyard.cluster.auth import ensure_token
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.entry import run_training
-from shardyard.tracking.logger import read_metrics
-from tests.helpers import tiny_spec_yaml
+from tests.helpers import tiny_spec_yaml, train_losses, two_node_ray_cluster
 
 pytestmark = pytest.mark.slow
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
-
-
 def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None:
-    ensure_token(generate=True)
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 1024**2})
-    cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
-    try:
-        ray.init(address=cluster.address, logging_level="WARNING")
+    with two_node_ray_cluster() as cluster:
         runs = {}
 
         def spec(name: str, max_failures: int):
@@ -43,7 +32,7 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
 
         clean = run_training(spec("clean", 0), tmp_path / "runs" / "clean")
         assert clean.error is None and clean.final_step == 10, clean.error
-        runs["clean"] = _losses(tmp_path / "runs" / "clean")
+        runs["clean"] = train_losses(tmp_path / "runs" / "clean")
         # crash at step 7 (after the step-5 checkpoint) with no restarts; then run the job again:
         # it resumes from step 5 in a fresh worker group, LSH schedule from the checkpoint
         # the workers read the fault step from their environment: reconnect with it set
@@ -55,12 +44,9 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
         # rank 0 left a marker: the rerun does not fault again
         resumed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed")
         assert resumed.error is None and resumed.final_step == 10, resumed.error
-        runs["crashed"] = _losses(tmp_path / "runs" / "crashed")
+        runs["crashed"] = train_losses(tmp_path / "runs" / "crashed")
         assert (tmp_path / "runs" / "crashed" / ".injected_fault_done").exists()
         a, b = runs["clean"], runs["crashed"]
         assert sorted(a) == sorted(b) == list(range(1, 11)) and a[10] < a[1]
         for step in a:
             assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    finally:
-        ray.shutdown()
-        cluster.shutdown()

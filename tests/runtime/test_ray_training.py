@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import run_cli, tiny_spec_yaml
+from tests.helpers import run_cli, tiny_spec_yaml, train_losses
 
 pytestmark = pytest.mark.slow
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
 
 
 def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
@@ -23,7 +19,7 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done at step 40/40" in proc.stdout
     run_dir = tmp_path / "runs" / "learns"
-    losses = _train_losses(run_dir)
+    losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
     assert last < first - 1.0, (first, last)  # from ~5.5 nats: the model learns byte statistics
@@ -53,7 +49,7 @@ def test_restart_after_a_worker_crash_equals_an_uninterrupted_run(tmp_path: Path
     assert crashed.returncode == 0, crashed.stdout[-3000:] + crashed.stderr[-3000:]
     assert "injected fault at step 12" in crashed.stdout + crashed.stderr
     assert (tmp_path / "runs" / "crashed" / ".injected_fault_done").exists()
-    a, b = _train_losses(tmp_path / "runs" / "clean"), _train_losses(tmp_path / "runs" / "crashed")
+    a, b = train_losses(tmp_path / "runs" / "clean"), train_losses(tmp_path / "runs" / "crashed")
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in range(1, 17):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
@@ -68,7 +64,7 @@ def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> Non
                    "--set", "training.steps=16", "--set", "optim.schedule.warmup=2", "--set", "training.eval_every=8",
                    "--set", "training.log_every=1", "--set", "checkpoint.every=8", "--set", "data.max_bytes=3000000")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = _train_losses(tmp_path / "megabyte-tiny")
+    losses = train_losses(tmp_path / "megabyte-tiny")
     assert sorted(losses) == list(range(1, 17))
     assert losses[16] < losses[1] - 0.5
     sample = run_cli("generate", str(tmp_path / "megabyte-tiny"), "--prompt", "def ", "--bytes", "32")
@@ -84,7 +80,7 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
         training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}"))
     proc = run_cli("run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = _train_losses(tmp_path / "runs" / "galore")
+    losses = train_losses(tmp_path / "runs" / "galore")
     assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
 
 
@@ -98,7 +94,7 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path) -> None:
     zero = run_cli("run", str(spec), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9")
     assert ddp.returncode == 0 and zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
     assert "resumed from step 6" in zero.stdout + zero.stderr
-    a, b = _train_losses(tmp_path / "runs" / "ddp"), _train_losses(tmp_path / "runs" / "zero2")
+    a, b = train_losses(tmp_path / "runs" / "ddp"), train_losses(tmp_path / "runs" / "zero2")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
@@ -117,7 +113,7 @@ def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path:
     assert clean.returncode == 0 and killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr
-    a, b = _train_losses(tmp_path / "runs" / "clean"), _train_losses(tmp_path / "runs" / "killed")
+    a, b = train_losses(tmp_path / "runs" / "clean"), train_losses(tmp_path / "runs" / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
