@@ -8,7 +8,6 @@ same Trainer runs in one process without Ray (tests), given a `report` callable 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -77,12 +76,6 @@ def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
     return values
 
 
-def _autocast(spec: JobSpec, device: torch.device):
-    if spec.training.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def record_topology(run_dir: Path, topology: Topology) -> None:
     """Where this rank ran (node rank, local rank as Ray Train assigned them), for reports and tests."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +126,7 @@ class Trainer:
                                                                spec.data.seq_len, self.ctx.world)}
         self.val = {name: rank_batches(text, spec.data.seq_len, spec.training.eval_bytes, spec.training.batch_size,
                                        self.ctx.rank, self.ctx.world) for name, text in texts.items()}
+        self.autocast = autocast_for(spec, self.ctx.device)
         self.step = 0
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
 
@@ -172,7 +166,7 @@ class Trainer:
         for micro in range(accum):
             inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
             with self.plan.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
-                with _autocast(self.spec, self.ctx.device):
+                with self.autocast():
                     _, ce = self.plan.module(inputs, targets)
                 self.plan.backward(ce / accum)  # MoE aux losses ride along, weighted 1/accum
             ce_sum += ce.detach().float()
@@ -206,8 +200,7 @@ class Trainer:
     def evaluate(self) -> dict[str, EvalResult]:
         """Bits per byte (mean and standard error over windows, all ranks) of the held-out split (key "")
         and of every training.eval_sets entry (key: its name). Collective."""
-        autocast = autocast_for(self.spec, self.ctx.device)
-        return {name: evaluate(self.model, batches, self.ctx.device, autocast, self.ctx.world)
+        return {name: evaluate(self.model, batches, self.ctx.device, self.autocast, self.ctx.world)
                 for name, batches in self.val.items()}
 
     def maybe_inject_fault(self) -> None:

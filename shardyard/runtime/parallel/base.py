@@ -105,9 +105,6 @@ class ParallelPlan(ABC):
     def _import_tensor(self, value: Any) -> Any:
         return value
 
-    def close(self) -> None:
-        """Release what the plan holds (process groups are torch.distributed's)."""
-
 
 # ------------------------------------------------------------------------------ shared helpers
 def local_square_norm(grads: Iterator[torch.Tensor]) -> torch.Tensor:

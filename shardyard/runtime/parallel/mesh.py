@@ -146,6 +146,3 @@ class HookReducedPlan(MeshPlan):
         norm = self.stepper.finish()  # reduces, clips, steps (the optimizer's step hooks included)
         self.scheduler.step()
         return norm.detach().float().cpu()
-
-    def layout(self) -> dict[str, Any]:
-        return {**super().layout(), "mode": "mesh"}
