@@ -101,12 +101,12 @@ def summarize_run(out: Path, name: str, seed: int) -> dict[str, Any]:
     trains = [r for r in records if r.get("kind") == "train"]
     tail = trains[-max(1, len(trains) // 5):]  # last fifth of training
     load: dict[str, float] = {}
-    if any("moe/layer0/max_share" in r for r in tail):
+    if any("moe/layer0/util_max" in r for r in tail):
         layers = sorted({k.split("/")[1] for r in tail for k in r if k.startswith("moe/layer")})
+        experts = spec.model.moe.num_experts  # utilisation = share x experts
         load = {
-            "max_share": float(np.mean([r[f"moe/{layer}/max_share"] for r in tail for layer in layers])),
-            "min_share": float(np.mean([min(v for k, v in r.items() if k.startswith(f"moe/{layer}/expert"))
-                                        for r in tail for layer in layers])),
+            "max_share": float(np.mean([r[f"moe/{layer}/util_max"] for r in tail for layer in layers])) / experts,
+            "min_share": float(np.mean([r[f"moe/{layer}/util_min"] for r in tail for layer in layers])) / experts,
             "balance_loss": float(np.mean([r[f"moe/{layer}/balance_loss"] for r in tail for layer in layers])),
             "dropped_fraction": float(np.mean([r[f"moe/{layer}/dropped_fraction"] for r in tail for layer in layers])),
         }

@@ -29,12 +29,14 @@ def spec_summary(spec: JobSpec, source: str) -> str:
     from shardyard.models import build_model, count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.runtime.entry import run_directory
+    from shardyard.tracking.flops import training_flops_per_token
 
     import torch
 
     with torch.device("meta"):
         model = build_model(spec.model, spec.data.seq_len)
     total, active = count_parameters(model)
+    flops = training_flops_per_token(spec.model, spec.data.seq_len)
     files = resolve_files(spec.data)  # fails here, not on the cluster, when a path matches nothing
     corpus_bytes = sum(f.stat().st_size for f, _ in files)
     if spec.data.max_bytes is not None:
@@ -55,6 +57,8 @@ def spec_summary(spec: JobSpec, source: str) -> str:
                      f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}")
     lines += [
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
+        f"compute    {_fmt_count(flops)}FLOP per token (forward + backward, counted on the meta device), "
+        f"{_fmt_count(flops * spec.tokens_per_step())}FLOP per step: the MFU numerator",
         f"data       {', '.join(spec.data.paths)}: {len(files)} files, {_fmt_count(corpus_bytes)}B; "
         f"sequences of {spec.data.seq_len} bytes",
         f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
@@ -68,6 +72,7 @@ def spec_summary(spec: JobSpec, source: str) -> str:
         "memory per worker (training state, before activations):",
         "  " + format_report(optimizer_memory_report(spec.optim, model)).replace("\n", "\n  "),
     ]
+    lines += [f"note       {note}" for note in spec.notes()]
     return "\n".join(lines)
 
 

@@ -350,6 +350,8 @@ class TrackingSpec(Section):
     mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode; metrics.jsonl is always written")
     run_name: str | None = Field(None, description="wandb run name (default: the job name)")
     tags: list[str] = Field(default_factory=list, description="wandb tags")
+    step_anatomy: bool = Field(True, description="time each step's parts (data, forward, backward, optimizer) on every rank; logged as time/*")
+    expert_heatmap_every: NonNegInt = Field(100, description="steps between wandb heatmap images of expert load (0 = never; the per-expert counts always go to expert_load.bin)")
 
 
 class JobSpec(Section):
@@ -394,11 +396,23 @@ class JobSpec(Section):
             raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
                              f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
                              "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw")
-        if self.training.eval_every and self.training.eval_every > self.training.steps:
-            raise ValueError(f"training.eval_every: {self.training.eval_every} exceeds training.steps ({self.training.steps})")
-        if self.optim.schedule.warmup >= self.training.steps and self.training.steps > 1:
-            raise ValueError(f"optim.schedule.warmup: {self.optim.schedule.warmup} must be below training.steps ({self.training.steps})")
         return self
+
+    def notes(self) -> list[str]:
+        """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,
+        and `validate` / `run` say what happens instead."""
+        t, warmup = self.training, self.optim.schedule.warmup
+        out = []
+        if t.eval_every and t.eval_every > t.steps:
+            out.append(f"training.eval_every: {t.eval_every} exceeds training.steps ({t.steps}): "
+                       f"evaluating once, at the end (step {t.steps})")
+        if self.checkpoint.every and self.checkpoint.every > t.steps:
+            out.append(f"checkpoint.every: {self.checkpoint.every} exceeds training.steps ({t.steps}): "
+                       f"one checkpoint, at the end (step {t.steps})")
+        if warmup >= t.steps and t.steps > 1:
+            out.append(f"optim.schedule.warmup: {warmup} is not below training.steps ({t.steps}): the learning "
+                       f"rate ends the run at {t.steps / warmup:.0%} of optim.lr, with no decay")
+        return out
 
     def tokens_per_step(self) -> int:
         """Bytes trained on per optimizer step, over all workers and micro-batches."""

@@ -39,6 +39,10 @@ from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
 from shardyard.runtime.parallel import build_plan
+from shardyard.optim.memory import optimizer_memory_report
+from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
+from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
+from shardyard.tracking.flops import peak_flops, training_flops_per_token
 from shardyard.tracking.logger import MetricsLogger
 
 LN2 = math.log(2)
@@ -129,6 +133,18 @@ class Trainer:
         self.autocast = autocast_for(spec, self.ctx.device)
         self.step = 0
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
+        # Observability: step anatomy, MFU against the worker's peak, memory, expert load.
+        self.timer = StepTimer(self.ctx.device, enabled=spec.tracking.step_anatomy)
+        self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len)
+        self.peak_flops, peak_source = peak_flops(self.ctx.device, spec.training.precision,
+                                                  max(1, int(spec.resources.cpus_per_worker)))
+        self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
+        self.expert_window = ExpertLoadWindow(self.moe)
+        self.expert_file = (ExpertLoadFile(run_dir, [layer.num_experts for layer in self.moe])
+                            if self.moe and self.ctx.rank == 0 else None)
+        if self.ctx.rank == 0:
+            self.log.describe({"flops_per_token": self.flops_per_token, "peak_flops_per_worker": self.peak_flops,
+                               "peak_flops_source": peak_source, "world": self.ctx.world})
 
     # ------------------------------------------------------------------ state
     def layout(self) -> dict[str, Any]:
@@ -163,38 +179,43 @@ class Trainer:
         if self.spec.model.ffn.kind == "lowrank":
             set_lowrank_progress(self.model, self.step / self.spec.training.steps)  # self-guided blend
         ce_sum = torch.zeros((), device=self.ctx.device)
+        timer = self.timer
         for micro in range(accum):
-            inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
+            with timer.section("data"):
+                inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
             with self.plan.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
-                with self.autocast():
+                with timer.section("forward"), self.autocast():
                     _, ce = self.plan.module(inputs, targets)
-                self.plan.backward(ce / accum)  # MoE aux losses ride along, weighted 1/accum
+                with timer.section("backward"):
+                    self.plan.backward(ce / accum)  # MoE aux losses ride along, weighted 1/accum
             ce_sum += ce.detach().float()
-        grad_norm = self.plan.step()
+        with timer.section("optimizer"):
+            grad_norm = self.plan.step()
         return {"ce": ce_sum / accum, "grad_norm": grad_norm}
 
-    def moe_metrics(self) -> dict[str, float]:
-        """The step's MoE accounting, summed over ranks (collective); resets the layers' buffers."""
+    def observe(self, window_steps: int, window_seconds: float) -> dict[str, float]:
+        """The logging window's throughput, MFU, step anatomy, memory and expert load. Collective
+        (every rank calls it at the same steps); rank 0 appends the per-expert counts to the side file."""
+        spec = self.spec
+        tokens_per_s = spec.tokens_per_step() * window_steps / max(window_seconds, 1e-9)
+        out: dict[str, float] = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_token * tokens_per_s / (self.ctx.world * self.peak_flops)
+        seconds, steps = self.timer.take()
+        if spec.tracking.step_anatomy:
+            out.update(step_anatomy(seconds, steps, self.ctx.world))
+        out.update(memory_metrics(self.ctx.device, self.ctx.world, self.predicted_state_bytes))
         if not self.moe:
-            return {"aux_loss": 0.0}
-        stats = [layer.take_step_stats() for layer in self.moe]
-        fields = ("aux_loss", "balance_loss", "z_loss", "dropped", "routed")
-        flat = torch.cat([torch.cat([s["tokens_per_expert"], torch.stack([s[f] for f in fields])]) for s in stats])
-        if self.ctx.world > 1:
-            dist.all_reduce(flat)
-        out: dict[str, float] = {"aux_loss": 0.0}
-        offset = 0
-        for i, layer in enumerate(self.moe):
-            load = flat[offset:offset + layer.num_experts]
-            aux, balance, z, dropped, routed = flat[offset + layer.num_experts:offset + layer.num_experts + 5].tolist()
-            offset += layer.num_experts + 5
-            share = load / load.sum().clamp(min=1)
-            out.update({f"moe/layer{i}/expert{e}_share": float(s) for e, s in enumerate(share)})
-            out[f"moe/layer{i}/max_share"] = float(share.max())
-            out[f"moe/layer{i}/balance_loss"] = balance / self.ctx.world
-            out[f"moe/layer{i}/z_loss"] = z / self.ctx.world
-            out[f"moe/layer{i}/dropped_fraction"] = dropped / max(routed, 1.0)
-            out["aux_loss"] += aux / self.ctx.world
+            out["aux_loss"] = 0.0
+            return out
+        load = self.expert_window.take(self.ctx.world)
+        out.update(load.metrics)
+        if self.expert_file is not None:
+            self.expert_file.append(self.step, load.counts)
+            every = spec.tracking.expert_heatmap_every
+            if every and (self.step % every < window_steps or self.step == spec.training.steps):
+                self.log.image(self.step, "moe/load_heatmap", heatmap_rgb(load.counts),
+                               "utilisation per layer (rows) and expert (columns): dark idle, yellow 2x fair share")
         return out
 
     def evaluate(self) -> dict[str, EvalResult]:
@@ -215,11 +236,15 @@ class Trainer:
     def fit(self) -> None:
         spec = self.spec.training
         ckpt_every = self.spec.checkpoint.every
-        tokens_per_step = self.spec.tokens_per_step()
+        self.log.log(self.step, {"kind": "event", "event": "start" if self.step == 0 else "resume",
+                                 "world": self.ctx.world, "total_steps": spec.steps})
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes eval/checkpoints
         while self.step < spec.steps:
             self.maybe_inject_fault()
+            self.timer.start_step()
             step_metrics = self.train_step()
+            self.timer.end_step()
+            self.expert_window.add_step()
             self.step += 1
             window_steps += 1
             last = self.step == spec.steps
@@ -228,32 +253,30 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start - paused
                 record = {"kind": "train", "loss": ce, "bpb": ce / LN2,
                           "grad_norm": float(step_metrics["grad_norm"]),
-                          "lr": self.plan.scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
-                          "total_steps": spec.steps}
-                record.update(self.moe_metrics())
+                          "lr": self.plan.scheduler.get_last_lr()[0], "total_steps": spec.steps}
+                record.update(self.observe(window_steps, elapsed))
                 record.update(dispatch_metrics(self.model, steps=window_steps * spec.grad_accum))
                 self.log.log(self.step, record)
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            else:
-                for layer in self.moe:
-                    layer.take_step_stats()  # the accounting covers one optimizer step
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
                 eval_start = time.perf_counter()
                 results = self.evaluate()
+                eval_s = time.perf_counter() - eval_start
+                self.timer.add("eval", eval_s)
                 metrics["val_bpb"] = results[""].bpb
                 record = {"kind": "eval", "val_bpb": results[""].bpb, "val_bpb_stderr": results[""].stderr,
-                          "val_windows": results[""].windows, "eval_s": time.perf_counter() - eval_start,
-                          "total_steps": spec.steps}
+                          "val_windows": results[""].windows, "eval_s": eval_s, "total_steps": spec.steps}
                 for name, result in results.items():
                     if name:
                         record[f"val/{name}_bpb"] = result.bpb
                         record[f"val/{name}_bpb_stderr"] = result.stderr
                 self.log.log(self.step, record)
             if (ckpt_every and self.step % ckpt_every == 0) or last:
+                save_start = time.perf_counter()
                 self.save_and_report(metrics)
+                self.timer.add("checkpoint", time.perf_counter() - save_start)
             paused += time.perf_counter() - pause_start
         self.log.close()
 

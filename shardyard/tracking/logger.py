@@ -1,13 +1,20 @@
 """Rank-0 metric logging: metrics.jsonl always, wandb (offline / online / disabled) alongside.
 
 A job keeps one wandb run id across restarts (stored in the run directory), so the offline
-directories of a restarted job can be stitched with `wandb sync --id ID DIR...`.
+directories of a restarted job can be stitched with `wandb sync --id ID DIR...` (`shardyard sync`).
+
+metrics.jsonl keeps the short names the tools read (loss, bpb, val_bpb, tokens_per_s, time/...,
+moe/..., comm/...); wandb gets every metric under one of six stable prefixes (`train/`, `eval/`,
+`time/`, `mem/`, `moe/`, `comm/`, see `wandb_key`), all plotted against `trainer/step` (declared
+with define_metric), so a resumed run's replayed steps land on the right x position instead of
+being dropped as out of order by wandb's own step counter.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 import uuid
@@ -18,6 +25,36 @@ from shardyard.platform.schema import JobSpec
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
+RUN_INFO_FILE = "run_info.json"
+STEP_KEY = "trainer/step"
+PREFIXES = ("train/", "eval/", "time/", "mem/", "moe/", "comm/")
+_RENAMED = {"val_bpb": "eval/bpb", "val_bpb_stderr": "eval/bpb_stderr", "val_windows": "eval/windows",
+            "eval_s": "time/eval_s"}
+_NOT_METRICS = {"kind", "total_steps", "event"}
+_SECRET_NAME = re.compile(r"(secret|token|password|passwd|api_?key|credential|private)", re.IGNORECASE)
+
+
+def wandb_key(name: str) -> str:
+    """The wandb name of a metrics.jsonl key: val/<set>_bpb -> eval/<set>_bpb, val_bpb -> eval/bpb,
+    prefixed names kept, everything else under train/."""
+    if name in _RENAMED:
+        return _RENAMED[name]
+    if name.startswith("val/"):
+        return "eval/" + name[len("val/"):]
+    if name.startswith(PREFIXES):
+        return name
+    return "train/" + name
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """A config tree with the values of secret-looking keys (token, api_key, password, ...) replaced."""
+    if isinstance(value, dict):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if key and _SECRET_NAME.search(key) and value not in (None, "", False):
+        return "<redacted>"
+    return value
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -49,7 +86,7 @@ def _start_wandb(spec: JobSpec, run_dir: Path, attempts: int = 6):
                 tags=spec.tracking.tags,
                 dir=str(run_dir),
                 mode=spec.tracking.mode,
-                config=json.loads(spec.model_dump_json()),
+                config=redacted(json.loads(spec.model_dump_json())),
                 resume="allow",
                 reinit="finish_previous",
             )
@@ -76,6 +113,20 @@ class MetricsLogger:
         self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
         if spec.tracking.mode != "disabled":
             self._wandb_run = _start_wandb(spec, run_dir)
+        if self._wandb_run is not None:
+            self._wandb_run.define_metric(STEP_KEY)
+            for prefix in PREFIXES:
+                self._wandb_run.define_metric(f"{prefix}*", step_metric=STEP_KEY)
+
+    def describe(self, facts: dict[str, Any]) -> None:
+        """Facts about the run (FLOPs per token, the peak used for MFU, ...): run_info.json and wandb config."""
+        if not self.enabled:
+            return
+        tmp = self.run_dir / f".{RUN_INFO_FILE}.tmp"
+        tmp.write_text(json.dumps(facts, indent=1))
+        os.replace(tmp, self.run_dir / RUN_INFO_FILE)
+        if self._wandb_run is not None:
+            self._wandb_run.config.update({"run_info": facts}, allow_val_change=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -83,8 +134,18 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
-        if self._wandb_run is not None:
-            self._wandb_run.log(metrics, step=step)
+        if self._wandb_run is not None and metrics.get("kind") != "event":
+            values = {wandb_key(k): v for k, v in metrics.items()
+                      if k not in _NOT_METRICS and isinstance(v, (int, float))}
+            self._wandb_run.log({STEP_KEY: step, **values})
+
+    def image(self, step: int, key: str, rgb: Any, caption: str) -> None:
+        """An image (H x W x 3 uint8) to wandb at `step`; nothing when wandb is off."""
+        if not self.enabled or self._wandb_run is None:
+            return
+        import wandb
+
+        self._wandb_run.log({STEP_KEY: step, key: wandb.Image(rgb, caption=caption)})
 
     def close(self) -> None:
         if self._file is not None:
@@ -95,18 +156,32 @@ class MetricsLogger:
             self._wandb_run = None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Records of a run, the last one per (step, kind) kept (a restart re-logs replayed steps)."""
+def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    latest: dict[tuple[int, str], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        latest[(record["step"], record.get("kind", "train"))] = record
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Metric records of a run, the last one per (step, kind) kept (a restart re-logs replayed steps)."""
+    latest: dict[tuple[int, str], dict[str, Any]] = {}
+    for record in _records(run_dir):
+        if record.get("kind") != "event":
+            latest[(record["step"], record.get("kind", "train"))] = record
     return [latest[k] for k in sorted(latest)]
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's start / resume events in the order they happened (every attempt logs one)."""
+    return [r for r in _records(run_dir) if r.get("kind") == "event"]

@@ -64,11 +64,9 @@ BAD = [
     ("name: t\ntracking:\n  mode: sometimes\n", [], 3, ["tracking.mode", "offline"]),
     ("name: t\nresources:\n  workers: 0\n", [], 3, ["resources.workers", "greater than 0"]),
     ("name: 'bad name!'\n", [], 1, ["name", "pattern"]),
-    ("name: t\ntraining: {steps: 10, eval_every: 20}\n", [], 2, ["training.eval_every: 20 exceeds training.steps (10)"]),
     ("name: t\nmodel: {kind: moe}\nparallel: {expert_parallel: 3}\nresources: {workers: 2}\n", [], 3, ["parallel.expert_parallel: 3 must divide resources.workers (2)"]),
     ("name: t\ndata:\n  val_fraction: 0.9\n", [], 3, ["data.val_fraction", "less than 0.5"]),
     ("name: t\ndata:\n  paths: []\n", [], 3, ["data.paths", "at least 1"]),
-    ("name: t\noptim:\n  schedule: {warmup: 500}\ntraining: {steps: 100, eval_every: 10}\n", [], 3, ["optim.schedule.warmup: 500 must be below training.steps (100)"]),
     ("name: t\nmodel:\n  ffn: {kind: lowrank}\n", [], 3, ["model.ffn", "needs ffn.rank"]),
     ("name: t\nmodel: {kind: moe, moe: {capacity_factor: -1}}\n", [], 2, ["model.moe.capacity_factor", "greater than 0"]),
 ]
@@ -82,6 +80,16 @@ def test_bad_specs_name_file_line_and_field(text: str, overrides: list[str], lin
     assert f"job.yaml:{line}" in message, message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_moot_settings_run_and_are_explained() -> None:
+    """`--set training.steps=20` on a spec that evaluates every 40 steps runs, evaluating at the end."""
+    spec = load_spec_text("name: t\noptim:\n  schedule: {warmup: 30}\ntraining: {steps: 100, eval_every: 40}\n",
+                          "job.yaml", ["training.steps=20"])
+    notes = "\n".join(spec.notes())
+    assert spec.training.steps == 20
+    assert "training.eval_every: 40 exceeds training.steps (20): evaluating once, at the end (step 20)" in notes
+    assert "optim.schedule.warmup: 30" in notes
 
 
 def test_bad_override_names_the_set_flag() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import run_cli, tiny_spec_yaml, train_losses
 
@@ -25,8 +26,11 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     assert last < first - 1.0, (first, last)  # from ~5.5 nats: the model learns byte statistics
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
-    assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_s", "aux_loss", "moe/layer0/expert0_share"} <= set(train[-1])
-    assert abs(sum(train[-1][f"moe/layer0/expert{e}_share"] for e in range(4)) - 1.0) < 1e-5
+    assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "moe/layer0/util_max",
+            "moe/layer0/dead", "time/forward_ms_max", "mem/peak_rss_gib_max"} <= set(train[-1])
+    steps, per_layer = read_expert_load(run_dir)
+    assert steps.tolist() == list(range(1, 41))
+    assert (per_layer[0].sum(axis=1) == 2 * 8 * 64 * 2).all()  # workers x batch x seq x top_k per step
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [20, 40] and evals[1]["val_bpb"] < evals[0]["val_bpb"] + 0.5
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())

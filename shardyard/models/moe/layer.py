@@ -23,7 +23,7 @@ from shardyard.models.moe.experts import GroupedExperts, SharedExpert
 from shardyard.models.moe.permute import combine, dispatch
 from shardyard.models.moe.router import Routing, TopKRouter, build_router
 
-STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "weight")
+STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
 
 class MoELayer(nn.Module):
@@ -96,6 +96,8 @@ class MoELayer(nn.Module):
         self.aux_loss += weight * aux.detach().double()
         self.balance_loss += weight * routing.balance_loss.detach().double()
         self.z_loss += weight * routing.z_loss.detach().double()
+        if routing.entropy is not None:
+            self.entropy += weight * routing.entropy.double()
         if routing.sorted_by_expert:  # expert choice: tokens no expert took
             covered = torch.zeros(num_tokens, dtype=torch.bool, device=token_of.device)
             covered[token_of] = True

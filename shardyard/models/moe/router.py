@@ -33,6 +33,13 @@ class Routing:
     balance_loss: torch.Tensor  # scalar; Switch-style E * sum_e f_e * P_e (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # scalar; mean(logsumexp(logits)^2)
     sorted_by_expert: bool = False  # assignments already grouped by expert (expert choice)
+    entropy: torch.Tensor | None = None  # scalar, detached: mean per-token entropy of the router (nats)
+
+
+@torch.no_grad()
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the routing distribution's entropy: ln(E) = undecided, 0 = one expert."""
+    return -(probs.float() * probs.float().clamp_min(1e-30).log()).sum(-1).mean()
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -89,6 +96,7 @@ class TopKRouter(_RouterBase):
             weights=top_probs.reshape(-1).to(x.dtype),
             balance_loss=load_balancing_loss(probs, counts),
             z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            entropy=mean_entropy(probs),
         )
 
     @torch.no_grad()
@@ -123,6 +131,7 @@ class ExpertChoiceRouter(_RouterBase):
             balance_loss=load_balancing_loss(probs, counts),
             z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
             sorted_by_expert=True,
+            entropy=mean_entropy(probs),
         )
 
 
