@@ -275,7 +275,7 @@ def test_step_stats_for_the_trainer():
     out = layer(torch.randn(3, 5, WIDTH))
     assert out.shape == (3, 5, WIDTH)
     stats = layer.take_step_stats()
-    assert set(stats) == {"tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "weight"}
+    assert set(stats) == {"tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight"}
     assert all(stats[key].dim() == 0 for key in stats if key != "tokens_per_expert")
     assert stats["tokens_per_expert"].shape == (EXPERTS,) and stats["tokens_per_expert"].sum() == 15 * layer.top_k
 
