@@ -221,7 +221,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from shardyard.tracking.report import write_report
 
-    out = write_report(Path(args.run_dir))
+    out = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
     print(f"report written: {out}")
     return 0
 
@@ -337,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the reference as Markdown (docs/spec.md)")
     p.set_defaults(fn=cmd_schema)
 
-    p = sub.add_parser("report", help="plots and an HTML page from a run directory")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="one self-contained HTML page about a run, or comparing runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<job name>)")
+    p.add_argument("--out", help="where to write the page (default: RUN_DIR/report.html, or ./report-A-vs-B.html)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("generate", help="continue a byte prompt with a trained model")
