@@ -1,4 +1,4 @@
-"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | eval | schema | cluster."""
+"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | sync | eval | schema | cluster."""
 
 from __future__ import annotations
 
@@ -76,35 +76,6 @@ def spec_summary(spec: JobSpec, source: str) -> str:
     return "\n".join(lines)
 
 
-class ProgressBar:
-    """tqdm bar fed from the metrics records rank 0 writes (step, loss, tokens/s, ETA)."""
-
-    def __init__(self, total: int, initial: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout,
-                        disable=None if sys.stdout.isatty() else False, mininterval=0.5)
-        self.last_val: float | None = None
-
-    def __call__(self, records: list[dict]) -> None:
-        for r in records:
-            if r.get("kind") == "eval":
-                self.last_val = r["val_bpb"]
-                continue
-            step = r["step"]
-            if step > self.bar.n:
-                self.bar.update(step - self.bar.n)
-            post = {"loss": f"{r['loss']:.3f}", "tok/s": f"{r['tokens_per_s']:.0f}"}
-            if self.last_val is not None:
-                post["val_bpb"] = f"{self.last_val:.3f}"
-            self.bar.set_postfix(post, refresh=False)
-            if not sys.stdout.isatty():
-                self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def set_test_hooks(args: argparse.Namespace) -> None:
     """`--fault-step N` (hidden, tests only) sets envvars.FAULT_STEP here; the embedded cluster and
     job submission forward every SHARDYARD_* variable to the workers, which read it where it acts."""
@@ -123,6 +94,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
+    from shardyard.tracking.live import LiveStatus
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
@@ -142,13 +114,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
         cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None)
     with cluster:
-        bar = ProgressBar(spec.training.steps, start)
+        live = LiveStatus(spec.training.steps, start)
         try:
-            result = run_training(spec, run_dir, bar)
+            result = run_training(spec, run_dir, live)
         finally:
-            bar.close()
+            live.close()
     print(result.summary(spec))
+    _write_run_report(run_dir)
     return 1 if result.error else 0
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """The page a finished (or failed) run ends with; a report problem never fails the run."""
+    from shardyard.tracking.report import write_report
+
+    try:
+        print(f"   report {write_report([run_dir])}  (open it in a browser; compare runs: shardyard report RUN RUN)")
+    except Exception as err:  # the run's own outcome is already printed
+        print(f"   (no report: {type(err).__name__}: {err})")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -180,9 +163,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
 
     if args.follow:
-        for chunk in jobs.follow_logs(args.job_id, args.address):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        from shardyard.tracking.live import fold_progress
+
+        fold_progress(jobs.follow_logs(args.job_id, args.address))
     else:
         sys.stdout.write(jobs.logs(args.job_id, args.address))
     return 0
@@ -216,6 +199,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(json_schema(), indent=2))
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from shardyard.tracking.sync import sync_command, sync_run
+
+    run_dir = Path(args.run_dir)
+    if args.dry_run:
+        print(" ".join(sync_command(run_dir, args.project, args.entity)))
+        return 0
+    return sync_run(run_dir, args.project, args.entity)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -336,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the job spec's JSON schema")
     p.add_argument("--markdown", action="store_true", help="print the reference as Markdown (docs/spec.md)")
     p.set_defaults(fn=cmd_schema)
+
+    p = sub.add_parser("sync", help="push a run's offline wandb runs (every restart) to wandb as one run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<job name>)")
+    p.add_argument("--project", help="wandb project (default: the one in the run's spec)")
+    p.add_argument("--entity", help="wandb entity (default: your wandb default)")
+    p.add_argument("--dry-run", action="store_true", help="print the wandb command instead of running it")
+    p.set_defaults(fn=cmd_sync)
 
     p = sub.add_parser("report", help="one self-contained HTML page about a run, or comparing runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<job name>)")

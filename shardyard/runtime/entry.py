@@ -45,7 +45,7 @@ class TrainingResult:
             lines.append(f"   newest checkpoint {self.checkpoint}")
         wandb_runs = self.run_dir / "wandb"
         if wandb_runs.exists() and spec.tracking.mode == "offline":
-            lines.append(f"   wandb offline runs in {wandb_runs}: push with `wandb sync {wandb_runs}/offline-run-*`")
+            lines.append(f"   wandb offline runs in {wandb_runs}: push them as one run with `shardyard sync {self.run_dir}`")
         if self.error:
             lines.append(f"   error: {self.error}")
         return "\n".join(lines)
@@ -203,14 +203,9 @@ def main() -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
     print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
 
-    def progress(records: list[dict]) -> None:
-        for r in records:
-            if r.get("kind") == "train":
-                print(f"[shardyard] step {r['step']}/{r['total_steps']} loss {r['loss']:.4f} "
-                      f"bpb {r['bpb']:.3f} tok/s {r['tokens_per_s']:.0f}", flush=True)
-            elif r.get("kind") == "eval":
-                print(f"[shardyard] step {r['step']} val_bpb {r['val_bpb']:.4f}", flush=True)
+    from shardyard.tracking.live import LiveStatus
 
+    progress = LiveStatus(spec.training.steps, tty=False)  # a job log: plain periodic lines
     result = run_training(spec, run_dir, progress)
     print(result.summary(spec), flush=True)
     return 1 if result.error else 0

@@ -38,9 +38,10 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     assert (run_dir / "spec.yaml").exists()
     wandb_logs = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(wandb_logs) == 1 and wandb_logs[0].stat().st_size > 0
-    assert "wandb sync" in proc.stdout
-    report = run_cli("report", str(run_dir))
-    assert report.returncode == 0 and (run_dir / "report.html").stat().st_size > 10_000
+    assert f"shardyard sync {run_dir}" in proc.stdout
+    assert f"report {run_dir / 'report.html'}" in proc.stdout  # every run ends with a page to open
+    assert (run_dir / "report.html").stat().st_size > 10_000
+    assert "\r" not in proc.stdout and "[shardyard] step 40/40" in proc.stdout  # plain lines when redirected
 
 
 def test_restart_after_a_worker_crash_equals_an_uninterrupted_run(tmp_path: Path) -> None:
