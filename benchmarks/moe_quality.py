@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT))
 CLI = Path(sys.executable).parent / "shardyard"
 DENSE, MOE = ROOT / "jobs/compare-dense.yaml", ROOT / "jobs/compare-moe.yaml"
 
-# name -> (base spec, overrides, seeds): the comparison set and aux-free with 2 seeds, the other variants seed 0.
+# name -> (base spec, overrides, seeds): dense, top-2 and aux-free with up to 3 seeds, switch with 2, the other variants seed 0.
 TOP1 = ["model.ffn.hidden=384", "model.moe.top_k=1", "model.moe.router=switch"]
 CONFIGS: dict[str, tuple[Path, list[str], tuple[int, ...]]] = {
-    "dense h384": (DENSE, [], (0, 1)),
+    "dense h384": (DENSE, [], (0, 1, 2)),
     "moe 8x384 top-1 switch": (MOE, TOP1, (0, 1)),
-    "moe 8x192 top-2 softmax": (MOE, [], (0, 1)),
-    "moe 8x192 top-2 aux-free": (MOE, ["model.moe.router=aux_free", "model.moe.aux_loss=0"], (0, 1)),
+    "moe 8x192 top-2 softmax": (MOE, [], (0, 1, 2)),
+    "moe 8x192 top-2 aux-free": (MOE, ["model.moe.router=aux_free", "model.moe.aux_loss=0"], (0, 1, 2)),
     "moe 8x192 top-2 expert-choice": (MOE, ["model.moe.router=expert_choice"], (0,)),
     "moe 8x192 top-2 softmax cf1.25": (MOE, ["model.moe.capacity_factor=1.25"], (0,)),
 }

@@ -7,13 +7,12 @@ them, and only that sum makes the return trip (DeepEP-style).
 
 Exactness: rows keep today's order inside every expert (source rank, then token), and the weighted
 sum uses the MoE layer's own `permute.combine` and `dispatch`, so every expert sees the same rows and
-every product is the same. What changes is the association of each token's k-term sums (its output,
-and its input gradient): today ((a1 + a2) + a3) in expert order, here the terms of one rank are summed
-there first, then the ranks in rank order, e.g. (a1 + (a2 + a3)) when experts 2 and 3 share a rank.
-Floating-point addition is not associative, so results agree to a few ulps (tested to 1e-6 relative
-on 4 gloo ranks), and bit for bit when a token's same-rank experts come first, always on one worker
-(one rank holds every expert: the same left-to-right sum). No scheme that sums on the receiving side
-can be bit-identical to a left-to-right sum over ranks without a round trip per rank.
+every product is the same. Summing on the receiving side fixes the association of each token's k-term
+sums (its output, and its input gradient): the terms of one destination rank first, in expert order,
+then the ranks in rank order. The expert-parallel path without dedup
+(`ExpertParallelExperts._rank_associated`) sums in that same association, so dedup on and off are
+bit-identical, outputs and every gradient (tested on 4 gloo ranks and on one worker); against a plain
+left-to-right sum over all k terms they differ by a few ulps of re-association.
 """
 
 from __future__ import annotations

@@ -195,12 +195,15 @@ class ExpertParallelExperts(nn.Module):
         """The MoE layer's dispatch -> experts -> weighted combine in one call: [T, width] out.
 
         Equals `permute.combine(self(permute.dispatch(tokens, token_of), offsets), weight_of, token_of,
-        num_tokens)`; with dedup on, each token travels once per destination rank (bit-identical).
+        num_tokens)` up to the association of each token's k-term sums: a token's terms are summed per
+        destination rank first (experts in order), then over ranks in rank order, and the same holds
+        for its input gradient. That is the association deduplication needs (the receiving rank sums
+        before the return trip), so dedup on and off are bit-identical, outputs and gradients.
         """
-        if not self.dedup:
-            return weighted_sum(self(gather_rows(tokens, token_of), offsets), weight_of, token_of, num_tokens)
         ends = offsets.to(torch.int64)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        if not self.dedup:
+            return self._rank_associated(tokens, token_of, weight_of, offsets, counts, num_tokens)
         backward = tokens.requires_grad and torch.is_grad_enabled()
         plan = plan_dedup(token_of, weight_of, counts, num_tokens, self.ep_size, self.slots)
         per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
@@ -216,6 +219,20 @@ class ExpertParallelExperts(nn.Module):
         self._add("expert_rows", float(computed))
         back = send(summed, route.reverse(), self.codec, timer)
         return scatter_to_tokens(back, plan, num_tokens)
+
+    def _rank_associated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                         offsets: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """k copies on the wire (no dedup), sums associated per (destination rank, token): tokens ->
+        one row per (rank, token) -> its expert rows, and back: weighted sum into the (rank, token)
+        rows, then into tokens in rank order. Costs two extra row gathers / index_adds on this rank."""
+        expert_of = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts,
+                                            output_size=token_of.numel())
+        pair = (expert_of // self.experts_per_rank) * num_tokens + token_of
+        unique_pair, inverse = torch.unique(pair, return_inverse=True)
+        per_rank_token = unique_pair % num_tokens
+        rows = gather_rows(gather_rows(tokens, per_rank_token), inverse)
+        partial = weighted_sum(self(rows, offsets), weight_of, inverse, unique_pair.numel())
+        return partial.new_zeros(num_tokens, partial.shape[1]).index_add(0, per_rank_token, partial)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of "

@@ -2,8 +2,8 @@
 
 Payload dtype and deduplication against the plain transport, on 4 real gloo ranks faking 2 nodes of
 2 (flat, hierarchical, leader), and on one worker (the local transport). Deduplication is
-bit-identical on one worker and equal up to the association of each token's k-term sums on 4 ranks
-(outputs and every gradient; see comm/dedup.py), bf16 / fp8 payloads within their rounding. LSH with one
+bit-identical to the MoE layer's expert-parallel path, on 4 ranks and on one worker (outputs and
+every gradient; both sum a token's terms per destination rank first, see comm/dedup.py), bf16 / fp8 payloads within their rounding. LSH with one
 row per bucket must equal the plain transport exactly, and hash identically on every rank.
 """
 
@@ -70,12 +70,15 @@ def _wrap(groups, algo: str, **dispatch_settings) -> ExpertParallelExperts:
 def _check_stack(topo: Topology) -> None:
     groups = build_groups(topo, ep=topo.world_size)
     for algo in ALGORITHMS:
-        plain = _run(_wrap(groups, algo), topo.rank, fused=False)
+        plain = _run(_wrap(groups, algo), topo.rank, fused=False)  # dispatch -> experts -> combine
+        layer_path = _run(_wrap(groups, algo), topo.rank, fused=True)  # what the MoE layer runs under EP
         dedup_module = _wrap(groups, algo, dedup=True)
         dedup = _run(dedup_module, topo.rank, fused=True)
-        for key in plain:  # the same up to the association of each token's k-term sums (dedup.py)
-            torch.testing.assert_close(dedup[key], plain[key], rtol=1e-6, atol=1e-6,
-                                       msg=lambda m: f"{algo}: dedup {key}: {m}")
+        for key in plain:
+            assert torch.equal(dedup[key], layer_path[key]), f"{algo}: dedup {key} is not bit-identical"
+            # the layer's path sums each token's terms per destination rank first: an association only
+            torch.testing.assert_close(layer_path[key], plain[key], rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"{algo}: {key}: {m}")
         metrics = dispatch_metrics(dedup_module)
         assert metrics["comm/layer0/rows_sent"] < metrics["comm/layer0/tokens_in"], metrics
         for payload, rtol in (("bf16", 2e-2), ("fp8", 1.5e-1)):
