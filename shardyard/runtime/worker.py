@@ -254,8 +254,10 @@ class Trainer:
                 record = {"kind": "train", "loss": ce, "bpb": ce / LN2,
                           "grad_norm": float(step_metrics["grad_norm"]),
                           "lr": self.plan.scheduler.get_last_lr()[0], "total_steps": spec.steps}
+                comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
+                self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * spec.grad_accum / 1000.0)
                 record.update(self.observe(window_steps, elapsed))
-                record.update(dispatch_metrics(self.model, steps=window_steps * spec.grad_accum))
+                record.update(comm)
                 self.log.log(self.step, record)
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             pause_start = time.perf_counter()

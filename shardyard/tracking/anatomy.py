@@ -25,6 +25,7 @@ import torch.distributed as dist
 # The parts of a step, in the order they happen (stacked in this order in the report).
 STEP_PARTS = ("data", "forward", "backward", "optimizer")
 BETWEEN_STEPS = ("eval", "checkpoint")
+WITHIN_STEP = ("a2a",)  # expert all-to-all (dispatch and combine, all layers): inside forward and backward
 
 
 class StepTimer:
@@ -86,8 +87,9 @@ class StepTimer:
 def step_anatomy(seconds: dict[str, float], steps: int, world: int) -> dict[str, float]:
     """`time/<part>_ms` per step (mean over ranks) plus `_min` / `_max` over ranks. `time/other_ms`
     is the step time the named parts do not cover (Python, logging, the MoE bookkeeping);
+    `time/a2a_ms` is the expert all-to-all time inside forward and backward (0 without dispatch);
     eval and checkpoint are amortised over the window's steps. Collective when world > 1."""
-    names = [*STEP_PARTS, "step", *BETWEEN_STEPS]
+    names = [*STEP_PARTS, "step", *WITHIN_STEP, *BETWEEN_STEPS]
     per_step = torch.tensor([seconds.get(n, 0.0) * 1000.0 / max(steps, 1) for n in names], dtype=torch.float64)
     total, low, high = per_step.clone(), per_step.clone(), per_step.clone()
     if world > 1:

@@ -139,6 +139,9 @@ def _anatomy_figure(plt, runs: list[Run]) -> str | None:
         steps = [r["step"] for r in rows]
         layers = [[float(r.get(f"time/{part}_ms", 0.0)) for r in rows] for part in ANATOMY]
         ax.stackplot(steps, *layers, labels=ANATOMY, alpha=0.85)
+        if any(r.get("time/a2a_ms", 0.0) > 0 for r in rows):
+            ax.plot(steps, [float(r.get("time/a2a_ms", 0.0)) for r in rows], "k--", linewidth=1,
+                    label="all-to-all (inside forward + backward)")
         ax.set_title(run.name, fontsize=9)
         _finish(ax, [run], "ms per step (mean over ranks)")
         ax.legend(fontsize=6, ncol=4, loc="upper left")

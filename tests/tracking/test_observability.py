@@ -18,9 +18,12 @@ from tests.helpers import tiny_spec_yaml
 WIDE_MOE = "{kind: moe, width: 32, depth: 4, heads: 2, ffn: {hidden: 32}, moe: {num_experts: 64, top_k: 2}}"
 
 
-def _spec(tmp_path: Path, name: str, training: str, model: str | None = None, tracking: str = "{mode: disabled}"):
+def _spec(tmp_path: Path, name: str, training: str, model: str | None = None, tracking: str = "{mode: disabled}",
+          parallel: str | None = None):
     sections = {"resources": "{workers: 1, cpus_per_worker: 1, max_failures: 0}", "training": training,
                 "tracking": tracking, "data": "{paths: [stdlib], seq_len: 32, max_bytes: 400000}"}
+    if parallel:
+        sections["parallel"] = parallel
     if model:
         sections["model"] = model
     return load_spec_text(tiny_spec_yaml(name, tmp_path, **sections))
@@ -33,7 +36,8 @@ def _fit(spec, run_dir: Path) -> Trainer:
 
 
 def test_step_parts_add_up_to_the_step_time_and_mfu_is_a_fraction(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, "anatomy", "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 3}")
+    spec = _spec(tmp_path, "anatomy", "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 3}",
+                 parallel="{dispatch: {dedup: true}}")  # the dispatch stack on one worker: a timed all-to-all
     _fit(spec, tmp_path / "anatomy")
     train = [r for r in read_metrics(tmp_path / "anatomy") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [3, 6]
@@ -42,6 +46,7 @@ def test_step_parts_add_up_to_the_step_time_and_mfu_is_a_fraction(tmp_path: Path
         assert record["time/step_ms"] > 0
         assert abs(parts - record["time/step_ms"]) <= 0.10 * record["time/step_ms"], record
         assert 0.0 < record["mfu"] < 1.0
+        assert 0.0 < record["time/a2a_ms"] < record["time/forward_ms"] + record["time/backward_ms"]
         assert record["mem/peak_rss_gib_max"] > 0.05 and record["mem/predicted_state_gib"] > 0
 
 
