@@ -179,12 +179,10 @@ STATE_BATCH = 4  # sequences per worker per step in the state matrix (memory doe
 WARMUP = 2  # steps left out of the step-time mean
 
 
-MOE_STATE_DEPTH = 4  # --moe-depth
-
-
 def state_model_spec(kind: str) -> ModelSpec:
     extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
-    return ModelSpec(kind=kind, width=128, depth=12 if kind == "dense" else MOE_STATE_DEPTH, heads=4,
+    moe_depth = int(os.environ.get("LOWRANK_MOE_DEPTH", "4"))  # --moe-depth (an env var: spawned ranks read it)
+    return ModelSpec(kind=kind, width=128, depth=12 if kind == "dense" else moe_depth, heads=4,
                      ffn={"hidden": 384}, **extra)
 
 
@@ -338,8 +336,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="--state: comma list of data-parallel worker counts")
     parser.add_argument("--moe-depth", type=int, default=4, help="--state: depth of the MoE byte model (the dense one has 12)")
     args = parser.parse_args()
-    global MOE_STATE_DEPTH
-    MOE_STATE_DEPTH = args.moe_depth
+    os.environ["LOWRANK_MOE_DEPTH"] = str(args.moe_depth)
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         for model_kind in args.models.split(","):

@@ -53,11 +53,13 @@ def slug(name: str, seed: int) -> str:
     return name.replace(" ", "_").replace(".", "") + f"_s{seed}"
 
 
-def launch(out: Path, name: str, base: Path, overrides: list[str], seed: int, steps: int) -> subprocess.Popen:
+def launch(out: Path, name: str, base: Path, overrides: list[str], seed: int, steps: int,
+           local: bool = False) -> subprocess.Popen:
     run = slug(name, seed)
     sets = [f"name={run}", f"seed={seed}", f"training.steps={steps}", f"training.eval_every={steps // 5}",
             f"checkpoint.dir={out / 'runs'}", "tracking.mode=disabled", *overrides]
-    cmd = [str(CLI), "run", str(base), *[a for s in sets for a in ("--set", s)]]
+    runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if local else [str(CLI), "run"]
+    cmd = [*runner, str(base), *[a for s in sets for a in ("--set", s)]]
     log = open(out / "logs" / f"{run}.log", "a")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(["nice", "-n", "10", *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -134,13 +136,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     last_start = 0.0
     while pending or running:
         # Stagger start-ups: two embedded Ray clusters booting at once on a loaded machine time out.
-        while pending and len(running) < args.parallel and time.monotonic() - last_start > 30:
+        while pending and len(running) < args.parallel and (args.local or time.monotonic() - last_start > 30):
             job = pending.pop(0)
             name, base, overrides, seed = job
             attempts[(name, seed)] = attempts.get((name, seed), 0) + 1
             shutil.rmtree(out / "runs" / slug(name, seed), ignore_errors=True)
             print(f"[moe_quality] start {name} seed {seed} (attempt {attempts[(name, seed)]})", flush=True)
-            running.append((launch(out, name, base, overrides, seed, args.steps), job))
+            running.append((launch(out, name, base, overrides, seed, args.steps, args.local), job))
             last_start = time.monotonic()
         time.sleep(2)
         for item in list(running):
@@ -347,6 +349,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds of the dense/MoE comparison set (variants: seed 0)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each one worker, one thread)")
     p.add_argument("--only", action="append", default=[], help="run only this configuration (repeatable)")
+    p.add_argument("--local", action="store_true", help="train in-process (benchmarks/train_local.py), not via Ray")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("steptime")
