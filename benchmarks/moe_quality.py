@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(name, base, overrides, seed) for name, (base, overrides, seeds) in CONFIGS.items()
             for seed in seeds[:args.seeds] if not args.only or name in args.only]
+    jobs.sort(key=lambda job: job[3])  # seed-major: every finished seed gives a complete paired comparison
     meta = {"command": " ".join(sys.argv), "start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
             "steps": args.steps}
