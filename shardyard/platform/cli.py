@@ -29,7 +29,7 @@ def spec_summary(spec: JobSpec, source: str) -> str:
     from shardyard.models import build_model, count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.runtime.entry import run_directory
-    from shardyard.tracking.flops import training_flops_per_token
+    from shardyard.models.flops import training_flops_per_token
 
     import torch
 

@@ -42,7 +42,8 @@ from shardyard.runtime.parallel import build_plan
 from shardyard.optim.memory import optimizer_memory_report
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
-from shardyard.tracking.flops import peak_flops, training_flops_per_token
+from shardyard.models.flops import training_flops_per_token
+from shardyard.tracking.peak_flops import peak_flops
 from shardyard.tracking.logger import MetricsLogger
 
 LN2 = math.log(2)

@@ -11,7 +11,7 @@ from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.worker import LocalReporter, Trainer
 from shardyard.tracking.anatomy import STEP_PARTS
 from shardyard.tracking.expert_load import read_expert_load, utilisation_summary
-from shardyard.tracking.flops import training_flops_per_token
+from shardyard.models.flops import training_flops_per_token
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import tiny_spec_yaml
 

@@ -1,33 +1,19 @@
-"""Model FLOPs per token and the device's peak, for an MFU estimate.
+"""The peak FLOP/s of one worker, the denominator of MFU.
 
-FLOPs are counted, not guessed: the model is built on the meta device and one forward of a
-sequence runs under torch's FlopCounterMode (every matmul and attention, any architecture). MoE
-layers route by data, which the meta device cannot do, so while counting each MoE layer runs a
-stand-in with the same matmul shapes as perfectly balanced routing: the router, then top_k expert
-MLPs per token (and the shared expert). Training costs three forwards (forward, and a backward
-that computes both input and weight gradients); activation recomputation is not counted, as is
-usual for MFU (it is work the model did not need).
-
-Peak: on GPU a table of dense tensor-core peaks by device name and dtype; on CPU a matmul probe,
-measured once per (CPU model, threads, dtype) and cached under ~/.cache/shardyard.
+On GPU a table of dense tensor-core peaks by device name and dtype; on CPU a matmul probe,
+measured once per (CPU model, threads, dtype) and cached under ~/.cache/shardyard (delete the file
+to measure again, e.g. after a measurement on a loaded machine).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import time
-import types
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from shardyard.platform.schema import ModelSpec
 
 # Dense (no sparsity) peak FLOP/s per GPU, from the vendors' data sheets: (bf16, fp32 without tensor cores).
 GPU_PEAKS: dict[str, tuple[float, float]] = {
@@ -41,54 +27,6 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
     "A10": (125e12, 31.2e12),
     "V100": (125e12, 15.7e12),
 }
-
-
-def _balanced_moe_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Same matmul FLOPs as the MoE layer under perfectly balanced routing; used only for counting."""
-    tokens = x.reshape(-1, x.shape[-1])
-    gate = next(p for p in layer.router.parameters() if p.dim() == 2)
-    F.linear(tokens, gate)  # the router's logits
-    out = torch.zeros_like(tokens)
-    w_up, w_down = layer.experts.w_up[0], layer.experts.w_down[0]
-    for _ in range(layer.top_k):
-        h = tokens @ w_up
-        if h.shape[-1] == 2 * w_down.shape[0]:  # swiglu: gate and up in one matrix
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
-        else:
-            h = F.gelu(h)
-        out = out + h @ w_down
-    if layer.shared_expert is not None:
-        out = out + layer.shared_expert(tokens)
-    return out.view(x.shape)
-
-
-@contextlib.contextmanager
-def _balanced_moe(model: nn.Module) -> Iterator[None]:
-    from shardyard.models import moe_layers
-
-    layers = moe_layers(model)
-    for layer in layers:
-        layer.forward = types.MethodType(_balanced_moe_forward, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def training_flops_per_token(model_spec: ModelSpec, seq_len: int) -> float:
-    """Forward + backward FLOPs per input position (byte or token) of one training sequence."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from shardyard.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(model_spec, seq_len)
-    inputs = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    with _balanced_moe(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(inputs, inputs)
-    return 3.0 * counter.get_total_flops() / seq_len
 
 
 def _cache_file() -> Path:
