@@ -12,6 +12,7 @@ usual for MFU (it is work the model did not need).
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from typing import Iterator
 
@@ -58,10 +59,17 @@ def _balanced_moe(model: nn.Module) -> Iterator[None]:
 
 def training_flops_per_token(model_spec: ModelSpec, seq_len: int) -> float:
     """Forward + backward FLOPs per input position (byte or token) of one training sequence."""
+    return _counted(model_spec.model_dump_json(), seq_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _counted(model_json: str, seq_len: int) -> float:
+    """One count per (model, sequence length) in a process: validate, the CLI and the fuzz test ask often."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from shardyard.models import build_model
 
+    model_spec = ModelSpec.model_validate_json(model_json)
     with torch.device("meta"):
         model = build_model(model_spec, seq_len)
     inputs = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
