@@ -85,8 +85,11 @@ def set_test_hooks(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args: argparse.Namespace) -> int:
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec))
+    print(f"predicted memory per worker {check_spec_memory(spec, args.spec).render()}")
     print("spec OK")
     return 0
 
@@ -96,8 +99,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
     from shardyard.tracking.live import LiveStatus
 
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
+    check_spec_memory(spec, args.spec)
     run_dir = run_directory(spec)
     refuse_conflicting_resume(spec, run_dir)
     start = latest_step(run_dir)
@@ -138,7 +144,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
     from shardyard.runtime.entry import run_directory
 
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
+    check_spec_memory(spec, args.spec)
     set_test_hooks(args)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else run_directory(spec)
     job_id = jobs.submit(spec, run_dir, args.address)

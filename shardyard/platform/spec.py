@@ -144,12 +144,24 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | Non
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such job spec file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: cannot read job spec: {err}") from None
-    return load_spec_text(text, str(path), overrides)
+    except OSError as err:  # a directory, no permission, a device, ...
+        raise SpecError(f"{path}: cannot read job spec: {err.strerror or err}") from None
+    return load_spec_text(decode_spec_bytes(data, str(path)), str(path), overrides)
+
+
+def decode_spec_bytes(data: bytes, source: str) -> str:
+    """The text of a spec file; SpecError naming the file when it is binary or not UTF-8."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise SpecError(f"{source}: not a YAML text file (binary content: a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{source}: not a YAML text file (not UTF-8: byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start}); save it as UTF-8 text") from None
 
 
 def spec_to_yaml(spec: JobSpec) -> str:
