@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
-from shardyard.runtime.safe_load import SafeFileSystemReader, check_torch_files, checkpoint_code_problem
+from shardyard.runtime.safe_load import (SafeFileSystemReader, check_torch_files, checkpoint_code_problem,
+                                         read_dcp_metadata)
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
@@ -225,6 +226,7 @@ def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
 
         state = plan.state_dict()
+        read_dcp_metadata(Path(directory) / SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
         dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(directory) / SHARDS_DIR)))
         plan.load_state_dict(state)
     rng_file = Path(directory) / f"rng-rank{rank}.json"

@@ -57,8 +57,9 @@ def consolidated_state(checkpoint: Path, model: nn.Module) -> dict[str, torch.Te
         return consolidated_weights(checkpoint)
     import torch.distributed.checkpoint as dcp
 
-    from shardyard.runtime.safe_load import SafeFileSystemReader
+    from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
 
+    read_dcp_metadata(checkpoint / ckpt.SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
     state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
     dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint / ckpt.SHARDS_DIR)), no_dist=True)
     return state["model"]

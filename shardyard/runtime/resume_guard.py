@@ -78,17 +78,13 @@ def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
 # ----------------------------------------------------------------------------------- corpus
 def corpus_fingerprint(data: DataSpec, corpus: Any) -> dict[str, Any]:
     """{files, files_sha256, bytes, train_bytes, val_bytes, windows} of the files a run reads (the
-    sorted prefix of `resolve_files` that `max_bytes` keeps) and of the loaded `ByteCorpus`."""
-    from shardyard.data.corpus import resolve_files
-
-    digest, total, count = hashlib.sha256(), 0, 0
-    for path, key in resolve_files(data):
-        if data.max_bytes is not None and total >= data.max_bytes:
-            break
-        size = path.stat().st_size
+    sorted prefix of `resolve_files` that `max_bytes` keeps, as `load_corpus` recorded them in
+    `corpus.files`) and of the loaded `ByteCorpus`."""
+    digest, total = hashlib.sha256(), 0
+    for key, size in corpus.files:
         digest.update(f"{key}\0{size}\n".encode())
-        total, count = total + size, count + 1
-    return {"files": count, "files_sha256": digest.hexdigest(), "bytes": total,
+        total += size
+    return {"files": len(corpus.files), "files_sha256": digest.hexdigest(), "bytes": total,
             "train_bytes": int(len(corpus.train)), "val_bytes": int(len(corpus.val)),
             "windows": int((len(corpus.train) - 1) // data.seq_len)}
 
