@@ -142,6 +142,9 @@ def _driving_field(spec: JobSpec, prediction: MemoryPrediction) -> str:
     """The spec field to change, for the largest part of the prediction."""
     m, t = spec.model, spec.training
     state = prediction.params + prediction.grads + prediction.optimizer
+    if prediction.process > state + prediction.activations:
+        return (f"a worker process itself (Python, torch, Ray) needs about {prediction.process / GIB:.1f} GiB: raise "
+                "resources.memory_per_worker")
     if prediction.activations > state:
         return (f"activations are the largest part, driven by training.batch_size ({t.batch_size}) x data.seq_len "
                 f"({spec.data.seq_len}): lower training.batch_size (training.grad_accum keeps the tokens per step)"
