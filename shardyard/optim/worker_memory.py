@@ -23,8 +23,10 @@ machine's RAM when that is unset), naming the part and the spec field that drive
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 from torch import nn
 
@@ -181,12 +183,57 @@ def check_worker_memory(spec: JobSpec, model: nn.Module, source: str = "<spec>",
     return prediction
 
 
-def check_spec_memory(spec: JobSpec, source: str = "<spec>") -> MemoryPrediction:
-    """`check_worker_memory` on the spec's model built on the meta device (no memory, no time)."""
+_LAST_BUILT: list = []
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Initialisers do nothing while a meta model is built (meta tensors have no values, but each
+    call still costs ~1 ms of dispatch: most of `validate`'s time)."""
+    from torch.nn import init
+
+    names = ("normal_", "zeros_", "ones_", "uniform_", "trunc_normal_", "xavier_uniform_", "kaiming_uniform_")
+    saved = {name: getattr(init, name) for name in names}
+    for name in names:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+MAX_BLOCKS = 4096  # transformer blocks in one model; the deepest published models have a few hundred
+
+
+def build_meta_model(spec: JobSpec, source: str = "<spec>") -> nn.Module:
+    """The spec's model on the meta device (no memory), or SpecError when it cannot be built: more
+    than MAX_BLOCKS blocks (building would take hours), or sizes no tensor can have."""
     import torch
 
     from shardyard.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(spec.model, spec.data.seq_len)
-    return check_worker_memory(spec, model, source)
+    m = spec.model
+    if m.stages:
+        blocks, field = sum(s.depth for s in m.stages), "model.stages[*].depth"
+    else:
+        blocks, field = m.depth, "model.depth"
+    if blocks > MAX_BLOCKS:
+        raise SpecError(f"{source}: {field}: {blocks} transformer blocks in all; at most {MAX_BLOCKS} are supported")
+    key = (m.model_dump_json(), spec.data.seq_len)
+    if _LAST_BUILT and _LAST_BUILT[0] == key:
+        return _LAST_BUILT[1]  # `validate` asks twice (summary, memory check); meta models hold no data
+    try:
+        with torch.device("meta"), _no_weight_init():
+            model = build_model(m, spec.data.seq_len)
+        _LAST_BUILT[:] = [key, model]
+        return model
+    except (OverflowError, RuntimeError, TypeError, ValueError, MemoryError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SpecError(f"{source}: model: cannot be built at these sizes (model.width {m.width}, ffn hidden "
+                        f"{m.ffn_hidden}, data.seq_len {spec.data.seq_len}): {first}") from None
+
+
+def check_spec_memory(spec: JobSpec, source: str = "<spec>") -> MemoryPrediction:
+    """`check_worker_memory` on the spec's model built on the meta device (no memory, no time)."""
+    return check_worker_memory(spec, build_meta_model(spec, source), source)

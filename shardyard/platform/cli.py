@@ -26,15 +26,13 @@ def _fmt_count(n: float) -> str:
 def spec_summary(spec: JobSpec, source: str) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
-    from shardyard.models import build_model, count_parameters
+    from shardyard.models import count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
+    from shardyard.optim.worker_memory import build_meta_model
     from shardyard.runtime.entry import run_directory
     from shardyard.models.flops import training_flops_per_token
 
-    import torch
-
-    with torch.device("meta"):
-        model = build_model(spec.model, spec.data.seq_len)
+    model = build_meta_model(spec, source)
     total, active = count_parameters(model)
     flops = training_flops_per_token(spec.model, spec.data.seq_len)
     files = resolve_files(spec.data)  # fails here, not on the cluster, when a path matches nothing

@@ -115,7 +115,7 @@ class ModelSpec(Section):
     def _apply_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
-        preset = PRESETS.get(data["preset"])
+        preset = PRESETS.get(data["preset"]) if isinstance(data["preset"], str) else None
         if preset is None:
             return data  # the Literal check reports the bad name
         merged = {**preset, **data}

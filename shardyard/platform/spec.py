@@ -124,12 +124,22 @@ def _where(loc: Path_, source: str, lines: dict[Path_, int], override_sources: d
 
 def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | None = None) -> JobSpec:
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(text)  # one parse gives both the node tree (lines) and the data
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark else ""
         raise SpecError(f"{source}{line}: not valid YAML: {err.problem or err}") from None
+    except yaml.reader.ReaderError as err:  # a control character: the reader has no line mark
+        line = text[:err.position].count("\n") + 1
+        raise SpecError(f"{source}:{line}: not valid YAML: character #x{err.character:04x} is not allowed "
+                        "(the file holds non-text bytes)") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{source}: not valid YAML: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
