@@ -94,6 +94,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
+    from shardyard.cluster.secret_env import runtime_env_vars
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
     from shardyard.tracking.live import LiveStatus
 
@@ -111,12 +112,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
         return 0
     set_test_hooks(args)
+    worker_env = runtime_env_vars(spec)  # spec `env` and secrets: only through the Ray runtime env
     if args.address:
         print(f"connecting to the Ray cluster at {args.address}...", flush=True)
-        cluster = existing_cluster(args.address)
+        cluster = existing_cluster(args.address, worker_env)
     else:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
-        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None)
+        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+                                secret_env=worker_env)
     with cluster:
         live = LiveStatus(spec.training.steps, start)
         try:

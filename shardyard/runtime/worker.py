@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.cluster.secret_env import record_secret_probe
 from shardyard.comm.topology import Topology
 from shardyard.comm.dispatch import dispatch_metrics
 from shardyard.data.corpus import load_corpus
@@ -369,5 +370,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = spec_from_json(config["spec_json"])
     run_dir = Path(config["run_dir"])
     trainer = Trainer(spec, run_dir, ray_report)
+    record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
     trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
     trainer.fit()
