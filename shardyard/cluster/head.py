@@ -29,7 +29,8 @@ def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: in
            f"--object-store-memory={object_store_mb * 1024**2}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # RAY_LOGGER_LEVEL=warning: Ray's runtime env agent logs env_vars (secrets included) at INFO.
+    env = {"RAY_LOGGER_LEVEL": "warning", **os.environ, "RAY_AUTH_MODE": "token"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ClusterError(f"`ray start --head` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")

@@ -30,6 +30,9 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's runtime env agent logs every runtime env, env_vars values included, at INFO: the secrets of
+    # a spec's `env` would land in the session logs. WARNING keeps them out (and Ray's daemons quieter).
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
     # always a new embedded cluster, never one that happens to run on this machine already. SHARDYARD_*
     # variables (test hooks such as FAULT_STEP) reach every worker through the runtime_env.

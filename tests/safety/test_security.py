@@ -91,6 +91,7 @@ def test_cluster_configs_never_serve_the_dashboard_on_all_interfaces() -> None:
     ray_up = yaml.safe_load((ROOT / "cluster" / "ray-up.yaml").read_text())
     head_commands = " ".join(ray_up["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_commands and "0.0.0.0" not in head_commands
+    assert "RAY_LOGGER_LEVEL=warning" in head_commands and "RAY_LOGGER_LEVEL=warning" in " ".join(ray_up["worker_start_ray_commands"])
     assert "file_mounts" not in ray_up or "~/.ray/auth_token" not in ray_up["file_mounts"]  # generated on the head
     assert ray_up["cluster_synced_files"] == ["~/.ray/auth_token"]
     rayjob = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
