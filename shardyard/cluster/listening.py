@@ -34,12 +34,21 @@ def listeners_of(pids: Iterable[int]) -> list[Listener]:
     import psutil
 
     wanted = set(pids)
+    try:
+        connections = [(c.pid, c) for c in psutil.net_connections(kind="tcp")]
+    except psutil.AccessDenied:  # macOS without root: ask each process (ours) instead
+        connections = []
+        for pid in wanted:
+            try:
+                connections += [(pid, c) for c in psutil.Process(pid).net_connections(kind="tcp")]
+            except psutil.Error:
+                continue
     found = set()
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid not in wanted:
+    for pid, conn in connections:
+        if conn.status != psutil.CONN_LISTEN or pid not in wanted:
             continue
         try:
-            name = _role(psutil.Process(conn.pid))
+            name = _role(psutil.Process(pid))
         except psutil.Error:
             continue
         found.add(Listener(name, conn.laddr.ip, conn.laddr.port))
