@@ -37,16 +37,29 @@ def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: in
     return (f"Ray head running: GCS 127.0.0.1:{port}, Jobs API and dashboard http://127.0.0.1:{dashboard_port}, "
             f"client server ray://127.0.0.1:{client_port}\n"
             f"token authentication on; token file: {token or '$RAY_AUTH_TOKEN'}\n"
-            f"{describe(listeners_of(head_processes(port)))}\n"
+            f"{describe(_head_listeners(port))}\n"
             "from another machine, reach the dashboard through an SSH tunnel: ssh -L "
             f"{dashboard_port}:127.0.0.1:{dashboard_port} <this host>")
+
+
+def _head_listeners(gcs_port: int, wait_s: float = 15.0) -> list:
+    """The head's listening sockets, once its dashboard listens (`ray start` returns before every
+    daemon has bound its ports), or whatever listens after `wait_s`."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = listeners_of(head_processes(gcs_port))
+        if any(item.process == "dashboard" for item in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def head_processes(gcs_port: int) -> list[int]:
     """The head's daemons (`ray start` detaches them): processes naming its GCS address or port."""
     import psutil
 
-    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}", f"--gcs-address=127.0.0.1:{gcs_port}")
+    marks = (f":{gcs_port}", f"--gcs_server_port={gcs_port}", f"--gcs-port={gcs_port}", f"--port={gcs_port}")
     pids = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         try:

@@ -24,9 +24,10 @@ class Listener:
 
     @property
     def scope(self) -> str:
-        if self.ip.startswith(LOOPBACK):
+        ip = self.ip.removeprefix("::ffff:")  # an IPv4 address on a dual-stack socket
+        if ip.startswith(LOOPBACK):
             return "loopback"
-        return "all interfaces" if self.ip in ANY else self.ip
+        return "all interfaces" if ip in ANY else ip
 
 
 def listeners_of(pids: Iterable[int]) -> list[Listener]:
