@@ -47,7 +47,7 @@ optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
 training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_bytes: 2048}}
 parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}}}
 resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
-checkpoint: {{dir: {storage}, every: 0, keep: 1}}
+checkpoint: {{dir: {storage}, every: 0, keep: 2}}
 tracking: {{mode: disabled}}
 """
 

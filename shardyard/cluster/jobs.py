@@ -1,12 +1,14 @@
 """Ray Jobs: submit a job spec to a cluster, and ask about / stop / follow submitted jobs.
 
-The project's code travels as the job's working_dir (Ray honours .gitignore and .rayignore, so
-runs, venvs and checkpoints stay behind); the resolved spec travels as an environment variable.
+The project's code travels as the job's working_dir, staged from an allow-list (the package,
+pyproject.toml, jobs/); the resolved spec and the spec's `env` travel as environment variables.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +20,7 @@ from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-EXCLUDES = ["runs/", "wandb/", ".venv/", "*.pt", "*.ckpt", "benchmarks/results/*.png", ".git/"]
+UPLOAD_ALLOW = ("shardyard", "pyproject.toml", "jobs")  # what a submitted job's working_dir holds
 
 
 def resolve_address(address: str | None) -> str:
@@ -51,22 +53,46 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").exists() and (root / "shardyard").is_dir() else None
 
 
+def stage_upload(root: Path, staging: Path) -> Path:
+    """Copy only UPLOAD_ALLOW (the package, pyproject.toml, jobs/) of the checkout at `root` into
+    `staging`, without caches, and return it: the job's working_dir. An allow-list, not excludes,
+    so `.env`, `.netrc`, keys, data and runs in the checkout never travel."""
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
+    for name in UPLOAD_ALLOW:
+        source = root / name
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, staging / name, ignore=junk, symlinks=False)
+        elif source.is_file() and not source.is_symlink():
+            shutil.copy2(source, staging / name)
+    return staging
+
+
 def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
-    """Submit `spec` as a Ray job; this process's SHARDYARD_* variables (test hooks) travel with it."""
+    """Submit `spec` as a Ray job; this process's SHARDYARD_* variables (test hooks) travel with it,
+    and the spec's `env` (secrets included) in the job's runtime env only."""
+    from shardyard.cluster.secret_env import runtime_env_vars
+
     job_client = client(address)
-    env = {**envvars.forwarded(), envvars.SPEC_JSON: spec.model_dump_json(), envvars.RUN_DIR: str(run_dir),
-           "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode}
+    env = {**envvars.forwarded(), **runtime_env_vars(spec), envvars.SPEC_JSON: spec.model_dump_json(),
+           envvars.RUN_DIR: str(run_dir), "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode}
     runtime_env: dict = {"env_vars": env}
-    root = project_root()
-    if root is not None:
-        runtime_env["working_dir"] = str(root)
-        runtime_env["excludes"] = EXCLUDES
     submission_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
-    try:
-        return job_client.submit_job(entrypoint="python -m shardyard.runtime.entry", runtime_env=runtime_env,
-                                     submission_id=submission_id, metadata={"shardyard_job": spec.name})
-    except Exception as err:
-        raise ClusterError(f"job submission failed: {err}") from None
+    root = project_root()
+    with tempfile.TemporaryDirectory(prefix="shardyard-upload-") as staging:
+        if root is not None:
+            runtime_env["working_dir"] = str(stage_upload(root, Path(staging)))
+        try:  # the working_dir is packed and uploaded before submit_job returns
+            return job_client.submit_job(entrypoint="python -m shardyard.runtime.entry", runtime_env=runtime_env,
+                                         submission_id=submission_id, metadata={"shardyard_job": spec.name})
+        except Exception as err:
+            raise ClusterError(f"job submission failed: {_without(str(err), env)}") from None
+
+
+def _without(text: str, env: dict[str, str]) -> str:
+    """`text` with every value of `env` longer than 3 characters masked (an error may echo the request)."""
+    for value in sorted({v for v in env.values() if len(v) > 3}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def status(job_id: str, address: str | None = None) -> tuple[str, str | None]:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
+from shardyard.cluster.listening import describe, descendants, listeners_of
 from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
 
@@ -20,18 +21,26 @@ def cpus_needed(spec: JobSpec) -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 256) -> Iterator[None]:
+def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 256,
+                  secret_env: dict[str, str] | None = None) -> Iterator[None]:
+    """An embedded cluster on loopback (node address, dashboard, agents); `secret_env` reaches every
+    worker through the runtime env only. Prints what listens where, read from the socket table."""
     ensure_token(generate=True)  # before Ray reads its config
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's runtime env agent logs every runtime env, env_vars values included, at INFO: the secrets of
+    # a spec's `env` would land in the session logs. WARNING keeps them out (and Ray's daemons quieter).
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
     # always a new embedded cluster, never one that happens to run on this machine already. SHARDYARD_*
     # variables (test hooks such as FAULT_STEP) reach every worker through the runtime_env.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
-             log_to_driver=True, logging_level="WARNING", runtime_env={"env_vars": envvars.forwarded()})
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None, _node_ip_address="127.0.0.1",
+             log_to_driver=True, logging_level="WARNING",
+             runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}})
+    print(f"embedded Ray cluster (token authentication on):\n{describe(listeners_of(descendants(os.getpid())))}", flush=True)
     try:
         yield
     finally:
@@ -39,7 +48,7 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
 
 
 @contextlib.contextmanager
-def existing_cluster(address: str) -> Iterator[None]:
+def existing_cluster(address: str, secret_env: dict[str, str] | None = None) -> Iterator[None]:
     """Connect to a running cluster (`auto`, or host:port of its GCS) with its token."""
     try:
         ensure_token(generate=False)
@@ -55,7 +64,7 @@ def existing_cluster(address: str) -> Iterator[None]:
 
     try:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING",
-                 runtime_env={"env_vars": envvars.forwarded()})
+                 runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}})
     except Exception as err:  # ConnectionError, auth failure
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {err}") from None
     try:

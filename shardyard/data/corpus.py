@@ -10,7 +10,7 @@ import glob
 import hashlib
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class ByteCorpus:
     train_files: int
     val_files: int
     val_offsets: np.ndarray  # int64 start of each held-out file (or file piece) in `val`, ascending, first 0
+    files: list[tuple[str, int]] = field(default_factory=list)  # (key, bytes) of the files read, in order
 
 
 def _cache_key(spec: DataSpec, files: list[tuple[Path, str]]) -> str:
@@ -133,7 +134,7 @@ def load_corpus(spec: DataSpec) -> ByteCorpus:
     if len(train) < need or len(val) < need:
         raise UserError(f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
                         f"{len(val)} validation bytes (each needs at least {need})")
-    return ByteCorpus(train, val, n_train, n_val, val_offsets)
+    return ByteCorpus(train, val, n_train, n_val, val_offsets, [(key, f.stat().st_size) for f, key in chosen])
 
 
 def _file_offsets(parts: list[Path], skip: int = 0) -> np.ndarray:

@@ -26,15 +26,13 @@ def _fmt_count(n: float) -> str:
 def spec_summary(spec: JobSpec, source: str) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
-    from shardyard.models import build_model, count_parameters
+    from shardyard.models import count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
+    from shardyard.optim.worker_memory import build_meta_model
     from shardyard.runtime.entry import run_directory
     from shardyard.models.flops import training_flops_per_token
 
-    import torch
-
-    with torch.device("meta"):
-        model = build_model(spec.model, spec.data.seq_len)
+    model = build_meta_model(spec, source)
     total, active = count_parameters(model)
     flops = training_flops_per_token(spec.model, spec.data.seq_len)
     files = resolve_files(spec.data)  # fails here, not on the cluster, when a path matches nothing
@@ -85,19 +83,26 @@ def set_test_hooks(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args: argparse.Namespace) -> int:
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec))
+    print(f"predicted memory per worker {check_spec_memory(spec, args.spec).render()}")
     print("spec OK")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
+    from shardyard.cluster.secret_env import runtime_env_vars
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
     from shardyard.tracking.live import LiveStatus
 
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
+    check_spec_memory(spec, args.spec)
     run_dir = run_directory(spec)
     refuse_conflicting_resume(spec, run_dir)
     start = latest_step(run_dir)
@@ -107,12 +112,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nothing to do: {run_dir} already reached step {start} of {spec.training.steps}")
         return 0
     set_test_hooks(args)
+    worker_env = runtime_env_vars(spec)  # spec `env` and secrets: only through the Ray runtime env
     if args.address:
         print(f"connecting to the Ray cluster at {args.address}...", flush=True)
-        cluster = existing_cluster(args.address)
+        cluster = existing_cluster(args.address, worker_env)
     else:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
-        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None)
+        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+                                secret_env=worker_env)
     with cluster:
         live = LiveStatus(spec.training.steps, start)
         try:
@@ -138,7 +145,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
     from shardyard.runtime.entry import run_directory
 
+    from shardyard.optim.worker_memory import check_spec_memory
+
     spec = load_spec(args.spec, args.set)
+    check_spec_memory(spec, args.spec)
     set_test_hooks(args)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else run_directory(spec)
     job_id = jobs.submit(spec, run_dir, args.address)

@@ -115,7 +115,7 @@ class ModelSpec(Section):
     def _apply_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
-        preset = PRESETS.get(data["preset"])
+        preset = PRESETS.get(data["preset"]) if isinstance(data["preset"], str) else None
         if preset is None:
             return data  # the Literal check reports the bad name
         merged = {**preset, **data}
@@ -337,12 +337,39 @@ class ResourcesSpec(Section):
     cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per worker (fractions allowed)")
     gpus_per_worker: NonNegFloat = Field(0.0, description="GPUs per worker (0 = CPU training with gloo)")
     max_failures: NonNegInt = Field(1, description="worker-group restarts from the newest checkpoint before the job fails")
+    memory_per_worker: PositiveInt | str | None = Field(None, description="memory each worker is given, bytes or a size such as 8GiB / 512MB (also asked of Ray's scheduler); `validate` refuses a spec whose predicted per-worker memory exceeds it (default: compared with this machine's RAM)")
+
+    @model_validator(mode="after")
+    def _check_memory(self) -> "ResourcesSpec":
+        if self.memory_per_worker is not None:
+            parse_size(self.memory_per_worker, "resources.memory_per_worker")
+        return self
+
+    @property
+    def memory_per_worker_bytes(self) -> int | None:
+        return None if self.memory_per_worker is None else parse_size(self.memory_per_worker, "resources.memory_per_worker")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(value: int | str, field: str) -> int:
+    """Bytes of 123, "123", "8GiB", "512 MB", "1.5g" (binary for single letters); ValueError naming `field`."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{field}: {value!r} is not a size; write bytes or e.g. 8GiB, 512MB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 class CheckpointSpec(Section):
     dir: str = Field("runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)")
     every: NonNegInt = Field(50, description="steps between checkpoints (0 = only at the end)")
-    keep: PositiveInt = Field(3, description="newest checkpoints kept")
+    keep: int = Field(3, ge=2, description="newest checkpoints kept (at least 2: the newest can be cut short by a crash; the one before it is the fallback)")
+    keep_best: bool = Field(False, description="also keep the checkpoint with the lowest held-out val bpb so far in <run dir>/best, outside the rotation (chosen among checkpoints written at evaluation steps)")
 
 
 class TrackingSpec(Section):
@@ -352,6 +379,13 @@ class TrackingSpec(Section):
     tags: list[str] = Field(default_factory=list, description="wandb tags")
     step_anatomy: bool = Field(True, description="time each step's parts (data, forward, backward, optimizer) on every rank; logged as time/*")
     expert_heatmap_every: NonNegInt = Field(100, description="steps between wandb heatmap images of expert load (0 = never; the per-expert counts always go to expert_load.bin)")
+
+
+class EnvVarSpec(Section):
+    """A worker environment variable whose value is read from the environment of `shardyard run|submit`."""
+
+    from_env: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the variable in the submitting shell's environment that holds the value")
+    secret: bool = Field(False, description="the value travels only in the Ray runtime env: never printed, logged, stored in the run directory, the metrics or the wandb config")
 
 
 class JobSpec(Section):
@@ -365,6 +399,16 @@ class JobSpec(Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    env: dict[str, str | EnvVarSpec] = Field(default_factory=dict, description="environment variables for the workers: NAME: value (plain, stored with the spec) or NAME: {from_env: VAR, secret: true} (the value of $VAR where the job is started; secrets never appear in output, logs, the run directory or wandb). WANDB_API_KEY is forwarded as a secret without an entry")
+
+    @model_validator(mode="after")
+    def _check_env(self) -> "JobSpec":
+        for name in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"env: {name!r} is not an environment variable name (letters, digits, _)")
+            if name.startswith(("SHARDYARD_", "RAY_")) or name in ("PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"):
+                raise ValueError(f"env: {name} is set by shardyard or Ray (or changes what code runs); choose another name")
+        return self
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobSpec":

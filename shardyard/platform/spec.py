@@ -124,12 +124,22 @@ def _where(loc: Path_, source: str, lines: dict[Path_, int], override_sources: d
 
 def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | None = None) -> JobSpec:
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(text)  # one parse gives both the node tree (lines) and the data
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark else ""
         raise SpecError(f"{source}{line}: not valid YAML: {err.problem or err}") from None
+    except yaml.reader.ReaderError as err:  # a control character: the reader has no line mark
+        line = text[:err.position].count("\n") + 1
+        raise SpecError(f"{source}:{line}: not valid YAML: character #x{err.character:04x} is not allowed "
+                        "(the file holds non-text bytes)") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{source}: not valid YAML: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -144,12 +154,24 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | Non
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such job spec file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: cannot read job spec: {err}") from None
-    return load_spec_text(text, str(path), overrides)
+    except OSError as err:  # a directory, no permission, a device, ...
+        raise SpecError(f"{path}: cannot read job spec: {err.strerror or err}") from None
+    return load_spec_text(decode_spec_bytes(data, str(path)), str(path), overrides)
+
+
+def decode_spec_bytes(data: bytes, source: str) -> str:
+    """The text of a spec file; SpecError naming the file when it is binary or not UTF-8."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise SpecError(f"{source}: not a YAML text file (binary content: a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{source}: not a YAML text file (not UTF-8: byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start}); save it as UTF-8 text") from None
 
 
 def spec_to_yaml(spec: JobSpec) -> str:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.runtime.safe_load import (SafeFileSystemReader, check_torch_files, checkpoint_code_problem,
+                                         read_dcp_metadata)
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
@@ -169,7 +171,7 @@ def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
         for name, (size, sha) in files.items():
             if actual[name][1] != sha:
                 return f"{name} does not match its sha256 in the manifest"
-    return None
+    return checkpoint_code_problem(Path(directory))
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -182,14 +184,19 @@ def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
     for path in Path(run_dir).glob("checkpoint_*"):
         try:
             found.append((int(read_meta(path)["step"]), path))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
             continue
     return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
 
 
 def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Path | None:
     """Newest complete (manifest-verified) checkpoint of a run, or None. Incomplete newer ones are
-    skipped; `report(message)` hears about each."""
+    skipped; `report(message)` hears about each (unreadable meta.json included)."""
+    if report is not None:
+        readable = {path for _, path in checkpoints_newest_first(run_dir)}
+        for path in sorted(set(Path(run_dir).glob("checkpoint_*")) - readable, reverse=True):
+            if path.is_dir():
+                report(f"skipping {path.name}: {META_FILE} is missing or unreadable")
     for _, path in checkpoints_newest_first(run_dir):
         problem = verify_checkpoint(path, full=full)
         if problem is None:
@@ -210,6 +217,7 @@ def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
         if layout.get("mode") != "deepspeed" or layout.get("world") != world:
             raise RuntimeError(f"{directory}: a DeepSpeed ZeRO job resumes only its own checkpoints at the same "
                                f"number of workers (checkpoint layout {layout}, this job {plan.layout()})")
+        check_torch_files(Path(directory) / "deepspeed")  # DeepSpeed unpickles with weights_only=False
         plan.load(directory)
     else:
         if layout.get("mode") == "deepspeed":
@@ -218,7 +226,8 @@ def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
 
         state = plan.state_dict()
-        dcp.load(state, checkpoint_id=str(Path(directory) / SHARDS_DIR))
+        read_dcp_metadata(Path(directory) / SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(directory) / SHARDS_DIR)))
         plan.load_state_dict(state)
     rng_file = Path(directory) / f"rng-rank{rank}.json"
     if layout.get("world") == world and rng_file.exists():

@@ -58,10 +58,21 @@ def run_directory(spec: JobSpec) -> Path:
 
 
 def write_run_files(spec: JobSpec, run_dir: Path) -> None:
+    """spec.yaml (the spec of the newest start) and spec-history/NNNN.yaml (every spec used, kept)."""
+    from shardyard.runtime.resume_guard import record_spec_history
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    text = spec_to_yaml(spec)
+    record_spec_history(run_dir, text)
     tmp = run_dir / ".spec.yaml.tmp"
-    tmp.write_text(spec_to_yaml(spec))
+    tmp.write_text(text)
     os.replace(tmp, run_dir / "spec.yaml")
+
+
+def run_config_location(run_dir: Path) -> tuple[str, str]:
+    """(RunConfig name, storage_path) that make Ray Train write checkpoints into `run_dir` itself, the
+    directory metrics and the spec go to, whatever the job is called (`submit --run-dir`)."""
+    return run_dir.name, str(run_dir.parent)
 
 
 def build_trainer(spec: JobSpec, run_dir: Path):
@@ -75,13 +86,16 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
+    if res.memory_per_worker is not None:
+        per_worker["memory"] = float(res.memory_per_worker_bytes)
+    name, storage = run_config_location(run_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=spec.name,
-            storage_path=str(run_dir.parent),
+            name=name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
         ),
@@ -90,7 +104,15 @@ def build_trainer(spec: JobSpec, run_dir: Path):
 
 def run_training(spec: JobSpec, run_dir: Path,
                  on_progress: Callable[[list[dict]], None] | None = None) -> TrainingResult:
-    """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric records."""
+    """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric records.
+    Holds the run directory's lease throughout: a second job on the same run is refused."""
+    from shardyard.runtime.run_lease import hold_lease
+
+    with hold_lease(run_dir):
+        return _run_training(spec, run_dir, on_progress)
+
+
+def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None) -> TrainingResult:
     write_run_files(spec, run_dir)
     trainer = build_trainer(spec, run_dir)
     stop = threading.Event()
@@ -141,46 +163,29 @@ def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]
     return offset + len(complete.encode())
 
 
-# Fields a checkpoint depends on. The number of workers, EP degree and sharding may change: resuming
-# reshards (DeepSpeed ZeRO checkpoints excepted, see `resume_conflicts`).
-RESUME_MUST_MATCH = ("seed", "model", "data.paths", "data.seq_len", "optim.kind")
-
-
 def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
-    """Fields that differ between `spec` and the spec a run's checkpoints were written with, among
-    those a checkpoint depends on (architecture, data order, optimizer state, sharding)."""
-    stored_file = run_dir / "spec.yaml"
-    if not stored_file.exists() or find_latest_checkpoint(run_dir) is None:
+    """Fields that differ between `spec` and the spec the run's newest checkpoint was written with,
+    outside the allow-list `resume_guard.RESUME_MAY_CHANGE` (steps, cadences, tracking, resources
+    and layouts that reshard)."""
+    from shardyard.runtime.resume_guard import spec_differences
+
+    latest = find_latest_checkpoint(run_dir)
+    if latest is None:
         return []
-    stored = json.loads(load_spec(stored_file).model_dump_json())
-    new = json.loads(spec.model_dump_json())
-    conflicts: list[str] = []
-    for field in RESUME_MUST_MATCH:
-        old_value, new_value = stored, new
-        for key in field.split("."):
-            old_value, new_value = old_value[key], new_value[key]
-        _diff(field, old_value, new_value, conflicts)
-    if stored["parallel"]["zero"] or new["parallel"]["zero"]:  # DeepSpeed's own format: same layout only
-        for field in ("resources.workers", "parallel.zero"):
-            section, key = field.split(".")
-            _diff(field, stored[section][key], new[section][key], conflicts)
-    return conflicts
+    stored_file = latest / "spec.yaml" if (latest / "spec.yaml").exists() else run_dir / "spec.yaml"
+    if not stored_file.exists():
+        return []
+    return spec_differences(load_spec(stored_file), spec)
 
 
 def refuse_conflicting_resume(spec: JobSpec, run_dir: Path) -> None:
     """Raise UserError when `run_dir` holds checkpoints of a different job (see `resume_conflicts`)."""
     conflicts = resume_conflicts(spec, run_dir)
     if conflicts:
-        raise UserError(f"{run_dir} holds checkpoints of a different job ({'; '.join(conflicts)}); "
-                        "they are left untouched: give this job another name (--set name=...) to start fresh")
-
-
-def _diff(path: str, old: Any, new: Any, out: list[str]) -> None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            _diff(f"{path}.{key}", old.get(key), new.get(key), out)
-    elif old != new:
-        out.append(f"{path}: {old!r} -> {new!r}")
+        raise UserError(f"{run_dir} holds checkpoints written with a different spec; a resume may change only "
+                        f"steps, cadences, tracking, checkpointing and resources, but these differ: "
+                        f"{'; '.join(conflicts)}. The checkpoints are left untouched: undo those changes to "
+                        "resume, or give this job another name (--set name=...) to start fresh")
 
 
 def latest_step(run_dir: Path) -> int:

@@ -51,12 +51,17 @@ def consolidated_state(checkpoint: Path, model: nn.Module) -> dict[str, torch.Te
     meta = ckpt.read_meta(checkpoint)
     if meta["layout"].get("mode") == "deepspeed":
         from shardyard.runtime.parallel.deepspeed_zero import consolidated_weights
+        from shardyard.runtime.safe_load import check_torch_files
 
+        check_torch_files(checkpoint / "deepspeed")  # DeepSpeed unpickles with weights_only=False
         return consolidated_weights(checkpoint)
     import torch.distributed.checkpoint as dcp
 
+    from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
+
+    read_dcp_metadata(checkpoint / ckpt.SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
     state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(checkpoint / ckpt.SHARDS_DIR), no_dist=True)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint / ckpt.SHARDS_DIR)), no_dist=True)
     return state["model"]
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.cluster.secret_env import record_secret_probe
 from shardyard.comm.topology import Topology
 from shardyard.comm.dispatch import dispatch_metrics
 from shardyard.data.corpus import load_corpus
@@ -39,6 +40,8 @@ from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
 from shardyard.runtime.parallel import build_plan
+from shardyard.runtime.resume_guard import check_corpus_on_every_rank, corpus_fingerprint
+from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
 from shardyard.optim.memory import optimizer_memory_report
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
@@ -124,6 +127,7 @@ class Trainer:
             record_topology(run_dir, self.plan.groups.topology)
 
         corpus = load_corpus(spec.data)
+        self.corpus_fingerprint = corpus_fingerprint(spec.data, corpus)
         self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
                                          self.ctx.rank, self.ctx.world, spec.seed)
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
@@ -155,6 +159,7 @@ class Trainer:
         """Continue from checkpoint `directory` (any layout: the plan reshards), if given."""
         if directory is None:
             return
+        check_corpus_on_every_rank(ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory)
         meta = ckpt.load_checkpoint(self.plan, directory)
         self.plan.scheduler.load_state_dict(meta["scheduler"])
         self.loader.set_position(meta["data_position"])
@@ -165,12 +170,17 @@ class Trainer:
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
         """Collective: every rank writes its shards into its own staging directory and reports it."""
+        refuse_nonfinite_weights(self.model, self.step)  # never make a diverged state the resume point
         meta = {"step": self.step, "name": self.spec.name, "layout": self.layout(),
-                "scheduler": self.plan.scheduler.state_dict(), "data_position": self.loader.position()}
+                "scheduler": self.plan.scheduler.state_dict(), "data_position": self.loader.position(),
+                "corpus": self.corpus_fingerprint}
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
             ckpt.save_checkpoint(self.plan, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
             self.report(metrics, directory)
+            fsync_stored_checkpoint(self.run_dir, directory, self.step)
+            if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
+                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -360,5 +370,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = spec_from_json(config["spec_json"])
     run_dir = Path(config["run_dir"])
     trainer = Trainer(spec, run_dir, ray_report)
+    record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
     trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
     trainer.fit()

@@ -59,6 +59,7 @@ def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
 
 def test_a_wrong_token_is_refused(ray_head: dict, tmp_path: Path) -> None:
     (tmp_path / "wrong").write_text("f" * 64)
+    (tmp_path / "wrong").chmod(0o600)  # private, so the cluster (not the mode check) is what refuses it
     proc = run_cli("list", "--address", ADDRESS, env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")})
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
 

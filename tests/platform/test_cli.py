@@ -52,6 +52,7 @@ def test_submit_without_token_or_cluster_is_a_clear_error(tmp_path: Path) -> Non
     proc = run_cli("submit", "jobs/moe-tiny.yaml", "--address", "http://127.0.0.1:9", env=env, timeout=120)
     assert proc.returncode == 3 and "no Ray auth token" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "token").write_text("0" * 64)
+    (tmp_path / "token").chmod(0o600)  # a token others can read is refused (tests/safety/test_security.py)
     env = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
     proc = run_cli("submit", "jobs/moe-tiny.yaml", "--address", "http://127.0.0.1:9", env=env, timeout=120)
     assert proc.returncode == 3, proc.stderr

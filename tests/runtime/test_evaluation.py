@@ -98,7 +98,7 @@ def test_eval_command_matches_in_training_evaluation(tmp_path: Path) -> None:
         "evalcmd", tmp_path / "runs",
         training=f"{{steps: 12, batch_size: 4, eval_every: 12, eval_bytes: 8192, log_every: 4, "
                  f"eval_sets: {{own: [{own / 'notes.txt'}]}}}}",
-        checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 1}}"))
+        checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 2}}"))
     trained = run_cli("run", str(spec), timeout=900)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "evalcmd"

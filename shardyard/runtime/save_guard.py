@@ -1,0 +1,173 @@
+"""What happens around a checkpoint save: refuse non-finite weights, make the stored copy durable,
+keep the best one by validation bpb.
+
+- `refuse_nonfinite_weights(model, step)` (collective): every rank checks the parameters it holds
+  (its local shards); if any rank finds a NaN or Inf, every rank raises NonFiniteWeights naming the
+  step and the first parameters, before anything is written, so the newest checkpoint stays the last
+  good state. It is a UserError: retrying from that checkpoint would only diverge again, so the job
+  stops (the failure policy treats user errors as final).
+- `fsync_stored_checkpoint(run_dir, staged, step)`: after Ray Train (or LocalReporter) copied a rank's
+  staged directory into the run's storage, fsync the copies of this rank's files and their
+  directories there: the copy Ray makes does not, so a power loss could leave a manifest that
+  points at files still in the page cache.
+- `keep_best(run_dir, staged, val_bpb, step)` (collective): when `val_bpb` beats `<run_dir>/best`,
+  every rank copies its staged files into `<run_dir>/.best.partial`, rank 0 writes the manifest last
+  and renames the directory to `best` (the old one removed after). `best` is not a `checkpoint_*`
+  directory, so neither Ray's `num_to_keep` nor resume fallback ever touch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardyard.platform.errors import UserError
+from shardyard.runtime import checkpoint as ckpt
+
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+
+
+class NonFiniteWeights(UserError):
+    """The model's weights hold NaN or Inf: saving them would make the bad state the resume point."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor shards (FSDP2)
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters()
+            if p.device.type != "meta" and not bool(torch.isfinite(_local(p.detach())).all())]
+
+
+def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
+    names = nonfinite_parameters(model)
+    found = [names]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(found, names)
+    bad = {rank: n for rank, n in enumerate(found) if n}
+    if bad:
+        rank, names = next(iter(bad.items()))
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise NonFiniteWeights(
+            f"step {step}: the weights are not finite (NaN or Inf in {', '.join(names[:3])}{more} on rank {rank}); "
+            f"the checkpoint of step {step} was not written and the job stops here. The newest checkpoint holds "
+            "the last finite weights: lower optim.lr, raise optim.schedule.warmup or set optim.grad_clip, then "
+            "resume it")
+
+
+# ------------------------------------------------------------------------------------ durability
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stored_copies(run_dir: Path, staged: Path, step: int) -> list[Path]:
+    """Checkpoint directories in the run holding this rank's staged files of `step`: this rank's RNG
+    file matches and the meta says `step` (or is not there yet: rank 0 may still be uploading)."""
+    rng = next(staged.glob("rng-rank*.json"), None)
+    if rng is None:
+        return []
+    content = rng.read_bytes()
+    out = []
+    for directory in Path(run_dir).glob("checkpoint_*"):
+        try:
+            if (directory / rng.name).read_bytes() != content:
+                continue
+            meta_step = ckpt.read_meta(directory).get("step") if (directory / ckpt.META_FILE).exists() else step
+        except (OSError, ValueError, AttributeError):
+            continue
+        if meta_step == step:
+            out.append(directory)
+    return out
+
+
+def fsync_stored_checkpoint(run_dir: Path, staged: Path, step: int) -> int:
+    """fsync the stored copies of this rank's files, their directories and the run directory;
+    returns how many files were synced."""
+    count = 0
+    for directory in stored_copies(run_dir, staged, step):
+        folders = {directory}
+        for source in staged.rglob("*"):
+            if not source.is_file():
+                continue
+            target = directory / source.relative_to(staged)
+            if target.exists():
+                _fsync(target)
+                folders.add(target.parent)
+                count += 1
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            _fsync(folder)
+    _fsync(Path(run_dir))
+    return count
+
+
+# ------------------------------------------------------------------------------------ best
+def best_val_bpb(run_dir: Path) -> float | None:
+    """The val bpb of `<run_dir>/best` when it is a complete checkpoint, else None."""
+    best = Path(run_dir) / BEST_DIR
+    try:
+        value = float(json.loads((best / BEST_RECORD).read_text())["val_bpb"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if ckpt.verify_checkpoint(best, full=False) is None else None
+
+
+def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int) -> bool:
+    """Collective: copy the staged checkpoint to `<run_dir>/best` when `val_bpb` is the lowest so far.
+    Returns whether it did (the same answer on every rank)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    many = dist.is_initialized() and dist.get_world_size() > 1
+    decision = [None]
+    if rank == 0:
+        previous = best_val_bpb(run_dir)
+        decision = [previous is None or val_bpb < previous]
+    if many:
+        dist.broadcast_object_list(decision, src=0)
+    if not decision[0]:
+        return False
+    partial = Path(run_dir) / ".best.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if many:
+        dist.barrier()
+    shutil.copytree(staged, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckpt.MANIFEST_FILE))
+    fsync_tree(partial, mine=staged)
+    if many:
+        dist.barrier()
+    if rank == 0:
+        (partial / BEST_RECORD).write_text(json.dumps({"step": step, "val_bpb": val_bpb}))
+        manifest = json.loads((staged / ckpt.MANIFEST_FILE).read_text())
+        manifest["files"][BEST_RECORD] = ckpt.file_digests(partial)[BEST_RECORD]
+        (partial / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))  # the commit marker, last
+        fsync_tree(partial, mine=None)
+        best = Path(run_dir) / BEST_DIR
+        old = Path(run_dir) / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(partial, best)
+        _fsync(Path(run_dir))
+        shutil.rmtree(old, ignore_errors=True)
+    if many:
+        dist.barrier()
+    return True
+
+
+def fsync_tree(directory: Path, mine: Path | None) -> None:
+    """fsync the files of `directory` (only those also under `mine`, when given) and its folders."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir() or mine is None or (mine / path.relative_to(directory)).exists():
+            _fsync(path)
+    _fsync(directory)
