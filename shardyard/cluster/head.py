@@ -70,9 +70,29 @@ def head_processes(gcs_port: int) -> list[int]:
     return pids
 
 
-def cluster_down() -> str:
-    proc = subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, text=True,
-                          env={**os.environ, "RAY_AUTH_MODE": "token"})
-    if proc.returncode != 0:
-        raise ClusterError(f"`ray stop` failed:\n{proc.stderr[-2000:]}")
-    return "Ray stopped"
+def cluster_down(port: int = 6379, grace_s: float = 10.0) -> str:
+    """Stop the head `cluster up` started on GCS `port`, and only it: `ray stop` would kill every Ray
+    process on the machine (other users' clusters, embedded test clusters). SIGTERM, then SIGKILL
+    whatever is left after `grace_s`."""
+    import psutil
+
+    processes = []
+    for pid in head_processes(port):
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    if not processes:
+        return f"no Ray head on port {port}: nothing stopped"
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return f"Ray head on port {port} stopped ({len(processes)} processes)"

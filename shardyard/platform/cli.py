@@ -284,7 +284,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
         print(cluster_up(args.num_cpus, args.port, args.dashboard_port))
     else:
-        print(cluster_down())
+        print(cluster_down(args.port))
     return 0
 
 

@@ -25,7 +25,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield env
     finally:
-        run_cli("cluster", "down", env=env)
+        down = run_cli("cluster", "down", "--port", str(PORT), env=env)
+        from shardyard.cluster.head import head_processes
+
+        assert f"Ray head on port {PORT} stopped" in down.stdout, down.stdout + down.stderr
+        assert head_processes(PORT) == []  # only this head's daemons were stopped, and all of them
 
 
 def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
