@@ -25,6 +25,9 @@ HEARTBEAT_DIR = "heartbeats"
 STALL_PREFIX = "stall-rank"
 EXIT_STALLED = 86
 STARTUP_LIMIT_S = 1200.0
+# The phases of one step in the order a rank passes them: among ranks at the same step, the one in
+# an earlier phase is behind (clocks and scheduling make progress times alone unreliable).
+PHASE_ORDER = {"start-up": -1, "training": 0, "step-boundary all_reduce": 1, "evaluation": 2, "checkpoint": 3}
 
 _current: "StepWatchdog | None" = None
 
@@ -141,7 +144,8 @@ def read_heartbeats(directory: Path, since: float = 0.0, attempt: float | None =
 
 def stall_report(directory: Path, reporter: int, world: int, timeout_s: float, since: float = 0.0,
                  attempt: float | None = None) -> dict[str, Any]:
-    """Which rank stopped progressing: the one with the lowest step, then the oldest progress; ranks
+    """Which rank stopped progressing: the one with the lowest step, then the earliest phase, then the
+    oldest progress; ranks
     without any heartbeat of this attempt count as stopped before their first step."""
     beats = read_heartbeats(directory, since, attempt)
     now = time.time()
@@ -150,7 +154,8 @@ def stall_report(directory: Path, reporter: int, world: int, timeout_s: float, s
         stuck = missing[0]
         where = "before its first step (no heartbeat)"
     else:
-        stuck = min(beats, key=lambda r: (beats[r]["step"], beats[r]["progress_time"]))
+        stuck = min(beats, key=lambda r: (beats[r]["step"], PHASE_ORDER.get(beats[r]["phase"], -1),
+                                          beats[r]["progress_time"]))
         b = beats[stuck]
         where = f"at step {b['step']} ({b['phase']}), pid {b['pid']} on {b['host']}"
     others = ", ".join(f"rank {r} at step {b['step']} ({b['phase']})" for r, b in sorted(beats.items()) if r != stuck)
