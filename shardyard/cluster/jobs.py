@@ -74,7 +74,9 @@ def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
 
     job_client = client(address)
     env = {**envvars.forwarded(), **runtime_env_vars(spec), envvars.SPEC_JSON: spec.model_dump_json(),
-           envvars.RUN_DIR: str(run_dir), "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode}
+           envvars.RUN_DIR: str(run_dir), "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode,
+           # `stop` sends SIGTERM, then SIGKILL after this long: time for one step and a checkpoint
+           "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s(spec))}
     runtime_env: dict = {"env_vars": env}
     submission_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
     root = project_root()
@@ -93,6 +95,11 @@ def _without(text: str, env: dict[str, str]) -> str:
     for value in sorted({v for v in env.values() if len(v) > 3}, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def stop_grace_s(spec: JobSpec) -> int:
+    """Seconds between a stop's SIGTERM and Ray Jobs' SIGKILL: a step plus a checkpoint must fit."""
+    return int(spec.resources.collective_timeout_minutes * 60) + 120
 
 
 def status(job_id: str, address: str | None = None) -> tuple[str, str | None]:

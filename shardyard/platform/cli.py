@@ -84,10 +84,13 @@ def set_test_hooks(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args: argparse.Namespace) -> int:
     from shardyard.optim.worker_memory import check_spec_memory
+    from shardyard.runtime.preemption import checkpoint_warning
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec))
     print(f"predicted memory per worker {check_spec_memory(spec, args.spec).render()}")
+    if checkpoint_warning(spec):
+        print(checkpoint_warning(spec))
     print("spec OK")
     return 0
 
@@ -97,12 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.secret_env import runtime_env_vars
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
     from shardyard.tracking.live import LiveStatus
+    from shardyard.runtime.preemption import checkpoint_warning
 
     from shardyard.optim.worker_memory import check_spec_memory
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
     check_spec_memory(spec, args.spec)
+    if checkpoint_warning(spec):
+        print(checkpoint_warning(spec), file=sys.stderr, flush=True)
     run_dir = run_directory(spec)
     refuse_conflicting_resume(spec, run_dir)
     start = latest_step(run_dir)
@@ -126,9 +132,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = run_training(spec, run_dir, live)
         finally:
             live.close()
-    print(result.summary(spec))
+    again = " ".join(["shardyard run", args.spec, *(f"--set {o}" for o in args.set),
+                      *([f"--address {args.address}"] if args.address else [])])
+    print(result.summary(spec, resume_hint=again))
     _write_run_report(run_dir)
-    return 1 if result.error else 0
+    return result.exit_code
 
 
 def _write_run_report(run_dir: Path) -> None:
@@ -182,11 +190,30 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    """A run directory (or a job name under ./runs) gets a stop request file: its workers checkpoint and
+    exit at the next step boundary. Anything else is a Ray job id, stopped through Ray Jobs (its
+    entrypoint gets SIGTERM, which does the same)."""
+    from shardyard.runtime.preemption import request_stop
+
+    run_dir = _local_run_dir(args.job_id)
+    if run_dir is not None:
+        request_stop(run_dir, "shardyard stop")
+        print(f"stop requested: {run_dir.name} checkpoints and exits at its next step boundary")
+        return 0
     from shardyard.cluster import jobs
 
     stopped = jobs.stop(args.job_id, args.address)
-    print("stop requested" if stopped else "job already finished")
+    print("stop requested (the job checkpoints and exits at its next step boundary)" if stopped
+          else "job already finished")
     return 0
+
+
+def _local_run_dir(name: str) -> Path | None:
+    """`name` as a run directory (it holds the run's spec.yaml), or ./runs/<name>."""
+    for candidate in (Path(name), Path("runs") / name):
+        if (candidate / "spec.yaml").is_file():
+            return candidate.resolve()
+    return None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -320,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_submit)
 
     for name, fn, text in (("status", cmd_status, "state of a submitted job"),
-                           ("stop", cmd_stop, "stop a submitted job")):
+                           ("stop", cmd_stop, "stop a run (its directory or name) or a submitted job (its id) "
+                                                "with a checkpoint")):
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id")
         with_address(p)
@@ -398,13 +426,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        if args.command == "run" and argv is None:
+            _exit_now(code)
+        return code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now(code: int) -> None:
+    """After a Ray driver session the interpreter's teardown can crash inside Ray's C++ threads
+    (seen as SIGSEGV after a finished run, under load): everything is written and flushed, so skip it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

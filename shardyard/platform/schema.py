@@ -336,13 +336,21 @@ class ResourcesSpec(Section):
     workers: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per worker (fractions allowed)")
     gpus_per_worker: NonNegFloat = Field(0.0, description="GPUs per worker (0 = CPU training with gloo)")
-    max_failures: NonNegInt = Field(1, description="worker-group restarts from the newest checkpoint before the job fails")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the newest checkpoint before the job fails; -1 = unlimited (spot capacity). Errors in the job itself (bad data path, corpus too small, a model that cannot fit) fail at once")
+    collective_timeout_minutes: PositiveFloat = Field(5.0, description="process-group timeout: a collective that waits longer ends the attempt; the step watchdog reports a rank that makes no progress for this long")
     memory_per_worker: PositiveInt | str | None = Field(None, description="memory each worker is given, bytes or a size such as 8GiB / 512MB (also asked of Ray's scheduler); `validate` refuses a spec whose predicted per-worker memory exceeds it (default: compared with this machine's RAM)")
 
     @model_validator(mode="after")
     def _check_memory(self) -> "ResourcesSpec":
         if self.memory_per_worker is not None:
             parse_size(self.memory_per_worker, "resources.memory_per_worker")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> "ResourcesSpec":
+        if self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(f"resources.gpus_per_worker: {self.gpus_per_worker:g} is a fraction; every worker owns whole "
+                             "GPUs (its RNG, memory and NCCL communicator are per device): use 0, 1, 2, ...")
         return self
 
     @property
@@ -370,6 +378,7 @@ class CheckpointSpec(Section):
     every: NonNegInt = Field(50, description="steps between checkpoints (0 = only at the end)")
     keep: int = Field(3, ge=2, description="newest checkpoints kept (at least 2: the newest can be cut short by a crash; the one before it is the fallback)")
     keep_best: bool = Field(False, description="also keep the checkpoint with the lowest held-out val bpb so far in <run dir>/best, outside the rotation (chosen among checkpoints written at evaluation steps)")
+    every_minutes: PositiveFloat | None = Field(None, description="also checkpoint when this many minutes passed since the last checkpoint (decided together by all ranks at a step boundary); null = by steps only")
 
 
 class TrackingSpec(Section):

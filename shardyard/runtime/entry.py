@@ -20,6 +20,7 @@ from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
+from shardyard.runtime.preemption import EXIT_STOPPED, clear_stop, graceful_stop, stop_reason
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
 
 
@@ -30,11 +31,17 @@ class TrainingResult:
     metrics: dict[str, Any]
     checkpoint: str | None
     error: str | None
+    stopped: str | None = None  # why the run stopped early with a checkpoint (graceful stop)
 
-    def summary(self, spec: JobSpec) -> str:
-        """What a finished (or failed) run tells its user: final losses, where its files are."""
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.error else EXIT_STOPPED if self.stopped else 0
+
+    def summary(self, spec: JobSpec, resume_hint: str | None = None) -> str:
+        """What a finished (or failed, or stopped) run tells its user: final losses, where its files are."""
         metrics = self.metrics
-        lines = [f"\n== {spec.name}: {'FAILED' if self.error else 'done'} at step {self.final_step}/{spec.training.steps}"]
+        state = "FAILED" if self.error else "stopped" if self.stopped else "done"
+        lines = [f"\n== {spec.name}: {state} at step {self.final_step}/{spec.training.steps}"]
         if metrics:
             lines.append(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
                          f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f}"
@@ -48,6 +55,9 @@ class TrainingResult:
             lines.append(f"   wandb offline runs in {wandb_runs}: push them as one run with `shardyard sync {self.run_dir}`")
         if self.error:
             lines.append(f"   error: {self.error}")
+        if self.stopped and not self.error:
+            lines.append(f"   stopped ({self.stopped}) with a checkpoint at step {self.final_step}; continue with: "
+                         f"{resume_hint or 'the same command (same job name)'}")
         return "\n".join(lines)
 
 
@@ -77,8 +87,9 @@ def run_config_location(run_dir: Path) -> tuple[str, str]:
 
 def build_trainer(spec: JobSpec, run_dir: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from shardyard.runtime.failures import build_torch_trainer
     from shardyard.runtime.worker import train_loop_per_worker
 
     res = spec.resources
@@ -89,9 +100,11 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     if res.memory_per_worker is not None:
         per_worker["memory"] = float(res.memory_per_worker_bytes)
     name, storage = run_config_location(run_dir)
-    return TorchTrainer(
-        train_loop_per_worker,
+    return build_torch_trainer(
+        run_dir, res.collective_timeout_minutes * 60,
+        train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
+        torch_config=TorchConfig(timeout_s=max(1, round(res.collective_timeout_minutes * 60))),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
@@ -104,8 +117,10 @@ def build_trainer(spec: JobSpec, run_dir: Path):
 
 def run_training(spec: JobSpec, run_dir: Path,
                  on_progress: Callable[[list[dict]], None] | None = None) -> TrainingResult:
-    """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric records.
-    Holds the run directory's lease throughout: a second job on the same run is refused."""
+    """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric
+    records. Holds the run directory's lease throughout: a second job on the same run is refused.
+    SIGTERM/SIGINT (main thread) stop the run with a checkpoint at the next step boundary; faults
+    print one line each; the workers' full output goes to <run_dir>/driver.log."""
     from shardyard.runtime.run_lease import hold_lease
 
     with hold_lease(run_dir):
@@ -113,40 +128,52 @@ def run_training(spec: JobSpec, run_dir: Path,
 
 
 def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None) -> TrainingResult:
+    from shardyard.runtime.failures import EventPrinter, failure_summary, route_worker_output
+
     write_run_files(spec, run_dir)
+    clear_stop(run_dir)
     trainer = build_trainer(spec, run_dir)
+    timeout_s = spec.resources.collective_timeout_minutes * 60
     stop = threading.Event()
-    watcher = None
-    if on_progress is not None:
-        watcher = threading.Thread(target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop), daemon=True)
-        watcher.start()
+    note = getattr(on_progress, "note", None)  # a live display that can print a line above itself
+    events = EventPrinter(run_dir, out=note) if callable(note) else EventPrinter(run_dir)
+    watcher = threading.Thread(target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop, events.poll),
+                               daemon=True)
+    watcher.start()
+    restore_output = route_worker_output(run_dir)
     error = None
     try:
-        result = trainer.fit()
+        with graceful_stop(run_dir):
+            result = trainer.fit()
         checkpoint = result.checkpoint.path if result.checkpoint else None
-        error = str(result.error) if getattr(result, "error", None) else None
+        error = failure_summary(result.error, run_dir, timeout_s) if getattr(result, "error", None) else None
     except Exception as err:  # Ray Train raises TrainingFailedError once max_failures is exhausted
-        checkpoint, error = None, f"{type(err).__name__}: {err}"
+        checkpoint, error = None, failure_summary(err, run_dir, timeout_s)
     finally:
         stop.set()
-        if watcher is not None:
-            watcher.join(timeout=5)
+        watcher.join(timeout=5)
+        restore_output()
     records = read_metrics(run_dir)
     last_train = next((r for r in reversed(records) if r.get("kind") == "train"), {})
     last_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
     metrics = {**last_train, **{k: v for k, v in last_eval.items() if k.startswith("val")}}
-    return TrainingResult(run_dir, int(metrics.get("step", 0)), metrics, checkpoint, error)
+    final_step = int(metrics.get("step", 0))
+    stopped = stop_reason(run_dir) if final_step < spec.training.steps and not error else None
+    return TrainingResult(run_dir, final_step, metrics, checkpoint, error, stopped)
 
 
-def _watch_metrics(path: Path, on_progress: Callable[[list[dict]], None], stop: threading.Event) -> None:
+def _watch_metrics(path: Path, on_progress: Callable[[list[dict]], None] | None, stop: threading.Event,
+                   poll_events: Callable[[], None]) -> None:
     offset = path.stat().st_size if path.exists() else 0  # only what this run appends
     while not stop.wait(0.5):
         offset = _emit_new(path, offset, on_progress)
+        poll_events()
     _emit_new(path, offset, on_progress)
+    poll_events()
 
 
-def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]) -> int:
-    if not path.exists():
+def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None] | None) -> int:
+    if on_progress is None or not path.exists():
         return offset
     with open(path) as f:
         f.seek(offset)
@@ -212,9 +239,12 @@ def main() -> int:
 
     progress = LiveStatus(spec.training.steps, tty=False)  # a job log: plain periodic lines
     result = run_training(spec, run_dir, progress)
-    print(result.summary(spec), flush=True)
-    return 1 if result.error else 0
+    print(result.summary(spec, resume_hint="submit the same spec again (same job name)"), flush=True)
+    return result.exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip the interpreter teardown that can crash in Ray's threads (see cli._exit_now)

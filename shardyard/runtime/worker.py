@@ -39,6 +39,7 @@ from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
+from shardyard.runtime.devices import worker_device
 from shardyard.runtime.parallel import build_plan
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank, corpus_fingerprint
 from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
@@ -47,6 +48,8 @@ from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
 from shardyard.models.flops import training_flops_per_token
 from shardyard.tracking.peak_flops import peak_flops
+from shardyard.runtime.preemption import StepBoundary
+from shardyard.runtime.watchdog import beat
 from shardyard.tracking.logger import MetricsLogger
 
 LN2 = math.log(2)
@@ -69,12 +72,7 @@ def _context() -> WorkerContext:
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return WorkerContext(rank, world, device)
+    return WorkerContext(rank, world, worker_device())  # Ray Train's device assignment
 
 
 def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -150,6 +148,7 @@ class Trainer:
         if self.ctx.rank == 0:
             self.log.describe({"flops_per_token": self.flops_per_token, "peak_flops_per_worker": self.peak_flops,
                                "peak_flops_source": peak_source, "world": self.ctx.world})
+        self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
 
     # ------------------------------------------------------------------ state
     def layout(self) -> dict[str, Any]:
@@ -273,7 +272,9 @@ class Trainer:
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
+            decision = self.boundary.agree(self.step)  # collective: graceful stop, time-based checkpoint
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
+                beat(self.step, "evaluation")
                 eval_start = time.perf_counter()
                 results = self.evaluate()
                 eval_s = time.perf_counter() - eval_start
@@ -286,11 +287,16 @@ class Trainer:
                         record[f"val/{name}_bpb"] = result.bpb
                         record[f"val/{name}_bpb_stderr"] = result.stderr
                 self.log.log(self.step, record)
-            if (ckpt_every and self.step % ckpt_every == 0) or last:
+            if (ckpt_every and self.step % ckpt_every == 0) or last or decision.checkpoint or decision.stop:
+                beat(self.step, "checkpoint")
                 save_start = time.perf_counter()
                 self.save_and_report(metrics)
                 self.timer.add("checkpoint", time.perf_counter() - save_start)
+                self.boundary.saved()
             paused += time.perf_counter() - pause_start
+            if decision.stop and not last:
+                self.boundary.announce_stop(self.step)
+                break
         self.log.close()
 
 
@@ -357,8 +363,11 @@ def _ray_resume_directory(run_dir: Path, rank: int) -> Path | None:
     if checkpoint is not None:
         path = Path(checkpoint.path)
         problem = ckpt.verify_checkpoint(path, full=False)
-        if problem is None:
+        newest = ckpt.find_latest_checkpoint(run_dir)  # a save the group finished before Ray registered it
+        if problem is None and (newest is None or ckpt.read_meta(newest)["step"] <= ckpt.read_meta(path)["step"]):
             return path
+        if problem is None:
+            return newest
         if rank == 0:
             print(f"[shardyard] checkpoint {path.name} is incomplete ({problem}); falling back", flush=True)
     return ckpt.find_latest_checkpoint(run_dir, report=(lambda m: print(f"[shardyard] {m}", flush=True)) if rank == 0 else None)
@@ -366,10 +375,13 @@ def _ray_resume_directory(run_dir: Path, rank: int) -> Path | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: config carries the resolved spec as JSON and the run directory."""
+    from shardyard.runtime.failures import worker_attempt
+
     quiet_ray_train_logs()
     spec = spec_from_json(config["spec_json"])
     run_dir = Path(config["run_dir"])
-    trainer = Trainer(spec, run_dir, ray_report)
-    record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
-    trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
-    trainer.fit()
+    with worker_attempt(spec, run_dir):  # step watchdog; a model that cannot fit is a UserError
+        trainer = Trainer(spec, run_dir, ray_report)
+        record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
+        trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
+        trainer.fit()

@@ -1,0 +1,186 @@
+"""Graceful stop and time-based checkpoints: decided together by all ranks at a step boundary.
+
+A stop request is a file in the run directory (`STOP`): the driver writes it when it gets SIGTERM or
+SIGINT, `shardyard stop RUN` writes it from another terminal; a rank's own `signalled` flag (set by
+whoever runs the loop) counts too. Ranks see the file at different moments, so every step
+ends with one tiny all_reduce (MAX over [stop, checkpoint due]): either every rank stops after the
+same step, having written the same checkpoint, or none does. The same reduction carries the
+time-based checkpoint interval (`checkpoint.every_minutes`): the clocks of the ranks differ, their
+maximum does not.
+
+The driver side (`graceful_stop`) turns the first SIGTERM/SIGINT into a stop request and the second
+into an immediate abort (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from shardyard import envvars
+from shardyard.platform.schema import JobSpec
+from shardyard.runtime.watchdog import beat
+
+STOP_FILE = "STOP"
+EVENTS_FILE = "events.jsonl"
+HANG_MARKER = ".injected_hang_done"
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same command again to continue
+
+
+# ------------------------------------------------------------------------------ the stop request
+def request_stop(run_dir: Path, reason: str) -> Path:
+    """Ask a running job to checkpoint and exit at its next step boundary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flag = run_dir / STOP_FILE
+    tmp = run_dir / f".{STOP_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"reason": reason, "time": time.time()}))
+    os.replace(tmp, flag)
+    return flag
+
+
+def clear_stop(run_dir: Path) -> None:
+    """A new attempt of the run starts: an old request is done with."""
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / STOP_FILE).unlink()
+
+
+def stop_reason(run_dir: Path) -> str | None:
+    try:
+        return str(json.loads((run_dir / STOP_FILE).read_text()).get("reason", "stop requested"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "stop requested"
+
+
+def append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """One JSON line per event (stop, fault, restart) the driver turns into one line for the user."""
+    with open(run_dir / EVENTS_FILE, "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Complete event records after byte `offset`, and the offset after them."""
+    path = run_dir / EVENTS_FILE
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    events = []
+    for line in complete.splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events, offset + len(complete)
+
+
+# ------------------------------------------------------------------------------ worker side
+@dataclass(frozen=True)
+class BoundaryDecision:
+    stop: bool
+    checkpoint: bool
+
+
+class StepBoundary:
+    """Every rank calls `agree(step)` after each optimizer step (collective, 2 floats)."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, rank: int, world: int, device: torch.device) -> None:
+        self.run_dir, self.rank, self.world, self.device = run_dir, rank, world, device
+        minutes = spec.checkpoint.every_minutes
+        self.interval_s = None if minutes is None else minutes * 60.0
+        self.last_save = time.monotonic()
+        self.signalled = threading.Event()
+        self._hang = _hang_hook(rank)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def agree(self, step: int) -> BoundaryDecision:
+        local_stop = self.signalled.is_set() or (self.run_dir / STOP_FILE).exists()
+        due = self.interval_s is not None and time.monotonic() - self.last_save >= self.interval_s
+        flags = torch.tensor([float(local_stop), float(due)], device=self.device)
+        if self._hang is not None and step == self._hang[0]:
+            self._sleep_once(step)
+        beat(step, "step-boundary all_reduce")
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        beat(step + 1, "training")
+        stop, due = (bool(v) for v in flags.tolist())
+        return BoundaryDecision(stop=stop, checkpoint=due)
+
+    def _sleep_once(self, step: int) -> None:
+        """Test hook ($SHARDYARD_HANG_AT="<step>:<rank>"): this rank never joins the step's
+        all_reduce (once per run), so its peers wait inside the collective."""
+        marker = self.run_dir / HANG_MARKER
+        if marker.exists():
+            return
+        marker.write_text(f"{step}:{self.rank}")
+        time.sleep(self._hang[1])
+
+    def announce_stop(self, step: int) -> None:
+        if self.rank == 0:
+            append_event(self.run_dir, {"event": "stopped", "step": step,
+                                        "reason": stop_reason(self.run_dir) or "a rank's stop flag"})
+            print(f"[shardyard] stopped at step {step} with a checkpoint ({stop_reason(self.run_dir) or 'SIGTERM'})",
+                  flush=True)
+
+
+def _hang_hook(rank: int) -> tuple[int, float] | None:
+    value = os.environ.get(envvars.HANG_AT)
+    if not value:
+        return None
+    parts = value.split(":")
+    if int(parts[1]) != rank:
+        return None
+    return int(parts[0]), float(parts[2]) if len(parts) > 2 else 3600.0
+
+
+# ------------------------------------------------------------------------------ driver side
+@contextlib.contextmanager
+def graceful_stop(run_dir: Path, announce=lambda message: print(message, file=sys.stderr, flush=True)) -> Iterator[None]:
+    """While training runs in this (main) thread: the first SIGTERM or SIGINT asks the workers to
+    checkpoint and stop at the next step boundary; a second one aborts at once (KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            request_stop(run_dir, f"{name} to the driver")
+            announce(f"[shardyard] {name}: checkpointing and stopping at the next step boundary "
+                     f"(send it again to abort without a checkpoint)")
+        else:
+            raise KeyboardInterrupt(f"second {name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def checkpoint_warning(spec: JobSpec) -> str | None:
+    """A warning when a fault before the end would lose the whole run: no checkpoint before the last step."""
+    every, steps = spec.checkpoint.every, spec.training.steps
+    if spec.checkpoint.every_minutes is not None:
+        return None
+    if every == 0 or every >= steps:
+        return (f"warning: no checkpoint before the end (checkpoint.every {every}, training.steps {steps}): a fault or "
+                f"preemption restarts from step 0; set checkpoint.every below {steps} or checkpoint.every_minutes")
+    return None
