@@ -114,6 +114,12 @@ def run_training(spec: JobSpec, run_dir: Path,
 
 def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None) -> TrainingResult:
     write_run_files(spec, run_dir)
+    if spec.data.prepared:  # tokenize + pack once, on the cluster, before any worker starts
+        from shardyard.data.prepare import prepare
+
+        prepared = prepare(spec.data, show_progress=True)
+        if not prepared.skipped:
+            print(f"[shardyard] prepared {prepared.directory} at {prepared.mb_per_s:.2f} MB/s", flush=True)
     trainer = build_trainer(spec, run_dir)
     stop = threading.Event()
     watcher = None
