@@ -180,6 +180,7 @@ def open_prepared(data: DataSpec, key: str | None = None) -> PreparedData | None
     with file_lock(local.parent / f".{key}.lock"):
         if not (local / INDEX).exists():
             fs, path = filesystem(join(root, key, INDEX))
+            fs.invalidate_cache()
             if not fs.exists(path):
                 return None
             local.parent.mkdir(parents=True, exist_ok=True)

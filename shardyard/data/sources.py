@@ -96,6 +96,7 @@ def _local_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
 
 def _remote_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
     fs, path = filesystem(spec.path)
+    fs.invalidate_cache()  # fsspec instances are cached per process: list what is there now
     scheme = protocol_of(spec.path)
 
     def unit(info: dict[str, Any], key: str, named: bool) -> Unit:
