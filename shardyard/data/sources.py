@@ -67,6 +67,8 @@ def _keeps(name: str, declared: str, extensions: list[str]) -> bool:
         return suffix in (".jsonl", ".json", ".ndjson")
     if declared == "parquet":
         return suffix == ".parquet"
+    if declared == "auto" and suffix in (".jsonl", ".ndjson", ".parquet"):
+        return True
     return "*" in extensions or suffix in extensions
 
 

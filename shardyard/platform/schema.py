@@ -190,7 +190,7 @@ class SourceSpec(Section):
     """One data source of data.sources."""
 
     path: str = Field(..., min_length=1, description="file, directory, glob or s3:// URL; 'stdlib' = this Python's standard library sources")
-    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="auto (by suffix: .jsonl/.json -> jsonl, .parquet -> parquet, a directory with dataset_info.json -> hf, else text) | text (whole files as bytes) | jsonl | parquet | hf (datasets.save_to_disk output)")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="auto (by suffix: .jsonl/.json -> jsonl, .parquet -> parquet, a directory with dataset_info.json -> hf, else text; in a directory: .jsonl/.ndjson/.parquet files and data.extensions) | text (whole files as bytes) | jsonl | parquet | hf (datasets.save_to_disk output)")
     text_field: str = Field("text", min_length=1, description="jsonl / parquet / hf: the column holding the document text")
     weight: PositiveFloat = Field(1.0, description="mixture weight: each training batch takes this share (normalised over sources) of its windows from this source")
 

@@ -7,6 +7,7 @@ with the same name and storage resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -52,7 +53,14 @@ class TrainingResult:
 
 
 def run_directory(spec: JobSpec) -> Path:
-    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory."""
+    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory. With
+    checkpoint.dir on object storage (s3://...) checkpoints go to the bucket (Ray Train's storage
+    path) and this local directory keeps the rest (metrics.jsonl, spec.yaml, wandb)."""
+    from shardyard.data.storage import is_remote
+
+    if is_remote(spec.checkpoint.dir):
+        digest = hashlib.sha1(spec.checkpoint.dir.encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "shardyard" / "runs" / digest / spec.name
     root = Path(spec.checkpoint.dir).expanduser()
     return (root if root.is_absolute() else Path.cwd() / root) / spec.name
 
@@ -89,6 +97,8 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     if res.memory_per_worker is not None:
         per_worker["memory"] = float(res.memory_per_worker_bytes)
     name, storage = run_config_location(run_dir)
+    if "://" in spec.checkpoint.dir:  # object storage: checkpoints go to the bucket, the rest stays in run_dir
+        name, storage = spec.name, spec.checkpoint.dir
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},

@@ -358,7 +358,7 @@ def _ray_resume_directory(run_dir: Path, rank: int) -> Path | None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        path = Path(checkpoint.path)
+        path = ckpt.local_checkpoint_dir(checkpoint)  # object storage: downloaded first
         problem = ckpt.verify_checkpoint(path, full=False)
         if problem is None:
             return path
