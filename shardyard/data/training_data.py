@@ -69,7 +69,7 @@ def load_training_data(data: DataSpec) -> TrainingData:
                             corpus.fingerprint(data.seq_len), [("corpus", 1.0, corpus.train)])
     from shardyard.data.prepare import ensure_prepared
 
-    prepared = ensure_prepared(data)
+    prepared = ensure_prepared(data, parallel="local")  # normally done on the driver already
     need = data.seq_len + 1
     if len(prepared.train) < need or len(prepared.val) < need:
         raise UserError(f"data: prepared corpus too small for data.seq_len={data.seq_len}: {len(prepared.train)} training "
