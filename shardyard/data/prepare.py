@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 INDEX = "index.json"
 BPE_TRAIN_BYTES = 256 * 1024**2  # BPE learns its merges from at most this much training text
 ENCODE_BATCH_BYTES = 8 * 1024**2
+BLOCK_BYTES = 16 * 1024**2  # input bytes per Ray Data task (at least 2 tasks per CPU of the cluster)
 
 
 # ------------------------------------------------------------------------------------- locations
@@ -275,8 +276,12 @@ def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Itera
                          "train_bytes": pa.array(rows["train_bytes"], pa.int64()),
                          "val_bytes": pa.array(rows["val_bytes"], pa.int64()), "node": pa.array(rows["node"], pa.string())})
 
-    dataset = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
-    dataset = dataset.map_batches(tokenize_batch, batch_size=1, batch_format="pyarrow", num_cpus=1)
+    # Blocks of units, not one task per file: enough blocks to keep every CPU busy (x2 for balance) and
+    # about BLOCK_BYTES of input each, so a corpus of many small files does not drown in task overhead.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = min(len(units), max(2 * cpus, sum(u.size for u in units) // BLOCK_BYTES))
+    dataset = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=blocks)
+    dataset = dataset.map_batches(tokenize_batch, batch_size=None, batch_format="pyarrow", num_cpus=1)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in table.to_pylist():
             yield UnitTokens(row["unit"], np.frombuffer(row["train"], codec.dtype), np.frombuffer(row["val"], codec.dtype),
