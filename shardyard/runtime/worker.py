@@ -142,7 +142,7 @@ class Trainer:
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
         # Observability: step anatomy, MFU against the worker's peak, memory, expert load.
         self.timer = StepTimer(self.ctx.device, enabled=spec.tracking.step_anatomy)
-        self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len)
+        self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len, self.data.vocab_size)
         self.peak_flops, peak_source = peak_flops(self.ctx.device, spec.training.precision,
                                                   max(1, int(spec.resources.cpus_per_worker)))
         self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
