@@ -56,7 +56,8 @@ def bench_prepare(root: Path, mb: int, vocab: int) -> list[dict]:
         report = prepare(data_spec(root, tok, mb, f"loop-{tok}"), parallel="local")
         rows.append({"how": "one process", "tokenizer": tok, "mb_per_s": report.mb_per_s, "s": report.seconds,
                      "nodes": 1, "input_mb": report.input_bytes / 1e6})
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
+             logging_level="WARNING")
     try:
         for tok in ("bytes", bpe):
             report = prepare(data_spec(root, tok, mb, f"ray1-{tok}"), parallel="ray")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Iterator
 
 import pytest
-
-BUCKET = "shardyard-test"
 
 
 @pytest.fixture(scope="module")
 def s3_bucket() -> Iterator[str]:
     """s3://<bucket> on a real HTTP S3 endpoint on 127.0.0.1; the AWS_* variables point every client
-    (s3fs, pyarrow, Ray Train, Ray workers started afterwards) at it."""
+    (s3fs, pyarrow, Ray Train, Ray workers started afterwards) at it. A fresh bucket name per server:
+    fsspec caches file system instances and their listings per process."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -25,10 +25,12 @@ def s3_bucket() -> Iterator[str]:
     os.environ.update(env)
     from shardyard.data.storage import filesystem
 
-    fs, _ = filesystem(f"s3://{BUCKET}")
-    fs.mkdir(BUCKET)
+    bucket = f"shardyard-test-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystem(f"s3://{bucket}")
+    fs.invalidate_cache()
+    fs.mkdir(bucket)
     try:
-        yield f"s3://{BUCKET}"
+        yield f"s3://{bucket}"
     finally:
         for k, v in saved.items():
             if v is None:

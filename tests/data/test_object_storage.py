@@ -18,7 +18,7 @@ def test_sources_and_prepared_shards_on_s3(tmp_path: Path, s3_bucket: str) -> No
     fs, _ = filesystem(s3_bucket)
     for i in range(2):
         local = write_jsonl(tmp_path / f"part{i}.jsonl", documents(40, seed=i))
-        fs.put_file(str(local), f"shardyard-test/corpus/part{i}.jsonl")
+        fs.put_file(str(local), f"{s3_bucket[5:]}/corpus/part{i}.jsonl")
     spec = DataSpec(sources=[{"path": f"{s3_bucket}/corpus", "format": "jsonl"}], tokenizer="bpe:300", seq_len=16,
                     prepared_dir=f"{s3_bucket}/prepared", cache_dir=str(tmp_path / "node-a"))
     report = prepare(spec)
