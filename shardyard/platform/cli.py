@@ -27,6 +27,7 @@ def spec_summary(spec: JobSpec, source: str) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
     from shardyard.data.sources import resolve_units
+    from shardyard.data.tokenize import vocab_size_for
     from shardyard.models import count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.optim.worker_memory import build_meta_model
@@ -35,7 +36,7 @@ def spec_summary(spec: JobSpec, source: str) -> str:
 
     model = build_meta_model(spec, source)
     total, active = count_parameters(model)
-    flops = training_flops_per_token(spec.model, spec.data.seq_len)
+    flops = training_flops_per_token(spec.model, spec.data.seq_len, vocab_size_for(spec.data))
     # fails here, not on the cluster, when a path matches nothing
     files = resolve_units(spec.data) if spec.data.prepared else resolve_files(spec.data)
     corpus_bytes = sum(u.size for u in files) if spec.data.prepared else sum(f.stat().st_size for f, _ in files)
