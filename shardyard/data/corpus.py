@@ -6,6 +6,7 @@ machine and every worker, and never leaks a file into both halves.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import os
@@ -74,6 +75,21 @@ class ByteCorpus:
     val_offsets: np.ndarray  # int64 start of each held-out file (or file piece) in `val`, ascending, first 0
     files: list[tuple[str, int]] = field(default_factory=list)  # (key, bytes) of the files read, in order
 
+    def fingerprint(self, seq_len: int) -> dict[str, object]:
+        """What a checkpoint's data position depends on: {files, files_sha256, bytes, train_bytes,
+        val_bytes, windows} of the files read (keys and bytes taken) and of the loaded streams (the
+        same dict as runtime.resume_guard.corpus_fingerprint)."""
+        digest, total = hashlib.sha256(), 0
+        for key, size in self.files:
+            digest.update(f"{key}\0{size}\n".encode())
+            total += size
+        return {"files": len(self.files), "files_sha256": digest.hexdigest(), "bytes": total,
+                "train_bytes": int(len(self.train)), "val_bytes": int(len(self.val)),
+                "windows": int((len(self.train) - 1) // seq_len)}
+
+
+Part = tuple[Path, int]  # a file and how many of its leading bytes belong to the corpus (max_bytes cuts the last)
+
 
 def _cache_key(spec: DataSpec, files: list[tuple[Path, str]]) -> str:
     h = hashlib.sha1(f"{spec.val_fraction}|{spec.max_bytes}".encode())
@@ -83,17 +99,27 @@ def _cache_key(spec: DataSpec, files: list[tuple[Path, str]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _stream_into(path: Path, parts: list[Path]) -> int:
-    """Concatenate files into `path` one buffer at a time, atomically (temp name, then rename)."""
+def _stream_into(path: Path, parts: list[Part]) -> int:
+    """Concatenate file prefixes into `path` one buffer at a time, atomically (temp name, then rename;
+    the temp file is removed when anything fails, and the result is checked for its expected size)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    expected = sum(take for _, take in parts)
     written = 0
-    with open(tmp, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    out.write(chunk)
-                    written += len(chunk)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            for part, take in parts:
+                left = take
+                with open(part, "rb") as src:
+                    while left and (chunk := src.read(min(1 << 22, left))):
+                        out.write(chunk)
+                        written += len(chunk)
+                        left -= len(chunk)
+        if written != expected:
+            raise UserError(f"data.paths: the corpus files changed while being cached ({written} bytes read, "
+                            f"{expected} expected); run again")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return written
 
 
@@ -103,56 +129,75 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
+def _choose(spec: DataSpec, files: list[tuple[Path, str]]) -> list[tuple[Path, str, int]]:
+    """(file, key, bytes taken) in sorted order; data.max_bytes is a hard cap (the last file is cut)."""
+    chosen, total = [], 0
+    for f, key in files:
+        size = f.stat().st_size
+        if spec.max_bytes is not None:
+            if total >= spec.max_bytes:
+                break
+            size = min(size, spec.max_bytes - total)
+        chosen.append((f, key, size))
+        total += size
+    return chosen
+
+
 def load_corpus(spec: DataSpec) -> ByteCorpus:
     """Split by file and stream the files, without holding them in memory, into a cache of two flat
     byte files (train, val) that every worker memory-maps; the cache is keyed by the files' paths,
-    sizes and mtimes. A single file (one long document) is memory-mapped in place and split at
-    (1 - val_fraction) of its length instead."""
+    sizes and mtimes, built once per node under a file lock and checked for its size when found.
+    A single file (one long document) is memory-mapped in place and split at (1 - val_fraction) of
+    its length instead."""
     files = resolve_files(spec)
-    chosen, total = [], 0
-    for f, key in files:
-        if spec.max_bytes is not None and total >= spec.max_bytes:
-            break
-        chosen.append((f, key))
-        total += f.stat().st_size
-    val_files = [f for f, key in chosen if is_validation(key, spec.val_fraction)]
-    train_files = [f for f, key in chosen if not is_validation(key, spec.val_fraction)]
-    if len(chosen) == 1 or not val_files or not train_files:
+    chosen = _choose(spec, files)
+    key = _cache_key(spec, [(f, k) for f, k, _ in chosen])
+    val_parts = [(f, take) for f, k, take in chosen if is_validation(k, spec.val_fraction)]
+    train_parts = [(f, take) for f, k, take in chosen if not is_validation(k, spec.val_fraction)]
+    if len(chosen) == 1 or not val_parts or not train_parts:
         if len(chosen) == 1:
-            whole = _memmap(chosen[0][0])
+            whole = _memmap(chosen[0][0])[:chosen[0][2]]
         else:
-            whole = _cached(spec, chosen, "all", [f for f, _ in chosen])
+            whole = _cached(spec, key, "all", [(f, take) for f, _, take in chosen])
         cut = int(len(whole) * (1 - spec.val_fraction))
         train, val, n_train, n_val = whole[:cut], whole[cut:], len(chosen), 0
-        val_offsets = _file_offsets([f for f, _ in chosen], skip=cut)
+        val_offsets = _file_offsets([take for _, _, take in chosen], skip=cut)
     else:
-        train = _cached(spec, chosen, "train", train_files)
-        val = _cached(spec, chosen, "val", val_files)
-        n_train, n_val = len(train_files), len(val_files)
-        val_offsets = _file_offsets(val_files)
+        train = _cached(spec, key, "train", train_parts)
+        val = _cached(spec, key, "val", val_parts)
+        n_train, n_val = len(train_parts), len(val_parts)
+        val_offsets = _file_offsets([take for _, take in val_parts])
     need = spec.seq_len + 1
     if len(train) < need or len(val) < need:
         raise UserError(f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
                         f"{len(val)} validation bytes (each needs at least {need})")
-    return ByteCorpus(train, val, n_train, n_val, val_offsets, [(key, f.stat().st_size) for f, key in chosen])
+    return ByteCorpus(train, val, n_train, n_val, val_offsets, [(k, take) for _, k, take in chosen])
 
 
-def _file_offsets(parts: list[Path], skip: int = 0) -> np.ndarray:
-    """Start of each file in the concatenation of `parts` with its first `skip` bytes removed (files
-    wholly inside the removed prefix are dropped; the one it cuts starts at 0). Validation sampling
-    uses these to represent every held-out file in proportion to its bytes."""
-    sizes = np.array([p.stat().st_size for p in parts], dtype=np.int64)
+def _file_offsets(sizes_list: list[int], skip: int = 0) -> np.ndarray:
+    """Start of each file in the concatenation of files of `sizes_list` bytes with its first `skip`
+    bytes removed (files wholly inside the removed prefix are dropped; the one it cuts starts at 0).
+    Validation sampling uses these to represent every held-out file in proportion to its bytes."""
+    sizes = np.array(sizes_list, dtype=np.int64)
     ends = np.cumsum(sizes) - skip
     starts = ends - sizes
     keep = (ends > 0) & (sizes > 0)
     return np.maximum(starts[keep], 0) if keep.any() else np.zeros(1, dtype=np.int64)
 
 
-def _cached(spec: DataSpec, chosen: list[tuple[Path, str]], split: str, parts: list[Path]) -> np.ndarray:
+def _cached(spec: DataSpec, key: str, split: str, parts: list[Part]) -> np.ndarray:
+    """The cached stream of `parts`: built once per node under a file lock (other workers wait, then
+    find it), rebuilt when its size is not the expected one (a damaged cache)."""
     root = Path(spec.cache_dir).expanduser() if spec.cache_dir else Path.home() / ".cache" / "shardyard" / "corpus"
-    directory = root / _cache_key(spec, chosen)
+    directory = root / key
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{split}.bin"
-    if not path.exists():
-        _stream_into(path, parts)
+    expected = sum(take for _, take in parts)
+    with open(directory / f".{split}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not path.exists() or path.stat().st_size != expected:
+                _stream_into(path, parts)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return _memmap(path)

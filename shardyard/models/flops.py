@@ -57,13 +57,14 @@ def _balanced_moe(model: nn.Module) -> Iterator[None]:
             del layer.forward
 
 
-def training_flops_per_token(model_spec: ModelSpec, seq_len: int) -> float:
-    """Forward + backward FLOPs per input position (byte or token) of one training sequence."""
-    return _counted(model_spec.model_dump_json(), seq_len)
+def training_flops_per_token(model_spec: ModelSpec, seq_len: int, vocab_size: int = 256) -> float:
+    """Forward + backward FLOPs per input position (byte or token) of one training sequence
+    (`vocab_size`: the tokenizer's, for the embedding and head)."""
+    return _counted(model_spec.model_dump_json(), seq_len, vocab_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _counted(model_json: str, seq_len: int) -> float:
+def _counted(model_json: str, seq_len: int, vocab_size: int = 256) -> float:
     """One count per (model, sequence length) in a process: validate, the CLI and the fuzz test ask often."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -71,7 +72,7 @@ def _counted(model_json: str, seq_len: int) -> float:
 
     model_spec = ModelSpec.model_validate_json(model_json)
     with torch.device("meta"):
-        model = build_model(model_spec, seq_len)
+        model = build_model(model_spec, seq_len, vocab_size)
     inputs = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     with _balanced_moe(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(inputs, inputs)

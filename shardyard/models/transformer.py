@@ -132,13 +132,13 @@ class TransformerStack(nn.Module):
 
 
 class ByteTransformerLM(nn.Module):
-    """Flat byte-level language model: embed 256 byte values, transformer stack, tied-free head."""
-
-    vocab_size = 256
+    """Flat language model: embed token ids (256 byte values by default; a tokenizer's vocabulary
+    otherwise), transformer stack, tied-free head."""
 
     def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory,
-                 max_seq_len: int) -> None:
+                 max_seq_len: int, vocab_size: int = 256) -> None:
         super().__init__()
+        self.vocab_size = vocab_size
         self.embed = nn.Embedding(self.vocab_size, width)
         self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len)
         self.head = nn.Linear(width, self.vocab_size, bias=False)
@@ -147,7 +147,7 @@ class ByteTransformerLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: [B, T] int64 byte values. Returns logits [B, T, 256] and mean CE (nats)."""
+        """idx, targets: [B, T] int64 token ids. Returns logits [B, T, vocab] and mean CE (nats)."""
         logits = self.head(self.stack(self.embed(idx)))
         loss = None
         if targets is not None:

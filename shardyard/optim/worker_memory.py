@@ -220,12 +220,15 @@ def build_meta_model(spec: JobSpec, source: str = "<spec>") -> nn.Module:
         blocks, field = m.depth, "model.depth"
     if blocks > MAX_BLOCKS:
         raise SpecError(f"{source}: {field}: {blocks} transformer blocks in all; at most {MAX_BLOCKS} are supported")
-    key = (m.model_dump_json(), spec.data.seq_len)
+    from shardyard.data.tokenize import vocab_size_for
+
+    vocab_size = vocab_size_for(spec.data)  # 256 for bytes; the tokenizer's vocabulary otherwise
+    key = (m.model_dump_json(), spec.data.seq_len, vocab_size)
     if _LAST_BUILT and _LAST_BUILT[0] == key:
         return _LAST_BUILT[1]  # `validate` asks twice (summary, memory check); meta models hold no data
     try:
         with torch.device("meta"), _no_weight_init():
-            model = build_model(m, spec.data.seq_len)
+            model = build_model(m, spec.data.seq_len, vocab_size)
         _LAST_BUILT[:] = [key, model]
         return model
     except (OverflowError, RuntimeError, TypeError, ValueError, MemoryError) as err:

@@ -1,4 +1,4 @@
-"""The `shardyard` command: validate | run | submit | status | logs | stop | list | report | sync | eval | schema | cluster."""
+"""The `shardyard` command: validate | prepare | run | submit | status | logs | stop | list | report | sync | eval | schema | cluster."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _fmt_count(n: float) -> str:
 def spec_summary(spec: JobSpec, source: str) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
+    from shardyard.data.sources import resolve_units
+    from shardyard.data.tokenize import vocab_size_for
     from shardyard.models import count_parameters
     from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.optim.worker_memory import build_meta_model
@@ -34,9 +36,10 @@ def spec_summary(spec: JobSpec, source: str) -> str:
 
     model = build_meta_model(spec, source)
     total, active = count_parameters(model)
-    flops = training_flops_per_token(spec.model, spec.data.seq_len)
-    files = resolve_files(spec.data)  # fails here, not on the cluster, when a path matches nothing
-    corpus_bytes = sum(f.stat().st_size for f, _ in files)
+    flops = training_flops_per_token(spec.model, spec.data.seq_len, vocab_size_for(spec.data))
+    # fails here, not on the cluster, when a path matches nothing
+    files = resolve_units(spec.data) if spec.data.prepared else resolve_files(spec.data)
+    corpus_bytes = sum(u.size for u in files) if spec.data.prepared else sum(f.stat().st_size for f, _ in files)
     if spec.data.max_bytes is not None:
         corpus_bytes = min(corpus_bytes, spec.data.max_bytes)
     m, r, t = spec.model, spec.resources, spec.training
@@ -57,8 +60,8 @@ def spec_summary(spec: JobSpec, source: str) -> str:
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
         f"compute    {_fmt_count(flops)}FLOP per token (forward + backward, counted on the meta device), "
         f"{_fmt_count(flops * spec.tokens_per_step())}FLOP per step: the MFU numerator",
-        f"data       {', '.join(spec.data.paths)}: {len(files)} files, {_fmt_count(corpus_bytes)}B; "
-        f"sequences of {spec.data.seq_len} bytes",
+        f"data       {', '.join(s.path for s in spec.data.sources) if spec.data.sources else ', '.join(spec.data.paths)}: "
+        f"{len(files)} files, {_fmt_count(corpus_bytes)}B; sequences of {spec.data.seq_len} tokens, tokenizer {spec.data.tokenizer}",
         f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
         f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes total; {t.precision}",
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
@@ -147,6 +150,30 @@ def _write_run_report(run_dir: Path) -> None:
         print(f"   report {write_report([run_dir])}  (open it in a browser; compare runs: shardyard report RUN RUN)")
     except Exception as err:  # the run's own outcome is already printed
         print(f"   (no report: {type(err).__name__}: {err})")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from shardyard.cluster.local import existing_cluster, local_cluster
+    from shardyard.data.prepare import prepare
+
+    spec = load_spec(args.spec, args.set)
+    if not spec.data.prepared:
+        print("data.paths with data.tokenizer: bytes trains from the per-node byte cache: nothing to prepare "
+              "(set data.sources, data.tokenizer or data.prepared_dir to use prepared shards)")
+        return 0
+    if args.local:
+        report = prepare(spec.data, parallel="local", show_progress=True)
+    else:
+        cluster = existing_cluster(args.address) if args.address else local_cluster(os.cpu_count() or 1)
+        with cluster:
+            report = prepare(spec.data, parallel="ray", show_progress=True)
+    if report.skipped:
+        print(f"already prepared: {report.directory} (fingerprint unchanged)")
+    else:
+        nodes = ", ".join(f"{n[:12]}: {c}" for n, c in sorted(report.units_per_node.items()))
+        print(f"prepared {report.directory}: {report.input_bytes / 1e6:.1f} MB -> {report.tokens:,} tokens in "
+              f"{report.seconds:.1f} s ({report.mb_per_s:.2f} MB/s); files per node {nodes}")
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -337,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a running Ray cluster (`auto` on one of its nodes, or GCS host:port) instead of an embedded one")
     p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("prepare", help="tokenize and pack the spec's data into token shards (Ray Data over the cluster's CPUs)")
+    with_spec(p)
+    p.add_argument("--address", default=None, help="use a running Ray cluster (`auto`, or GCS host:port) instead of an embedded one")
+    p.add_argument("--local", action="store_true", help="one process, no Ray")
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("submit", help="send a job to a Ray cluster through Ray Jobs; prints the job id")
     with_spec(p)

@@ -186,6 +186,15 @@ class ModelSpec(Section):
 
 
 # ---------------------------------------------------------------------------------------------- data
+class SourceSpec(Section):
+    """One data source of data.sources."""
+
+    path: str = Field(..., min_length=1, description="file, directory, glob or s3:// URL; 'stdlib' = this Python's standard library sources")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="auto (by suffix: .jsonl/.json -> jsonl, .parquet -> parquet, a directory with dataset_info.json -> hf, else text; in a directory: .jsonl/.ndjson/.parquet files and data.extensions) | text (whole files as bytes) | jsonl | parquet | hf (datasets.save_to_disk output)")
+    text_field: str = Field("text", min_length=1, description="jsonl / parquet / hf: the column holding the document text")
+    weight: PositiveFloat = Field(1.0, description="mixture weight: each training batch takes this share (normalised over sources) of its windows from this source")
+
+
 class DataSpec(Section):
     paths: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1, description="files, directories or globs; 'stdlib' = this Python's standard library sources")
     extensions: list[str] = Field(default_factory=lambda: [".py"], description="file suffixes kept when a path is a directory ('*' = all)")
@@ -193,6 +202,26 @@ class DataSpec(Section):
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="fraction of files (chosen deterministically by path hash) held out for validation")
     max_bytes: PositiveInt | None = Field(None, description="cap on corpus bytes read (first files in sorted order)")
     cache_dir: str | None = Field(None, description="where the train/val byte streams are cached for memory-mapping (default ~/.cache/shardyard/corpus)")
+    sources: list[SourceSpec] | None = Field(None, description="instead of paths: sources with formats and mixture weights (JSONL / Parquet with a text_field, saved HF datasets, plain files); prepared into token shards (docs/data.md)")
+    tokenizer: str = Field("bytes", description="bytes | path to a HF tokenizers tokenizer.json | bpe:<vocab_size> (byte-level BPE trained once on the training split, stored with the prepared data)")
+    prepared_dir: str | None = Field(None, description="where `shardyard prepare` writes token shards + index + fingerprint (local, shared or s3://); default <cache_dir>/prepared. Used whenever sources, a non-byte tokenizer or this field is set")
+    shard_tokens: PositiveInt = Field(1 << 24, description="tokens per prepared shard file (the last shard of a split is shorter)")
+
+    @model_validator(mode="after")
+    def _check_tokenizer(self) -> "DataSpec":
+        tok = self.tokenizer
+        if tok.startswith("bpe:"):
+            size = tok[4:]
+            if not size.isdigit() or not 256 < int(size) <= 1 << 31:
+                raise ValueError(f"data.tokenizer: {tok!r}: bpe:<vocab_size> needs an integer vocab_size above 256 (the byte alphabet)")
+        elif tok != "bytes" and not tok.endswith(".json"):
+            raise ValueError(f"data.tokenizer: {tok!r} is none of bytes | bpe:<vocab_size> | a path to a tokenizer.json")
+        return self
+
+    @property
+    def prepared(self) -> bool:
+        """True when training reads prepared token shards (shardyard prepare) instead of the byte cache."""
+        return self.sources is not None or self.tokenizer != "bytes" or self.prepared_dir is not None
 
 
 # --------------------------------------------------------------------------------------------- optim
@@ -449,6 +478,9 @@ class JobSpec(Section):
             raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
                              f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
                              "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw")
+        if self.data.tokenizer != "bytes" and self.model.stages:
+            raise ValueError(f"data.tokenizer: {self.data.tokenizer!r}, but a {self.model.kind} model reads bytes "
+                             "(its stages patch byte sequences); use data.tokenizer: bytes or a flat model (dense | moe)")
         return self
 
     def notes(self) -> list[str]:

@@ -174,6 +174,20 @@ def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
     return checkpoint_code_problem(Path(directory))
 
 
+def local_checkpoint_dir(checkpoint: Any) -> Path:
+    """A Ray Train checkpoint as a local directory: its own path on a local filesystem, else a copy
+    downloaded from object storage (checkpoint.dir: s3://...) into a temporary directory."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="shardyard-resume-")) / Path(checkpoint.path).name
+    checkpoint.to_directory(str(target))
+    return target
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
 

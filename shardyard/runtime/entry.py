@@ -7,6 +7,7 @@ with the same name and storage resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -62,7 +63,14 @@ class TrainingResult:
 
 
 def run_directory(spec: JobSpec) -> Path:
-    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory."""
+    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory. With
+    checkpoint.dir on object storage (s3://...) checkpoints go to the bucket (Ray Train's storage
+    path) and this local directory keeps the rest (metrics.jsonl, spec.yaml, wandb)."""
+    from shardyard.data.storage import is_remote
+
+    if is_remote(spec.checkpoint.dir):
+        digest = hashlib.sha1(spec.checkpoint.dir.encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "shardyard" / "runs" / digest / spec.name
     root = Path(spec.checkpoint.dir).expanduser()
     return (root if root.is_absolute() else Path.cwd() / root) / spec.name
 
@@ -100,6 +108,8 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     if res.memory_per_worker is not None:
         per_worker["memory"] = float(res.memory_per_worker_bytes)
     name, storage = run_config_location(run_dir)
+    if "://" in spec.checkpoint.dir:  # object storage: checkpoints go to the bucket, the rest stays in run_dir
+        name, storage = spec.name, spec.checkpoint.dir
     return build_torch_trainer(
         run_dir, res.collective_timeout_minutes * 60,
         train_loop_per_worker=train_loop_per_worker,
@@ -132,6 +142,12 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
 
     write_run_files(spec, run_dir)
     clear_stop(run_dir)
+    if spec.data.prepared:  # tokenize + pack once, on the cluster, before any worker starts
+        from shardyard.data.prepare import prepare
+
+        prepared = prepare(spec.data, show_progress=True)
+        if not prepared.skipped:
+            print(f"[shardyard] prepared {prepared.directory} at {prepared.mb_per_s:.2f} MB/s", flush=True)
     trainer = build_trainer(spec, run_dir)
     timeout_s = spec.resources.collective_timeout_minutes * 60
     stop = threading.Event()

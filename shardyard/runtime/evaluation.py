@@ -1,9 +1,13 @@
 """Held-out bits per byte with a standard error: one path for in-training evaluation and `shardyard eval`.
 
-Every validation window scores the same number of bytes (data.seq_len), so the windows are equal
-units: the reported figure is the mean of the per-window bits per byte, and its standard error is
-the sample standard deviation over windows / sqrt(windows). Ranks all-reduce three sums (count,
-sum, sum of squares) in float64, so the result does not depend on how the windows were split.
+Bits per byte = the windows' summed token cross-entropy (nats) / ln 2 / the bytes their target tokens
+cover, so runs with different tokenizers compare on one axis. With bytes every window covers
+data.seq_len bytes and this is the mean of the per-window figures; with a tokenizer windows cover
+different byte counts, and the figure is the ratio of sums. Its standard error is the ratio
+estimator's (delta method): sqrt(sum_i (bits_i - R bytes_i)^2 / (n (n - 1))) / mean(bytes), which
+for equal windows is the sample standard deviation of per-window bits per byte / sqrt(n). Ranks
+all-reduce six float64 sums (count, bits, bytes, bits^2, bytes^2, bits*bytes), so the result does
+not depend on how the windows were split.
 
 Windows are a systematic sample (data/validation.py), for which the i.i.d. standard error is a
 conservative estimate. Two models evaluated on the same data score the same windows, so their
@@ -42,11 +46,25 @@ class EvalResult:
         return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
 
 
-def window_bits_per_byte(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean bits per byte of each window of the batch, float64 [batch]."""
+def window_bits_and_bytes(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                          token_bytes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's summed bits and the bytes its targets cover, float64 [batch] each
+    (`token_bytes[id]`: bytes of token id; None = one byte per token)."""
     logits, _ = model(inputs, targets)
     nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nats.view(targets.shape).double().mean(dim=1) / LN2
+    bits = nats.view(targets.shape).double().sum(dim=1) / LN2
+    if token_bytes is None:
+        covered = torch.full_like(bits, float(targets.shape[1]))
+    else:
+        covered = token_bytes.to(targets.device)[targets].double().sum(dim=1)
+    return bits, covered
+
+
+def window_bits_per_byte(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         token_bytes: torch.Tensor | None = None) -> torch.Tensor:
+    """Bits per byte of each window of the batch, float64 [batch]."""
+    bits, covered = window_bits_and_bytes(model, inputs, targets, token_bytes)
+    return bits / covered.clamp(min=1)
 
 
 def summarize(count: float, total: float, total_sq: float, bytes_per_window: float) -> EvalResult:
@@ -59,6 +77,21 @@ def summarize(count: float, total: float, total_sq: float, bytes_per_window: flo
         return EvalResult(mean, float("nan"), n, int(round(bytes_per_window * n)))
     variance = max(total_sq - n * mean * mean, 0.0) / (n - 1)
     return EvalResult(mean, math.sqrt(variance / n), n, int(round(bytes_per_window * n)))
+
+
+def summarize_ratio(sums: list[float]) -> EvalResult:
+    """Bits per byte (ratio of sums) and its delta-method standard error from
+    [count, bits, bytes, bits^2, bytes^2, bits*bytes]."""
+    count, bits, covered, bits_sq, bytes_sq, cross = sums
+    n = int(round(count))
+    if n == 0 or covered <= 0:
+        return EvalResult(float("nan"), float("nan"), n, int(round(covered)))
+    ratio = bits / covered
+    if n < 2:
+        return EvalResult(ratio, float("nan"), n, int(round(covered)))
+    residual_sq = max(bits_sq - 2 * ratio * cross + ratio * ratio * bytes_sq, 0.0)
+    mean_bytes = covered / n
+    return EvalResult(ratio, math.sqrt(residual_sq / (n * (n - 1))) / mean_bytes, n, int(round(covered)))
 
 
 @contextlib.contextmanager
@@ -92,22 +125,23 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
              autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, world: int = 1,
-             group: dist.ProcessGroup | None = None) -> EvalResult:
+             group: dist.ProcessGroup | None = None, token_bytes: torch.Tensor | None = None) -> EvalResult:
     """Bits per byte of `model` over this rank's `batches`, combined over the `world` ranks (collective
-    when world > 1: every rank calls it, with the same number of batches for expert-parallel models)."""
-    sums = torch.zeros(4, dtype=torch.float64)  # windows, sum, sum of squares, scored bytes
+    when world > 1: every rank calls it, with the same number of batches for expert-parallel models).
+    `token_bytes`: bytes each token id covers (None: bytes, one each)."""
+    sums = torch.zeros(6, dtype=torch.float64)  # windows, bits, bytes, bits^2, bytes^2, bits*bytes
     with eval_mode(model):
         for inputs, targets in batches:
             with autocast():
-                per_window = window_bits_per_byte(model, inputs.to(device), targets.to(device)).cpu()
-            sums += torch.tensor([len(per_window), float(per_window.sum()), float(per_window.square().sum()),
-                                  targets.numel()], dtype=torch.float64)
+                bits, covered = window_bits_and_bytes(model, inputs.to(device), targets.to(device), token_bytes)
+            bits, covered = bits.cpu(), covered.cpu()
+            sums += torch.stack([torch.tensor(float(len(bits)), dtype=torch.float64), bits.sum(), covered.sum(),
+                                 bits.square().sum(), covered.square().sum(), (bits * covered).sum()])
     if world > 1:
         reduced = sums.to(device)
         dist.all_reduce(reduced, group=group)
         sums = reduced.cpu()
-    count, total, total_sq, scored = sums.tolist()
-    return summarize(count, total, total_sq, scored / count if count else 0.0)
+    return summarize_ratio(sums.tolist())
 
 
 def autocast_for(spec: JobSpec, device: torch.device) -> Callable[[], ContextManager[Any]]:
@@ -123,15 +157,17 @@ def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int |
     them; default: the run's own held-out split), through the same window selection and evaluation as
     training. The windows are those a job with the run's resources.workers would score, evaluated in
     one process, so with the run's held-out split the figure equals the run's logged val_bpb."""
-    from shardyard.data.corpus import load_corpus
-    from shardyard.data.validation import all_batches, held_out_split, load_text
+    from shardyard.data.training_data import load_training_data
+    from shardyard.data.validation import all_batches, load_text
     from shardyard.platform.spec import load_spec_text, spec_to_yaml
     from shardyard.runtime.export import load_for_inference
 
     spec, model = load_for_inference(Path(run_dir), step)
     if overrides:
         spec = load_spec_text(spec_to_yaml(spec), f"{run_dir}/spec.yaml", overrides)
-    text = load_text(data_paths, spec.data.extensions) if data_paths else held_out_split(load_corpus(spec.data))
+    data = load_training_data(spec.data)
+    text = data.encode_text(load_text(data_paths, spec.data.extensions)) if data_paths else data.held_out
+    token_bytes = None if data.token_bytes is None else torch.from_numpy(data.token_bytes)
     seq_len = spec.data.seq_len
     world = spec.resources.workers
     if (len(text.data) - 1) // seq_len < world:
@@ -140,15 +176,16 @@ def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int |
         raise UserError(f"--data: {len(text.data)} bytes hold fewer than {world} windows of {seq_len + 1} bytes")
     batches = all_batches(text, seq_len, spec.training.eval_bytes, spec.training.batch_size, world)
     device = torch.device("cpu")
-    return spec, evaluate(model, batches, device, autocast_for(spec, device))
+    return spec, evaluate(model, batches, device, autocast_for(spec, device), token_bytes=token_bytes)
 
 
 def per_window_bits(model: torch.nn.Module, batches: list[Batch], device: torch.device,
-                    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> np.ndarray:
+                    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                    token_bytes: torch.Tensor | None = None) -> np.ndarray:
     """Every window's bits per byte in batch order (single process): for paired comparisons."""
     out = []
     with eval_mode(model):
         for inputs, targets in batches:
             with autocast():
-                out.append(window_bits_per_byte(model, inputs.to(device), targets.to(device)).cpu().numpy())
+                out.append(window_bits_per_byte(model, inputs.to(device), targets.to(device), token_bytes).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

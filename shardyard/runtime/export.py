@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
@@ -72,12 +73,12 @@ def load_for_inference(target: Path, step: int | None = None) -> tuple[JobSpec, 
         from safetensors.torch import load_file
 
         spec = load_spec(target / SPEC_FILE)
-        model = build_model(spec.model, spec.data.seq_len)
+        model = build_model(spec.model, spec.data.seq_len, vocab_size_for(spec.data))
         model.load_state_dict(load_file(str(target / WEIGHTS_FILE)))
         return spec, model.eval()
     checkpoint = resolve_checkpoint(target, step)
     spec = _spec_for(checkpoint)
-    model = build_model(spec.model, spec.data.seq_len)
+    model = build_model(spec.model, spec.data.seq_len, vocab_size_for(spec.data))
     model.load_state_dict(consolidated_state(checkpoint, model))
     return spec, model.eval()
 

@@ -36,7 +36,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "resources.*",  # workers, CPUs/GPUs, failures, memory: checkpoints reshard (DeepSpeed: see below)
     "parallel.expert_parallel", "parallel.shard", "parallel.a2a",
     "model.moe.backend", "model.stages.*.moe.backend", "model.stages.*.checkpoint_chunks",
-    "data.cache_dir",
+    "data.cache_dir", "data.prepared_dir",  # where data is cached / prepared (the corpus fingerprint guards content)
 )
 # DeepSpeed ZeRO's own format resumes only at the same layout.
 SAME_LAYOUT_FOR_ZERO = ("resources.workers", "parallel.zero")

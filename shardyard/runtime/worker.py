@@ -28,9 +28,8 @@ from shardyard import envvars
 from shardyard.cluster.secret_env import record_secret_probe
 from shardyard.comm.topology import Topology
 from shardyard.comm.dispatch import dispatch_metrics
-from shardyard.data.corpus import load_corpus
-from shardyard.data.loader import build_train_loader
-from shardyard.data.validation import eval_set_texts, held_out_split, rank_batches
+from shardyard.data.training_data import build_data_loader, load_training_data
+from shardyard.data.validation import eval_set_texts, rank_batches
 from shardyard.models import build_model, moe_layers
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
@@ -41,7 +40,7 @@ from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
 from shardyard.runtime.devices import worker_device
 from shardyard.runtime.parallel import build_plan
-from shardyard.runtime.resume_guard import check_corpus_on_every_rank, corpus_fingerprint
+from shardyard.runtime.resume_guard import check_corpus_on_every_rank
 from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
 from shardyard.optim.memory import optimizer_memory_report
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
@@ -116,7 +115,8 @@ class Trainer:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
 
-        self.model = build_model(spec.model, spec.data.seq_len).to(self.ctx.device)
+        self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
+        self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
         apply_activation_checkpointing(self.model, spec)
         self.plan = build_plan(spec, self.model, self.ctx.device)
         self.moe = moe_layers(self.model)
@@ -124,13 +124,15 @@ class Trainer:
         if spec.parallel.expert_parallel > 1:
             record_topology(run_dir, self.plan.groups.topology)
 
-        corpus = load_corpus(spec.data)
-        self.corpus_fingerprint = corpus_fingerprint(spec.data, corpus)
-        self.loader = build_train_loader(corpus.train, spec.data.seq_len, spec.training.batch_size,
-                                         self.ctx.rank, self.ctx.world, spec.seed)
+        self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
+        self.loader = build_data_loader(self.data, spec.data.seq_len, spec.training.batch_size,
+                                        self.ctx.rank, self.ctx.world, spec.seed)
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
-        texts = {"": held_out_split(corpus), **eval_set_texts(spec.training.eval_sets, spec.data.extensions,
-                                                               spec.data.seq_len, self.ctx.world)}
+        texts = {"": self.data.held_out, **{name: self.data.encode_text(text) for name, text in eval_set_texts(
+            spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.ctx.world).items()}}
+        self.token_bytes = None if self.data.token_bytes is None else torch.from_numpy(self.data.token_bytes)
+        if self.ctx.rank == 0 and spec.data.prepared:
+            print(f"[shardyard] {self.data.describe()}", flush=True)
         self.val = {name: rank_batches(text, spec.data.seq_len, spec.training.eval_bytes, spec.training.batch_size,
                                        self.ctx.rank, self.ctx.world) for name, text in texts.items()}
         self.autocast = autocast_for(spec, self.ctx.device)
@@ -138,7 +140,7 @@ class Trainer:
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
         # Observability: step anatomy, MFU against the worker's peak, memory, expert load.
         self.timer = StepTimer(self.ctx.device, enabled=spec.tracking.step_anatomy)
-        self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len)
+        self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len, self.data.vocab_size)
         self.peak_flops, peak_source = peak_flops(self.ctx.device, spec.training.precision,
                                                   max(1, int(spec.resources.cpus_per_worker)))
         self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
@@ -231,8 +233,8 @@ class Trainer:
     def evaluate(self) -> dict[str, EvalResult]:
         """Bits per byte (mean and standard error over windows, all ranks) of the held-out split (key "")
         and of every training.eval_sets entry (key: its name). Collective."""
-        return {name: evaluate(self.model, batches, self.ctx.device, self.autocast, self.ctx.world)
-                for name, batches in self.val.items()}
+        return {name: evaluate(self.model, batches, self.ctx.device, self.autocast, self.ctx.world,
+                               token_bytes=self.token_bytes) for name, batches in self.val.items()}
 
     def maybe_inject_fault(self) -> None:
         """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
@@ -261,12 +263,13 @@ class Trainer:
             if self.step % spec.log_every == 0 or last:
                 ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world).item()
                 elapsed = time.perf_counter() - window_start - paused
-                record = {"kind": "train", "loss": ce, "bpb": ce / LN2,
+                record = {"kind": "train", "loss": ce, "bpb": ce / LN2 / self.data.bytes_per_token,
                           "grad_norm": float(step_metrics["grad_norm"]),
                           "lr": self.plan.scheduler.get_last_lr()[0], "total_steps": spec.steps}
                 comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
                 self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * spec.grad_accum / 1000.0)
                 record.update(self.observe(window_steps, elapsed))
+                record["bytes_per_s"] = record["tokens_per_s"] * self.data.bytes_per_token
                 record.update(comm)
                 self.log.log(self.step, record)
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
@@ -361,7 +364,7 @@ def _ray_resume_directory(run_dir: Path, rank: int) -> Path | None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        path = Path(checkpoint.path)
+        path = ckpt.local_checkpoint_dir(checkpoint)  # object storage: downloaded first
         problem = ckpt.verify_checkpoint(path, full=False)
         newest = ckpt.find_latest_checkpoint(run_dir)  # a save the group finished before Ray registered it
         if problem is None and (newest is None or ckpt.read_meta(newest)["step"] <= ckpt.read_meta(path)["step"]):

@@ -109,6 +109,16 @@ class LiveStatus:
         self._lines_on_screen = len(lines)
         self.stream.flush()
 
+    def note(self, line: str) -> None:
+        """A line that stays (a fault, a restart): printed above the live block, which is redrawn with
+        the next record."""
+        if self.tty and self._lines_on_screen:
+            up = f"\x1b[{self._lines_on_screen - 1}A" if self._lines_on_screen > 1 else ""
+            self.stream.write(up + "\r\x1b[J")
+            self._lines_on_screen = 0
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.tty and self._lines_on_screen:
             self.stream.write("\n")

@@ -41,6 +41,21 @@ def test_a_terminal_gets_one_block_rewritten_in_place() -> None:
     assert text.count("\x1b[1A") == 2 and text.count(f"{PROGRESS_PREFIX}3/10") == 1
 
 
+def test_a_fault_line_stays_above_the_live_block() -> None:
+    out = Terminal()
+    live = LiveStatus(total=10, stream=out)
+    live([_train(1)])
+    live.note("[shardyard] worker rank 1 died (SIGKILL); restarting from step 0")
+    live([_train(2)])
+    live.close()
+    text = out.getvalue()
+    assert "\x1b[1A\r\x1b[J[shardyard] worker rank 1 died" in text  # the block is cleared, the line printed
+    assert text.index("died") < text.index(f"{PROGRESS_PREFIX}2/10")
+    plain = io.StringIO()
+    LiveStatus(total=10, stream=plain).note("[shardyard] a fault")
+    assert plain.getvalue() == "[shardyard] a fault\n"
+
+
 def test_many_layers_are_summarised() -> None:
     record = {f"moe/layer{i}/util_max": 1.0 + i / 10 for i in range(48)} | {f"moe/layer{i}/dead": float(i % 2) for i in range(48)}
     line = load_line(record)
