@@ -104,3 +104,14 @@ def test_flops_per_token_of_a_dense_model_is_six_times_its_multiply_adds(tmp_pat
     matmul_weights = depth * (4 * width * width + 3 * width * hidden) + vocab * width  # attention, swiglu, head
     attention = depth * 2 * seq * width  # multiply-adds of QK^T and AV per position (full, not causal-halved)
     assert abs(flops - 3 * 2 * (matmul_weights + attention)) / flops < 0.02
+
+
+def test_a_model_the_meta_device_cannot_run_falls_back_to_six_times_its_active_parameters(tmp_path: Path) -> None:
+    """The self-guided low-rank FFN reads its blend on the host: no meta forward, so 6 x active parameters."""
+    from shardyard.models import build_model, count_parameters
+
+    spec = _spec(tmp_path, "guided", "{steps: 2, batch_size: 2}",
+                 model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: 0.5}}")
+    with torch.device("meta"):
+        active = count_parameters(build_model(spec.model, spec.data.seq_len))[1]
+    assert training_flops_per_token(spec.model, spec.data.seq_len) == 6.0 * active
