@@ -76,15 +76,6 @@ def _assert_same_losses(run_dir: Path, reference: dict[int, float], tolerance: f
         assert abs(losses[step] - reference[step]) < tolerance, (step, losses[step], reference[step])
 
 
-def test_restart_after_a_worker_exception_equals_an_uninterrupted_run(tmp_path: Path, uninterrupted: dict) -> None:
-    """A worker raising (not a user error) is retried: the group restarts from step 8 and ends like the clean run."""
-    crashed = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=crashed", "--fault-step", "10")
-    assert crashed.returncode == 0, crashed.stdout[-3000:] + crashed.stderr[-3000:]
-    assert (tmp_path / "runs" / "crashed" / ".injected_fault_done").exists()
-    assert "resumed from step 8" in crashed.stdout + crashed.stderr
-    _assert_same_losses(tmp_path / "runs" / "crashed", uninterrupted, 1e-5)
-
-
 def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninterrupted: dict) -> None:
     ep = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
     assert ep.returncode == 0, ep.stdout[-3000:] + ep.stderr[-3000:]
@@ -118,10 +109,14 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
 
 
 def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted: dict) -> None:
+    """A worker raising at step 9 (not a user error) is retried: the ZeRO-2 group restarts from the
+    step-8 checkpoint and ends with the uninterrupted DDP run's losses. (A SIGKILLed worker and a lost
+    node: tests/reliability/test_faults_on_ray.py.)"""
     pytest.importorskip("deepspeed")
     zero = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=zero2", "--set", "parallel.zero=2",
                    "--fault-step", "9")
     assert zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
+    assert (tmp_path / "runs" / "zero2" / ".injected_fault_done").exists()
     assert "resumed from step 8" in zero.stdout + zero.stderr
     _assert_same_losses(tmp_path / "runs" / "zero2", uninterrupted, 1e-4)  # against DDP
 

@@ -158,8 +158,10 @@ def test_a_planted_secret_reaches_the_workers_and_nowhere_else(tmp_path: Path) -
         leaks = [name for name, data in places if marker.encode() in data]
         assert leaks == [], f"{marker} found in {leaks}"
 
-    by_role = {item.process: item for item in seen}
-    assert by_role["dashboard"].scope == "loopback"
+    dashboard = [item for item in seen if item.process == "dashboard"]
+    # its HTTP server (dashboard, Jobs API, state API) on loopback; its gRPC port is one of Ray 2.60's
+    # servers that listen on all interfaces and require the token (docs/security.md)
+    assert any(item.scope == "loopback" for item in dashboard), dashboard
     assert all(item.scope == "loopback" for item in seen if item.process in ("dashboard agent", "runtime env agent"))
     gcs = [item for item in seen if item.process == "gcs_server"]
     assert gcs and all(f"gcs_server :{item.port}" in out for item in gcs)  # the message names the real sockets
