@@ -77,6 +77,7 @@ def ddp_worker(steps: int) -> None:
     from shardyard.optim import build_optimizer
     from shardyard.platform.schema import OptimSpec
 
+    torch.set_num_threads(1)  # two ranks on a shared 2-core box: multi-threaded LAPACK (the SVDs) stalls or aborts
     rank, world = dist.get_rank(), dist.get_world_size()
     for kind, galore in DDP_CONFIGS:
         model = tiny_model(seed=0)
