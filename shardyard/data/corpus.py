@@ -77,8 +77,8 @@ class ByteCorpus:
 
     def fingerprint(self, seq_len: int) -> dict[str, object]:
         """What a checkpoint's data position depends on: {files, files_sha256, bytes, train_bytes,
-        val_bytes, windows} of the files read (keys and bytes taken) and of the loaded streams (the
-        same dict as runtime.resume_guard.corpus_fingerprint)."""
+        val_bytes, windows} of the files read (keys and bytes taken) and of the loaded streams; stored in
+        every checkpoint and compared on every rank at resume (runtime.resume_guard)."""
         digest, total = hashlib.sha256(), 0
         for key, size in self.files:
             digest.update(f"{key}\0{size}\n".encode())

@@ -5,9 +5,9 @@
   layouts that reshard on load; exact kernels). Everything else (data selection and order, batch
   size, optimizer hyper-parameters, model, precision, seed, ...) changes what the checkpoint means
   or is silently ignored, so a resume with such a change is refused, naming the fields.
-- `corpus_fingerprint(data, corpus)`: the file list hash, byte counts and window count of the
-  corpus a run trains on; stored in every checkpoint's meta and compared on every rank at resume.
-  It is one function so a richer fingerprint (the prepared-data index) can replace it.
+- `check_corpus_on_every_rank(stored, mine, checkpoint)`: the corpus fingerprint a checkpoint was
+  written with (the training data's `fingerprint`: file list hash, byte counts, window count) against
+  this rank's, agreed over all ranks.
 - `record_spec_history(run_dir, spec)`: spec-history/0001.yaml, 0002.yaml, ... one file per
   distinct spec a run was started with, created exclusively, never overwritten.
 """
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,19 +75,6 @@ def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- corpus
-def corpus_fingerprint(data: DataSpec, corpus: Any) -> dict[str, Any]:
-    """{files, files_sha256, bytes, train_bytes, val_bytes, windows} of the files a run reads (the
-    sorted prefix of `resolve_files` that `max_bytes` keeps, as `load_corpus` recorded them in
-    `corpus.files`) and of the loaded `ByteCorpus`."""
-    digest, total = hashlib.sha256(), 0
-    for key, size in corpus.files:
-        digest.update(f"{key}\0{size}\n".encode())
-        total += size
-    return {"files": len(corpus.files), "files_sha256": digest.hexdigest(), "bytes": total,
-            "train_bytes": int(len(corpus.train)), "val_bytes": int(len(corpus.val)),
-            "windows": int((len(corpus.train) - 1) // data.seq_len)}
-
-
 class CorpusChanged(UserError):
     """The corpus a rank sees differs from the one the checkpoint was trained on."""
 

@@ -77,8 +77,12 @@ def load_run(directory: Path) -> Run:
 
 # ----------------------------------------------------------------------------------------- figures
 def _png(fig) -> str:
+    """The figure as base64 PNG; closes it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -109,9 +113,7 @@ def _loss_figure(plt, runs: list[Run]) -> str:
         for name in sorted({k for r in run.evals for k in r if k.startswith("val/") and k.endswith("_bpb")}):
             ax.plot(*run.series(name, run.evals), "s:", color=colour, label=f"{run.name} {name[4:]}")
     _finish(ax, runs, "bits per byte")
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def _throughput_figure(plt, runs: list[Run]) -> str:
@@ -124,9 +126,7 @@ def _throughput_figure(plt, runs: list[Run]) -> str:
     top.grid(alpha=0.3)
     _mark_restarts(top, runs)
     _finish(bottom, runs, "MFU (%)")
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def _anatomy_figure(plt, runs: list[Run]) -> str | None:
@@ -145,9 +145,7 @@ def _anatomy_figure(plt, runs: list[Run]) -> str | None:
         ax.set_title(run.name, fontsize=9)
         _finish(ax, [run], "ms per step (mean over ranks)")
         ax.legend(fontsize=6, ncol=4, loc="upper left")
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def _memory_figure(plt, runs: list[Run]) -> str | None:
@@ -163,9 +161,7 @@ def _memory_figure(plt, runs: list[Run]) -> str | None:
         if steps:
             ax.plot(steps, predicted, "--", color=colour, alpha=0.5, label=f"{run.name} predicted state")
     _finish(ax, runs, "GiB per worker")
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def _comm_figure(plt, runs: list[Run]) -> str | None:
@@ -182,9 +178,7 @@ def _comm_figure(plt, runs: list[Run]) -> str | None:
     top.legend(fontsize=7)
     _mark_restarts(top, runs)
     _finish(bottom, runs, "all-to-all ms / step")
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def _heatmap(plt, run: Run, layer: int) -> str:
@@ -202,9 +196,7 @@ def _heatmap(plt, run: Run, layer: int) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("expert")
     ax.set_title(f"{run.name}: layer {layer}", fontsize=9)
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 # ------------------------------------------------------------------------------------------- page
