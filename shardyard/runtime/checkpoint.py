@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -247,3 +247,20 @@ def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
     if layout.get("world") == world and rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
     return meta
+
+
+def stage_rank_files(source: Path, partial: Path, after_copy: Callable[[], None] | None = None) -> None:
+    """Collective: rank 0 empties `partial`, then every rank copies its files from `source` into it
+    (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`, and waits for all."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    many = dist.is_initialized() and dist.get_world_size() > 1
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if many:
+        dist.barrier()
+    shutil.copytree(source, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_FILE))
+    if after_copy is not None:
+        after_copy()
+    if many:
+        dist.barrier()

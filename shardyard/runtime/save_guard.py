@@ -137,15 +137,7 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int) -> bool:
     if not decision[0]:
         return False
     partial = Path(run_dir) / ".best.partial"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    if many:
-        dist.barrier()
-    shutil.copytree(staged, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckpt.MANIFEST_FILE))
-    fsync_tree(partial, mine=staged)
-    if many:
-        dist.barrier()
+    ckpt.stage_rank_files(staged, partial, after_copy=lambda: fsync_tree(partial, mine=staged))
     if rank == 0:
         (partial / BEST_RECORD).write_text(json.dumps({"step": step, "val_bpb": val_bpb}))
         manifest = json.loads((staged / ckpt.MANIFEST_FILE).read_text())

@@ -321,14 +321,7 @@ class LocalReporter:
         rank = dist.get_rank() if dist.is_initialized() else 0
         many = dist.is_initialized() and dist.get_world_size() > 1
         staged = self.run_dir / f".{directory.name}.partial"
-        if rank == 0:
-            shutil.rmtree(staged, ignore_errors=True)
-            staged.mkdir(parents=True)
-        if many:
-            dist.barrier()
-        shutil.copytree(directory, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckpt.MANIFEST_FILE))
-        if many:
-            dist.barrier()
+        ckpt.stage_rank_files(directory, staged)
         if rank == 0:
             shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
             ckpt.commit_local(staged, self.run_dir / f"checkpoint_{int(metrics['step']):08d}")
