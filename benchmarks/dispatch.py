@@ -5,10 +5,12 @@
 
 One MoE layer's experts (8 experts of width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
 seeded random router) behind `ExpertParallelExperts` on an EP group of 4, for each configuration:
-flat fp32 (today), +dedup, +dedup+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16).
+flat fp32 (today), +dedup (per rank), +dedup+bf16, +dedup node (per node across the inter-node
+link), +dedup node+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16); `--only` picks some.
 A step is forward + backward of dispatch -> experts -> weighted combine (`forward_tokens`);
 configurations are interleaved round-robin, a sample is the slowest rank's time (all_reduce MAX),
-and bytes come from `dispatch_metrics` summed over ranks (`bytes_remote`: rows that leave a rank).
+and bytes come from `dispatch_metrics` summed over ranks (`bytes_remote`: rows that leave a rank;
+`bytes_internode`: the part that crosses between the two nodes, what a shaped inter-node link carries).
 Tokens are clustered (--clusters centres, N(0,1), plus N(0, spread^2) noise): LSH's ratio depends on
 how the hidden states cluster, so its bytes here are those of this synthetic stand-in, stated as such.
 Experts get unit-gain weights (std 1/sqrt(fan-in)) so the LSH error is against outputs of the
@@ -37,6 +39,8 @@ CONFIGS: dict[str, dict] = {
     "flat fp32": {},
     "+dedup": {"dedup": True},
     "+dedup +bf16": {"dedup": True, "payload": "bf16"},
+    "+dedup node": {"dedup": "node"},
+    "+dedup node +bf16": {"dedup": "node", "payload": "bf16"},
     "+bf16": {"payload": "bf16"},
     "+fp8": {"payload": "fp8"},
     **{f"+LSH {h}": {"lsh": {"hashes": h, "error_every": 1}} for h in (2, 4, 6, 8)},
@@ -77,11 +81,11 @@ def measure(topo, args: argparse.Namespace) -> None:
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
         full.w_up.normal_(std=WIDTH ** -0.5)
         full.w_down.normal_(std=HIDDEN ** -0.5)
-    modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**cfg), slots=TOP_K)
-               for name, cfg in CONFIGS.items()}
+    names = [n for n in CONFIGS if not args.only or n in args.only]
+    modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
+               for name in names}
     x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread)
-    samples: dict[str, list[float]] = {n: [] for n in CONFIGS}
-    names = list(CONFIGS)
+    samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps + 1):  # first round is warm-up
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
@@ -100,8 +104,8 @@ def measure(topo, args: argparse.Namespace) -> None:
     records = []
     for name in names:
         met = dispatch_metrics(modules[name], steps=args.reps)
-        keys = ("comm/bytes_sent", "comm/bytes_remote", "comm/a2a_ms", "comm/layer0/rows_sent",
-                "comm/layer0/tokens_in")
+        keys = ("comm/bytes_sent", "comm/bytes_remote", "comm/bytes_internode", "comm/a2a_ms",
+                "comm/layer0/rows_sent", "comm/layer0/tokens_in")
         vals = torch.tensor([met[k] for k in keys] + [met.get("comm/lsh_rel_error", 0.0)], dtype=torch.float64)
         summed = vals.clone()
         dist.all_reduce(summed)
@@ -151,7 +155,7 @@ def run_netbed(args: argparse.Namespace) -> None:
                     "--world", str(nodes * rpn), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29511",
                     "--netbed", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
                     "--tokens", str(args.tokens), "--clusters", str(args.clusters), "--spread", str(args.spread),
-                    "--a2a", args.a2a]
+                    "--a2a", args.a2a, *(["--only", *args.only] if args.only else [])]
             procs.append(bed.popen(rank // rpn, argv, env))
         for p in procs:
             if p.wait(timeout=1800):
@@ -161,12 +165,15 @@ def run_netbed(args: argparse.Namespace) -> None:
 def summarize(path: Path) -> str:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = ["| link | config | rows sent / copies | bytes between ranks (MB) | x fewer than flat | "
-             "step ms median (IQR) | LSH rel. error |", "|---|---|---|---|---|---|---|"]
+             "bytes between nodes (MB) | x fewer than flat | step ms median (IQR) | LSH rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base: dict[str, float] = {}
+    base_nodes: dict[str, float] = {}
     for r in recs:
         link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
         if r["config"] == "flat fp32":
             base[link] = r["bytes_remote"]
+            base_nodes[link] = r.get("bytes_internode", float("nan"))
     for r in recs:
         link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
         ms = r["step_ms"]
@@ -174,6 +181,8 @@ def summarize(path: Path) -> str:
         err = f"{r['lsh_rel_error']:.3f}" if "LSH" in r["config"] else "-"
         lines.append(f"| {link} | {r['config']} | {r['rows_sent'] / r['tokens_in']:.3f} | "
                      f"{r['bytes_remote'] / 1e6:.2f} | {base.get(link, float('nan')) / r['bytes_remote']:.2f} | "
+                     f"{r.get('bytes_internode', float('nan')) / 1e6:.2f} | "
+                     f"{base_nodes.get(link, float('nan')) / r.get('bytes_internode', float('nan')):.2f} | "
                      f"{statistics.median(ms):.1f} ({q[0]:.1f}-{q[2]:.1f}) | {err} |")
     return "\n".join(lines)
 
@@ -302,6 +311,7 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=0.3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--a2a", default="flat", choices=["flat", "hierarchical", "leader"])
+    p.add_argument("--only", nargs="+", default=[], help="configurations to run (names of CONFIGS)")
     p.add_argument("--out", type=Path, default=Path("/tmp/dispatch-bench.jsonl"))
     p.add_argument("--rank", type=int)
     p.add_argument("--world", type=int)

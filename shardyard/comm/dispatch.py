@@ -5,7 +5,9 @@ Every `ExpertParallelExperts` keeps its counters in the non-persistent float64 b
 per optimizer step). `dispatch_metrics(model)` reads and resets them all; the trainer calls it at
 log steps. Byte counts are this rank's view: the rows its tokens send out, the rows that come back
 to it, and (when a backward runs) both trips' gradients; rows a rank sends to itself are in
-`bytes_sent` but not in `bytes_remote`. Summed over ranks `bytes_remote` is the traffic between ranks.
+`bytes_sent` but not in `bytes_remote`. Summed over ranks `bytes_remote` is the traffic between ranks,
+and `bytes_internode` the part of it between nodes (a node dedup's relay hop inside a node is remote,
+not inter-node).
 The baseline is today's dispatch: every (token, expert) copy, in the input dtype, both ways.
 """
 
@@ -23,6 +25,8 @@ COUNTERS: dict[str, int] = {name: i for i, name in enumerate([
     "bytes_remote",  # the same without the rows a rank sends to itself
     "baseline_bytes",  # what today's fp32, one-copy-per-expert dispatch would have moved
     "baseline_remote",
+    "bytes_internode",  # the part of bytes_remote between ranks of different nodes
+    "baseline_internode",
     "a2a_ms",  # host wall time in planning and transport (forward and backward)
     "expert_rows",  # rows this rank's experts computed
     "err_sq",  # LSH: squared error of expert outputs against the exact dispatch (sampled micro-batches)
@@ -39,9 +43,10 @@ def dispatch_layers(model: nn.Module) -> list[nn.Module]:
 def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
     """`comm/...` metrics since the last call, divided by `steps` (additive ones), then reset.
 
-    Per layer i: tokens_in, rows_sent, centroids_sent (LSH), bytes_sent, bytes_remote, a2a_ms,
+    Per layer i: tokens_in, rows_sent, centroids_sent (LSH), bytes_sent, bytes_remote, bytes_internode, a2a_ms,
     compression_ratio (bytes_sent / baseline), lsh_hashes (hash functions in use). Over all layers:
-    comm/bytes_sent, comm/bytes_remote, comm/a2a_ms, comm/compression_ratio, comm/remote_compression_ratio
+    comm/bytes_sent, comm/bytes_remote, comm/bytes_internode, comm/a2a_ms, comm/compression_ratio,
+    comm/remote_compression_ratio, comm/internode_compression_ratio
     and, when an LSH error sample was taken, comm/lsh_rel_error (||out - exact|| / ||exact||).
     Local to this rank (no collective). Empty when the model has no dispatch wrappers.
     """
@@ -54,7 +59,7 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
         totals += c
         i = getattr(layer, "layer", 0)
         get = lambda name: float(c[COUNTERS[name]])  # noqa: E731
-        for name in ("tokens_in", "rows_sent", "bytes_sent", "bytes_remote", "a2a_ms"):
+        for name in ("tokens_in", "rows_sent", "bytes_sent", "bytes_remote", "bytes_internode", "a2a_ms"):
             out[f"comm/layer{i}/{name}"] = get(name) / div
         if get("baseline_bytes"):
             out[f"comm/layer{i}/compression_ratio"] = get("bytes_sent") / get("baseline_bytes")
@@ -69,11 +74,14 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
     t = {name: float(totals[i]) for name, i in COUNTERS.items()}
     out["comm/bytes_sent"] = t["bytes_sent"] / div
     out["comm/bytes_remote"] = t["bytes_remote"] / div
+    out["comm/bytes_internode"] = t["bytes_internode"] / div
     out["comm/a2a_ms"] = t["a2a_ms"] / div
     if t["baseline_bytes"]:
         out["comm/compression_ratio"] = t["bytes_sent"] / t["baseline_bytes"]
     if t["baseline_remote"]:
         out["comm/remote_compression_ratio"] = t["bytes_remote"] / t["baseline_remote"]
+    if t["baseline_internode"]:
+        out["comm/internode_compression_ratio"] = t["bytes_internode"] / t["baseline_internode"]
     if t["err_samples"]:
         out["comm/lsh_rel_error"] = (t["err_sq"] / max(t["ref_sq"], 1e-300)) ** 0.5
     return out

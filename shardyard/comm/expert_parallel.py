@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.comm.alltoall import AllToAll, Route, build_all_to_all, transpose_index
+from shardyard.comm.alltoall import AllToAll, Exchange, Route, build_all_to_all, exchange_equal, transpose_index
 from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
 from shardyard.comm.dispatch import COUNTERS
 from shardyard.comm.groups import ProcessGroups
@@ -76,9 +76,13 @@ class ExpertParallelExperts(nn.Module):
             self.a2a = LocalAllToAll() if groups is None or ep == 1 else build_all_to_all(a2a, groups)
         self.layer = layer
         dispatch = dispatch or DispatchSpec()
-        self.dedup = dispatch.dedup
+        # node-level dedup needs >= 2 nodes of >= 2 ranks; otherwise it is exactly rank-level dedup
+        self.ranks_per_node = groups.ranks_per_node_in_ep if groups is not None and groups.hierarchical_ok else ep
+        node_dedup = dispatch.dedup == "node" and 1 < self.ranks_per_node < ep
+        self.dedup: bool | str = "node" if node_dedup else bool(dispatch.dedup)
         self.codec = build_codec(dispatch.payload)
         self.slots = min(slots or self.experts_per_rank, self.experts_per_rank)
+        self.node_slots = min(slots or num_experts, self.experts_per_rank * self.ranks_per_node)
         width = experts.w_up.shape[1]
         lsh = dispatch.lsh
         self.lsh = None if lsh is None else CentroidHasher(
@@ -110,21 +114,36 @@ class ExpertParallelExperts(nn.Module):
     def _add(self, slot: str, value: float) -> None:
         self.comm_counters[COUNTERS[slot]] += value
 
+    def _row_bytes(self, width: int, element_size: int, backward: bool, extra_row_bytes: int = 0) -> int:
+        """Bytes one row costs over the dispatch and return trips (and their gradients with a backward)."""
+        per_row = 2 * (self.codec.row_bytes(width, element_size) + extra_row_bytes)
+        if backward:
+            per_row += 2 * (self.codec.grad_codec.row_bytes(width, element_size) + extra_row_bytes)
+        return per_row
+
+    def _other_node(self) -> torch.Tensor:
+        """[P] bool: EP ranks on another node than this one."""
+        node = torch.arange(self.ep_size) // self.ranks_per_node
+        return node != self.ep_rank // self.ranks_per_node
+
     def _account(self, rows_by_rank: torch.Tensor, base_by_rank: torch.Tensor, width: int, element_size: int,
                  backward: bool, extra_row_bytes: int = 0) -> None:
         """Bytes of the dispatch and return trips (and their gradients when a backward will run)."""
         rows, own = float(rows_by_rank.sum()), float(rows_by_rank[self.ep_rank])
-        base, base_own = float(base_by_rank.sum()), float(base_by_rank[self.ep_rank])
-        per_row = 2 * (self.codec.row_bytes(width, element_size) + extra_row_bytes)
-        base_row = 2 * width * element_size
-        if backward:
-            per_row += 2 * (self.codec.grad_codec.row_bytes(width, element_size) + extra_row_bytes)
-            base_row *= 2
+        per_row = self._row_bytes(width, element_size, backward, extra_row_bytes)
         self._add("rows_sent", rows)
         self._add("bytes_sent", rows * per_row)
         self._add("bytes_remote", (rows - own) * per_row)
+        self._add("bytes_internode", float(rows_by_rank[self._other_node()].sum()) * per_row)
+        self._account_baseline(base_by_rank, width, element_size, backward)
+
+    def _account_baseline(self, base_by_rank: torch.Tensor, width: int, element_size: int, backward: bool) -> None:
+        """What today's dispatch moves: every (token, expert) copy in the input dtype, both ways."""
+        base_row = 2 * width * element_size * (2 if backward else 1)
+        base, base_own = float(base_by_rank.sum()), float(base_by_rank[self.ep_rank])
         self._add("baseline_bytes", base * base_row)
         self._add("baseline_remote", (base - base_own) * base_row)
+        self._add("baseline_internode", float(base_by_rank[self._other_node()].sum()) * base_row)
 
     def _plan(self, counts: torch.Tensor) -> Route:
         start = time.perf_counter()
@@ -204,6 +223,8 @@ class ExpertParallelExperts(nn.Module):
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
         if not self.dedup:
             return self._rank_associated(tokens, token_of, weight_of, offsets, counts, num_tokens)
+        if self.dedup == "node":
+            return self._node_deduplicated(tokens, token_of, weight_of, counts, num_tokens)
         backward = tokens.requires_grad and torch.is_grad_enabled()
         plan = plan_dedup(token_of, weight_of, counts, num_tokens, self.ep_size, self.slots)
         per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
@@ -219,6 +240,67 @@ class ExpertParallelExperts(nn.Module):
         self._add("expert_rows", float(computed))
         back = send(summed, route.reverse(), self.codec, timer)
         return scatter_to_tokens(back, plan, num_tokens)
+
+    def _node_deduplicated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
+                           counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """One copy per destination node across the inter-node link, then one per rank inside the node.
+
+        Hop 1 (inter-node group: this local rank on every node): a token goes once to each node holding
+        any of its experts, with a slot table of (expert within that node, router weight). The peer
+        that receives it (same local rank, destination node) relays it: hop 2 (intra-node group) sends
+        it once to each rank of that node holding one of its experts, with that rank's slots; there
+        the rank-level fan-out runs. On the way back the relay sums a row's per-rank outputs before
+        the return trip across nodes, and the sender sums over nodes, in node order.
+        """
+        groups = self.a2a.groups
+        nodes, per_node = groups.nodes_per_ep, self.ranks_per_node
+        backward = tokens.requires_grad and torch.is_grad_enabled()
+        per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
+        self._add("microbatches", 1.0)
+        self._add("tokens_in", float(token_of.numel()))
+        timer = Timer(self.comm_counters, COUNTERS["a2a_ms"])
+
+        # hop 1: node-level rows, expert ids within the destination node (local rank * E/ep + expert)
+        outer = plan_dedup(token_of, weight_of, counts, num_tokens, nodes, self.node_slots)
+        across = self._exchange_route(groups.inter, outer.send_counts)
+        relayed = send(gather_rows(tokens, outer.token), across, self.codec, timer)
+        relayed_meta = send(outer.meta, across, Codec(), timer)
+        # hop 2, on the relay: every (row, slot) is an assignment to an expert of this node
+        slots = relayed_meta.shape[1] // 2
+        ids = relayed_meta[:, slots:].detach().to(torch.int64)
+        row_idx, slot_idx = torch.nonzero(ids >= 0, as_tuple=True)
+        node_expert = ids[row_idx, slot_idx]
+        order = torch.argsort(node_expert * max(relayed.shape[0], 1) + row_idx)
+        row_idx, slot_idx, node_expert = row_idx[order], slot_idx[order], node_expert[order]
+        inner = plan_dedup(row_idx, relayed_meta[row_idx, slot_idx], torch.bincount(
+            node_expert, minlength=per_node * self.experts_per_rank), relayed.shape[0], per_node, self.slots)
+        within = self._exchange_route(groups.intra, inner.send_counts)
+        rows = send(gather_rows(relayed, inner.token), within, self.codec, timer)
+        meta = send(inner.meta, within, Codec(), timer)
+        summed, computed = fan_out_and_sum(rows, meta, self.local, self.experts_per_rank)
+        self._add("expert_rows", float(computed))
+        node_sums = scatter_to_tokens(send(summed, within.reverse(), self.codec, timer), inner, relayed.shape[0])
+        out = scatter_to_tokens(send(node_sums, across.reverse(), self.codec, timer), outer, num_tokens)
+
+        width, size = tokens.shape[1], tokens.element_size()
+        hop1, hop2 = outer.send_counts.cpu().double(), inner.send_counts.cpu().double()
+        my_node, my_local = self.ep_rank // per_node, self.ep_rank % per_node
+        row1 = self._row_bytes(width, size, backward, outer.meta.shape[1] * 4 // 2)
+        row2 = self._row_bytes(width, size, backward, inner.meta.shape[1] * 4 // 2)
+        self._add("rows_sent", float(hop1.sum()))
+        self._add("bytes_sent", float(hop1.sum()) * row1 + float(hop2.sum()) * row2)
+        self._add("bytes_internode", float(hop1.sum() - hop1[my_node]) * row1)
+        self._add("bytes_remote", float(hop1.sum() - hop1[my_node]) * row1 + float(hop2.sum() - hop2[my_local]) * row2)
+        self._account_baseline(per_rank, width, size, backward)
+        return out
+
+    def _exchange_route(self, group: dist.ProcessGroup, send_counts: torch.Tensor) -> Route:
+        """A one-exchange route over `group` for rows grouped by member (send_counts [members])."""
+        start = time.perf_counter()
+        counts = send_counts.view(-1, 1)
+        recv = exchange_equal(counts, group)
+        self._add("a2a_ms", (time.perf_counter() - start) * 1e3)
+        return Route([Exchange(group, counts.sum(1).tolist(), recv.sum(1).tolist())], counts, recv)
 
     def _rank_associated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
                          offsets: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from shardyard.data.corpus import ByteCorpus, resolve_files
+from shardyard.data.ngram_control import NGramControl, WindowControls
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import DataSpec
 
@@ -102,6 +103,24 @@ def rank_batches(text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: i
     """This rank's validation batches: its share of the windows selected for the whole world."""
     starts = select_windows(len(text.data), seq_len, eval_bytes, world)
     return batch_windows(text.data, starts[rank], seq_len, batch_size)
+
+
+def rank_controls(text: HeldOutText, seq_len: int, eval_bytes: int, rank: int, world: int,
+                  control: NGramControl | None) -> WindowControls | None:
+    """The n-gram control variates of this rank's windows (None without a control model)."""
+    if control is None:
+        return None
+    starts = select_windows(len(text.data), seq_len, eval_bytes, world)
+    return control.window_controls(text.data, starts[rank], seq_len)
+
+
+def all_controls(text: HeldOutText, seq_len: int, eval_bytes: int, world: int,
+                 control: NGramControl | None) -> WindowControls | None:
+    """Every rank's window controls in `all_batches` order."""
+    if control is None:
+        return None
+    starts = select_windows(len(text.data), seq_len, eval_bytes, world)
+    return control.window_controls(text.data, starts.ravel(), seq_len)
 
 
 def all_batches(text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: int,

@@ -9,6 +9,12 @@ for equal windows is the sample standard deviation of per-window bits per byte /
 all-reduce six float64 sums (count, bits, bytes, bits^2, bytes^2, bits*bytes), so the result does
 not depend on how the windows were split.
 
+With byte data and an n-gram control model (data/ngram_control.py) the figure is the regression
+estimator instead: the sample mean corrected by the windows' n-gram bits per byte against their
+known mean over the whole text, with the residuals' standard error, typically 2-3x smaller from the
+same windows. Ranks then also all-reduce the controls' sums, cross products and products with the
+per-window figure.
+
 Windows are a systematic sample (data/validation.py), for which the i.i.d. standard error is a
 conservative estimate. Two models evaluated on the same data score the same windows, so their
 difference can be judged window by window (`window_bits_per_byte`), which is far tighter than
@@ -28,9 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shardyard.data.ngram_control import NGramControl, WindowControls
 from shardyard.platform.schema import JobSpec
 
 LN2 = math.log(2)
+CONTROL_MIN_WINDOWS = 24  # fewer windows: the plain estimator (the slope needs ~8 windows per control)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,6 +49,7 @@ class EvalResult:
     stderr: float  # standard error of that mean (nan with fewer than 2 windows)
     windows: int  # windows scored, all ranks
     bytes: int  # bytes scored, all ranks
+    control_gain: float = 1.0  # plain-estimator variance / this estimator's (1 = no control variates)
 
     def __str__(self) -> str:
         return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
@@ -94,6 +103,31 @@ def summarize_ratio(sums: list[float]) -> EvalResult:
     return EvalResult(ratio, math.sqrt(residual_sq / (n * (n - 1))) / mean_bytes, n, int(round(covered)))
 
 
+def summarize_regression(sums: list[float], control_means: np.ndarray) -> EvalResult:
+    """The regression estimator of the mean bits per byte over every window of the text, from equal-length
+    windows' [count, bits, bytes, bits^2, bytes^2, bits*bytes] followed by the controls' sums (p), cross
+    products (p x p) and products with bits per byte (p); `control_means`: the controls over every window."""
+    plain = summarize_ratio(sums[:6])
+    p = len(control_means)
+    n = sums[0]
+    if n < max(CONTROL_MIN_WINDOWS, p + 3) or not math.isfinite(plain.stderr):
+        return plain
+    length = sums[2] / n  # bytes per window
+    mean_y = sums[1] / length / n
+    s_yy = sums[3] / length ** 2 - n * mean_y * mean_y
+    x_sum = np.array(sums[6:6 + p])
+    mean_x = x_sum / n
+    s_xx = np.array(sums[6 + p:6 + p + p * p]).reshape(p, p) - n * np.outer(mean_x, mean_x)
+    s_xy = np.array(sums[6 + p + p * p:6 + 2 * p + p * p]) - n * mean_x * mean_y
+    slope = np.linalg.lstsq(s_xx, s_xy, rcond=1e-10)[0]
+    residual_ss = max(s_yy - float(slope @ s_xy), 0.0)
+    if residual_ss <= 0.0:
+        return plain
+    estimate = mean_y + float(slope @ (np.asarray(control_means) - mean_x))
+    stderr = math.sqrt(residual_ss / (n - p - 1) / n)
+    return EvalResult(estimate, stderr, plain.windows, plain.bytes, (plain.stderr / stderr) ** 2)
+
+
 @contextlib.contextmanager
 def training_accounting_kept(model: torch.nn.Module) -> Iterator[None]:
     """Evaluation forwards must not count toward the training step's bookkeeping: MoE layers sum
@@ -125,22 +159,36 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
              autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, world: int = 1,
-             group: dist.ProcessGroup | None = None, token_bytes: torch.Tensor | None = None) -> EvalResult:
+             group: dist.ProcessGroup | None = None, token_bytes: torch.Tensor | None = None,
+             controls: WindowControls | None = None) -> EvalResult:
     """Bits per byte of `model` over this rank's `batches`, combined over the `world` ranks (collective
     when world > 1: every rank calls it, with the same number of batches for expert-parallel models).
-    `token_bytes`: bytes each token id covers (None: bytes, one each)."""
-    sums = torch.zeros(6, dtype=torch.float64)  # windows, bits, bytes, bits^2, bytes^2, bits*bytes
+    `token_bytes`: bytes each token id covers (None: bytes, one each). `controls`: the windows' n-gram
+    control variates in batch order (used with bytes only; the same on every rank or None on every rank)."""
+    use_controls = controls is not None and token_bytes is None
+    p = controls.values.shape[1] if use_controls else 0
+    # windows, bits, bytes, bits^2, bytes^2, bits*bytes; then sum x, x x^T, x * bpb of the controls
+    sums = torch.zeros(6 + 2 * p + p * p, dtype=torch.float64)
+    seen = 0
     with eval_mode(model):
         for inputs, targets in batches:
             with autocast():
                 bits, covered = window_bits_and_bytes(model, inputs.to(device), targets.to(device), token_bytes)
             bits, covered = bits.cpu(), covered.cpu()
-            sums += torch.stack([torch.tensor(float(len(bits)), dtype=torch.float64), bits.sum(), covered.sum(),
-                                 bits.square().sum(), covered.square().sum(), (bits * covered).sum()])
+            sums[:6] += torch.stack([torch.tensor(float(len(bits)), dtype=torch.float64), bits.sum(), covered.sum(),
+                                     bits.square().sum(), covered.square().sum(), (bits * covered).sum()])
+            if use_controls:
+                x = torch.from_numpy(controls.values[seen:seen + len(bits)])
+                sums[6:6 + p] += x.sum(dim=0)
+                sums[6 + p:6 + p + p * p] += (x.T @ x).flatten()
+                sums[6 + p + p * p:] += (x * (bits / covered)[:, None]).sum(dim=0)
+            seen += len(bits)
     if world > 1:
         reduced = sums.to(device)
         dist.all_reduce(reduced, group=group)
         sums = reduced.cpu()
+    if use_controls:
+        return summarize_regression(sums.tolist(), controls.means)
     return summarize_ratio(sums.tolist())
 
 
@@ -151,6 +199,13 @@ def autocast_for(spec: JobSpec, device: torch.device) -> Callable[[], ContextMan
     return contextlib.nullcontext
 
 
+def eval_control(spec: JobSpec, data: Any) -> NGramControl | None:
+    """The n-gram control model for training.eval_control (None: off, or tokenized data)."""
+    if spec.training.eval_control != "ngram" or data.token_bytes is not None:
+        return None
+    return NGramControl.fit(data.train)
+
+
 def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int | None = None,
                  overrides: list[str] | None = None) -> tuple[JobSpec, EvalResult]:
     """`shardyard eval`: a run's model (newest checkpoint, or `step`) on `data_paths` (every file under
@@ -158,7 +213,7 @@ def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int |
     training. The windows are those a job with the run's resources.workers would score, evaluated in
     one process, so with the run's held-out split the figure equals the run's logged val_bpb."""
     from shardyard.data.training_data import load_training_data
-    from shardyard.data.validation import all_batches, load_text
+    from shardyard.data.validation import all_batches, all_controls, load_text
     from shardyard.platform.spec import load_spec_text, spec_to_yaml
     from shardyard.runtime.export import load_for_inference
 
@@ -175,8 +230,10 @@ def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int |
 
         raise UserError(f"--data: {len(text.data)} bytes hold fewer than {world} windows of {seq_len + 1} bytes")
     batches = all_batches(text, seq_len, spec.training.eval_bytes, spec.training.batch_size, world)
+    controls = all_controls(text, seq_len, spec.training.eval_bytes, world, eval_control(spec, data))
     device = torch.device("cpu")
-    return spec, evaluate(model, batches, device, autocast_for(spec, device), token_bytes=token_bytes)
+    return spec, evaluate(model, batches, device, autocast_for(spec, device), token_bytes=token_bytes,
+                          controls=controls)
 
 
 def per_window_bits(model: torch.nn.Module, batches: list[Batch], device: torch.device,

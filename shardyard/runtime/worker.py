@@ -29,7 +29,7 @@ from shardyard.cluster.secret_env import record_secret_probe
 from shardyard.comm.topology import Topology
 from shardyard.comm.dispatch import dispatch_metrics
 from shardyard.data.training_data import build_data_loader, load_training_data
-from shardyard.data.validation import eval_set_texts, rank_batches
+from shardyard.data.validation import eval_set_texts, rank_batches, rank_controls
 from shardyard.models import build_model, moe_layers
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
@@ -37,7 +37,7 @@ from shardyard.models.moe.layer import attach_router_bias_updates
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
-from shardyard.runtime.evaluation import EvalResult, autocast_for, evaluate
+from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.devices import worker_device
 from shardyard.runtime.parallel import build_plan
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
@@ -135,6 +135,9 @@ class Trainer:
             print(f"[shardyard] {self.data.describe()}", flush=True)
         self.val = {name: rank_batches(text, spec.data.seq_len, spec.training.eval_bytes, spec.training.batch_size,
                                        self.ctx.rank, self.ctx.world) for name, text in texts.items()}
+        control = eval_control(spec, self.data)
+        self.val_controls = {name: rank_controls(text, spec.data.seq_len, spec.training.eval_bytes, self.ctx.rank,
+                                                 self.ctx.world, control) for name, text in texts.items()}
         self.autocast = autocast_for(spec, self.ctx.device)
         self.step = 0
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
@@ -234,7 +237,8 @@ class Trainer:
         """Bits per byte (mean and standard error over windows, all ranks) of the held-out split (key "")
         and of every training.eval_sets entry (key: its name). Collective."""
         return {name: evaluate(self.model, batches, self.ctx.device, self.autocast, self.ctx.world,
-                               token_bytes=self.token_bytes) for name, batches in self.val.items()}
+                               token_bytes=self.token_bytes, controls=self.val_controls[name])
+                for name, batches in self.val.items()}
 
     def maybe_inject_fault(self) -> None:
         """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
@@ -284,7 +288,8 @@ class Trainer:
                 self.timer.add("eval", eval_s)
                 metrics["val_bpb"] = results[""].bpb
                 record = {"kind": "eval", "val_bpb": results[""].bpb, "val_bpb_stderr": results[""].stderr,
-                          "val_windows": results[""].windows, "eval_s": eval_s, "total_steps": spec.steps}
+                          "val_windows": results[""].windows, "val_control_gain": results[""].control_gain,
+                          "eval_s": eval_s, "total_steps": spec.steps}
                 for name, result in results.items():
                     if name:
                         record[f"val/{name}_bpb"] = result.bpb

@@ -81,6 +81,8 @@ def _check_stack(topo: Topology) -> None:
                                        msg=lambda m: f"{algo}: {key}: {m}")
         metrics = dispatch_metrics(dedup_module)
         assert metrics["comm/layer0/rows_sent"] < metrics["comm/layer0/tokens_in"], metrics
+        if algo == "flat":  # node dedup has its own two hops (inter-node, then intra-node): any algo
+            _check_node_dedup(groups, topo.rank, layer_path, metrics)
         for payload, rtol in (("bf16", 2e-2), ("fp8", 1.5e-1)):
             for dedup_on in (False, True):
                 low = _run(_wrap(groups, algo, payload=payload, dedup=dedup_on), topo.rank, fused=dedup_on)
@@ -105,6 +107,28 @@ def _check_stack(topo: Topology) -> None:
     dist.all_gather(gathered, codes)
     assert all(torch.equal(codes, c) for c in gathered)
     dist.barrier()
+
+
+def _check_node_dedup(groups, rank: int, layer_path: dict[str, torch.Tensor], rank_dedup: dict[str, float]) -> None:
+    """Node-level dedup equals the layer's path (up to the order of a token's 3-term sums) and sends each
+    token across the node boundary once per remote node holding any of its experts."""
+    module = _wrap(groups, "flat", dedup="node")
+    assert module.dedup == "node"
+    node = _run(module, rank, fused=True)
+    for key in layer_path:
+        # expert rows arrive in another order (relay, node, token), so weight gradients sum in another order
+        torch.testing.assert_close(node[key], layer_path[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"node dedup {key}: {m}")
+    metrics = dispatch_metrics(module)
+    _, token_of, _, offsets = _routing(rank)
+    expert_of = torch.repeat_interleave(torch.arange(EXPERTS), torch.diff(offsets.long(), prepend=torch.zeros(1, dtype=torch.long)))
+    node_of = expert_of // (EXPERTS // 2)  # 2 nodes of 2 ranks, 2 experts per rank
+    remote = node_of != rank // 2
+    crossing_rows = torch.unique(node_of[remote] * TOKENS + token_of[remote]).numel()
+    row_bytes = 2 * 2 * (WIDTH * 4 + 3 * 4)  # out and back, forward and backward: fp32 row + 3 fp32 weights
+    assert metrics["comm/bytes_internode"] == crossing_rows * row_bytes
+    assert metrics["comm/bytes_internode"] < rank_dedup["comm/bytes_internode"] < metrics["comm/layer0/tokens_in"] * row_bytes
+    low = _run(_wrap(groups, "flat", dedup="node", payload="bf16"), rank, fused=True)
+    assert (low["out"] - layer_path["out"]).abs().max() / layer_path["out"].abs().max() < 2e-2
 
 
 @pytest.mark.distributed

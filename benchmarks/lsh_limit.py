@@ -1,0 +1,152 @@
+"""How much can centroid compression keep on this model at all? LSH against a k-means oracle.
+
+LSH-MoE sends one centroid per bucket of similar rows and gives each row E(c) + (x - c). LSH is a
+cheap stand-in for clustering; the best a centroid scheme with residual compensation can do at a
+given number of centroids is (close to) k-means within each expert's rows. This loads a trained MoE
+byte LM, swaps every MoE layer's experts for
+
+- `exact`: the experts as trained;
+- `kmeans r`: per micro-batch and expert, k-means (k = rows / r, 15 Lloyd steps, seeded) and
+  E(c) + (x - c) per row: the oracle at r x fewer rows;
+- `lsh h`: shardyard's LSH dispatch with h hash functions (`parallel.dispatch.lsh`, one worker),
+
+and scores the same held-out windows with each (drop-in at evaluation: the model was not trained
+with the compression). It prints rows sent per copy, the relative error of the expert outputs and
+held-out bits per byte with the paired difference to `exact` (window by window, with its error).
+
+    python benchmarks/lsh_limit.py RUN_DIR [--eval-bytes 65536] [--ratios 2 4] [--hashes 8 10 12 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shardyard.comm.dispatch import dispatch_metrics
+from shardyard.comm.expert_parallel import apply_expert_parallel
+from shardyard.data.training_data import load_training_data
+from shardyard.data.validation import all_batches
+from shardyard.models.moe.layer import MoELayer
+from shardyard.runtime.evaluation import per_window_bits
+from shardyard.runtime.export import load_for_inference
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids [k', width], assignment [rows]) with empty clusters dropped; seeded random init."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        count = torch.bincount(assign, minlength=len(centres))
+        centres[count > 0] = sums[count > 0] / count[count > 0, None]
+    assign = torch.cdist(x, centres).argmin(dim=1)
+    used, assign = torch.unique(assign, return_inverse=True)
+    sums = torch.zeros(len(used), x.shape[1], dtype=x.dtype).index_add_(0, assign, x)
+    return sums / torch.bincount(assign)[:, None].to(x.dtype), assign
+
+
+class KMeansExperts(nn.Module):
+    """The experts behind a k-means centroid dispatch: rows / ratio centroids per expert, residual added."""
+
+    def __init__(self, experts: nn.Module, ratio: float, stats: dict[str, float]) -> None:
+        super().__init__()
+        self.experts, self.ratio, self.stats = experts, ratio, stats
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ends = offsets.to(torch.int64).tolist()
+        starts = [0] + ends[:-1]
+        cents, assigns, counts = [], [], []
+        for lo, hi in zip(starts, ends):
+            rows = x_sorted[lo:hi]
+            if len(rows) == 0:
+                counts.append(0)
+                continue
+            c, a = kmeans(rows, max(1, math.ceil(len(rows) / self.ratio)))
+            cents.append(c)
+            assigns.append(a + sum(counts))
+            counts.append(len(c))
+        centroids = torch.cat(cents)
+        assign = torch.cat(assigns)
+        out_c = self.experts(centroids, torch.cumsum(torch.tensor(counts), 0).to(torch.int32))
+        out = out_c[assign] + (x_sorted - centroids[assign])
+        exact = self.experts(x_sorted, offsets)
+        self.stats["err_sq"] += float((out - exact).double().square().sum())
+        self.stats["ref_sq"] += float(exact.double().square().sum())
+        self.stats["rows"] += float(len(x_sorted))
+        self.stats["sent"] += float(len(centroids))
+        return out
+
+
+def score(model: nn.Module, batches: list) -> np.ndarray:
+    return per_window_bits(model, batches, torch.device("cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--eval-bytes", type=int, default=65536)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--hashes", type=int, nargs="+", default=[8, 10, 12, 14])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    spec, model = load_for_inference(args.run_dir)
+    data = load_training_data(spec.data)
+    batches = all_batches(data.held_out, spec.data.seq_len, args.eval_bytes, 8, 1)
+    moe = spec.model.moe
+    print(f"# {args.run_dir}: {moe.num_experts} experts top-{moe.top_k}, width {spec.model.width}; "
+          f"{sum(len(b[0]) for b in batches)} held-out windows of {spec.data.seq_len} bytes; load {os.getloadavg()[0]:.1f}")
+    exact = score(model, batches)
+    n = len(exact)
+    print(f"\n| dispatch | rows sent / copies | expert-output rel. error | held-out bpb | minus exact (paired s.e.) | relative |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| exact | 1.000 | 0 | {exact.mean():.4f} | - | - |")
+
+    def row(name: str, sent: float, err: float, bits: np.ndarray) -> None:
+        diff = bits - exact
+        print(f"| {name} | {sent:.3f} | {err:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
+              f"| {100 * diff.mean() / exact.mean():+.2f} % |", flush=True)
+
+    for ratio in args.ratios:
+        oracle = copy.deepcopy(model)
+        stats = {"err_sq": 0.0, "ref_sq": 0.0, "rows": 0.0, "sent": 0.0}
+        for layer in (m for m in oracle.modules() if isinstance(m, MoELayer)):
+            layer.experts = KMeansExperts(layer.experts, ratio, stats)
+        bits = score(oracle, batches)
+        row(f"kmeans {ratio:g}x", stats["sent"] / stats["rows"], math.sqrt(stats["err_sq"] / stats["ref_sq"]), bits)
+    for hashes in args.hashes:
+        hashed = copy.deepcopy(model)
+        parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(
+            lsh={"hashes": hashes, "error_every": 0})})
+        apply_expert_parallel(hashed, None, parallel)
+        bits = score(hashed, batches)
+        metrics = dispatch_metrics(hashed)
+        sent = sum(v for k, v in metrics.items() if k.endswith("/rows_sent"))
+        copies = sum(v for k, v in metrics.items() if k.endswith("/tokens_in"))
+        # the error of the LSH outputs, measured the same way: rerun with the exact experts on the side
+        err = lsh_error(copy.deepcopy(model), spec, hashes, batches[:8])
+        row(f"lsh {hashes}", sent / copies, err, bits)
+
+
+def lsh_error(model: nn.Module, spec, hashes: int, batches: list) -> float:
+    """Relative error of the LSH expert outputs on a few batches (training-mode forwards, no step)."""
+    parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(
+        lsh={"hashes": hashes, "error_every": 1})})
+    apply_expert_parallel(model, None, parallel)
+    model.train()
+    with torch.no_grad():
+        for inputs, targets in batches:
+            model(inputs, targets)
+    return float(dispatch_metrics(model).get("comm/lsh_rel_error", float("nan")))
+
+
+if __name__ == "__main__":
+    main()
