@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python benchmarks/dispatch.py                    # loopback: 4 gloo ranks, 2 fake nodes
     sudo PYTHONPATH=$PWD python benchmarks/dispatch.py --netbed 200  # netns testbed, 2 nodes x 2, 200 Mbit/s links
 
-One MoE layer's experts (8 experts of width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
+One MoE layer's experts (8 experts by default, --experts; width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
 seeded random router) behind `ExpertParallelExperts` on an EP group of 4, for each configuration:
 flat fp32 (today), +dedup (per rank), +dedup+bf16, +dedup node (per node across the inter-node
 link), +dedup node+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16); `--only` picks some.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-WIDTH, HIDDEN, EXPERTS, TOP_K = 256, 512, 8, 2
+WIDTH, HIDDEN, TOP_K = 256, 512, 2
 
 CONFIGS: dict[str, dict] = {
     "flat fp32": {},
@@ -48,12 +48,12 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _tokens(rank: int, n: int, clusters: int, spread: float):
+def _tokens(rank: int, n: int, clusters: int, spread: float, num_experts: int):
     import torch
 
     g = torch.Generator().manual_seed(11)
     centres = torch.randn(clusters, WIDTH, generator=g)  # the same centres on every rank
-    router = torch.randn(WIDTH, EXPERTS, generator=g) / WIDTH ** 0.5
+    router = torch.randn(WIDTH, num_experts, generator=g) / WIDTH ** 0.5
     g = torch.Generator().manual_seed(100 + rank)
     x = centres[torch.randint(0, clusters, (n,), generator=g)] + spread * torch.randn(n, WIDTH, generator=g)
     probs = (x @ router).softmax(-1)
@@ -61,7 +61,7 @@ def _tokens(rank: int, n: int, clusters: int, spread: float):
     weights = weights / weights.sum(1, keepdim=True)
     expert_ids, token_ids = experts.reshape(-1), torch.arange(n).repeat_interleave(TOP_K)
     order = torch.argsort(expert_ids, stable=True)
-    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=EXPERTS), 0).to(torch.int32)
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=num_experts), 0).to(torch.int32)
     return x, token_ids[order], weights.reshape(-1)[order], offsets
 
 
@@ -77,14 +77,14 @@ def measure(topo, args: argparse.Namespace) -> None:
 
     groups = build_groups(topo, ep=topo.world_size)
     torch.manual_seed(0)
-    full = GroupedExperts(EXPERTS, WIDTH, HIDDEN, "swiglu", "auto")
+    full = GroupedExperts(args.experts, WIDTH, HIDDEN, "swiglu", "auto")
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
         full.w_up.normal_(std=WIDTH ** -0.5)
         full.w_down.normal_(std=HIDDEN ** -0.5)
     names = [n for n in CONFIGS if not args.only or n in args.only]
     modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
                for name in names}
-    x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread)
+    x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread, args.experts)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps + 1):  # first round is warm-up
         order = names[rep % len(names):] + names[:rep % len(names)]
@@ -113,7 +113,8 @@ def measure(topo, args: argparse.Namespace) -> None:
         rec["lsh_rel_error"] = float(summed[-1]) / topo.world_size
         rec.update(config=name, step_ms=[1e3 * s for s in samples[name]], nodes=topo.num_nodes,
                    rpn=topo.ranks_per_node, rate_mbit=args.rate, tokens=args.tokens, width=WIDTH,
-                   clusters=args.clusters, spread=args.spread, a2a=args.a2a, cpu_count=os.cpu_count())
+                   clusters=args.clusters, spread=args.spread, a2a=args.a2a, cpu_count=os.cpu_count(),
+                   experts=args.experts)
         records.append(rec)
     if topo.rank == 0:
         with open(args.out, "a") as f:
@@ -155,7 +156,7 @@ def run_netbed(args: argparse.Namespace) -> None:
                     "--world", str(nodes * rpn), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29511",
                     "--netbed", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
                     "--tokens", str(args.tokens), "--clusters", str(args.clusters), "--spread", str(args.spread),
-                    "--a2a", args.a2a, *(["--only", *args.only] if args.only else [])]
+                    "--a2a", args.a2a, "--experts", str(args.experts), *(["--only", *args.only] if args.only else [])]
             procs.append(bed.popen(rank // rpn, argv, env))
         for p in procs:
             if p.wait(timeout=1800):
@@ -170,12 +171,12 @@ def summarize(path: Path) -> str:
     base: dict[str, float] = {}
     base_nodes: dict[str, float] = {}
     for r in recs:
-        link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
+        link = ("loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s") + f", E={r.get('experts', 8)}"
         if r["config"] == "flat fp32":
             base[link] = r["bytes_remote"]
             base_nodes[link] = r.get("bytes_internode", float("nan"))
     for r in recs:
-        link = "loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s"
+        link = ("loopback" if r["rate_mbit"] == 0 else f"{r['rate_mbit']:g} Mbit/s") + f", E={r.get('experts', 8)}"
         ms = r["step_ms"]
         q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
         err = f"{r['lsh_rel_error']:.3f}" if "LSH" in r["config"] else "-"
@@ -311,6 +312,7 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=0.3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--a2a", default="flat", choices=["flat", "hierarchical", "leader"])
+    p.add_argument("--experts", type=int, default=8, help="experts of the MoE layer (a multiple of 4)")
     p.add_argument("--only", nargs="+", default=[], help="configurations to run (names of CONFIGS)")
     p.add_argument("--out", type=Path, default=Path("/tmp/dispatch-bench.jsonl"))
     p.add_argument("--rank", type=int)

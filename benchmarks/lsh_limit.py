@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from shardyard.comm.dispatch import dispatch_metrics
@@ -93,8 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--eval-bytes", type=int, default=65536)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[2.0, 4.0])
     parser.add_argument("--hashes", type=int, nargs="+", default=[8, 10, 12, 14])
+    parser.add_argument("--dispatch", nargs="*", default=[],
+                        help="more parallel.dispatch settings as YAML flow mappings, e.g. '{lsh: {hashes: 20}, payload: fp8}'")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -106,13 +109,14 @@ def main() -> None:
           f"{sum(len(b[0]) for b in batches)} held-out windows of {spec.data.seq_len} bytes; load {os.getloadavg()[0]:.1f}")
     exact = score(model, batches)
     n = len(exact)
-    print(f"\n| dispatch | rows sent / copies | expert-output rel. error | held-out bpb | minus exact (paired s.e.) | relative |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| exact | 1.000 | 0 | {exact.mean():.4f} | - | - |")
+    print(f"\n| dispatch | rows sent / copies | bytes vs fp32 | expert-output rel. error | held-out bpb | minus exact (paired s.e.) | relative |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| exact | 1.000 | 1.000 | 0 | {exact.mean():.4f} | - | - |")
 
-    def row(name: str, sent: float, err: float, bits: np.ndarray) -> None:
+    def row(name: str, sent: float, err: float, bits: np.ndarray, byte_ratio: float | None = None) -> None:
         diff = bits - exact
-        print(f"| {name} | {sent:.3f} | {err:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
+        ratio = sent if byte_ratio is None else byte_ratio
+        print(f"| {name} | {sent:.3f} | {ratio:.3f} | {err:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
               f"| {100 * diff.mean() / exact.mean():+.2f} % |", flush=True)
 
     for ratio in args.ratios:
@@ -122,29 +126,30 @@ def main() -> None:
             layer.experts = KMeansExperts(layer.experts, ratio, stats)
         bits = score(oracle, batches)
         row(f"kmeans {ratio:g}x", stats["sent"] / stats["rows"], math.sqrt(stats["err_sq"] / stats["ref_sq"]), bits)
-    for hashes in args.hashes:
-        hashed = copy.deepcopy(model)
-        parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(
-            lsh={"hashes": hashes, "error_every": 0})})
-        apply_expert_parallel(hashed, None, parallel)
-        bits = score(hashed, batches)
-        metrics = dispatch_metrics(hashed)
+    settings = [{"lsh": {"hashes": h}} for h in args.hashes] + [yaml.safe_load(text) for text in args.dispatch]
+    for setting in settings:
+        dispatch = type(spec.parallel.dispatch)(**setting)
+        if dispatch.lsh is not None:
+            dispatch.lsh.error_every = 0
+        compressed = copy.deepcopy(model)
+        apply_expert_parallel(compressed, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
+        bits = score(compressed, batches)
+        metrics = dispatch_metrics(compressed)
         sent = sum(v for k, v in metrics.items() if k.endswith("/rows_sent"))
         copies = sum(v for k, v in metrics.items() if k.endswith("/tokens_in"))
-        # the error of the LSH outputs, measured the same way: rerun with the exact experts on the side
-        err = lsh_error(copy.deepcopy(model), spec, hashes, batches[:8])
-        row(f"lsh {hashes}", sent / copies, err, bits)
+        err = output_error(copy.deepcopy(model), spec, setting, batches[:8]) if dispatch.lsh is not None else float("nan")
+        name = f"lsh {dispatch.lsh.hashes}" if setting == {"lsh": {"hashes": dispatch.lsh.hashes if dispatch.lsh else 0}} else str(setting)
+        row(name, sent / copies, err, bits, metrics.get("comm/compression_ratio"))
 
 
-def lsh_error(model: nn.Module, spec, hashes: int, batches: list) -> float:
+def output_error(model: nn.Module, spec, setting: dict, batches: list) -> float:
     """Relative error of the LSH expert outputs on a few batches (training-mode forwards, no step)."""
-    parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(
-        lsh={"hashes": hashes, "error_every": 1})})
-    apply_expert_parallel(model, None, parallel)
+    dispatch = type(spec.parallel.dispatch)(**setting)
+    dispatch.lsh.error_every = 1
+    apply_expert_parallel(model, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
     model.train()
-    with torch.no_grad():
-        for inputs, targets in batches:
-            model(inputs, targets)
+    for inputs, targets in batches:
+        model(inputs, targets)
     return float(dispatch_metrics(model).get("comm/lsh_rel_error", float("nan")))
 
 

@@ -87,7 +87,7 @@ class ExpertParallelExperts(nn.Module):
         lsh = dispatch.lsh
         self.lsh = None if lsh is None else CentroidHasher(
             width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
-            lsh.error_every, lsh.seed, lsh.residual)
+            lsh.error_every, lsh.seed, lsh.residual, lsh.max_error)
         self._pending_ratio: float | None = None  # last micro-batch's centroids / rows, for target_ratio
         self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
@@ -191,12 +191,25 @@ class ExpertParallelExperts(nn.Module):
         if training and self.lsh.measure_now():
             with torch.no_grad():
                 exact = self._through_experts(x_sorted.detach(), counts, Codec())
-                self._add("err_sq", float((out.detach() - exact).double().square().sum()))
-                self._add("ref_sq", float(exact.double().square().sum()))
+                err_sq = (out.detach() - exact).double().square().sum()
+                ref_sq = exact.double().square().sum()
+                self._add("err_sq", float(err_sq))
+                self._add("ref_sq", float(ref_sq))
                 self._add("err_samples", 1.0)
+                if self.lsh.max_error is not None:
+                    self.lsh.steer_by_error(self._group_error(err_sq, ref_sq))
         if training:  # applied at the next training micro-batch (see above)
             self._pending_ratio = self._global_ratio(cents.rows.shape[0], x_sorted.shape[0])
         return out
+
+    def _group_error(self, err_sq: torch.Tensor, ref_sq: torch.Tensor) -> float:
+        """||out - exact|| / ||exact|| over the EP group (one two-number all-reduce): the same on every rank."""
+        t = torch.stack([err_sq, ref_sq]).double()
+        if self.ep_size > 1:
+            t = t.to(self.comm_counters.device)
+            dist.all_reduce(t, group=self.a2a.groups.ep)
+            t = t.cpu()
+        return float((t[0] / t[1].clamp(min=1e-300)).sqrt())
 
     def _global_ratio(self, centroids: int, rows: int) -> float | None:
         """centroids / rows over the EP group (a tiny all-reduce), for target_ratio adaptation."""

@@ -116,7 +116,8 @@ class CentroidHasher(nn.Module):
     """Per-layer LSH state: the rotation schedule (persistent) and the adaptive number of hashes in use."""
 
     def __init__(self, width: int, layer: int, hashes: int, buckets_per_hash: int, rotation_refresh: int,
-                 target_ratio: float | None, error_every: int, seed: int, residual: bool = True) -> None:
+                 target_ratio: float | None, error_every: int, seed: int, residual: bool = True,
+                 max_error: float | None = None) -> None:
         super().__init__()
         if buckets_per_hash % 2 or buckets_per_hash < 2:
             raise ValueError(f"buckets_per_hash must be even and >= 2, got {buckets_per_hash}")
@@ -124,6 +125,7 @@ class CentroidHasher(nn.Module):
         self.buckets_per_hash, self.half = buckets_per_hash, buckets_per_hash // 2
         self.rotation_refresh, self.target_ratio = rotation_refresh, target_ratio
         self.error_every, self.seed, self.residual = error_every, seed, residual
+        self.max_error = max_error
         # Persistent: restored by a checkpoint, so a resumed run hashes exactly as the original would.
         self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))  # training micro-batches seen
         self.register_buffer("active_hashes", torch.tensor(hashes, dtype=torch.int64))
@@ -162,6 +164,18 @@ class CentroidHasher(nn.Module):
         elif ratio < self.target_ratio / 2 and active < self.hashes:
             self.active_hashes.fill_(active + 1)
 
+    def steer_by_error(self, error: float) -> None:
+        """After a measured micro-batch (max_error set): one hash function more when the relative error of
+        the expert outputs is above max_error, one fewer when below half of it. `error` must be the same
+        on every rank of the EP group (the caller all-reduces), so the hashes in use stay equal."""
+        if self.max_error is None:
+            return
+        active = int(self.active_hashes)
+        if error > self.max_error and active < self.hashes:
+            self.active_hashes.fill_(active + 1)
+        elif error < self.max_error / 2 and active > 1:
+            self.active_hashes.fill_(active - 1)
+
     def extra_repr(self) -> str:
         return (f"hashes={self.hashes}, buckets_per_hash={self.buckets_per_hash}, "
-                f"rotation_refresh={self.rotation_refresh}, target_ratio={self.target_ratio}")
+                f"rotation_refresh={self.rotation_refresh}, target_ratio={self.target_ratio}, max_error={self.max_error}")

@@ -11,7 +11,7 @@ sampled mean can be corrected by how far the sample's n-gram mean strays from th
 
 with x a window's n-gram bits per byte for orders 1..3 and X their means over every window start.
 Its standard error is that of the regression residuals, sqrt(1 - R^2) of the plain one: on the
-stdlib held-out split R^2 is 0.75-0.88, i.e. the same standard error from 4-8x fewer windows
+stdlib held-out split R^2 is 0.74-0.92, i.e. the same standard error from 4-12x fewer windows
 (`benchmarks/eval_stderr.py` checks it against the spread of the design itself).
 
 The n-gram tables are counts over a fixed, evenly spaced sample of the training split (at most 8 MiB),

@@ -318,13 +318,22 @@ class TrainingSpec(Section):
 class LSHSpec(Section):
     """LSH-MoE centroids: tokens bound for one expert that hash alike travel as their mean (docs/lsh.md)."""
 
-    hashes: PositiveInt = Field(6, le=16, description="cross-polytope hash functions ANDed into one bucket id; more = finer buckets, more bytes, less error")
+    hashes: PositiveInt = Field(6, le=64, description="cross-polytope hash functions ANDed into one bucket id; more = finer buckets, more bytes, less error")
     buckets_per_hash: int = Field(2, ge=2, le=64, description="buckets of one hash function (2m for m projected coordinates; 2 = the sign of one projection); even")
     rotation_refresh: PositiveInt = Field(100, description="training micro-batches between new random rotations (the same on every rank)")
     target_ratio: float | None = Field(None, gt=0, le=1, description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always use all")
+    max_error: float | None = Field(None, gt=0, lt=1, description="adapt the hash functions in use (1..hashes, starting from all) to keep the sampled relative error of the expert outputs between max_error / 2 and max_error: one more when above, one fewer when below half (measured every error_every micro-batches, agreed over the EP group); null = off. Not with target_ratio")
     error_every: NonNegInt = Field(50, description="every n-th training micro-batch also runs the exact dispatch and records the relative error of the expert outputs (0 = never)")
     seed: NonNegInt = Field(0, description="seed of the random rotations (combined with the layer index and the refresh epoch)")
     residual: bool = Field(True, description="add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only")
+
+    @model_validator(mode="after")
+    def _one_adaptation(self) -> "LSHSpec":
+        if self.target_ratio is not None and self.max_error is not None:
+            raise ValueError("parallel.dispatch.lsh: target_ratio and max_error both steer the hashes in use; set one")
+        if self.max_error is not None and self.error_every == 0:
+            raise ValueError("parallel.dispatch.lsh.max_error needs error_every > 0 (the error it steers by is measured then)")
+        return self
 
     @model_validator(mode="after")
     def _even_buckets(self) -> "LSHSpec":

@@ -197,7 +197,39 @@ def test_dispatch_spec_validation() -> None:
         DispatchSpec(dedup=True, lsh={})
     with pytest.raises(ValidationError, match="payload"):
         DispatchSpec(payload="int4")
+    with pytest.raises(ValidationError, match="target_ratio and max_error"):
+        DispatchSpec(lsh={"target_ratio": 0.2, "max_error": 0.1})
+    with pytest.raises(ValidationError, match="error_every"):
+        DispatchSpec(lsh={"max_error": 0.1, "error_every": 0})
     assert not DispatchSpec().compressed and DispatchSpec(payload="bf16").compressed
+    assert DispatchSpec(dedup="node").compressed
+    with pytest.raises(ValidationError, match="dedup"):
+        DispatchSpec(dedup="nodes")
+
+
+def test_lsh_max_error_steers_the_hashes_in_use() -> None:
+    """Below half the bound (identical rows: no error) one hash function fewer per measured micro-batch;
+    above it (scattered rows merged into few buckets) one more, never beyond `hashes`."""
+    module = _wrap(None, "flat", lsh={"hashes": 8, "max_error": 0.05, "error_every": 1})
+    module.train()
+    offsets = torch.tensor([64] + [64] * (EXPERTS - 1), dtype=torch.int32)
+    same = torch.ones(64, WIDTH).requires_grad_(True)
+    for _ in range(5):
+        module(same, offsets)
+    assert int(module.lsh.active_hashes) == 3  # 8 -> 3
+    scattered = torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    errors = []
+    for _ in range(3):
+        module(scattered, offsets)
+        errors.append(dispatch_metrics(module)["comm/lsh_rel_error"])
+    assert min(errors) > 0.05 and int(module.lsh.active_hashes) == 6  # 3 -> 6
+    for _ in range(10):
+        module(scattered, offsets)
+    assert int(module.lsh.active_hashes) == 8  # capped at lsh.hashes
+    with torch.no_grad():  # evaluation neither measures nor steers
+        module.eval()
+        module(same, offsets)
+    assert int(module.lsh.active_hashes) == 8
 
 
 def test_lsh_one_worker_metrics_and_state() -> None:
