@@ -109,14 +109,15 @@ def main() -> None:
           f"{sum(len(b[0]) for b in batches)} held-out windows of {spec.data.seq_len} bytes; load {os.getloadavg()[0]:.1f}")
     exact = score(model, batches)
     n = len(exact)
-    print(f"\n| dispatch | rows sent / copies | bytes vs fp32 | expert-output rel. error | held-out bpb | minus exact (paired s.e.) | relative |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| exact | 1.000 | 1.000 | 0 | {exact.mean():.4f} | - | - |")
+    print(f"\n| dispatch | rows sent / copies | bytes vs fp32 | expert-output rel. error | error / output spread | held-out bpb | minus exact (paired s.e.) | relative |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| exact | 1.000 | 1.000 | 0 | 0 | {exact.mean():.4f} | - | - |")
 
-    def row(name: str, sent: float, err: float, bits: np.ndarray, byte_ratio: float | None = None) -> None:
+    def row(name: str, sent: float, err: float, bits: np.ndarray, byte_ratio: float | None = None,
+            spread: float = float("nan")) -> None:
         diff = bits - exact
         ratio = sent if byte_ratio is None else byte_ratio
-        print(f"| {name} | {sent:.3f} | {ratio:.3f} | {err:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
+        print(f"| {name} | {sent:.3f} | {ratio:.3f} | {err:.3f} | {spread:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
               f"| {100 * diff.mean() / exact.mean():+.2f} % |", flush=True)
 
     for ratio in args.ratios:
@@ -137,20 +138,23 @@ def main() -> None:
         metrics = dispatch_metrics(compressed)
         sent = sum(v for k, v in metrics.items() if k.endswith("/rows_sent"))
         copies = sum(v for k, v in metrics.items() if k.endswith("/tokens_in"))
-        err = output_error(copy.deepcopy(model), spec, setting, batches[:8]) if dispatch.lsh is not None else float("nan")
+        err, spread = (output_error(copy.deepcopy(model), spec, setting, batches[:8]) if dispatch.lsh is not None
+                       else (float("nan"), float("nan")))
         name = f"lsh {dispatch.lsh.hashes}" if setting == {"lsh": {"hashes": dispatch.lsh.hashes if dispatch.lsh else 0}} else str(setting)
-        row(name, sent / copies, err, bits, metrics.get("comm/compression_ratio"))
+        row(name, sent / copies, err, bits, metrics.get("comm/compression_ratio"), spread)
 
 
-def output_error(model: nn.Module, spec, setting: dict, batches: list) -> float:
-    """Relative error of the LSH expert outputs on a few batches (training-mode forwards, no step)."""
+def output_error(model: nn.Module, spec, setting: dict, batches: list) -> tuple[float, float]:
+    """Error of the LSH expert outputs relative to them and to their spread (minus each expert's mean),
+    on a few batches (training-mode forwards, no step)."""
     dispatch = type(spec.parallel.dispatch)(**setting)
     dispatch.lsh.error_every = 1
     apply_expert_parallel(model, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
     model.train()
     for inputs, targets in batches:
         model(inputs, targets)
-    return float(dispatch_metrics(model).get("comm/lsh_rel_error", float("nan")))
+    metrics = dispatch_metrics(model)
+    return float(metrics.get("comm/lsh_rel_error", float("nan"))), float(metrics.get("comm/lsh_spread_error", float("nan")))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ COUNTERS: dict[str, int] = {name: i for i, name in enumerate([
     "expert_rows",  # rows this rank's experts computed
     "err_sq",  # LSH: squared error of expert outputs against the exact dispatch (sampled micro-batches)
     "ref_sq",  # LSH: squared norm of the exact outputs
+    "spread_sq",  # LSH: squared norm of the exact outputs minus their expert's mean (their variation)
     "err_samples",
 ])}
 
@@ -69,6 +70,7 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
             out[f"comm/layer{i}/lsh_hashes"] = float(lsh.active_hashes)
             if get("err_samples"):
                 out[f"comm/layer{i}/lsh_rel_error"] = (get("err_sq") / max(get("ref_sq"), 1e-300)) ** 0.5
+                out[f"comm/layer{i}/lsh_spread_error"] = (get("err_sq") / max(get("spread_sq"), 1e-6 * get("ref_sq"), 1e-300)) ** 0.5
     if not out:
         return out
     t = {name: float(totals[i]) for name, i in COUNTERS.items()}
@@ -84,4 +86,5 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
         out["comm/internode_compression_ratio"] = t["bytes_internode"] / t["baseline_internode"]
     if t["err_samples"]:
         out["comm/lsh_rel_error"] = (t["err_sq"] / max(t["ref_sq"], 1e-300)) ** 0.5
+        out["comm/lsh_spread_error"] = (t["err_sq"] / max(t["spread_sq"], 1e-6 * t["ref_sq"], 1e-300)) ** 0.5
     return out

@@ -37,7 +37,7 @@ from shardyard.comm.alltoall import AllToAll, Exchange, Route, build_all_to_all,
 from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
 from shardyard.comm.dispatch import COUNTERS
 from shardyard.comm.groups import ProcessGroups
-from shardyard.comm.lsh import CentroidHasher, compress, expand
+from shardyard.comm.lsh import CentroidHasher, compress, expand, group_centered
 from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
 from shardyard.models.moe.accounting import recomputing
 from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, is_expert_shard
@@ -87,7 +87,7 @@ class ExpertParallelExperts(nn.Module):
         lsh = dispatch.lsh
         self.lsh = None if lsh is None else CentroidHasher(
             width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
-            lsh.error_every, lsh.seed, lsh.residual, lsh.max_error)
+            lsh.error_every, lsh.seed, lsh.residual, lsh.max_error, lsh.center)
         self._pending_ratio: float | None = None  # last micro-batch's centroids / rows, for target_ratio
         self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
@@ -183,7 +183,7 @@ class ExpertParallelExperts(nn.Module):
         if training:  # advance before hashing: an activation-checkpoint recompute then hashes alike
             self.lsh.advance(self._pending_ratio)
             self._pending_ratio = None
-        cents = compress(x_sorted, counts, self.lsh.codes(x_sorted), self.lsh.buckets_per_hash)
+        cents = compress(x_sorted, counts, self.lsh.codes(x_sorted, counts), self.lsh.buckets_per_hash)
         sent = cents.counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
         self._account(sent, per_rank, x_sorted.shape[1], x_sorted.element_size(), backward)
         self._add("centroids_sent", float(cents.rows.shape[0]))
@@ -192,24 +192,27 @@ class ExpertParallelExperts(nn.Module):
             with torch.no_grad():
                 exact = self._through_experts(x_sorted.detach(), counts, Codec())
                 err_sq = (out.detach() - exact).double().square().sum()
-                ref_sq = exact.double().square().sum()
+                spread_sq = group_centered(exact, counts).double().square().sum()
                 self._add("err_sq", float(err_sq))
-                self._add("ref_sq", float(ref_sq))
+                self._add("ref_sq", float(exact.double().square().sum()))
+                self._add("spread_sq", float(spread_sq))
                 self._add("err_samples", 1.0)
                 if self.lsh.max_error is not None:
-                    self.lsh.steer_by_error(self._group_error(err_sq, ref_sq))
+                    self.lsh.steer_by_error(self._group_error(err_sq, spread_sq, exact.double().square().sum()))
         if training:  # applied at the next training micro-batch (see above)
             self._pending_ratio = self._global_ratio(cents.rows.shape[0], x_sorted.shape[0])
         return out
 
-    def _group_error(self, err_sq: torch.Tensor, ref_sq: torch.Tensor) -> float:
-        """||out - exact|| / ||exact|| over the EP group (one two-number all-reduce): the same on every rank."""
-        t = torch.stack([err_sq, ref_sq]).double()
+    def _group_error(self, err_sq: torch.Tensor, spread_sq: torch.Tensor, ref_sq: torch.Tensor) -> float:
+        """||out - exact|| / ||exact - its expert's mean|| over the EP group (one three-number all-reduce): the
+        same on every rank. A spread below 1e-3 of the outputs' norm counts as 1e-3 of it (identical rows:
+        the error is rounding)."""
+        t = torch.stack([err_sq, spread_sq, ref_sq]).double()
         if self.ep_size > 1:
             t = t.to(self.comm_counters.device)
             dist.all_reduce(t, group=self.a2a.groups.ep)
             t = t.cpu()
-        return float((t[0] / t[1].clamp(min=1e-300)).sqrt())
+        return float((t[0] / torch.maximum(t[1], 1e-6 * t[2]).clamp(min=1e-300)).sqrt())
 
     def _global_ratio(self, centroids: int, rows: int) -> float | None:
         """centroids / rows over the EP group (a tiny all-reduce), for target_ratio adaptation."""

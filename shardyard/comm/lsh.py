@@ -69,6 +69,16 @@ def bucket_ids(group_of: torch.Tensor, codes: torch.Tensor, num_groups: int, buc
     return new_id[inverse], num
 
 
+def group_centered(x: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
+    """x minus the mean of its group's rows (x grouped by group, group_counts rows each); no gradient."""
+    groups = group_counts.numel()
+    group_of = torch.repeat_interleave(torch.arange(groups, device=x.device), group_counts.to(x.device),
+                                       output_size=x.shape[0])
+    x = x.detach().float()
+    means = x.new_zeros(groups, x.shape[1]).index_add(0, group_of, x) / group_counts.clamp(min=1).to(x)[:, None]
+    return x - means.index_select(0, group_of)
+
+
 def compress(x: torch.Tensor, group_counts: torch.Tensor, codes: torch.Tensor, buckets_per_hash: int) -> Centroids:
     """Mean of the rows of every non-empty (group, bucket); x is grouped by group (group_counts rows each)."""
     groups = group_counts.numel()
@@ -104,11 +114,18 @@ class _Residual(torch.autograd.Function):
         return grad - mean.index_select(0, inverse), None, None, None
 
 
-def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool = True) -> torch.Tensor:
-    """Row i's output: E(c_b(i)) + (x_i - c_b(i)) (residual compensation), or E(c_b(i)) without it."""
+def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool | str = True) -> torch.Tensor:
+    """Row i's output: E(c_b(i)) + (x_i - c_b(i)) (residual compensation), or E(c_b(i)) without it.
+
+    residual "forward": the residual corrects the forward only and passes no gradient, so every row of a
+    bucket gets the bucket's gradient, J_E(c_b)^T (mean of the bucket's output gradients), as without the
+    residual; with True each row's deviation from that mean also flows back through the residual's identity.
+    """
     inv = centroids.inverse
     if not residual:
         return expert_out.index_select(0, inv)
+    if residual == "forward":
+        return expert_out.index_select(0, inv) + (x - centroids.rows.index_select(0, inv)).detach()
     return expert_out.index_select(0, inv) + _Residual.apply(x, centroids.rows.detach(), inv, centroids.members)
 
 
@@ -116,8 +133,8 @@ class CentroidHasher(nn.Module):
     """Per-layer LSH state: the rotation schedule (persistent) and the adaptive number of hashes in use."""
 
     def __init__(self, width: int, layer: int, hashes: int, buckets_per_hash: int, rotation_refresh: int,
-                 target_ratio: float | None, error_every: int, seed: int, residual: bool = True,
-                 max_error: float | None = None) -> None:
+                 target_ratio: float | None, error_every: int, seed: int, residual: bool | str = True,
+                 max_error: float | None = None, center: bool = True) -> None:
         super().__init__()
         if buckets_per_hash % 2 or buckets_per_hash < 2:
             raise ValueError(f"buckets_per_hash must be even and >= 2, got {buckets_per_hash}")
@@ -125,7 +142,7 @@ class CentroidHasher(nn.Module):
         self.buckets_per_hash, self.half = buckets_per_hash, buckets_per_hash // 2
         self.rotation_refresh, self.target_ratio = rotation_refresh, target_ratio
         self.error_every, self.seed, self.residual = error_every, seed, residual
-        self.max_error = max_error
+        self.max_error, self.center = max_error, center
         # Persistent: restored by a checkpoint, so a resumed run hashes exactly as the original would.
         self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))  # training micro-batches seen
         self.register_buffer("active_hashes", torch.tensor(hashes, dtype=torch.int64))
@@ -143,9 +160,12 @@ class CentroidHasher(nn.Module):
             self._rot_epoch = epoch
         return self._rot
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Bucket codes of x's rows; with `center` (and group_counts) of the rows minus their group's mean."""
         # clamped: a checkpoint written with more hashes than this spec has may be loaded
         active = max(1, min(int(self.active_hashes), self.hashes))
+        if self.center and group_counts is not None:
+            x = group_centered(x, group_counts)
         return bucket_codes(x, self.matrix(), active, self.half)
 
     def measure_now(self) -> bool:
@@ -165,8 +185,8 @@ class CentroidHasher(nn.Module):
             self.active_hashes.fill_(active + 1)
 
     def steer_by_error(self, error: float) -> None:
-        """After a measured micro-batch (max_error set): one hash function more when the relative error of
-        the expert outputs is above max_error, one fewer when below half of it. `error` must be the same
+        """After a measured micro-batch (max_error set): one hash function more when the error of the expert
+        outputs relative to their spread is above max_error, one fewer when below half of it. `error` must be the same
         on every rank of the EP group (the caller all-reduces), so the hashes in use stay equal."""
         if self.max_error is None:
             return

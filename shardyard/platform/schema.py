@@ -322,10 +322,11 @@ class LSHSpec(Section):
     buckets_per_hash: int = Field(2, ge=2, le=64, description="buckets of one hash function (2m for m projected coordinates; 2 = the sign of one projection); even")
     rotation_refresh: PositiveInt = Field(100, description="training micro-batches between new random rotations (the same on every rank)")
     target_ratio: float | None = Field(None, gt=0, le=1, description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always use all")
-    max_error: float | None = Field(None, gt=0, lt=1, description="adapt the hash functions in use (1..hashes, starting from all) to keep the sampled relative error of the expert outputs between max_error / 2 and max_error: one more when above, one fewer when below half (measured every error_every micro-batches, agreed over the EP group); null = off. Not with target_ratio")
+    max_error: float | None = Field(None, gt=0, lt=1, description="adapt the hash functions in use (1..hashes, starting from all) to keep the sampled error of the expert outputs, relative to their variation (||out - exact|| / ||exact - its expert's mean||, comm/lsh_spread_error), between max_error / 2 and max_error: one more when above, one fewer when below half (measured every error_every micro-batches, agreed over the EP group); null = off. Not with target_ratio")
     error_every: NonNegInt = Field(50, description="every n-th training micro-batch also runs the exact dispatch and records the relative error of the expert outputs (0 = never)")
     seed: NonNegInt = Field(0, description="seed of the random rotations (combined with the layer index and the refresh epoch)")
-    residual: bool = Field(True, description="add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only")
+    residual: Literal[True, False, "forward"] = Field(True, description="add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only; forward = add it in the forward but pass no gradient through it (every row of a bucket gets the bucket's gradient through the expert's Jacobian)")
+    center: bool = Field(True, description="hash each row minus the mean of the rows bound for its expert, so buckets split on what tells tokens apart rather than the direction they share; false = hash the rows as they are (the paper)")
 
     @model_validator(mode="after")
     def _one_adaptation(self) -> "LSHSpec":

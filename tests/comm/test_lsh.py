@@ -96,6 +96,29 @@ def test_backward_is_the_documented_one() -> None:
     torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-6)
 
 
+def test_forward_only_residual_has_the_backward_without_residual() -> None:
+    """residual "forward": the outputs of residual compensation, the gradients of E(c) alone:
+    every row of a bucket gets (1 / n_b) J_E(c_b)^T sum_b g; the expert weights' gradients are the same."""
+    expert = _expert(2)
+    x = torch.randn(40, WIDTH)
+    counts = torch.tensor([15, 25])
+    codes = bucket_codes(x, rotation(3, 0, 0, WIDTH, 3, 1), 3, 1)
+    c = compress(x, counts, codes, 2)
+    assert c.rows.shape[0] < x.shape[0]  # some buckets hold several rows
+    g = torch.randn_like(x)
+    results = {}
+    for mode in (True, False, "forward"):
+        xi = x.clone().requires_grad_(True)
+        ci = compress(xi, counts, codes, 2)
+        out = expand(expert(ci.rows, torch.cumsum(ci.counts, 0).to(torch.int32)), xi, ci, residual=mode)
+        grads = torch.autograd.grad(out, (xi, expert.w_up, expert.w_down), g)
+        results[mode] = (out.detach(), *grads)
+    assert torch.equal(results["forward"][0], results[True][0])
+    for got, want in zip(results["forward"][1:], results[False][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(results["forward"][1], results[True][1])
+
+
 def test_gradcheck_float64() -> None:
     expert = _expert(2, torch.float64)
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
