@@ -80,7 +80,7 @@ class ExpertParallelExperts(nn.Module):
         self.ranks_per_node = groups.ranks_per_node_in_ep if groups is not None and groups.hierarchical_ok else ep
         node_dedup = dispatch.dedup == "node" and 1 < self.ranks_per_node < ep
         self.dedup: bool | str = "node" if node_dedup else bool(dispatch.dedup)
-        self.codec = build_codec(dispatch.payload)
+        self.codec = build_codec(dispatch.payload, dispatch.grad_payload)
         self.slots = min(slots or self.experts_per_rank, self.experts_per_rank)
         self.node_slots = min(slots or num_experts, self.experts_per_rank * self.ranks_per_node)
         width = experts.w_up.shape[1]

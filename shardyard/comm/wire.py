@@ -8,8 +8,8 @@ the rounding of the payload counts as the identity for gradients).
 - `fp32`: rows travel as they are (bf16 under bf16 autocast); exactly `alltoall.run_route`.
 - `bf16`: rows and gradients are cast to bfloat16 for the trip and back to their dtype on arrival.
 - `fp8`: rows travel as float8 e4m3 with one fp32 scale per row (amax / 448), packed into one uint8
-  tensor [M, width + 4] so one collective carries both; gradients travel in bf16 (e4m3 has too little
-  range for them without loss scaling).
+  tensor [M, width + 4] so one collective carries both; gradients travel in bf16 unless
+  `grad_payload` says otherwise (`grad_payload: fp8` scales each gradient row the same way).
 
 `LocalAllToAll` is the transport of an EP group of one (a single worker): a Route with no stages, so
 every stage above it runs unchanged and its effect on quality can be studied without a cluster.
@@ -30,6 +30,9 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 class Codec:
     name = "fp32"
 
+    def __init__(self, grad: "Codec | None" = None) -> None:
+        self._grad = grad  # the gradients' wire format; None = this codec's default
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -41,6 +44,9 @@ class Codec:
 
     @property
     def grad_codec(self) -> "Codec":
+        return self._grad if self._grad is not None else self.default_grad()
+
+    def default_grad(self) -> "Codec":
         return self
 
 
@@ -72,18 +78,19 @@ class FP8Codec(Codec):
     def row_bytes(self, width: int, element_size: int) -> int:
         return width + 4
 
-    @property
-    def grad_codec(self) -> Codec:
+    def default_grad(self) -> Codec:
         return BF16Codec()
 
 
 CODECS: dict[str, Callable[[], Codec]] = {"fp32": Codec, "bf16": BF16Codec, "fp8": FP8Codec}
 
 
-def build_codec(name: str) -> Codec:
-    if name not in CODECS:
-        raise ValueError(f"unknown payload {name!r}; available: {', '.join(CODECS)}")
-    return CODECS[name]()
+def build_codec(name: str, grad: str = "auto") -> Codec:
+    """The payload codec `name`; `grad` the gradients' ("auto": the same, but bf16 for fp8)."""
+    for n in (name, grad):
+        if n != "auto" and n not in CODECS:
+            raise ValueError(f"unknown payload {n!r}; available: {', '.join(CODECS)}")
+    return CODECS[name](None if grad == "auto" else CODECS[grad]())
 
 
 class Timer:

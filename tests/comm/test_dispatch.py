@@ -188,6 +188,23 @@ def test_apply_on_one_worker_wraps_only_when_compressed() -> None:
     assert {"comm/layer0/bytes_sent", "comm/layer1/a2a_ms"} <= m.keys()
 
 
+def test_fp8_gradients_on_one_worker() -> None:
+    """grad_payload: fp8 sends the backward's rows as e4m3 with a per-row scale too: within fp8's rounding
+    of the fp32 path, and the bytes are (row + scale) both ways, forward and backward."""
+    plain = _run(_wrap(None, "flat"), 0, fused=False)
+    results = {}
+    for grad in ("auto", "fp8"):
+        module = _wrap(None, "flat", payload="fp8", grad_payload=grad)
+        results[grad] = _run(module, 0, fused=False)
+        results[grad]["ratio"] = dispatch_metrics(module)["comm/compression_ratio"]
+    fp32_bytes = 2 * 2 * WIDTH * 4  # out and back, forward and backward
+    assert results["auto"]["ratio"] == (2 * (WIDTH + 4) + 2 * 2 * WIDTH) / fp32_bytes  # bf16 gradients
+    assert results["fp8"]["ratio"] == 4 * (WIDTH + 4) / fp32_bytes
+    for key in ("tokens", "w_up", "w_down"):
+        err = (results["fp8"][key] - plain[key]).norm() / plain[key].norm()
+        assert 0 < err < 0.15, (key, err)
+
+
 def test_dispatch_spec_validation() -> None:
     from pydantic import ValidationError
 
