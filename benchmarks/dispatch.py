@@ -189,14 +189,18 @@ def summarize(path: Path) -> str:
 
 
 def quality(run_dirs: list[Path], plot: Path | None) -> str:
-    """Val bpb per eval step of each run (metrics.jsonl), side by side; final-step ratio to the first."""
+    """Val bpb per eval step of each run (metrics.jsonl), side by side; final-step ratio to the first,
+    final standard error, dispatch bytes against fp32 (mean of comm/compression_ratio over the run)."""
     curves: dict[str, dict[int, float]] = {}
-    walls: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    ratio: dict[str, float] = {}
     for d in run_dirs:
         recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        curves[d.name] = {r["step"]: r["val_bpb"] for r in recs if r.get("val_bpb") is not None}
-        times = [r["time"] for r in recs if "time" in r]
-        walls[d.name] = times[-1] - times[0] if len(times) > 1 else float("nan")
+        evals = [r for r in recs if r.get("val_bpb") is not None and r.get("kind", "eval") == "eval"]
+        curves[d.name] = {r["step"]: r["val_bpb"] for r in evals}
+        stderr[d.name] = evals[-1].get("val_bpb_stderr", float("nan")) if evals else float("nan")
+        ratios = [r["comm/compression_ratio"] for r in recs if "comm/compression_ratio" in r]
+        ratio[d.name] = statistics.mean(ratios) if ratios else 1.0
     names = list(curves)
     steps = sorted(set().union(*[set(c) for c in curves.values()]))
     lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -206,6 +210,9 @@ def quality(run_dirs: list[Path], plot: Path | None) -> str:
     ref = curves[names[0]].get(last, float("nan"))
     lines.append("| vs " + names[0] + " at " + str(last) + " | " +
                  " | ".join(f"{100 * (curves[n].get(last, float('nan')) / ref - 1):+.2f} %" for n in names) + " |")
+    lines.append("| final s.e. | " + " | ".join(f"{stderr[n]:.4f}" for n in names) + " |")
+    lines.append("| bytes vs fp32 (mean over run) | " +
+                 " | ".join(f"{ratio[n]:.3f} ({1 / ratio[n]:.2f}x fewer)" for n in names) + " |")
     if plot is not None:
         import matplotlib
 
