@@ -38,7 +38,7 @@ from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
 from shardyard.comm.dispatch import COUNTERS
 from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.lsh import CentroidHasher, compress, expand, group_centered
-from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send
+from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send, send_with_meta
 from shardyard.models.moe.accounting import recomputing
 from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
@@ -250,8 +250,7 @@ class ExpertParallelExperts(nn.Module):
                       extra_row_bytes=plan.meta.shape[1] * 4 // 2)  # meta out and its weight grads back
         timer = Timer(self.comm_counters, COUNTERS["a2a_ms"])
         route = self._plan(plan.send_counts.view(self.ep_size, 1))
-        rows = send(gather_rows(tokens, plan.token), route, self.codec, timer)
-        meta = send(plan.meta, route, Codec(), timer)
+        rows, meta = send_with_meta(gather_rows(tokens, plan.token), plan.meta, route, self.codec, timer)
         summed, computed = fan_out_and_sum(rows, meta, self.local, self.experts_per_rank)
         self._add("expert_rows", float(computed))
         back = send(summed, route.reverse(), self.codec, timer)
@@ -279,8 +278,7 @@ class ExpertParallelExperts(nn.Module):
         # hop 1: node-level rows, expert ids within the destination node (local rank * E/ep + expert)
         outer = plan_dedup(token_of, weight_of, counts, num_tokens, nodes, self.node_slots)
         across = self._exchange_route(groups.inter, outer.send_counts)
-        relayed = send(gather_rows(tokens, outer.token), across, self.codec, timer)
-        relayed_meta = send(outer.meta, across, Codec(), timer)
+        relayed, relayed_meta = send_with_meta(gather_rows(tokens, outer.token), outer.meta, across, self.codec, timer)
         # hop 2, on the relay: every (row, slot) is an assignment to an expert of this node
         slots = relayed_meta.shape[1] // 2
         ids = relayed_meta[:, slots:].detach().to(torch.int64)
@@ -291,8 +289,7 @@ class ExpertParallelExperts(nn.Module):
         inner = plan_dedup(row_idx, relayed_meta[row_idx, slot_idx], torch.bincount(
             node_expert, minlength=per_node * self.experts_per_rank), relayed.shape[0], per_node, self.slots)
         within = self._exchange_route(groups.intra, inner.send_counts)
-        rows = send(gather_rows(relayed, inner.token), within, self.codec, timer)
-        meta = send(inner.meta, within, Codec(), timer)
+        rows, meta = send_with_meta(gather_rows(relayed, inner.token), inner.meta, within, self.codec, timer)
         summed, computed = fan_out_and_sum(rows, meta, self.local, self.experts_per_rank)
         self._add("expert_rows", float(computed))
         node_sums = scatter_to_tokens(send(summed, within.reverse(), self.codec, timer), inner, relayed.shape[0])

@@ -127,6 +127,47 @@ def send(x: torch.Tensor, route: Route, codec: Codec, timer: Timer | None = None
     return _SendFn.apply(x, route, codec, timer or Timer(None, 0))
 
 
+def _pack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One uint8 tensor [M, row bytes + meta bytes] holding both (bit-exact); and the rows' byte width."""
+    row_bytes = rows.contiguous().view(torch.uint8)
+    return torch.cat([row_bytes, meta.contiguous().view(torch.uint8)], dim=1), row_bytes.shape[1]
+
+
+def _unpack(t: torch.Tensor, split: int, row_dtype: torch.dtype, meta_dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return t[:, :split].contiguous().view(row_dtype), t[:, split:].contiguous().view(meta_dtype)
+
+
+class _SendWithMetaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, meta: torch.Tensor, route: Route, codec: Codec,  # type: ignore[override]
+                timer: Timer) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.route, ctx.codec, ctx.timer = route, codec, timer
+        ctx.meta_shape, ctx.meta_dtype = meta.shape, meta.dtype
+        encoded = codec.encode(x)
+        packed, split = _pack(encoded, meta)
+        rows, meta_out = _unpack(timer.run(route, packed), split, encoded.dtype, meta.dtype)
+        return codec.decode(rows, x.dtype), meta_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor, grad_meta: torch.Tensor):  # type: ignore[override]
+        codec = ctx.codec.grad_codec
+        encoded = codec.encode(grad.contiguous())
+        if grad_meta is None:
+            grad_meta = encoded.new_zeros((encoded.shape[0], ctx.meta_shape[1]), dtype=ctx.meta_dtype)
+        packed, split = _pack(encoded, grad_meta.to(ctx.meta_dtype))
+        rows, meta_back = _unpack(ctx.timer.run(ctx.route.reverse(), packed), split, encoded.dtype, ctx.meta_dtype)
+        return codec.decode(rows, grad.dtype), meta_back, None, None, None
+
+
+def send_with_meta(x: torch.Tensor, meta: torch.Tensor, route: Route, codec: Codec,
+                   timer: Timer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`send` for rows with a per-row table that travels exactly (fp32): both in one collective each way.
+    The table's gradient comes back with the rows' (the router weights of deduplicated dispatch)."""
+    return _SendWithMetaFn.apply(x, meta, route, codec, timer or Timer(None, 0))
+
+
 class LocalAllToAll(AllToAll):
     """The transport of a one-rank EP group: nothing moves (every row is for this rank)."""
 
