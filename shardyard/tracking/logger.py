@@ -29,7 +29,7 @@ RUN_INFO_FILE = "run_info.json"
 STEP_KEY = "trainer/step"
 PREFIXES = ("train/", "eval/", "time/", "mem/", "moe/", "comm/")
 _RENAMED = {"val_bpb": "eval/bpb", "val_bpb_stderr": "eval/bpb_stderr", "val_windows": "eval/windows",
-            "eval_s": "time/eval_s"}
+            "val_control_gain": "eval/control_gain", "eval_s": "time/eval_s"}
 _NOT_METRICS = {"kind", "total_steps", "event"}
 _SECRET_NAME = re.compile(r"(secret|token|password|passwd|api_?key|credential|private)", re.IGNORECASE)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from shardyard.platform.spec import load_spec_text
-from shardyard.tracking.logger import METRICS_FILE, WANDB_ID_FILE, MetricsLogger, read_metrics
+from shardyard.tracking.logger import METRICS_FILE, WANDB_ID_FILE, MetricsLogger, read_metrics, wandb_key
 from tests.helpers import tiny_spec_yaml
 
 
@@ -52,3 +52,10 @@ def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_cut_line(tmp_pa
     assert [(r["step"], r["kind"]) for r in got] == [(1, "train"), (2, "eval"), (2, "train")]
     assert got[2]["loss"] == 1.5
     assert read_metrics(tmp_path / "missing") == []
+
+
+def test_wandb_names_of_the_metrics_keys() -> None:
+    assert wandb_key("val_bpb") == "eval/bpb" and wandb_key("val_bpb_stderr") == "eval/bpb_stderr"
+    assert wandb_key("val_control_gain") == "eval/control_gain" and wandb_key("val/own_bpb") == "eval/own_bpb"
+    assert wandb_key("eval_s") == "time/eval_s" and wandb_key("comm/bytes_internode") == "comm/bytes_internode"
+    assert wandb_key("loss") == "train/loss"
