@@ -186,7 +186,7 @@ class AllToAll(ABC):
         """
 
 
-def exchange_equal(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _exchange_equal(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """all_to_all_single with equal splits along dim 0 (t's first dim = group size)."""
     t = t.contiguous()  # (empty_like of a permuted view would keep its strides)
     if t.shape[0] == 1:
@@ -196,12 +196,17 @@ def exchange_equal(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out
 
 
+def exchange_route(counts: torch.Tensor, group: dist.ProcessGroup) -> Route:
+    """One all_to_all_single over `group` for rows grouped by member (counts [members, k]); collective."""
+    recv = _exchange_equal(counts, group)
+    return Route([Exchange(group, counts.sum(1).tolist(), recv.sum(1).tolist())], counts, recv)
+
+
 class FlatAllToAll(AllToAll):
     name = "flat"
 
     def plan(self, counts: torch.Tensor) -> Route:
-        recv = exchange_equal(counts, self.groups.ep)
-        return Route([Exchange(self.groups.ep, counts.sum(1).tolist(), recv.sum(1).tolist())], counts, recv)
+        return exchange_route(counts, self.groups.ep)
 
 
 class _NodeAwareAllToAll(AllToAll):
@@ -220,8 +225,8 @@ class HierarchicalAllToAll(_NodeAwareAllToAll):
         g = self.groups
         n_nodes, per_node, k = g.nodes_per_ep, g.ranks_per_node_in_ep, counts.shape[1]
         c = counts.view(n_nodes, per_node, k)  # [dest node m, dest local j, k]
-        d = exchange_equal(c.permute(1, 0, 2), g.intra)  # [src local l, dest node m, k]
-        r = exchange_equal(d.permute(1, 0, 2), g.inter)  # [src node n, src local l, k]
+        d = _exchange_equal(c.permute(1, 0, 2), g.intra)  # [src local l, dest node m, k]
+        r = _exchange_equal(d.permute(1, 0, 2), g.inter)  # [src node n, src local l, k]
         cs, ds, rs = (t.sum(-1).cpu().numpy() for t in (c, d, r))
         stages: list[Stage] = [
             Transpose(cs),  # (m, j) -> (j, m)
@@ -256,7 +261,7 @@ class LeaderAllToAll(_NodeAwareAllToAll):
         else:
             gathered = [counts]
         gc = torch.stack(gathered).view(per_node, n_nodes, per_node, k)  # [src l, dest m, dest j, k]
-        h = exchange_equal(gc.permute(1, 0, 2, 3), g.inter)  # [src node n, src l, dest j, k]
+        h = _exchange_equal(gc.permute(1, 0, 2, 3), g.inter)  # [src node n, src l, dest j, k]
         scat = list(h.permute(2, 0, 1, 3).contiguous().unbind(0))  # per dest local j: [n, l, k]
         r = torch.empty(n_nodes, per_node, k, dtype=torch.int64, device=counts.device)
         if per_node > 1:

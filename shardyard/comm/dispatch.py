@@ -36,6 +36,12 @@ COUNTERS: dict[str, int] = {name: i for i, name in enumerate([
 ])}
 
 
+def spread_error(err_sq: float, spread_sq: float, ref_sq: float) -> float:
+    """||out - exact|| / ||exact - its expert's mean||; a spread below 1e-3 of the outputs' norm counts as
+    1e-3 of it (identical rows: the error is rounding)."""
+    return (err_sq / max(spread_sq, 1e-6 * ref_sq, 1e-300)) ** 0.5
+
+
 def dispatch_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that carry dispatch counters (the ExpertParallelExperts wrappers), in order."""
     return [m for m in model.modules() if isinstance(getattr(m, "comm_counters", None), torch.Tensor)]
@@ -70,7 +76,7 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
             out[f"comm/layer{i}/lsh_hashes"] = float(lsh.active_hashes)
             if get("err_samples"):
                 out[f"comm/layer{i}/lsh_rel_error"] = (get("err_sq") / max(get("ref_sq"), 1e-300)) ** 0.5
-                out[f"comm/layer{i}/lsh_spread_error"] = (get("err_sq") / max(get("spread_sq"), 1e-6 * get("ref_sq"), 1e-300)) ** 0.5
+                out[f"comm/layer{i}/lsh_spread_error"] = spread_error(get("err_sq"), get("spread_sq"), get("ref_sq"))
     if not out:
         return out
     t = {name: float(totals[i]) for name, i in COUNTERS.items()}
@@ -86,5 +92,5 @@ def dispatch_metrics(model: nn.Module, steps: int = 1) -> dict[str, float]:
         out["comm/internode_compression_ratio"] = t["bytes_internode"] / t["baseline_internode"]
     if t["err_samples"]:
         out["comm/lsh_rel_error"] = (t["err_sq"] / max(t["ref_sq"], 1e-300)) ** 0.5
-        out["comm/lsh_spread_error"] = (t["err_sq"] / max(t["spread_sq"], 1e-6 * t["ref_sq"], 1e-300)) ** 0.5
+        out["comm/lsh_spread_error"] = spread_error(t["err_sq"], t["spread_sq"], t["ref_sq"])
     return out

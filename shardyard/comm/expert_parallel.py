@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.comm.alltoall import AllToAll, Exchange, Route, build_all_to_all, exchange_equal, transpose_index
+from shardyard.comm.alltoall import AllToAll, Route, build_all_to_all, exchange_route, transpose_index
 from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
-from shardyard.comm.dispatch import COUNTERS
+from shardyard.comm.dispatch import COUNTERS, spread_error
 from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.lsh import CentroidHasher, compress, expand, group_centered
 from shardyard.comm.wire import Codec, LocalAllToAll, Timer, build_codec, send, send_with_meta
@@ -192,27 +192,26 @@ class ExpertParallelExperts(nn.Module):
             with torch.no_grad():
                 exact = self._through_experts(x_sorted.detach(), counts, Codec())
                 err_sq = (out.detach() - exact).double().square().sum()
+                ref_sq = exact.double().square().sum()
                 spread_sq = group_centered(exact, counts).double().square().sum()
                 self._add("err_sq", float(err_sq))
-                self._add("ref_sq", float(exact.double().square().sum()))
+                self._add("ref_sq", float(ref_sq))
                 self._add("spread_sq", float(spread_sq))
                 self._add("err_samples", 1.0)
                 if self.lsh.max_error is not None:
-                    self.lsh.steer_by_error(self._group_error(err_sq, spread_sq, exact.double().square().sum()))
+                    self.lsh.steer_by_error(self._group_error(err_sq, spread_sq, ref_sq))
         if training:  # applied at the next training micro-batch (see above)
             self._pending_ratio = self._global_ratio(cents.rows.shape[0], x_sorted.shape[0])
         return out
 
     def _group_error(self, err_sq: torch.Tensor, spread_sq: torch.Tensor, ref_sq: torch.Tensor) -> float:
-        """||out - exact|| / ||exact - its expert's mean|| over the EP group (one three-number all-reduce): the
-        same on every rank. A spread below 1e-3 of the outputs' norm counts as 1e-3 of it (identical rows:
-        the error is rounding)."""
+        """`spread_error` over the EP group (one three-number all-reduce): the same on every rank."""
         t = torch.stack([err_sq, spread_sq, ref_sq]).double()
         if self.ep_size > 1:
             t = t.to(self.comm_counters.device)
             dist.all_reduce(t, group=self.a2a.groups.ep)
             t = t.cpu()
-        return float((t[0] / torch.maximum(t[1], 1e-6 * t[2]).clamp(min=1e-300)).sqrt())
+        return spread_error(*t.tolist())
 
     def _global_ratio(self, centroids: int, rows: int) -> float | None:
         """centroids / rows over the EP group (a tiny all-reduce), for target_ratio adaptation."""
@@ -308,12 +307,11 @@ class ExpertParallelExperts(nn.Module):
         return out
 
     def _exchange_route(self, group: dist.ProcessGroup, send_counts: torch.Tensor) -> Route:
-        """A one-exchange route over `group` for rows grouped by member (send_counts [members])."""
+        """A one-exchange route over `group` for rows grouped by member (send_counts [members]), timed."""
         start = time.perf_counter()
-        counts = send_counts.view(-1, 1)
-        recv = exchange_equal(counts, group)
+        route = exchange_route(send_counts.view(-1, 1), group)
         self._add("a2a_ms", (time.perf_counter() - start) * 1e3)
-        return Route([Exchange(group, counts.sum(1).tolist(), recv.sum(1).tolist())], counts, recv)
+        return route
 
     def _rank_associated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
                          offsets: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:

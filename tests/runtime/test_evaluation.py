@@ -38,14 +38,7 @@ def _text(length: int = 20_000) -> HeldOutText:
 
 def _direct(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
     """Per-window bits per byte from log-softmax by hand; mean and numpy's standard error."""
-    values = []
-    with torch.no_grad():
-        model.eval()
-        for inputs, targets in batches:
-            logits, _ = model(inputs)
-            logp = F.log_softmax(logits.double(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            values.extend((-logp.mean(dim=1) / math.log(2)).tolist())
-    arr = np.array(values)
+    arr = np.array(_per_window(model, batches))
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))), len(arr)
 
 
@@ -104,6 +97,7 @@ def test_regression_estimate_matches_numpy_least_squares() -> None:
 
 
 def _per_window(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Every window's bits per byte from log-softmax by hand, in batch order."""
     values = []
     with torch.no_grad():
         model.eval()
