@@ -29,17 +29,23 @@ WIDTH = 256
 
 # -------------------------------------------------------------------------------------------- worker
 def worker(args: argparse.Namespace) -> None:
-    import torch
-    import torch.distributed as dist
     from datetime import timedelta
 
-    from shardyard.comm.topology import Topology
+    import torch
+    import torch.distributed as dist
+
     from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route
     from shardyard.comm.groups import build_groups
+    from shardyard.comm.topology import Topology
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank,
-                            world_size=args.world, timeout=timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.master}:{args.port}",
+        rank=args.rank,
+        world_size=args.world,
+        timeout=timedelta(seconds=90),
+    )
     topo = Topology.from_rank(args.rank, args.world, args.rpn)
     groups = build_groups(topo, ep=args.world)
     algos = {name: build_all_to_all(name, groups) for name in ALGORITHMS}
@@ -51,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
         x = torch.randn(rows, WIDTH, generator=gen)
         samples: dict[str, list[list[float]]] = {n: [] for n in ALGORITHMS}
         for rep in range(args.reps + 1):  # first round is warm-up
-            order = ALGORITHMS[rep % 3:] + ALGORITHMS[:rep % 3]
+            order = ALGORITHMS[rep % 3 :] + ALGORITHMS[: rep % 3]
             for name in order:
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -64,10 +70,19 @@ def worker(args: argparse.Namespace) -> None:
                 if rep:
                     samples[name].append(t.tolist())
         for name, s in samples.items():
-            records.append({"algo": name, "nodes": args.world // args.rpn, "rpn": args.rpn,
-                            "rate_mbit": args.rate, "rows": rows, "bytes_per_rank": rows * WIDTH * 4,
-                            "cpu_count": os.cpu_count(),
-                            "plan_s": [p for p, _ in s], "total_s": [t for _, t in s]})
+            records.append(
+                {
+                    "algo": name,
+                    "nodes": args.world // args.rpn,
+                    "rpn": args.rpn,
+                    "rate_mbit": args.rate,
+                    "rows": rows,
+                    "bytes_per_rank": rows * WIDTH * 4,
+                    "cpu_count": os.cpu_count(),
+                    "plan_s": [p for p, _ in s],
+                    "total_s": [t for _, t in s],
+                }
+            )
     if args.rank == 0:
         with open(args.out, "a") as f:
             for r in records:
@@ -77,19 +92,42 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------------- driver
-def run_config(nodes: int, rpn: int, rate: float, rows: list[int], reps: int, out: Path,
-               timeout: float) -> None:
+def run_config(nodes: int, rpn: int, rate: float, rows: list[int], reps: int, out: Path, timeout: float) -> None:
     from netbed import NetBed  # beside this script (sys.path[0] when run as one)
 
     world = nodes * rpn
     with NetBed(nodes, rate_mbit=rate) as bed:
-        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-               "TORCH_CPP_LOG_LEVEL": "ERROR"}  # (c10d warns that namespaces have no hostname)
+        env = {
+            "GLOO_SOCKET_IFNAME": "eth0",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+        }  # (c10d warns that namespaces have no hostname)
         procs = []
         for rank in range(world):
-            argv = [sys.executable, str(Path(__file__).resolve()), "worker", "--rank", str(rank),
-                    "--world", str(world), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29500",
-                    "--rate", str(rate), "--reps", str(reps), "--out", str(out), "--rows", *map(str, rows)]
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "worker",
+                "--rank",
+                str(rank),
+                "--world",
+                str(world),
+                "--rpn",
+                str(rpn),
+                "--master",
+                bed.addr(0),
+                "--port",
+                "29500",
+                "--rate",
+                str(rate),
+                "--reps",
+                str(reps),
+                "--out",
+                str(out),
+                "--rows",
+                *map(str, rows),
+            ]
             procs.append(bed.popen(rank // rpn, argv, env))
         deadline = time.time() + timeout
         for p in procs:
@@ -100,9 +138,15 @@ def run_config(nodes: int, rpn: int, rate: float, rows: list[int], reps: int, ou
 
 def summarize(path: Path) -> str:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = ["| nodes x rpn | link Mbit/s | KiB/rank | flat ms (IQR) | hier ms (IQR) | leader ms (IQR) | hier/flat | leader/flat |",
-             "|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (r["nodes"], r["rpn"], r["rate_mbit"], r["rows"])
+    lines = [
+        "| nodes x rpn | link Mbit/s | KiB/rank | flat ms (IQR) | hier ms (IQR) | leader ms (IQR) | hier/flat | "
+        "leader/flat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def key(r):
+        return (r["nodes"], r["rpn"], r["rate_mbit"], r["rows"])
+
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in recs:
         groups.setdefault(key(r), {})[r["algo"]] = r["total_s"]
@@ -113,9 +157,12 @@ def summarize(path: Path) -> str:
         def cell(a: str) -> str:
             q = statistics.quantiles(g[a], n=4) if len(g[a]) > 1 else [g[a][0]] * 3
             return f"{1e3 * med[a]:.2f} ({1e3 * q[0]:.2f}-{1e3 * q[2]:.2f})"
-        lines.append(f"| {k[0]}x{k[1]} | {k[2]:g} | {k[3] * WIDTH * 4 // 1024} | {cell('flat')} | "
-                     f"{cell('hierarchical')} | {cell('leader')} | {med['hierarchical'] / med['flat']:.2f} | "
-                     f"{med['leader'] / med['flat']:.2f} |")
+
+        lines.append(
+            f"| {k[0]}x{k[1]} | {k[2]:g} | {k[3] * WIDTH * 4 // 1024} | {cell('flat')} | "
+            f"{cell('hierarchical')} | {cell('leader')} | {med['hierarchical'] / med['flat']:.2f} | "
+            f"{med['leader'] / med['flat']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -123,15 +170,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     w = sub.add_parser("worker")
-    for name, typ in [("rank", int), ("world", int), ("rpn", int), ("master", str), ("port", int),
-                      ("rate", float), ("reps", int), ("out", str)]:
+    for name, typ in [
+        ("rank", int),
+        ("world", int),
+        ("rpn", int),
+        ("master", str),
+        ("port", int),
+        ("rate", float),
+        ("reps", int),
+        ("out", str),
+    ]:
         w.add_argument(f"--{name}", type=typ, required=True)
     w.add_argument("--rows", type=int, nargs="+", required=True)
     ap.add_argument("--nodes", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--rpn", type=int, default=2, help="ranks per node")
     ap.add_argument("--rates", type=float, nargs="+", default=[200, 1000], help="inter-node link Mbit/s")
-    ap.add_argument("--rows", type=int, nargs="+", default=[16, 128, 1024, 4096],
-                    help="rows (1 KiB each) each rank sends in total")
+    ap.add_argument(
+        "--rows", type=int, nargs="+", default=[16, 128, 1024, 4096], help="rows (1 KiB each) each rank sends in total"
+    )
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS / "alltoall-netns.jsonl")
     ap.add_argument("--timeout", type=float, default=300)

@@ -36,8 +36,14 @@ def prep_dir(root: Path, tag: str) -> Path:
 
 
 def data_spec(root: Path, tokenizer: str, mb: int, tag: str, seq_len: int = 256) -> DataSpec:
-    return DataSpec(sources=[{"path": "stdlib", "format": "text"}], tokenizer=tokenizer, seq_len=seq_len,
-                    max_bytes=mb * 1_000_000, prepared_dir=str(prep_dir(root, tag)), cache_dir=str(root / "cache"))
+    return DataSpec(
+        sources=[{"path": "stdlib", "format": "text"}],
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        max_bytes=mb * 1_000_000,
+        prepared_dir=str(prep_dir(root, tag)),
+        cache_dir=str(root / "cache"),
+    )
 
 
 def bench_prepare(root: Path, mb: int, vocab: int) -> list[dict]:
@@ -54,22 +60,47 @@ def bench_prepare(root: Path, mb: int, vocab: int) -> list[dict]:
     bpe_train_s = time.perf_counter() - start
     for tok in ("bytes", bpe):
         report = prepare(data_spec(root, tok, mb, f"loop-{tok}"), parallel="local")
-        rows.append({"how": "one process", "tokenizer": tok, "mb_per_s": report.mb_per_s, "s": report.seconds,
-                     "nodes": 1, "input_mb": report.input_bytes / 1e6})
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False,
-             logging_level="WARNING")
+        rows.append(
+            {
+                "how": "one process",
+                "tokenizer": tok,
+                "mb_per_s": report.mb_per_s,
+                "s": report.seconds,
+                "nodes": 1,
+                "input_mb": report.input_bytes / 1e6,
+            }
+        )
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, logging_level="WARNING"
+    )
     try:
         for tok in ("bytes", bpe):
             report = prepare(data_spec(root, tok, mb, f"ray1-{tok}"), parallel="ray")
-            rows.append({"how": "Ray Data, 1 node x 2 CPUs", "tokenizer": tok, "mb_per_s": report.mb_per_s,
-                         "s": report.seconds, "nodes": len(report.units_per_node), "input_mb": report.input_bytes / 1e6})
+            rows.append(
+                {
+                    "how": "Ray Data, 1 node x 2 CPUs",
+                    "tokenizer": tok,
+                    "mb_per_s": report.mb_per_s,
+                    "s": report.seconds,
+                    "nodes": len(report.units_per_node),
+                    "input_mb": report.input_bytes / 1e6,
+                }
+            )
     finally:
         ray.shutdown()
     with two_node_ray_cluster():
         for tok in ("bytes", bpe):
             report = prepare(data_spec(root, tok, mb, f"ray2-{tok}"), parallel="ray")
-            rows.append({"how": "Ray Data, 2 nodes x 2 CPUs", "tokenizer": tok, "mb_per_s": report.mb_per_s,
-                         "s": report.seconds, "nodes": len(report.units_per_node), "input_mb": report.input_bytes / 1e6})
+            rows.append(
+                {
+                    "how": "Ray Data, 2 nodes x 2 CPUs",
+                    "tokenizer": tok,
+                    "mb_per_s": report.mb_per_s,
+                    "s": report.seconds,
+                    "nodes": len(report.units_per_node),
+                    "input_mb": report.input_bytes / 1e6,
+                }
+            )
     for row in rows:
         row["bpe_train_s"] = bpe_train_s if row["tokenizer"] != "bytes" else 0.0
     return rows
@@ -79,7 +110,7 @@ def model_spec(preset: str, vocab_tokenizer: str, root: Path, mb: int) -> object
     return load_spec_text(f"""name: bench
 model: {{kind: moe, preset: {preset}, moe: {{num_experts: 4, top_k: 2}}}}
 data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{vocab_tokenizer}', seq_len: 256, max_bytes: {mb * 1_000_000},
-        prepared_dir: {prep_dir(root, 'local-' + vocab_tokenizer)}, cache_dir: {root / 'cache'}}}
+        prepared_dir: {prep_dir(root, "local-" + vocab_tokenizer)}, cache_dir: {root / "cache"}}}
 training: {{steps: 100, batch_size: 8, eval_every: 0}}
 optim: {{schedule: {{warmup: 1}}}}
 resources: {{workers: 1, cpus_per_worker: 2}}
@@ -109,7 +140,7 @@ def bench_loader(root: Path, mb: int, vocab: int, presets: list[str]) -> list[di
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, 256, (8, 256))
         times = []
-        for i in range(3 if preset != "base" else 2):
+        for _i in range(3 if preset != "base" else 2):
             start = time.perf_counter()
             _, loss = model(x, x)
             loss.backward()
@@ -118,14 +149,21 @@ def bench_loader(root: Path, mb: int, vocab: int, presets: list[str]) -> list[di
             times.append(time.perf_counter() - start)
         step = statistics.median(times[1:]) if len(times) > 2 else times[-1]
         for tok, per_batch in loader_s.items():
-            rows.append({"preset": preset, "tokenizer": tok, "step_s": step, "loader_s": per_batch,
-                         "wait_share": per_batch / (step + per_batch)})
+            rows.append(
+                {
+                    "preset": preset,
+                    "tokenizer": tok,
+                    "step_s": step,
+                    "loader_s": per_batch,
+                    "wait_share": per_batch / (step + per_batch),
+                }
+            )
     return rows
 
 
 def bench_equal_wall_clock(root: Path, mb: int, vocab: int, seconds: float) -> list[dict]:
-    from shardyard.models import build_model
     from shardyard.data.validation import rank_batches
+    from shardyard.models import build_model
     from shardyard.runtime.evaluation import evaluate
 
     torch.set_num_threads(2)
@@ -134,7 +172,7 @@ def bench_equal_wall_clock(root: Path, mb: int, vocab: int, seconds: float) -> l
         spec = load_spec_text(f"""name: bench
 model: {{kind: moe, width: 128, depth: 4, heads: 4, ffn: {{hidden: 384}}, moe: {{num_experts: 4, top_k: 2}}}}
 data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{tok}', seq_len: 128, max_bytes: {mb * 1_000_000},
-        prepared_dir: {prep_dir(root, 'local-' + tok)}, cache_dir: {root / 'cache'}}}
+        prepared_dir: {prep_dir(root, "local-" + tok)}, cache_dir: {root / "cache"}}}
 training: {{eval_bytes: 65536}}
 tracking: {{mode: disabled}}
 """)
@@ -156,37 +194,69 @@ tracking: {{mode: disabled}}
         batches = rank_batches(data.held_out, 128, 65536, 16, 0, 1)
         token_bytes = None if data.token_bytes is None else torch.from_numpy(data.token_bytes)
         result = evaluate(model, batches, torch.device("cpu"), token_bytes=token_bytes)
-        rows.append({"tokenizer": tok, "steps": steps, "train_s": trained, "train_mb": steps * 16 * 128 * data.bytes_per_token / 1e6,
-                     "val_bpb": result.bpb, "stderr": result.stderr, "val_windows": result.windows,
-                     "val_bytes": result.bytes, "bytes_per_token": data.bytes_per_token})
+        rows.append(
+            {
+                "tokenizer": tok,
+                "steps": steps,
+                "train_s": trained,
+                "train_mb": steps * 16 * 128 * data.bytes_per_token / 1e6,
+                "val_bpb": result.bpb,
+                "stderr": result.stderr,
+                "val_windows": result.windows,
+                "val_bytes": result.bytes,
+                "bytes_per_token": data.bytes_per_token,
+            }
+        )
     return rows
 
 
-def markdown(prep: list[dict], loader: list[dict], equal: list[dict], args: argparse.Namespace, load: tuple[str, str]) -> str:
-    lines = [f"# Data pipeline, {time.strftime('%Y-%m-%d')} (CPU, this 2-core machine)", "",
-             f"Command: `python benchmarks/data.py --mb {args.mb} --vocab {args.vocab} --seconds {args.seconds} "
-             f"--presets {' '.join(args.presets)}`", "",
-             f"Machine load (uptime) before: `{load[0]}`; after: `{load[1]}`. Other engineers' jobs shared the two "
-             "cores: absolute figures are noisy, compare rows of one table only.", "",
-             "## Prepare throughput (stdlib sources, MB of input per second, end to end incl. writing shards)", "",
-             "| how | tokenizer | input MB | seconds | MB/s | nodes that tokenized | BPE merge learning (s, included) |",
-             "|---|---|---|---|---|---|---|"]
+def markdown(
+    prep: list[dict], loader: list[dict], equal: list[dict], args: argparse.Namespace, load: tuple[str, str]
+) -> str:
+    lines = [
+        f"# Data pipeline, {time.strftime('%Y-%m-%d')} (CPU, this 2-core machine)",
+        "",
+        f"Command: `python benchmarks/data.py --mb {args.mb} --vocab {args.vocab} --seconds {args.seconds} "
+        f"--presets {' '.join(args.presets)}`",
+        "",
+        f"Machine load (uptime) before: `{load[0]}`; after: `{load[1]}`. Other engineers' jobs shared the two "
+        "cores: absolute figures are noisy, compare rows of one table only.",
+        "",
+        "## Prepare throughput (stdlib sources, MB of input per second, end to end incl. writing shards)",
+        "",
+        "| how | tokenizer | input MB | seconds | MB/s | nodes that tokenized | BPE merge learning (s, included) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in prep:
-        lines.append(f"| {r['how']} | {r['tokenizer']} | {r['input_mb']:.1f} | {r['s']:.1f} | {r['mb_per_s']:.2f} | "
-                     f"{r['nodes']} | {r['bpe_train_s']:.1f} |")
-    lines += ["", "## Loader vs training step (batch 8 x 256 tokens, one process, 2 threads)", "",
-              "| preset | tokenizer | step (s) | loader per batch (ms) | data wait share if not overlapped |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['how']} | {r['tokenizer']} | {r['input_mb']:.1f} | {r['s']:.1f} | {r['mb_per_s']:.2f} | "
+            f"{r['nodes']} | {r['bpe_train_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Loader vs training step (batch 8 x 256 tokens, one process, 2 threads)",
+        "",
+        "| preset | tokenizer | step (s) | loader per batch (ms) | data wait share if not overlapped |",
+        "|---|---|---|---|---|",
+    ]
     for r in loader:
-        lines.append(f"| {r['preset']} | {r['tokenizer']} | {r['step_s']:.3f} | {r['loader_s'] * 1e3:.3f} | "
-                     f"{100 * r['wait_share']:.3f}% |")
-    lines += ["", f"## Tiny MoE (width 128, 4 layers, 4 experts top-2), {args.seconds:.0f} s of training each, "
-              "seq 128 tokens, batch 16", "",
-              "| tokenizer | steps | training MB seen | bytes/token | val bits/byte +- stderr | windows | bytes scored |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['preset']} | {r['tokenizer']} | {r['step_s']:.3f} | {r['loader_s'] * 1e3:.3f} | "
+            f"{100 * r['wait_share']:.3f}% |"
+        )
+    lines += [
+        "",
+        f"## Tiny MoE (width 128, 4 layers, 4 experts top-2), {args.seconds:.0f} s of training each, "
+        "seq 128 tokens, batch 16",
+        "",
+        "| tokenizer | steps | training MB seen | bytes/token | val bits/byte +- stderr | windows | bytes scored |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in equal:
-        lines.append(f"| {r['tokenizer']} | {r['steps']} | {r['train_mb']:.2f} | {r['bytes_per_token']:.2f} | "
-                     f"{r['val_bpb']:.3f} +- {r['stderr']:.3f} | {r['val_windows']} | {r['val_bytes']:,} |")
+        lines.append(
+            f"| {r['tokenizer']} | {r['steps']} | {r['train_mb']:.2f} | {r['bytes_per_token']:.2f} | "
+            f"{r['val_bpb']:.3f} +- {r['stderr']:.3f} | {r['val_windows']} | {r['val_bytes']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 

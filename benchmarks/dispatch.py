@@ -53,7 +53,7 @@ def _tokens(rank: int, n: int, clusters: int, spread: float, num_experts: int):
 
     g = torch.Generator().manual_seed(11)
     centres = torch.randn(clusters, WIDTH, generator=g)  # the same centres on every rank
-    router = torch.randn(WIDTH, num_experts, generator=g) / WIDTH ** 0.5
+    router = torch.randn(WIDTH, num_experts, generator=g) / WIDTH**0.5
     g = torch.Generator().manual_seed(100 + rank)
     x = centres[torch.randint(0, clusters, (n,), generator=g)] + spread * torch.randn(n, WIDTH, generator=g)
     probs = (x @ router).softmax(-1)
@@ -79,15 +79,17 @@ def measure(topo, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     full = GroupedExperts(args.experts, WIDTH, HIDDEN, "swiglu", "auto")
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
-        full.w_up.normal_(std=WIDTH ** -0.5)
-        full.w_down.normal_(std=HIDDEN ** -0.5)
+        full.w_up.normal_(std=WIDTH**-0.5)
+        full.w_down.normal_(std=HIDDEN**-0.5)
     names = [n for n in CONFIGS if not args.only or n in args.only]
-    modules = {name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
-               for name in names}
+    modules = {
+        name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
+        for name in names
+    }
     x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread, args.experts)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps + 1):  # first round is warm-up
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             m = modules[name]
             xi = x.clone().requires_grad_(True)
@@ -104,17 +106,33 @@ def measure(topo, args: argparse.Namespace) -> None:
     records = []
     for name in names:
         met = dispatch_metrics(modules[name], steps=args.reps)
-        keys = ("comm/bytes_sent", "comm/bytes_remote", "comm/bytes_internode", "comm/a2a_ms",
-                "comm/layer0/rows_sent", "comm/layer0/tokens_in")
+        keys = (
+            "comm/bytes_sent",
+            "comm/bytes_remote",
+            "comm/bytes_internode",
+            "comm/a2a_ms",
+            "comm/layer0/rows_sent",
+            "comm/layer0/tokens_in",
+        )
         vals = torch.tensor([met[k] for k in keys] + [met.get("comm/lsh_rel_error", 0.0)], dtype=torch.float64)
         summed = vals.clone()
         dist.all_reduce(summed)
         rec = {k.split("/")[-1]: float(v) for k, v in zip(keys, summed)}
         rec["lsh_rel_error"] = float(summed[-1]) / topo.world_size
-        rec.update(config=name, step_ms=[1e3 * s for s in samples[name]], nodes=topo.num_nodes,
-                   rpn=topo.ranks_per_node, rate_mbit=args.rate, tokens=args.tokens, width=WIDTH,
-                   clusters=args.clusters, spread=args.spread, a2a=args.a2a, cpu_count=os.cpu_count(),
-                   experts=args.experts)
+        rec.update(
+            config=name,
+            step_ms=[1e3 * s for s in samples[name]],
+            nodes=topo.num_nodes,
+            rpn=topo.ranks_per_node,
+            rate_mbit=args.rate,
+            tokens=args.tokens,
+            width=WIDTH,
+            clusters=args.clusters,
+            spread=args.spread,
+            a2a=args.a2a,
+            cpu_count=os.cpu_count(),
+            experts=args.experts,
+        )
         records.append(rec)
     if topo.rank == 0:
         with open(args.out, "a") as f:
@@ -125,15 +143,21 @@ def measure(topo, args: argparse.Namespace) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank on the netns testbed (tcp rendezvous through node 0's address)."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
-    from datetime import timedelta
 
     from shardyard.comm.topology import Topology
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank,
-                            world_size=args.world, timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.master}:{args.port}",
+        rank=args.rank,
+        world_size=args.world,
+        timeout=timedelta(seconds=300),
+    )
     try:
         measure(Topology.from_rank(args.rank, args.world, args.rpn), args)
     finally:
@@ -148,15 +172,46 @@ def run_netbed(args: argparse.Namespace) -> None:
 
     nodes, rpn = 2, 2
     with NetBed(nodes, rate_mbit=args.rate) as bed:
-        env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-               "TORCH_CPP_LOG_LEVEL": "ERROR"}
+        env = {
+            "GLOO_SOCKET_IFNAME": "eth0",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+        }
         procs = []
         for rank in range(nodes * rpn):
-            argv = [sys.executable, str(Path(__file__).resolve()), "worker", "--rank", str(rank),
-                    "--world", str(nodes * rpn), "--rpn", str(rpn), "--master", bed.addr(0), "--port", "29511",
-                    "--netbed", str(args.rate), "--reps", str(args.reps), "--out", str(args.out),
-                    "--tokens", str(args.tokens), "--clusters", str(args.clusters), "--spread", str(args.spread),
-                    "--a2a", args.a2a, "--experts", str(args.experts), *(["--only", *args.only] if args.only else [])]
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "worker",
+                "--rank",
+                str(rank),
+                "--world",
+                str(nodes * rpn),
+                "--rpn",
+                str(rpn),
+                "--master",
+                bed.addr(0),
+                "--port",
+                "29511",
+                "--netbed",
+                str(args.rate),
+                "--reps",
+                str(args.reps),
+                "--out",
+                str(args.out),
+                "--tokens",
+                str(args.tokens),
+                "--clusters",
+                str(args.clusters),
+                "--spread",
+                str(args.spread),
+                "--a2a",
+                args.a2a,
+                "--experts",
+                str(args.experts),
+                *(["--only", *args.only] if args.only else []),
+            ]
             procs.append(bed.popen(rank // rpn, argv, env))
         for p in procs:
             if p.wait(timeout=1800):
@@ -165,9 +220,11 @@ def run_netbed(args: argparse.Namespace) -> None:
 
 def summarize(path: Path) -> str:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = ["| link | config | rows sent / copies | bytes between ranks (MB) | x fewer than flat | "
-             "bytes between nodes (MB) | x fewer than flat | step ms median (IQR) | LSH rel. error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| link | config | rows sent / copies | bytes between ranks (MB) | x fewer than flat | "
+        "bytes between nodes (MB) | x fewer than flat | step ms median (IQR) | LSH rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     base: dict[str, float] = {}
     base_nodes: dict[str, float] = {}
     for r in recs:
@@ -180,11 +237,13 @@ def summarize(path: Path) -> str:
         ms = r["step_ms"]
         q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
         err = f"{r['lsh_rel_error']:.3f}" if "LSH" in r["config"] else "-"
-        lines.append(f"| {link} | {r['config']} | {r['rows_sent'] / r['tokens_in']:.3f} | "
-                     f"{r['bytes_remote'] / 1e6:.2f} | {base.get(link, float('nan')) / r['bytes_remote']:.2f} | "
-                     f"{r.get('bytes_internode', float('nan')) / 1e6:.2f} | "
-                     f"{base_nodes.get(link, float('nan')) / r.get('bytes_internode', float('nan')):.2f} | "
-                     f"{statistics.median(ms):.1f} ({q[0]:.1f}-{q[2]:.1f}) | {err} |")
+        lines.append(
+            f"| {link} | {r['config']} | {r['rows_sent'] / r['tokens_in']:.3f} | "
+            f"{r['bytes_remote'] / 1e6:.2f} | {base.get(link, float('nan')) / r['bytes_remote']:.2f} | "
+            f"{r.get('bytes_internode', float('nan')) / 1e6:.2f} | "
+            f"{base_nodes.get(link, float('nan')) / r.get('bytes_internode', float('nan')):.2f} | "
+            f"{statistics.median(ms):.1f} ({q[0]:.1f}-{q[2]:.1f}) | {err} |"
+        )
     return "\n".join(lines)
 
 
@@ -208,11 +267,21 @@ def quality(run_dirs: list[Path], plot: Path | None) -> str:
         lines.append(f"| {st} | " + " | ".join(f"{curves[n].get(st, float('nan')):.4f}" for n in names) + " |")
     last = steps[-1]
     ref = curves[names[0]].get(last, float("nan"))
-    lines.append("| vs " + names[0] + " at " + str(last) + " | " +
-                 " | ".join(f"{100 * (curves[n].get(last, float('nan')) / ref - 1):+.2f} %" for n in names) + " |")
+    lines.append(
+        "| vs "
+        + names[0]
+        + " at "
+        + str(last)
+        + " | "
+        + " | ".join(f"{100 * (curves[n].get(last, float('nan')) / ref - 1):+.2f} %" for n in names)
+        + " |"
+    )
     lines.append("| final s.e. | " + " | ".join(f"{stderr[n]:.4f}" for n in names) + " |")
-    lines.append("| bytes vs fp32 (mean over run) | " +
-                 " | ".join(f"{ratio[n]:.3f} ({1 / ratio[n]:.2f}x fewer)" for n in names) + " |")
+    lines.append(
+        "| bytes vs fp32 (mean over run) | "
+        + " | ".join(f"{ratio[n]:.3f} ({1 / ratio[n]:.2f}x fewer)" for n in names)
+        + " |"
+    )
     if plot is not None:
         import matplotlib
 
@@ -256,8 +325,10 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     state, _ = read_checkpoint(newest)
     corpus = load_corpus(spec.data)
     val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size, batches, 0, 1)
-    lines = ["| dispatch | rows sent / copies | bytes vs flat fp32 | LSH rel. error | hashes in use |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| dispatch | rows sent / copies | bytes vs flat fp32 | LSH rel. error | hashes in use |",
+        "|---|---|---|---|---|",
+    ]
     for text in dispatches:
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, spec.data.seq_len)
@@ -289,7 +360,9 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         err = m.get("comm/lsh_rel_error")
         err_cell = "-" if err is None else f"{err:.3f}"
         hash_cell = "-" if not hashes else f"{sum(hashes) / len(hashes):g}"
-        lines.append(f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | {err_cell} | {hash_cell} |")
+        lines.append(
+            f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | {err_cell} | {hash_cell} |"
+        )
     return "\n".join(lines)
 
 
@@ -313,7 +386,9 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="run", choices=["run", "worker"])
-    p.add_argument("--netbed", dest="rate", type=float, default=0.0, help="link Mbit/s on the netns testbed (0 = loopback)")
+    p.add_argument(
+        "--netbed", dest="rate", type=float, default=0.0, help="link Mbit/s on the netns testbed (0 = loopback)"
+    )
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step")
     p.add_argument("--clusters", type=int, default=256)
     p.add_argument("--spread", type=float, default=0.3)

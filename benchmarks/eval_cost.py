@@ -25,8 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_spec(spec: Path, out: Path, overrides: list[str]) -> dict:
     name = spec.stem
     shutil.rmtree(out / name, ignore_errors=True)  # a finished run would be resumed, not retrained
-    command = [str(Path(sys.executable).parent / "shardyard"), "run", str(spec), "--set", f"name={name}",
-               "--set", f"checkpoint.dir={out}", "--set", "tracking.mode=disabled"]
+    command = [
+        str(Path(sys.executable).parent / "shardyard"),
+        "run",
+        str(spec),
+        "--set",
+        f"name={name}",
+        "--set",
+        f"checkpoint.dir={out}",
+        "--set",
+        "tracking.mode=disabled",
+    ]
     for override in overrides:
         command += ["--set", override]
     start = time.time()
@@ -43,9 +52,19 @@ def run_spec(spec: Path, out: Path, overrides: list[str]) -> dict:
         last_step = record["step"]
     eval_s = sum(r["eval_s"] for r in evals)
     final = evals[-1]
-    return {"spec": name, "steps": last_step, "train_s": train_s, "evals": len(evals), "eval_s": eval_s,
-            "ratio": eval_s / train_s, "bpb": final["val_bpb"], "stderr": final["val_bpb_stderr"],
-            "windows": final["val_windows"], "control_gain": final.get("val_control_gain", 1.0), "wall_s": wall}
+    return {
+        "spec": name,
+        "steps": last_step,
+        "train_s": train_s,
+        "evals": len(evals),
+        "eval_s": eval_s,
+        "ratio": eval_s / train_s,
+        "bpb": final["val_bpb"],
+        "stderr": final["val_bpb_stderr"],
+        "windows": final["val_windows"],
+        "control_gain": final.get("val_control_gain", 1.0),
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -57,16 +76,22 @@ def main() -> None:
     specs = args.specs or sorted((ROOT / "jobs").glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}")
-    print("| spec | steps | training s (steps) | eval passes | eval s | eval / training | final bpb +- s.e. | windows | control gain | job wall s |")
+    print(
+        "| spec | steps | training s (steps) | eval passes | eval s | eval / training | final bpb +- s.e. | "
+        "windows | control gain | job wall s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for spec in specs:
         row = run_spec(spec.resolve(), args.out, args.overrides)
         if "error" in row:
             print(f"| {row['spec']} | failed: {row['error'][-300:]!r} |", flush=True)
             continue
-        print(f"| {row['spec']} | {row['steps']} | {row['train_s']:.1f} | {row['evals']} | {row['eval_s']:.2f} | "
-              f"{row['ratio']:.1%} | {row['bpb']:.4f} +- {row['stderr']:.4f} | {row['windows']} | "
-              f"{row['control_gain']:.1f} | {row['wall_s']:.0f} |", flush=True)
+        print(
+            f"| {row['spec']} | {row['steps']} | {row['train_s']:.1f} | {row['evals']} | {row['eval_s']:.2f} | "
+            f"{row['ratio']:.1%} | {row['bpb']:.4f} +- {row['stderr']:.4f} | {row['windows']} | "
+            f"{row['control_gain']:.1f} | {row['wall_s']:.0f} |",
+            flush=True,
+        )
     print(f"# load after: {os.getloadavg()[0]:.1f}")
 
 

@@ -69,8 +69,10 @@ def main() -> None:
     text = data.held_out
     seq_len = spec.data.seq_len
     starts = np.arange((len(text.data) - 1) // seq_len, dtype=np.int64) * seq_len
-    print(f"# {args.run_dir}: {len(starts)} windows of {seq_len} bytes, {len(text.data):,} held-out bytes; "
-          f"load {os.getloadavg()[0]:.1f}, {args.threads} thread(s)")
+    print(
+        f"# {args.run_dir}: {len(starts)} windows of {seq_len} bytes, {len(text.data):,} held-out bytes; "
+        f"load {os.getloadavg()[0]:.1f}, {args.threads} thread(s)"
+    )
 
     timings = {}
     values = None
@@ -82,18 +84,26 @@ def main() -> None:
         values = bits if values is None else values
         assert np.allclose(values, bits, atol=1e-4), "batch size changed the per-window figures"
     for batch, seconds in timings.items():
-        print(f"eval batch {batch:4d}: {seconds:6.2f} s for {len(starts)} windows "
-              f"({len(starts) * seq_len / seconds / 1e3:.1f} KB/s, {timings[args.batch[0]] / seconds:.2f}x batch {args.batch[0]})")
+        print(
+            f"eval batch {batch:4d}: {seconds:6.2f} s for {len(starts)} windows "
+            f"({len(starts) * seq_len / seconds / 1e3:.1f} KB/s, {timings[args.batch[0]] / seconds:.2f}x batch "
+            f"{args.batch[0]})"
+        )
 
     t0 = time.perf_counter()
     controls = NGramControl.fit(data.train).window_controls(text.data, starts, seq_len)
     control_s = time.perf_counter() - t0
     everything = values.mean()
-    print(f"\nall windows: {everything:.4f} bpb, iid s.e. {iid_stderr(values):.4f}, "
-          f"successive-difference s.e. {successive_difference_stderr(values):.4f}, "
-          f"n-gram controls: R^2 {1 - 1 / _gain(values, controls.values):.3f} ({control_s:.2f} s to fit and apply)\n")
-    print("| k | windows per sample | eval KB | true s.e. plain (s.d. of the k means) | iid s.e. | sd s.e. "
-          "| true s.e. cv (s.d. of the k corrected means) | cv s.e. reported | cv bias | iid / true | cv reported / cv true |")
+    print(
+        f"\nall windows: {everything:.4f} bpb, iid s.e. {iid_stderr(values):.4f}, "
+        f"successive-difference s.e. {successive_difference_stderr(values):.4f}, "
+        f"n-gram controls: R^2 {1 - 1 / _gain(values, controls.values):.3f} ({control_s:.2f} s to fit and apply)\n"
+    )
+    print(
+        "| k | windows per sample | eval KB | true s.e. plain (s.d. of the k means) | iid s.e. | sd s.e. "
+        "| true s.e. cv (s.d. of the k corrected means) | cv s.e. reported | cv bias | iid / true | cv reported "
+        "/ cv true |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in (2, 4, 8, 16, 32, 64):
         picks = [np.arange(offset, len(values), k) for offset in range(k)]
@@ -107,8 +117,10 @@ def main() -> None:
         cv_true = float(np.std([c[0] for c in corrected], ddof=1))
         cv_reported = float(np.mean([c[1] for c in corrected]))
         bias = float(np.mean([c[0] for c in corrected]) - everything)
-        print(f"| {k} | {n} | {n * seq_len / 1e3:.0f} | {true:.4f} | {iid:.4f} | {sd:.4f} | {cv_true:.4f} | "
-              f"{cv_reported:.4f} | {bias:+.4f} | {iid / true:.2f} | {cv_reported / cv_true:.2f} |")
+        print(
+            f"| {k} | {n} | {n * seq_len / 1e3:.0f} | {true:.4f} | {iid:.4f} | {sd:.4f} | {cv_true:.4f} | "
+            f"{cv_reported:.4f} | {bias:+.4f} | {iid / true:.2f} | {cv_reported / cv_true:.2f} |"
+        )
 
 
 def _gain(y: np.ndarray, x: np.ndarray) -> float:

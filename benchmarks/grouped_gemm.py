@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -49,8 +49,9 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bool, dtype: torch.dtype,
-        device: torch.device) -> None:
+def run(
+    shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bool, dtype: torch.dtype, device: torch.device
+) -> None:
     m, k, n, e = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
@@ -74,6 +75,7 @@ def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bo
                 grouped_mm(xi, wi, offsets, backend).backward(grad)
             else:
                 grouped_mm(x, w, offsets, backend)
+
         return fn
 
     # On CPU triton runs only in its interpreter (a correctness tool): timed on GPUs only.
@@ -97,8 +99,10 @@ def run(shape: tuple[int, int, int, int], skew: float, rounds: int, backward: bo
     dw, dc = statistics.median(wall["dense matmul"]), statistics.median(cpu["dense matmul"])
     for name in cases:
         mw, mc = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"| {name} | {mw * 1e3:.1f} | {min(wall[name]) * 1e3:.1f}..{max(wall[name]) * 1e3:.1f} | "
-              f"{mc * 1e3:.1f} | {flops / mw / 1e12:.3f} | {mw / dw:.2f} | {mc / dc:.2f} |")
+        print(
+            f"| {name} | {mw * 1e3:.1f} | {min(wall[name]) * 1e3:.1f}..{max(wall[name]) * 1e3:.1f} | "
+            f"{mc * 1e3:.1f} | {flops / mw / 1e12:.3f} | {mw / dw:.2f} | {mc / dc:.2f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

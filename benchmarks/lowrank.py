@@ -32,8 +32,9 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,8 +76,12 @@ def model_spec(kind: str, lowrank: bool) -> ModelSpec:
 def optim_spec(kind: str, projection: str = "svd") -> OptimSpec:
     if kind == "adamw":
         return OptimSpec(kind="adamw", lr=LR, schedule={"warmup": 10})
-    return OptimSpec(kind=kind, lr=LR, schedule={"warmup": 10},
-                     galore={"rank": RANK, "update_gap": GAP, "scale": SCALE, "projection": projection})
+    return OptimSpec(
+        kind=kind,
+        lr=LR,
+        schedule={"warmup": 10},
+        galore={"rank": RANK, "update_gap": GAP, "scale": SCALE, "projection": projection},
+    )
 
 
 def reference_optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
@@ -92,7 +97,7 @@ def reference_optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
 
 def batch_at(data: np.ndarray, gen: np.random.Generator) -> torch.Tensor:
     starts = gen.integers(0, len(data) - SEQ - 1, BATCH)
-    return torch.from_numpy(np.stack([data[s:s + SEQ + 1] for s in starts]).astype(np.int64))
+    return torch.from_numpy(np.stack([data[s : s + SEQ + 1] for s in starts]).astype(np.int64))
 
 
 @torch.no_grad()
@@ -114,8 +119,12 @@ def train_run(model_kind: str, run: str, steps: int, train: np.ndarray, val: np.
     if lowrank and model_kind == "moe":
         return None  # every block of this MoE model is MoE: no dense FFN to factorise
     model = build_model(model_spec(model_kind, lowrank), SEQ)
-    kind = {"galore_ref": "galore_adamw", "galore_svd": "galore_adamw", "galore_rand": "galore_adamw",
-            "q_galore": "q_galore_adamw"}.get(run, "adamw")
+    kind = {
+        "galore_ref": "galore_adamw",
+        "galore_svd": "galore_adamw",
+        "galore_rand": "galore_adamw",
+        "q_galore": "q_galore_adamw",
+    }.get(run, "adamw")
     spec = optim_spec(kind, "randomized" if run in ("galore_rand", "q_galore") else "svd")
     if run == "galore_ref":
         opt = reference_optimizer(model)
@@ -143,15 +152,24 @@ def train_run(model_kind: str, run: str, steps: int, train: np.ndarray, val: np.
         state += sum(st["projector"].ortho_matrix.numel() * 4 for st in opt.state.values() if "projector" in st)
     int8 = report["int8_weight_bytes"]  # Q-GaLore's INT8 master weights, reported apart
     params = report["param_bytes"]
-    return Result(model_kind, run, state - int8, 2 * params + state, 1000 * statistics.fmean(times),
-                  1000 * statistics.median(times), val_bpb(model, val), int8)
+    return Result(
+        model_kind,
+        run,
+        state - int8,
+        2 * params + state,
+        1000 * statistics.fmean(times),
+        1000 * statistics.median(times),
+        val_bpb(model, val),
+        int8,
+    )
 
 
 def svd_timing(repeats: int = 3) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     # a gradient-like matrix: decaying spectrum plus noise
-    g = (torch.randn(1024, 64, generator=gen) @ torch.randn(64, 4096, generator=gen)
-         + 0.1 * torch.randn(1024, 4096, generator=gen))
+    g = torch.randn(1024, 64, generator=gen) @ torch.randn(64, 4096, generator=gen) + 0.1 * torch.randn(
+        1024, 4096, generator=gen
+    )
 
     def best(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
         ts, out = [], None
@@ -168,8 +186,14 @@ def svd_timing(repeats: int = 3) -> dict[str, float]:
     # overlap is also given, but past the 64 signal directions the spectrum is a flat noise floor
     # where any high-energy subspace is as good as the exact one
     energy = float((b_rand.T @ g).pow(2).sum() / (b_exact.T @ g).pow(2).sum())
-    return {"exact_s": t_exact, "randomized_s": t_rand, "randomized_q1_s": t_rand1,
-            "speedup": t_exact / t_rand, "overlap": subspace_overlap(b_exact, b_rand), "energy": energy}
+    return {
+        "exact_s": t_exact,
+        "randomized_s": t_rand,
+        "randomized_q1_s": t_rand1,
+        "speedup": t_exact / t_rand,
+        "overlap": subspace_overlap(b_exact, b_rand),
+        "energy": energy,
+    }
 
 
 # --------------------------------------------------------------------- training-state matrix
@@ -182,8 +206,9 @@ WARMUP = 2  # steps left out of the step-time mean
 def state_model_spec(kind: str) -> ModelSpec:
     extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
     moe_depth = int(os.environ.get("LOWRANK_MOE_DEPTH", "4"))  # --moe-depth (an env var: spawned ranks read it)
-    return ModelSpec(kind=kind, width=128, depth=12 if kind == "dense" else moe_depth, heads=4,
-                     ffn={"hidden": 384}, **extra)
+    return ModelSpec(
+        kind=kind, width=128, depth=12 if kind == "dense" else moe_depth, heads=4, ffn={"hidden": 384}, **extra
+    )
 
 
 def state_optim_spec(run: str) -> OptimSpec:
@@ -215,11 +240,13 @@ def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> N
     opt = build_optimizer(spec, model)
     sched = build_scheduler(spec, opt, steps)
     layerwise = spec.galore is not None and spec.galore.layerwise
-    stepper = LayerwiseStepper(model, opt, None, None, world, BUCKET_BYTES, spec.grad_clip).attach() if layerwise else None
+    stepper = (
+        LayerwiseStepper(model, opt, None, None, world, BUCKET_BYTES, spec.grad_clip).attach() if layerwise else None
+    )
     forward = DDP(model) if world > 1 and not layerwise else model
     gen = np.random.default_rng(100 + rank)
     times, grad_peak = [], 0
-    for step in range(steps):
+    for _step in range(steps):
         x = batch_at(corpus.train, gen)[:STATE_BATCH]
         t0 = time.perf_counter()
         _, loss = forward(x[:, :-1], x[:, 1:])  # MoE aux losses ride on the backward (AttachAuxLoss)
@@ -227,8 +254,9 @@ def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> N
         if stepper is not None:
             stepper.finish()
         else:
-            grad_peak = max(grad_peak, sum(p.grad.numel() * p.grad.element_size()
-                                           for p in model.parameters() if p.grad is not None))
+            grad_peak = max(
+                grad_peak, sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+            )
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -236,11 +264,19 @@ def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> N
         times.append(time.perf_counter() - t0)
     if stepper is not None:
         grad_peak = stepper.peak_grad_bytes
-    result = {"model": model_kind, "run": run, "world": world, "weights": model_tensor_bytes(model),
-              "grads": grad_peak, "state": measured_state_bytes(opt),
-              "step_ms": 1000 * statistics.fmean(times[WARMUP:]), "median_ms": 1000 * statistics.median(times[WARMUP:]),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": rss_before,
-              "params": sum(p.numel() for p in model.parameters())}
+    result = {
+        "model": model_kind,
+        "run": run,
+        "world": world,
+        "weights": model_tensor_bytes(model),
+        "grads": grad_peak,
+        "state": measured_state_bytes(opt),
+        "step_ms": 1000 * statistics.fmean(times[WARMUP:]),
+        "median_ms": 1000 * statistics.median(times[WARMUP:]),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     result["bpb"] = val_bpb(model, corpus.val) if rank == 0 else float("nan")
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -263,10 +299,14 @@ def state_matrix(steps: int, models: list[str], runs: list[str], worlds: list[in
                 row["grads"] = max(r["grads"] for r in ranks)
                 row["total"] = row["weights"] + row["grads"] + row["state"]
                 rows.append(row)
-                mib = 2 ** 20
-                print(f"{model_kind:5s} w{world} {run:17s} weights {row['weights'] / mib:6.2f} grads {row['grads'] / mib:6.2f} "
-                      f"state {row['state'] / mib:6.2f} total {row['total'] / mib:6.2f} MiB  peak RSS {row['peak_rss'] / mib:6.0f} MiB "
-                      f"step {row['step_ms']:7.1f} ms  bpb {row['bpb']:.4f}", flush=True)
+                mib = 2**20
+                print(
+                    f"{model_kind:5s} w{world} {run:17s} weights {row['weights'] / mib:6.2f} grads {row['grads'] / mib:6.2f} "
+                    f"state {row['state'] / mib:6.2f} total {row['total'] / mib:6.2f} MiB  peak RSS "
+                    f"{row['peak_rss'] / mib:6.0f} MiB "
+                    f"step {row['step_ms']:7.1f} ms  bpb {row['bpb']:.4f}",
+                    flush=True,
+                )
     return rows
 
 
@@ -303,18 +343,23 @@ def cpu_step_times(model_kind: str, runs: list[str], steps: int, batch: int = ST
 
 
 def print_state_table(rows: list[dict[str, Any]]) -> None:
-    mib = 2 ** 20
-    print("\n| model | workers | run | weights | grads (peak) | optimizer state | total (MiB) | vs AdamW "
-          "| grads vs GaLore | peak RSS (MiB) | step ms (mean / median) | vs AdamW | val bpb | vs GaLore |")
+    mib = 2**20
+    print(
+        "\n| model | workers | run | weights | grads (peak) | optimizer state | total (MiB) | vs AdamW "
+        "| grads vs GaLore | peak RSS (MiB) | step ms (mean / median) | vs AdamW | val bpb | vs GaLore |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         same = [b for b in rows if b["model"] == r["model"] and b["world"] == r["world"]]
         adamw = next((b for b in same if b["run"] == "adamw"), r)
         galore = next((b for b in same if b["run"] == "galore"), r)
-        print(f"| {r['model']} | {r['world']} | {r['run']} | {r['weights'] / mib:.2f} | {r['grads'] / mib:.2f} | "
-              f"{r['state'] / mib:.2f} | {r['total'] / mib:.2f} | {r['total'] / adamw['total']:.1%} | "
-              f"{r['grads'] / galore['grads']:.1%} | {r['peak_rss'] / mib:.0f} | {r['step_ms']:.1f} / {r['median_ms']:.1f} | "
-              f"{r['step_ms'] / adamw['step_ms']:.2f}x | {r['bpb']:.4f} | {r['bpb'] / galore['bpb'] - 1:+.2%} |")
+        print(
+            f"| {r['model']} | {r['world']} | {r['run']} | {r['weights'] / mib:.2f} | {r['grads'] / mib:.2f} | "
+            f"{r['state'] / mib:.2f} | {r['total'] / mib:.2f} | {r['total'] / adamw['total']:.1%} | "
+            f"{r['grads'] / galore['grads']:.1%} | {r['peak_rss'] / mib:.0f} | {r['step_ms']:.1f} / "
+            f"{r['median_ms']:.1f} | "
+            f"{r['step_ms'] / adamw['step_ms']:.2f}x | {r['bpb']:.4f} | {r['bpb'] / galore['bpb'] - 1:+.2%} |"
+        )
 
 
 def main() -> None:
@@ -323,44 +368,63 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--models", default="dense,moe", help="comma list of dense, moe")
     parser.add_argument("--svd-only", action="store_true", help="only the 1024x4096 SVD timing")
-    parser.add_argument("--runs", default="adamw,galore_ref,galore_svd,galore_rand,q_galore,lowrank_ffn",
-                        help="comma list of runs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core machine multi-threaded LAPACK "
-                             "stalls for seconds when another process holds a core)")
+    parser.add_argument(
+        "--runs", default="adamw,galore_ref,galore_svd,galore_rand,q_galore,lowrank_ffn", help="comma list of runs"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine multi-threaded LAPACK "
+        "stalls for seconds when another process holds a core)",
+    )
     parser.add_argument("--state", action="store_true", help="the training-state matrix (see the docstring)")
     parser.add_argument("--state-runs", default=",".join(STATE_RUNS), help="--state: comma list of runs")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="median CPU time per step of the --state runs, interleaved in one process")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="median CPU time per step of the --state runs, interleaved in one process",
+    )
     parser.add_argument("--batch", type=int, default=STATE_BATCH, help="--cpu-time: sequences per step")
     parser.add_argument("--workers", default="1,2", help="--state: comma list of data-parallel worker counts")
-    parser.add_argument("--moe-depth", type=int, default=4, help="--state: depth of the MoE byte model (the dense one has 12)")
+    parser.add_argument(
+        "--moe-depth", type=int, default=4, help="--state: depth of the MoE byte model (the dense one has 12)"
+    )
     args = parser.parse_args()
     os.environ["LOWRANK_MOE_DEPTH"] = str(args.moe_depth)
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         for model_kind in args.models.split(","):
             ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12, args.batch)
-            print(f"{model_kind} batch {args.batch}x{SEQ}: median CPU ms per step " + ", ".join(
-                f"{run} {t:.0f} ({t / ms['adamw']:.2f}x)" if "adamw" in ms else f"{run} {t:.0f}" for run, t in ms.items()),
-                flush=True)
+            print(
+                f"{model_kind} batch {args.batch}x{SEQ}: median CPU ms per step "
+                + ", ".join(
+                    f"{run} {t:.0f} ({t / ms['adamw']:.2f}x)" if "adamw" in ms else f"{run} {t:.0f}"
+                    for run, t in ms.items()
+                ),
+                flush=True,
+            )
         return
     if args.state:
         runs = args.state_runs.split(",")
-        rows = state_matrix(args.steps or 60, args.models.split(","), runs,
-                            [int(w) for w in args.workers.split(",")])
+        rows = state_matrix(args.steps or 60, args.models.split(","), runs, [int(w) for w in args.workers.split(",")])
         print_state_table(rows)
         return
     s = svd_timing()
-    print(f"SVD 1024x4096, rank 128: exact {s['exact_s'] * 1000:.0f} ms, randomized (p=8, q=2) "
-          f"{s['randomized_s'] * 1000:.0f} ms ({s['speedup']:.1f}x), q=1 {s['randomized_q1_s'] * 1000:.0f} ms; "
-          f"captured energy vs exact {s['energy']:.4f}, subspace overlap {s['overlap']:.4f}", flush=True)
+    print(
+        f"SVD 1024x4096, rank 128: exact {s['exact_s'] * 1000:.0f} ms, randomized (p=8, q=2) "
+        f"{s['randomized_s'] * 1000:.0f} ms ({s['speedup']:.1f}x), q=1 {s['randomized_q1_s'] * 1000:.0f} ms; "
+        f"captured energy vs exact {s['energy']:.4f}, subspace overlap {s['overlap']:.4f}",
+        flush=True,
+    )
     if args.svd_only:
         return
     steps = args.steps or (30 if args.quick else 200)
     corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
-    print(f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes; {steps} steps, "
-          f"batch {BATCH}x{SEQ}, lr {LR}, rank {RANK}, gap {GAP}, scale {SCALE}, threads {torch.get_num_threads()}")
+    print(
+        f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes; {steps} steps, "
+        f"batch {BATCH}x{SEQ}, lr {LR}, rank {RANK}, gap {GAP}, scale {SCALE}, threads {torch.get_num_threads()}"
+    )
     runs = args.runs.split(",")
     results: list[Result] = []
     for model_kind in args.models.split(","):
@@ -370,18 +434,25 @@ def main() -> None:
                 print(f"{model_kind:5s} {run:12s} skipped")
                 continue
             results.append(r)
-            print(f"{model_kind:5s} {run:12s} state {r.state_bytes / 2**20:6.2f} MiB  train-state "
-                  f"{r.train_state_bytes / 2**20:6.2f} MiB  step {r.step_ms:7.1f} ms (median {r.median_ms:.1f})"
-                  f"  bpb {r.bpb:.4f}", flush=True)
-    print("\n| model | run | optimizer state (MiB) | vs AdamW | INT8 weights (MiB) | params+grads+state (MiB) "
-          "| step mean / median (ms) | mean vs AdamW | val bpb | vs AdamW |")
+            print(
+                f"{model_kind:5s} {run:12s} state {r.state_bytes / 2**20:6.2f} MiB  train-state "
+                f"{r.train_state_bytes / 2**20:6.2f} MiB  step {r.step_ms:7.1f} ms (median {r.median_ms:.1f})"
+                f"  bpb {r.bpb:.4f}",
+                flush=True,
+            )
+    print(
+        "\n| model | run | optimizer state (MiB) | vs AdamW | INT8 weights (MiB) | params+grads+state (MiB) "
+        "| step mean / median (ms) | mean vs AdamW | val bpb | vs AdamW |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = next((b for b in results if b.model == r.model and b.run == "adamw"), r)
-        print(f"| {r.model} | {r.run} | {r.state_bytes / 2**20:.2f} | {r.state_bytes / base.state_bytes:.1%} | "
-              f"{r.int8_bytes / 2**20:.2f} | {r.train_state_bytes / 2**20:.2f} | {r.step_ms:.1f} / {r.median_ms:.1f} | "
-              f"{r.step_ms / base.step_ms:.2f}x | "
-              f"{r.bpb:.4f} | {r.bpb / base.bpb - 1:+.1%} |")
+        print(
+            f"| {r.model} | {r.run} | {r.state_bytes / 2**20:.2f} | {r.state_bytes / base.state_bytes:.1%} | "
+            f"{r.int8_bytes / 2**20:.2f} | {r.train_state_bytes / 2**20:.2f} | {r.step_ms:.1f} / {r.median_ms:.1f} | "
+            f"{r.step_ms / base.step_ms:.2f}x | "
+            f"{r.bpb:.4f} | {r.bpb / base.bpb - 1:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,12 @@ def main() -> None:
     parser.add_argument("--eval-bytes", type=int, default=65536)
     parser.add_argument("--ratios", type=float, nargs="*", default=[2.0, 4.0])
     parser.add_argument("--hashes", type=int, nargs="+", default=[8, 10, 12, 14])
-    parser.add_argument("--dispatch", nargs="*", default=[],
-                        help="more parallel.dispatch settings as YAML flow mappings, e.g. '{lsh: {hashes: 20}, payload: fp8}'")
+    parser.add_argument(
+        "--dispatch",
+        nargs="*",
+        default=[],
+        help="more parallel.dispatch settings as YAML flow mappings, e.g. '{lsh: {hashes: 20}, payload: fp8}'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -105,20 +109,36 @@ def main() -> None:
     data = load_training_data(spec.data)
     batches = all_batches(data.held_out, spec.data.seq_len, args.eval_bytes, 8, 1)
     moe = spec.model.moe
-    print(f"# {args.run_dir}: {moe.num_experts} experts top-{moe.top_k}, width {spec.model.width}; "
-          f"{sum(len(b[0]) for b in batches)} held-out windows of {spec.data.seq_len} bytes; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {args.run_dir}: {moe.num_experts} experts top-{moe.top_k}, width {spec.model.width}; "
+        f"{sum(len(b[0]) for b in batches)} held-out windows of {spec.data.seq_len} bytes; load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     exact = score(model, batches)
     n = len(exact)
-    print(f"\n| dispatch | rows sent / copies | bytes vs fp32 | expert-output rel. error | error / output spread | held-out bpb | minus exact (paired s.e.) | relative |")
+    print(
+        "\n| dispatch | rows sent / copies | bytes vs fp32 | expert-output rel. error | error / output spread | "
+        "held-out bpb | minus exact (paired s.e.) | relative |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| exact | 1.000 | 1.000 | 0 | 0 | {exact.mean():.4f} | - | - |")
 
-    def row(name: str, sent: float, err: float, bits: np.ndarray, byte_ratio: float | None = None,
-            spread: float = float("nan")) -> None:
+    def row(
+        name: str,
+        sent: float,
+        err: float,
+        bits: np.ndarray,
+        byte_ratio: float | None = None,
+        spread: float = float("nan"),
+    ) -> None:
         diff = bits - exact
         ratio = sent if byte_ratio is None else byte_ratio
-        print(f"| {name} | {sent:.3f} | {ratio:.3f} | {err:.3f} | {spread:.3f} | {bits.mean():.4f} | {diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
-              f"| {100 * diff.mean() / exact.mean():+.2f} % |", flush=True)
+        print(
+            f"| {name} | {sent:.3f} | {ratio:.3f} | {err:.3f} | {spread:.3f} | {bits.mean():.4f} | "
+            f"{diff.mean():+.4f} ({diff.std(ddof=1) / math.sqrt(n):.4f}) "
+            f"| {100 * diff.mean() / exact.mean():+.2f} % |",
+            flush=True,
+        )
 
     for ratio in args.ratios:
         oracle = copy.deepcopy(model)
@@ -138,9 +158,16 @@ def main() -> None:
         metrics = dispatch_metrics(compressed)
         sent = sum(v for k, v in metrics.items() if k.endswith("/rows_sent"))
         copies = sum(v for k, v in metrics.items() if k.endswith("/tokens_in"))
-        err, spread = (output_error(copy.deepcopy(model), spec, setting, batches[:8]) if dispatch.lsh is not None
-                       else (float("nan"), float("nan")))
-        name = f"lsh {dispatch.lsh.hashes}" if setting == {"lsh": {"hashes": dispatch.lsh.hashes if dispatch.lsh else 0}} else str(setting)
+        err, spread = (
+            output_error(copy.deepcopy(model), spec, setting, batches[:8])
+            if dispatch.lsh is not None
+            else (float("nan"), float("nan"))
+        )
+        name = (
+            f"lsh {dispatch.lsh.hashes}"
+            if setting == {"lsh": {"hashes": dispatch.lsh.hashes if dispatch.lsh else 0}}
+            else str(setting)
+        )
         row(name, sent / copies, err, bits, metrics.get("comm/compression_ratio"), spread)
 
 
@@ -154,7 +181,9 @@ def output_error(model: nn.Module, spec, setting: dict, batches: list) -> tuple[
     for inputs, targets in batches:
         model(inputs, targets)
     metrics = dispatch_metrics(model)
-    return float(metrics.get("comm/lsh_rel_error", float("nan"))), float(metrics.get("comm/lsh_spread_error", float("nan")))
+    return float(metrics.get("comm/lsh_rel_error", float("nan"))), float(
+        metrics.get("comm/lsh_spread_error", float("nan"))
+    )
 
 
 if __name__ == "__main__":

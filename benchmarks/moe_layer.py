@@ -69,6 +69,7 @@ def make_tokens(size: Size, gen: torch.Generator) -> torch.Tensor:
 
 # ---------------------------------------------------------------- variants
 
+
 class NaiveLoopMoE(nn.Module):
     """The textbook per-expert loop: for each expert, find its tokens, run its MLP, add the result back."""
 
@@ -94,9 +95,19 @@ class DeepSpeedMoE(nn.Module):
     def __init__(self, size: Size, drop_tokens: bool) -> None:
         super().__init__()
         from deepspeed.moe.layer import MoE
-        self.moe = MoE(size.width, SwiGLU(size.width, size.hidden), num_experts=size.experts, ep_size=1,
-                       k=size.top_k, capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4,
-                       drop_tokens=drop_tokens, use_rts=False)
+
+        self.moe = MoE(
+            size.width,
+            SwiGLU(size.width, size.hidden),
+            num_experts=size.experts,
+            ep_size=1,
+            k=size.top_k,
+            capacity_factor=1.25,
+            eval_capacity_factor=1.25,
+            min_capacity=4,
+            drop_tokens=drop_tokens,
+            use_rts=False,
+        )
         self.gate = self.moe.deepspeed_moe.gate.wg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,10 +140,12 @@ def init_deepspeed() -> bool:
         print("deepspeed not installed: skipping DeepSpeed-MoE (pip install deepspeed==0.19.8)")
         return False
     import torch.distributed as dist
+
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:  # a free port: several benchmark runs may coexist
             import socket
+
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
@@ -140,8 +153,9 @@ def init_deepspeed() -> bool:
     return True
 
 
-def build_variants(size: Size, skew: float, with_ds: bool, backends: list[str], seed: int
-                   ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+def build_variants(
+    size: Size, skew: float, with_ds: bool, backends: list[str], seed: int
+) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     gate_w = make_gate_weight(size, skew, gen)
     x = make_tokens(size, gen)
@@ -152,13 +166,15 @@ def build_variants(size: Size, skew: float, with_ds: bool, backends: list[str], 
     for b in backends:
         layer = MoELayer(size.width, size.hidden, size.experts, size.top_k, backend=b)
         variants[f"ours[{b}]"] = (layer, x)
-    variants["ours[torch] cf=1.25"] = (MoELayer(size.width, size.hidden, size.experts, size.top_k,
-                                               capacity_factor=1.25, backend="torch"), x)
+    variants["ours[torch] cf=1.25"] = (
+        MoELayer(size.width, size.hidden, size.experts, size.top_k, capacity_factor=1.25, backend="torch"),
+        x,
+    )
     variants["naive loop"] = (NaiveLoopMoE(size), x)
     if with_ds:
         variants["deepspeed cf=1.25"] = (DeepSpeedMoE(size, drop_tokens=True), x)
         variants["deepspeed no-drop"] = (DeepSpeedMoE(size, drop_tokens=False), x)
-    for name, (module, _) in variants.items():
+    for _name, (module, _) in variants.items():
         gate = getattr(module, "gate", None) or getattr(getattr(module, "router", None), "gate", None)
         if gate is not None:
             with torch.no_grad():
@@ -177,6 +193,7 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
 
 def peak_memory(module: nn.Module, x: torch.Tensor) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker
+
     tracker = MemTracker()
     with tracker:
         step(module, x)
@@ -200,19 +217,23 @@ def bench(size: Size, skew: float, rounds: int, with_ds: bool, backends: list[st
     load = realised_load(size, skew, seed)
     skipped: list[str] = []
     if with_ds:  # drop_tokens=False makes capacity = the busiest expert's load
-        for name, cap in (("deepspeed cf=1.25", math.ceil(1.25 * size.tokens * size.top_k / size.experts)),
-                          ("deepspeed no-drop", int(load.max()))):
+        for name, cap in (
+            ("deepspeed cf=1.25", math.ceil(1.25 * size.tokens * size.top_k / size.experts)),
+            ("deepspeed no-drop", int(load.max())),
+        ):
             cap = max(cap, math.ceil(1.25 * size.tokens * size.top_k / size.experts))
             elements = size.tokens * size.experts * cap
             if elements > DS_MAX_DISPATCH_ELEMENTS:
-                skipped.append(f"{name}: skipped, its dense [T, E, C] dispatch/combine tensors would hold "
-                               f"{elements / 1e9:.1f} G elements ({elements * 4 / 2**30:.0f} GiB each in fp32)")
+                skipped.append(
+                    f"{name}: skipped, its dense [T, E, C] dispatch/combine tensors would hold "
+                    f"{elements / 1e9:.1f} G elements ({elements * 4 / 2**30:.0f} GiB each in fp32)"
+                )
     variants = build_variants(size, skew, with_ds, backends, seed)
     for line in skipped:
         variants.pop(line.split(":")[0], None)
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (module, x) in variants.items():  # warm-up (DeepSpeed's first call builds state)
+    for module, x in variants.values():  # warm-up (DeepSpeed's first call builds state)
         step(module, x)
     for _ in range(rounds):
         for name, (module, x) in variants.items():
@@ -222,19 +243,25 @@ def bench(size: Size, skew: float, rounds: int, with_ds: bool, backends: list[st
             cpu[name].append(time.process_time() - c0)
     mem = {name: peak_memory(module, x) for name, (module, x) in variants.items()}
     label = "balanced" if skew == 0 else f"Zipf s={skew}"
-    print(f"\n### {size}, {label} routing  (expert load max/mean = "
-          f"{load.max().item() / load.float().mean().item():.2f}; {rounds} interleaved rounds, fwd+bwd, fp32)\n")
+    print(
+        f"\n### {size}, {label} routing  (expert load max/mean = "
+        f"{load.max().item() / load.float().mean().item():.2f}; {rounds} interleaved rounds, fwd+bwd, fp32)\n"
+    )
     med = {name: statistics.median(t) for name, t in wall.items()}
     cmed = {name: statistics.median(t) for name, t in cpu.items()}
     ds = "deepspeed cf=1.25"
-    print("| variant | median wall ms | wall min..max | median CPU ms | tokens/s (wall) | wall x dense "
-          "| CPU x dense | CPU x DS cf=1.25 | peak MiB |")
+    print(
+        "| variant | median wall ms | wall min..max | median CPU ms | tokens/s (wall) | wall x dense "
+        "| CPU x dense | CPU x DS cf=1.25 | peak MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in variants:
         ratio_ds = f"{cmed[name] / cmed[ds]:.2f}" if ds in cmed else "n/a"
-        print(f"| {name} | {med[name] * 1e3:.0f} | {min(wall[name]) * 1e3:.0f}..{max(wall[name]) * 1e3:.0f} | "
-              f"{cmed[name] * 1e3:.0f} | {size.tokens / med[name]:,.0f} | {med[name] / med['dense']:.2f} | "
-              f"{cmed[name] / cmed['dense']:.2f} | {ratio_ds} | {mem[name] / 2**20:.0f} |")
+        print(
+            f"| {name} | {med[name] * 1e3:.0f} | {min(wall[name]) * 1e3:.0f}..{max(wall[name]) * 1e3:.0f} | "
+            f"{cmed[name] * 1e3:.0f} | {size.tokens / med[name]:,.0f} | {med[name] / med['dense']:.2f} | "
+            f"{cmed[name] / cmed['dense']:.2f} | {ratio_ds} | {mem[name] / 2**20:.0f} |"
+        )
     for line in skipped:
         print(f"\n- {line}")
     sys.stdout.flush()
@@ -249,8 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deepspeed", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-skewed", action="store_true", help="run the skewed routing only")
-    parser.add_argument("--ds-max-gelements", type=float, default=None,
-                        help="run DeepSpeed only when its [T, E, C] tensors hold at most this many G elements")
+    parser.add_argument(
+        "--ds-max-gelements",
+        type=float,
+        default=None,
+        help="run DeepSpeed only when its [T, E, C] tensors hold at most this many G elements",
+    )
     args = parser.parse_args(argv)
     global DS_MAX_DISPATCH_ELEMENTS
     if args.ds_max_gelements is not None:
@@ -263,10 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (3 if args.quick else 5)
     with_ds = not args.no_deepspeed and init_deepspeed()
     backends = [b for b in available_backends("cpu") if b != "triton"]  # interpreter: correctness only
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backends {backends}, "
-          f"deepspeed {'yes' if with_ds else 'no'}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, backends {backends}, "
+        f"deepspeed {'yes' if with_ds else 'no'}"
+    )
     for size in sizes:
-        for skew in ((args.skew,) if args.only_skewed else (0.0, args.skew)):
+        for skew in (args.skew,) if args.only_skewed else (0.0, args.skew):
             bench(size, skew, rounds, with_ds, backends)
 
 

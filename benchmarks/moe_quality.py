@@ -53,11 +53,19 @@ def slug(name: str, seed: int) -> str:
     return name.replace(" ", "_").replace(".", "") + f"_s{seed}"
 
 
-def launch(out: Path, name: str, base: Path, overrides: list[str], seed: int, steps: int,
-           local: bool = False) -> subprocess.Popen:
+def launch(
+    out: Path, name: str, base: Path, overrides: list[str], seed: int, steps: int, local: bool = False
+) -> subprocess.Popen:
     run = slug(name, seed)
-    sets = [f"name={run}", f"seed={seed}", f"training.steps={steps}", f"training.eval_every={steps // 5}",
-            f"checkpoint.dir={out / 'runs'}", "tracking.mode=disabled", *overrides]
+    sets = [
+        f"name={run}",
+        f"seed={seed}",
+        f"training.steps={steps}",
+        f"training.eval_every={steps // 5}",
+        f"checkpoint.dir={out / 'runs'}",
+        "tracking.mode=disabled",
+        *overrides,
+    ]
     runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if local else [str(CLI), "run"]
     cmd = [*runner, str(base), *[a for s in sets for a in ("--set", s)]]
     log = open(out / "logs" / f"{run}.log", "a")
@@ -94,14 +102,17 @@ def summarize_run(out: Path, name: str, seed: int) -> dict[str, Any]:
     device = torch.device("cpu")
     start = time.perf_counter()
     bits = per_window_bits(model, batches, device, autocast_for(spec, device))
-    final = summarize(len(bits), float(bits.sum()), float((bits ** 2).sum()), spec.data.seq_len)
+    final = summarize(len(bits), float(bits.sum()), float((bits**2).sum()), spec.data.seq_len)
     np.save(out / "windows" / f"{slug(name, seed)}.npy", bits)
     tps = spec.tokens_per_step()
     times = train_seconds(records, tps)
-    evals = [{"step": r["step"], "bpb": r["val_bpb"], "stderr": r["val_bpb_stderr"], "train_s": times.get(r["step"])}
-             for r in records if r.get("kind") == "eval"]
+    evals = [
+        {"step": r["step"], "bpb": r["val_bpb"], "stderr": r["val_bpb_stderr"], "train_s": times.get(r["step"])}
+        for r in records
+        if r.get("kind") == "eval"
+    ]
     trains = [r for r in records if r.get("kind") == "train"]
-    tail = trains[-max(1, len(trains) // 5):]  # last fifth of training
+    tail = trains[-max(1, len(trains) // 5) :]  # last fifth of training
     load: dict[str, float] = {}
     if any("moe/layer0/util_max" in r for r in tail):
         layers = sorted({k.split("/")[1] for r in tail for k in r if k.startswith("moe/layer")})
@@ -112,22 +123,36 @@ def summarize_run(out: Path, name: str, seed: int) -> dict[str, Any]:
             "balance_loss": float(np.mean([r[f"moe/{layer}/balance_loss"] for r in tail for layer in layers])),
             "dropped_fraction": float(np.mean([r[f"moe/{layer}/dropped_fraction"] for r in tail for layer in layers])),
         }
-    return {"name": name, "seed": seed, "final": final.__dict__, "full_eval_s": time.perf_counter() - start,
-            "evals": evals, "train_s": max(times.values()),
-            "train_bpb_tail": float(np.mean([r["bpb"] for r in tail])), "load": load,
-            "steps": spec.training.steps}
+    return {
+        "name": name,
+        "seed": seed,
+        "final": final.__dict__,
+        "full_eval_s": time.perf_counter() - start,
+        "evals": evals,
+        "train_s": max(times.values()),
+        "train_bpb_tail": float(np.mean([r["bpb"] for r in tail])),
+        "load": load,
+        "steps": spec.training.steps,
+    }
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for sub in ("runs", "logs", "windows"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(name, base, overrides, seed) for name, (base, overrides, seeds) in CONFIGS.items()
-            for seed in seeds[:args.seeds] if not args.only or name in args.only]
+    jobs = [
+        (name, base, overrides, seed)
+        for name, (base, overrides, seeds) in CONFIGS.items()
+        for seed in seeds[: args.seeds]
+        if not args.only or name in args.only
+    ]
     jobs.sort(key=lambda job: job[3])  # seed-major: every finished seed gives a complete paired comparison
-    meta = {"command": " ".join(sys.argv), "start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-            "steps": args.steps}
+    meta = {
+        "command": " ".join(sys.argv),
+        "start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "steps": args.steps,
+    }
     results_file = out / "results.json"
     done = json.loads(results_file.read_text())["runs"] if results_file.exists() else []
     finished = {(r["name"], r["seed"]) for r in done}
@@ -158,8 +183,11 @@ def cmd_run(args: argparse.Namespace) -> None:
                     pending.insert(0, job)
                 continue
             done.append(summarize_run(out, name, seed))
-            print(f"[moe_quality] done {name} seed {seed}: {done[-1]['final']['bpb']:.4f} "
-                  f"+- {done[-1]['final']['stderr']:.4f}", flush=True)
+            print(
+                f"[moe_quality] done {name} seed {seed}: {done[-1]['final']['bpb']:.4f} "
+                f"+- {done[-1]['final']['stderr']:.4f}",
+                flush=True,
+            )
             results_file.write_text(json.dumps({"meta": meta, "runs": done}, indent=1))
     meta["end"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -199,8 +227,11 @@ def cmd_steptime(args: argparse.Namespace) -> None:
             if round_:
                 times[name].append((time.perf_counter() - start) / args.steps_per_round)
     out = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for name, t in times.items()}
-    out["_meta"] = {"rounds": args.rounds, "steps_per_round": args.steps_per_round,
-                    "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    out["_meta"] = {
+        "rounds": args.rounds,
+        "steps_per_round": args.steps_per_round,
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
     Path(args.out, "steptime.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
@@ -222,19 +253,25 @@ def cmd_report(args: argparse.Namespace) -> None:
     for r in runs:
         by_name.setdefault(r["name"], []).append(r)
     dense = {r["seed"]: r for r in by_name.get("dense h384", [])}
-    lines = [f"# MoE vs dense at equal active compute (held-out bits per byte)", "",
-             f"- command: `{meta['command']}` (then `python benchmarks/moe_quality.py report --out {args.out} --md ...`)",
-             f"- date: {meta['start']} to {meta.get('end', '?')}; machine: 2 shared CPU cores, torch threads 1 per run, "
-             f"runs under `nice -n 10`",
-             f"- load: before `{meta['uptime_before']}`; after `{meta.get('uptime_after', '?')}`",
-             f"- every run: tiny preset (width 128, depth 4, heads 4), seq_len 128, batch 8, {meta['steps']} steps "
-             f"({meta['steps'] * 1024 / 1e3:.0f} KB of training bytes), AdamW lr 3e-3, 20 warm-up steps, cosine to 0.1; "
-             "one worker; base specs `jobs/compare-dense.yaml`, `jobs/compare-moe.yaml`",
-             "- final bpb: every window of the stdlib held-out split (22 files, 482 KB, 3765 windows of 128 bytes), "
-             "the `shardyard eval` path; mid-run points: 512 windows (64 KiB) each", "",
-             "## At equal steps (final checkpoint)", "",
-             "| configuration | seed | held-out bpb +- s.e. | minus dense (same seed), paired s.e. | z | train bpb (last 20%) | train s | bytes/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# MoE vs dense at equal active compute (held-out bits per byte)",
+        "",
+        f"- command: `{meta['command']}` (then `python benchmarks/moe_quality.py report --out {args.out} --md ...`)",
+        f"- date: {meta['start']} to {meta.get('end', '?')}; machine: 2 shared CPU cores, torch threads 1 per run, "
+        f"runs under `nice -n 10`",
+        f"- load: before `{meta['uptime_before']}`; after `{meta.get('uptime_after', '?')}`",
+        f"- every run: tiny preset (width 128, depth 4, heads 4), seq_len 128, batch 8, {meta['steps']} steps "
+        f"({meta['steps'] * 1024 / 1e3:.0f} KB of training bytes), AdamW lr 3e-3, 20 warm-up steps, cosine to 0.1; "
+        "one worker; base specs `jobs/compare-dense.yaml`, `jobs/compare-moe.yaml`",
+        "- final bpb: every window of the stdlib held-out split (22 files, 482 KB, 3765 windows of 128 bytes), "
+        "the `shardyard eval` path; mid-run points: 512 windows (64 KiB) each",
+        "",
+        "## At equal steps (final checkpoint)",
+        "",
+        "| configuration | seed | held-out bpb +- s.e. | minus dense (same seed), paired s.e. | z | train bpb "
+        "(last 20%) | train s | bytes/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, rs in by_name.items():
         for r in sorted(rs, key=lambda r: r["seed"]):
             f = r["final"]
@@ -245,18 +282,26 @@ def cmd_report(args: argparse.Namespace) -> None:
                 z = f"{d / se:+.1f}"
             else:
                 diff, z = "-", "-"
-            lines.append(f"| {name} | {r['seed']} | {f['bpb']:.4f} +- {f['stderr']:.4f} | {diff} | {z} | "
-                         f"{r['train_bpb_tail']:.3f} | {r['train_s']:.0f} | {r['steps'] * 1024 / r['train_s']:.0f} |")
+            lines.append(
+                f"| {name} | {r['seed']} | {f['bpb']:.4f} +- {f['stderr']:.4f} | {diff} | {z} | "
+                f"{r['train_bpb_tail']:.3f} | {r['train_s']:.0f} | {r['steps'] * 1024 / r['train_s']:.0f} |"
+            )
     for name, rs in by_name.items():
         seeds = {r["seed"]: r for r in rs}
         if 0 in seeds and 1 in seeds:
             d, se = paired(out, seeds[0], seeds[1])
-            lines.append(f"\nTraining noise, {name}: seed 1 minus seed 0 on the same windows = {d:+.4f} +- {se:.4f} "
-                         "(evaluation s.e.): the evaluation error bar does not cover the seed-to-seed spread.")
-    lines += ["", "Over seeds (the error that counts: training noise between seeds plus evaluation noise; with 2 "
-              "seeds the standard deviation is a crude estimate):", "",
-              "| configuration | seeds | mean bpb | seed s.d. | mean minus dense mean +- s.e. | z |",
-              "|---|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"\nTraining noise, {name}: seed 1 minus seed 0 on the same windows = {d:+.4f} +- {se:.4f} "
+                "(evaluation s.e.): the evaluation error bar does not cover the seed-to-seed spread."
+            )
+    lines += [
+        "",
+        "Over seeds (the error that counts: training noise between seeds plus evaluation noise; with 2 "
+        "seeds the standard deviation is a crude estimate):",
+        "",
+        "| configuration | seeds | mean bpb | seed s.d. | mean minus dense mean +- s.e. | z |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     dense_vals = [r["final"]["bpb"] for r in dense.values()]
     for name, rs in by_name.items():
         vals = [r["final"]["bpb"] for r in rs]
@@ -271,15 +316,21 @@ def cmd_report(args: argparse.Namespace) -> None:
     if steptime_file.exists():
         st = json.loads(steptime_file.read_text())
         t_dense = st["dense h384"]["min_s"]
-        lines += ["", "## At equal wall clock", "",
-                  f"Step times measured in one process, one thread, {st['_meta']['rounds']} interleaved rounds of "
-                  f"{st['_meta']['steps_per_round']} steps (`moe_quality.py steptime`; load `{st['_meta']['uptime']}`), "
-                  "so load slows every configuration alike; the ratio uses each configuration's fastest round (the least "
-                  "disturbed; medians on a loaded machine measure the load). A configuration slower per step than dense gets "
-                  "proportionally fewer steps in the dense run's time; its bpb there is read off its mid-run curve "
-                  "(64 KiB points, +-~0.03, linear interpolation; same 512 windows for every run).", "",
-                  "| configuration | ms/step fastest round (median) | vs dense | steps in dense's 500-step time | bpb then (seed 0) | dense bpb at 500 (seed 0, same windows) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## At equal wall clock",
+            "",
+            f"Step times measured in one process, one thread, {st['_meta']['rounds']} interleaved rounds of "
+            f"{st['_meta']['steps_per_round']} steps (`moe_quality.py steptime`; load `{st['_meta']['uptime']}`), "
+            "so load slows every configuration alike; the ratio uses each configuration's fastest round (the least "
+            "disturbed; medians on a loaded machine measure the load). A configuration slower per step than dense gets "
+            "proportionally fewer steps in the dense run's time; its bpb there is read off its mid-run curve "
+            "(64 KiB points, +-~0.03, linear interpolation; same 512 windows for every run).",
+            "",
+            "| configuration | ms/step fastest round (median) | vs dense | steps in dense's 500-step time | bpb "
+            "then (seed 0) | dense bpb at 500 (seed 0, same windows) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, rs in by_name.items():
             if name not in st:
                 continue
@@ -291,20 +342,31 @@ def cmd_report(args: argparse.Namespace) -> None:
             at = float(np.interp(min(steps_eq, xs[-1]), xs, ys))
             note = "" if steps_eq <= 1.02 * xs[-1] else f" (at {xs[-1]}: the run stopped there)"
             dense_end = dense[0]["evals"][-1]["bpb"] if 0 in dense else float("nan")
-            lines.append(f"| {name} | {1000 * t:.1f} ({1000 * st[name]['median_s']:.1f}) | "
-                         f"{t / t_dense:.2f}x | {steps_eq:.0f} | {at:.4f}{note} | {dense_end:.4f} |")
-    lines += ["", "## Expert load (last 20% of training, mean over layers)", "",
-              "| configuration | seed | max expert share | min expert share | balance loss (1 = even) | dropped fraction |",
-              "|---|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {name} | {1000 * t:.1f} ({1000 * st[name]['median_s']:.1f}) | "
+                f"{t / t_dense:.2f}x | {steps_eq:.0f} | {at:.4f}{note} | {dense_end:.4f} |"
+            )
+    lines += [
+        "",
+        "## Expert load (last 20% of training, mean over layers)",
+        "",
+        "| configuration | seed | max expert share | min expert share | balance loss (1 = even) | dropped fraction |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, rs in by_name.items():
         for r in sorted(rs, key=lambda r: r["seed"]):
             if r["load"]:
                 ld = r["load"]
-                lines.append(f"| {name} | {r['seed']} | {ld['max_share']:.3f} | {ld['min_share']:.3f} | "
-                             f"{ld['balance_loss']:.3f} | {ld['dropped_fraction']:.3f} |")
+                lines.append(
+                    f"| {name} | {r['seed']} | {ld['max_share']:.3f} | {ld['min_share']:.3f} | "
+                    f"{ld['balance_loss']:.3f} | {ld['dropped_fraction']:.3f} |"
+                )
     if args.plot:
-        step_s = {n: v["min_s"] for n, v in json.loads(steptime_file.read_text()).items() if n != "_meta"} \
-            if steptime_file.exists() else {}
+        step_s = (
+            {n: v["min_s"] for n, v in json.loads(steptime_file.read_text()).items() if n != "_meta"}
+            if steptime_file.exists()
+            else {}
+        )
         plot(by_name, Path(args.plot), step_s)
         lines += ["", f"![held-out bpb curves]({Path(args.plot).name})"]
     text = "\n".join(lines) + "\n"
@@ -327,13 +389,24 @@ def plot(by_name: dict[str, list[dict[str, Any]]], path: Path, step_s: dict[str,
         for r in rs:
             ev = r["evals"]
             style = "-" if r["seed"] == 0 else "--"
-            ax_step.errorbar([e["step"] for e in ev], [e["bpb"] for e in ev], yerr=[e["stderr"] for e in ev],
-                             fmt="o" + style, color=color, ms=3, capsize=2, label=name if r["seed"] == 0 else None)
+            ax_step.errorbar(
+                [e["step"] for e in ev],
+                [e["bpb"] for e in ev],
+                yerr=[e["stderr"] for e in ev],
+                fmt="o" + style,
+                color=color,
+                ms=3,
+                capsize=2,
+                label=name if r["seed"] == 0 else None,
+            )
             xs = [e["step"] * step_s[name] if name in step_s else e["train_s"] for e in ev]
             ax_time.plot(xs, [e["bpb"] for e in ev], "o" + style, color=color, ms=3)
     ax_step.set_xlabel("step")
-    ax_time.set_xlabel("training seconds (steps x interleaved step time, one thread)" if step_s
-                       else "training seconds (shared 2-core CPU)")
+    ax_time.set_xlabel(
+        "training seconds (steps x interleaved step time, one thread)"
+        if step_s
+        else "training seconds (shared 2-core CPU)"
+    )
     ax_step.set_ylabel("held-out bits per byte (512 windows, +- s.e.)")
     ax_step.legend(fontsize=8)
     ax_step.set_title("equal steps (solid seed 0, dashed seed 1)")

@@ -49,7 +49,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for ns in _our_namespaces():
         try:
-            pid = int(ns[len(PREFIX):].split("-")[0])
+            pid = int(ns[len(PREFIX) :].split("-")[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
@@ -78,7 +78,7 @@ class NetBed:
         self._up = False
 
     # ------------------------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "NetBed":
+    def __enter__(self) -> NetBed:
         self.up()
         return self
 
@@ -117,17 +117,36 @@ class NetBed:
                 rate_bytes = rate_mbit * 1e6 / 8
                 burst = max(16 * 1024, int(rate_bytes * 0.002))  # ~2 ms of line rate
                 limit = max(256 * 1024, int(rate_bytes * 0.1))  # ~100 ms of queue
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                     "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit))
+                _run(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{rate_mbit}mbit",
+                    "burst",
+                    str(burst),
+                    "limit",
+                    str(limit),
+                )
 
     def addr(self, node: int) -> str:
         return f"{SUBNET}.{node + 1}"
 
-    def popen(self, node: int, argv: Sequence[str], env: dict[str, str] | None = None,
-              **kwargs: object) -> subprocess.Popen[bytes]:
+    def popen(
+        self, node: int, argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
         """Start a process inside node `node` (`ip netns exec`); it is killed by down()."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *argv],
-                                env={**os.environ, **(env or {})}, **kwargs)  # type: ignore[call-overload]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.names[node], *argv], env={**os.environ, **(env or {})}, **kwargs
+        )  # type: ignore[call-overload]
         self.procs.append(proc)
         return proc
 
@@ -157,13 +176,26 @@ if __name__ == "__main__":  # smoke test: a throughput probe between two nodes
     import time
 
     with NetBed(2, rate_mbit=200) as bed:
-        server = bed.popen(1, [sys.executable, "-c",
-                               "import socket;s=socket.socket();s.bind(('0.0.0.0',5001));s.listen(1);"
-                               "c,_=s.accept();n=0\nwhile (b:=c.recv(1<<20)): n+=len(b)\nprint(n)"])
+        server = bed.popen(
+            1,
+            [
+                sys.executable,
+                "-c",
+                "import socket;s=socket.socket();s.bind(('0.0.0.0',5001));s.listen(1);"
+                "c,_=s.accept();n=0\nwhile (b:=c.recv(1<<20)): n+=len(b)\nprint(n)",
+            ],
+        )
         time.sleep(0.5)
         t0 = time.perf_counter()
-        _run("ip", "netns", "exec", bed.names[0], sys.executable, "-c",
-             f"import socket;s=socket.create_connection(('{bed.addr(1)}',5001));s.sendall(b'x'*(20<<20))")
+        _run(
+            "ip",
+            "netns",
+            "exec",
+            bed.names[0],
+            sys.executable,
+            "-c",
+            f"import socket;s=socket.create_connection(('{bed.addr(1)}',5001));s.sendall(b'x'*(20<<20))",
+        )
         server.wait()
         print(f"20 MiB at 200 Mbit/s tbf: {20 * 1.048576 / (time.perf_counter() - t0):.1f} MB/s")
     print("left:", _our_namespaces())

@@ -93,13 +93,17 @@ def main() -> None:
     print(f"load after: {os.getloadavg()}")
     on, off = statistics.median(medians[True]), statistics.median(medians[False])
     ratios = [a / b for a, b in zip(medians[True], medians[False])]
-    print(f"step time, median of {args.rounds} rounds x {args.steps - 3} steps: timers on {1000 * on:.2f} ms, "
-          f"off {1000 * off:.2f} ms; on/off {on / off:.4f} (per-round ratios {min(ratios):.4f}..{max(ratios):.4f})")
+    print(
+        f"step time, median of {args.rounds} rounds x {args.steps - 3} steps: timers on {1000 * on:.2f} ms, "
+        f"off {1000 * off:.2f} ms; on/off {on / off:.4f} (per-round ratios {min(ratios):.4f}..{max(ratios):.4f})"
+    )
     print(f"losses identical with timers on and off: {losses[True] == losses[False]}")
     cost = section_cost_s()
     sections = 4 + 1  # data, forward, backward per micro-batch (grad_accum 1), optimizer, and the step clock
-    print(f"one timed section costs {1e6 * cost:.2f} us; {sections} per step = {100 * sections * cost / off:.4f}% "
-          f"of this model's step ({1000 * off:.1f} ms); a 10 ms step would pay {100 * sections * cost / 0.01:.3f}%")
+    print(
+        f"one timed section costs {1e6 * cost:.2f} us; {sections} per step = {100 * sections * cost / off:.4f}% "
+        f"of this model's step ({1000 * off:.1f} ms); a 10 ms step would pay {100 * sections * cost / 0.01:.3f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,13 @@ def metric_records(run_dir: Path) -> list[dict]:
 
 
 def run(spec: Path, env: dict[str, str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "shardyard"), "run", str(spec)], stdout=open(out, "w"),
-                            stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env})
+    return subprocess.Popen(
+        [str(BIN / "shardyard"), "run", str(spec)],
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
 
 
 def ledger(directory: Path) -> collections.Counter:
@@ -93,8 +98,10 @@ def recovery(tmp: Path, steps: int, every: int, kill_at: int) -> dict:
         proc = run(spec, env, tmp / f"{name}.out")
         run_dir = tmp / "runs" / name
         if name == "killed":
-            while not (len(read_heartbeats(run_dir / HEARTBEAT_DIR)) == 2
-                       and max((r["step"] for r in metric_records(run_dir)), default=0) >= kill_at):
+            while not (
+                len(read_heartbeats(run_dir / HEARTBEAT_DIR)) == 2
+                and max((r["step"] for r in metric_records(run_dir)), default=0) >= kill_at
+            ):
                 time.sleep(0.02)
                 if proc.poll() is not None:
                     raise RuntimeError((tmp / f"{name}.out").read_text()[-3000:])
@@ -124,9 +131,12 @@ def recovery(tmp: Path, steps: int, every: int, kill_at: int) -> dict:
     reference, recovered = ledger(tmp / "ledger-uninterrupted"), ledger(tmp / "ledger-killed")
     lost = sum((reference - recovered).values())
     extra = sum((recovered - reference).values())
-    results.update(windows_uninterrupted=sum(reference.values()), windows_lost=lost, windows_drawn_again=extra,
-                   windows_drawn_again_beyond_replayed_steps=max(0, extra - results["steps_lost"] * 8
-                                                                 - 8))  # + the step in flight at the kill
+    results.update(
+        windows_uninterrupted=sum(reference.values()),
+        windows_lost=lost,
+        windows_drawn_again=extra,
+        windows_drawn_again_beyond_replayed_steps=max(0, extra - results["steps_lost"] * 8 - 8),
+    )  # + the step in flight at the kill
     a = {r["step"]: r["loss"] for r in metric_records(runs["uninterrupted"])}
     b = {r["step"]: r["loss"] for r in metric_records(runs["killed"])}  # a replayed step keeps its last record
     results["max_loss_difference"] = max(abs(a[s] - b[s]) for s in a)
@@ -148,8 +158,9 @@ def _bare_rank(rank: int, world: int, store: str, spec_text: str, steps: int, ou
     torch.manual_seed(spec.seed)
     # As shardyard's DDP plan: no buffer broadcast in every forward (the models' buffers are constant).
     model = DistributedDataParallel(build_model(spec.model, spec.data.seq_len), forward_sync_buffers=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.optim.lr, betas=spec.optim.betas,
-                                  weight_decay=spec.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.optim.lr, betas=spec.optim.betas, weight_decay=spec.optim.weight_decay
+    )
     generator = torch.Generator().manual_seed(rank)
     batch, seq = spec.training.batch_size, spec.data.seq_len
     times = []
@@ -194,11 +205,17 @@ def overhead(tmp: Path, steps: int, warmup: int) -> dict:
     wall = 2 * 8 * 256 / statistics.median(gaps)
     bare_after = _bare_bytes_per_s(tmp, spec_text, steps, warmup, "after")
     bare = (bare_before + bare_after) / 2
-    return {"model": "dense width 128 depth 4, seq 256, batch 8/worker, 2 workers x 1 CPU", "steps": steps,
-            "warmup_steps_skipped": warmup, "shardyard_metric_bytes_per_s": round(metric),
-            "shardyard_wall_bytes_per_s": round(wall), "bare_ddp_bytes_per_s_before": round(bare_before),
-            "bare_ddp_bytes_per_s_after": round(bare_after), "ratio_wall": round(wall / bare, 3),
-            "ratio_metric": round(metric / bare, 3)}
+    return {
+        "model": "dense width 128 depth 4, seq 256, batch 8/worker, 2 workers x 1 CPU",
+        "steps": steps,
+        "warmup_steps_skipped": warmup,
+        "shardyard_metric_bytes_per_s": round(metric),
+        "shardyard_wall_bytes_per_s": round(wall),
+        "bare_ddp_bytes_per_s_before": round(bare_before),
+        "bare_ddp_bytes_per_s_after": round(bare_after),
+        "ratio_wall": round(wall / bare, 3),
+        "ratio_metric": round(metric / bare, 3),
+    }
 
 
 def _boundary_rank(rank: int, world: int, store: str, spec_text: str, calls: int, out: str) -> None:
@@ -231,8 +248,11 @@ def boundary_cost(tmp: Path, calls: int = 2000) -> dict:
     out = tmp / "boundary.json"
     mp.spawn(_boundary_rank, args=(2, str(tmp / "store-boundary"), spec_text, calls, str(out)), nprocs=2, join=True)
     times = sorted(json.loads(out.read_text())[100:])
-    return {"calls": calls, "median_us": round(1e6 * statistics.median(times), 1),
-            "p90_us": round(1e6 * times[int(0.9 * len(times))], 1)}
+    return {
+        "calls": calls,
+        "median_us": round(1e6 * statistics.median(times), 1),
+        "p90_us": round(1e6 * times[int(0.9 * len(times))], 1),
+    }
 
 
 def main() -> int:
@@ -246,11 +266,20 @@ def main() -> int:
     args = parser.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="shardyard-recovery-") as tmp:
-        rec = recovery(Path(tmp), args.steps, args.every, args.kill_at) if args.only is None or args.only == "recovery" else None
+        rec = (
+            recovery(Path(tmp), args.steps, args.every, args.kill_at)
+            if args.only is None or args.only == "recovery"
+            else None
+        )
         ovh = overhead(Path(tmp), args.overhead_steps, warmup=5) if args.only not in ("recovery", "boundary") else None
         boundary = boundary_cost(Path(tmp))
-    result = {"recovery": rec, "overhead": ovh, "step_boundary": boundary, "loadavg_before": load_before,
-              "loadavg_after": os.getloadavg()}
+    result = {
+        "recovery": rec,
+        "overhead": ovh,
+        "step_boundary": boundary,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -53,15 +53,18 @@ tracking: {{mode: disabled}}
 
 
 def _rank(topology, text: str, out: str) -> None:
-    from torch.distributed.tensor import DTensor
-
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from shardyard.runtime import checkpoint as ckpt
     from shardyard.runtime.worker import Trainer
 
-    os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size), LOCAL_RANK=str(topology.local_rank),
-                      **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)})
+    os.environ.update(
+        RANK=str(topology.rank),
+        WORLD_SIZE=str(topology.world_size),
+        LOCAL_RANK=str(topology.local_rank),
+        **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)},
+    )
     spec = load_spec_text(text)
     trainer = Trainer(spec, Path(out), lambda metrics, directory: None)
 
@@ -81,21 +84,39 @@ def _rank(topology, text: str, out: str) -> None:
         opt = trainer.plan.engine.optimizer
         state = sum(local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         state += sum(local_bytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
-        grads = sum(local_bytes(t) for g in getattr(opt, "averaged_gradients", {}).values()
-                    for t in (g if isinstance(g, list) else [g]) if t is not None)
+        grads = sum(
+            local_bytes(t)
+            for g in getattr(opt, "averaged_gradients", {}).values()
+            for t in (g if isinstance(g, list) else [g])
+            if t is not None
+        )
     else:
-        state = sum(local_bytes(v) for s in trainer.plan.optimizer.state.values() for v in s.values()
-                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+        state = sum(
+            local_bytes(v)
+            for s in trainer.plan.optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
         grads = sum(local_bytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
     params = sum(local_bytes(p) for p in trainer.model.parameters())
-    total_params = sum(p.numel() for p in __import__("shardyard.models", fromlist=["build_model"]).build_model(spec.model, spec.data.seq_len).parameters())
+    total_params = sum(
+        p.numel()
+        for p in __import__("shardyard.models", fromlist=["build_model"])
+        .build_model(spec.model, spec.data.seq_len)
+        .parameters()
+    )
     trainer.plan.optimizer.zero_grad(set_to_none=True)
 
     rank = topology.rank
     with tempfile.TemporaryDirectory(prefix=f"scale-r{rank}-") as tmp:
         directory = Path(tmp) / "ckpt"
-        meta = {"step": 0, "name": spec.name, "layout": trainer.layout(), "scheduler": trainer.plan.scheduler.state_dict(),
-                "data_position": trainer.loader.position()}
+        meta = {
+            "step": 0,
+            "name": spec.name,
+            "layout": trainer.layout(),
+            "scheduler": trainer.plan.scheduler.state_dict(),
+            "data_position": trainer.loader.position(),
+        }
         dist.barrier()
         start = time.perf_counter()
         ckpt.save_checkpoint(trainer.plan, directory, meta)
@@ -113,9 +134,17 @@ def _rank(topology, text: str, out: str) -> None:
         start = time.perf_counter()
         ckpt.load_checkpoint(trainer.plan, merged)
         load_s = time.perf_counter() - start
-    record = {"rank": rank, "params": params, "grads": grads, "optim": state, "total_params": total_params,
-              "save_s": save_s, "load_s": load_s, "ckpt_bytes": written,
-              "step_s": statistics.median(times[1:] or times)}
+    record = {
+        "rank": rank,
+        "params": params,
+        "grads": grads,
+        "optim": state,
+        "total_params": total_params,
+        "save_s": save_s,
+        "load_s": load_s,
+        "ckpt_bytes": written,
+        "step_s": statistics.median(times[1:] or times),
+    }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -133,7 +162,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--budget-gb", type=float, default=80.0, help="per-rank state budget for the 'largest model' column")
+    parser.add_argument(
+        "--budget-gb", type=float, default=80.0, help="per-rank state budget for the 'largest model' column"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     load = os.getloadavg()[0]
@@ -146,20 +177,33 @@ def main() -> None:
             state = [r["params"] + r["grads"] + r["optim"] for r in ranks]
             total = ranks[0]["total_params"]
             per_param = max(state) / total
-            rows.append({"mode": mode, "world": world, "params": total, "state_max_mb": max(state) / 1e6,
-                         "state_mean_mb": statistics.mean(state) / 1e6, "bytes_per_param": per_param,
-                         "ckpt_mb_per_rank": max(r["ckpt_bytes"] for r in ranks) / 1e6,
-                         "save_s": max(r["save_s"] for r in ranks), "load_s": max(r["load_s"] for r in ranks),
-                         "step_s": statistics.median(r["step_s"] for r in ranks),
-                         "fits_b_params": args.budget_gb * 1e9 / per_param / 1e9})
+            rows.append(
+                {
+                    "mode": mode,
+                    "world": world,
+                    "params": total,
+                    "state_max_mb": max(state) / 1e6,
+                    "state_mean_mb": statistics.mean(state) / 1e6,
+                    "bytes_per_param": per_param,
+                    "ckpt_mb_per_rank": max(r["ckpt_bytes"] for r in ranks) / 1e6,
+                    "save_s": max(r["save_s"] for r in ranks),
+                    "load_s": max(r["load_s"] for r in ranks),
+                    "step_s": statistics.median(r["step_s"] for r in ranks),
+                    "fits_b_params": args.budget_gb * 1e9 / per_param / 1e9,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    header = ("| mode | ranks | state/rank max (MB) | mean | bytes/param | ckpt MB/rank | save s | load s | step s | "
-              f"largest model in {args.budget_gb:g} GB/rank (B params) |")
+    header = (
+        "| mode | ranks | state/rank max (MB) | mean | bytes/param | ckpt MB/rank | save s | load s | step s | "
+        f"largest model in {args.budget_gb:g} GB/rank (B params) |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['world']} | {r['state_max_mb']:.2f} | {r['state_mean_mb']:.2f} | "
-                     f"{r['bytes_per_param']:.2f} | {r['ckpt_mb_per_rank']:.2f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
-                     f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} |")
+        lines.append(
+            f"| {r['mode']} | {r['world']} | {r['state_max_mb']:.2f} | {r['state_mean_mb']:.2f} | "
+            f"{r['bytes_per_param']:.2f} | {r['ckpt_mb_per_rank']:.2f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
+            f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} |"
+        )
     table = "\n".join(lines)
     print(table)
     print(f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")

@@ -13,9 +13,9 @@ import argparse
 import sys
 
 from shardyard.platform.spec import load_spec, spec_to_yaml
+from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.entry import run_directory
 from shardyard.runtime.worker import LocalReporter, Trainer
-from shardyard.runtime import checkpoint as ckpt
 
 
 def main() -> int:

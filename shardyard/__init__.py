@@ -1,2 +1,3 @@
 """shardyard: distributed training of MoE, hierarchical byte and low-rank models on Ray."""
+
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ FAULT_STEP = "SHARDYARD_FAULT_STEP"  # tests: rank 0 raises once when it reaches
 KILL_IN_SAVE = "SHARDYARD_KILL_IN_SAVE"  # tests: "<step>:<marker>": the last rank dies mid-save once
 SECRET_PROBE = "SHARDYARD_SECRET_PROBE"  # tests: "NAME,...": each worker records the sha256 of those variables
 SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
-HANG_AT = "SHARDYARD_HANG_AT"  # tests: "<step>:<rank>": that rank sleeps once instead of joining the step-boundary all_reduce
+HANG_AT = (
+    "SHARDYARD_HANG_AT"  # tests: "<step>:<rank>": that rank sleeps once instead of joining the step-boundary all_reduce
+)
 
 
 def forwarded() -> dict[str, str]:

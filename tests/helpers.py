@@ -6,8 +6,9 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,8 +30,15 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
-    return subprocess.run([str(BIN / "shardyard"), *args], capture_output=True, text=True, errors="replace", timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+    return subprocess.run(
+        [str(BIN / "shardyard"), *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or ROOT,
+    )
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -19,10 +19,15 @@ SPEC_MODULES = {f"{PACKAGE}.platform.{name}" for name in ("errors", "schema", "s
 CLI = f"{PACKAGE}.platform.cli"
 # The layers of docs/architecture.md's package map: a part imports only parts of lower layers.
 LAYERS = {
-    "spec": 0, "envvars": 0,  # platform.{errors,schema,spec,specdoc}; environment-variable names
-    "kernels": 1, "data": 1, "tracking": 1, "cluster": 1,
+    "spec": 0,
+    "envvars": 0,  # platform.{errors,schema,spec,specdoc}; environment-variable names
+    "kernels": 1,
+    "data": 1,
+    "tracking": 1,
+    "cluster": 1,
     "models": 2,
-    "comm": 3, "optim": 3,
+    "comm": 3,
+    "optim": 3,
     "runtime": 4,
     "cli": 5,
     "root": 0,  # shardyard/__init__.py: imports nothing
@@ -41,6 +46,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the package modules it imports. `from a.b import c` counts as importing a.b.c
     when that is a module, else a.b (importing a package's own __init__ is an edge too: a child
     that takes names from its parent package closes a cycle when the parent imports the child)."""
+
     def resolve(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
@@ -137,8 +143,12 @@ def part(module: str) -> str:
 
 def test_parts_import_only_lower_layers() -> None:
     """The package map of docs/architecture.md: every import between parts goes down a layer."""
-    upward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
-                    if part(m) != part(t) and LAYERS[part(m)] <= LAYERS[part(t)])
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if part(m) != part(t) and LAYERS[part(m)] <= LAYERS[part(t)]
+    )
     assert upward == [], "imports against the layering of docs/architecture.md:\n" + "\n".join(upward)
     assert {part(m) for m in GRAPH} <= set(LAYERS), "a new part: give it a layer here and in the docs"
 

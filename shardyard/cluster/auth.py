@@ -41,8 +41,10 @@ def check_token_file(path: Path) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeTokenFile(f"{path}: the Ray auth token must be a regular file (not a link or device)")
     if st.st_mode & 0o077:
-        raise UnsafeTokenFile(f"{path}: the Ray auth token is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                              f"run `chmod 600 {path}` (and consider it leaked: generate a new one on the head)")
+        raise UnsafeTokenFile(
+            f"{path}: the Ray auth token is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run `chmod 600 {path}` (and consider it leaked: generate a new one on the head)"
+        )
 
 
 def write_token(path: Path, token: str | None = None) -> Path:
@@ -81,7 +83,8 @@ def ensure_token(generate: bool = True) -> Path | None:
     if not generate:
         raise FileNotFoundError(
             f"no Ray auth token at {path}: copy the cluster's token there (mode 0600), or set RAY_AUTH_TOKEN / "
-            "RAY_AUTH_TOKEN_PATH (on the head node: `ray get-auth-token`)")
+            "RAY_AUTH_TOKEN_PATH (on the head node: `ray get-auth-token`)"
+        )
     return write_token(path)
 
 

@@ -18,15 +18,29 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
-def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
-               object_store_mb: int = 512, client_port: int = 10001) -> str:
+def cluster_up(
+    num_cpus: int | None = None,
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    object_store_mb: int = 512,
+    client_port: int = 10001,
+) -> str:
     """Start a head whose node address, dashboard, Jobs API and client server are on loopback; the
     message lists every listening socket of the head's processes (Ray's gRPC servers listen on all
     interfaces in Ray 2.60 and require the token)."""
     token = ensure_token(generate=True)
-    cmd = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", "--disable-usage-stats",
-           f"--object-store-memory={object_store_mb * 1024**2}"]
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={client_port}",
+        "--disable-usage-stats",
+        f"--object-store-memory={object_store_mb * 1024**2}",
+    ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # RAY_LOGGER_LEVEL=warning: Ray's runtime env agent logs env_vars (secrets included) at INFO.
@@ -34,12 +48,14 @@ def cluster_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: in
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ClusterError(f"`ray start --head` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return (f"Ray head running: GCS 127.0.0.1:{port}, Jobs API and dashboard http://127.0.0.1:{dashboard_port}, "
-            f"client server ray://127.0.0.1:{client_port}\n"
-            f"token authentication on; token file: {token or '$RAY_AUTH_TOKEN'}\n"
-            f"{describe(_head_listeners(port))}\n"
-            "from another machine, reach the dashboard through an SSH tunnel: ssh -L "
-            f"{dashboard_port}:127.0.0.1:{dashboard_port} <this host>")
+    return (
+        f"Ray head running: GCS 127.0.0.1:{port}, Jobs API and dashboard http://127.0.0.1:{dashboard_port}, "
+        f"client server ray://127.0.0.1:{client_port}\n"
+        f"token authentication on; token file: {token or '$RAY_AUTH_TOKEN'}\n"
+        f"{describe(_head_listeners(port))}\n"
+        "from another machine, reach the dashboard through an SSH tunnel: ssh -L "
+        f"{dashboard_port}:127.0.0.1:{dashboard_port} <this host>"
+    )
 
 
 def _head_listeners(gcs_port: int, wait_s: float = 15.0) -> list:

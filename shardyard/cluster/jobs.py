@@ -11,8 +11,8 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
@@ -24,8 +24,13 @@ UPLOAD_ALLOW = ("shardyard", "pyproject.toml", "jobs")  # what a submitted job's
 
 
 def resolve_address(address: str | None) -> str:
-    address = address or os.environ.get(envvars.ADDRESS) or os.environ.get("RAY_API_SERVER_ADDRESS") \
-        or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = (
+        address
+        or os.environ.get(envvars.ADDRESS)
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or DEFAULT_ADDRESS
+    )
     if "://" not in address:
         host = address.split(":")[0]
         address = f"http://{host}:8265" if address.endswith(":6379") else f"http://{address}"
@@ -43,8 +48,9 @@ def client(address: str | None = None):
     try:
         return JobSubmissionClient(url)
     except Exception as err:  # connection refused, auth failure, ...
-        raise ClusterError(f"cannot reach the Ray cluster at {url}: {err}\n"
-                           "  start one with `shardyard cluster up`, or pass --address") from None
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {url}: {err}\n  start one with `shardyard cluster up`, or pass --address"
+        ) from None
 
 
 def project_root() -> Path | None:
@@ -73,10 +79,16 @@ def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
     from shardyard.cluster.secret_env import runtime_env_vars
 
     job_client = client(address)
-    env = {**envvars.forwarded(), **runtime_env_vars(spec), envvars.SPEC_JSON: spec.model_dump_json(),
-           envvars.RUN_DIR: str(run_dir), "RAY_AUTH_MODE": "token", "WANDB_MODE": spec.tracking.mode,
-           # `stop` sends SIGTERM, then SIGKILL after this long: time for one step and a checkpoint
-           "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s(spec))}
+    env = {
+        **envvars.forwarded(),
+        **runtime_env_vars(spec),
+        envvars.SPEC_JSON: spec.model_dump_json(),
+        envvars.RUN_DIR: str(run_dir),
+        "RAY_AUTH_MODE": "token",
+        "WANDB_MODE": spec.tracking.mode,
+        # `stop` sends SIGTERM, then SIGKILL after this long: time for one step and a checkpoint
+        "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s(spec)),
+    }
     runtime_env: dict = {"env_vars": env}
     submission_id = f"{spec.name}-{uuid.uuid4().hex[:6]}"
     root = project_root()
@@ -84,8 +96,12 @@ def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
         if root is not None:
             runtime_env["working_dir"] = str(stage_upload(root, Path(staging)))
         try:  # the working_dir is packed and uploaded before submit_job returns
-            return job_client.submit_job(entrypoint="python -m shardyard.runtime.entry", runtime_env=runtime_env,
-                                         submission_id=submission_id, metadata={"shardyard_job": spec.name})
+            return job_client.submit_job(
+                entrypoint="python -m shardyard.runtime.entry",
+                runtime_env=runtime_env,
+                submission_id=submission_id,
+                metadata={"shardyard_job": spec.name},
+            )
         except Exception as err:
             raise ClusterError(f"job submission failed: {_without(str(err), env)}") from None
 
@@ -147,9 +163,15 @@ def stop(job_id: str, address: str | None = None) -> bool:
 def list_jobs(address: str | None = None) -> list[dict]:
     rows = []
     for info in client(address).list_jobs():
-        rows.append({"id": info.submission_id or info.job_id, "status": str(info.status.value),
-                     "name": (info.metadata or {}).get("shardyard_job", ""),
-                     "start": info.start_time, "end": info.end_time})
+        rows.append(
+            {
+                "id": info.submission_id or info.job_id,
+                "status": str(info.status.value),
+                "name": (info.metadata or {}).get("shardyard_job", ""),
+                "start": info.start_time,
+                "end": info.end_time,
+            }
+        )
     return sorted(rows, key=lambda r: r["start"] or 0)
 
 

@@ -9,8 +9,8 @@ socket is, from the sockets themselves, not from the flags we passed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 LOOPBACK = ("127.", "::1")
 ANY = ("0.0.0.0", "::")
@@ -61,9 +61,14 @@ def _role(process) -> str:
     if name.startswith(("gcs_server", "raylet", "ray::")):
         return name
     cmdline = " ".join(process.cmdline())
-    for marker, role in (("dashboard/dashboard.py", "dashboard"), ("dashboard/agent.py", "dashboard agent"),
-                         ("runtime_env/agent", "runtime env agent"), ("ray.util.client.server", "client server"),
-                         ("log_monitor", "log monitor"), ("monitor.py", "autoscaler monitor")):
+    for marker, role in (
+        ("dashboard/dashboard.py", "dashboard"),
+        ("dashboard/agent.py", "dashboard agent"),
+        ("runtime_env/agent", "runtime env agent"),
+        ("ray.util.client.server", "client server"),
+        ("log_monitor", "log monitor"),
+        ("monitor.py", "autoscaler monitor"),
+    ):
         if marker in cmdline:
             return role
     return name

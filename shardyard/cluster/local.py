@@ -6,11 +6,11 @@ import contextlib
 import math
 import os
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
-from shardyard.cluster.listening import describe, descendants, listeners_of
+from shardyard.cluster.listening import descendants, describe, listeners_of
 from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
 
@@ -21,8 +21,9 @@ def cpus_needed(spec: JobSpec) -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 256,
-                  secret_env: dict[str, str] | None = None) -> Iterator[None]:
+def local_cluster(
+    num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 256, secret_env: dict[str, str] | None = None
+) -> Iterator[None]:
     """An embedded cluster on loopback (node address, dashboard, agents); `secret_env` reaches every
     worker through the runtime env only. Prints what listens where, read from the socket table."""
     ensure_token(generate=True)  # before Ray reads its config
@@ -36,11 +37,23 @@ def local_cluster(num_cpus: int, num_gpus: int | None = None, object_store_mb: i
     # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
     # always a new embedded cluster, never one that happens to run on this machine already. SHARDYARD_*
     # variables (test hooks such as FAULT_STEP) reach every worker through the runtime_env.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_mb * 1024**2,
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None, _node_ip_address="127.0.0.1",
-             log_to_driver=True, logging_level="WARNING",
-             runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}})
-    print(f"embedded Ray cluster (token authentication on):\n{describe(listeners_of(descendants(os.getpid())))}", flush=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        object_store_memory=object_store_mb * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=None,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}},
+    )
+    print(
+        f"embedded Ray cluster (token authentication on):\n{describe(listeners_of(descendants(os.getpid())))}",
+        flush=True,
+    )
     try:
         yield
     finally:
@@ -63,8 +76,12 @@ def existing_cluster(address: str, secret_env: dict[str, str] | None = None) -> 
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING",
-                 runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}})
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}},
+        )
     except Exception as err:  # ConnectionError, auth failure
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {err}") from None
     try:

@@ -35,8 +35,10 @@ def worker_env(spec: JobSpec, environ: dict[str, str] | None = None) -> tuple[di
             continue
         assert isinstance(entry, EnvVarSpec)
         if entry.from_env not in environ:
-            raise SpecError(f"env.{name}.from_env: ${entry.from_env} is not set in this shell; export it before "
-                            f"`shardyard run|submit` (its value is passed to the workers, never stored)")
+            raise SpecError(
+                f"env.{name}.from_env: ${entry.from_env} is not set in this shell; export it before "
+                f"`shardyard run|submit` (its value is passed to the workers, never stored)"
+            )
         (secret if entry.secret else plain)[name] = environ[entry.from_env]
     for name in FORWARDED_SECRETS:
         if environ.get(name) and name not in spec.env:
@@ -59,4 +61,5 @@ def record_secret_probe(run_dir: Path, rank: int) -> None:
     digests = {n: hashlib.sha256(os.environ.get(n, "").encode()).hexdigest() for n in names}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / f"secret-probe-rank{rank}.txt").write_text(
-        "".join(f"{n} {d}\n" for n, d in sorted(digests.items())))
+        "".join(f"{n} {d}\n" for n, d in sorted(digests.items()))
+    )

@@ -52,12 +52,13 @@ class Stage(ABC):
     def run(self, x: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def inverse(self) -> "Stage": ...
+    def inverse(self) -> Stage: ...
 
 
 @dataclass
 class Transpose(Stage):
     """Local reorder of row blocks from (a, b) to (b, a)."""
+
     sizes: np.ndarray  # [A, B] rows per block
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,13 +66,14 @@ class Transpose(Stage):
             return x
         return x.index_select(0, transpose_index(self.sizes))
 
-    def inverse(self) -> "Transpose":
+    def inverse(self) -> Transpose:
         return Transpose(np.ascontiguousarray(self.sizes.T))
 
 
 @dataclass
 class Exchange(Stage):
     """all_to_all_single over `group`: send[i] rows to member i, recv[i] rows from member i."""
+
     group: dist.ProcessGroup
     send: list[int]
     recv: list[int]
@@ -83,7 +85,7 @@ class Exchange(Stage):
         dist.all_to_all_single(out, x.contiguous(), self.recv, self.send, group=self.group)
         return out
 
-    def inverse(self) -> "Exchange":
+    def inverse(self) -> Exchange:
         return Exchange(self.group, self.recv, self.send)
 
 
@@ -93,6 +95,7 @@ class Funnel(Stage):
 
     On the leader `sizes[i]` is member i's row count; on a member `sizes == [own rows]`.
     """
+
     ranks: list[int]  # global ranks of the group, leader first
     me: int
     sizes: list[int]
@@ -115,23 +118,30 @@ class Funnel(Stage):
         if self.to_leader:
             out = x.new_empty((int(bounds[-1]), *x.shape[1:]))
             out[: self.sizes[0]] = x
-            work = [dist.irecv(out[bounds[i]:bounds[i + 1]], src=r)
-                    for i, r in enumerate(self.ranks) if i and self.sizes[i]]
+            work = [
+                dist.irecv(out[bounds[i] : bounds[i + 1]], src=r)
+                for i, r in enumerate(self.ranks)
+                if i and self.sizes[i]
+            ]
         else:
             out = x[: self.sizes[0]]
-            work = [dist.isend(x[bounds[i]:bounds[i + 1]].contiguous(), dst=r)
-                    for i, r in enumerate(self.ranks) if i and self.sizes[i]]
+            work = [
+                dist.isend(x[bounds[i] : bounds[i + 1]].contiguous(), dst=r)
+                for i, r in enumerate(self.ranks)
+                if i and self.sizes[i]
+            ]
         for w in work:
             w.wait()
         return out
 
-    def inverse(self) -> "Funnel":
+    def inverse(self) -> Funnel:
         return Funnel(self.ranks, self.me, self.sizes, not self.to_leader)
 
 
 @dataclass
 class Route:
     """How rows travel for one dispatch; `reverse()` is the way back (combine / backward)."""
+
     stages: list[Stage]
     send_counts: torch.Tensor  # [P, k] rows this rank sends to each EP rank, per sub-group (expert)
     recv_counts: torch.Tensor  # [P, k] rows this rank receives from each EP rank, per sub-group
@@ -149,7 +159,7 @@ class Route:
             x = stage.run(x)
         return x
 
-    def reverse(self) -> "Route":
+    def reverse(self) -> Route:
         return Route([s.inverse() for s in reversed(self.stages)], self.recv_counts, self.send_counts)
 
 
@@ -252,8 +262,10 @@ class LeaderAllToAll(_NodeAwareAllToAll):
             if per_node > 1:
                 dist.scatter(r, None, src=leader, group=g.intra)
             recv = r.reshape(-1, k)
-            stages: list[Stage] = [Funnel(g.intra_ranks, me, [own_rows], True),
-                                   Funnel(g.intra_ranks, me, [int(recv.sum())], False)]
+            stages: list[Stage] = [
+                Funnel(g.intra_ranks, me, [own_rows], True),
+                Funnel(g.intra_ranks, me, [int(recv.sum())], False),
+            ]
             return Route(stages, counts, recv)
         if per_node > 1:
             gathered = [torch.empty_like(counts) for _ in range(per_node)]
@@ -281,8 +293,11 @@ class LeaderAllToAll(_NodeAwareAllToAll):
 
 def build_all_to_all(name: str, groups: ProcessGroups) -> AllToAll:
     """`flat`, `hierarchical` or `leader`. With the EP group inside one node all three are flat."""
-    classes: dict[str, type[AllToAll]] = {"flat": FlatAllToAll, "hierarchical": HierarchicalAllToAll,
-                                          "leader": LeaderAllToAll}
+    classes: dict[str, type[AllToAll]] = {
+        "flat": FlatAllToAll,
+        "hierarchical": HierarchicalAllToAll,
+        "leader": LeaderAllToAll,
+    }
     if name not in classes:
         raise ValueError(f"unknown all-to-all {name!r}; available: {', '.join(classes)}")
     if groups.nodes_per_ep == 1:

@@ -48,6 +48,7 @@ CONSTANTS_PATH = Path(__file__).with_name("alltoall_cost_model.json")  # package
 @dataclass(frozen=True)
 class LinkParams:
     """Seconds per stage / message / byte. beta_inter is per byte on one node's uplink."""
+
     alpha_stage: float
     alpha_intra: float
     beta_intra: float
@@ -57,13 +58,15 @@ class LinkParams:
     name: str = "custom"
 
     def vector(self) -> np.ndarray:
-        return np.array([self.alpha_stage, self.alpha_intra, self.beta_intra, self.alpha_inter,
-                         self.beta_inter, self.beta_copy])
+        return np.array(
+            [self.alpha_stage, self.alpha_intra, self.beta_intra, self.alpha_inter, self.beta_inter, self.beta_copy]
+        )
 
 
 @dataclass
 class Fit:
     """The fitted constants (benchmarks/alltoall_fit.py); `points` holds the fit's measurements there."""
+
     alpha_stage: float
     alpha_intra: float
     beta_intra: float
@@ -75,8 +78,15 @@ class Fit:
 
     def link(self, rate_mbit: float | None = None) -> LinkParams:
         rate = (rate_mbit or self.rate_mbit) * 1e6 / 8
-        return LinkParams(self.alpha_stage, self.alpha_intra, self.beta_intra, self.alpha_inter,
-                          self.inter_efficiency / rate, self.beta_copy, f"testbed fit @ {rate_mbit or self.rate_mbit:g} Mbit/s")
+        return LinkParams(
+            self.alpha_stage,
+            self.alpha_intra,
+            self.beta_intra,
+            self.alpha_inter,
+            self.inter_efficiency / rate,
+            self.beta_copy,
+            f"testbed fit @ {rate_mbit or self.rate_mbit:g} Mbit/s",
+        )
 
     def constants(self) -> dict[str, Any]:
         """What the package data file holds: the constants without the measurements."""
@@ -124,13 +134,15 @@ def _features(algo: str, nodes: int, ranks_per_node: int, bytes_per_rank: float)
     return np.array([6, 4 * (l - 1), 2 * (l - 1) * b, 2 * (n - 1), inter, 2 * l * b])  # leader
 
 
-def predict(algo: str, nodes: int, ranks_per_node: int, bytes_per_rank: float, link: LinkParams,
-            cpu_share: float = 1.0) -> float:
+def predict(
+    algo: str, nodes: int, ranks_per_node: int, bytes_per_rank: float, link: LinkParams, cpu_share: float = 1.0
+) -> float:
     return float(features(algo, nodes, ranks_per_node, bytes_per_rank, cpu_share) @ link.vector())
 
 
-def crossover_bytes(nodes: int, ranks_per_node: int, link: LinkParams, algo: str = "hierarchical",
-                    cpu_share: float = 1.0) -> float | None:
+def crossover_bytes(
+    nodes: int, ranks_per_node: int, link: LinkParams, algo: str = "hierarchical", cpu_share: float = 1.0
+) -> float | None:
     """Bytes per rank below which `algo` is predicted faster than flat (None: never; inf: always)."""
     f0, f1 = (features(a, nodes, ranks_per_node, 0.0, cpu_share) for a in ("flat", algo))
     g0 = features("flat", nodes, ranks_per_node, 1.0, cpu_share) - f0
@@ -165,21 +177,34 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [f"all-to-all plan: {self.nodes} nodes x {self.gpus_per_node} GPUs, expert_parallel {self.expert_parallel}, "
-                 f"{self.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, {self.exchanges_per_step} exchanges per step",
-                 f"link constants: {self.link.name}", "",
-                 f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}"]
+        lines = [
+            f"all-to-all plan: {self.nodes} nodes x {self.gpus_per_node} GPUs, expert_parallel {self.expert_parallel}, "
+            f"{self.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, {self.exchanges_per_step} exchanges "
+            f"per step",
+            f"link constants: {self.link.name}",
+            "",
+            f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}",
+        ]
         flat = next(r for r in self.rows if r["algo"] == "flat")["dispatch_s"]
         for r in self.rows:
-            lines.append(f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
-                         f"{r['dispatch_s'] / flat:>7.2f}x")
+            lines.append(
+                f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
+                f"{r['dispatch_s'] / flat:>7.2f}x"
+            )
         lines += ["", f"recommendation: parallel.a2a = {self.recommendation}  ({self.reason})"]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def plan(spec: Any, nodes: int, gpus_per_node: int, link: LinkParams | None = None,
-         expert_parallel: int | None = None, margin: float = 0.9, constants: Path | None = None) -> PlanResult:
+def plan(
+    spec: Any,
+    nodes: int,
+    gpus_per_node: int,
+    link: LinkParams | None = None,
+    expert_parallel: int | None = None,
+    margin: float = 0.9,
+    constants: Path | None = None,
+) -> PlanResult:
     """Predict flat / hierarchical / leader for `spec` (a JobSpec) on nodes x gpus_per_node ranks.
 
     The EP group is `expert_parallel` (default spec.parallel.expert_parallel; when that is 1 the
@@ -194,14 +219,18 @@ def plan(spec: Any, nodes: int, gpus_per_node: int, link: LinkParams | None = No
     ep = expert_parallel or spec.parallel.expert_parallel
     if ep <= 1:
         ep = world
-        notes.append(f"the spec has parallel.expert_parallel 1 (no all-to-all); planned EP over all {world} ranks as a what-if")
+        notes.append(
+            f"the spec has parallel.expert_parallel 1 (no all-to-all); planned EP over all {world} ranks as a what-if"
+        )
     if world % ep:
         raise ValueError(f"expert_parallel ({ep}) must divide nodes x gpus_per_node ({world})")
     link = link or load_fit(constants).link()
     moe = spec.model.moe
     if moe and moe.num_experts % ep:
-        notes.append(f"model.moe.num_experts ({moe.num_experts}) is not a multiple of expert_parallel ({ep}): "
-                     "the job as written cannot use this EP degree")
+        notes.append(
+            f"model.moe.num_experts ({moe.num_experts}) is not a multiple of expert_parallel ({ep}): "
+            "the job as written cannot use this EP degree"
+        )
     top_k = moe.top_k if moe else 1
     moe_layers = spec.model.depth // (moe.every if moe else 1)
     elem = 2 if spec.training.precision == "bf16" else 4
@@ -221,6 +250,8 @@ def plan(spec: Any, nodes: int, gpus_per_node: int, link: LinkParams | None = No
     elif best == "flat":
         rec, reason = "flat", "flat is predicted fastest"
     else:
-        rec, reason = "flat", (f"no algorithm predicted below {margin:.2f}x flat "
-                               f"(best {best}: {times[best] / times['flat']:.2f}x)")
+        rec, reason = (
+            "flat",
+            (f"no algorithm predicted below {margin:.2f}x flat (best {best}: {times[best] / times['flat']:.2f}x)"),
+        )
     return PlanResult(nodes, gpus_per_node, ep, b, 4 * moe_layers, link, rows, rec, reason, notes)

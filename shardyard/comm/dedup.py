@@ -28,18 +28,26 @@ from shardyard.models.moe.permute import dispatch as gather_rows
 @dataclass
 class DedupPlan:
     """Sender side: which token goes to which rank, once."""
+
     token: torch.Tensor  # [U] token of every unique row, grouped by destination rank, tokens ascending
     send_counts: torch.Tensor  # [P] unique rows per destination rank
     meta: torch.Tensor  # [U, 2 * slots] fp32: router weights (differentiable), then local expert ids (-1 = none)
 
 
-def plan_dedup(token_of: torch.Tensor, weight_of: torch.Tensor, expert_counts: torch.Tensor, num_tokens: int,
-               ep_size: int, slots: int) -> DedupPlan:
+def plan_dedup(
+    token_of: torch.Tensor,
+    weight_of: torch.Tensor,
+    expert_counts: torch.Tensor,
+    num_tokens: int,
+    ep_size: int,
+    slots: int,
+) -> DedupPlan:
     """token_of / weight_of [A]: assignments grouped by global expert (expert_counts [E] each)."""
     device, num_experts = token_of.device, expert_counts.numel()
     per_rank = num_experts // ep_size
-    expert_of = torch.repeat_interleave(torch.arange(num_experts, device=device), expert_counts.to(device),
-                                        output_size=token_of.numel())
+    expert_of = torch.repeat_interleave(
+        torch.arange(num_experts, device=device), expert_counts.to(device), output_size=token_of.numel()
+    )
     dest = expert_of // per_rank
     unique_key, inverse = torch.unique(dest * num_tokens + token_of, return_inverse=True)
     u = unique_key.numel()
@@ -58,8 +66,9 @@ def plan_dedup(token_of: torch.Tensor, weight_of: torch.Tensor, expert_counts: t
     return DedupPlan(unique_key % num_tokens, torch.bincount(unique_key // num_tokens, minlength=ep_size), meta)
 
 
-def fan_out_and_sum(rows: torch.Tensor, meta: torch.Tensor, experts: torch.nn.Module, experts_per_rank: int
-                    ) -> tuple[torch.Tensor, int]:
+def fan_out_and_sum(
+    rows: torch.Tensor, meta: torch.Tensor, experts: torch.nn.Module, experts_per_rank: int
+) -> tuple[torch.Tensor, int]:
     """Receiver side: run every row through its experts, return sum_slots weight * E(row) per row, and
     the number of expert rows computed."""
     slots = meta.shape[1] // 2

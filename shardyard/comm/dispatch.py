@@ -16,24 +16,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-COUNTERS: dict[str, int] = {name: i for i, name in enumerate([
-    "microbatches",  # forward calls
-    "tokens_in",  # (token, expert) rows that entered the stack
-    "rows_sent",  # rows handed to the transport (unique rows / centroids), dispatch direction
-    "centroids_sent",  # LSH centroids (0 without LSH)
-    "bytes_sent",  # payload bytes of all trips, own rank included
-    "bytes_remote",  # the same without the rows a rank sends to itself
-    "baseline_bytes",  # what today's fp32, one-copy-per-expert dispatch would have moved
-    "baseline_remote",
-    "bytes_internode",  # the part of bytes_remote between ranks of different nodes
-    "baseline_internode",
-    "a2a_ms",  # host wall time in planning and transport (forward and backward)
-    "expert_rows",  # rows this rank's experts computed
-    "err_sq",  # LSH: squared error of expert outputs against the exact dispatch (sampled micro-batches)
-    "ref_sq",  # LSH: squared norm of the exact outputs
-    "spread_sq",  # LSH: squared norm of the exact outputs minus their expert's mean (their variation)
-    "err_samples",
-])}
+COUNTERS: dict[str, int] = {
+    name: i
+    for i, name in enumerate(
+        [
+            "microbatches",  # forward calls
+            "tokens_in",  # (token, expert) rows that entered the stack
+            "rows_sent",  # rows handed to the transport (unique rows / centroids), dispatch direction
+            "centroids_sent",  # LSH centroids (0 without LSH)
+            "bytes_sent",  # payload bytes of all trips, own rank included
+            "bytes_remote",  # the same without the rows a rank sends to itself
+            "baseline_bytes",  # what today's fp32, one-copy-per-expert dispatch would have moved
+            "baseline_remote",
+            "bytes_internode",  # the part of bytes_remote between ranks of different nodes
+            "baseline_internode",
+            "a2a_ms",  # host wall time in planning and transport (forward and backward)
+            "expert_rows",  # rows this rank's experts computed
+            "err_sq",  # LSH: squared error of expert outputs against the exact dispatch (sampled micro-batches)
+            "ref_sq",  # LSH: squared norm of the exact outputs
+            "spread_sq",  # LSH: squared norm of the exact outputs minus their expert's mean (their variation)
+            "err_samples",
+        ]
+    )
+}
 
 
 def spread_error(err_sq: float, spread_sq: float, ref_sq: float) -> float:

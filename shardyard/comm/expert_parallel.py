@@ -59,8 +59,15 @@ class ExpertParallelExperts(nn.Module):
     non-persistent buffer `comm_counters`; LSH state in the persistent buffers of `.lsh`.
     """
 
-    def __init__(self, experts: GroupedExperts, groups: ProcessGroups | None, a2a: str | AllToAll = "flat",
-                 dispatch: DispatchSpec | None = None, layer: int = 0, slots: int | None = None) -> None:
+    def __init__(
+        self,
+        experts: GroupedExperts,
+        groups: ProcessGroups | None,
+        a2a: str | AllToAll = "flat",
+        dispatch: DispatchSpec | None = None,
+        layer: int = 0,
+        slots: int | None = None,
+    ) -> None:
         super().__init__()
         num_experts, ep = experts.num_experts, (groups.ep_size if groups is not None else 1)
         if num_experts % ep:
@@ -85,9 +92,23 @@ class ExpertParallelExperts(nn.Module):
         self.node_slots = min(slots or num_experts, self.experts_per_rank * self.ranks_per_node)
         width = experts.w_up.shape[1]
         lsh = dispatch.lsh
-        self.lsh = None if lsh is None else CentroidHasher(
-            width, layer, lsh.hashes, lsh.buckets_per_hash, lsh.rotation_refresh, lsh.target_ratio,
-            lsh.error_every, lsh.seed, lsh.residual, lsh.max_error, lsh.center)
+        self.lsh = (
+            None
+            if lsh is None
+            else CentroidHasher(
+                width,
+                layer,
+                lsh.hashes,
+                lsh.buckets_per_hash,
+                lsh.rotation_refresh,
+                lsh.target_ratio,
+                lsh.error_every,
+                lsh.seed,
+                lsh.residual,
+                lsh.max_error,
+                lsh.center,
+            )
+        )
         self._pending_ratio: float | None = None  # last micro-batch's centroids / rows, for target_ratio
         self.register_buffer("comm_counters", torch.zeros(len(COUNTERS), dtype=torch.float64), persistent=False)
         lo, hi = self.first_expert, self.first_expert + self.experts_per_rank
@@ -126,8 +147,15 @@ class ExpertParallelExperts(nn.Module):
         node = torch.arange(self.ep_size) // self.ranks_per_node
         return node != self.ep_rank // self.ranks_per_node
 
-    def _account(self, rows_by_rank: torch.Tensor, base_by_rank: torch.Tensor, width: int, element_size: int,
-                 backward: bool, extra_row_bytes: int = 0) -> None:
+    def _account(
+        self,
+        rows_by_rank: torch.Tensor,
+        base_by_rank: torch.Tensor,
+        width: int,
+        element_size: int,
+        backward: bool,
+        extra_row_bytes: int = 0,
+    ) -> None:
         """Bytes of the dispatch and return trips (and their gradients when a backward will run)."""
         rows, own = float(rows_by_rank.sum()), float(rows_by_rank[self.ep_rank])
         per_row = self._row_bytes(width, element_size, backward, extra_row_bytes)
@@ -224,8 +252,14 @@ class ExpertParallelExperts(nn.Module):
             t = t.cpu()
         return float(t[0] / t[1].clamp(min=1))
 
-    def forward_tokens(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
-                       offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        token_of: torch.Tensor,
+        weight_of: torch.Tensor,
+        offsets: torch.Tensor,
+        num_tokens: int,
+    ) -> torch.Tensor:
         """The MoE layer's dispatch -> experts -> weighted combine in one call: [T, width] out.
 
         Equals `permute.combine(self(permute.dispatch(tokens, token_of), offsets), weight_of, token_of,
@@ -245,8 +279,14 @@ class ExpertParallelExperts(nn.Module):
         per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
         self._add("microbatches", 1.0)
         self._add("tokens_in", float(token_of.numel()))
-        self._account(plan.send_counts.cpu(), per_rank, tokens.shape[1], tokens.element_size(), backward,
-                      extra_row_bytes=plan.meta.shape[1] * 4 // 2)  # meta out and its weight grads back
+        self._account(
+            plan.send_counts.cpu(),
+            per_rank,
+            tokens.shape[1],
+            tokens.element_size(),
+            backward,
+            extra_row_bytes=plan.meta.shape[1] * 4 // 2,
+        )  # meta out and its weight grads back
         timer = Timer(self.comm_counters, COUNTERS["a2a_ms"])
         route = self._plan(plan.send_counts.view(self.ep_size, 1))
         rows, meta = send_with_meta(gather_rows(tokens, plan.token), plan.meta, route, self.codec, timer)
@@ -255,8 +295,14 @@ class ExpertParallelExperts(nn.Module):
         back = send(summed, route.reverse(), self.codec, timer)
         return scatter_to_tokens(back, plan, num_tokens)
 
-    def _node_deduplicated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
-                           counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _node_deduplicated(
+        self,
+        tokens: torch.Tensor,
+        token_of: torch.Tensor,
+        weight_of: torch.Tensor,
+        counts: torch.Tensor,
+        num_tokens: int,
+    ) -> torch.Tensor:
         """One copy per destination node across the inter-node link, then one per rank inside the node.
 
         Hop 1 (inter-node group: this local rank on every node): a token goes once to each node holding
@@ -285,8 +331,14 @@ class ExpertParallelExperts(nn.Module):
         node_expert = ids[row_idx, slot_idx]
         order = torch.argsort(node_expert * max(relayed.shape[0], 1) + row_idx)
         row_idx, slot_idx, node_expert = row_idx[order], slot_idx[order], node_expert[order]
-        inner = plan_dedup(row_idx, relayed_meta[row_idx, slot_idx], torch.bincount(
-            node_expert, minlength=per_node * self.experts_per_rank), relayed.shape[0], per_node, self.slots)
+        inner = plan_dedup(
+            row_idx,
+            relayed_meta[row_idx, slot_idx],
+            torch.bincount(node_expert, minlength=per_node * self.experts_per_rank),
+            relayed.shape[0],
+            per_node,
+            self.slots,
+        )
         within = self._exchange_route(groups.intra, inner.send_counts)
         rows, meta = send_with_meta(gather_rows(relayed, inner.token), inner.meta, within, self.codec, timer)
         summed, computed = fan_out_and_sum(rows, meta, self.local, self.experts_per_rank)
@@ -313,13 +365,21 @@ class ExpertParallelExperts(nn.Module):
         self._add("a2a_ms", (time.perf_counter() - start) * 1e3)
         return route
 
-    def _rank_associated(self, tokens: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor,
-                         offsets: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _rank_associated(
+        self,
+        tokens: torch.Tensor,
+        token_of: torch.Tensor,
+        weight_of: torch.Tensor,
+        offsets: torch.Tensor,
+        counts: torch.Tensor,
+        num_tokens: int,
+    ) -> torch.Tensor:
         """k copies on the wire (no dedup), sums associated per (destination rank, token): tokens ->
         one row per (rank, token) -> its expert rows, and back: weighted sum into the (rank, token)
         rows, then into tokens in rank order. Costs two extra row gathers / index_adds on this rank."""
-        expert_of = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts,
-                                            output_size=token_of.numel())
+        expert_of = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=counts.device), counts, output_size=token_of.numel()
+        )
         pair = (expert_of // self.experts_per_rank) * num_tokens + token_of
         unique_pair, inverse = torch.unique(pair, return_inverse=True)
         per_rank_token = unique_pair % num_tokens
@@ -328,13 +388,16 @@ class ExpertParallelExperts(nn.Module):
         return partial.new_zeros(num_tokens, partial.shape[1]).index_add(0, per_rank_token, partial)
 
     def extra_repr(self) -> str:
-        return (f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of "
-                f"{self.num_experts}, ep={self.ep_size}, a2a={self.a2a.name}, dedup={self.dedup}, "
-                f"payload={self.codec.name}")
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of "
+            f"{self.num_experts}, ep={self.ep_size}, a2a={self.a2a.name}, dedup={self.dedup}, "
+            f"payload={self.codec.name}"
+        )
 
 
-def apply_expert_parallel(model: nn.Module, groups: ProcessGroups | None,
-                          parallel: ParallelSpec | str = "flat") -> nn.Module:
+def apply_expert_parallel(
+    model: nn.Module, groups: ProcessGroups | None, parallel: ParallelSpec | str = "flat"
+) -> nn.Module:
     """Swap every MoELayer's `.experts` for an ExpertParallelExperts keeping this rank's slice.
 
     `parallel` is the job's `spec.parallel` (a2a algorithm and dispatch stages) or just an a2a name.
@@ -351,8 +414,9 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups | None,
     layers = [m for m in model.modules() if isinstance(m, MoELayer) and isinstance(m.experts, GroupedExperts)]
     for index, module in enumerate(layers):
         slots = module.num_experts if isinstance(module.router, ExpertChoiceRouter) else module.top_k
-        module.experts = ExpertParallelExperts(module.experts, groups if ep > 1 else None, algo,
-                                               spec.dispatch, layer=index, slots=slots)
+        module.experts = ExpertParallelExperts(
+            module.experts, groups if ep > 1 else None, algo, spec.dispatch, layer=index, slots=slots
+        )
     return model
 
 
@@ -371,7 +435,7 @@ def all_reduce_mean_(params: list[nn.Parameter], group: dist.ProcessGroup | None
         flat.div_(world)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 

@@ -68,7 +68,7 @@ def ep_layout(topo: Topology, ep: int) -> dict[str, list[list[int]]]:
     inter_groups: list[list[int]] = []
     for block in ep_groups:
         per_node = min(rpn, ep)
-        nodes = [block[n * per_node:(n + 1) * per_node] for n in range(ep // per_node)]
+        nodes = [block[n * per_node : (n + 1) * per_node] for n in range(ep // per_node)]
         intra_groups += nodes
         inter_groups += [[node[l] for node in nodes] for l in range(per_node)]
     return {"ep": ep_groups, "edp": edp_groups, "intra": intra_groups, "inter": inter_groups}
@@ -79,8 +79,10 @@ def build_groups(topo: Topology, ep: int) -> ProcessGroups:
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised; call init_process_group first")
     if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
-        raise ValueError(f"topology (rank {topo.rank}/{topo.world_size}) disagrees with torch.distributed "
-                         f"({dist.get_rank()}/{dist.get_world_size()})")
+        raise ValueError(
+            f"topology (rank {topo.rank}/{topo.world_size}) disagrees with torch.distributed "
+            f"({dist.get_rank()}/{dist.get_world_size()})"
+        )
     layout = ep_layout(topo, ep)
     mine: dict[str, tuple[list[int], dist.ProcessGroup]] = {}
     for kind in ("ep", "edp", "intra", "inter"):

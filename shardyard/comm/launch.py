@@ -20,12 +20,14 @@ import torch.multiprocessing as mp
 from shardyard.comm.topology import Topology
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str,
-           args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str, args: tuple[Any, ...]
+) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
     try:
         fn(Topology.from_rank(rank, world_size, ranks_per_node), *args)
         # Tear down together: a rank that destroys its gloo pairs while a peer still reads from them

@@ -48,8 +48,9 @@ class Centroids:
     members: torch.Tensor  # [C] int64 rows per centroid
 
 
-def bucket_ids(group_of: torch.Tensor, codes: torch.Tensor, num_groups: int, buckets_per_hash: int
-               ) -> tuple[torch.Tensor, int]:
+def bucket_ids(
+    group_of: torch.Tensor, codes: torch.Tensor, num_groups: int, buckets_per_hash: int
+) -> tuple[torch.Tensor, int]:
     """(inverse [M] into C distinct (group, codes) keys, C); keys ordered by their first row."""
     m, hashes = codes.shape
     bits = math.ceil(math.log2(max(num_groups, 2))) + hashes * math.ceil(math.log2(buckets_per_hash))
@@ -72,8 +73,9 @@ def bucket_ids(group_of: torch.Tensor, codes: torch.Tensor, num_groups: int, buc
 def group_centered(x: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
     """x minus the mean of its group's rows (x grouped by group, group_counts rows each); no gradient."""
     groups = group_counts.numel()
-    group_of = torch.repeat_interleave(torch.arange(groups, device=x.device), group_counts.to(x.device),
-                                       output_size=x.shape[0])
+    group_of = torch.repeat_interleave(
+        torch.arange(groups, device=x.device), group_counts.to(x.device), output_size=x.shape[0]
+    )
     x = x.detach().float()
     means = x.new_zeros(groups, x.shape[1]).index_add(0, group_of, x) / group_counts.clamp(min=1).to(x)[:, None]
     return x - means.index_select(0, group_of)
@@ -82,8 +84,9 @@ def group_centered(x: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
 def compress(x: torch.Tensor, group_counts: torch.Tensor, codes: torch.Tensor, buckets_per_hash: int) -> Centroids:
     """Mean of the rows of every non-empty (group, bucket); x is grouped by group (group_counts rows each)."""
     groups = group_counts.numel()
-    group_of = torch.repeat_interleave(torch.arange(groups, device=x.device), group_counts.to(x.device),
-                                       output_size=x.shape[0])
+    group_of = torch.repeat_interleave(
+        torch.arange(groups, device=x.device), group_counts.to(x.device), output_size=x.shape[0]
+    )
     inverse, num = bucket_ids(group_of, codes, groups, buckets_per_hash)
     members = torch.bincount(inverse, minlength=num)
     sums = x.new_zeros(num, x.shape[1]).index_add(0, inverse, x)
@@ -100,8 +103,9 @@ class _Residual(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, centroids: torch.Tensor, inverse: torch.Tensor, members: torch.Tensor
-                ) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx, x: torch.Tensor, centroids: torch.Tensor, inverse: torch.Tensor, members: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(inverse, members)
         return x - centroids.index_select(0, inverse)
 
@@ -114,7 +118,9 @@ class _Residual(torch.autograd.Function):
         return grad - mean.index_select(0, inverse), None, None, None
 
 
-def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool | str = True) -> torch.Tensor:
+def expand(
+    expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, residual: bool | str = True
+) -> torch.Tensor:
     """Row i's output: E(c_b(i)) + (x_i - c_b(i)) (residual compensation), or E(c_b(i)) without it.
 
     residual "forward": the residual corrects the forward only and passes no gradient, so every row of a
@@ -132,9 +138,20 @@ def expand(expert_out: torch.Tensor, x: torch.Tensor, centroids: Centroids, resi
 class CentroidHasher(nn.Module):
     """Per-layer LSH state: the rotation schedule (persistent) and the adaptive number of hashes in use."""
 
-    def __init__(self, width: int, layer: int, hashes: int, buckets_per_hash: int, rotation_refresh: int,
-                 target_ratio: float | None, error_every: int, seed: int, residual: bool | str = True,
-                 max_error: float | None = None, center: bool = True) -> None:
+    def __init__(
+        self,
+        width: int,
+        layer: int,
+        hashes: int,
+        buckets_per_hash: int,
+        rotation_refresh: int,
+        target_ratio: float | None,
+        error_every: int,
+        seed: int,
+        residual: bool | str = True,
+        max_error: float | None = None,
+        center: bool = True,
+    ) -> None:
         super().__init__()
         if buckets_per_hash % 2 or buckets_per_hash < 2:
             raise ValueError(f"buckets_per_hash must be even and >= 2, got {buckets_per_hash}")
@@ -197,5 +214,7 @@ class CentroidHasher(nn.Module):
             self.active_hashes.fill_(active - 1)
 
     def extra_repr(self) -> str:
-        return (f"hashes={self.hashes}, buckets_per_hash={self.buckets_per_hash}, "
-                f"rotation_refresh={self.rotation_refresh}, target_ratio={self.target_ratio}, max_error={self.max_error}")
+        return (
+            f"hashes={self.hashes}, buckets_per_hash={self.buckets_per_hash}, "
+            f"rotation_refresh={self.rotation_refresh}, target_ratio={self.target_ratio}, max_error={self.max_error}"
+        )

@@ -28,23 +28,27 @@ class Topology:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
         if self.ranks_per_node < 1 or self.world_size % self.ranks_per_node:
-            raise ValueError(f"ranks_per_node ({self.ranks_per_node}) must divide world_size "
-                             f"({self.world_size}); uneven nodes are not supported")
+            raise ValueError(
+                f"ranks_per_node ({self.ranks_per_node}) must divide world_size "
+                f"({self.world_size}); uneven nodes are not supported"
+            )
         if self.rank != self.node_rank * self.ranks_per_node + self.local_rank:
-            raise ValueError(f"rank {self.rank} is not node-major: node_rank {self.node_rank} x "
-                             f"{self.ranks_per_node} + local_rank {self.local_rank}")
+            raise ValueError(
+                f"rank {self.rank} is not node-major: node_rank {self.node_rank} x "
+                f"{self.ranks_per_node} + local_rank {self.local_rank}"
+            )
 
     @property
     def num_nodes(self) -> int:
         return self.world_size // self.ranks_per_node
 
     @classmethod
-    def from_rank(cls, rank: int, world_size: int, ranks_per_node: int) -> "Topology":
+    def from_rank(cls, rank: int, world_size: int, ranks_per_node: int) -> Topology:
         """A node-major topology (also how tests fake nodes on one machine)."""
         return cls(world_size, rank, rank // ranks_per_node, rank % ranks_per_node, ranks_per_node)
 
     @classmethod
-    def from_env(cls, ranks_per_node: int | None = None) -> "Topology":
+    def from_env(cls, ranks_per_node: int | None = None) -> Topology:
         """Read RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK (Ray Train / torchrun).
 
         `ranks_per_node` (or SHARDYARD_FAKE_RANKS_PER_NODE) overrides the real layout: local and
@@ -53,7 +57,9 @@ class Topology:
         env = os.environ
         world = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
-        fake = ranks_per_node or (int(env[envvars.FAKE_RANKS_PER_NODE]) if env.get(envvars.FAKE_RANKS_PER_NODE) else None)
+        fake = ranks_per_node or (
+            int(env[envvars.FAKE_RANKS_PER_NODE]) if env.get(envvars.FAKE_RANKS_PER_NODE) else None
+        )
         if fake:
             return cls.from_rank(rank, world, fake)
         per_node = int(env.get("LOCAL_WORLD_SIZE", str(world)))

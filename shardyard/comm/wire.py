@@ -30,7 +30,7 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 class Codec:
     name = "fp32"
 
-    def __init__(self, grad: "Codec | None" = None) -> None:
+    def __init__(self, grad: Codec | None = None) -> None:
         self._grad = grad  # the gradients' wire format; None = this codec's default
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,10 @@ class Codec:
         return width * element_size
 
     @property
-    def grad_codec(self) -> "Codec":
+    def grad_codec(self) -> Codec:
         return self._grad if self._grad is not None else self.default_grad()
 
-    def default_grad(self) -> "Codec":
+    def default_grad(self) -> Codec:
         return self
 
 
@@ -133,15 +133,22 @@ def _pack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([row_bytes, meta.contiguous().view(torch.uint8)], dim=1), row_bytes.shape[1]
 
 
-def _unpack(t: torch.Tensor, split: int, row_dtype: torch.dtype, meta_dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _unpack(
+    t: torch.Tensor, split: int, row_dtype: torch.dtype, meta_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :split].contiguous().view(row_dtype), t[:, split:].contiguous().view(meta_dtype)
 
 
 class _SendWithMetaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, meta: torch.Tensor, route: Route, codec: Codec,  # type: ignore[override]
-                timer: Timer) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        meta: torch.Tensor,
+        route: Route,
+        codec: Codec,  # type: ignore[override]
+        timer: Timer,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.route, ctx.codec, ctx.timer = route, codec, timer
         ctx.meta_shape, ctx.meta_dtype = meta.shape, meta.dtype
         encoded = codec.encode(x)
@@ -161,8 +168,9 @@ class _SendWithMetaFn(torch.autograd.Function):
         return codec.decode(rows, grad.dtype), meta_back, None, None, None
 
 
-def send_with_meta(x: torch.Tensor, meta: torch.Tensor, route: Route, codec: Codec,
-                   timer: Timer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def send_with_meta(
+    x: torch.Tensor, meta: torch.Tensor, route: Route, codec: Codec, timer: Timer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`send` for rows with a per-row table that travels exactly (fp32): both in one collective each way.
     The table's gradient comes back with the rows' (the router weights of deduplicated dispatch)."""
     return _SendWithMetaFn.apply(x, meta, route, codec, timer or Timer(None, 0))

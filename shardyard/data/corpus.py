@@ -29,9 +29,11 @@ def stdlib_root() -> Path:
 def _files_under(root: Path, extensions: list[str]) -> list[Path]:
     keep_all = "*" in extensions
     skip = {"site-packages", "__pycache__", "dist-packages"}
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not skip.intersection(p.relative_to(root).parts)
-                  and (keep_all or p.suffix in extensions))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not skip.intersection(p.relative_to(root).parts) and (keep_all or p.suffix in extensions)
+    )
 
 
 def resolve_files(spec: DataSpec) -> list[tuple[Path, str]]:
@@ -83,9 +85,14 @@ class ByteCorpus:
         for key, size in self.files:
             digest.update(f"{key}\0{size}\n".encode())
             total += size
-        return {"files": len(self.files), "files_sha256": digest.hexdigest(), "bytes": total,
-                "train_bytes": int(len(self.train)), "val_bytes": int(len(self.val)),
-                "windows": int((len(self.train) - 1) // seq_len)}
+        return {
+            "files": len(self.files),
+            "files_sha256": digest.hexdigest(),
+            "bytes": total,
+            "train_bytes": int(len(self.train)),
+            "val_bytes": int(len(self.val)),
+            "windows": int((len(self.train) - 1) // seq_len),
+        }
 
 
 Part = tuple[Path, int]  # a file and how many of its leading bytes belong to the corpus (max_bytes cuts the last)
@@ -115,8 +122,10 @@ def _stream_into(path: Path, parts: list[Part]) -> int:
                         written += len(chunk)
                         left -= len(chunk)
         if written != expected:
-            raise UserError(f"data.paths: the corpus files changed while being cached ({written} bytes read, "
-                            f"{expected} expected); run again")
+            raise UserError(
+                f"data.paths: the corpus files changed while being cached ({written} bytes read, "
+                f"{expected} expected); run again"
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -156,7 +165,7 @@ def load_corpus(spec: DataSpec) -> ByteCorpus:
     train_parts = [(f, take) for f, k, take in chosen if not is_validation(k, spec.val_fraction)]
     if len(chosen) == 1 or not val_parts or not train_parts:
         if len(chosen) == 1:
-            whole = _memmap(chosen[0][0])[:chosen[0][2]]
+            whole = _memmap(chosen[0][0])[: chosen[0][2]]
         else:
             whole = _cached(spec, key, "all", [(f, take) for f, _, take in chosen])
         cut = int(len(whole) * (1 - spec.val_fraction))
@@ -169,8 +178,10 @@ def load_corpus(spec: DataSpec) -> ByteCorpus:
         val_offsets = _file_offsets([take for _, take in val_parts])
     need = spec.seq_len + 1
     if len(train) < need or len(val) < need:
-        raise UserError(f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
-                        f"{len(val)} validation bytes (each needs at least {need})")
+        raise UserError(
+            f"data: corpus too small for data.seq_len={spec.seq_len}: {len(train)} training and "
+            f"{len(val)} validation bytes (each needs at least {need})"
+        )
     return ByteCorpus(train, val, n_train, n_val, val_offsets, [(k, take) for _, k, take in chosen])
 
 

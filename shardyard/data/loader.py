@@ -11,8 +11,9 @@ An epoch's tail shorter than one global batch is skipped (the next epoch reshuff
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,9 @@ class GlobalWindowStream(IterableDataset):
         self.seed = seed
         self.num_windows = (len(data) - 1) // seq_len
         if self.num_windows < world * batch_size:
-            raise ValueError(f"{self.num_windows} windows of {seq_len} bytes cannot fill one batch of "
-                             f"{batch_size} on {world} ranks")
+            raise ValueError(
+                f"{self.num_windows} windows of {seq_len} bytes cannot fill one batch of {batch_size} on {world} ranks"
+            )
         self.epoch = 0
         self.pos = 0  # windows of this epoch's order consumed by all ranks together
         self.taken = 0  # windows of the current global batch this rank has yielded
@@ -59,7 +61,7 @@ class GlobalWindowStream(IterableDataset):
                     with open(self.ledger, "a") as f:
                         f.write(f"{self.epoch} {window_id}\n")
                 start = window_id * self.seq_len
-                window = torch.from_numpy(self.data[start:start + self.seq_len + 1].astype(np.int64))
+                window = torch.from_numpy(self.data[start : start + self.seq_len + 1].astype(np.int64))
                 yield window[:-1], window[1:]
             self.epoch, self.pos, self.taken = self.epoch + 1, 0, 0
 
@@ -94,6 +96,7 @@ class TrainLoader:
         self._iter = None  # the next batch starts from the restored position
 
 
-def build_train_loader(data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int,
-                       seed: int) -> TrainLoader:
+def build_train_loader(
+    data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int
+) -> TrainLoader:
     return TrainLoader(GlobalWindowStream(data, seq_len, batch_size, rank, world, seed))

@@ -14,7 +14,8 @@ every rank and valid at any world size.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def apportion(weights: list[float], total: int) -> np.ndarray:
     exact = w / w.sum() * total
     counts = np.floor(exact).astype(np.int64)
     order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[:total - int(counts.sum())]] += 1
+    counts[order[: total - int(counts.sum())]] += 1
     return counts
 
 
@@ -52,8 +53,9 @@ def schedule(weights: list[float], period: int = PERIOD) -> tuple[np.ndarray, np
 class MixtureWindowStream(IterableDataset):
     """Yields this rank's (input, target) int64 pairs of seq_len tokens drawn from weighted sources."""
 
-    def __init__(self, sources: list[Any], weights: list[float], seq_len: int, batch_size: int, rank: int,
-                 world: int, seed: int) -> None:
+    def __init__(
+        self, sources: list[Any], weights: list[float], seq_len: int, batch_size: int, rank: int, world: int, seed: int
+    ) -> None:
         super().__init__()
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.rank, self.world, self.seed = rank, world, seed
@@ -86,7 +88,9 @@ class MixtureWindowStream(IterableDataset):
             if self.taken == self.batch_size:
                 self.pos, self.taken = self.pos + span, 0
             start = window * self.seq_len
-            tokens = torch.from_numpy(np.asarray(self.sources[source][start:start + self.seq_len + 1]).astype(np.int64))
+            tokens = torch.from_numpy(
+                np.asarray(self.sources[source][start : start + self.seq_len + 1]).astype(np.int64)
+            )
             yield tokens[:-1], tokens[1:]
 
     def position(self) -> dict[str, int]:

@@ -39,7 +39,7 @@ def _training_sample(train: object, limit: int = SAMPLE_BYTES, chunks: int = SAM
         return [np.asarray(train[0:length], dtype=np.int64)]  # type: ignore[index]
     size = limit // chunks
     starts = np.linspace(0, length - size, chunks).astype(np.int64)
-    return [np.asarray(train[int(s):int(s) + size], dtype=np.int64) for s in starts]  # type: ignore[index]
+    return [np.asarray(train[int(s) : int(s) + size], dtype=np.int64) for s in starts]  # type: ignore[index]
 
 
 def _trigram_slot(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -55,7 +55,7 @@ class NGramControl:
     trigram: np.ndarray  # float32 [TRIGRAM_SLOTS], index _trigram_slot(a, b, c)
 
     @staticmethod
-    def fit(train: object, sample_bytes: int = SAMPLE_BYTES) -> "NGramControl":
+    def fit(train: object, sample_bytes: int = SAMPLE_BYTES) -> NGramControl:
         uni = np.zeros(256)
         bi = np.zeros(65536)
         tri = np.zeros(TRIGRAM_SLOTS)
@@ -86,7 +86,7 @@ class NGramControl:
             out[2:, 2] = -np.log2((triple + SMOOTHING) / (context + 256 * SMOOTHING))
         return out
 
-    def window_controls(self, data: np.ndarray, starts: np.ndarray, seq_len: int) -> "WindowControls":
+    def window_controls(self, data: np.ndarray, starts: np.ndarray, seq_len: int) -> WindowControls:
         """The n-gram bits per byte of the targets of each window starting at `starts` (bytes start + 1 ..
         start + seq_len), and their mean over every window start of `data` (0 .. len - seq_len - 1): the
         population the windows sample."""

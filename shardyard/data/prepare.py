@@ -27,9 +27,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,9 @@ def cache_root(data: DataSpec) -> Path:
 def prepared_root(data: DataSpec) -> str:
     """data.prepared_dir (local path or URL), default <cache>/prepared."""
     if data.prepared_dir:
-        return data.prepared_dir if is_remote(data.prepared_dir) else str(Path(data.prepared_dir).expanduser().absolute())
+        return (
+            data.prepared_dir if is_remote(data.prepared_dir) else str(Path(data.prepared_dir).expanduser().absolute())
+        )
     return str(cache_root(data) / "prepared")
 
 
@@ -81,9 +84,17 @@ def input_fingerprint(data: DataSpec, units: list[Unit]) -> dict[str, Any]:
     tokenizer_sha = None
     if data.tokenizer.endswith(".json"):
         tokenizer_sha = hashlib.sha256(read_tokenizer_file(data.tokenizer).encode()).hexdigest()
-    config = {"version": FORMAT_VERSION, "files_sha256": files.hexdigest(), "files": len(units),
-              "file_bytes": sum(u.size for u in units), "tokenizer": data.tokenizer, "tokenizer_sha256": tokenizer_sha,
-              "val_fraction": data.val_fraction, "max_bytes": data.max_bytes, "shard_tokens": data.shard_tokens}
+    config = {
+        "version": FORMAT_VERSION,
+        "files_sha256": files.hexdigest(),
+        "files": len(units),
+        "file_bytes": sum(u.size for u in units),
+        "tokenizer": data.tokenizer,
+        "tokenizer_sha256": tokenizer_sha,
+        "val_fraction": data.val_fraction,
+        "max_bytes": data.max_bytes,
+        "shard_tokens": data.shard_tokens,
+    }
     config["key"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return config
 
@@ -122,8 +133,10 @@ class PreparedData:
     def source_ranges(self) -> list[tuple[str, float, int, int]]:
         """(name, weight, start, stop) of each source's tokens in the training stream."""
         end = len(self.train)
-        return [(s["name"], float(s["weight"]), min(int(s["train"][0]), end), min(int(s["train"][1]), end))
-                for s in self.index["sources"]]
+        return [
+            (s["name"], float(s["weight"]), min(int(s["train"][0]), end), min(int(s["train"][1]), end))
+            for s in self.index["sources"]
+        ]
 
     def codec(self) -> Codec:
         path = self.directory / "tokenizer.json"
@@ -142,8 +155,10 @@ def _open_local(directory: Path) -> PreparedData:
             path = directory / shard["file"]
             expected = shard["tokens"] * dtype.itemsize
             if not path.exists() or path.stat().st_size != expected:
-                raise UserError(f"data.prepared_dir: {path} is missing or not {expected} bytes long: the prepared data is "
-                                f"damaged; delete {directory} and run `shardyard prepare` again")
+                raise UserError(
+                    f"data.prepared_dir: {path} is missing or not {expected} bytes long: the prepared data is "
+                    f"damaged; delete {directory} and run `shardyard prepare` again"
+                )
             paths.append(path)
         splits[name] = ShardedTokens.open(paths, dtype)
     token_bytes = np.load(directory / "token_bytes.npy")
@@ -268,13 +283,25 @@ def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Itera
         rows: dict[str, list] = {"unit": [], "train": [], "val": [], "train_bytes": [], "val_bytes": [], "node": []}
         for i in batch.column("unit").to_pylist():
             result = tokenize_unit(i, units[i], worker_codec, val_fraction)
-            for name, value in (("unit", i), ("train", result.train.tobytes()), ("val", result.val.tobytes()),
-                                ("train_bytes", result.train_bytes), ("val_bytes", result.val_bytes), ("node", node)):
+            for name, value in (
+                ("unit", i),
+                ("train", result.train.tobytes()),
+                ("val", result.val.tobytes()),
+                ("train_bytes", result.train_bytes),
+                ("val_bytes", result.val_bytes),
+                ("node", node),
+            ):
                 rows[name].append(value)
-        return pa.table({"unit": pa.array(rows["unit"], pa.int64()), "train": pa.array(rows["train"], pa.large_binary()),
-                         "val": pa.array(rows["val"], pa.large_binary()),
-                         "train_bytes": pa.array(rows["train_bytes"], pa.int64()),
-                         "val_bytes": pa.array(rows["val_bytes"], pa.int64()), "node": pa.array(rows["node"], pa.string())})
+        return pa.table(
+            {
+                "unit": pa.array(rows["unit"], pa.int64()),
+                "train": pa.array(rows["train"], pa.large_binary()),
+                "val": pa.array(rows["val"], pa.large_binary()),
+                "train_bytes": pa.array(rows["train_bytes"], pa.int64()),
+                "val_bytes": pa.array(rows["val_bytes"], pa.int64()),
+                "node": pa.array(rows["node"], pa.string()),
+            }
+        )
 
     # Blocks of units, not one task per file: enough blocks to keep every CPU busy (x2 for balance) and
     # about BLOCK_BYTES of input each, so a corpus of many small files does not drown in task overhead.
@@ -284,8 +311,14 @@ def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Itera
     dataset = dataset.map_batches(tokenize_batch, batch_size=None, batch_format="pyarrow", num_cpus=1)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in table.to_pylist():
-            yield UnitTokens(row["unit"], np.frombuffer(row["train"], codec.dtype), np.frombuffer(row["val"], codec.dtype),
-                             row["train_bytes"], row["val_bytes"], row["node"])
+            yield UnitTokens(
+                row["unit"],
+                np.frombuffer(row["train"], codec.dtype),
+                np.frombuffer(row["val"], codec.dtype),
+                row["train_bytes"],
+                row["val_bytes"],
+                row["node"],
+            )
 
 
 # ------------------------------------------------------------------------------------- assembling
@@ -343,12 +376,27 @@ class PrepareReport:
 def _progress(total_bytes: int, show: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not show, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not show,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
-def _write_prepared(staging: Path, data: DataSpec, units: list[Unit], codec: Codec, fingerprint: dict[str, Any],
-                    results: Iterator[UnitTokens], show_progress: bool, report: PrepareReport) -> None:
+def _write_prepared(
+    staging: Path,
+    data: DataSpec,
+    units: list[Unit],
+    codec: Codec,
+    fingerprint: dict[str, Any],
+    results: Iterator[UnitTokens],
+    show_progress: bool,
+    report: PrepareReport,
+) -> None:
     parts = staging / "parts"
     parts.mkdir()
     val_tokens: dict[int, int] = {}
@@ -363,8 +411,9 @@ def _write_prepared(staging: Path, data: DataSpec, units: list[Unit], codec: Cod
             report.units_per_node[result.node or "local"] = report.units_per_node.get(result.node or "local", 0) + 1
             bar.update(units[result.unit].size)
     writers = {s: ShardWriter(staging, s, data.shard_tokens, codec.dtype) for s in ("train", "val")}
-    sources = [{"name": s.path, "weight": s.weight, "train": [0, 0], "val": [0, 0], "files": 0}
-               for s in source_list(data)]
+    sources = [
+        {"name": s.path, "weight": s.weight, "train": [0, 0], "val": [0, 0], "files": 0} for s in source_list(data)
+    ]
     val_unit_offsets = []
     for i, unit in enumerate(units):  # unit order: the same bytes whoever tokenized
         src = sources[unit.source]
@@ -380,8 +429,10 @@ def _write_prepared(staging: Path, data: DataSpec, units: list[Unit], codec: Cod
         writer.close()
     shutil.rmtree(parts)
     if writers["train"].tokens == 0:
-        raise UserError(f"data: the training split is empty ({len(units)} files, data.val_fraction {data.val_fraction}); "
-                        "add documents or lower data.val_fraction")
+        raise UserError(
+            f"data: the training split is empty ({len(units)} files, data.val_fraction {data.val_fraction}); "
+            "add documents or lower data.val_fraction"
+        )
     val_cut = None
     if writers["val"].tokens == 0:  # e.g. one long document: hold out the tail of the stream, as data.paths does
         val_cut = int(writers["train"].tokens * (1 - data.val_fraction))
@@ -389,13 +440,25 @@ def _write_prepared(staging: Path, data: DataSpec, units: list[Unit], codec: Cod
     np.save(staging / "token_bytes.npy", codec.token_byte_lengths())
     if codec.hf_json is not None:
         (staging / "tokenizer.json").write_text(codec.hf_json)
-    out_fingerprint = {**fingerprint, "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
-                       "train_bytes": split_bytes["train"], "val_bytes": split_bytes["val"]}
-    index = {"version": FORMAT_VERSION, "dtype": codec.dtype.str, "vocab_size": codec.vocab_size,
-             "tokenizer": data.tokenizer, "shard_tokens": data.shard_tokens,
-             "splits": {s: {"shards": w.shards, "tokens": w.tokens, "bytes": split_bytes[s]} for s, w in writers.items()},
-             "sources": sources, "val_unit_offsets": val_unit_offsets, "val_cut": val_cut,
-             "fingerprint": out_fingerprint}
+    out_fingerprint = {
+        **fingerprint,
+        "train_tokens": writers["train"].tokens,
+        "val_tokens": writers["val"].tokens,
+        "train_bytes": split_bytes["train"],
+        "val_bytes": split_bytes["val"],
+    }
+    index = {
+        "version": FORMAT_VERSION,
+        "dtype": codec.dtype.str,
+        "vocab_size": codec.vocab_size,
+        "tokenizer": data.tokenizer,
+        "shard_tokens": data.shard_tokens,
+        "splits": {s: {"shards": w.shards, "tokens": w.tokens, "bytes": split_bytes[s]} for s, w in writers.items()},
+        "sources": sources,
+        "val_unit_offsets": val_unit_offsets,
+        "val_cut": val_cut,
+        "fingerprint": out_fingerprint,
+    }
     (staging / INDEX).write_text(json.dumps(index, indent=1))
     report.tokens = writers["train"].tokens + writers["val"].tokens
 
@@ -414,7 +477,9 @@ def prepare(data: DataSpec, parallel: str = "auto", show_progress: bool = False)
     if parallel == "auto":
         import importlib.util
 
-        use_ray = "ray" in sys.modules and importlib.util.find_spec("ray") is not None and sys.modules["ray"].is_initialized()
+        use_ray = (
+            "ray" in sys.modules and importlib.util.find_spec("ray") is not None and sys.modules["ray"].is_initialized()
+        )
     report = PrepareReport(final, skipped=False, input_bytes=sum(u.size for u in units))
     staging_parent = Path(root) if not is_remote(root) else cache_root(data) / "staging"
     staging_parent.mkdir(parents=True, exist_ok=True)
@@ -422,8 +487,9 @@ def prepare(data: DataSpec, parallel: str = "auto", show_progress: bool = False)
     try:
         codec = build_codec(data, units)
         tokenize = _tokenize_ray if use_ray else _tokenize_local
-        _write_prepared(staging, data, units, codec, fingerprint, tokenize(units, codec, data.val_fraction),
-                        show_progress, report)
+        _write_prepared(
+            staging, data, units, codec, fingerprint, tokenize(units, codec, data.val_fraction), show_progress, report
+        )
         _publish(staging, root, key)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -28,14 +28,15 @@ class ShardedTokens:
         self.dtype = shards[0].dtype if shards else np.dtype(np.uint8)
 
     @staticmethod
-    def open(paths: list[Path], dtype: np.dtype) -> "ShardedTokens":
-        return ShardedTokens([np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype)
-                              for p in paths])
+    def open(paths: list[Path], dtype: np.dtype) -> ShardedTokens:
+        return ShardedTokens(
+            [np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype) for p in paths]
+        )
 
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def view(self, start: int, stop: int) -> "ShardedTokens":
+    def view(self, start: int, stop: int) -> ShardedTokens:
         """The sub-range [start, stop) of this view (no copy)."""
         return ShardedTokens(self.shards, self.start + start, self.start + stop)
 
@@ -49,11 +50,11 @@ class ShardedTokens:
         while lo < hi:
             end = min(hi, int(self.bounds[first + 1]))
             offset = int(self.bounds[first])
-            pieces.append(self.shards[first][lo - offset:end - offset])
+            pieces.append(self.shards[first][lo - offset : end - offset])
             lo, first = end, first + 1
         if not pieces:
             return np.zeros(0, self.dtype)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def to_numpy(self) -> np.ndarray:
-        return np.asarray(self[0:len(self)])
+        return np.asarray(self[0 : len(self)])

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shardyard.data.corpus import STDLIB, is_validation, stdlib_root
 from shardyard.data.storage import filesystem, is_remote, protocol_of
@@ -78,8 +79,16 @@ def _local_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
 
     def unit(path: Path, key: str, named: bool) -> Unit:
         st = path.stat()
-        return Unit(index, str(path), f"s{index}/{key}", _format_of(path.name, spec.format), spec.text_field,
-                    st.st_size, str(st.st_mtime_ns), named)
+        return Unit(
+            index,
+            str(path),
+            f"s{index}/{key}",
+            _format_of(path.name, spec.format),
+            spec.text_field,
+            st.st_size,
+            str(st.st_mtime_ns),
+            named,
+        )
 
     if root.is_dir():
         if spec.format == "hf" or (spec.format == "auto" and any((root / m).exists() for m in HF_MARKERS)):
@@ -87,8 +96,13 @@ def _local_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
             size = sum(p.stat().st_size for p in files)
             stamp = ",".join(str(p.stat().st_mtime_ns) for p in files)
             return [Unit(index, str(root), f"s{index}/{root.name}", "hf", spec.text_field, size, stamp, True)]
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not SKIP_PARTS.intersection(p.relative_to(root).parts)
-                       and _keeps(p.name, spec.format, data.extensions))
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and not SKIP_PARTS.intersection(p.relative_to(root).parts)
+            and _keeps(p.name, spec.format, data.extensions)
+        )
         return [unit(p, str(p.relative_to(root)), False) for p in files]
     if root.is_file():
         return [unit(root, root.name, True)]
@@ -104,8 +118,16 @@ def _remote_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
     def unit(info: dict[str, Any], key: str, named: bool) -> Unit:
         name = info["name"]
         stamp = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
-        return Unit(index, f"{scheme}://{name}", f"s{index}/{key}", _format_of(name, spec.format), spec.text_field,
-                    int(info.get("size") or 0), stamp, named)
+        return Unit(
+            index,
+            f"{scheme}://{name}",
+            f"s{index}/{key}",
+            _format_of(name, spec.format),
+            spec.text_field,
+            int(info.get("size") or 0),
+            stamp,
+            named,
+        )
 
     if any(c in path for c in "*?["):
         infos = fs.glob(path, detail=True)
@@ -118,8 +140,11 @@ def _remote_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
             size = sum(int(i.get("size") or 0) for i in infos.values())
             stamp = ",".join(str(i.get("ETag") or "") for _, i in sorted(infos.items()))
             return [Unit(index, spec.path, f"s{index}/{Path(path).name}", "hf", spec.text_field, size, stamp, True)]
-        return [unit(info, name[len(path):].lstrip("/"), False) for name, info in sorted(infos.items())
-                if _keeps(name, spec.format, data.extensions)]
+        return [
+            unit(info, name[len(path) :].lstrip("/"), False)
+            for name, info in sorted(infos.items())
+            if _keeps(name, spec.format, data.extensions)
+        ]
     return []
 
 
@@ -130,8 +155,10 @@ def resolve_units(data: DataSpec) -> list[Unit]:
         found = _remote_units(index, spec, data) if is_remote(spec.path) else _local_units(index, spec, data)
         if not found:
             field = f"data.sources[{index}].path" if data.sources is not None else "data.paths"
-            raise UserError(f"{field}: {spec.path!r} matches no file or directory"
-                            + ("" if spec.format in ("jsonl", "parquet", "hf") else f" with extensions {data.extensions}"))
+            raise UserError(
+                f"{field}: {spec.path!r} matches no file or directory"
+                + ("" if spec.format in ("jsonl", "parquet", "hf") else f" with extensions {data.extensions}")
+            )
         units.extend(sorted(found, key=lambda u: u.key))
     if data.max_bytes is not None:
         kept, total = [], 0
@@ -156,8 +183,10 @@ def _row_text(unit: Unit, value: Any, where: str) -> bytes:
     if value is None:
         raise UserError(f"{unit.field()}: {unit.location}: {where}: text field {unit.text_field!r} is empty (null)")
     if not isinstance(value, str):
-        raise UserError(f"{unit.field()}: {unit.location}: {where}: text field {unit.text_field!r} holds "
-                        f"{type(value).__name__}, not a string")
+        raise UserError(
+            f"{unit.field()}: {unit.location}: {where}: text field {unit.text_field!r} holds "
+            f"{type(value).__name__}, not a string"
+        )
     return (value + "\n").encode("utf-8")
 
 
@@ -170,15 +199,20 @@ def _jsonl_documents(unit: Unit) -> Iterator[tuple[int, bytes]]:
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as err:
-                raise UserError(f"{unit.field()}: {unit.location}: line {line_no}: not UTF-8 ({err.reason} at byte "
-                                f"{err.start} of the line)") from None
+                raise UserError(
+                    f"{unit.field()}: {unit.location}: line {line_no}: not UTF-8 ({err.reason} at byte "
+                    f"{err.start} of the line)"
+                ) from None
             except json.JSONDecodeError as err:
-                raise UserError(f"{unit.field()}: {unit.location}: line {line_no}: not valid JSON ({err.msg}, "
-                                f"column {err.colno})") from None
+                raise UserError(
+                    f"{unit.field()}: {unit.location}: line {line_no}: not valid JSON ({err.msg}, column {err.colno})"
+                ) from None
             if not isinstance(record, dict) or unit.text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(f"{unit.field()}.text_field: {unit.location}: line {line_no}: no field "
-                                f"{unit.text_field!r} (the line has {keys})")
+                raise UserError(
+                    f"{unit.field()}.text_field: {unit.location}: line {line_no}: no field "
+                    f"{unit.text_field!r} (the line has {keys})"
+                )
             yield line_no - 1, _row_text(unit, record[unit.text_field], f"line {line_no}")
             rows += 1
     if rows == 0:
@@ -196,7 +230,9 @@ def _parquet_documents(unit: Unit) -> Iterator[tuple[int, bytes]]:
             raise UserError(f"{unit.field()}: {unit.location}: not a readable Parquet file ({err})") from None
         names = table_file.schema_arrow.names
         if unit.text_field not in names:
-            raise UserError(f"{unit.field()}.text_field: {unit.location}: no column {unit.text_field!r} (columns: {names})")
+            raise UserError(
+                f"{unit.field()}.text_field: {unit.location}: no column {unit.text_field!r} (columns: {names})"
+            )
         if table_file.metadata.num_rows == 0:
             raise UserError(f"{unit.field()}: {unit.location}: empty file (no rows)")
         row = 0
@@ -217,17 +253,21 @@ def _hf_documents(unit: Unit) -> Iterator[tuple[int, bytes]]:
     except (FileNotFoundError, ValueError, OSError) as err:
         raise UserError(f"{unit.field()}: {unit.location}: not a dataset saved with save_to_disk ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
-        raise UserError(f"{unit.field()}.path: {unit.location} holds a DatasetDict with splits {list(dataset)}; "
-                        "point the path at one split's directory")
+        raise UserError(
+            f"{unit.field()}.path: {unit.location} holds a DatasetDict with splits {list(dataset)}; "
+            "point the path at one split's directory"
+        )
     if unit.text_field not in dataset.column_names:
-        raise UserError(f"{unit.field()}.text_field: {unit.location}: no column {unit.text_field!r} "
-                        f"(columns: {dataset.column_names})")
+        raise UserError(
+            f"{unit.field()}.text_field: {unit.location}: no column {unit.text_field!r} "
+            f"(columns: {dataset.column_names})"
+        )
     if len(dataset) == 0:
         raise UserError(f"{unit.field()}: {unit.location}: empty dataset (no rows)")
     column = dataset.with_format("arrow")
     row = 0
     for start in range(0, len(dataset), 4096):
-        for value in column[start:start + 4096][unit.text_field].to_pylist():
+        for value in column[start : start + 4096][unit.text_field].to_pylist():
             yield row, _row_text(unit, value, f"row {row}")
             row += 1
 
@@ -241,8 +281,10 @@ def _text_documents(unit: Unit, need_text: bool) -> Iterator[tuple[int, bytes]]:
         try:
             content.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise UserError(f"{unit.field()}: {unit.location}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                            "a text tokenizer needs UTF-8 (data.tokenizer: bytes reads any file)") from None
+            raise UserError(
+                f"{unit.field()}: {unit.location}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                "a text tokenizer needs UTF-8 (data.tokenizer: bytes reads any file)"
+            ) from None
     if content:
         yield 0, content
 

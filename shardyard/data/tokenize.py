@@ -10,8 +10,9 @@ length of the token decoded on its own. Special tokens cover 0 bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -63,11 +64,11 @@ class Codec:
     _hf: Any = None
 
     @staticmethod
-    def bytes() -> "Codec":
+    def bytes() -> Codec:
         return Codec(256)
 
     @staticmethod
-    def from_json(text: str, vocab_size: int | None = None) -> "Codec":
+    def from_json(text: str, vocab_size: int | None = None) -> Codec:
         from tokenizers import Tokenizer
 
         try:
@@ -108,7 +109,9 @@ class Codec:
         from tokenizers import decoders, pre_tokenizers
 
         hf = self.hf()
-        byte_level = isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) or isinstance(hf.decoder, decoders.ByteLevel)
+        byte_level = isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel) or isinstance(
+            hf.decoder, decoders.ByteLevel
+        )
         alphabet = _byte_level_decoder() if byte_level else {}
         special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
         lengths = np.zeros(self.vocab_size, dtype=np.int32)
@@ -125,7 +128,9 @@ class Codec:
 
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's printable stand-ins for the 256 byte values -> the byte (what ByteLevel uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -144,7 +149,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Codec:
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
     hf.train_from_iterator(texts, trainer=trainer)
     return Codec(vocab_size, hf.to_str(), hf)

@@ -33,13 +33,17 @@ class TrainingData:
 
     def describe(self) -> str:
         """One line for the log: tokens, bytes per token, mixture weights and token shares."""
-        line = (f"data: {len(self.train):,} training tokens, {len(self.held_out.data):,} held-out, vocab {self.vocab_size}, "
-                f"{self.bytes_per_token:.3f} bytes/token")
+        line = (
+            f"data: {len(self.train):,} training tokens, {len(self.held_out.data):,} held-out, vocab "
+            f"{self.vocab_size}, "
+            f"{self.bytes_per_token:.3f} bytes/token"
+        )
         if len(self.sources) > 1:
             total_w = sum(w for _, w, _ in self.sources)
             total_t = sum(len(t) for _, _, t in self.sources)
-            line += "; mixture " + ", ".join(f"{name}: weight {w / total_w:.3f} (tokens {len(t) / total_t:.3f})"
-                                             for name, w, t in self.sources)
+            line += "; mixture " + ", ".join(
+                f"{name}: weight {w / total_w:.3f} (tokens {len(t) / total_t:.3f})" for name, w, t in self.sources
+            )
         return line
 
     def encode_text(self, text: HeldOutText) -> HeldOutText:
@@ -57,7 +61,9 @@ class TrainingData:
                 raise UserError("training.eval_sets: a text tokenizer needs UTF-8 evaluation files") from None
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        return HeldOutText(np.concatenate(pieces), offsets[lengths > 0] if (lengths > 0).any() else np.zeros(1, np.int64))
+        return HeldOutText(
+            np.concatenate(pieces), offsets[lengths > 0] if (lengths > 0).any() else np.zeros(1, np.int64)
+        )
 
 
 def load_training_data(data: DataSpec) -> TrainingData:
@@ -65,34 +71,54 @@ def load_training_data(data: DataSpec) -> TrainingData:
         from shardyard.data.corpus import load_corpus
 
         corpus = load_corpus(data)
-        return TrainingData(corpus.train, HeldOutText(corpus.val, corpus.val_offsets), 256, None, 1.0,
-                            corpus.fingerprint(data.seq_len), [("corpus", 1.0, corpus.train)])
+        return TrainingData(
+            corpus.train,
+            HeldOutText(corpus.val, corpus.val_offsets),
+            256,
+            None,
+            1.0,
+            corpus.fingerprint(data.seq_len),
+            [("corpus", 1.0, corpus.train)],
+        )
     from shardyard.data.prepare import ensure_prepared
 
     prepared = ensure_prepared(data, parallel="local")  # normally done on the driver already
     need = data.seq_len + 1
     if len(prepared.train) < need or len(prepared.val) < need:
-        raise UserError(f"data: prepared corpus too small for data.seq_len={data.seq_len}: {len(prepared.train)} training "
-                        f"and {len(prepared.val)} validation tokens (each needs at least {need})")
+        raise UserError(
+            f"data: prepared corpus too small for data.seq_len={data.seq_len}: {len(prepared.train)} training "
+            f"and {len(prepared.val)} validation tokens (each needs at least {need})"
+        )
     sources = [(name, weight, prepared.train.view(a, b)) for name, weight, a, b in prepared.source_ranges()]
     if data.sources is None or len(sources) == 1:
         sources = [(sources[0][0] if len(sources) == 1 else "corpus", 1.0, prepared.train)]
     for name, _, tokens in sources:
         if len(tokens) < need:
-            raise UserError(f"data.sources: {name!r} holds {len(tokens)} training tokens, fewer than one window of "
-                            f"data.seq_len + 1 = {need}")
-    return TrainingData(prepared.train, HeldOutText(prepared.val, prepared.val_offsets()), prepared.vocab_size,
-                        prepared.token_bytes, prepared.bytes_per_token, prepared.fingerprint(data.seq_len), sources,
-                        prepared)
+            raise UserError(
+                f"data.sources: {name!r} holds {len(tokens)} training tokens, fewer than one window of "
+                f"data.seq_len + 1 = {need}"
+            )
+    return TrainingData(
+        prepared.train,
+        HeldOutText(prepared.val, prepared.val_offsets()),
+        prepared.vocab_size,
+        prepared.token_bytes,
+        prepared.bytes_per_token,
+        prepared.fingerprint(data.seq_len),
+        sources,
+        prepared,
+    )
 
 
-def build_data_loader(data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int,
-                      seed: int) -> TrainLoader:
+def build_data_loader(
+    data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int
+) -> TrainLoader:
     """The rank's resumable loader: global windows of the one stream, or the weighted mixture."""
     if len(data.sources) == 1:
         return build_train_loader(data.train, seq_len, batch_size, rank, world, seed)
     from shardyard.data.mixture import MixtureWindowStream
 
-    stream = MixtureWindowStream([t for _, _, t in data.sources], [w for _, w, _ in data.sources], seq_len,
-                                 batch_size, rank, world, seed)
+    stream = MixtureWindowStream(
+        [t for _, _, t in data.sources], [w for _, w, _ in data.sources], seq_len, batch_size, rank, world, seed
+    )
     return TrainLoader(stream)  # type: ignore[arg-type]  # the same position interface

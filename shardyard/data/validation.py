@@ -71,8 +71,10 @@ def select_windows(length: int, seq_len: int, eval_bytes: int, world: int, seed:
     window ends inside the stream and windows never overlap."""
     n = window_count(length, seq_len, eval_bytes, world)
     if n == 0:
-        raise ValueError(f"a stream of {length} bytes holds {(length - 1) // seq_len} windows of "
-                         f"{seq_len + 1} bytes, fewer than the {world} ranks that must share them")
+        raise ValueError(
+            f"a stream of {length} bytes holds {(length - 1) // seq_len} windows of "
+            f"{seq_len + 1} bytes, fewer than the {world} ranks that must share them"
+        )
     span = length - seq_len  # valid starts: 0 .. span - 1
     stride = max(float(seq_len), span / n)
     slack = span - (n - 1) * stride  # >= 1
@@ -87,26 +89,29 @@ def windows_per_file(starts: np.ndarray, file_offsets: np.ndarray) -> np.ndarray
     return np.bincount(owner, minlength=len(file_offsets))
 
 
-def batch_windows(data: np.ndarray, starts: np.ndarray, seq_len: int,
-                  batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_windows(
+    data: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) int64 batches of at most `batch_size` windows, in the order of `starts`."""
     batches = []
     for i in range(0, len(starts), batch_size):
-        block = np.stack([data[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        block = np.stack([data[s : s + seq_len + 1] for s in starts[i : i + batch_size]]).astype(np.int64)
         block_t = torch.from_numpy(block)
         batches.append((block_t[:, :-1], block_t[:, 1:]))
     return batches
 
 
-def rank_batches(text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: int, rank: int,
-                 world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rank_batches(
+    text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: int, rank: int, world: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's validation batches: its share of the windows selected for the whole world."""
     starts = select_windows(len(text.data), seq_len, eval_bytes, world)
     return batch_windows(text.data, starts[rank], seq_len, batch_size)
 
 
-def rank_controls(text: HeldOutText, seq_len: int, eval_bytes: int, rank: int, world: int,
-                  control: NGramControl | None) -> WindowControls | None:
+def rank_controls(
+    text: HeldOutText, seq_len: int, eval_bytes: int, rank: int, world: int, control: NGramControl | None
+) -> WindowControls | None:
     """The n-gram control variates of this rank's windows (None without a control model)."""
     if control is None:
         return None
@@ -114,8 +119,9 @@ def rank_controls(text: HeldOutText, seq_len: int, eval_bytes: int, rank: int, w
     return control.window_controls(text.data, starts[rank], seq_len)
 
 
-def all_controls(text: HeldOutText, seq_len: int, eval_bytes: int, world: int,
-                 control: NGramControl | None) -> WindowControls | None:
+def all_controls(
+    text: HeldOutText, seq_len: int, eval_bytes: int, world: int, control: NGramControl | None
+) -> WindowControls | None:
     """Every rank's window controls in `all_batches` order."""
     if control is None:
         return None
@@ -123,22 +129,25 @@ def all_controls(text: HeldOutText, seq_len: int, eval_bytes: int, world: int,
     return control.window_controls(text.data, starts.ravel(), seq_len)
 
 
-def all_batches(text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: int,
-                world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def all_batches(
+    text: HeldOutText, seq_len: int, eval_bytes: int, batch_size: int, world: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every rank's windows, evaluated in one process: the same window set a `world`-rank job scores."""
     starts = select_windows(len(text.data), seq_len, eval_bytes, world)
     return batch_windows(text.data, starts.ravel(), seq_len, batch_size)
 
 
-def eval_set_texts(eval_sets: dict[str, list[str]], extensions: list[str], seq_len: int,
-                   world: int) -> dict[str, HeldOutText]:
+def eval_set_texts(
+    eval_sets: dict[str, list[str]], extensions: list[str], seq_len: int, world: int
+) -> dict[str, HeldOutText]:
     """training.eval_sets loaded by name; each must hold at least one window per rank."""
     texts = {}
     for name, paths in eval_sets.items():
         text = load_text(paths, extensions, field=f"training.eval_sets.{name}")
         if (len(text.data) - 1) // seq_len < world:
-            raise UserError(f"training.eval_sets.{name}: {len(text.data)} bytes hold fewer than {world} windows of "
-                            f"data.seq_len + 1 = {seq_len + 1} bytes (one per worker)")
+            raise UserError(
+                f"training.eval_sets.{name}: {len(text.data)} bytes hold fewer than {world} windows of "
+                f"data.seq_len + 1 = {seq_len + 1} bytes (one per worker)"
+            )
         texts[name] = text
     return texts
-

@@ -10,5 +10,13 @@ from shardyard.kernels.grouped_gemm import (
 )
 from shardyard.kernels.ops import BackendUnavailable, GroupedOps
 
-__all__ = ["BACKENDS", "BackendUnavailable", "GroupedOps", "available_backends", "backend_available",
-           "grouped_mm", "grouped_mm_t", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "GroupedOps",
+    "available_backends",
+    "backend_available",
+    "grouped_mm",
+    "grouped_mm_t",
+    "resolve_backend",
+]

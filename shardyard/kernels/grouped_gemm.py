@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,9 @@ class _GroupedMM(torch.autograd.Function):
     """y_e = x_e @ w[e] (or x_e @ w[e]^T when transpose_w); both backward products via the same ops."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, ops: GroupedOps,
-                transpose_w: bool) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, ops: GroupedOps, transpose_w: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, w, offsets)
         ctx.ops, ctx.transpose_w = ops, transpose_w
         return ops.mm(x, w.transpose(1, 2) if transpose_w else w, offsets)
@@ -52,12 +53,14 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dX_e = dY_e @ (forward weight)^T
             grad_x = ops.mm(grad_y, w if transpose_w else w.transpose(1, 2), offsets)
         if ctx.needs_input_grad[1]:  # dW[e] = X_e^T dY_e  (or dY_e^T X_e for the transposed variant)
-            grad_w = (ops.wgrad(grad_y, x, offsets, w.shape[0]) if transpose_w
-                      else ops.wgrad(x, grad_y, offsets, w.shape[0]))
+            grad_w = (
+                ops.wgrad(grad_y, x, offsets, w.shape[0]) if transpose_w else ops.wgrad(x, grad_y, offsets, w.shape[0])
+            )
         return grad_x, grad_w, None, None, None
 
 
 # ---------------------------------------------------------------- loop (reference)
+
 
 def loop_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-expert reference: one matmul per expert (autograd through slicing)."""
@@ -117,8 +120,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _torch_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, wgrad_experts: int | None
-               ) -> torch.Tensor:
+def _torch_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, wgrad_experts: int | None) -> torch.Tensor:
     """F.grouped_mm with the CPU alignment rule handled: direct, else zero-padded K/N, else loop."""
     if wgrad_experts is None and a.shape[0] == 0:
         return a.new_zeros(0, b.shape[-1])
@@ -169,6 +171,7 @@ TORCH_OPS = GroupedOps("torch", _torch_mm, _torch_wgrad)
 
 # ---------------------------------------------------------------- megablocks / grouped_gemm (GPU)
 
+
 def _megablocks_ops() -> GroupedOps:
     try:
         from grouped_gemm import backend as gg_backend  # type: ignore[import-not-found]
@@ -178,7 +181,8 @@ def _megablocks_ops() -> GroupedOps:
         except ImportError as err:
             raise BackendUnavailable(
                 "backend 'megablocks' needs the grouped_gemm CUDA kernel (pip install grouped_gemm or "
-                f"megablocks, GPU only): {err}") from None
+                f"megablocks, GPU only): {err}"
+            ) from None
     if gg_backend is None:
         raise BackendUnavailable("backend 'megablocks': grouped_gemm is installed without its CUDA ops")
 
@@ -199,6 +203,7 @@ def _megablocks_ops() -> GroupedOps:
 
 def _triton_ops() -> GroupedOps:
     from shardyard.kernels.triton_grouped import triton_ops  # imports triton lazily, raises if missing
+
     return triton_ops()
 
 
@@ -231,8 +236,10 @@ def device_refusal(backend: str, device: torch.device | str) -> str | None:
     if backend == "megablocks":
         return "backend 'megablocks' runs on CUDA tensors only; use 'torch' or 'auto' on CPU"
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton; "
-                "correctness only, slow); use 'torch' or 'auto' on CPU")
+        return (
+            "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton; "
+            "correctness only, slow); use 'torch' or 'auto' on CPU"
+        )
     return None
 
 
@@ -281,11 +288,12 @@ def check_backend_device(backend: str, x: torch.Tensor) -> None:
         raise BackendUnavailable(reason)
 
 
-def _dispatch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str,
-              transpose_w: bool) -> torch.Tensor:
+def _dispatch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str, transpose_w: bool) -> torch.Tensor:
     if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1 or offsets.numel() != w.shape[0]:
-        raise ValueError(f"grouped_mm wants x [M, K], w [E, K, N], offsets [E]; got {tuple(x.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(offsets.shape)}")
+        raise ValueError(
+            f"grouped_mm wants x [M, K], w [E, K, N], offsets [E]; got {tuple(x.shape)}, "
+            f"{tuple(w.shape)}, {tuple(offsets.shape)}"
+        )
     backend = resolve_backend(backend, x)
     check_backend_device(backend, x)
     if backend == "loop":

@@ -6,8 +6,8 @@ A leaf module: grouped_gemm.py (the dispatcher and autograd Function) and each b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -35,10 +35,27 @@ def _kernels() -> tuple[Any, Any, Any]:
         raise BackendUnavailable(f"backend 'triton' needs the triton package (pip install triton): {err}") from None
 
     @triton.jit
-    def gmm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, num_experts, N, K,
-                   stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def gmm_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        offs_ptr,
+        num_experts,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        stride_ym,
+        stride_yn,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         # Map row tile pid_m -> (expert, first row, end row) by walking the cumulative offsets.
@@ -64,22 +81,46 @@ def _kernels() -> tuple[Any, Any, Any]:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + ks
-                a = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-                            mask=(rows[:, None] < row_end) & (kk[None, :] < K), other=0.0)
-                b = tl.load(w_base + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
-                            mask=(kk[:, None] < K) & (cols[None, :] < N), other=0.0)
+                a = tl.load(
+                    x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(rows[:, None] < row_end) & (kk[None, :] < K),
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_base + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=(kk[:, None] < K) & (cols[None, :] < N),
+                    other=0.0,
+                )
                 if UPCAST:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                     acc.to(y_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+            tl.store(
+                y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                acc.to(y_ptr.dtype.element_ty),
+                mask=(rows[:, None] < row_end) & (cols[None, :] < N),
+            )
 
     @triton.jit
-    def wgrad_kernel(x_ptr, g_ptr, dw_ptr, offs_ptr, K, N,
-                     stride_xm, stride_xk, stride_gm, stride_gn, stride_we, stride_wk, stride_wn,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def wgrad_kernel(
+        x_ptr,
+        g_ptr,
+        dw_ptr,
+        offs_ptr,
+        K,
+        N,
+        stride_xm,
+        stride_xk,
+        stride_gm,
+        stride_gn,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         e = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_n = tl.program_id(2)
@@ -91,15 +132,24 @@ def _kernels() -> tuple[Any, Any, Any]:
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for m0 in range(start, end, BLOCK_M):
             rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            xt = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
-                         mask=(rows[None, :] < end) & (ks[:, None] < K), other=0.0)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn,
-                        mask=(rows[:, None] < end) & (ns[None, :] < N), other=0.0)
+            xt = tl.load(
+                x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
+                mask=(rows[None, :] < end) & (ks[:, None] < K),
+                other=0.0,
+            )
+            g = tl.load(
+                g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn,
+                mask=(rows[:, None] < end) & (ns[None, :] < N),
+                other=0.0,
+            )
             if UPCAST:
                 xt, g = xt.to(tl.float32), g.to(tl.float32)
             acc = tl.dot(xt, g, acc, input_precision=PRECISION)
-        tl.store(dw_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn,
-                 acc.to(dw_ptr.dtype.element_ty), mask=(ks[:, None] < K) & (ns[None, :] < N))
+        tl.store(
+            dw_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn,
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=(ks[:, None] < K) & (ns[None, :] < N),
+        )
 
     return triton, gmm_kernel, wgrad_kernel
 
@@ -137,9 +187,28 @@ def triton_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.
         return y.zero_()
     bm, bn, bk, warps = _blocks(x)
     grid = (triton.cdiv(m, bm) + num_experts, triton.cdiv(n, bn))
-    gmm_kernel[grid](x, w, y, offsets, num_experts, n, k,
-                     x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x), UPCAST=_upcast(x), num_warps=warps)
+    gmm_kernel[grid](
+        x,
+        w,
+        y,
+        offsets,
+        num_experts,
+        n,
+        k,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        PRECISION=_precision(x),
+        UPCAST=_upcast(x),
+        num_warps=warps,
+    )
     return y
 
 
@@ -152,10 +221,27 @@ def triton_wgrad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, num_ex
         return dw
     bm, bn, bk, warps = _blocks(x)
     grid = (num_experts, triton.cdiv(k, bk), triton.cdiv(n, bn))
-    wgrad_kernel[grid](x, g, dw, offsets, k, n,
-                       x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-                       dw.stride(0), dw.stride(1), dw.stride(2),
-                       BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, PRECISION=_precision(x), UPCAST=_upcast(x), num_warps=warps)
+    wgrad_kernel[grid](
+        x,
+        g,
+        dw,
+        offsets,
+        k,
+        n,
+        x.stride(0),
+        x.stride(1),
+        g.stride(0),
+        g.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_N=bn,
+        PRECISION=_precision(x),
+        UPCAST=_upcast(x),
+        num_warps=warps,
+    )
     return dw
 
 

@@ -17,8 +17,16 @@ from shardyard.models.ffn import build_dense_ffn, build_ffn_factory, build_moe_l
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.registry import MODEL_REGISTRY, build_model, register_model
 
-__all__ = ["MODEL_REGISTRY", "build_dense_ffn", "build_ffn_factory", "build_model", "build_moe_layer",
-           "count_parameters", "moe_layers", "register_model"]
+__all__ = [
+    "MODEL_REGISTRY",
+    "build_dense_ffn",
+    "build_ffn_factory",
+    "build_model",
+    "build_moe_layer",
+    "count_parameters",
+    "moe_layers",
+    "register_model",
+]
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -20,16 +20,29 @@ def build_dense_ffn(spec: ModelSpec, width: int, hidden: int) -> nn.Module:
 
 
 def build_moe_layer(moe: MoESpec, width: int, hidden: int) -> MoELayer:
-    return MoELayer(width=width, hidden=hidden, num_experts=moe.num_experts, top_k=moe.top_k, router=moe.router,
-                    aux_loss_weight=moe.aux_loss, z_loss_weight=moe.z_loss, capacity_factor=moe.capacity_factor,
-                    backend=moe.backend, expert_kind=moe.expert_kind, jitter=moe.jitter,
-                    shared_expert=moe.shared_expert, bias_update_rate=moe.bias_update_rate)
+    return MoELayer(
+        width=width,
+        hidden=hidden,
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        router=moe.router,
+        aux_loss_weight=moe.aux_loss,
+        z_loss_weight=moe.z_loss,
+        capacity_factor=moe.capacity_factor,
+        backend=moe.backend,
+        expert_kind=moe.expert_kind,
+        jitter=moe.jitter,
+        shared_expert=moe.shared_expert,
+        bias_update_rate=moe.bias_update_rate,
+    )
 
 
 def build_ffn_factory(spec: ModelSpec, width: int, hidden: int, moe: MoESpec | None) -> Callable[[int], nn.Module]:
     """Block index -> FFN module: MoE on every `moe.every`-th block when `moe` is set, dense elsewhere."""
+
     def make(layer: int) -> nn.Module:
         if moe is not None and (layer + 1) % moe.every == 0:
             return build_moe_layer(moe, width, hidden)
         return build_dense_ffn(spec, width, hidden)
+
     return make

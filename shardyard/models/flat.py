@@ -14,5 +14,11 @@ from shardyard.platform.schema import ModelSpec
 @register_model("moe", any_vocab=True)
 def build_transformer(spec: ModelSpec, seq_len: int, vocab_size: int = 256) -> nn.Module:
     moe = spec.moe if spec.kind == "moe" else None
-    return ByteTransformerLM(spec.width, spec.depth, spec.heads,
-                             build_ffn_factory(spec, spec.width, spec.ffn_hidden, moe), seq_len, vocab_size)
+    return ByteTransformerLM(
+        spec.width,
+        spec.depth,
+        spec.heads,
+        build_ffn_factory(spec, spec.width, spec.ffn_hidden, moe),
+        seq_len,
+        vocab_size,
+    )

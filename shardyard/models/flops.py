@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ A leaf: it imports no model code. Builder modules register themselves (`@registe
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -25,6 +25,7 @@ def register_model(kind: str, any_vocab: bool = False) -> Callable[[ModelBuilder
         if any_vocab:
             ANY_VOCAB.add(kind)
         return fn
+
     return wrap
 
 

@@ -7,7 +7,7 @@ the MoE model and the byte models' stages.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0,
-                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    seq_len: int, head_dim: int, base: float = 10000.0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [seq_len, head_dim // 2] for rotary position embedding."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -111,8 +112,7 @@ class Block(nn.Module):
 class TransformerStack(nn.Module):
     """`depth` blocks sharing one rotary table; maps [B, T, width] -> [B, T, width] (normed)."""
 
-    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory,
-                 max_seq_len: int) -> None:
+    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory, max_seq_len: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, ffn_factory(i)) for i in range(depth))
         self.norm = RMSNorm(width)
@@ -135,8 +135,9 @@ class ByteTransformerLM(nn.Module):
     """Flat language model: embed token ids (256 byte values by default; a tokenizer's vocabulary
     otherwise), transformer stack, tied-free head."""
 
-    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory,
-                 max_seq_len: int, vocab_size: int = 256) -> None:
+    def __init__(
+        self, width: int, depth: int, heads: int, ffn_factory: FFNFactory, max_seq_len: int, vocab_size: int = 256
+    ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(self.vocab_size, width)
@@ -145,8 +146,9 @@ class ByteTransformerLM(nn.Module):
         self.apply(init_weights)
         scale_residual_projections(self.stack, depth)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: [B, T] int64 token ids. Returns logits [B, T, vocab] and mean CE (nats)."""
         logits = self.head(self.stack(self.embed(idx)))
         loss = None

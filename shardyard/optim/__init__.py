@@ -42,8 +42,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
     if spec.kind == "adamw":
-        return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr,
-                                 betas=spec.betas, eps=spec.eps)
+        return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps)
     if spec.kind in ("galore_adamw", "q_galore_adamw"):
         from shardyard.optim.galore import GaLoreAdamW, galore_param_groups
         from shardyard.optim.qgalore import QGaLoreAdamW
@@ -51,20 +50,37 @@ def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
         g = spec.galore
         assert g is not None  # filled by OptimSpec's validator
         groups = galore_param_groups(model, g.targets, g.rank, spec.weight_decay, g.experts)
-        common = dict(lr=spec.lr, betas=spec.betas, eps=spec.eps, rank=g.rank,
-                      update_gap=g.update_gap, scale=g.scale, projection=g.projection,
-                      oversample=g.oversample, power_iters=g.power_iters, seed=g.seed,
-                      broadcast_projection=g.broadcast_projection, layerwise=g.layerwise,
-                      moments=g.moments, layerwise_clip=spec.grad_clip if g.layerwise else 0.0)
+        common = dict(
+            lr=spec.lr,
+            betas=spec.betas,
+            eps=spec.eps,
+            rank=g.rank,
+            update_gap=g.update_gap,
+            scale=g.scale,
+            projection=g.projection,
+            oversample=g.oversample,
+            power_iters=g.power_iters,
+            seed=g.seed,
+            broadcast_projection=g.broadcast_projection,
+            layerwise=g.layerwise,
+            moments=g.moments,
+            layerwise_clip=spec.grad_clip if g.layerwise else 0.0,
+        )
         if spec.kind == "galore_adamw":
             return GaLoreAdamW(groups, **common)
         q = g.quant
         assert q is not None
-        return QGaLoreAdamW(groups, proj_group_size=q.proj_group_size,
-                            weight_group_size=q.weight_group_size,
-                            stochastic_rounding=q.stochastic_rounding, sim_threshold=q.sim_threshold,
-                            sim_streak=q.sim_streak, gap_growth=q.gap_growth,
-                            max_update_gap=q.max_update_gap, **common)
+        return QGaLoreAdamW(
+            groups,
+            proj_group_size=q.proj_group_size,
+            weight_group_size=q.weight_group_size,
+            stochastic_rounding=q.stochastic_rounding,
+            sim_threshold=q.sim_threshold,
+            sim_streak=q.sim_streak,
+            gap_growth=q.gap_growth,
+            max_update_gap=q.max_update_gap,
+            **common,
+        )
     raise ValueError(f"unknown optimizer {spec.kind!r}")
 
 
@@ -79,7 +95,7 @@ def lr_multiplier(step: int, total_steps: int, schedule: ScheduleSpec) -> float:
     return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
 
 
-def build_scheduler(spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, spec.schedule))
+def build_scheduler(
+    spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, spec.schedule))

@@ -45,21 +45,25 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from shardyard.models.moe.experts import is_expert_shard
-from shardyard.optim.projection import (Side, choose_side, compute_basis, project, project_back,
-                                        sketch_generator)
+from shardyard.optim.projection import Side, choose_side, compute_basis, project, project_back, sketch_generator
 from shardyard.optim.quant import MOMENT_BLOCK, dequantize_moment, quantize_moment
 
-
 GALORE_DEFAULTS: dict[str, Any] = {
-    "galore": False, "rank": 32, "update_gap": 200, "scale": 0.25, "projection": "svd",
-    "oversample": 8, "power_iters": 2,
+    "galore": False,
+    "rank": 32,
+    "update_gap": 200,
+    "scale": 0.25,
+    "projection": "svd",
+    "oversample": 8,
+    "power_iters": 2,
 }
 
 
@@ -68,8 +72,9 @@ def is_projectable(p: torch.Tensor, rank: int) -> bool:
     return p.dim() in (2, 3) and rank < min(p.shape[-2], p.shape[-1])
 
 
-def galore_param_groups(model: nn.Module, targets: Iterable[str], rank: int, weight_decay: float,
-                        experts: str = "per_expert") -> list[dict]:
+def galore_param_groups(
+    model: nn.Module, targets: Iterable[str], rank: int, weight_decay: float, experts: str = "per_expert"
+) -> list[dict]:
     """Split parameters into [projected (galore=True), dense decayed, dense undecayed] groups.
 
     Projected: >= 2-D weights whose name matches a target regex, excluding embeddings and norms;
@@ -88,9 +93,11 @@ def galore_param_groups(model: nn.Module, targets: Iterable[str], rank: int, wei
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [{"params": projected, "galore": True, "weight_decay": weight_decay},
-              {"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": projected, "galore": True, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -106,20 +113,43 @@ def clip_param_grad_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, rank: int = 32, update_gap: int = 200,
-                 scale: float = 0.25, projection: str = "svd", oversample: int = 8,
-                 power_iters: int = 2, seed: int = 0, broadcast_projection: bool = False,
-                 layerwise: bool = False, moments: str = "fp32", layerwise_clip: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 32,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        projection: str = "svd",
+        oversample: int = 8,
+        power_iters: int = 2,
+        seed: int = 0,
+        broadcast_projection: bool = False,
+        layerwise: bool = False,
+        moments: str = "fp32",
+        layerwise_clip: float = 0.0,
+    ) -> None:
         if projection not in ("svd", "randomized"):
             raise ValueError(f"unknown projection {projection!r}; available: svd, randomized")
         if moments not in ("fp32", "int8"):
             raise ValueError(f"unknown moments {moments!r}; available: fp32, int8")
-        defaults = {**GALORE_DEFAULTS, "lr": lr, "betas": betas, "eps": eps,
-                    "weight_decay": weight_decay, "rank": rank, "update_gap": update_gap,
-                    "scale": scale, "projection": projection, "oversample": oversample,
-                    "power_iters": power_iters}
+        defaults = {
+            **GALORE_DEFAULTS,
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "update_gap": update_gap,
+            "scale": scale,
+            "projection": projection,
+            "oversample": oversample,
+            "power_iters": power_iters,
+        }
         super().__init__(params, defaults)
         self.seed = seed
         self.broadcast_projection = broadcast_projection
@@ -142,8 +172,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self.layerwise:
             if not self._hooks and not self.external_hooks:
-                raise RuntimeError("layer-wise GaLore under data parallelism steps parameters from "
-                                   "shardyard.optim.layerwise.LayerwiseStepper; none is attached")
+                raise RuntimeError(
+                    "layer-wise GaLore under data parallelism steps parameters from "
+                    "shardyard.optim.layerwise.LayerwiseStepper; none is attached"
+                )
             return loss  # parameters were stepped by their gradient hooks during backward
         for group in self.param_groups:
             for p in group["params"]:
@@ -222,13 +254,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _projected(self, p: torch.Tensor, group: dict) -> bool:
         return bool(group["galore"]) and is_projectable(p, group["rank"])
 
-    def _new_basis(self, p: torch.Tensor, grad: torch.Tensor, group: dict, side: Side, step: int
-                   ) -> torch.Tensor:
+    def _new_basis(self, p: torch.Tensor, grad: torch.Tensor, group: dict, side: Side, step: int) -> torch.Tensor:
         gen = None
         if group["projection"] == "randomized":
             gen = sketch_generator(self.seed, self._param_index(p), step, grad.device)
-        basis = compute_basis(grad, group["rank"], side, group["projection"], group["oversample"],
-                              group["power_iters"], gen)
+        basis = compute_basis(
+            grad, group["rank"], side, group["projection"], group["oversample"], group["power_iters"], gen
+        )
         # expert-parallel shards hold different experts on every rank: never broadcast those
         sharded = is_expert_shard(p)
         if self.broadcast_projection and not sharded and dist.is_available() and dist.is_initialized():
@@ -265,8 +297,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         step = state["step"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1 = 1 - beta1 ** step
-        bias2 = 1 - beta2 ** step
+        bias1 = 1 - beta1**step
+        bias2 = 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
         update = (exp_avg / bias1) / denom
         self._store_moments(state, exp_avg, exp_avg_sq)
@@ -296,8 +328,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["exp_avg_q"], state["exp_avg_absmax"] = quantize_moment(exp_avg, signed=True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_moment(exp_avg_sq.sqrt(), signed=False)
 
-    def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict,
-               projected: bool) -> None:
+    def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict, projected: bool) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             p.mul_(1 - lr * wd)

@@ -35,7 +35,8 @@ module (`.to(device)`) moves the codes and re-creates the handles on the new dev
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,7 @@ class _Int8Weights:
         codes, scales = quantize_int8(weight.detach(), group_size, stochastic=False)
         module.register_buffer(f"{name}_codes", codes)
         module.register_buffer(f"{name}_scales", scales)
-        handle = nn.Parameter(_handle(weight.shape, weight.dtype, weight.device),
-                              requires_grad=weight.requires_grad)
+        handle = nn.Parameter(_handle(weight.shape, weight.dtype, weight.device), requires_grad=weight.requires_grad)
         if hasattr(weight, EXPERT_SHARD_ATTR):  # an expert-parallel shard stays one
             setattr(handle, EXPERT_SHARD_ATTR, getattr(weight, EXPERT_SHARD_ATTR))
         setattr(handle, INT8_WEIGHT_ATTR, (module, name))
@@ -121,8 +121,9 @@ def _row_blocks(out_features: int, in_features: int, group_size: int) -> int:
     return min(out_features, rows)
 
 
-def _dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group_size: int, lo: int, hi: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+def _dequant_rows(
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int, lo: int, hi: int, dtype: torch.dtype
+) -> torch.Tensor:
     first = lo * codes.shape[1] // group_size  # lo is group-aligned (see _row_blocks)
     last = math.ceil(hi * codes.shape[1] / group_size)
     return dequantize_int8(codes[lo:hi], scales[first:last], group_size, dtype)
@@ -132,13 +133,22 @@ class _Int8LinearFn(torch.autograd.Function):
     """y = x W^T with W dequantised block by block; d/dW (the full fp32 gradient) goes to the handle."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, handle: torch.Tensor, codes: torch.Tensor,
-                scales: torch.Tensor, group_size: int, block_rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        handle: torch.Tensor,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        group_size: int,
+        block_rows: int,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, codes, scales)
         ctx.group_size, ctx.block_rows = group_size, block_rows
         out = codes.shape[0]
-        pieces = [F.linear(x, _dequant_rows(codes, scales, group_size, lo, min(lo + block_rows, out), x.dtype))
-                  for lo in range(0, out, block_rows)]
+        pieces = [
+            F.linear(x, _dequant_rows(codes, scales, group_size, lo, min(lo + block_rows, out), x.dtype))
+            for lo in range(0, out, block_rows)
+        ]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     @staticmethod
@@ -174,8 +184,9 @@ class _DequantFn(torch.autograd.Function):
     """The dequantised stack as a function of the handle: its gradient flows to the handle."""
 
     @staticmethod
-    def forward(ctx: Any, handle: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                group_size: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, handle: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
         return dequantize_int8(codes, scales, group_size, handle.dtype)
 
     @staticmethod
@@ -213,15 +224,17 @@ class Int8GroupedExperts(_Int8Weights, GroupedExperts):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return self._mlp(x_sorted, offsets, w_up, w_down)
 
-    def _mlp(self, x_sorted: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor,
-             w_down: torch.Tensor) -> torch.Tensor:
+    def _mlp(
+        self, x_sorted: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor:
         """GroupedExperts.forward's arithmetic on the given (dequantised) stacks."""
         backend = resolve_backend(self.backend, x_sorted)
         block_rows = self._block_rows(x_sorted, backend)
         if block_rows:
             check_backend_device(backend, x_sorted)
-            return _BlockedExpertMLP.apply(x_sorted, w_up, w_down, offsets.to(torch.int32),
-                                           backend, self.kind, block_rows)
+            return _BlockedExpertMLP.apply(
+                x_sorted, w_up, w_down, offsets.to(torch.int32), backend, self.kind, block_rows
+            )
         h = grouped_mm(x_sorted, w_up, offsets, backend)
         h = swiglu(h) if self.kind == "swiglu" else F.gelu(h)
         return grouped_mm(h, w_down, offsets, backend)

@@ -76,9 +76,16 @@ class _InFlight:
 
 
 class LayerwiseStepper:
-    def __init__(self, model: nn.Module, optimizer: GaLoreAdamW, dense_group: Any = None,
-                 expert_group: Any = None, world_size: int = 1, bucket_bytes: int = 4 << 20,
-                 max_norm: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: GaLoreAdamW,
+        dense_group: Any = None,
+        expert_group: Any = None,
+        world_size: int = 1,
+        bucket_bytes: int = 4 << 20,
+        max_norm: float = 0.0,
+    ) -> None:
         if not isinstance(optimizer, GaLoreAdamW):
             raise TypeError(f"layer-wise stepping needs a GaLoreAdamW-family optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
@@ -102,7 +109,7 @@ class LayerwiseStepper:
         self.peak_grad_bytes = 0  # since the last reset_peak(): measured from the hooks
 
     # ------------------------------------------------------------------------------- public
-    def attach(self) -> "LayerwiseStepper":
+    def attach(self) -> LayerwiseStepper:
         """Register the hooks (taking over from the optimizer's own single-worker hooks)."""
         self.optimizer.remove_hooks()
         self.optimizer.external_hooks = self.optimizer.layerwise

@@ -63,8 +63,7 @@ def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]
         g = spec.galore
         assert g is not None
         groups = galore_param_groups(model, g.targets, g.rank, spec.weight_decay, g.experts)
-        projected = [p for grp in groups if grp.get("galore") for p in grp["params"]
-                     if is_projectable(p, g.rank)]
+        projected = [p for grp in groups if grp.get("galore") for p in grp["params"] if is_projectable(p, g.rank)]
         projected_ids = {id(p) for p in projected}
         state, int8_bytes = 0, 0
         int8_moments = g.moments == "int8"
@@ -87,16 +86,18 @@ def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]
         projected_numel = sum(p.numel() for p in projected)
         if g.layerwise:
             grad_bytes = max(p.numel() * p.element_size() for p in params)
-    report.update({
-        "grad_bytes": grad_bytes,
-        "optimizer_state_bytes": state,
-        "int8_weight_bytes": int8_bytes,
-        "total_bytes": param_bytes + grad_bytes + state + int8_bytes,
-        "adamw_total_bytes": 2 * grad_bytes + adamw_state,
-        "state_ratio_vs_adamw": state / adamw_state if adamw_state else 0.0,
-        "projected_params": projected_count,
-        "projected_fraction": projected_numel / max(1, report["num_params"]),
-    })
+    report.update(
+        {
+            "grad_bytes": grad_bytes,
+            "optimizer_state_bytes": state,
+            "int8_weight_bytes": int8_bytes,
+            "total_bytes": param_bytes + grad_bytes + state + int8_bytes,
+            "adamw_total_bytes": 2 * grad_bytes + adamw_state,
+            "state_ratio_vs_adamw": state / adamw_state if adamw_state else 0.0,
+            "projected_params": projected_count,
+            "projected_fraction": projected_numel / max(1, report["num_params"]),
+        }
+    )
     report["total_ratio_vs_adamw"] = report["total_bytes"] / report["adamw_total_bytes"]
     return report
 
@@ -112,17 +113,21 @@ def measured_state_bytes(optimizer: Any) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    mib = 1024 ** 2
-    lines = [f"optimizer {report['kind']}: {report['num_params']:,} parameters, "
-             f"{report['projected_params']} projected ({report['projected_fraction']:.0%} of weights)",
-             f"  parameters      {report['param_bytes'] / mib:9.2f} MiB",
-             f"  gradients       {report['grad_bytes'] / mib:9.2f} MiB",
-             f"  optimizer state {report['optimizer_state_bytes'] / mib:9.2f} MiB "
-             f"({report['state_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_state_bytes'] / mib:.2f} MiB)"]
+    mib = 1024**2
+    lines = [
+        f"optimizer {report['kind']}: {report['num_params']:,} parameters, "
+        f"{report['projected_params']} projected ({report['projected_fraction']:.0%} of weights)",
+        f"  parameters      {report['param_bytes'] / mib:9.2f} MiB",
+        f"  gradients       {report['grad_bytes'] / mib:9.2f} MiB",
+        f"  optimizer state {report['optimizer_state_bytes'] / mib:9.2f} MiB "
+        f"({report['state_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_state_bytes'] / mib:.2f} MiB)",
+    ]
     if report["int8_weight_bytes"]:
         lines.append(f"  INT8 weights    {report['int8_weight_bytes'] / mib:9.2f} MiB")
-    lines.append(f"  total           {report['total_bytes'] / mib:9.2f} MiB "
-                 f"({report['total_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_total_bytes'] / mib:.2f} MiB)")
+    lines.append(
+        f"  total           {report['total_bytes'] / mib:9.2f} MiB "
+        f"({report['total_ratio_vs_adamw']:.1%} of AdamW's {report['adamw_total_bytes'] / mib:.2f} MiB)"
+    )
     return "\n".join(lines)
 
 

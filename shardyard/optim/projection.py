@@ -41,8 +41,14 @@ def exact_basis(matrix: torch.Tensor, rank: int, side: Side) -> torch.Tensor:
     return vh[..., :rank, :].transpose(-2, -1).contiguous()
 
 
-def randomized_basis(matrix: torch.Tensor, rank: int, side: Side, oversample: int = 8,
-                     power_iters: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+def randomized_basis(
+    matrix: torch.Tensor,
+    rank: int,
+    side: Side,
+    oversample: int = 8,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Randomized approximation of `exact_basis` (same shapes, orthonormal columns)."""
     a = matrix.float()
     if side == "right":  # right singular vectors of A are left singular vectors of A^T
@@ -59,8 +65,15 @@ def randomized_basis(matrix: torch.Tensor, rank: int, side: Side, oversample: in
     return (q @ ub[..., :, :rank]).contiguous()
 
 
-def compute_basis(grad: torch.Tensor, rank: int, side: Side, method: str, oversample: int,
-                  power_iters: int, generator: torch.Generator | None) -> torch.Tensor:
+def compute_basis(
+    grad: torch.Tensor,
+    rank: int,
+    side: Side,
+    method: str,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     if method == "svd":
         return exact_basis(grad, rank, side)
     if method == "randomized":

@@ -29,26 +29,44 @@ every data-parallel rank and on a resumed run, with no RNG state to save.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from shardyard.optim.galore import GaLoreAdamW
 from shardyard.optim.int8_weights import int8_weight_of
 from shardyard.optim.projection import choose_side, sketch_generator, subspace_overlap
-from shardyard.optim.quant import (INT8_MAX, dequantize_int4, dequantize_int8, group_scales,
-                                   quantize_int4, quantize_int8_with_scales)
+from shardyard.optim.quant import (
+    INT8_MAX,
+    dequantize_int4,
+    dequantize_int8,
+    group_scales,
+    quantize_int4,
+    quantize_int8_with_scales,
+)
 
 CHUNK_GROUPS = 8192  # INT8 groups re-quantised at once (1 Mi weights at the default group size)
 
 
 class QGaLoreAdamW(GaLoreAdamW):
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, proj_group_size: int = 64,
-                 weight_group_size: int = 128, stochastic_rounding: bool = True,
-                 sim_threshold: float = 0.4, sim_streak: int = 5, gap_growth: float = 2.0,
-                 max_update_gap: int = 2000, **galore: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        proj_group_size: int = 64,
+        weight_group_size: int = 128,
+        stochastic_rounding: bool = True,
+        sim_threshold: float = 0.4,
+        sim_streak: int = 5,
+        gap_growth: float = 2.0,
+        max_update_gap: int = 2000,
+        **galore: Any,
+    ) -> None:
         if proj_group_size % 2:
             raise ValueError(f"proj_group_size must be even (two INT4 codes per byte), got {proj_group_size}")
         self.proj_group_size = proj_group_size
@@ -81,12 +99,12 @@ class QGaLoreAdamW(GaLoreAdamW):
         state["next_refresh"] = state["step"] + gap
 
     def _basis(self, state: dict) -> torch.Tensor:
-        return dequantize_int4(state["basis_q"], state["basis_scales"], tuple(state["basis_shape"]),
-                               self.proj_group_size)
+        return dequantize_int4(
+            state["basis_q"], state["basis_scales"], tuple(state["basis_shape"]), self.proj_group_size
+        )
 
     # ---------------------------------------------------------------------------- INT8 weights
-    def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict,
-               projected: bool) -> None:
+    def _apply(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict, projected: bool) -> None:
         if not projected:
             super()._apply(p, update, group, state, projected)
             return
@@ -105,8 +123,9 @@ class QGaLoreAdamW(GaLoreAdamW):
         self._step_codes(p, update, group, state, state["qweight"], state["qscales"])
         p.copy_(dequantize_int8(state["qweight"], state["qscales"], gs, p.dtype))
 
-    def _step_codes(self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict,
-                    codes: torch.Tensor, scales: torch.Tensor) -> None:
+    def _step_codes(
+        self, p: torch.Tensor, update: torch.Tensor, group: dict, state: dict, codes: torch.Tensor, scales: torch.Tensor
+    ) -> None:
         """codes, scales <- quantise(dequantise(codes) * (1 - lr wd) - lr update), in place, chunk by
         chunk of CHUNK_GROUPS groups (no full fp32 copy of the weight beyond the update itself)."""
         gs = self.weight_group_size

@@ -45,8 +45,9 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.floor(x + noise)
 
 
-def quantize_int8_with_scales(x: torch.Tensor, scales: torch.Tensor, group_size: int,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+def quantize_int8_with_scales(
+    x: torch.Tensor, scales: torch.Tensor, group_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """x -> int8 codes with x's shape on the given group scales; stochastic rounding when a
     generator is given, round to nearest otherwise. Values beyond +-127 steps are clamped."""
     groups, n = _grouped(x, group_size)
@@ -55,8 +56,9 @@ def quantize_int8_with_scales(x: torch.Tensor, scales: torch.Tensor, group_size:
     return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(-1)[:n].view(x.shape)
 
 
-def quantize_int8(x: torch.Tensor, group_size: int, stochastic: bool,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    x: torch.Tensor, group_size: int, stochastic: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (int8 codes with x's shape, fp32 scales [groups]), scales from each group's absmax."""
     scales = group_scales(x, group_size, INT8_MAX)
     if stochastic and generator is None:
@@ -65,8 +67,9 @@ def quantize_int8(x: torch.Tensor, group_size: int, stochastic: bool,
     return quantize_int8_with_scales(x, scales, group_size, generator if stochastic else None), scales
 
 
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int8(
+    q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     groups, n = _grouped(q, group_size)
     return (groups * scales[:, None]).reshape(-1)[:n].view(q.shape).to(dtype)
 
@@ -86,8 +89,13 @@ def quantize_int4(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return (q[0::2] | (q[1::2] << 4)).contiguous(), scales
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, shape: torch.Size | tuple[int, ...],
-                    group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     low = (packed & 0x0F).to(torch.int16) - 8
     high = (packed >> 4).to(torch.int16) - 8
     q = torch.stack((low, high), dim=1).reshape(-1).float()
@@ -109,7 +117,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     """
     values: list[float] = [0.0, 1.0]
     for i in range(7):
-        items = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        items = 2**i + 1 if signed else 2 ** (i + 1) + 1
         edges = torch.linspace(0.1, 1.0, items, dtype=torch.float64)
         means = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)).tolist()
         values += means
@@ -133,8 +141,7 @@ def _nearest_code_lut(signed: bool) -> torch.Tensor:
     return torch.where((edges - table[lo]) <= (table[hi] - edges), lo, hi).to(torch.int64)
 
 
-def quantize_moment(x: torch.Tensor, signed: bool, block: int = MOMENT_BLOCK
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_moment(x: torch.Tensor, signed: bool, block: int = MOMENT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (uint8 indices into dynamic_map(signed), with x's shape; fp32 absmax per block).
 
     Nearest map value of each block-normalised element, found with a bit-pattern lookup plus a
@@ -155,8 +162,7 @@ def quantize_moment(x: torch.Tensor, signed: bool, block: int = MOMENT_BLOCK
     return best.to(torch.uint8)[:n].view(x.shape), absmax
 
 
-def dequantize_moment(idx: torch.Tensor, absmax: torch.Tensor, signed: bool,
-                      block: int = MOMENT_BLOCK) -> torch.Tensor:
+def dequantize_moment(idx: torch.Tensor, absmax: torch.Tensor, signed: bool, block: int = MOMENT_BLOCK) -> torch.Tensor:
     table = dynamic_map(signed).to(idx.device)
     values = table[idx.reshape(-1).long()]
     n = values.numel()

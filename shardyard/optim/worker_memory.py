@@ -11,8 +11,8 @@ Parts, per worker, from the spec and the model's parameter shapes (built on the 
   T = batch_size x tokens tokens and width w, about 6 T w (attention: norm input, q k v, output;
   flash attention keeps no T x T matrix; rotary q, k; residuals: 10 T w in all) plus the
   feed-forward (3 T w + 4 T h for SwiGLU, 3 T h for GELU; MoE: top_k copies of the token rows and
-  their expert hidden, plus T x E router scores and probabilities); T x 256 x 3 fp32 logits. Activation checkpointing keeps one T w input per block
-  plus one block's full set. Elements are 4 bytes (2 under bf16 autocast). Byte models sum their
+  their expert hidden, plus T x E router scores and probabilities); T x 256 x 3 fp32 logits. Activation checkpointing keeps one
+  T w input per block plus one block's full set. Elements are 4 bytes (2 under bf16 autocast). Byte models sum their
   stages, stage i seeing batch x seq_len / (product of the later stages' patch sizes) positions.
   A test compares the estimate with the bytes autograd actually saves.
 - a fixed `PROCESS_BYTES` for the Python, torch and Ray worker process itself.
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from torch import nn
 
@@ -51,8 +51,13 @@ class MemoryPrediction:
         return self.params + self.grads + self.optimizer + self.activations + self.process
 
     def parts(self) -> dict[str, int]:
-        return {"parameters": self.params, "gradients": self.grads, "optimizer state": self.optimizer,
-                "activations": self.activations, "process": self.process}
+        return {
+            "parameters": self.params,
+            "gradients": self.grads,
+            "optimizer state": self.optimizer,
+            "activations": self.activations,
+            "process": self.process,
+        }
 
     def render(self) -> str:
         items = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts().items())
@@ -66,11 +71,14 @@ def _block_activation_elements(tokens: int, width: int, hidden: int, ffn_kind: s
         return attention + 3 * tokens * width + tokens * per_row_ffn
     rows = tokens * moe.top_k
     shared = tokens * per_row_ffn if moe.shared_expert else 0
-    return attention + 4 * tokens * moe.num_experts + 2 * rows * width + rows * per_row_ffn + 3 * tokens * width + shared
+    return (
+        attention + 4 * tokens * moe.num_experts + 2 * rows * width + rows * per_row_ffn + 3 * tokens * width + shared
+    )
 
 
-def _stack_activation_elements(tokens: int, width: int, hidden: int, depth: int, ffn_kind: str, moe, moe_every: int,
-                               checkpointed_every: int) -> int:
+def _stack_activation_elements(
+    tokens: int, width: int, hidden: int, depth: int, ffn_kind: str, moe, moe_every: int, checkpointed_every: int
+) -> int:
     """Elements one stack of `depth` blocks keeps; every `checkpointed_every`-th block checkpointed (0 = none)."""
     total = 0
     largest = 0
@@ -95,19 +103,28 @@ def activation_bytes(spec: JobSpec) -> int:
         elements = 0
         for i, stage in enumerate(m.stages):
             later = 1
-            for inner in m.stages[i + 1:]:
+            for inner in m.stages[i + 1 :]:
                 later *= inner.patch_size
             tokens = batch * -(-seq_len // later)
             every = 1 if stage.checkpoint_chunks else 0
-            elements += _stack_activation_elements(tokens, stage.width, stage.hidden, stage.depth, "swiglu",
-                                                   stage.moe, stage.moe.every if stage.moe else 1, every)
+            elements += _stack_activation_elements(
+                tokens,
+                stage.width,
+                stage.hidden,
+                stage.depth,
+                "swiglu",
+                stage.moe,
+                stage.moe.every if stage.moe else 1,
+                every,
+            )
         return elements * element + logits
     mode = spec.training.activation_checkpointing
     every = {"none": 0, "full": 1, "every_n": spec.training.activation_checkpointing_every}[mode]
     moe = m.moe if m.kind == "moe" else None
     tokens = batch * seq_len
-    elements = _stack_activation_elements(tokens, m.width, m.ffn_hidden, m.depth, m.ffn.kind, moe,
-                                          moe.every if moe else 1, every)
+    elements = _stack_activation_elements(
+        tokens, m.width, m.ffn_hidden, m.depth, m.ffn.kind, moe, moe.every if moe else 1, every
+    )
     return elements * element + logits
 
 
@@ -145,41 +162,57 @@ def _driving_field(spec: JobSpec, prediction: MemoryPrediction) -> str:
     m, t = spec.model, spec.training
     state = prediction.params + prediction.grads + prediction.optimizer
     if prediction.process > state + prediction.activations:
-        return (f"a worker process itself (Python, torch, Ray) needs about {prediction.process / GIB:.1f} GiB: raise "
-                "resources.memory_per_worker")
+        return (
+            f"a worker process itself (Python, torch, Ray) needs about {prediction.process / GIB:.1f} GiB: raise "
+            "resources.memory_per_worker"
+        )
     if prediction.activations > state:
-        return (f"activations are the largest part, driven by training.batch_size ({t.batch_size}) x data.seq_len "
-                f"({spec.data.seq_len}): lower training.batch_size (training.grad_accum keeps the tokens per step)"
-                + ("" if m.stages else " or set training.activation_checkpointing: full"))
+        return (
+            f"activations are the largest part, driven by training.batch_size ({t.batch_size}) x data.seq_len "
+            f"({spec.data.seq_len}): lower training.batch_size (training.grad_accum keeps the tokens per step)"
+            + ("" if m.stages else " or set training.activation_checkpointing: full")
+        )
     head = f"parameters, gradients and optimizer state ({state / GIB:.2f} GiB) are the largest part"
-    advice = ("; shard them over the workers with parallel.shard: full" if not spec.parallel.zero else "")
+    advice = "; shard them over the workers with parallel.shard: full" if not spec.parallel.zero else ""
     if prediction.expert_fraction > 0.5:
         moe = m.moe or next((s.moe for s in m.stages or [] if s.moe), None)
         field = "model.moe.num_experts" if m.moe else "model.stages[*].moe.num_experts"
-        return (f"{head}, mostly expert weights, driven by {field} ({moe.num_experts if moe else '?'}): use fewer "
-                "experts or shard them with parallel.expert_parallel")
+        return (
+            f"{head}, mostly expert weights, driven by {field} ({moe.num_experts if moe else '?'}): use fewer "
+            "experts or shard them with parallel.expert_parallel"
+        )
     if m.stages:
         sizes = [s.width * s.width * s.depth for s in m.stages]
         i = sizes.index(max(sizes))
-        return (f"{head}, driven by model.stages[{i}].width ({m.stages[i].width}) and depth ({m.stages[i].depth})"
-                + advice)
-    return (f"{head}, driven by model.width ({m.width}) and model.depth ({m.depth})"
-            + (f" (preset {m.preset})" if m.preset else "") + advice)
+        return (
+            f"{head}, driven by model.stages[{i}].width ({m.stages[i].width}) and depth ({m.stages[i].depth})" + advice
+        )
+    return (
+        f"{head}, driven by model.width ({m.width}) and model.depth ({m.depth})"
+        + (f" (preset {m.preset})" if m.preset else "")
+        + advice
+    )
 
 
-def check_worker_memory(spec: JobSpec, model: nn.Module, source: str = "<spec>",
-                        available: int | None = None) -> MemoryPrediction:
+def check_worker_memory(
+    spec: JobSpec, model: nn.Module, source: str = "<spec>", available: int | None = None
+) -> MemoryPrediction:
     """The prediction, or SpecError when it exceeds what a worker is given."""
     prediction = predict_worker_memory(spec, model)
     given = spec.resources.memory_per_worker_bytes
     if available is None:
         available = given if given is not None else node_memory_bytes()
     if prediction.total > available:
-        limit = (f"resources.memory_per_worker ({spec.resources.memory_per_worker})" if given is not None
-                 else f"this machine's RAM ({available / GIB:.1f} GiB; set resources.memory_per_worker for the "
-                      "cluster's workers)")
-        raise SpecError(f"{source}: predicted memory per worker {prediction.render()} exceeds {limit}; "
-                        f"{_driving_field(spec, prediction)}")
+        limit = (
+            f"resources.memory_per_worker ({spec.resources.memory_per_worker})"
+            if given is not None
+            else f"this machine's RAM ({available / GIB:.1f} GiB; set resources.memory_per_worker for the "
+            "cluster's workers)"
+        )
+        raise SpecError(
+            f"{source}: predicted memory per worker {prediction.render()} exceeds {limit}; "
+            f"{_driving_field(spec, prediction)}"
+        )
     return prediction
 
 
@@ -233,8 +266,10 @@ def build_meta_model(spec: JobSpec, source: str = "<spec>") -> nn.Module:
         return model
     except (OverflowError, RuntimeError, TypeError, ValueError, MemoryError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SpecError(f"{source}: model: cannot be built at these sizes (model.width {m.width}, ffn hidden "
-                        f"{m.ffn_hidden}, data.seq_len {spec.data.seq_len}): {first}") from None
+        raise SpecError(
+            f"{source}: model: cannot be built at these sizes (model.width {m.width}, ffn hidden "
+            f"{m.ffn_hidden}, data.seq_len {spec.data.seq_len}): {first}"
+        ) from None
 
 
 def check_spec_memory(spec: JobSpec, source: str = "<spec>") -> MemoryPrediction:

@@ -29,10 +29,10 @@ def spec_summary(spec: JobSpec, source: str) -> str:
     from shardyard.data.sources import resolve_units
     from shardyard.data.tokenize import vocab_size_for
     from shardyard.models import count_parameters
+    from shardyard.models.flops import training_flops_per_token
     from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.optim.worker_memory import build_meta_model
     from shardyard.runtime.entry import run_directory
-    from shardyard.models.flops import training_flops_per_token
 
     model = build_meta_model(spec, source)
     total, active = count_parameters(model)
@@ -48,27 +48,37 @@ def spec_summary(spec: JobSpec, source: str) -> str:
         lines.append(f"model      {m.kind}: {len(m.stages)} stages, context {m.context} bytes (global first)")
         for i, st in enumerate(m.stages):
             moe = f", MoE {st.moe.num_experts} experts top-{st.moe.top_k}" if st.moe else ""
-            lines.append(f"  stage {i}  width {st.width}, depth {st.depth}, heads {st.heads}, patch {st.patch_size}, "
-                         f"ffn {st.hidden}{moe}, checkpoint chunks {st.checkpoint_chunks}")
+            lines.append(
+                f"  stage {i}  width {st.width}, depth {st.depth}, heads {st.heads}, patch {st.patch_size}, "
+                f"ffn {st.hidden}{moe}, checkpoint chunks {st.checkpoint_chunks}"
+            )
     else:
-        lines.append(f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}")
+        lines.append(
+            f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}"
+        )
     if m.moe is not None:
         cap = "dropless" if m.moe.capacity_factor is None else f"capacity factor {m.moe.capacity_factor}"
-        lines.append(f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
-                     f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}")
+        lines.append(
+            f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
+            f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}"
+        )
     lines += [
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
         f"compute    {_fmt_count(flops)}FLOP per token (forward + backward, counted on the meta device), "
         f"{_fmt_count(flops * spec.tokens_per_step())}FLOP per step: the MFU numerator",
         f"data       {', '.join(s.path for s in spec.data.sources) if spec.data.sources else ', '.join(spec.data.paths)}: "
-        f"{len(files)} files, {_fmt_count(corpus_bytes)}B; sequences of {spec.data.seq_len} tokens, tokenizer {spec.data.tokenizer}",
+        f"{len(files)} files, {_fmt_count(corpus_bytes)}B; sequences of {spec.data.seq_len} tokens, tokenizer "
+        f"{spec.data.tokenizer}",
         f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
-        f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes total; {t.precision}",
+        f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes "
+        f"total; {t.precision}",
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
         f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
-        f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, zero {spec.parallel.zero}",
-        f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
+        f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
+        f"zero {spec.parallel.zero}",
+        f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep "
+        f"{spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
         "memory per worker (training state, before activations):",
         "  " + format_report(optimizer_memory_report(spec.optim, model)).replace("\n", "\n  "),
@@ -101,11 +111,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
     from shardyard.cluster.secret_env import runtime_env_vars
-    from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
-    from shardyard.tracking.live import LiveStatus
-    from shardyard.runtime.preemption import checkpoint_warning
-
     from shardyard.optim.worker_memory import check_spec_memory
+    from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
+    from shardyard.runtime.preemption import checkpoint_warning
+    from shardyard.tracking.live import LiveStatus
 
     spec = load_spec(args.spec, args.set)
     print(spec_summary(spec, args.spec), flush=True)
@@ -127,16 +136,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         cluster = existing_cluster(args.address, worker_env)
     else:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
-        cluster = local_cluster(cpus_needed(spec), math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
-                                secret_env=worker_env)
+        cluster = local_cluster(
+            cpus_needed(spec),
+            math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+            secret_env=worker_env,
+        )
     with cluster:
         live = LiveStatus(spec.training.steps, start)
         try:
             result = run_training(spec, run_dir, live)
         finally:
             live.close()
-    again = " ".join(["shardyard run", args.spec, *(f"--set {o}" for o in args.set),
-                      *([f"--address {args.address}"] if args.address else [])])
+    again = " ".join(
+        [
+            "shardyard run",
+            args.spec,
+            *(f"--set {o}" for o in args.set),
+            *([f"--address {args.address}"] if args.address else []),
+        ]
+    )
     print(result.summary(spec, resume_hint=again))
     _write_run_report(run_dir)
     return result.exit_code
@@ -158,8 +176,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     if not spec.data.prepared:
-        print("data.paths with data.tokenizer: bytes trains from the per-node byte cache: nothing to prepare "
-              "(set data.sources, data.tokenizer or data.prepared_dir to use prepared shards)")
+        print(
+            "data.paths with data.tokenizer: bytes trains from the per-node byte cache: nothing to prepare "
+            "(set data.sources, data.tokenizer or data.prepared_dir to use prepared shards)"
+        )
         return 0
     if args.local:
         report = prepare(spec.data, parallel="local", show_progress=True)
@@ -171,16 +191,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"already prepared: {report.directory} (fingerprint unchanged)")
     else:
         nodes = ", ".join(f"{n[:12]}: {c}" for n, c in sorted(report.units_per_node.items()))
-        print(f"prepared {report.directory}: {report.input_bytes / 1e6:.1f} MB -> {report.tokens:,} tokens in "
-              f"{report.seconds:.1f} s ({report.mb_per_s:.2f} MB/s); files per node {nodes}")
+        print(
+            f"prepared {report.directory}: {report.input_bytes / 1e6:.1f} MB -> {report.tokens:,} tokens in "
+            f"{report.seconds:.1f} s ({report.mb_per_s:.2f} MB/s); files per node {nodes}"
+        )
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
-    from shardyard.runtime.entry import run_directory
-
     from shardyard.optim.worker_memory import check_spec_memory
+    from shardyard.runtime.entry import run_directory
 
     spec = load_spec(args.spec, args.set)
     check_spec_memory(spec, args.spec)
@@ -230,8 +251,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
 
     stopped = jobs.stop(args.job_id, args.address)
-    print("stop requested (the job checkpoints and exits at its next step boundary)" if stopped
-          else "job already finished")
+    print(
+        "stop requested (the job checkpoints and exits at its next step boundary)"
+        if stopped
+        else "job already finished"
+    )
     return 0
 
 
@@ -294,8 +318,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     sys.stdout.buffer.write(prompt + out + b"\n")
     sys.stdout.flush()
-    print(f"[{len(out)} bytes in {elapsed:.2f} s ({len(out) / max(elapsed, 1e-9):.0f} bytes/s) from {spec.name}, "
-          f"{'with' if not args.no_cache else 'without'} cache]", file=sys.stderr)
+    print(
+        f"[{len(out)} bytes in {elapsed:.2f} s ({len(out) / max(elapsed, 1e-9):.0f} bytes/s) from {spec.name}, "
+        f"{'with' if not args.no_cache else 'without'} cache]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -313,8 +340,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     spec, result = evaluate_run(Path(args.run_dir), args.data or None, args.step, args.set)
     where = ", ".join(args.data) if args.data else f"the held-out split of {', '.join(spec.data.paths)}"
-    print(f"{result}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
-          f"{time.perf_counter() - start:.1f} s]")
+    print(
+        f"{result}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
+        f"{time.perf_counter() - start:.1f} s]"
+    )
     return 0
 
 
@@ -348,11 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_spec(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", help="job spec YAML file")
-        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override a field, e.g. --set training.steps=50 (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override a field, e.g. --set training.steps=50 (repeatable)",
+        )
 
     def with_address(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--address", default=None, help=f"Ray Jobs address (default ${envvars.ADDRESS}, $RAY_ADDRESS or http://127.0.0.1:8265)")
+        p.add_argument(
+            "--address",
+            default=None,
+            help=f"Ray Jobs address (default ${envvars.ADDRESS}, $RAY_ADDRESS or http://127.0.0.1:8265)",
+        )
 
     p = sub.add_parser("validate", help="check a job spec and print its summary (no cluster needed)")
     with_spec(p)
@@ -360,28 +398,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train a job on an embedded local Ray cluster")
     with_spec(p)
-    p.add_argument("--address", default=None,
-                   help="use a running Ray cluster (`auto` on one of its nodes, or GCS host:port) instead of an embedded one")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="use a running Ray cluster (`auto` on one of its nodes, or GCS host:port) instead of an embedded one",
+    )
     p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("prepare", help="tokenize and pack the spec's data into token shards (Ray Data over the cluster's CPUs)")
+    p = sub.add_parser(
+        "prepare", help="tokenize and pack the spec's data into token shards (Ray Data over the cluster's CPUs)"
+    )
     with_spec(p)
-    p.add_argument("--address", default=None, help="use a running Ray cluster (`auto`, or GCS host:port) instead of an embedded one")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="use a running Ray cluster (`auto`, or GCS host:port) instead of an embedded one",
+    )
     p.add_argument("--local", action="store_true", help="one process, no Ray")
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("submit", help="send a job to a Ray cluster through Ray Jobs; prints the job id")
     with_spec(p)
     with_address(p)
-    p.add_argument("--run-dir", default=None, help="run directory on the cluster (default: <checkpoint.dir>/<name>, resolved here)")
+    p.add_argument(
+        "--run-dir", default=None, help="run directory on the cluster (default: <checkpoint.dir>/<name>, resolved here)"
+    )
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for the job to finish")
     p.add_argument("--fault-step", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_submit)
 
-    for name, fn, text in (("status", cmd_status, "state of a submitted job"),
-                           ("stop", cmd_stop, "stop a run (its directory or name) or a submitted job (its id) "
-                                                "with a checkpoint")):
+    for name, fn, text in (
+        ("status", cmd_status, "state of a submitted job"),
+        ("stop", cmd_stop, "stop a run (its directory or name) or a submitted job (its id) with a checkpoint"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id")
         with_address(p)
@@ -421,23 +471,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole model per byte (slow; for comparison)")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)")
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)"
+    )
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("export", help="consolidate a checkpoint of any layout into one safetensors file plus its spec")
     p.add_argument("run_or_checkpoint", help="a run directory (newest complete checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, spec.yaml)")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)")
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)"
+    )
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("eval", help="bits per byte (+- standard error) of a trained run on held-out text")
     p.add_argument("run_dir", help="a run directory")
-    p.add_argument("--data", action="append", default=[], metavar="PATH",
-                   help="file, directory or glob to evaluate on, repeatable (default: the run's held-out split)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file, directory or glob to evaluate on, repeatable (default: the run's held-out split)",
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of the run's spec, e.g. --set training.eval_bytes=1000000 or "
-                        "--set data.extensions=[.txt] (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the run's spec, e.g. --set training.eval_bytes=1000000 or "
+        "--set data.extensions=[.txt] (repeatable)",
+    )
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("plan", help="predict all-to-all time per step (flat / hierarchical / leader) at a cluster size")

@@ -26,13 +26,17 @@ class Section(BaseModel):
 class FFNSpec(Section):
     """Feed-forward sub-layer of dense blocks (and the expert shape of MoE blocks)."""
 
-    kind: Literal["swiglu", "gelu", "lowrank"] = Field("swiglu", description="swiglu | gelu | lowrank (U V factorised SwiGLU)")
+    kind: Literal["swiglu", "gelu", "lowrank"] = Field(
+        "swiglu", description="swiglu | gelu | lowrank (U V factorised SwiGLU)"
+    )
     hidden: PositiveInt | None = Field(None, description="hidden width; default: from the preset, or 3 x width")
     rank: PositiveInt | None = Field(None, description="lowrank only: rank of each factorised projection")
-    self_guided: NonNegFloat = Field(0.0, le=1.0, description="lowrank only: fraction of training over which a dense guide is blended out (0 = off)")
+    self_guided: NonNegFloat = Field(
+        0.0, le=1.0, description="lowrank only: fraction of training over which a dense guide is blended out (0 = off)"
+    )
 
     @model_validator(mode="after")
-    def _lowrank_needs_rank(self) -> "FFNSpec":
+    def _lowrank_needs_rank(self) -> FFNSpec:
         if self.kind == "lowrank" and self.rank is None:
             raise ValueError("ffn.kind 'lowrank' needs ffn.rank")
         if self.kind != "lowrank" and self.rank is not None:
@@ -40,26 +44,44 @@ class FFNSpec(Section):
         if self.kind != "lowrank" and self.self_guided > 0:
             raise ValueError(f"ffn.self_guided only applies to ffn.kind 'lowrank', not {self.kind!r}")
         if self.kind == "lowrank" and self.hidden is not None and self.rank is not None and self.rank >= self.hidden:
-            raise ValueError(f"ffn.rank ({self.rank}) must be below ffn.hidden ({self.hidden}); a full-rank factorisation saves nothing")
+            raise ValueError(
+                f"ffn.rank ({self.rank}) must be below ffn.hidden ({self.hidden}); a full-rank factorisation "
+                f"saves nothing"
+            )
         return self
 
 
 class MoESpec(Section):
     num_experts: PositiveInt = Field(8, description="experts per MoE layer")
     top_k: PositiveInt = Field(2, description="experts per token")
-    router: Literal["softmax_topk", "switch", "aux_free", "expert_choice"] = Field("softmax_topk", description="softmax_topk (renormalised top-k) | switch (top-1, raw probability) | aux_free (top-k with a selection-only per-expert bias moved toward balance; DeepSeek-V3) | expert_choice (each expert takes its top capacity_factor*T*k/E tokens; non-causal)")
+    router: Literal["softmax_topk", "switch", "aux_free", "expert_choice"] = Field(
+        "softmax_topk",
+        description="softmax_topk (renormalised top-k) | switch (top-1, raw probability) | aux_free (top-k with a "
+        "selection-only per-expert bias moved toward balance; DeepSeek-V3) | expert_choice (each expert "
+        "takes its top capacity_factor*T*k/E tokens; non-causal)",
+    )
     aux_loss: NonNegFloat = Field(0.01, description="weight of the load-balancing loss")
     z_loss: NonNegFloat = Field(0.001, description="weight of the router z-loss")
-    capacity_factor: PositiveFloat | None = Field(None, description="null = dropless; else each expert keeps ceil(cf * tokens * k / E) assignments (expert_choice: each expert takes exactly that many tokens, null = 1.0)")
-    backend: Literal["auto", "loop", "torch", "triton", "megablocks"] = Field("auto", description="grouped GEMM backend for the experts")
+    capacity_factor: PositiveFloat | None = Field(
+        None,
+        description="null = dropless; else each expert keeps ceil(cf * tokens * k / E) assignments (expert_choice: "
+        "each expert takes exactly that many tokens, null = 1.0)",
+    )
+    backend: Literal["auto", "loop", "torch", "triton", "megablocks"] = Field(
+        "auto", description="grouped GEMM backend for the experts"
+    )
     jitter: NonNegFloat = Field(0.0, lt=1.0, description="multiplicative router input noise during training")
     every: PositiveInt = Field(1, description="every n-th block is MoE (1 = all)")
     expert_kind: Literal["swiglu", "gelu"] = Field("swiglu", description="expert MLP shape")
-    shared_expert: bool = Field(False, description="add one always-on dense expert (same hidden size) to every MoE layer")
-    bias_update_rate: NonNegFloat = Field(1e-3, description="aux_free router: per-step bias change toward balance (bias += rate * sign(mean load - load))")
+    shared_expert: bool = Field(
+        False, description="add one always-on dense expert (same hidden size) to every MoE layer"
+    )
+    bias_update_rate: NonNegFloat = Field(
+        1e-3, description="aux_free router: per-step bias change toward balance (bias += rate * sign(mean load - load))"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "MoESpec":
+    def _check(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
         if self.router == "switch" and self.top_k != 1:
@@ -80,19 +102,36 @@ class StageSpec(Section):
     width: PositiveInt = Field(..., description="this stage's residual width")
     depth: PositiveInt = Field(..., description="transformer blocks in this stage")
     heads: PositiveInt = Field(..., description="attention heads (must divide width; width/heads even)")
-    patch_size: PositiveInt = Field(..., description="positions this stage sees per unit of the stage above; for the first (global) stage: patches per context. Context = product over stages")
-    ffn_hidden: PositiveInt | None = Field(None, description="feed-forward hidden width (default 3 x width); also each expert's hidden width when moe is set")
-    checkpoint_chunks: NonNegInt = Field(0, description="0 = no activation checkpointing; n >= 1 = run this stage under torch.utils.checkpoint in n chunks of its batch of patches")
-    moe: MoESpec | None = Field(None, description="make this stage's feed-forward layers MoE (every moe.every-th block)")
+    patch_size: PositiveInt = Field(
+        ...,
+        description="positions this stage sees per unit of the stage above; for the first (global) stage: patches "
+        "per context. Context = product over stages",
+    )
+    ffn_hidden: PositiveInt | None = Field(
+        None,
+        description="feed-forward hidden width (default 3 x width); also each expert's hidden width when moe is set",
+    )
+    checkpoint_chunks: NonNegInt = Field(
+        0,
+        description="0 = no activation checkpointing; n >= 1 = run this stage under torch.utils.checkpoint in n "
+        "chunks of its batch of patches",
+    )
+    moe: MoESpec | None = Field(
+        None, description="make this stage's feed-forward layers MoE (every moe.every-th block)"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "StageSpec":
+    def _check(self) -> StageSpec:
         if self.width % self.heads:
             raise ValueError(f"stage heads ({self.heads}) must divide stage width ({self.width})")
         if (self.width // self.heads) % 2:
-            raise ValueError(f"stage head size width/heads = {self.width // self.heads} must be even for rotary positions")
+            raise ValueError(
+                f"stage head size width/heads = {self.width // self.heads} must be even for rotary positions"
+            )
         if self.moe is not None and self.moe.every > self.depth:
-            raise ValueError(f"stage moe.every ({self.moe.every}) exceeds stage depth ({self.depth}): no block would be MoE")
+            raise ValueError(
+                f"stage moe.every ({self.moe.every}) exceeds stage depth ({self.depth}): no block would be MoE"
+            )
         return self
 
     @property
@@ -101,14 +140,23 @@ class StageSpec(Section):
 
 
 class ModelSpec(Section):
-    kind: Literal["dense", "moe", "megabyte", "multiscale"] = Field("moe", description="model registry key: dense | moe | megabyte (2-stage byte model) | multiscale (N-stage byte model)")
-    preset: Literal["tiny", "small", "base"] | None = Field(None, description="size preset; fields given here override it")
+    kind: Literal["dense", "moe", "megabyte", "multiscale"] = Field(
+        "moe",
+        description="model registry key: dense | moe | megabyte (2-stage byte model) | multiscale (N-stage byte model)",
+    )
+    preset: Literal["tiny", "small", "base"] | None = Field(
+        None, description="size preset; fields given here override it"
+    )
     width: PositiveInt = Field(128, description="residual stream width")
     depth: PositiveInt = Field(4, description="number of transformer blocks")
     heads: PositiveInt = Field(4, description="attention heads (must divide width)")
     ffn: FFNSpec = Field(default_factory=FFNSpec)
     moe: MoESpec | None = Field(None, description="MoE settings; required (defaults filled) when kind is moe")
-    stages: list[StageSpec] | None = Field(None, description="megabyte | multiscale only: the stages, global first, local (byte) last; top-level width/depth/heads/ffn.hidden are not used by these kinds")
+    stages: list[StageSpec] | None = Field(
+        None,
+        description="megabyte | multiscale only: the stages, global first, local (byte) last; top-level "
+        "width/depth/heads/ffn.hidden are not used by these kinds",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -124,7 +172,7 @@ class ModelSpec(Section):
         return merged
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.kind in ("megabyte", "multiscale"):
             self._check_byte_stages()
         elif self.stages is not None:
@@ -148,20 +196,32 @@ class ModelSpec(Section):
     def _check_byte_stages(self) -> None:
         kind, stages = self.kind, self.stages
         if not stages:
-            raise ValueError(f"model.kind {kind!r} needs model.stages: a list of {{width, depth, heads, patch_size}}, global stage first")
+            raise ValueError(
+                f"model.kind {kind!r} needs model.stages: a list of {{width, depth, heads, patch_size}}, global "
+                f"stage first"
+            )
         if kind == "megabyte" and len(stages) != 2:
-            raise ValueError(f"model.kind 'megabyte' has exactly 2 stages (global, local), got {len(stages)}; use kind 'multiscale' for more")
+            raise ValueError(
+                f"model.kind 'megabyte' has exactly 2 stages (global, local), got {len(stages)}; use kind "
+                f"'multiscale' for more"
+            )
         if len(stages) < 2:
             raise ValueError("model.kind 'multiscale' needs at least 2 stages")
         if self.preset is not None:
-            raise ValueError(f"model.preset sizes dense models; a {kind} model is sized by model.stages (remove preset)")
+            raise ValueError(
+                f"model.preset sizes dense models; a {kind} model is sized by model.stages (remove preset)"
+            )
         if self.moe is not None:
-            raise ValueError(f"model.moe does not apply to kind {kind!r}; set model.stages[i].moe on the stages that should be MoE")
+            raise ValueError(
+                f"model.moe does not apply to kind {kind!r}; set model.stages[i].moe on the stages that should be MoE"
+            )
         if self.ffn.hidden is not None:
             raise ValueError(f"model.ffn.hidden does not apply to kind {kind!r}; set model.stages[i].ffn_hidden")
         for i, stage in enumerate(stages[1:], start=1):
             if stage.patch_size < 2:
-                raise ValueError(f"model.stages[{i}].patch_size is {stage.patch_size}; inner stages need patch_size >= 2")
+                raise ValueError(
+                    f"model.stages[{i}].patch_size is {stage.patch_size}; inner stages need patch_size >= 2"
+                )
 
     @property
     def context(self) -> int | None:
@@ -181,41 +241,92 @@ class ModelSpec(Section):
             return None
         sizes = " x ".join(str(s.patch_size) for s in stages)
         least = -(-seq_len // (context // stages[0].patch_size))
-        return (f"data.seq_len: {seq_len} exceeds the {self.kind} model's context of {context} bytes (the product "
-                f"of model.stages[*].patch_size, {sizes}); raise model.stages[0].patch_size to at least {least}")
+        return (
+            f"data.seq_len: {seq_len} exceeds the {self.kind} model's context of {context} bytes (the product "
+            f"of model.stages[*].patch_size, {sizes}); raise model.stages[0].patch_size to at least {least}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
 class SourceSpec(Section):
     """One data source of data.sources."""
 
-    path: str = Field(..., min_length=1, description="file, directory, glob or s3:// URL; 'stdlib' = this Python's standard library sources")
-    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field("auto", description="auto (by suffix: .jsonl/.json -> jsonl, .parquet -> parquet, a directory with dataset_info.json -> hf, else text; in a directory: .jsonl/.ndjson/.parquet files and data.extensions) | text (whole files as bytes) | jsonl | parquet | hf (datasets.save_to_disk output)")
-    text_field: str = Field("text", min_length=1, description="jsonl / parquet / hf: the column holding the document text")
-    weight: PositiveFloat = Field(1.0, description="mixture weight: each training batch takes this share (normalised over sources) of its windows from this source")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="file, directory, glob or s3:// URL; 'stdlib' = this Python's standard library sources",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
+        "auto",
+        description="auto (by suffix: .jsonl/.json -> jsonl, .parquet -> parquet, a directory with dataset_info.json "
+        "-> hf, else text; in a directory: .jsonl/.ndjson/.parquet files and data.extensions) | text "
+        "(whole files as bytes) | jsonl | parquet | hf (datasets.save_to_disk output)",
+    )
+    text_field: str = Field(
+        "text", min_length=1, description="jsonl / parquet / hf: the column holding the document text"
+    )
+    weight: PositiveFloat = Field(
+        1.0,
+        description="mixture weight: each training batch takes this share (normalised over sources) of its windows "
+        "from this source",
+    )
 
 
 class DataSpec(Section):
-    paths: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1, description="files, directories or globs; 'stdlib' = this Python's standard library sources")
-    extensions: list[str] = Field(default_factory=lambda: [".py"], description="file suffixes kept when a path is a directory ('*' = all)")
+    paths: list[str] = Field(
+        default_factory=lambda: ["stdlib"],
+        min_length=1,
+        description="files, directories or globs; 'stdlib' = this Python's standard library sources",
+    )
+    extensions: list[str] = Field(
+        default_factory=lambda: [".py"], description="file suffixes kept when a path is a directory ('*' = all)"
+    )
     seq_len: PositiveInt = Field(256, description="bytes per training sequence")
-    val_fraction: float = Field(0.02, gt=0, lt=0.5, description="fraction of files (chosen deterministically by path hash) held out for validation")
+    val_fraction: float = Field(
+        0.02,
+        gt=0,
+        lt=0.5,
+        description="fraction of files (chosen deterministically by path hash) held out for validation",
+    )
     max_bytes: PositiveInt | None = Field(None, description="cap on corpus bytes read (first files in sorted order)")
-    cache_dir: str | None = Field(None, description="where the train/val byte streams are cached for memory-mapping (default ~/.cache/shardyard/corpus)")
-    sources: list[SourceSpec] | None = Field(None, description="instead of paths: sources with formats and mixture weights (JSONL / Parquet with a text_field, saved HF datasets, plain files); prepared into token shards (docs/data.md)")
-    tokenizer: str = Field("bytes", description="bytes | path to a HF tokenizers tokenizer.json | bpe:<vocab_size> (byte-level BPE trained once on the training split, stored with the prepared data)")
-    prepared_dir: str | None = Field(None, description="where `shardyard prepare` writes token shards + index + fingerprint (local, shared or s3://); default <cache_dir>/prepared. Used whenever sources, a non-byte tokenizer or this field is set")
-    shard_tokens: PositiveInt = Field(1 << 24, description="tokens per prepared shard file (the last shard of a split is shorter)")
+    cache_dir: str | None = Field(
+        None,
+        description="where the train/val byte streams are cached for memory-mapping (default "
+        "~/.cache/shardyard/corpus)",
+    )
+    sources: list[SourceSpec] | None = Field(
+        None,
+        description="instead of paths: sources with formats and mixture weights (JSONL / Parquet with a text_field, "
+        "saved HF datasets, plain files); prepared into token shards (docs/data.md)",
+    )
+    tokenizer: str = Field(
+        "bytes",
+        description="bytes | path to a HF tokenizers tokenizer.json | bpe:<vocab_size> (byte-level BPE trained once "
+        "on the training split, stored with the prepared data)",
+    )
+    prepared_dir: str | None = Field(
+        None,
+        description="where `shardyard prepare` writes token shards + index + fingerprint (local, shared or s3://); "
+        "default <cache_dir>/prepared. Used whenever sources, a non-byte tokenizer or this field is set",
+    )
+    shard_tokens: PositiveInt = Field(
+        1 << 24, description="tokens per prepared shard file (the last shard of a split is shorter)"
+    )
 
     @model_validator(mode="after")
-    def _check_tokenizer(self) -> "DataSpec":
+    def _check_tokenizer(self) -> DataSpec:
         tok = self.tokenizer
         if tok.startswith("bpe:"):
             size = tok[4:]
             if not size.isdigit() or not 256 < int(size) <= 1 << 31:
-                raise ValueError(f"data.tokenizer: {tok!r}: bpe:<vocab_size> needs an integer vocab_size above 256 (the byte alphabet)")
+                raise ValueError(
+                    f"data.tokenizer: {tok!r}: bpe:<vocab_size> needs an integer vocab_size above 256 (the byte "
+                    f"alphabet)"
+                )
         elif tok != "bytes" and not tok.endswith(".json"):
-            raise ValueError(f"data.tokenizer: {tok!r} is none of bytes | bpe:<vocab_size> | a path to a tokenizer.json")
+            raise ValueError(
+                f"data.tokenizer: {tok!r} is none of bytes | bpe:<vocab_size> | a path to a tokenizer.json"
+            )
         return self
 
     @property
@@ -234,50 +345,94 @@ class ScheduleSpec(Section):
 class QGaLoreSpec(Section):
     """Q-GaLore: INT4 projections, INT8 weights with stochastic rounding, similarity-adaptive update gap."""
 
-    proj_group_size: PositiveInt = Field(64, multiple_of=2, description="elements per INT4 scale group of a projection matrix (even: two codes per byte)")
+    proj_group_size: PositiveInt = Field(
+        64, multiple_of=2, description="elements per INT4 scale group of a projection matrix (even: two codes per byte)"
+    )
     weight_group_size: PositiveInt = Field(128, description="elements per INT8 scale group of a projected weight")
-    stochastic_rounding: bool = Field(True, description="round weight updates to INT8 stochastically (unbiased); false = round to nearest")
-    sim_threshold: float = Field(0.4, ge=0, le=1, description="subspace overlap ||P_old^T P_new||^2/r above which a refresh counts as 'similar'")
+    stochastic_rounding: bool = Field(
+        True, description="round weight updates to INT8 stochastically (unbiased); false = round to nearest"
+    )
+    sim_threshold: float = Field(
+        0.4, ge=0, le=1, description="subspace overlap ||P_old^T P_new||^2/r above which a refresh counts as 'similar'"
+    )
     sim_streak: PositiveInt = Field(5, description="consecutive similar refreshes before the update gap grows")
-    gap_growth: float = Field(2.0, ge=1, description="factor applied to a parameter's update gap after a similar streak")
+    gap_growth: float = Field(
+        2.0, ge=1, description="factor applied to a parameter's update gap after a similar streak"
+    )
     max_update_gap: PositiveInt = Field(2000, description="cap on the adapted update gap")
 
 
 class GaLoreSpec(Section):
     """Gradient low-rank projection (GaLore / GaLore 2) settings for galore_adamw and q_galore_adamw."""
 
-    rank: PositiveInt = Field(32, description="rank of the gradient projection (matrices with min(shape) <= rank stay dense)")
-    update_gap: PositiveInt = Field(200, description="steps between projection refreshes (Q-GaLore adapts it per parameter)")
+    rank: PositiveInt = Field(
+        32, description="rank of the gradient projection (matrices with min(shape) <= rank stay dense)"
+    )
+    update_gap: PositiveInt = Field(
+        200, description="steps between projection refreshes (Q-GaLore adapts it per parameter)"
+    )
     scale: PositiveFloat = Field(0.25, description="multiplier of the projected-back update (GaLore's alpha)")
-    projection: Literal["svd", "randomized"] = Field("svd", description="svd = exact SVD (GaLore); randomized = randomized range finder + small SVD (GaLore 2)")
+    projection: Literal["svd", "randomized"] = Field(
+        "svd", description="svd = exact SVD (GaLore); randomized = randomized range finder + small SVD (GaLore 2)"
+    )
     oversample: NonNegInt = Field(8, description="randomized only: extra sketch columns beyond rank")
     power_iters: NonNegInt = Field(2, description="randomized only: power (subspace) iterations")
-    targets: list[str] = Field(default_factory=lambda: ["attn", "ffn"], min_length=1, description="regexes searched in parameter names; matching >=2-D weights are projected (embeddings, norms, biases always dense)")
-    experts: Literal["per_expert", "dense"] = Field("per_expert", description="3-D stacked expert weights [E, K, N]: one projector per expert slice, or leave them dense")
-    layerwise: bool = Field(False, description="step each parameter as soon as its (data-parallel reduced) gradient is final and free it at once; grad_clip then clips each parameter's gradient on its own")
-    moments: Literal["fp32", "int8"] = Field("fp32", description="Adam moments: fp32, or int8 = block-wise 8-bit codes on a dynamic map with per-block absmax scales (8-bit Adam) for every moment of >= 256 elements")
-    broadcast_projection: bool = Field(False, description="data parallel: compute projections on rank 0 and broadcast (default: every rank computes the same deterministic projection from the DDP-averaged gradient)")
-    seed: NonNegInt = Field(0, description="seed of the randomized sketches and stochastic rounding (derived per parameter and step, identical on every rank)")
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn", "ffn"],
+        min_length=1,
+        description="regexes searched in parameter names; matching >=2-D weights are projected (embeddings, norms, "
+        "biases always dense)",
+    )
+    experts: Literal["per_expert", "dense"] = Field(
+        "per_expert",
+        description="3-D stacked expert weights [E, K, N]: one projector per expert slice, or leave them dense",
+    )
+    layerwise: bool = Field(
+        False,
+        description="step each parameter as soon as its (data-parallel reduced) gradient is final and free it at "
+        "once; grad_clip then clips each parameter's gradient on its own",
+    )
+    moments: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="Adam moments: fp32, or int8 = block-wise 8-bit codes on a dynamic map with per-block absmax "
+        "scales (8-bit Adam) for every moment of >= 256 elements",
+    )
+    broadcast_projection: bool = Field(
+        False,
+        description="data parallel: compute projections on rank 0 and broadcast (default: every rank computes the "
+        "same deterministic projection from the DDP-averaged gradient)",
+    )
+    seed: NonNegInt = Field(
+        0,
+        description="seed of the randomized sketches and stochastic rounding (derived per parameter and step, "
+        "identical on every rank)",
+    )
     quant: QGaLoreSpec | None = Field(None, description="q_galore_adamw settings (defaults filled for that kind)")
 
 
 class OptimSpec(Section):
-    kind: Literal["adamw", "galore_adamw", "q_galore_adamw"] = Field("adamw", description="optimizer: adamw | galore_adamw | q_galore_adamw")
+    kind: Literal["adamw", "galore_adamw", "q_galore_adamw"] = Field(
+        "adamw", description="optimizer: adamw | galore_adamw | q_galore_adamw"
+    )
     lr: PositiveFloat = Field(3e-3, description="peak learning rate")
     weight_decay: NonNegFloat = Field(0.1, description="decoupled weight decay (matrices only)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     grad_clip: NonNegFloat = Field(1.0, description="max global grad norm (0 = off)")
-    galore: GaLoreSpec | None = Field(None, description="low-rank projection settings; defaults filled when kind is galore_adamw or q_galore_adamw")
+    galore: GaLoreSpec | None = Field(
+        None, description="low-rank projection settings; defaults filled when kind is galore_adamw or q_galore_adamw"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "OptimSpec":
+    def _check(self) -> OptimSpec:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
         if self.kind == "adamw":
             if self.galore is not None:
-                raise ValueError("optim.galore is set but optim.kind is 'adamw'; use kind: galore_adamw or q_galore_adamw")
+                raise ValueError(
+                    "optim.galore is set but optim.kind is 'adamw'; use kind: galore_adamw or q_galore_adamw"
+                )
             return self
         if self.galore is None:
             self.galore = GaLoreSpec()
@@ -287,7 +442,10 @@ class OptimSpec(Section):
         if self.kind == "galore_adamw" and g.quant is not None:
             raise ValueError("optim.galore.quant only applies to kind q_galore_adamw, not galore_adamw")
         if g.quant is not None and g.quant.max_update_gap < g.update_gap:
-            raise ValueError(f"optim.galore.quant.max_update_gap ({g.quant.max_update_gap}) is below optim.galore.update_gap ({g.update_gap})")
+            raise ValueError(
+                f"optim.galore.quant.max_update_gap ({g.quant.max_update_gap}) is below optim.galore.update_gap "
+                f"({g.update_gap})"
+            )
         return self
 
 
@@ -296,20 +454,45 @@ class TrainingSpec(Section):
     steps: PositiveInt = Field(200, description="optimizer steps")
     batch_size: PositiveInt = Field(8, description="sequences per worker per step")
     eval_every: NonNegInt = Field(50, description="steps between validation passes (0 = only at the end)")
-    eval_bytes: PositiveInt = Field(131_072, description="bytes scored per validation pass (windows of data.seq_len, sampled evenly over the whole held-out split, every file in proportion to its size; capped at the split's size). With byte data and the n-gram control (eval_control) the default gives a standard error of ~0.003-0.008 bits/byte on the stdlib split")
-    eval_control: Literal["ngram", "none"] = Field("ngram", description="byte data: correct the sampled mean with byte n-gram control variates fitted on the training split (the regression estimator: the same windows give a 2-3.5x smaller standard error); none = the plain mean over windows. Tokenized data always uses the plain estimator")
-    eval_sets: dict[str, list[str]] = Field(default_factory=dict, description="extra held-out texts evaluated beside the validation split, by name: {name: [files, directories or globs]}; each logs val/<name>_bpb")
+    eval_bytes: PositiveInt = Field(
+        131_072,
+        description="bytes scored per validation pass (windows of data.seq_len, sampled evenly over the whole "
+        "held-out split, every file in proportion to its size; capped at the split's size). With byte "
+        "data and the n-gram control (eval_control) the default gives a standard error of ~0.003-0.008 "
+        "bits/byte on the stdlib split",
+    )
+    eval_control: Literal["ngram", "none"] = Field(
+        "ngram",
+        description="byte data: correct the sampled mean with byte n-gram control variates fitted on the training "
+        "split (the regression estimator: the same windows give a 2-3.5x smaller standard error); none = "
+        "the plain mean over windows. Tokenized data always uses the plain estimator",
+    )
+    eval_sets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="extra held-out texts evaluated beside the validation split, by name: {name: [files, directories "
+        "or globs]}; each logs val/<name>_bpb",
+    )
     log_every: PositiveInt = Field(1, description="steps between metric records")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype for the forward pass")
-    grad_accum: PositiveInt = Field(1, description="micro-batches of batch_size per optimizer step (gradients are synchronised once, after the last)")
-    activation_checkpointing: Literal["none", "full", "every_n"] = Field("none", description="flat models: recompute block activations in backward: none | full (every block) | every_n (every activation_checkpointing_every-th block). Byte models use model.stages[i].checkpoint_chunks")
+    grad_accum: PositiveInt = Field(
+        1,
+        description="micro-batches of batch_size per optimizer step (gradients are synchronised once, after the last)",
+    )
+    activation_checkpointing: Literal["none", "full", "every_n"] = Field(
+        "none",
+        description="flat models: recompute block activations in backward: none | full (every block) | every_n "
+        "(every activation_checkpointing_every-th block). Byte models use "
+        "model.stages[i].checkpoint_chunks",
+    )
     activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
 
     @model_validator(mode="after")
-    def _check_eval_sets(self) -> "TrainingSpec":
+    def _check_eval_sets(self) -> TrainingSpec:
         for name, paths in self.eval_sets.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise ValueError(f"training.eval_sets: name {name!r} becomes the metric val/{name}_bpb; use letters, digits, _ . -")
+                raise ValueError(
+                    f"training.eval_sets: name {name!r} becomes the metric val/{name}_bpb; use letters, digits, _ . -"
+                )
             if not paths:
                 raise ValueError(f"training.eval_sets.{name}: give at least one file, directory or glob")
         return self
@@ -318,89 +501,208 @@ class TrainingSpec(Section):
 class LSHSpec(Section):
     """LSH-MoE centroids: tokens bound for one expert that hash alike travel as their mean (docs/lsh.md)."""
 
-    hashes: PositiveInt = Field(6, le=64, description="cross-polytope hash functions ANDed into one bucket id; more = finer buckets, more bytes, less error")
-    buckets_per_hash: int = Field(2, ge=2, le=64, description="buckets of one hash function (2m for m projected coordinates; 2 = the sign of one projection); even")
-    rotation_refresh: PositiveInt = Field(100, description="training micro-batches between new random rotations (the same on every rank)")
-    target_ratio: float | None = Field(None, gt=0, le=1, description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always use all")
-    max_error: float | None = Field(None, gt=0, lt=1, description="adapt the hash functions in use (1..hashes, starting from all) to keep the sampled error of the expert outputs, relative to their variation (||out - exact|| / ||exact - its expert's mean||, comm/lsh_spread_error), between max_error / 2 and max_error: one more when above, one fewer when below half (measured every error_every micro-batches, agreed over the EP group); null = off. Not with target_ratio")
-    error_every: NonNegInt = Field(50, description="every n-th training micro-batch also runs the exact dispatch and records the relative error of the expert outputs (0 = never)")
-    seed: NonNegInt = Field(0, description="seed of the random rotations (combined with the layer index and the refresh epoch)")
-    residual: Literal[True, False, "forward"] = Field(False, description="true = add each row's residual x - c to its centroid's expert output (LSH-MoE's error compensation); false = E(c) only (the default: it trained 4.6 points of bits per byte better in benchmarks/results/dispatch-2026-11-26.md); forward = add it in the forward but pass no gradient through it")
-    center: bool = Field(True, description="hash each row minus the mean of the rows bound for its expert, so buckets split on what tells tokens apart rather than the direction they share; false = hash the rows as they are (the paper)")
+    hashes: PositiveInt = Field(
+        6,
+        le=64,
+        description="cross-polytope hash functions ANDed into one bucket id; more = finer buckets, more bytes, less "
+        "error",
+    )
+    buckets_per_hash: int = Field(
+        2,
+        ge=2,
+        le=64,
+        description="buckets of one hash function (2m for m projected coordinates; 2 = the sign of one projection); "
+        "even",
+    )
+    rotation_refresh: PositiveInt = Field(
+        100, description="training micro-batches between new random rotations (the same on every rank)"
+    )
+    target_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="adapt the hash functions in use (1..hashes) so centroids / rows approaches this; null = always "
+        "use all",
+    )
+    max_error: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="adapt the hash functions in use (1..hashes, starting from all) to keep the sampled error of the "
+        "expert outputs, relative to their variation (||out - exact|| / ||exact - its expert's mean||, "
+        "comm/lsh_spread_error), between max_error / 2 and max_error: one more when above, one fewer "
+        "when below half (measured every error_every micro-batches, agreed over the EP group); null = "
+        "off. Not with target_ratio",
+    )
+    error_every: NonNegInt = Field(
+        50,
+        description="every n-th training micro-batch also runs the exact dispatch and records the relative error of "
+        "the expert outputs (0 = never)",
+    )
+    seed: NonNegInt = Field(
+        0, description="seed of the random rotations (combined with the layer index and the refresh epoch)"
+    )
+    residual: Literal[True, False, "forward"] = Field(
+        False,
+        description="true = add each row's residual x - c to its centroid's expert output (LSH-MoE's error "
+        "compensation); false = E(c) only (the default: it trained 4.6 points of bits per byte better in "
+        "benchmarks/results/dispatch-2026-11-26.md); forward = add it in the forward but pass no "
+        "gradient through it",
+    )
+    center: bool = Field(
+        True,
+        description="hash each row minus the mean of the rows bound for its expert, so buckets split on what tells "
+        "tokens apart rather than the direction they share; false = hash the rows as they are (the paper)",
+    )
 
     @model_validator(mode="after")
-    def _one_adaptation(self) -> "LSHSpec":
+    def _one_adaptation(self) -> LSHSpec:
         if self.target_ratio is not None and self.max_error is not None:
             raise ValueError("parallel.dispatch.lsh: target_ratio and max_error both steer the hashes in use; set one")
         if self.max_error is not None and self.error_every == 0:
-            raise ValueError("parallel.dispatch.lsh.max_error needs error_every > 0 (the error it steers by is measured then)")
+            raise ValueError(
+                "parallel.dispatch.lsh.max_error needs error_every > 0 (the error it steers by is measured then)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _even_buckets(self) -> "LSHSpec":
+    def _even_buckets(self) -> LSHSpec:
         if self.buckets_per_hash % 2:
-            raise ValueError(f"parallel.dispatch.lsh.buckets_per_hash: {self.buckets_per_hash} must be even "
-                             "(a cross-polytope hash has 2 buckets per projected coordinate)")
+            raise ValueError(
+                f"parallel.dispatch.lsh.buckets_per_hash: {self.buckets_per_hash} must be even "
+                "(a cross-polytope hash has 2 buckets per projected coordinate)"
+            )
         return self
 
 
 class DispatchSpec(Section):
     """How expert rows travel: deduplicate -> optional LSH centroids -> payload dtype -> parallel.a2a transport."""
 
-    dedup: Literal[False, True, "node"] = Field(False, description="true: send a token once per destination EP rank (top-k > 1) and sum its expert outputs there; node: once per destination node across the inter-node link, relayed by the peer with the same local rank and fanned out inside the node (DeepEP-style; needs the EP group to be whole nodes, otherwise as true). Exact up to the order of each token's sums")
-    payload: Literal["fp32", "bf16", "fp8"] = Field("fp32", description="wire dtype of the rows, always applied: fp32 = as computed (bf16 under bf16 autocast), bf16 = cast both ways (gradients too), fp8 = e4m3 with one fp32 scale per row forward, bf16 gradients")
-    grad_payload: Literal["auto", "fp32", "bf16", "fp8"] = Field("auto", description="wire dtype of the gradients of those rows in the backward: auto = as payload, except bf16 for fp8; fp8 = e4m3 with one fp32 scale per row, like the forward")
+    dedup: Literal[False, True, "node"] = Field(
+        False,
+        description="true: send a token once per destination EP rank (top-k > 1) and sum its expert outputs there; "
+        "node: once per destination node across the inter-node link, relayed by the peer with the same "
+        "local rank and fanned out inside the node (DeepEP-style; needs the EP group to be whole nodes, "
+        "otherwise as true). Exact up to the order of each token's sums",
+    )
+    payload: Literal["fp32", "bf16", "fp8"] = Field(
+        "fp32",
+        description="wire dtype of the rows, always applied: fp32 = as computed (bf16 under bf16 autocast), bf16 = "
+        "cast both ways (gradients too), fp8 = e4m3 with one fp32 scale per row forward, bf16 gradients",
+    )
+    grad_payload: Literal["auto", "fp32", "bf16", "fp8"] = Field(
+        "auto",
+        description="wire dtype of the gradients of those rows in the backward: auto = as payload, except bf16 for "
+        "fp8; fp8 = e4m3 with one fp32 scale per row, like the forward",
+    )
     lsh: LSHSpec | None = Field(None, description="LSH-MoE centroid compression; null = off")
 
     @model_validator(mode="after")
-    def _dedup_or_lsh(self) -> "DispatchSpec":
+    def _dedup_or_lsh(self) -> DispatchSpec:
         if self.dedup and self.lsh is not None:
-            raise ValueError("parallel.dispatch.dedup and parallel.dispatch.lsh do not combine: centroids are formed "
-                             "per destination expert, deduplicated rows per destination rank; choose one")
+            raise ValueError(
+                "parallel.dispatch.dedup and parallel.dispatch.lsh do not combine: centroids are formed "
+                "per destination expert, deduplicated rows per destination rank; choose one"
+            )
         return self
 
     @property
     def compressed(self) -> bool:
         """True when any stage changes what travels (the layer then needs the dispatch wrapper, EP 1 included)."""
-        return bool(self.dedup) or self.payload != "fp32" or self.grad_payload not in ("auto", "fp32") or self.lsh is not None
+        return (
+            bool(self.dedup)
+            or self.payload != "fp32"
+            or self.grad_payload not in ("auto", "fp32")
+            or self.lsh is not None
+        )
 
 
 class ParallelSpec(Section):
     expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
-    a2a: Literal["flat", "hierarchical", "leader"] = Field("flat", description="all-to-all algorithm for expert parallelism")
-    dispatch: DispatchSpec = Field(default_factory=DispatchSpec, description="compressed expert dispatch (docs/lsh.md); works with expert_parallel 1 too")
-    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; 0 = off. Dense models only; its checkpoints resume at the same number of workers")
-    shard: Literal["none", "zero2", "full"] = Field("none", description="FSDP2 sharding of the dense weights, gradients and optimizer state over all workers, composable with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = parameters kept gathered between forward and backward | full = parameters resharded after forward (ZeRO-3)")
+    a2a: Literal["flat", "hierarchical", "leader"] = Field(
+        "flat", description="all-to-all algorithm for expert parallelism"
+    )
+    dispatch: DispatchSpec = Field(
+        default_factory=DispatchSpec,
+        description="compressed expert dispatch (docs/lsh.md); works with expert_parallel 1 too",
+    )
+    zero: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO stage; 0 = off. Dense models only; its checkpoints resume at the same number of "
+        "workers",
+    )
+    shard: Literal["none", "zero2", "full"] = Field(
+        "none",
+        description="FSDP2 sharding of the dense weights, gradients and optimizer state over all workers, composable "
+        "with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = "
+        "parameters kept gathered between forward and backward | full = parameters resharded after "
+        "forward (ZeRO-3)",
+    )
 
 
 class ResourcesSpec(Section):
     workers: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
     cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per worker (fractions allowed)")
     gpus_per_worker: NonNegFloat = Field(0.0, description="GPUs per worker (0 = CPU training with gloo)")
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the newest checkpoint before the job fails; -1 = unlimited (spot capacity). Errors in the job itself (bad data path, corpus too small, a model that cannot fit) fail at once")
-    collective_timeout_minutes: PositiveFloat = Field(5.0, description="process-group timeout: a collective that waits longer ends the attempt; the step watchdog reports a rank that makes no progress for this long")
-    memory_per_worker: PositiveInt | str | None = Field(None, description="memory each worker is given, bytes or a size such as 8GiB / 512MB (also asked of Ray's scheduler); `validate` refuses a spec whose predicted per-worker memory exceeds it (default: compared with this machine's RAM)")
+    max_failures: int = Field(
+        1,
+        ge=-1,
+        description="worker-group restarts from the newest checkpoint before the job fails; -1 = unlimited (spot "
+        "capacity). Errors in the job itself (bad data path, corpus too small, a model that cannot fit) "
+        "fail at once",
+    )
+    collective_timeout_minutes: PositiveFloat = Field(
+        5.0,
+        description="process-group timeout: a collective that waits longer ends the attempt; the step watchdog "
+        "reports a rank that makes no progress for this long",
+    )
+    memory_per_worker: PositiveInt | str | None = Field(
+        None,
+        description="memory each worker is given, bytes or a size such as 8GiB / 512MB (also asked of Ray's "
+        "scheduler); `validate` refuses a spec whose predicted per-worker memory exceeds it (default: "
+        "compared with this machine's RAM)",
+    )
 
     @model_validator(mode="after")
-    def _check_memory(self) -> "ResourcesSpec":
+    def _check_memory(self) -> ResourcesSpec:
         if self.memory_per_worker is not None:
             parse_size(self.memory_per_worker, "resources.memory_per_worker")
         return self
 
     @model_validator(mode="after")
-    def _whole_gpus(self) -> "ResourcesSpec":
+    def _whole_gpus(self) -> ResourcesSpec:
         if self.gpus_per_worker != int(self.gpus_per_worker):
-            raise ValueError(f"resources.gpus_per_worker: {self.gpus_per_worker:g} is a fraction; every worker owns whole "
-                             "GPUs (its RNG, memory and NCCL communicator are per device): use 0, 1, 2, ...")
+            raise ValueError(
+                f"resources.gpus_per_worker: {self.gpus_per_worker:g} is a fraction; every worker owns whole "
+                "GPUs (its RNG, memory and NCCL communicator are per device): use 0, 1, 2, ..."
+            )
         return self
 
     @property
     def memory_per_worker_bytes(self) -> int | None:
-        return None if self.memory_per_worker is None else parse_size(self.memory_per_worker, "resources.memory_per_worker")
+        return (
+            None
+            if self.memory_per_worker is None
+            else parse_size(self.memory_per_worker, "resources.memory_per_worker")
+        )
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
 
 
 def parse_size(value: int | str, field: str) -> int:
@@ -415,31 +717,68 @@ def parse_size(value: int | str, field: str) -> int:
 
 
 class CheckpointSpec(Section):
-    dir: str = Field("runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)")
+    dir: str = Field(
+        "runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)"
+    )
     every: NonNegInt = Field(50, description="steps between checkpoints (0 = only at the end)")
-    keep: int = Field(3, ge=2, description="newest checkpoints kept (at least 2: the newest can be cut short by a crash; the one before it is the fallback)")
-    keep_best: bool = Field(False, description="also keep the checkpoint with the lowest held-out val bpb so far in <run dir>/best, outside the rotation (chosen among checkpoints written at evaluation steps)")
-    every_minutes: PositiveFloat | None = Field(None, description="also checkpoint when this many minutes passed since the last checkpoint (decided together by all ranks at a step boundary); null = by steps only")
+    keep: int = Field(
+        3,
+        ge=2,
+        description="newest checkpoints kept (at least 2: the newest can be cut short by a crash; the one before it "
+        "is the fallback)",
+    )
+    keep_best: bool = Field(
+        False,
+        description="also keep the checkpoint with the lowest held-out val bpb so far in <run dir>/best, outside the "
+        "rotation (chosen among checkpoints written at evaluation steps)",
+    )
+    every_minutes: PositiveFloat | None = Field(
+        None,
+        description="also checkpoint when this many minutes passed since the last checkpoint (decided together by "
+        "all ranks at a step boundary); null = by steps only",
+    )
 
 
 class TrackingSpec(Section):
     wandb_project: str = Field("shardyard", min_length=1, description="wandb project")
-    mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode; metrics.jsonl is always written")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode; metrics.jsonl is always written"
+    )
     run_name: str | None = Field(None, description="wandb run name (default: the job name)")
     tags: list[str] = Field(default_factory=list, description="wandb tags")
-    step_anatomy: bool = Field(True, description="time each step's parts (data, forward, backward, optimizer) on every rank; logged as time/*")
-    expert_heatmap_every: NonNegInt = Field(100, description="steps between wandb heatmap images of expert load (0 = never; the per-expert counts always go to expert_load.bin)")
+    step_anatomy: bool = Field(
+        True, description="time each step's parts (data, forward, backward, optimizer) on every rank; logged as time/*"
+    )
+    expert_heatmap_every: NonNegInt = Field(
+        100,
+        description="steps between wandb heatmap images of expert load (0 = never; the per-expert counts always go "
+        "to expert_load.bin)",
+    )
 
 
 class EnvVarSpec(Section):
     """A worker environment variable whose value is read from the environment of `shardyard run|submit`."""
 
-    from_env: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the variable in the submitting shell's environment that holds the value")
-    secret: bool = Field(False, description="the value travels only in the Ray runtime env: never printed, logged, stored in the run directory, the metrics or the wandb config")
+    from_env: str = Field(
+        ...,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the variable in the submitting shell's environment that holds the value",
+    )
+    secret: bool = Field(
+        False,
+        description="the value travels only in the Ray runtime env: never printed, logged, stored in the run "
+        "directory, the metrics or the wandb config",
+    )
 
 
 class JobSpec(Section):
-    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="job name: the run directory's and the Ray job's name")
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="job name: the run directory's and the Ray job's name",
+    )
     seed: NonNegInt = Field(0, description="seed for weights, data order and routing noise")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -449,50 +788,82 @@ class JobSpec(Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    env: dict[str, str | EnvVarSpec] = Field(default_factory=dict, description="environment variables for the workers: NAME: value (plain, stored with the spec) or NAME: {from_env: VAR, secret: true} (the value of $VAR where the job is started; secrets never appear in output, logs, the run directory or wandb). WANDB_API_KEY is forwarded as a secret without an entry")
+    env: dict[str, str | EnvVarSpec] = Field(
+        default_factory=dict,
+        description="environment variables for the workers: NAME: value (plain, stored with the spec) or NAME: "
+        "{from_env: VAR, secret: true} (the value of $VAR where the job is started; secrets never appear "
+        "in output, logs, the run directory or wandb). WANDB_API_KEY is forwarded as a secret without an "
+        "entry",
+    )
 
     @model_validator(mode="after")
-    def _check_env(self) -> "JobSpec":
+    def _check_env(self) -> JobSpec:
         for name in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"env: {name!r} is not an environment variable name (letters, digits, _)")
-            if name.startswith(("SHARDYARD_", "RAY_")) or name in ("PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"):
-                raise ValueError(f"env: {name} is set by shardyard or Ray (or changes what code runs); choose another name")
+            if name.startswith(("SHARDYARD_", "RAY_")) or name in (
+                "PATH",
+                "PYTHONPATH",
+                "LD_PRELOAD",
+                "LD_LIBRARY_PATH",
+            ):
+                raise ValueError(
+                    f"env: {name} is set by shardyard or Ray (or changes what code runs); choose another name"
+                )
         return self
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "JobSpec":
+    def _cross_section(self) -> JobSpec:
         ep = self.parallel.expert_parallel
         if ep > 1:
             if self.model.kind != "moe":
-                raise ValueError(f"parallel.expert_parallel: {ep} but model.kind is {self.model.kind!r}: only MoE models have experts to shard")
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} but model.kind is {self.model.kind!r}: only MoE models have "
+                    f"experts to shard"
+                )
             if self.resources.workers % ep:
-                raise ValueError(f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})")
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})"
+                )
             if self.model.moe and self.model.moe.num_experts % ep:
-                raise ValueError(f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})")
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})"
+                )
         galore = self.optim.galore
         seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
         if seq_len_problem:
             raise ValueError(seq_len_problem)
         if self.parallel.zero and ep > 1:
-            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with expert "
-                             f"parallelism ({ep}); use parallel.shard: full (FSDP2) with parallel.zero: 0")
+            raise ValueError(
+                f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with expert "
+                f"parallelism ({ep}); use parallel.shard: full (FSDP2) with parallel.zero: 0"
+            )
         if self.parallel.zero and self.parallel.shard != "none":
-            raise ValueError(f"parallel.shard: {self.parallel.shard!r} and parallel.zero: {self.parallel.zero} both "
-                             "shard the model; choose one (parallel.shard composes with expert parallelism)")
+            raise ValueError(
+                f"parallel.shard: {self.parallel.shard!r} and parallel.zero: {self.parallel.zero} both "
+                "shard the model; choose one (parallel.shard composes with expert parallelism)"
+            )
         if self.parallel.shard != "none" and self.optim.kind != "adamw":
-            raise ValueError(f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
-                             f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it")
+            raise ValueError(
+                f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
+                f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it"
+            )
         if self.training.activation_checkpointing != "none" and self.model.stages:
-            raise ValueError(f"training.activation_checkpointing applies to flat models; a {self.model.kind} model "
-                             "checkpoints per stage with model.stages[i].checkpoint_chunks")
+            raise ValueError(
+                f"training.activation_checkpointing applies to flat models; a {self.model.kind} model "
+                "checkpoints per stage with model.stages[i].checkpoint_chunks"
+            )
         if self.parallel.zero and galore is not None:
-            raise ValueError(f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
-                             f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
-                             "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw")
+            raise ValueError(
+                f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
+                f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
+                "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw"
+            )
         if self.data.tokenizer != "bytes" and self.model.stages:
-            raise ValueError(f"data.tokenizer: {self.data.tokenizer!r}, but a {self.model.kind} model reads bytes "
-                             "(its stages patch byte sequences); use data.tokenizer: bytes or a flat model (dense | moe)")
+            raise ValueError(
+                f"data.tokenizer: {self.data.tokenizer!r}, but a {self.model.kind} model reads bytes "
+                "(its stages patch byte sequences); use data.tokenizer: bytes or a flat model (dense | moe)"
+            )
         return self
 
     def notes(self) -> list[str]:
@@ -501,17 +872,22 @@ class JobSpec(Section):
         t, warmup = self.training, self.optim.schedule.warmup
         out = []
         if t.eval_every and t.eval_every > t.steps:
-            out.append(f"training.eval_every: {t.eval_every} exceeds training.steps ({t.steps}): "
-                       f"evaluating once, at the end (step {t.steps})")
+            out.append(
+                f"training.eval_every: {t.eval_every} exceeds training.steps ({t.steps}): "
+                f"evaluating once, at the end (step {t.steps})"
+            )
         if self.checkpoint.every and self.checkpoint.every > t.steps:
-            out.append(f"checkpoint.every: {self.checkpoint.every} exceeds training.steps ({t.steps}): "
-                       f"one checkpoint, at the end (step {t.steps})")
+            out.append(
+                f"checkpoint.every: {self.checkpoint.every} exceeds training.steps ({t.steps}): "
+                f"one checkpoint, at the end (step {t.steps})"
+            )
         if warmup >= t.steps and t.steps > 1:
-            out.append(f"optim.schedule.warmup: {warmup} is not below training.steps ({t.steps}): the learning "
-                       f"rate ends the run at {t.steps / warmup:.0%} of optim.lr, with no decay")
+            out.append(
+                f"optim.schedule.warmup: {warmup} is not below training.steps ({t.steps}): the learning "
+                f"rate ends the run at {t.steps / warmup:.0%} of optim.lr, with no decay"
+            )
         return out
 
     def tokens_per_step(self) -> int:
         """Bytes trained on per optimizer step, over all workers and micro-batches."""
         return self.resources.workers * self.training.batch_size * self.training.grad_accum * self.data.seq_len
-

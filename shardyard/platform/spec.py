@@ -31,7 +31,8 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -82,15 +83,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[tuple[st
             if child is None:
                 child = node[k] = {}
             elif not isinstance(child, dict):
-                raise SpecError(f"--set {text!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+                raise SpecError(f"--set {text!r}: {'.'.join(keys[: depth + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
         sources[tuple(keys)] = text
     return sources
 
 
-def _format_errors(err: ValidationError, source: str, lines: dict[Path_, int],
-                   override_sources: dict[tuple[str, ...], str]) -> str:
+def _format_errors(
+    err: ValidationError, source: str, lines: dict[Path_, int], override_sources: dict[tuple[str, ...], str]
+) -> str:
     messages = []
     for e in err.errors():
         loc: Path_ = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "literal["))))
@@ -98,7 +100,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[Path_, int],
         named = _FIELD_PREFIX.match(msg)  # cross-section rules name the field they are about
         if named and not loc:
             loc = tuple(named.group(1).split("."))
-            msg = msg[named.end():]
+            msg = msg[named.end() :]
         field = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `shardyard schema` lists the fields)"
@@ -114,7 +116,7 @@ def _where(loc: Path_, source: str, lines: dict[Path_, int], override_sources: d
     for n in range(len(str_loc), 0, -1):
         if str_loc[:n] in override_sources:
             return f"{source} (--set {override_sources[str_loc[:n]]})"
-    inside = [text for key, text in override_sources.items() if key[:len(str_loc)] == str_loc]
+    inside = [text for key, text in override_sources.items() if key[: len(str_loc)] == str_loc]
     suffix = f" (after --set {', --set '.join(inside)})" if inside else ""
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
@@ -135,15 +137,19 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] | Non
         line = f":{mark.line + 1}" if mark else ""
         raise SpecError(f"{source}{line}: not valid YAML: {err.problem or err}") from None
     except yaml.reader.ReaderError as err:  # a control character: the reader has no line mark
-        line = text[:err.position].count("\n") + 1
-        raise SpecError(f"{source}:{line}: not valid YAML: character #x{err.character:04x} is not allowed "
-                        "(the file holds non-text bytes)") from None
+        line = text[: err.position].count("\n") + 1
+        raise SpecError(
+            f"{source}:{line}: not valid YAML: character #x{err.character:04x} is not allowed "
+            "(the file holds non-text bytes)"
+        ) from None
     except yaml.YAMLError as err:
         raise SpecError(f"{source}: not valid YAML: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(f"{source}:1: a job spec is a mapping of sections (name:, model:, ...), got {type(data).__name__}")
+        raise SpecError(
+            f"{source}:1: a job spec is a mapping of sections (name:, model:, ...), got {type(data).__name__}"
+        )
     override_sources = apply_overrides(data, overrides or [])
     try:
         return JobSpec.model_validate(data)
@@ -170,8 +176,10 @@ def decode_spec_bytes(data: bytes, source: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise SpecError(f"{source}: not a YAML text file (not UTF-8: byte 0x{data[err.start]:02x} at offset "
-                        f"{err.start}); save it as UTF-8 text") from None
+        raise SpecError(
+            f"{source}: not a YAML text file (not UTF-8: byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8 text"
+        ) from None
 
 
 def spec_to_yaml(spec: JobSpec) -> str:

@@ -50,8 +50,10 @@ def _section(model: type[BaseModel], prefix: str, out: list[str], nested: list[t
         sub = _model_in(annotation)
         if sub is not None:
             nested.append((path, sub))
-        out.append(f"| `{path}` | {_type_name(annotation) if sub is None else 'section'} | {_default(field)} | "
-                   f"{(field.description or '').replace('|', '/')} |")
+        out.append(
+            f"| `{path}` | {_type_name(annotation) if sub is None else 'section'} | {_default(field)} | "
+            f"{(field.description or '').replace('|', '/')} |"
+        )
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

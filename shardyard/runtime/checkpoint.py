@@ -24,16 +24,21 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from shardyard import envvars
-from shardyard.runtime.safe_load import (SafeFileSystemReader, check_torch_files, checkpoint_code_problem,
-                                         read_dcp_metadata)
+from shardyard.runtime.safe_load import (
+    SafeFileSystemReader,
+    check_torch_files,
+    checkpoint_code_problem,
+    read_dcp_metadata,
+)
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
@@ -160,7 +165,7 @@ def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
         return "no manifest (the save did not finish)"
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         return "unreadable manifest"
-    for name, (size, sha) in files.items():
+    for name, (size, _sha) in files.items():
         path = Path(directory) / name
         if not path.is_file():
             return f"{name} is missing"
@@ -168,7 +173,7 @@ def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
     if full:
         actual = file_digests(Path(directory))
-        for name, (size, sha) in files.items():
+        for name, (_size, sha) in files.items():
             if actual[name][1] != sha:
                 return f"{name} does not match its sha256 in the manifest"
     return checkpoint_code_problem(Path(directory))
@@ -229,14 +234,18 @@ def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
     layout = meta["layout"]
     if hasattr(plan, "load"):
         if layout.get("mode") != "deepspeed" or layout.get("world") != world:
-            raise RuntimeError(f"{directory}: a DeepSpeed ZeRO job resumes only its own checkpoints at the same "
-                               f"number of workers (checkpoint layout {layout}, this job {plan.layout()})")
+            raise RuntimeError(
+                f"{directory}: a DeepSpeed ZeRO job resumes only its own checkpoints at the same "
+                f"number of workers (checkpoint layout {layout}, this job {plan.layout()})"
+            )
         check_torch_files(Path(directory) / "deepspeed")  # DeepSpeed unpickles with weights_only=False
         plan.load(directory)
     else:
         if layout.get("mode") == "deepspeed":
-            raise RuntimeError(f"{directory}: written by a DeepSpeed ZeRO job; resume it with parallel.zero "
-                               f"{layout.get('zero')}, or `shardyard export` it")
+            raise RuntimeError(
+                f"{directory}: written by a DeepSpeed ZeRO job; resume it with parallel.zero "
+                f"{layout.get('zero')}, or `shardyard export` it"
+            )
         import torch.distributed.checkpoint as dcp
 
         state = plan.state_dict()

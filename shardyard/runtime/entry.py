@@ -12,9 +12,10 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shardyard import envvars
 from shardyard.platform.errors import UserError
@@ -44,21 +45,27 @@ class TrainingResult:
         state = "FAILED" if self.error else "stopped" if self.stopped else "done"
         lines = [f"\n== {spec.name}: {state} at step {self.final_step}/{spec.training.steps}"]
         if metrics:
-            lines.append(f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
-                         f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f}"
-                         + (f" +- {metrics['val_bpb_stderr']:.4f}" if "val_bpb_stderr" in metrics else "")
-                         + f" bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s")
+            lines.append(
+                f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
+                f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f}"
+                + (f" +- {metrics['val_bpb_stderr']:.4f}" if "val_bpb_stderr" in metrics else "")
+                + f" bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s"
+            )
         lines.append(f"   run directory {self.run_dir}")
         if self.checkpoint:
             lines.append(f"   newest checkpoint {self.checkpoint}")
         wandb_runs = self.run_dir / "wandb"
         if wandb_runs.exists() and spec.tracking.mode == "offline":
-            lines.append(f"   wandb offline runs in {wandb_runs}: push them as one run with `shardyard sync {self.run_dir}`")
+            lines.append(
+                f"   wandb offline runs in {wandb_runs}: push them as one run with `shardyard sync {self.run_dir}`"
+            )
         if self.error:
             lines.append(f"   error: {self.error}")
         if self.stopped and not self.error:
-            lines.append(f"   stopped ({self.stopped}) with a checkpoint at step {self.final_step}; continue with: "
-                         f"{resume_hint or 'the same command (same job name)'}")
+            lines.append(
+                f"   stopped ({self.stopped}) with a checkpoint at step {self.final_step}; continue with: "
+                f"{resume_hint or 'the same command (same job name)'}"
+            )
         return "\n".join(lines)
 
 
@@ -111,7 +118,8 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     if "://" in spec.checkpoint.dir:  # object storage: checkpoints go to the bucket, the rest stays in run_dir
         name, storage = spec.name, spec.checkpoint.dir
     return build_torch_trainer(
-        run_dir, res.collective_timeout_minutes * 60,
+        run_dir,
+        res.collective_timeout_minutes * 60,
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
         torch_config=TorchConfig(timeout_s=max(1, round(res.collective_timeout_minutes * 60))),
@@ -125,8 +133,9 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     )
 
 
-def run_training(spec: JobSpec, run_dir: Path,
-                 on_progress: Callable[[list[dict]], None] | None = None) -> TrainingResult:
+def run_training(
+    spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict]], None] | None = None
+) -> TrainingResult:
     """Train `spec` on the connected Ray cluster; blocks until done. `on_progress` gets new metric
     records. Holds the run directory's lease throughout: a second job on the same run is refused.
     SIGTERM/SIGINT (main thread) stop the run with a checkpoint at the next step boundary; faults
@@ -153,8 +162,9 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
     stop = threading.Event()
     note = getattr(on_progress, "note", None)  # a live display that can print a line above itself
     events = EventPrinter(run_dir, out=note) if callable(note) else EventPrinter(run_dir)
-    watcher = threading.Thread(target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop, events.poll),
-                               daemon=True)
+    watcher = threading.Thread(
+        target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop, events.poll), daemon=True
+    )
     watcher.start()
     restore_output = route_worker_output(run_dir)
     error = None
@@ -178,8 +188,9 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
     return TrainingResult(run_dir, final_step, metrics, checkpoint, error, stopped)
 
 
-def _watch_metrics(path: Path, on_progress: Callable[[list[dict]], None] | None, stop: threading.Event,
-                   poll_events: Callable[[], None]) -> None:
+def _watch_metrics(
+    path: Path, on_progress: Callable[[list[dict]], None] | None, stop: threading.Event, poll_events: Callable[[], None]
+) -> None:
     offset = path.stat().st_size if path.exists() else 0  # only what this run appends
     while not stop.wait(0.5):
         offset = _emit_new(path, offset, on_progress)
@@ -194,7 +205,7 @@ def _emit_new(path: Path, offset: int, on_progress: Callable[[list[dict]], None]
     with open(path) as f:
         f.seek(offset)
         chunk = f.read()
-    complete = chunk[:chunk.rfind("\n") + 1]
+    complete = chunk[: chunk.rfind("\n") + 1]
     records = []
     for line in complete.splitlines():
         try:
@@ -225,10 +236,12 @@ def refuse_conflicting_resume(spec: JobSpec, run_dir: Path) -> None:
     """Raise UserError when `run_dir` holds checkpoints of a different job (see `resume_conflicts`)."""
     conflicts = resume_conflicts(spec, run_dir)
     if conflicts:
-        raise UserError(f"{run_dir} holds checkpoints written with a different spec; a resume may change only "
-                        f"steps, cadences, tracking, checkpointing and resources, but these differ: "
-                        f"{'; '.join(conflicts)}. The checkpoints are left untouched: undo those changes to "
-                        "resume, or give this job another name (--set name=...) to start fresh")
+        raise UserError(
+            f"{run_dir} holds checkpoints written with a different spec; a resume may change only "
+            f"steps, cadences, tracking, checkpointing and resources, but these differ: "
+            f"{'; '.join(conflicts)}. The checkpoints are left untouched: undo those changes to "
+            "resume, or give this job another name (--set name=...) to start fresh"
+        )
 
 
 def latest_step(run_dir: Path) -> int:

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +57,9 @@ class EvalResult:
         return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
 
 
-def window_bits_and_bytes(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                          token_bytes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def window_bits_and_bytes(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each window's summed bits and the bytes its targets cover, float64 [batch] each
     (`token_bytes[id]`: bytes of token id; None = one byte per token)."""
     logits, _ = model(inputs, targets)
@@ -69,8 +72,9 @@ def window_bits_and_bytes(model: torch.nn.Module, inputs: torch.Tensor, targets:
     return bits, covered
 
 
-def window_bits_per_byte(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                         token_bytes: torch.Tensor | None = None) -> torch.Tensor:
+def window_bits_per_byte(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bits per byte of each window of the batch, float64 [batch]."""
     bits, covered = window_bits_and_bytes(model, inputs, targets, token_bytes)
     return bits / covered.clamp(min=1)
@@ -114,11 +118,11 @@ def summarize_regression(sums: list[float], control_means: np.ndarray) -> EvalRe
         return plain
     length = sums[2] / n  # bytes per window
     mean_y = sums[1] / length / n
-    s_yy = sums[3] / length ** 2 - n * mean_y * mean_y
-    x_sum = np.array(sums[6:6 + p])
+    s_yy = sums[3] / length**2 - n * mean_y * mean_y
+    x_sum = np.array(sums[6 : 6 + p])
     mean_x = x_sum / n
-    s_xx = np.array(sums[6 + p:6 + p + p * p]).reshape(p, p) - n * np.outer(mean_x, mean_x)
-    s_xy = np.array(sums[6 + p + p * p:6 + 2 * p + p * p]) - n * mean_x * mean_y
+    s_xx = np.array(sums[6 + p : 6 + p + p * p]).reshape(p, p) - n * np.outer(mean_x, mean_x)
+    s_xy = np.array(sums[6 + p + p * p : 6 + 2 * p + p * p]) - n * mean_x * mean_y
     slope = np.linalg.lstsq(s_xx, s_xy, rcond=1e-10)[0]
     residual_ss = max(s_yy - float(slope @ s_xy), 0.0)
     if residual_ss <= 0.0:
@@ -157,10 +161,16 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
-             autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, world: int = 1,
-             group: dist.ProcessGroup | None = None, token_bytes: torch.Tensor | None = None,
-             controls: WindowControls | None = None) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    world: int = 1,
+    group: dist.ProcessGroup | None = None,
+    token_bytes: torch.Tensor | None = None,
+    controls: WindowControls | None = None,
+) -> EvalResult:
     """Bits per byte of `model` over this rank's `batches`, combined over the `world` ranks (collective
     when world > 1: every rank calls it, with the same number of batches for expert-parallel models).
     `token_bytes`: bytes each token id covers (None: bytes, one each). `controls`: the windows' n-gram
@@ -175,13 +185,21 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
             with autocast():
                 bits, covered = window_bits_and_bytes(model, inputs.to(device), targets.to(device), token_bytes)
             bits, covered = bits.cpu(), covered.cpu()
-            sums[:6] += torch.stack([torch.tensor(float(len(bits)), dtype=torch.float64), bits.sum(), covered.sum(),
-                                     bits.square().sum(), covered.square().sum(), (bits * covered).sum()])
+            sums[:6] += torch.stack(
+                [
+                    torch.tensor(float(len(bits)), dtype=torch.float64),
+                    bits.sum(),
+                    covered.sum(),
+                    bits.square().sum(),
+                    covered.square().sum(),
+                    (bits * covered).sum(),
+                ]
+            )
             if use_controls:
-                x = torch.from_numpy(controls.values[seen:seen + len(bits)])
-                sums[6:6 + p] += x.sum(dim=0)
-                sums[6 + p:6 + p + p * p] += (x.T @ x).flatten()
-                sums[6 + p + p * p:] += (x * (bits / covered)[:, None]).sum(dim=0)
+                x = torch.from_numpy(controls.values[seen : seen + len(bits)])
+                sums[6 : 6 + p] += x.sum(dim=0)
+                sums[6 + p : 6 + p + p * p] += (x.T @ x).flatten()
+                sums[6 + p + p * p :] += (x * (bits / covered)[:, None]).sum(dim=0)
             seen += len(bits)
     if world > 1:
         reduced = sums.to(device)
@@ -192,7 +210,7 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device,
     return summarize_ratio(sums.tolist())
 
 
-def autocast_for(spec: JobSpec, device: torch.device) -> Callable[[], ContextManager[Any]]:
+def autocast_for(spec: JobSpec, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """The forward-pass autocast training uses (training.precision), as a context factory."""
     if spec.training.precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -206,8 +224,9 @@ def eval_control(spec: JobSpec, data: Any) -> NGramControl | None:
     return NGramControl.fit(data.train)
 
 
-def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int | None = None,
-                 overrides: list[str] | None = None) -> tuple[JobSpec, EvalResult]:
+def evaluate_run(
+    run_dir: Path, data_paths: list[str] | None = None, step: int | None = None, overrides: list[str] | None = None
+) -> tuple[JobSpec, EvalResult]:
     """`shardyard eval`: a run's model (newest checkpoint, or `step`) on `data_paths` (every file under
     them; default: the run's own held-out split), through the same window selection and evaluation as
     training. The windows are those a job with the run's resources.workers would score, evaluated in
@@ -232,17 +251,24 @@ def evaluate_run(run_dir: Path, data_paths: list[str] | None = None, step: int |
     batches = all_batches(text, seq_len, spec.training.eval_bytes, spec.training.batch_size, world)
     controls = all_controls(text, seq_len, spec.training.eval_bytes, world, eval_control(spec, data))
     device = torch.device("cpu")
-    return spec, evaluate(model, batches, device, autocast_for(spec, device), token_bytes=token_bytes,
-                          controls=controls)
+    return spec, evaluate(
+        model, batches, device, autocast_for(spec, device), token_bytes=token_bytes, controls=controls
+    )
 
 
-def per_window_bits(model: torch.nn.Module, batches: list[Batch], device: torch.device,
-                    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-                    token_bytes: torch.Tensor | None = None) -> np.ndarray:
+def per_window_bits(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    token_bytes: torch.Tensor | None = None,
+) -> np.ndarray:
     """Every window's bits per byte in batch order (single process): for paired comparisons."""
     out = []
     with eval_mode(model):
         for inputs, targets in batches:
             with autocast():
-                out.append(window_bits_per_byte(model, inputs.to(device), targets.to(device), token_bytes).cpu().numpy())
+                out.append(
+                    window_bits_per_byte(model, inputs.to(device), targets.to(device), token_bytes).cpu().numpy()
+                )
     return np.concatenate(out) if out else np.zeros(0)

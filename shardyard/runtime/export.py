@@ -45,7 +45,9 @@ def _spec_for(checkpoint: Path) -> JobSpec:
     for candidate in (checkpoint / SPEC_FILE, checkpoint.parent / SPEC_FILE):
         if candidate.exists():
             return load_spec(candidate)
-    raise UserError(f"{checkpoint.parent / SPEC_FILE}: missing; a run directory keeps the resolved spec beside its checkpoints")
+    raise UserError(
+        f"{checkpoint.parent / SPEC_FILE}: missing; a run directory keeps the resolved spec beside its checkpoints"
+    )
 
 
 def consolidated_state(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -93,8 +95,11 @@ def export(target: Path, out: Path, step: int | None = None) -> Path:
     checkpoint = resolve_checkpoint(target, step)
     spec, model = load_for_inference(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE),
-              metadata={"step": str(ckpt.read_meta(checkpoint)["step"]), "source": str(checkpoint)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out / WEIGHTS_FILE),
+        metadata={"step": str(ckpt.read_meta(checkpoint)["step"]), "source": str(checkpoint)},
+    )
     spec_src = checkpoint / SPEC_FILE if (checkpoint / SPEC_FILE).exists() else checkpoint.parent / SPEC_FILE
     shutil.copyfile(spec_src, out / SPEC_FILE)
     return out / WEIGHTS_FILE

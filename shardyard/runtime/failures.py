@@ -22,12 +22,12 @@ import functools
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
@@ -41,9 +41,12 @@ from shardyard.runtime.watchdog import HEARTBEAT_DIR, StepWatchdog, read_heartbe
 DRIVER_LOG = "driver.log"
 # Errors a rank raises because ANOTHER rank went away: never the cause when a cause is known.
 TIMEOUT = re.compile(r"Timed out|timed out|Watchdog caught collective operation timeout|DistStoreError", re.I)
-COLLATERAL = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
-                        r"Socket closed|NCCL communicator was aborted|ProcessGroupGloo.*peer|"
-                        r"Gloo connectFullMesh failed|Application timeout caused pair closure", re.I)
+COLLATERAL = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
+    r"Socket closed|NCCL communicator was aborted|ProcessGroupGloo.*peer|"
+    r"Gloo connectFullMesh failed|Application timeout caused pair closure",
+    re.I,
+)
 
 
 # ------------------------------------------------------------------------------ user errors
@@ -53,10 +56,13 @@ def as_user_error(error: BaseException) -> UserError | None:
     if isinstance(error, UserError):
         return error
     if isinstance(error, torch.OutOfMemoryError) or (
-            isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)):
-        return UserError(f"the model does not fit in a worker's memory ({str(error).splitlines()[0][:200]}): "
-                         "reduce model.width / model.depth / training.batch_size, shard it (parallel.shard: full) "
-                         "or give workers more memory (resources)")
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+    ):
+        return UserError(
+            f"the model does not fit in a worker's memory ({str(error).splitlines()[0][:200]}): "
+            "reduce model.width / model.depth / training.batch_size, shard it (parallel.shard: full) "
+            "or give workers more memory (resources)"
+        )
     return None
 
 
@@ -177,9 +183,14 @@ class ShardyardFailurePolicy(DefaultFailurePolicy):
         limit = self.failure_config.max_failures
         left = "unlimited" if limit == -1 else str(max(0, limit - self._worker_group_failures))
         step = restart_step(run_dir) if decision == FailureDecision.RETRY else None
-        event = {"event": "retry" if decision == FailureDecision.RETRY else "fail", "message": line,
-                 "user_error": user_error, "restart_step": step, "failures_left": left,
-                 "detail": str(training_failed_error)}
+        event = {
+            "event": "retry" if decision == FailureDecision.RETRY else "fail",
+            "message": line,
+            "user_error": user_error,
+            "restart_step": step,
+            "failures_left": left,
+            "detail": str(training_failed_error),
+        }
         try:
             append_event(run_dir, event)
         except OSError:
@@ -194,8 +205,9 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == "retry":
         start = event.get("restart_step")
         where = f"the checkpoint at step {start}" if start is not None else "step 0 (no checkpoint yet)"
-        return (f"[shardyard] fault: {event['message']}; restarting from {where} "
-                f"(failures left: {event['failures_left']})")
+        return (
+            f"[shardyard] fault: {event['message']}; restarting from {where} (failures left: {event['failures_left']})"
+        )
     if kind == "fail":
         if event.get("user_error"):
             return f"[shardyard] error (not retried): {event['message']}"
@@ -222,8 +234,10 @@ class EventPrinter:
                 self.out(line)
             if event.get("detail"):
                 with open(self.run_dir / DRIVER_LOG, "a") as log:
-                    log.write(f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
-                              f"{event['detail']}\n")
+                    log.write(
+                        f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
+                        f"{event['detail']}\n"
+                    )
 
 
 def route_worker_output(run_dir: Path) -> Callable[[], None]:
@@ -292,8 +306,9 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
 
     class ShardyardTorchTrainer(TorchTrainer):
         def _initialize_and_run_controller(self, **controller_kwargs: Any):
-            controller_kwargs["failure_policy"] = ShardyardFailurePolicy(self.run_config.failure_config, str(run_dir),
-                                                                         timeout_s)
+            controller_kwargs["failure_policy"] = ShardyardFailurePolicy(
+                self.run_config.failure_config, str(run_dir), timeout_s
+            )
             return super()._initialize_and_run_controller(**controller_kwargs)
 
         def _register_sigint_handler(self, controller: Any) -> None:

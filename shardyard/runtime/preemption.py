@@ -21,9 +21,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], i
     with open(path, "rb") as f:
         f.seek(offset)
         chunk = f.read()
-    complete = chunk[:chunk.rfind(b"\n") + 1]
+    complete = chunk[: chunk.rfind(b"\n") + 1]
     events = []
     for line in complete.splitlines():
         with contextlib.suppress(ValueError):
@@ -131,10 +132,14 @@ class StepBoundary:
 
     def announce_stop(self, step: int) -> None:
         if self.rank == 0:
-            append_event(self.run_dir, {"event": "stopped", "step": step,
-                                        "reason": stop_reason(self.run_dir) or "a rank's stop flag"})
-            print(f"[shardyard] stopped at step {step} with a checkpoint ({stop_reason(self.run_dir) or 'SIGTERM'})",
-                  flush=True)
+            append_event(
+                self.run_dir,
+                {"event": "stopped", "step": step, "reason": stop_reason(self.run_dir) or "a rank's stop flag"},
+            )
+            print(
+                f"[shardyard] stopped at step {step} with a checkpoint ({stop_reason(self.run_dir) or 'SIGTERM'})",
+                flush=True,
+            )
 
 
 def _hang_hook(rank: int) -> tuple[int, float] | None:
@@ -149,7 +154,9 @@ def _hang_hook(rank: int) -> tuple[int, float] | None:
 
 # ------------------------------------------------------------------------------ driver side
 @contextlib.contextmanager
-def graceful_stop(run_dir: Path, announce=lambda message: print(message, file=sys.stderr, flush=True)) -> Iterator[None]:
+def graceful_stop(
+    run_dir: Path, announce=lambda message: print(message, file=sys.stderr, flush=True)
+) -> Iterator[None]:
     """While training runs in this (main) thread: the first SIGTERM or SIGINT asks the workers to
     checkpoint and stop at the next step boundary; a second one aborts at once (KeyboardInterrupt)."""
     if threading.current_thread() is not threading.main_thread():
@@ -162,8 +169,10 @@ def graceful_stop(run_dir: Path, announce=lambda message: print(message, file=sy
         name = signal.Signals(signum).name
         if len(received) == 1:
             request_stop(run_dir, f"{name} to the driver")
-            announce(f"[shardyard] {name}: checkpointing and stopping at the next step boundary "
-                     f"(send it again to abort without a checkpoint)")
+            announce(
+                f"[shardyard] {name}: checkpointing and stopping at the next step boundary "
+                f"(send it again to abort without a checkpoint)"
+            )
         else:
             raise KeyboardInterrupt(f"second {name}")
 
@@ -181,6 +190,8 @@ def checkpoint_warning(spec: JobSpec) -> str | None:
     if spec.checkpoint.every_minutes is not None:
         return None
     if every == 0 or every >= steps:
-        return (f"warning: no checkpoint before the end (checkpoint.every {every}, training.steps {steps}): a fault or "
-                f"preemption restarts from step 0; set checkpoint.every below {steps} or checkpoint.every_minutes")
+        return (
+            f"warning: no checkpoint before the end (checkpoint.every {every}, training.steps {steps}): a fault or "
+            f"preemption restarts from step 0; set checkpoint.every below {steps} or checkpoint.every_minutes"
+        )
     return None

@@ -23,19 +23,33 @@ from typing import Any
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
-from shardyard.platform.schema import DataSpec, JobSpec
+from shardyard.platform.schema import JobSpec
 
 HISTORY_DIR = "spec-history"
 
 # Dotted field paths (fnmatch patterns; list indices appear as numbers) a resume may change.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
-    "training.steps", "training.eval_every", "training.eval_bytes", "training.eval_sets", "training.eval_sets.*",
-    "training.log_every", "training.activation_checkpointing", "training.activation_checkpointing_every",
-    "checkpoint.*", "tracking.*", "env", "env.*",
+    "training.steps",
+    "training.eval_every",
+    "training.eval_bytes",
+    "training.eval_sets",
+    "training.eval_sets.*",
+    "training.log_every",
+    "training.activation_checkpointing",
+    "training.activation_checkpointing_every",
+    "checkpoint.*",
+    "tracking.*",
+    "env",
+    "env.*",
     "resources.*",  # workers, CPUs/GPUs, failures, memory: checkpoints reshard (DeepSpeed: see below)
-    "parallel.expert_parallel", "parallel.shard", "parallel.a2a",
-    "model.moe.backend", "model.stages.*.moe.backend", "model.stages.*.checkpoint_chunks",
-    "data.cache_dir", "data.prepared_dir",  # where data is cached / prepared (the corpus fingerprint guards content)
+    "parallel.expert_parallel",
+    "parallel.shard",
+    "parallel.a2a",
+    "model.moe.backend",
+    "model.stages.*.moe.backend",
+    "model.stages.*.checkpoint_chunks",
+    "data.cache_dir",
+    "data.prepared_dir",  # where data is cached / prepared (the corpus fingerprint guards content)
 )
 # DeepSpeed ZeRO's own format resumes only at the same layout.
 SAME_LAYOUT_FOR_ZERO = ("resources.workers", "parallel.zero")
@@ -86,8 +100,11 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
     world = dist.get_world_size() if dist.is_initialized() else 1
     problem = None
     if stored is not None:
-        fields = [f"{k}: {stored.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(stored) | set(mine))
-                  if stored.get(k) != mine.get(k)]
+        fields = [
+            f"{k}: {stored.get(k)!r} -> {mine.get(k)!r}"
+            for k in sorted(set(stored) | set(mine))
+            if stored.get(k) != mine.get(k)
+        ]
         problem = "; ".join(fields) or None
     problems = [problem]
     if world > 1:
@@ -96,9 +113,11 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
     bad = {rank: p for rank, p in enumerate(problems) if p}
     if bad:
         detail = "; ".join(f"rank {rank}: {p}" for rank, p in sorted(bad.items()))
-        raise CorpusChanged(f"{checkpoint}: the corpus differs from the one this run was trained on ({detail}); "
-                            "resume with the same data.paths, files and data.max_bytes, or start a new run "
-                            "(--set name=...)")
+        raise CorpusChanged(
+            f"{checkpoint}: the corpus differs from the one this run was trained on ({detail}); "
+            "resume with the same data.paths, files and data.max_bytes, or start a new run "
+            "(--set name=...)"
+        )
 
 
 # ----------------------------------------------------------------------------------- spec history

@@ -18,8 +18,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shardyard.platform.errors import UserError
 
@@ -107,8 +108,13 @@ def acquire(run_dir: Path, report=print) -> Lease:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LEASE_FILE
     now = time.time()
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "owner": uuid.uuid4().hex,
-              "started": now, "heartbeat": now}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "owner": uuid.uuid4().hex,
+        "started": now,
+        "heartbeat": now,
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -119,9 +125,11 @@ def acquire(run_dir: Path, report=print) -> Lease:
             reason = stale_reason(holder)
             if reason is None:
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-                raise RunBusy(f"{run_dir} is in use by another job (pid {holder['pid']} on {holder['host']}, "
-                              f"started {started}); wait for it, stop it, or give this job another name "
-                              "(--set name=...)") from None
+                raise RunBusy(
+                    f"{run_dir} is in use by another job (pid {holder['pid']} on {holder['host']}, "
+                    f"started {started}); wait for it, stop it, or give this job another name "
+                    "(--set name=...)"
+                ) from None
             aside = path.with_name(f".lease.stale-{record['owner']}")
             try:
                 os.rename(path, aside)  # only one contender can move the stale file away

@@ -28,8 +28,11 @@ from shardyard.platform.errors import UserError
 
 DCP_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
 ALLOWED_GLOBALS = {
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "Path"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "Path"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
 }
 
@@ -49,7 +52,9 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return value
         elif (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        elif module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: checkpoints may hold data, not code")
 
@@ -59,8 +64,18 @@ def read_dcp_metadata(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(io.BytesIO(f.read())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError,
-            KeyError, MemoryError, UnicodeDecodeError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        TypeError,
+        ValueError,
+        KeyError,
+        MemoryError,
+        UnicodeDecodeError,
+    ) as err:
         raise UnsafeCheckpoint(f"{path}: not loaded ({type(err).__name__}: {err})") from None
 
 
@@ -96,7 +111,9 @@ def check_torch_files(directory: Path) -> None:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for what it refuses
-                raise UnsafeCheckpoint(f"{path}: not loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+                raise UnsafeCheckpoint(
+                    f"{path}: not loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
+                ) from None
 
 
 def checkpoint_code_problem(directory: Path) -> str | None:

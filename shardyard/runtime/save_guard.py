@@ -42,8 +42,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters()
-            if p.device.type != "meta" and not bool(torch.isfinite(_local(p.detach())).all())]
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.device.type != "meta" and not bool(torch.isfinite(_local(p.detach())).all())
+    ]
 
 
 def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
@@ -60,7 +63,8 @@ def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
             f"step {step}: the weights are not finite (NaN or Inf in {', '.join(names[:3])}{more} on rank {rank}); "
             f"the checkpoint of step {step} was not written and the job stops here. The newest checkpoint holds "
             "the last finite weights: lower optim.lr, raise optim.schedule.warmup or set optim.grad_clip, then "
-            "resume it")
+            "resume it"
+        )
 
 
 # ------------------------------------------------------------------------------------ durability

@@ -29,7 +29,7 @@ STARTUP_LIMIT_S = 1200.0
 # an earlier phase is behind (clocks and scheduling make progress times alone unreliable).
 PHASE_ORDER = {"start-up": -1, "training": 0, "step-boundary all_reduce": 1, "evaluation": 2, "checkpoint": 3}
 
-_current: "StepWatchdog | None" = None
+_current: StepWatchdog | None = None
 
 
 def beat(step: int, phase: str) -> None:
@@ -39,8 +39,16 @@ def beat(step: int, phase: str) -> None:
 
 
 class StepWatchdog:
-    def __init__(self, run_dir: Path, rank: int, world: int, timeout_s: float, attempt: float | None = None,
-                 period_s: float | None = None, exit_on_stall: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world: int,
+        timeout_s: float,
+        attempt: float | None = None,
+        period_s: float | None = None,
+        exit_on_stall: bool = True,
+    ) -> None:
         """`attempt`: an id every rank of this attempt shares (rank 0's start time, broadcast), so a
         report never mixes in a heartbeat left by an earlier attempt."""
         self.directory = run_dir / HEARTBEAT_DIR
@@ -60,7 +68,7 @@ class StepWatchdog:
     def mark(self, step: int, phase: str) -> None:
         self.step, self.phase, self.progress_time = step, phase, time.time()
 
-    def start(self) -> "StepWatchdog":
+    def start(self) -> StepWatchdog:
         global _current
         for old in self.directory.glob(f"{STALL_PREFIX}{self.rank}.json"):
             old.unlink(missing_ok=True)  # a report of an earlier attempt
@@ -75,7 +83,7 @@ class StepWatchdog:
         if _current is self:
             _current = None
 
-    def __enter__(self) -> "StepWatchdog":
+    def __enter__(self) -> StepWatchdog:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -83,9 +91,16 @@ class StepWatchdog:
 
     # -------------------------------------------------------------------------------- thread
     def _heartbeat(self) -> dict[str, Any]:
-        return {"rank": self.rank, "step": self.step, "phase": self.phase, "progress_time": self.progress_time,
-                "pid": os.getpid(), "host": socket.gethostname(), "node_id": self.node_id,
-                "attempt": self.attempt}
+        return {
+            "rank": self.rank,
+            "step": self.step,
+            "phase": self.phase,
+            "progress_time": self.progress_time,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": self.node_id,
+            "attempt": self.attempt,
+        }
 
     def _write_heartbeat(self) -> None:
         path = self.directory / f"rank{self.rank}.json"
@@ -113,8 +128,11 @@ class StepWatchdog:
             (self.directory / f"{STALL_PREFIX}{self.rank}.json").write_text(json.dumps(report))
         except OSError:
             pass
-        print(f"[shardyard] watchdog on rank {self.rank}: {report['message']}; ending this attempt",
-              file=sys.stderr, flush=True)
+        print(
+            f"[shardyard] watchdog on rank {self.rank}: {report['message']}; ending this attempt",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.exit_on_stall:
             os._exit(EXIT_STALLED)
 
@@ -142,8 +160,9 @@ def read_heartbeats(directory: Path, since: float = 0.0, attempt: float | None =
     return {int(r["rank"]): r for r in records if attempt is not None and r.get("attempt") == attempt}
 
 
-def stall_report(directory: Path, reporter: int, world: int, timeout_s: float, since: float = 0.0,
-                 attempt: float | None = None) -> dict[str, Any]:
+def stall_report(
+    directory: Path, reporter: int, world: int, timeout_s: float, since: float = 0.0, attempt: float | None = None
+) -> dict[str, Any]:
     """Which rank stopped progressing: the one with the lowest step, then the earliest phase, then the
     oldest progress; ranks
     without any heartbeat of this attempt count as stopped before their first step."""
@@ -154,18 +173,26 @@ def stall_report(directory: Path, reporter: int, world: int, timeout_s: float, s
         stuck = missing[0]
         where = "before its first step (no heartbeat)"
     else:
-        stuck = min(beats, key=lambda r: (beats[r]["step"], PHASE_ORDER.get(beats[r]["phase"], -1),
-                                          beats[r]["progress_time"]))
+        stuck = min(
+            beats, key=lambda r: (beats[r]["step"], PHASE_ORDER.get(beats[r]["phase"], -1), beats[r]["progress_time"])
+        )
         b = beats[stuck]
         where = f"at step {b['step']} ({b['phase']}), pid {b['pid']} on {b['host']}"
     others = ", ".join(f"rank {r} at step {b['step']} ({b['phase']})" for r, b in sorted(beats.items()) if r != stuck)
     idle = now - beats[stuck]["progress_time"] if stuck in beats else now - since
-    message = (f"rank {stuck} stopped progressing {where}: no progress for {idle:.0f} s "
-               f"(limit {timeout_s:.0f} s, resources.collective_timeout_minutes)")
+    message = (
+        f"rank {stuck} stopped progressing {where}: no progress for {idle:.0f} s "
+        f"(limit {timeout_s:.0f} s, resources.collective_timeout_minutes)"
+    )
     if others:
         message += f"; {others}"
-    return {"stuck_rank": stuck, "reporter": reporter, "message": message, "time": now,
-            "heartbeats": {str(r): b for r, b in beats.items()}}
+    return {
+        "stuck_rank": stuck,
+        "reporter": reporter,
+        "message": message,
+        "time": now,
+        "heartbeats": {str(r): b for r, b in beats.items()},
+    }
 
 
 def read_stall_reports(run_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:

@@ -17,39 +17,40 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.cluster.secret_env import record_secret_probe
-from shardyard.comm.topology import Topology
 from shardyard.comm.dispatch import dispatch_metrics
+from shardyard.comm.topology import Topology
 from shardyard.data.training_data import build_data_loader, load_training_data
 from shardyard.data.validation import eval_set_texts, rank_batches, rank_controls
 from shardyard.models import build_model, moe_layers
+from shardyard.models.flops import training_flops_per_token
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.layer import attach_router_bias_updates
+from shardyard.optim.memory import optimizer_memory_report
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
-from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.devices import worker_device
+from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.parallel import build_plan
+from shardyard.runtime.preemption import StepBoundary
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
 from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
-from shardyard.optim.memory import optimizer_memory_report
+from shardyard.runtime.watchdog import beat
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
-from shardyard.models.flops import training_flops_per_token
-from shardyard.tracking.peak_flops import peak_flops
-from shardyard.runtime.preemption import StepBoundary
-from shardyard.runtime.watchdog import beat
 from shardyard.tracking.logger import MetricsLogger
+from shardyard.tracking.peak_flops import peak_flops
 
 LN2 = math.log(2)
 warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -84,9 +85,14 @@ def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
 def record_topology(run_dir: Path, topology: Topology) -> None:
     """Where this rank ran (node rank, local rank as Ray Train assigned them), for reports and tests."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"rank": topology.rank, "node_local": [topology.node_rank, topology.local_rank],
-              "ranks_per_node": topology.ranks_per_node, "world_size": topology.world_size,
-              "hostname": socket.gethostname(), "node_id": os.environ.get("RAY_NODE_ID", "")}
+    record = {
+        "rank": topology.rank,
+        "node_local": [topology.node_rank, topology.local_rank],
+        "ranks_per_node": topology.ranks_per_node,
+        "world_size": topology.world_size,
+        "hostname": socket.gethostname(),
+        "node_id": os.environ.get("RAY_NODE_ID", ""),
+    }
     (run_dir / f"topology-rank{topology.rank}.json").write_text(json.dumps(record))
 
 
@@ -125,34 +131,65 @@ class Trainer:
             record_topology(run_dir, self.plan.groups.topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
-        self.loader = build_data_loader(self.data, spec.data.seq_len, spec.training.batch_size,
-                                        self.ctx.rank, self.ctx.world, spec.seed)
+        self.loader = build_data_loader(
+            self.data, spec.data.seq_len, spec.training.batch_size, self.ctx.rank, self.ctx.world, spec.seed
+        )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
-        texts = {"": self.data.held_out, **{name: self.data.encode_text(text) for name, text in eval_set_texts(
-            spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.ctx.world).items()}}
+        texts = {
+            "": self.data.held_out,
+            **{
+                name: self.data.encode_text(text)
+                for name, text in eval_set_texts(
+                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.ctx.world
+                ).items()
+            },
+        }
         self.token_bytes = None if self.data.token_bytes is None else torch.from_numpy(self.data.token_bytes)
         if self.ctx.rank == 0 and spec.data.prepared:
             print(f"[shardyard] {self.data.describe()}", flush=True)
-        self.val = {name: rank_batches(text, spec.data.seq_len, spec.training.eval_bytes, spec.training.batch_size,
-                                       self.ctx.rank, self.ctx.world) for name, text in texts.items()}
+        self.val = {
+            name: rank_batches(
+                text,
+                spec.data.seq_len,
+                spec.training.eval_bytes,
+                spec.training.batch_size,
+                self.ctx.rank,
+                self.ctx.world,
+            )
+            for name, text in texts.items()
+        }
         control = eval_control(spec, self.data)
-        self.val_controls = {name: rank_controls(text, spec.data.seq_len, spec.training.eval_bytes, self.ctx.rank,
-                                                 self.ctx.world, control) for name, text in texts.items()}
+        self.val_controls = {
+            name: rank_controls(
+                text, spec.data.seq_len, spec.training.eval_bytes, self.ctx.rank, self.ctx.world, control
+            )
+            for name, text in texts.items()
+        }
         self.autocast = autocast_for(spec, self.ctx.device)
         self.step = 0
         self.log = MetricsLogger(spec, run_dir, enabled=self.ctx.rank == 0)
         # Observability: step anatomy, MFU against the worker's peak, memory, expert load.
         self.timer = StepTimer(self.ctx.device, enabled=spec.tracking.step_anatomy)
         self.flops_per_token = training_flops_per_token(spec.model, spec.data.seq_len, self.data.vocab_size)
-        self.peak_flops, peak_source = peak_flops(self.ctx.device, spec.training.precision,
-                                                  max(1, int(spec.resources.cpus_per_worker)))
+        self.peak_flops, peak_source = peak_flops(
+            self.ctx.device, spec.training.precision, max(1, int(spec.resources.cpus_per_worker))
+        )
         self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
         self.expert_window = ExpertLoadWindow(self.moe)
-        self.expert_file = (ExpertLoadFile(run_dir, [layer.num_experts for layer in self.moe])
-                            if self.moe and self.ctx.rank == 0 else None)
+        self.expert_file = (
+            ExpertLoadFile(run_dir, [layer.num_experts for layer in self.moe])
+            if self.moe and self.ctx.rank == 0
+            else None
+        )
         if self.ctx.rank == 0:
-            self.log.describe({"flops_per_token": self.flops_per_token, "peak_flops_per_worker": self.peak_flops,
-                               "peak_flops_source": peak_source, "world": self.ctx.world})
+            self.log.describe(
+                {
+                    "flops_per_token": self.flops_per_token,
+                    "peak_flops_per_worker": self.peak_flops,
+                    "peak_flops_source": peak_source,
+                    "world": self.ctx.world,
+                }
+            )
         self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
 
     # ------------------------------------------------------------------ state
@@ -175,9 +212,14 @@ class Trainer:
     def save_and_report(self, metrics: dict[str, Any]) -> None:
         """Collective: every rank writes its shards into its own staging directory and reports it."""
         refuse_nonfinite_weights(self.model, self.step)  # never make a diverged state the resume point
-        meta = {"step": self.step, "name": self.spec.name, "layout": self.layout(),
-                "scheduler": self.plan.scheduler.state_dict(), "data_position": self.loader.position(),
-                "corpus": self.corpus_fingerprint}
+        meta = {
+            "step": self.step,
+            "name": self.spec.name,
+            "layout": self.layout(),
+            "scheduler": self.plan.scheduler.state_dict(),
+            "data_position": self.loader.position(),
+            "corpus": self.corpus_fingerprint,
+        }
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
             ckpt.save_checkpoint(self.plan, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
@@ -229,16 +271,29 @@ class Trainer:
             self.expert_file.append(self.step, load.counts)
             every = spec.tracking.expert_heatmap_every
             if every and (self.step % every < window_steps or self.step == spec.training.steps):
-                self.log.image(self.step, "moe/load_heatmap", heatmap_rgb(load.counts),
-                               "utilisation per layer (rows) and expert (columns): dark idle, yellow 2x fair share")
+                self.log.image(
+                    self.step,
+                    "moe/load_heatmap",
+                    heatmap_rgb(load.counts),
+                    "utilisation per layer (rows) and expert (columns): dark idle, yellow 2x fair share",
+                )
         return out
 
     def evaluate(self) -> dict[str, EvalResult]:
         """Bits per byte (mean and standard error over windows, all ranks) of the held-out split (key "")
         and of every training.eval_sets entry (key: its name). Collective."""
-        return {name: evaluate(self.model, batches, self.ctx.device, self.autocast, self.ctx.world,
-                               token_bytes=self.token_bytes, controls=self.val_controls[name])
-                for name, batches in self.val.items()}
+        return {
+            name: evaluate(
+                self.model,
+                batches,
+                self.ctx.device,
+                self.autocast,
+                self.ctx.world,
+                token_bytes=self.token_bytes,
+                controls=self.val_controls[name],
+            )
+            for name, batches in self.val.items()
+        }
 
     def maybe_inject_fault(self) -> None:
         """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
@@ -252,8 +307,15 @@ class Trainer:
     def fit(self) -> None:
         spec = self.spec.training
         ckpt_every = self.spec.checkpoint.every
-        self.log.log(self.step, {"kind": "event", "event": "start" if self.step == 0 else "resume",
-                                 "world": self.ctx.world, "total_steps": spec.steps})
+        self.log.log(
+            self.step,
+            {
+                "kind": "event",
+                "event": "start" if self.step == 0 else "resume",
+                "world": self.ctx.world,
+                "total_steps": spec.steps,
+            },
+        )
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes eval/checkpoints
         while self.step < spec.steps:
             self.maybe_inject_fault()
@@ -267,9 +329,14 @@ class Trainer:
             if self.step % spec.log_every == 0 or last:
                 ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world).item()
                 elapsed = time.perf_counter() - window_start - paused
-                record = {"kind": "train", "loss": ce, "bpb": ce / LN2 / self.data.bytes_per_token,
-                          "grad_norm": float(step_metrics["grad_norm"]),
-                          "lr": self.plan.scheduler.get_last_lr()[0], "total_steps": spec.steps}
+                record = {
+                    "kind": "train",
+                    "loss": ce,
+                    "bpb": ce / LN2 / self.data.bytes_per_token,
+                    "grad_norm": float(step_metrics["grad_norm"]),
+                    "lr": self.plan.scheduler.get_last_lr()[0],
+                    "total_steps": spec.steps,
+                }
                 comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
                 self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * spec.grad_accum / 1000.0)
                 record.update(self.observe(window_steps, elapsed))
@@ -287,9 +354,15 @@ class Trainer:
                 eval_s = time.perf_counter() - eval_start
                 self.timer.add("eval", eval_s)
                 metrics["val_bpb"] = results[""].bpb
-                record = {"kind": "eval", "val_bpb": results[""].bpb, "val_bpb_stderr": results[""].stderr,
-                          "val_windows": results[""].windows, "val_control_gain": results[""].control_gain,
-                          "eval_s": eval_s, "total_steps": spec.steps}
+                record = {
+                    "kind": "eval",
+                    "val_bpb": results[""].bpb,
+                    "val_bpb_stderr": results[""].stderr,
+                    "val_windows": results[""].windows,
+                    "val_control_gain": results[""].control_gain,
+                    "eval_s": eval_s,
+                    "total_steps": spec.steps,
+                }
                 for name, result in results.items():
                     if name:
                         record[f"val/{name}_bpb"] = result.bpb
@@ -330,7 +403,7 @@ class LocalReporter:
         if rank == 0:
             shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
             ckpt.commit_local(staged, self.run_dir / f"checkpoint_{int(metrics['step']):08d}")
-            for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep:]:
+            for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
         if many:
             dist.barrier()
@@ -371,7 +444,9 @@ def _ray_resume_directory(run_dir: Path, rank: int) -> Path | None:
             return newest
         if rank == 0:
             print(f"[shardyard] checkpoint {path.name} is incomplete ({problem}); falling back", flush=True)
-    return ckpt.find_latest_checkpoint(run_dir, report=(lambda m: print(f"[shardyard] {m}", flush=True)) if rank == 0 else None)
+    return ckpt.find_latest_checkpoint(
+        run_dir, report=(lambda m: print(f"[shardyard] {m}", flush=True)) if rank == 0 else None
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import resource
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -110,7 +110,7 @@ def step_anatomy(seconds: dict[str, float], steps: int, world: int) -> dict[str,
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """This process's peak memory in GiB: allocated / reserved on CUDA, resident set size always."""
-    gib = 1024.0 ** 3
+    gib = 1024.0**3
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     out = {"rss": rss / gib * (1 if sys.platform == "darwin" else 1024.0)}
     if device.type == "cuda":
@@ -134,5 +134,5 @@ def memory_metrics(device: torch.device, world: int, predicted_state_bytes: floa
         out[f"mem/peak_{name}_gib_max"] = float(high[i])
         out[f"mem/peak_{name}_gib_mean"] = float(values[i] / world)
     if predicted_state_bytes is not None:
-        out["mem/predicted_state_gib"] = predicted_state_bytes / 1024.0 ** 3
+        out["mem/predicted_state_gib"] = predicted_state_bytes / 1024.0**3
     return out

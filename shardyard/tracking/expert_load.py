@@ -46,6 +46,7 @@ def utilisation_summary(counts: np.ndarray, top_k: int) -> dict[str, float]:
 @dataclass
 class WindowLoad:
     """One logging window's reduced expert accounting: per-layer counts and metric summaries."""
+
     counts: list[np.ndarray]
     metrics: dict[str, float]
 
@@ -80,8 +81,8 @@ class ExpertLoadWindow:
         offset = 0
         for i, layer in enumerate(self.layers):
             experts = layer.num_experts
-            load = flat[offset:offset + experts]
-            sums = dict(zip(LAYER_SUMS, flat[offset + experts:offset + experts + len(LAYER_SUMS)]))
+            load = flat[offset : offset + experts]
+            sums = dict(zip(LAYER_SUMS, flat[offset + experts : offset + experts + len(LAYER_SUMS)]))
             offset += experts + len(LAYER_SUMS)
             counts.append(load.copy())
             weight = max(float(sums["weight"]), 1e-12)  # micro-batch weights summed over steps and ranks
@@ -106,8 +107,10 @@ class ExpertLoadFile:
         if index.exists():
             existing = json.loads(index.read_text())
             if existing.get("experts_per_layer") != experts_per_layer:
-                raise ValueError(f"{index}: written for experts {existing.get('experts_per_layer')}, "
-                                 f"this model has {experts_per_layer}")
+                raise ValueError(
+                    f"{index}: written for experts {existing.get('experts_per_layer')}, "
+                    f"this model has {experts_per_layer}"
+                )
         else:
             tmp = index.with_name(f".{index.name}.tmp")
             tmp.write_text(json.dumps(layout))
@@ -147,7 +150,7 @@ def read_expert_load(run_dir: Path) -> tuple[np.ndarray, list[np.ndarray]] | Non
     steps = records["step"][order]
     counts = records["counts"][order]
     bounds = np.cumsum([0, *experts])
-    return steps, [counts[:, bounds[i]:bounds[i + 1]] for i in range(len(experts))]
+    return steps, [counts[:, bounds[i] : bounds[i + 1]] for i in range(len(experts))]
 
 
 def heatmap_rgb(counts: list[np.ndarray]) -> np.ndarray:
@@ -158,7 +161,7 @@ def heatmap_rgb(counts: list[np.ndarray]) -> np.ndarray:
     util = np.full((rows, cols), np.nan)
     for i, c in enumerate(counts):
         total = c.sum()
-        util[i, :c.shape[0]] = c / (total / c.shape[0]) if total > 0 else 0.0
+        util[i, : c.shape[0]] = c / (total / c.shape[0]) if total > 0 else 0.0
     x = np.clip(np.nan_to_num(util, nan=0.0) / 2.0, 0.0, 1.0)  # 0..2x the fair share -> 0..1
     stops = np.array([[0.05, 0.03, 0.25], [0.15, 0.55, 0.55], [1.0, 0.9, 0.1]])  # idle, fair, hot
     position = x * (len(stops) - 1)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from typing import Any, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 PROGRESS_PREFIX = "[shardyard] step "
 LOAD_PREFIX = "[shardyard] experts "
@@ -43,26 +44,36 @@ def load_line(record: dict[str, Any], max_layers: int = 12) -> str | None:
         return f"{LOAD_PREFIX}max load/dead per layer: " + "  ".join(parts)
     worst = max(layers, key=lambda i: layers[i].get("util_max", 0))
     dead = sum(int(v.get("dead", 0)) for v in layers.values())
-    return (f"{LOAD_PREFIX}{len(layers)} layers: max load {layers[worst].get('util_max', 0):.1f}x (layer {worst}), "
-            f"{dead} dead experts in {sum(1 for v in layers.values() if v.get('dead', 0))} layers")
+    return (
+        f"{LOAD_PREFIX}{len(layers)} layers: max load {layers[worst].get('util_max', 0):.1f}x (layer {worst}), "
+        f"{dead} dead experts in {sum(1 for v in layers.values() if v.get('dead', 0))} layers"
+    )
 
 
 class LiveStatus:
     """Fed the metric records rank 0 writes (as `run_training`'s on_progress callback)."""
 
-    def __init__(self, total: int, initial: int = 0, stream: TextIO | None = None,
-                 tty: bool | None = None, interval_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.total, self.initial = total, initial
         self.interval_s = interval_s
         self.val_bpb: float | None = None
         self._started: tuple[float, int] | None = None  # (time, step) of the first record seen
-        self._last_print = 0.0
+        self.clock = clock
+        self._last_print: float | None = None  # None: the first train record always prints
         self._lines_on_screen = 0
 
     def status_line(self, record: dict[str, Any], now: float | None = None) -> str:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         step = int(record["step"])
         parts = [f"{PROGRESS_PREFIX}{step}/{self.total}", f"loss {record.get('loss', float('nan')):.4f}"]
         if self.val_bpb is not None:
@@ -81,16 +92,21 @@ class LiveStatus:
             if record.get("kind") == "eval":
                 self.val_bpb = float(record["val_bpb"])
                 if not self.tty:
-                    self._write([f"{PROGRESS_PREFIX}{record['step']}/{self.total}  val {self.val_bpb:.4f} bpb "
-                                 f"+- {record.get('val_bpb_stderr', 0.0):.4f}"])
+                    self._write(
+                        [
+                            f"{PROGRESS_PREFIX}{record['step']}/{self.total}  val {self.val_bpb:.4f} bpb "
+                            f"+- {record.get('val_bpb_stderr', 0.0):.4f}"
+                        ]
+                    )
                 continue
             if record.get("kind") != "train":
                 continue
-            now = time.monotonic()
+            now = self.clock()
             if self._started is None:
                 self._started = (now, int(record["step"]))
             last = int(record["step"]) >= self.total
-            if not self.tty and not last and now - self._last_print < self.interval_s:
+            recent = self._last_print is not None and now - self._last_print < self.interval_s
+            if not self.tty and not last and recent:
                 continue
             lines = [self.status_line(record, now)]
             load = load_line(record)

@@ -16,8 +16,8 @@ import json
 import os
 import re
 import time
-import warnings
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,13 @@ WANDB_ID_FILE = "wandb_id"
 RUN_INFO_FILE = "run_info.json"
 STEP_KEY = "trainer/step"
 PREFIXES = ("train/", "eval/", "time/", "mem/", "moe/", "comm/")
-_RENAMED = {"val_bpb": "eval/bpb", "val_bpb_stderr": "eval/bpb_stderr", "val_windows": "eval/windows",
-            "val_control_gain": "eval/control_gain", "eval_s": "time/eval_s"}
+_RENAMED = {
+    "val_bpb": "eval/bpb",
+    "val_bpb_stderr": "eval/bpb_stderr",
+    "val_windows": "eval/windows",
+    "val_control_gain": "eval/control_gain",
+    "eval_s": "time/eval_s",
+}
 _NOT_METRICS = {"kind", "total_steps", "event"}
 _SECRET_NAME = re.compile(r"(secret|token|password|passwd|api_?key|credential|private)", re.IGNORECASE)
 
@@ -40,7 +45,7 @@ def wandb_key(name: str) -> str:
     if name in _RENAMED:
         return _RENAMED[name]
     if name.startswith("val/"):
-        return "eval/" + name[len("val/"):]
+        return "eval/" + name[len("val/") :]
     if name.startswith(PREFIXES):
         return name
     return "train/" + name
@@ -92,8 +97,12 @@ def _start_wandb(spec: JobSpec, run_dir: Path, attempts: int = 6):
             )
         except Exception as err:  # wandb raises its own error types from its service
             if attempt == attempts - 1:
-                warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); this run logs to "
-                              f"{run_dir / METRICS_FILE} only", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"wandb could not start ({type(err).__name__}: {err}); this run logs to "
+                    f"{run_dir / METRICS_FILE} only",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return None
             time.sleep(2.0 * (attempt + 1))
     return None
@@ -135,8 +144,9 @@ class MetricsLogger:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         if self._wandb_run is not None and metrics.get("kind") != "event":
-            values = {wandb_key(k): v for k, v in metrics.items()
-                      if k not in _NOT_METRICS and isinstance(v, (int, float))}
+            values = {
+                wandb_key(k): v for k, v in metrics.items() if k not in _NOT_METRICS and isinstance(v, (int, float))
+            }
             self._wandb_run.log({STEP_KEY: step, **values})
 
     def image(self, step: int, key: str, rgb: Any, caption: str) -> None:

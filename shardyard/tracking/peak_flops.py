@@ -57,7 +57,7 @@ def measure_cpu_peak(threads: int, dtype: torch.dtype, size: int = 512, seconds:
             start = time.perf_counter()
             for _ in range(4):
                 a @ b
-            best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
+            best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
         return best
     finally:
         torch.set_num_threads(previous)

@@ -67,12 +67,15 @@ def load_run(directory: Path) -> Run:
     except (OSError, ValueError, KeyError):
         load = None
     return Run(
-        name=directory.name, directory=directory,
+        name=directory.name,
+        directory=directory,
         train=[r for r in records if r.get("kind") == "train"],
         evals=[r for r in records if r.get("kind") == "eval"],
         restarts=[int(e["step"]) for e in read_events(directory) if e.get("event") == "resume"],
         spec_text=spec_file.read_text(errors="replace") if spec_file.exists() else "(no spec.yaml)\n",
-        info=info, expert_load=load)
+        info=info,
+        expert_load=load,
+    )
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -140,8 +143,13 @@ def _anatomy_figure(plt, runs: list[Run]) -> str | None:
         layers = [[float(r.get(f"time/{part}_ms", 0.0)) for r in rows] for part in ANATOMY]
         ax.stackplot(steps, *layers, labels=ANATOMY, alpha=0.85)
         if any(r.get("time/a2a_ms", 0.0) > 0 for r in rows):
-            ax.plot(steps, [float(r.get("time/a2a_ms", 0.0)) for r in rows], "k--", linewidth=1,
-                    label="all-to-all (inside forward + backward)")
+            ax.plot(
+                steps,
+                [float(r.get("time/a2a_ms", 0.0)) for r in rows],
+                "k--",
+                linewidth=1,
+                label="all-to-all (inside forward + backward)",
+            )
         ax.set_title(run.name, fontsize=9)
         _finish(ax, [run], "ms per step (mean over ranks)")
         ax.legend(fontsize=6, ncol=4, loc="upper left")
@@ -188,8 +196,16 @@ def _heatmap(plt, run: Run, layer: int) -> str:
     totals = counts.sum(axis=1, keepdims=True)
     util = np.divide(counts * counts.shape[1], totals, out=np.zeros_like(counts), where=totals > 0)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    image = ax.imshow(util.T, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=2.0,
-                      interpolation="nearest", extent=(float(steps[0]) - 0.5, float(steps[-1]) + 0.5, -0.5, counts.shape[1] - 0.5))
+    image = ax.imshow(
+        util.T,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        vmin=0.0,
+        vmax=2.0,
+        interpolation="nearest",
+        extent=(float(steps[0]) - 0.5, float(steps[-1]) + 0.5, -0.5, counts.shape[1] - 0.5),
+    )
     fig.colorbar(image, ax=ax, label="load / fair share")
     for step in run.restarts:
         ax.axvline(step, color="white", linestyle="--", linewidth=1)
@@ -212,9 +228,12 @@ pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
 
 
 def _figure(fig_id: str, title: str, png: str, caption: str = "") -> str:
-    return (f"<figure class='fig' id='{fig_id}'><h2>{html.escape(title)}</h2>"
-            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
-            + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
+    return (
+        f"<figure class='fig' id='{fig_id}'><h2>{html.escape(title)}</h2>"
+        f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
+        + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "")
+        + "</figure>"
+    )
 
 
 def _layer_selector(plt, run: Run, index: int) -> str:
@@ -222,28 +241,41 @@ def _layer_selector(plt, run: Run, index: int) -> str:
     assert run.expert_load is not None
     layers = len(run.expert_load[1])
     group = f"r{index}"
-    radios = "".join(f"<input type='radio' name='{group}' id='{group}l{i}'{' checked' if i == 0 else ''}/>"
-                     for i in range(layers))
+    radios = "".join(
+        f"<input type='radio' name='{group}' id='{group}l{i}'{' checked' if i == 0 else ''}/>" for i in range(layers)
+    )
     labels = "".join(f"<label for='{group}l{i}'>layer {i}</label>" for i in range(layers))
-    panels = "".join(f"<div class='panel p{i}'>{_figure(f'fig-load-{index}-{i}', f'Expert load, {run.name}, layer {i}', _heatmap(plt, run, i))}</div>"
-                     for i in range(layers))
+    panels = "".join(
+        f"<div class='panel p{i}'>{_figure(f'fig-load-{index}-{i}', f'Expert load, {run.name}, layer {i}', _heatmap(plt, run, i))}</div>"
+        for i in range(layers)
+    )
     rules = "".join(f"#{group}l{i}:checked~.panels .p{i}{{display:block}}" for i in range(layers))
-    return f"<style>{rules}</style><div class='layers'>{radios}<div>{labels}</div><div class='panels'>{panels}</div></div>"
+    return (
+        f"<style>{rules}</style><div class='layers'>{radios}<div>{labels}</div><div class='panels'>{panels}</div></div>"
+    )
 
 
 def _summary_table(runs: list[Run]) -> str:
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(r.name)}</th>" for r in runs) + "</tr>"
 
     def row(label: str, values: list[str]) -> str:
-        return f"<tr><td style='text-align:left'>{html.escape(label)}</td>" + "".join(f"<td>{v}</td>" for v in values) + "</tr>"
+        return (
+            f"<tr><td style='text-align:left'>{html.escape(label)}</td>"
+            + "".join(f"<td>{v}</td>" for v in values)
+            + "</tr>"
+        )
 
     def last(run: Run, key: str, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
         return next((r for r in reversed(run.train if records is None else records) if key in r), None)
 
     rows = [row("steps", [str(r.train[-1]["step"]) if r.train else "-" for r in runs])]
-    for label, key, fmt in [("train bits/byte", "bpb", "{:.4f}"), ("tokens / s", "tokens_per_s", "{:.0f}"),
-                            ("MFU", "mfu", "{:.2%}"), ("step ms", "time/step_ms", "{:.1f}"),
-                            ("peak RSS GiB (max rank)", "mem/peak_rss_gib_max", "{:.2f}")]:
+    for label, key, fmt in [
+        ("train bits/byte", "bpb", "{:.4f}"),
+        ("tokens / s", "tokens_per_s", "{:.0f}"),
+        ("MFU", "mfu", "{:.2%}"),
+        ("step ms", "time/step_ms", "{:.1f}"),
+        ("peak RSS GiB (max rank)", "mem/peak_rss_gib_max", "{:.2f}"),
+    ]:
         rows.append(row(label, [fmt.format(rec[key]) if (rec := last(r, key)) else "-" for r in runs]))
     values = []
     for r in runs:
@@ -251,19 +283,27 @@ def _summary_table(runs: list[Run]) -> str:
         values.append(f"{rec['val_bpb']:.4f} &plusmn; {rec.get('val_bpb_stderr', 0.0):.4f}" if rec else "-")
     rows.append(row("held-out bits/byte (final)", values))
     rows.append(row("restarts", [str(len(r.restarts)) for r in runs]))
-    rows.append(row("FLOPs / token", [f"{r.info['flops_per_token']:.3g}" if "flops_per_token" in r.info else "-" for r in runs]))
+    rows.append(
+        row("FLOPs / token", [f"{r.info['flops_per_token']:.3g}" if "flops_per_token" in r.info else "-" for r in runs])
+    )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
 def _spec_section(runs: list[Run]) -> str:
     out = "".join(f"<h3>{html.escape(r.name)}</h3><pre>{html.escape(r.spec_text)}</pre>" for r in runs[:1])
     for other in runs[1:]:
-        diff = difflib.unified_diff(runs[0].spec_text.splitlines(), other.spec_text.splitlines(),
-                                    runs[0].name, other.name, lineterm="", n=1)
+        diff = difflib.unified_diff(
+            runs[0].spec_text.splitlines(), other.spec_text.splitlines(), runs[0].name, other.name, lineterm="", n=1
+        )
         lines = []
         for line in diff:
-            cls = "add" if line.startswith("+") and not line.startswith("+++") else \
-                  "del" if line.startswith("-") and not line.startswith("---") else ""
+            cls = (
+                "add"
+                if line.startswith("+") and not line.startswith("+++")
+                else "del"
+                if line.startswith("-") and not line.startswith("---")
+                else ""
+            )
             lines.append(f"<span class='{cls}'>{html.escape(line)}</span>")
         body = "\n".join(lines) or "(identical specs)"
         out += f"<h3>spec diff: {html.escape(runs[0].name)} &rarr; {html.escape(other.name)}</h3><pre class='diff'>{body}</pre>"
@@ -279,28 +319,61 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
 
     runs = [load_run(Path(d)) for d in run_dirs]
     if out is None:
-        out = runs[0].directory / "report.html" if len(runs) == 1 else \
-            Path.cwd() / f"report-{'-vs-'.join(r.name for r in runs)}.html"
-    sections = [_figure("fig-loss", "Bits per byte", _loss_figure(plt, runs),
-                        "train (line) and held-out (points, +- standard error); dashed verticals: restarts"),
-                _figure("fig-throughput", "Throughput and MFU", _throughput_figure(plt, runs),
-                        "MFU = FLOPs per token x tokens/s / (workers x peak FLOP/s of a worker)")]
+        out = (
+            runs[0].directory / "report.html"
+            if len(runs) == 1
+            else Path.cwd() / f"report-{'-vs-'.join(r.name for r in runs)}.html"
+        )
+    sections = [
+        _figure(
+            "fig-loss",
+            "Bits per byte",
+            _loss_figure(plt, runs),
+            "train (line) and held-out (points, +- standard error); dashed verticals: restarts",
+        ),
+        _figure(
+            "fig-throughput",
+            "Throughput and MFU",
+            _throughput_figure(plt, runs),
+            "MFU = FLOPs per token x tokens/s / (workers x peak FLOP/s of a worker)",
+        ),
+    ]
     for fig_id, title, png, caption in [
-        ("fig-anatomy", "Step anatomy", _anatomy_figure(plt, runs), "where a training step's time goes; eval and checkpoint amortised over the steps between logs"),
-        ("fig-memory", "Memory", _memory_figure(plt, runs), "peak per worker (max over ranks) against the predicted training state"),
-        ("fig-comm", "All-to-all", _comm_figure(plt, runs), "expert dispatch and combine, per optimizer step (this rank)"),
+        (
+            "fig-anatomy",
+            "Step anatomy",
+            _anatomy_figure(plt, runs),
+            "where a training step's time goes; eval and checkpoint amortised over the steps between logs",
+        ),
+        (
+            "fig-memory",
+            "Memory",
+            _memory_figure(plt, runs),
+            "peak per worker (max over ranks) against the predicted training state",
+        ),
+        (
+            "fig-comm",
+            "All-to-all",
+            _comm_figure(plt, runs),
+            "expert dispatch and combine, per optimizer step (this rank)",
+        ),
     ]:
         if png is not None:
             sections.append(_figure(fig_id, title, png, caption))
     for index, run in enumerate(runs):
         if run.expert_load is not None:
-            sections.append(f"<h2>Expert load: {html.escape(run.name)}</h2>"
-                            "<p>Tokens each expert received over each logging window / its fair share "
-                            "(1 = balanced, 0 = dead); pick a layer:</p>" + _layer_selector(plt, run, index))
+            sections.append(
+                f"<h2>Expert load: {html.escape(run.name)}</h2>"
+                "<p>Tokens each expert received over each logging window / its fair share "
+                "(1 = balanced, 0 = dead); pick a layer:</p>" + _layer_selector(plt, run, index)
+            )
     title = " vs ".join(r.name for r in runs)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head>"
-            f"<body><h1>{'Run' if len(runs) == 1 else 'Runs'} {html.escape(title)}</h1>"
-            f"{_summary_table(runs)}{''.join(sections)}<h2>Spec</h2>{_spec_section(runs)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta "
+        f"charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head>"
+        f"<body><h1>{'Run' if len(runs) == 1 else 'Runs'} {html.escape(title)}</h1>"
+        f"{_summary_table(runs)}{''.join(sections)}<h2>Spec</h2>{_spec_section(runs)}</body></html>"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page)

@@ -47,11 +47,11 @@ def _records(path: Path) -> list[bytes]:
         if left_in_block < HEADER:  # a block's tail too short for a header is padding
             position += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
         if kind == 0 and length == 0:  # zero padding at the end of a block
             position += left_in_block
             continue
-        body = data[position + HEADER:position + HEADER + length]
+        body = data[position + HEADER : position + HEADER + length]
         if len(body) < length:
             break  # the writer was cut off mid-record
         position += HEADER + length
@@ -110,8 +110,9 @@ def sync_command(run_dir: Path, project: str | None = None, entity: str | None =
     id_file = run_dir / WANDB_ID_FILE
     runs = offline_runs(run_dir)
     if not id_file.exists() or not runs:
-        raise UserError(f"{run_dir}: no offline wandb runs to sync (is it a run directory of a job with "
-                        "tracking.mode: offline?)")
+        raise UserError(
+            f"{run_dir}: no offline wandb runs to sync (is it a run directory of a job with tracking.mode: offline?)"
+        )
     wandb_bin = Path(sys.executable).with_name("wandb")
     executable = str(wandb_bin) if wandb_bin.exists() else (shutil.which("wandb") or "wandb")
     command = [executable, "sync", "--id", id_file.read_text().strip(), "--project", project or _project(run_dir)]
@@ -134,10 +135,15 @@ def has_credentials() -> bool:
 def sync_run(run_dir: Path, project: str | None = None, entity: str | None = None) -> int:
     command = sync_command(run_dir, project, entity)
     if not has_credentials():
-        raise UserError("no wandb credentials: run `wandb login` (or set WANDB_API_KEY) on a machine with a "
-                        f"network, then `shardyard sync {run_dir}`; nothing was uploaded")
-    print(f"syncing {len(offline_runs(run_dir))} offline run(s) of {run_dir.name} into wandb run "
-          f"{command[command.index('--id') + 1]}...", flush=True)
+        raise UserError(
+            "no wandb credentials: run `wandb login` (or set WANDB_API_KEY) on a machine with a "
+            f"network, then `shardyard sync {run_dir}`; nothing was uploaded"
+        )
+    print(
+        f"syncing {len(offline_runs(run_dir))} offline run(s) of {run_dir.name} into wandb run "
+        f"{command[command.index('--id') + 1]}...",
+        flush=True,
+    )
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]

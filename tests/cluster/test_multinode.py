@@ -18,12 +18,15 @@ pytestmark = pytest.mark.slow
 def test_two_node_cluster_hierarchical_expert_parallel(tmp_path: Path) -> None:
     import ray
 
-    with two_node_ray_cluster() as cluster:
+    with two_node_ray_cluster():
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        text = tiny_spec_yaml("twonode", tmp_path / "runs",
-                              training="{steps: 8, batch_size: 2, eval_every: 4, eval_bytes: 2048, log_every: 1}",
-                              resources="{workers: 4, cpus_per_worker: 1, max_failures: 0}",
-                              parallel="{expert_parallel: 4, a2a: hierarchical}")
+        text = tiny_spec_yaml(
+            "twonode",
+            tmp_path / "runs",
+            training="{steps: 8, batch_size: 2, eval_every: 4, eval_bytes: 2048, log_every: 1}",
+            resources="{workers: 4, cpus_per_worker: 1, max_failures: 0}",
+            parallel="{expert_parallel: 4, a2a: hierarchical}",
+        )
         spec = load_spec_text(text)
         result = run_training(spec, tmp_path / "runs" / "twonode")
         assert result.error is None, result.error
@@ -39,5 +42,3 @@ def read_placements(run_dir: Path) -> list[tuple[int, int]]:
     import json
 
     return [tuple(json.loads(p.read_text())["node_local"]) for p in sorted(run_dir.glob("topology-rank*.json"))]
-
-

@@ -34,8 +34,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
 
 def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml("submitted", tmp_path / "runs",
-                                   training="{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, log_every: 2}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "submitted",
+            tmp_path / "runs",
+            training="{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, log_every: 2}",
+        )
+    )
     proc = run_cli("submit", str(spec), "--address", ADDRESS, "--set", "checkpoint.every=6", env=ray_head)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().splitlines()[-1]
@@ -70,8 +75,13 @@ def test_a_wrong_token_is_refused(ray_head: dict, tmp_path: Path) -> None:
 
 def test_stop_a_running_job(ray_head: dict, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml("stopped", tmp_path / "runs",
-                                   training="{steps: 5000, batch_size: 4, eval_every: 1000, eval_bytes: 2048, log_every: 10}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "stopped",
+            tmp_path / "runs",
+            training="{steps: 5000, batch_size: 4, eval_every: 1000, eval_bytes: 2048, log_every: 10}",
+        )
+    )
     job_id = run_cli("submit", str(spec), "--address", ADDRESS, env=ray_head).stdout.strip().splitlines()[-1]
     deadline = time.time() + 180
     while time.time() < deadline:  # wait until it is really training

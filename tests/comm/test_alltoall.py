@@ -61,8 +61,9 @@ def _check_all(topo: Topology) -> None:
     width = 5
     for step in range(3):
         splits = _splits(topo.rank, topo.world_size, step)
-        x = (torch.arange(sum(splits) * width, dtype=torch.float32).view(-1, width)
-             + 1000 * topo.rank).requires_grad_(True)
+        x = (torch.arange(sum(splits) * width, dtype=torch.float32).view(-1, width) + 1000 * topo.rank).requires_grad_(
+            True
+        )
         results = {}
         for name in ALGORITHMS:
             a2a = build_all_to_all(name, groups)
@@ -72,7 +73,7 @@ def _check_all(topo: Topology) -> None:
             y, recv = run_route(xi, route), route.recv_splits
             w = torch.linspace(-1, 1, y.numel()).view_as(y) + topo.rank
             z = run_route(y * w, route.reverse())
-            (z.sin().sum() + (y ** 2).sum()).backward()
+            (z.sin().sum() + (y**2).sum()).backward()
             results[name] = (y.detach(), list(recv), z.detach(), xi.grad)
         # rows from rank i are that rank's block for me, in order
         y, recv, z, _ = results["flat"]
@@ -81,7 +82,7 @@ def _check_all(topo: Topology) -> None:
             s = _splits(src, topo.world_size, step)
             start = sum(s[: topo.rank])
             base = torch.arange(sum(s) * width, dtype=torch.float32).view(-1, width) + 1000 * src
-            expect.append(base[start:start + s[topo.rank]])
+            expect.append(base[start : start + s[topo.rank]])
         assert torch.equal(y, torch.cat(expect))
         assert recv == [_splits(src, topo.world_size, step)[topo.rank] for src in range(topo.world_size)]
         for name in ALGORITHMS[1:]:

@@ -23,8 +23,18 @@ def _points(link: cm.LinkParams) -> list[dict]:
     for algo in cm.ALGORITHMS:
         for nodes in (2, 4):
             for b in (16 * 1024, 256 * 1024, 4 * 2**20):
-                pts.append({"algo": algo, "nodes": nodes, "rpn": 2, "rate_mbit": 200.0, "bytes_per_rank": b,
-                            "median_s": cm.predict(algo, nodes, 2, b, link), "q1_s": 0, "q3_s": 0})
+                pts.append(
+                    {
+                        "algo": algo,
+                        "nodes": nodes,
+                        "rpn": 2,
+                        "rate_mbit": 200.0,
+                        "bytes_per_rank": b,
+                        "median_s": cm.predict(algo, nodes, 2, b, link),
+                        "q1_s": 0,
+                        "q3_s": 0,
+                    }
+                )
     return pts
 
 
@@ -45,16 +55,22 @@ def test_fit_recovers_constants() -> None:
 def test_crossover_matches_predictions() -> None:
     c = cm.crossover_bytes(64, 8, cm.GPU_CLUSTER)
     assert c is not None and math.isfinite(c)
-    below = cm.predict("hierarchical", 64, 8, 0.5 * c, cm.GPU_CLUSTER) < cm.predict("flat", 64, 8, 0.5 * c, cm.GPU_CLUSTER)
+    below = cm.predict("hierarchical", 64, 8, 0.5 * c, cm.GPU_CLUSTER) < cm.predict(
+        "flat", 64, 8, 0.5 * c, cm.GPU_CLUSTER
+    )
     above = cm.predict("hierarchical", 64, 8, 2 * c, cm.GPU_CLUSTER) > cm.predict("flat", 64, 8, 2 * c, cm.GPU_CLUSTER)
     assert below and above
 
 
 def test_plan(tmp_path: Path) -> None:
-    spec = JobSpec(name="p", model={"kind": "moe", "width": 1024, "heads": 8, "depth": 4,
-                                    "moe": {"num_experts": 64, "top_k": 2}},
-                   training={"batch_size": 1, "precision": "bf16"},
-                   data={"seq_len": 1024}, parallel={"expert_parallel": 64}, resources={"workers": 512})
+    spec = JobSpec(
+        name="p",
+        model={"kind": "moe", "width": 1024, "heads": 8, "depth": 4, "moe": {"num_experts": 64, "top_k": 2}},
+        training={"batch_size": 1, "precision": "bf16"},
+        data={"seq_len": 1024},
+        parallel={"expert_parallel": 64},
+        resources={"workers": 512},
+    )
     res = cm.plan(spec, nodes=64, gpus_per_node=8, link=cm.GPU_CLUSTER)
     assert res.bytes_per_rank == 1024 * 2 * 1024 * 2
     assert res.expert_parallel == 64 and res.exchanges_per_step == 16
@@ -71,10 +87,20 @@ def test_plan(tmp_path: Path) -> None:
 
 
 def _spec(width: int, seq_len: int) -> JobSpec:
-    return JobSpec(name="p", model={"kind": "moe", "width": width, "heads": 8, "depth": 2,
-                                    "moe": {"num_experts": 512, "top_k": 2, "every": 1}},
-                   training={"batch_size": 1, "precision": "bf16"}, data={"seq_len": seq_len},
-                   parallel={"expert_parallel": 512}, resources={"workers": 512})
+    return JobSpec(
+        name="p",
+        model={
+            "kind": "moe",
+            "width": width,
+            "heads": 8,
+            "depth": 2,
+            "moe": {"num_experts": 512, "top_k": 2, "every": 1},
+        },
+        training={"batch_size": 1, "precision": "bf16"},
+        data={"seq_len": seq_len},
+        parallel={"expert_parallel": 512},
+        resources={"workers": 512},
+    )
 
 
 def test_plan_recommends_the_clear_winner() -> None:
@@ -87,7 +113,9 @@ def test_plan_recommends_the_clear_winner() -> None:
         winner = min(times, key=times.__getitem__)
         assert winner == expected
         others = [t for a, t in times.items() if a != winner]
-        assert (times[winner] <= 0.5 * times["flat"]) if winner != "flat" else (1.25 * times["flat"] <= min(others)), times
+        assert (times[winner] <= 0.5 * times["flat"]) if winner != "flat" else (1.25 * times["flat"] <= min(others)), (
+            times
+        )
         assert res.recommendation == winner, res.render()
 
 

@@ -3,8 +3,8 @@
 Payload dtype and deduplication against the plain transport, on 4 real gloo ranks faking 2 nodes of
 2 (flat, hierarchical, leader), and on one worker (the local transport). Deduplication is
 bit-identical to the MoE layer's expert-parallel path, on 4 ranks and on one worker (outputs and
-every gradient; both sum a token's terms per destination rank first, see comm/dedup.py), bf16 / fp8 payloads within their rounding. LSH with one
-row per bucket must equal the plain transport exactly, and hash identically on every rank.
+every gradient; both sum a token's terms per destination rank first, see comm/dedup.py), bf16 / fp8
+payloads within their rounding. LSH with one row per bucket must equal the plain transport exactly, and hash identically on every rank.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardyard.comm.topology import Topology
 from shardyard.comm.alltoall import ALGORITHMS
 from shardyard.comm.dispatch import dispatch_metrics
 from shardyard.comm.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from shardyard.comm.groups import build_groups
 from shardyard.comm.launch import spawn
+from shardyard.comm.topology import Topology
 from shardyard.comm.wire import FP8Codec
 from shardyard.models.moe.experts import GroupedExperts
 from shardyard.models.moe.layer import MoELayer
@@ -59,8 +59,13 @@ def _run(module: ExpertParallelExperts, rank: int, fused: bool) -> dict[str, tor
     else:  # today's path, as the MoE layer runs it
         out = combine(module(dispatch(tokens, token_of), offsets), weight_of, token_of, TOKENS)
     (out.sin() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return {"out": out.detach(), "tokens": tokens.grad, "weights": weight_of.grad,
-            "w_up": module.local.w_up.grad, "w_down": module.local.w_down.grad}
+    return {
+        "out": out.detach(),
+        "tokens": tokens.grad,
+        "weights": weight_of.grad,
+        "w_up": module.local.w_up.grad,
+        "w_down": module.local.w_down.grad,
+    }
 
 
 def _wrap(groups, algo: str, **dispatch_settings) -> ExpertParallelExperts:
@@ -77,8 +82,9 @@ def _check_stack(topo: Topology) -> None:
         for key in plain:
             assert torch.equal(dedup[key], layer_path[key]), f"{algo}: dedup {key} is not bit-identical"
             # the layer's path sums each token's terms per destination rank first: an association only
-            torch.testing.assert_close(layer_path[key], plain[key], rtol=1e-6, atol=1e-6,
-                                       msg=lambda m: f"{algo}: {key}: {m}")
+            torch.testing.assert_close(
+                layer_path[key], plain[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{algo}: {key}: {m}"
+            )
         metrics = dispatch_metrics(dedup_module)
         assert metrics["comm/layer0/rows_sent"] < metrics["comm/layer0/tokens_in"], metrics
         if algo == "flat":  # node dedup has its own two hops (inter-node, then intra-node): any algo
@@ -117,16 +123,24 @@ def _check_node_dedup(groups, rank: int, layer_path: dict[str, torch.Tensor], ra
     node = _run(module, rank, fused=True)
     for key in layer_path:
         # expert rows arrive in another order (relay, node, token), so weight gradients sum in another order
-        torch.testing.assert_close(node[key], layer_path[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"node dedup {key}: {m}")
+        torch.testing.assert_close(
+            node[key], layer_path[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"node dedup {key}: {m}"
+        )
     metrics = dispatch_metrics(module)
     _, token_of, _, offsets = _routing(rank)
-    expert_of = torch.repeat_interleave(torch.arange(EXPERTS), torch.diff(offsets.long(), prepend=torch.zeros(1, dtype=torch.long)))
+    expert_of = torch.repeat_interleave(
+        torch.arange(EXPERTS), torch.diff(offsets.long(), prepend=torch.zeros(1, dtype=torch.long))
+    )
     node_of = expert_of // (EXPERTS // 2)  # 2 nodes of 2 ranks, 2 experts per rank
     remote = node_of != rank // 2
     crossing_rows = torch.unique(node_of[remote] * TOKENS + token_of[remote]).numel()
     row_bytes = 2 * 2 * (WIDTH * 4 + 3 * 4)  # out and back, forward and backward: fp32 row + 3 fp32 weights
     assert metrics["comm/bytes_internode"] == crossing_rows * row_bytes
-    assert metrics["comm/bytes_internode"] < rank_dedup["comm/bytes_internode"] < metrics["comm/layer0/tokens_in"] * row_bytes
+    assert (
+        metrics["comm/bytes_internode"]
+        < rank_dedup["comm/bytes_internode"]
+        < metrics["comm/layer0/tokens_in"] * row_bytes
+    )
     low = _run(_wrap(groups, "flat", dedup="node", payload="bf16"), rank, fused=True)
     assert (low["out"] - layer_path["out"]).abs().max() / layer_path["out"].abs().max() < 2e-2
 
@@ -275,8 +289,7 @@ def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
     tokens, token_of, weight_of, offsets = _routing(0)
     grads = []
     for use_checkpoint in (False, True):
-        module = _wrap(None, "flat", lsh={"hashes": 3, "rotation_refresh": 1, "target_ratio": 0.05,
-                                          "error_every": 0})
+        module = _wrap(None, "flat", lsh={"hashes": 3, "rotation_refresh": 1, "target_ratio": 0.05, "error_every": 0})
         module.lsh.forwards.fill_(5)
         module._pending_ratio = 1.0  # the adaptation also happens before hashing
         x = tokens.clone().requires_grad_(True)

@@ -22,13 +22,17 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
         runs = {}
 
         def spec(name: str, max_failures: int):
-            return load_spec_text(tiny_spec_yaml(
-                name, tmp_path / "runs",
-                training="{steps: 10, batch_size: 2, eval_every: 5, eval_bytes: 2048, log_every: 1}",
-                resources=f"{{workers: 4, cpus_per_worker: 1, max_failures: {max_failures}}}",
-                checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 5, keep: 2}}",
-                parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "
-                         "{payload: bf16, lsh: {hashes: 4, rotation_refresh: 3, error_every: 2}}}"))
+            return load_spec_text(
+                tiny_spec_yaml(
+                    name,
+                    tmp_path / "runs",
+                    training="{steps: 10, batch_size: 2, eval_every: 5, eval_bytes: 2048, log_every: 1}",
+                    resources=f"{{workers: 4, cpus_per_worker: 1, max_failures: {max_failures}}}",
+                    checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 5, keep: 2}}",
+                    parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "
+                    "{payload: bf16, lsh: {hashes: 4, rotation_refresh: 3, error_every: 2}}}",
+                )
+            )
 
         clean = run_training(spec("clean", 0), tmp_path / "runs" / "clean")
         assert clean.error is None and clean.final_step == 10, clean.error
@@ -37,8 +41,9 @@ def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None
         # it resumes from step 5 in a fresh worker group, LSH schedule from the checkpoint
         # the workers read the fault step from their environment: reconnect with it set
         ray.shutdown()
-        ray.init(address=cluster.address, logging_level="WARNING",
-                 runtime_env={"env_vars": {"SHARDYARD_FAULT_STEP": "7"}})
+        ray.init(
+            address=cluster.address, logging_level="WARNING", runtime_env={"env_vars": {"SHARDYARD_FAULT_STEP": "7"}}
+        )
         crashed = run_training(spec("crashed", 0), tmp_path / "runs" / "crashed")
         assert crashed.error is not None
         # rank 0 left a marker: the rerun does not fault again

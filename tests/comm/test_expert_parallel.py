@@ -10,8 +10,6 @@ import copy
 
 import pytest
 import torch
-
-from shardyard.models.moe.accounting import moe_scope
 import torch.distributed as dist
 from torch import nn
 
@@ -20,6 +18,7 @@ from shardyard.comm.expert_parallel import ExpertParallelExperts, apply_expert_p
 from shardyard.comm.groups import build_groups
 from shardyard.comm.launch import spawn
 from shardyard.comm.topology import Topology
+from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.layer import MoELayer
 
 WIDTH, HIDDEN, EXPERTS, TOKENS = 16, 24, 8, 24
@@ -75,11 +74,15 @@ def _check_ep(topo: Topology) -> None:
         lo = groups.ep_rank * per
         for name, p in net.named_parameters():
             if ".local." in name:
-                expect = ref_grads[name.replace(".local.", ".")][lo:lo + per]
-                torch.testing.assert_close(p.detach(), dict(ref.named_parameters())[name.replace(".local.", ".")].detach()[lo:lo + per])
+                expect = ref_grads[name.replace(".local.", ".")][lo : lo + per]
+                torch.testing.assert_close(
+                    p.detach(), dict(ref.named_parameters())[name.replace(".local.", ".")].detach()[lo : lo + per]
+                )
             else:
                 expect = ref_grads[name]
-            torch.testing.assert_close(p.grad, expect, rtol=1e-5, atol=1e-7, msg=lambda m: f"{algo} ep={ep} {name}: {m}")
+            torch.testing.assert_close(
+                p.grad, expect, rtol=1e-5, atol=1e-7, msg=lambda m: f"{algo} ep={ep} {name}: {m}"
+            )
     with pytest.raises(ValueError, match="divide num_experts"):
         ExpertParallelExperts(MoELayer(WIDTH, HIDDEN, 5, 2).experts, groups, "flat")  # 5 experts, ep 2
     dist.barrier()

@@ -19,16 +19,18 @@ WIDTH = 32
 
 def _expert(num: int = 1, dtype: torch.dtype = torch.float32) -> GroupedExperts:
     torch.manual_seed(0)
-    e = GroupedExperts(num, WIDTH if dtype == torch.float32 else 6, 64 if dtype == torch.float32 else 5,
-                       "swiglu", "loop").to(dtype)
+    e = GroupedExperts(
+        num, WIDTH if dtype == torch.float32 else 6, 64 if dtype == torch.float32 else 5, "swiglu", "loop"
+    ).to(dtype)
     with torch.no_grad():
         e.w_up.normal_(std=e.w_up.shape[1] ** -0.5)
         e.w_down.normal_(std=e.w_down.shape[1] ** -0.5)
     return e
 
 
-def _lsh_forward(expert: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, codes: torch.Tensor,
-                 buckets: int = 2) -> torch.Tensor:
+def _lsh_forward(
+    expert: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, codes: torch.Tensor, buckets: int = 2
+) -> torch.Tensor:
     c = compress(x, counts, codes, buckets)
     return expand(expert(c.rows, torch.cumsum(c.counts, 0).to(torch.int32)), x, c)
 
@@ -124,6 +126,7 @@ def test_gradcheck_float64() -> None:
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     counts = torch.tensor([4, 5])
     codes = torch.tensor([[0], [1], [0], [0], [1], [1], [1], [0], [2]])  # fixed buckets, sizes 1..3
+
     def f(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         c = compress(x, counts, codes, 4)
         offsets = torch.cumsum(c.counts, 0).to(torch.int32)
@@ -136,8 +139,9 @@ def test_gradcheck_float64() -> None:
 
 def test_rotation_schedule_persists_and_refreshes() -> None:
     def hasher() -> CentroidHasher:
-        return CentroidHasher(WIDTH, layer=1, hashes=4, buckets_per_hash=4, rotation_refresh=3,
-                              target_ratio=None, error_every=0, seed=7)
+        return CentroidHasher(
+            WIDTH, layer=1, hashes=4, buckets_per_hash=4, rotation_refresh=3, target_ratio=None, error_every=0, seed=7
+        )
 
     a = hasher()
     x = torch.randn(64, WIDTH)
@@ -154,8 +158,9 @@ def test_rotation_schedule_persists_and_refreshes() -> None:
 
 
 def test_target_ratio_adapts_hashes_in_use() -> None:
-    h = CentroidHasher(WIDTH, 0, hashes=8, buckets_per_hash=2, rotation_refresh=100, target_ratio=0.2,
-                       error_every=0, seed=0)
+    h = CentroidHasher(
+        WIDTH, 0, hashes=8, buckets_per_hash=2, rotation_refresh=100, target_ratio=0.2, error_every=0, seed=0
+    )
     x = _clustered(n=256, clusters=64, spread=0.3)
     for _ in range(10):
         c = compress(x, torch.tensor([256]), h.codes(x), 2)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -42,9 +43,19 @@ def test_prepare_on_two_nodes_equals_one_process(tmp_path: Path, cluster: Any) -
     corpus.mkdir()
     for i in range(8):
         write_jsonl(corpus / f"part{i}.jsonl", documents(30, seed=i))
-    specs = {tok: {where: DataSpec(sources=[{"path": str(corpus), "format": "jsonl"}], tokenizer=tok, seq_len=16,
-                                   prepared_dir=str(tmp_path / f"{where}-{tok.replace(':', '')}"), shard_tokens=5000)
-                   for where in ("ray", "local")} for tok in ("bytes", "bpe:300")}
+    specs = {
+        tok: {
+            where: DataSpec(
+                sources=[{"path": str(corpus), "format": "jsonl"}],
+                tokenizer=tok,
+                seq_len=16,
+                prepared_dir=str(tmp_path / f"{where}-{tok.replace(':', '')}"),
+                shard_tokens=5000,
+            )
+            for where in ("ray", "local")
+        }
+        for tok in ("bytes", "bpe:300")
+    }
     ray_reports = {tok: prepare(s["ray"], parallel="ray") for tok, s in specs.items()}
     assert prepare(specs["bytes"]["ray"], parallel="ray").skipped
     for tok, s in specs.items():
@@ -55,8 +66,9 @@ def test_prepare_on_two_nodes_equals_one_process(tmp_path: Path, cluster: Any) -
         assert len(shard_bytes(local.directory)) > 3  # several shards per split
 
 
-def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(tmp_path: Path, s3_bucket: str,
-                                                                    cluster: Any) -> None:
+def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
+    tmp_path: Path, s3_bucket: str, cluster: Any
+) -> None:
     """Rank 0 dies at step 6; the group restarts from the step-4 checkpoint, which exists only in the
     bucket, and replays steps 5-6 with the same losses."""
     from shardyard.data.storage import filesystem
@@ -65,14 +77,18 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(tmp_path: P
 
     fs, _ = filesystem(s3_bucket)
     fs.put_file(str(write_jsonl(tmp_path / "corpus.jsonl", documents(120))), f"{s3_bucket[5:]}/job-data/corpus.jsonl")
-    spec = load_spec_text(tiny_spec_yaml(
-        "s3job", tmp_path,
-        model="{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2}}",
-        data=f"{{sources: [{{path: '{s3_bucket}/job-data'}}], tokenizer: 'bpe:300', seq_len: 32, "
-             f"prepared_dir: '{s3_bucket}/prepared', cache_dir: '{tmp_path / 'cache'}'}}",
-        training="{steps: 8, batch_size: 4, eval_every: 8, eval_bytes: 1024, log_every: 1}",
-        optim="{lr: 3.0e-3, schedule: {warmup: 2}}",
-        checkpoint=f"{{dir: '{s3_bucket}/runs', every: 4, keep: 2}}"))
+    spec = load_spec_text(
+        tiny_spec_yaml(
+            "s3job",
+            tmp_path,
+            model="{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2}}",
+            data=f"{{sources: [{{path: '{s3_bucket}/job-data'}}], tokenizer: 'bpe:300', seq_len: 32, "
+            f"prepared_dir: '{s3_bucket}/prepared', cache_dir: '{tmp_path / 'cache'}'}}",
+            training="{steps: 8, batch_size: 4, eval_every: 8, eval_bytes: 1024, log_every: 1}",
+            optim="{lr: 3.0e-3, schedule: {warmup: 2}}",
+            checkpoint=f"{{dir: '{s3_bucket}/runs', every: 4, keep: 2}}",
+        )
+    )
     run_dir = run_directory(spec)
     assert str(run_dir).startswith(str(Path.home() / ".cache"))
     try:

@@ -45,7 +45,7 @@ def test_all_byte_values_reach_the_model(tmp_path: Path) -> None:
 
 
 def _window_ids(batch: torch.Tensor, data: np.ndarray, seq_len: int) -> list[int]:
-    index = {bytes(data[w * seq_len:w * seq_len + seq_len]): w for w in range((len(data) - 1) // seq_len)}
+    index = {bytes(data[w * seq_len : w * seq_len + seq_len]): w for w in range((len(data) - 1) // seq_len)}
     return [index[bytes(row.to(torch.uint8).tolist())] for row in batch]
 
 
@@ -92,8 +92,9 @@ def test_position_is_global_so_a_resume_on_another_world_size_skips_and_repeats_
 def test_corpus_is_streamed_into_a_memory_mapped_cache(tmp_path: Path) -> None:
     (tmp_path / "files").mkdir()
     corpus_dir = _corpus_dir(tmp_path / "files")
-    spec = DataSpec(paths=[str(corpus_dir)], extensions=[".txt"], seq_len=32, val_fraction=0.2,
-                    cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        paths=[str(corpus_dir)], extensions=[".txt"], seq_len=32, val_fraction=0.2, cache_dir=str(tmp_path / "cache")
+    )
     first = load_corpus(spec)
     assert isinstance(first.train, np.memmap)
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.bin"))

@@ -38,7 +38,9 @@ def test_byte_bits_are_the_smoothed_ngram_probabilities() -> None:
             p = (pairs.get((t[i - 1], c), 0) + SMOOTHING) / (firsts[t[i - 1]] + 256 * SMOOTHING)
             assert bits[i, 1] == pytest.approx(-math.log2(p))
         if i >= 2:  # hashed, but this little text has no collisions
-            p = (triples.get((t[i - 2], t[i - 1], c), 0) + SMOOTHING) / (pairs.get((t[i - 2], t[i - 1]), 0) + 256 * SMOOTHING)
+            p = (triples.get((t[i - 2], t[i - 1], c), 0) + SMOOTHING) / (
+                pairs.get((t[i - 2], t[i - 1]), 0) + 256 * SMOOTHING
+            )
             assert bits[i, 2] == pytest.approx(-math.log2(p), rel=1e-6)
     assert bits[-1, 2] >= 8 - 1e-9 and bits[3, 2] < 1  # unseen: uniform (8 bits); frequent: little
 
@@ -51,8 +53,8 @@ def test_window_controls_against_direct_sums() -> None:
     got = control.window_controls(text, starts, seq)
     bits = control.byte_bits(text)
     for row, s in enumerate(starts):
-        assert np.allclose(got.values[row], bits[s + 1:s + 1 + seq].mean(axis=0))
-    every = [bits[s + 1:s + 1 + seq].mean(axis=0) for s in range(len(text) - seq)]
+        assert np.allclose(got.values[row], bits[s + 1 : s + 1 + seq].mean(axis=0))
+    every = [bits[s + 1 : s + 1 + seq].mean(axis=0) for s in range(len(text) - seq)]
     assert np.allclose(got.means, np.mean(every, axis=0))
 
 

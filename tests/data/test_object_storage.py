@@ -19,8 +19,13 @@ def test_sources_and_prepared_shards_on_s3(tmp_path: Path, s3_bucket: str) -> No
     for i in range(2):
         local = write_jsonl(tmp_path / f"part{i}.jsonl", documents(40, seed=i))
         fs.put_file(str(local), f"{s3_bucket[5:]}/corpus/part{i}.jsonl")
-    spec = DataSpec(sources=[{"path": f"{s3_bucket}/corpus", "format": "jsonl"}], tokenizer="bpe:300", seq_len=16,
-                    prepared_dir=f"{s3_bucket}/prepared", cache_dir=str(tmp_path / "node-a"))
+    spec = DataSpec(
+        sources=[{"path": f"{s3_bucket}/corpus", "format": "jsonl"}],
+        tokenizer="bpe:300",
+        seq_len=16,
+        prepared_dir=f"{s3_bucket}/prepared",
+        cache_dir=str(tmp_path / "node-a"),
+    )
     report = prepare(spec)
     assert report.directory.startswith(f"{s3_bucket}/prepared/")
     assert fs.exists(f"{report.directory.removeprefix('s3://')}/index.json")
@@ -31,6 +36,6 @@ def test_sources_and_prepared_shards_on_s3(tmp_path: Path, s3_bucket: str) -> No
     data = load_training_data(other)
     local_reference = load_training_data(spec.model_copy(update={"prepared_dir": str(tmp_path / "local-prep")}))
     assert bytes(data.train.to_numpy()) == bytes(local_reference.train.to_numpy())
-    assert data.fingerprint == local_reference.fingerprint and math.isclose(data.bytes_per_token,
-                                                                            local_reference.bytes_per_token)
-
+    assert data.fingerprint == local_reference.fingerprint and math.isclose(
+        data.bytes_per_token, local_reference.bytes_per_token
+    )

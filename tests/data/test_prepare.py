@@ -20,8 +20,10 @@ from shardyard.platform.schema import DataSpec
 from shardyard.platform.spec import load_spec_text
 from tests.helpers import tiny_spec_yaml
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega"
+).split()
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
@@ -66,11 +68,16 @@ def test_row_sources_prepare_to_the_promised_byte_streams(tmp_path: Path, fmt: s
         source, key = {"path": str(write_parquet(tmp_path / "c.parquet", docs)), "text_field": "body"}, "s0/c.parquet"
     else:
         source, key = {"path": str(write_hf(tmp_path / "saved", docs))}, "s0/saved"
-    spec = DataSpec(sources=[source], seq_len=16, val_fraction=0.2, prepared_dir=str(tmp_path / "prep"), shard_tokens=1000)
+    spec = DataSpec(
+        sources=[source], seq_len=16, val_fraction=0.2, prepared_dir=str(tmp_path / "prep"), shard_tokens=1000
+    )
     report = prepare(spec)
     data = load_training_data(spec)
     train, val = expected_split(docs, key, 0.2)
-    assert bytes(data.train.to_numpy()) == train and bytes(np.asarray(data.held_out.data[0:len(data.held_out.data)])) == val
+    assert (
+        bytes(data.train.to_numpy()) == train
+        and bytes(np.asarray(data.held_out.data[0 : len(data.held_out.data)])) == val
+    )
     assert len(data.train.shards) == math.ceil(len(train) / 1000)  # fixed-size shards, the last shorter
     assert data.fingerprint["train_bytes"] == len(train) and data.fingerprint["windows"] == (len(train) - 1) // 16
     assert not report.skipped and prepare(spec).skipped  # idempotent: the fingerprint is found
@@ -89,13 +96,18 @@ def test_sharded_tokens_slice_like_one_array() -> None:
     assert len(view) == 700
 
 
-@pytest.mark.parametrize("case, content, message", [
-    ("corrupt", b'{"text": "fine"}\n{"text": "bro\n', "line 2: not valid JSON"),
-    ("missing", b'{"text": "fine"}\n{"body": "no text here"}\n', "line 2: no field 'text'"),
-    ("empty", b"", "empty file"),
-    ("not-utf8", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
-])
-def test_bad_input_names_file_and_row_and_leaves_nothing(tmp_path: Path, case: str, content: bytes, message: str) -> None:
+@pytest.mark.parametrize(
+    "case, content, message",
+    [
+        ("corrupt", b'{"text": "fine"}\n{"text": "bro\n', "line 2: not valid JSON"),
+        ("missing", b'{"text": "fine"}\n{"body": "no text here"}\n', "line 2: no field 'text'"),
+        ("empty", b"", "empty file"),
+        ("not-utf8", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
+    ],
+)
+def test_bad_input_names_file_and_row_and_leaves_nothing(
+    tmp_path: Path, case: str, content: bytes, message: str
+) -> None:
     good = write_jsonl(tmp_path / "a-good.jsonl", documents(5))
     bad = tmp_path / f"b-{case}.jsonl"
     bad.write_bytes(content)
@@ -110,7 +122,9 @@ def test_plain_text_needs_utf8_only_for_a_text_tokenizer(tmp_path: Path) -> None
     (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 8)
     ok = DataSpec(sources=[{"path": str(tmp_path / "bin.txt")}], seq_len=16, prepared_dir=str(tmp_path / "p1"))
     assert len(load_training_data(ok).train) > 0  # bytes read anything (one file: validation is its tail)
-    bpe = DataSpec(sources=[{"path": str(tmp_path / "bin.txt")}], tokenizer="bpe:300", prepared_dir=str(tmp_path / "p2"))
+    bpe = DataSpec(
+        sources=[{"path": str(tmp_path / "bin.txt")}], tokenizer="bpe:300", prepared_dir=str(tmp_path / "p2")
+    )
     with pytest.raises(UserError, match=r"bin\.txt: not UTF-8"):
         prepare(bpe)
 
@@ -125,11 +139,14 @@ def test_changed_file_makes_a_new_fingerprint(tmp_path: Path) -> None:
 
 
 def test_byte_models_refuse_a_tokenizer(tmp_path: Path) -> None:
-    model = ("{kind: megabyte, stages: [{width: 32, depth: 1, heads: 2, patch_size: 8}, "
-             "{width: 32, depth: 1, heads: 2, patch_size: 8}]}")
+    model = (
+        "{kind: megabyte, stages: [{width: 32, depth: 1, heads: 2, patch_size: 8}, "
+        "{width: 32, depth: 1, heads: 2, patch_size: 8}]}"
+    )
     with pytest.raises(UserError, match="data.tokenizer: 'bpe:512', but a megabyte model reads bytes"):
-        load_spec_text(tiny_spec_yaml("b", tmp_path, model=model,
-                                      data="{paths: [stdlib], seq_len: 64, tokenizer: 'bpe:512'}"))
+        load_spec_text(
+            tiny_spec_yaml("b", tmp_path, model=model, data="{paths: [stdlib], seq_len: 64, tokenizer: 'bpe:512'}")
+        )
     with pytest.raises(ValueError, match="needs an integer vocab_size above 256"):
         DataSpec(tokenizer="bpe:100")
 
@@ -146,7 +163,7 @@ def test_mixture_honours_weights_per_batch_and_resumes_at_another_world_size() -
     slots = [one.slot(t) for t in range(400)]
     span = 2 * batch  # a global batch at world 2
     for g in range(0, 400, span):
-        counts = np.bincount([s for s, _ in slots[g:g + span]], minlength=3)
+        counts = np.bincount([s for s, _ in slots[g : g + span]], minlength=3)
         assert np.all(np.abs(counts - np.array(weights) * span) <= 1.0 + 1e-9), counts
     # world 2 for 5 steps, then world 1 from the saved position: the same slots as world 1 throughout
     ranks = [iter(stream(r, 2)) for r in range(2)]
@@ -167,8 +184,14 @@ def test_byte_cache_max_bytes_is_a_hard_cap(tmp_path: Path) -> None:
     root.mkdir()
     for i in range(12):
         (root / f"f{i}.txt").write_bytes(bytes([65 + i]) * 1000)
-    spec = DataSpec(paths=[str(root)], extensions=[".txt"], seq_len=16, max_bytes=5500, val_fraction=0.3,
-                    cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        paths=[str(root)],
+        extensions=[".txt"],
+        seq_len=16,
+        max_bytes=5500,
+        val_fraction=0.3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     corpus = load_corpus(spec)
     assert len(corpus.train) + len(corpus.val) == 5500
     cached = next((tmp_path / "cache").glob("*/train.bin"))
@@ -191,8 +214,8 @@ def test_bpe_bits_per_byte_match_a_hand_computation(tmp_path: Path) -> None:
     job = load_spec_text(tiny_spec_yaml("bpe", tmp_path))
     torch.manual_seed(0)
     model = build_model(job.model, 32, data.vocab_size)
-    val = np.asarray(data.held_out.data[0:len(data.held_out.data)]).astype(np.int64)
-    windows = torch.from_numpy(np.stack([val[i * 32:i * 32 + 33] for i in range(3)]))
+    val = np.asarray(data.held_out.data[0 : len(data.held_out.data)]).astype(np.int64)
+    windows = torch.from_numpy(np.stack([val[i * 32 : i * 32 + 33] for i in range(3)]))
     inputs, targets = windows[:, :-1], windows[:, 1:]
     result = evaluate(model, [(inputs, targets)], torch.device("cpu"), token_bytes=torch.from_numpy(data.token_bytes))
     # by hand: summed nats / ln 2 over the UTF-8 bytes of the decoded target text
@@ -212,7 +235,7 @@ def test_loader_and_validation_on_shards_equal_those_on_one_array() -> None:
     from shardyard.data.validation import HeldOutText, rank_batches
 
     flat = np.random.default_rng(0).integers(0, 4096, 20_000).astype(np.uint16)
-    sharded = ShardedTokens([flat[i:i + 3000] for i in range(0, len(flat), 3000)])
+    sharded = ShardedTokens([flat[i : i + 3000] for i in range(0, len(flat), 3000)])
     for rank in range(2):
         a, b = build_train_loader(flat, 32, 4, rank, 2, 5), build_train_loader(sharded, 32, 4, rank, 2, 5)
         for _ in range(3):

@@ -17,10 +17,17 @@ MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num
 
 
 def train_tiny(tmp_path: Path, data: str) -> list[dict]:
-    spec = load_spec_text(tiny_spec_yaml(
-        "src", tmp_path, model=MODEL, data=data, resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
-        training="{steps: 4, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 2}",
-        optim="{lr: 3.0e-3, schedule: {warmup: 1}}"))
+    spec = load_spec_text(
+        tiny_spec_yaml(
+            "src",
+            tmp_path,
+            model=MODEL,
+            data=data,
+            resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+            training="{steps: 4, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 2}",
+            optim="{lr: 3.0e-3, schedule: {warmup: 1}}",
+        )
+    )
     run_dir = tmp_path / "run"
     Trainer(spec, run_dir, LocalReporter(run_dir, 1)).fit()
     return read_metrics(run_dir)
@@ -37,8 +44,10 @@ def test_tiny_job_trains_on_each_source(tmp_path: Path, fmt: str) -> None:
     elif fmt == "hf":
         sources = f"[{{path: {write_hf(tmp_path / 'saved', docs)}}}]"
     else:
-        sources = (f"[{{path: {write_jsonl(tmp_path / 'a.jsonl', docs[:40])}, weight: 3}}, "
-                   f"{{path: {write_parquet(tmp_path / 'b.parquet', docs[40:])}, text_field: body, weight: 1}}]")
+        sources = (
+            f"[{{path: {write_jsonl(tmp_path / 'a.jsonl', docs[:40])}, weight: 3}}, "
+            f"{{path: {write_parquet(tmp_path / 'b.parquet', docs[40:])}, text_field: body, weight: 1}}]"
+        )
     tokenizer = "'bpe:300'" if fmt == "bpe" else "bytes"
     records = train_tiny(tmp_path, f"{{sources: {sources}, tokenizer: {tokenizer}, seq_len: 32, prepared_dir: {prep}}}")
     train = [r for r in records if r.get("kind") == "train"]

@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from shardyard.data.corpus import is_validation, load_corpus, resolve_files
-from shardyard.data.validation import (all_batches, batch_windows, eval_set_texts, held_out_split, load_text,
-                                       rank_batches, select_windows, window_count, windows_per_file)
+from shardyard.data.validation import (
+    all_batches,
+    batch_windows,
+    eval_set_texts,
+    held_out_split,
+    load_text,
+    rank_batches,
+    select_windows,
+    window_count,
+    windows_per_file,
+)
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import DataSpec, TrainingSpec
 
@@ -27,14 +36,19 @@ def _many_files(root: Path, count: int = 120, seed: int = 0) -> Path:
 
 
 def test_val_offsets_are_the_held_out_files(tmp_path: Path) -> None:
-    spec = DataSpec(paths=[str(_many_files(tmp_path / "c"))], extensions=[".txt"], seq_len=32, val_fraction=0.3,
-                    cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        paths=[str(_many_files(tmp_path / "c"))],
+        extensions=[".txt"],
+        seq_len=32,
+        val_fraction=0.3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     corpus = load_corpus(spec)
     held_out = [f for f, key in resolve_files(spec) if is_validation(key, 0.3)]
     sizes = [f.stat().st_size for f in held_out]
     assert corpus.val_offsets.tolist() == np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     for f, start in zip(held_out, corpus.val_offsets):  # each offset is where that file's bytes begin
-        assert bytes(corpus.val[start:start + 50]) == f.read_bytes()[:50]
+        assert bytes(corpus.val[start : start + 50]) == f.read_bytes()[:50]
 
 
 def test_one_long_file_has_one_offset(tmp_path: Path) -> None:
@@ -46,8 +60,13 @@ def test_one_long_file_has_one_offset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("eval_fraction", [0.1, 0.5])
 def test_windows_cover_every_file_in_proportion_to_its_size(tmp_path: Path, eval_fraction: float) -> None:
-    spec = DataSpec(paths=[str(_many_files(tmp_path / "c"))], extensions=[".txt"], seq_len=32, val_fraction=0.4,
-                    cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        paths=[str(_many_files(tmp_path / "c"))],
+        extensions=[".txt"],
+        seq_len=32,
+        val_fraction=0.4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     text = held_out_split(load_corpus(spec))
     assert len(text.file_offsets) > 30
     length, seq = len(text.data), 32

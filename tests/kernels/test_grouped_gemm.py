@@ -137,6 +137,7 @@ def test_megablocks_unavailable_message():
 
 def test_triton_missing_is_a_clear_error(monkeypatch):
     from shardyard.kernels import triton_grouped
+
     triton_grouped._kernels.cache_clear()
     gg._ops_cache.pop("triton", None)
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is absent

@@ -38,10 +38,14 @@ def megabyte_spec(**extra: object) -> ModelSpec:
 
 
 def three_stage_spec(chunks: int = 0, moe: dict | None = None) -> ModelSpec:
-    return ModelSpec(kind="multiscale", stages=[
-        stage(64, 2, 2, 8, checkpoint_chunks=min(chunks, 2)),
-        stage(48, 1, 2, 4, checkpoint_chunks=chunks, moe=moe),
-        stage(32, 1, 2, 4, checkpoint_chunks=chunks)])
+    return ModelSpec(
+        kind="multiscale",
+        stages=[
+            stage(64, 2, 2, 8, checkpoint_chunks=min(chunks, 2)),
+            stage(48, 1, 2, 4, checkpoint_chunks=chunks, moe=moe),
+            stage(32, 1, 2, 4, checkpoint_chunks=chunks),
+        ],
+    )
 
 
 def spread_head(model: torch.nn.Module) -> None:
@@ -88,9 +92,9 @@ def test_causal(make) -> None:
         changed = seq.clone()
         changed[:, t] = (changed[:, t] + 1) % 256
         out = model.predict(changed, 128)
-        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=0)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=0)
         if t < 127:
-            assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 0  # later bytes do see it
+            assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 0  # later bytes do see it
     # registry contract: logits[:, t] reads idx[: t + 1] only
     idx = torch.randint(0, 256, (1, 128))
     logits, _ = model(idx)
@@ -191,14 +195,18 @@ def test_cached_generation_equals_uncached(make) -> None:
         slow = generate(model, prompt, 60, temperature=0, use_cache=False)
         assert fast == slow and len(fast) == 60
     # beyond the 128-byte context: the window slides by half a context, caches are rebuilt
-    assert generate(model, b"x" * 100, 100, temperature=0) == generate(model, b"x" * 100, 100, temperature=0, use_cache=False)
+    assert generate(model, b"x" * 100, 100, temperature=0) == generate(
+        model, b"x" * 100, 100, temperature=0, use_cache=False
+    )
 
 
 def test_flat_model_generation_and_sampling() -> None:
     torch.manual_seed(0)
     flat = build_model(ModelSpec(kind="dense", width=64, depth=2, heads=2), 64)
     spread_head(flat)
-    assert generate(flat, b"import os\n", 80, temperature=0) == generate(flat, b"import os\n", 80, temperature=0, use_cache=False)
+    assert generate(flat, b"import os\n", 80, temperature=0) == generate(
+        flat, b"import os\n", 80, temperature=0, use_cache=False
+    )
     model = build_model(megabyte_spec(), 128)
     a = generate(model, b"abc", 50, temperature=0.8, top_k=5, seed=3)
     assert a == generate(model, b"abc", 50, temperature=0.8, top_k=5, seed=3, use_cache=False)
@@ -221,10 +229,14 @@ def test_generate_from_checkpoint_state_dict() -> None:
 def test_three_stage_trains_on_64k_context() -> None:
     """One 64 KiB sequence per step, inner stages checkpointed in chunks (~7 s on one busy core)."""
     torch.manual_seed(0)
-    spec = ModelSpec(kind="multiscale", stages=[
-        stage(64, 1, 2, 16),
-        stage(64, 1, 2, 64, ffn_hidden=128, checkpoint_chunks=4),
-        stage(32, 1, 2, 64, ffn_hidden=64, checkpoint_chunks=8)])
+    spec = ModelSpec(
+        kind="multiscale",
+        stages=[
+            stage(64, 1, 2, 16),
+            stage(64, 1, 2, 64, ffn_hidden=128, checkpoint_chunks=4),
+            stage(32, 1, 2, 64, ffn_hidden=64, checkpoint_chunks=8),
+        ],
+    )
     assert spec.context == 65536
     model = build_model(spec, 65536)
     text = b"".join(p.read_bytes() for p in sorted(Path(torch.__file__).parent.glob("nn/modules/*.py")))

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from shardyard.models import build_model
-from shardyard.models.lowrank import (LowRankLinear, LowRankSwiGLU, guide_weight, merge_lowrank,
-                                      set_lowrank_progress)
+from shardyard.models.lowrank import LowRankLinear, LowRankSwiGLU, guide_weight, merge_lowrank, set_lowrank_progress
 from shardyard.models.transformer import SwiGLU
 from shardyard.platform.schema import FFNSpec, ModelSpec
 from tests.optim.galore_helpers import one_thread

@@ -40,7 +40,7 @@ def per_token_reference(layer: MoELayer, x: torch.Tensor, keep: set[int] | None 
         if keep is not None and a not in keep:
             continue
         t, e = int(routing.token_ids[a]), int(routing.expert_ids[a])
-        rows[t] = rows[t] + routing.weights[a] * expert_mlp(layer, e, x[t:t + 1])[0]
+        rows[t] = rows[t] + routing.weights[a] * expert_mlp(layer, e, x[t : t + 1])[0]
     return torch.stack(rows)
 
 
@@ -61,8 +61,17 @@ def assert_matches_per_token_reference(layer, x):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("router,top_k", [("softmax_topk", 1), ("softmax_topk", 2), ("softmax_topk", 3),
-                                          ("softmax_topk", 4), ("switch", 1), ("aux_free", 2)])
+@pytest.mark.parametrize(
+    "router,top_k",
+    [
+        ("softmax_topk", 1),
+        ("softmax_topk", 2),
+        ("softmax_topk", 3),
+        ("softmax_topk", 4),
+        ("switch", 1),
+        ("aux_free", 2),
+    ],
+)
 def test_dropless_matches_per_token_reference(router, top_k):
     layer = make_layer(router, top_k).eval()
     if router == "aux_free":
@@ -257,9 +266,12 @@ def test_bias_update_is_identical_across_data_parallel_ranks(tmp_path):
     _skew_router(layer)
     with torch.no_grad():
         for step in range(5):
-            layer.router.update_bias(sum(
-                torch.bincount(layer.router(_skewed_tokens(64, 100 * r + step)).expert_ids, minlength=EXPERTS)
-                for r in range(2)))
+            layer.router.update_bias(
+                sum(
+                    torch.bincount(layer.router(_skewed_tokens(64, 100 * r + step)).expert_ids, minlength=EXPERTS)
+                    for r in range(2)
+                )
+            )
     torch.testing.assert_close(torch.tensor(results[0]), layer.router.expert_bias)
 
 
@@ -275,15 +287,29 @@ def test_step_stats_for_the_trainer():
     out = layer(torch.randn(3, 5, WIDTH))
     assert out.shape == (3, 5, WIDTH)
     stats = layer.take_step_stats()
-    assert set(stats) == {"tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight"}
+    assert set(stats) == {
+        "tokens_per_expert",
+        "aux_loss",
+        "balance_loss",
+        "z_loss",
+        "dropped",
+        "routed",
+        "entropy",
+        "weight",
+    }
     assert all(stats[key].dim() == 0 for key in stats if key != "tokens_per_expert")
     assert stats["tokens_per_expert"].shape == (EXPERTS,) and stats["tokens_per_expert"].sum() == 15 * layer.top_k
 
 
 def test_spec_fields_reach_the_layer():
-    spec = ModelSpec(kind="moe", width=32, ffn={"hidden": 64},
-                     moe=MoESpec(num_experts=4, top_k=2, router="aux_free", shared_expert=True,
-                                 bias_update_rate=0.05, backend="loop"))
+    spec = ModelSpec(
+        kind="moe",
+        width=32,
+        ffn={"hidden": 64},
+        moe=MoESpec(
+            num_experts=4, top_k=2, router="aux_free", shared_expert=True, bias_update_rate=0.05, backend="loop"
+        ),
+    )
     layer = build_ffn_factory(spec, spec.width, spec.ffn_hidden, spec.moe)(0)
     assert isinstance(layer, MoELayer)
     assert layer.router.kind == "aux_free" and layer.router.bias_update_rate == 0.05
@@ -327,6 +353,7 @@ def test_bf16_layer_runs_close_to_fp32():
 @pytest.mark.parametrize("block_rows", [3, 7, 1000])
 def test_blocked_expert_mlp_matches_grouped(kind, block_rows):
     from shardyard.models.moe.experts import GroupedExperts, expert_blocks
+
     torch.manual_seed(0)
     ref = GroupedExperts(5, WIDTH, HIDDEN, kind, backend="loop")
     blocked = GroupedExperts(5, WIDTH, HIDDEN, kind, backend="torch", block_rows=block_rows)

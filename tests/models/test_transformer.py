@@ -14,7 +14,9 @@ from shardyard.platform.spec import load_spec_text
 
 
 def _model(kind: str = "moe", extra: str = ""):
-    spec = load_spec_text(f"name: t\nmodel: {{kind: {kind}, width: 64, depth: 2, heads: 4, ffn: {{hidden: 96}}{extra}}}\n")
+    spec = load_spec_text(
+        f"name: t\nmodel: {{kind: {kind}, width: 64, depth: 2, heads: 4, ffn: {{hidden: 96}}{extra}}}\n"
+    )
     torch.manual_seed(0)
     return build_model(spec.model, 64), spec
 
@@ -85,10 +87,17 @@ def test_moe_model_gradient_matches_finite_differences() -> None:
                 flat[i] = old - eps
                 down, down_routes = loss()
                 flat[i] = old
-            if any(not torch.equal(a, b) or not torch.equal(a, c) for a, b, c in zip(base_routes, up_routes, down_routes)):
+            if any(
+                not torch.equal(a, b) or not torch.equal(a, c) for a, b, c in zip(base_routes, up_routes, down_routes)
+            ):
                 continue  # the step moved a token to another expert
             estimate = (up.item() - down.item()) / (2 * eps)
-            assert abs(estimate - grad[i].item()) <= 1e-5 + 1e-3 * abs(grad[i].item()), (name, i, estimate, grad[i].item())
+            assert abs(estimate - grad[i].item()) <= 1e-5 + 1e-3 * abs(grad[i].item()), (
+                name,
+                i,
+                estimate,
+                grad[i].item(),
+            )
             checked[kind] = checked.get(kind, 0) + 1
     assert set(checked) == {"router", "experts.w_up", "experts.w_down", "attn.qkv", "embed"}, checked
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,8 +24,12 @@ def batches(n: int, seed: int = 1, batch: int = 4) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (batch, SEQ + 1), generator=gen) for _ in range(n)]
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor],
-          before_step: Callable[[], None] | None = None) -> list[float]:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: list[torch.Tensor],
+    before_step: Callable[[], None] | None = None,
+) -> list[float]:
     losses = []
     for x in data:
         _, loss = model(x[:, :-1], x[:, 1:])
@@ -91,8 +95,7 @@ def ddp_worker(steps: int) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        bases = [st["basis"] if "basis" in st else st["basis_q"].float()
-                 for st in opt.state.values() if "side" in st]
+        bases = [st["basis"] if "basis" in st else st["basis_q"].float() for st in opt.state.values() if "side" in st]
         assert bases, "nothing was projected"
         flat = torch.cat([flat] + [b.flatten() for b in bases])
         gathered = [torch.empty_like(flat) for _ in range(world)]

@@ -3,10 +3,9 @@ agreement (galore-torch), 3-D expert slices, INT8 stochastic rounding, layer-wis
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import io
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,8 +29,13 @@ def _single_thread() -> Iterator[None]:
 
 
 def spec(kind: str = "galore_adamw", **galore: object) -> OptimSpec:
-    return OptimSpec(kind=kind, lr=1e-2, weight_decay=0.1, grad_clip=0.0 if galore.get("layerwise") else 1.0,
-                     galore={"rank": RANK, "update_gap": 3, **galore})
+    return OptimSpec(
+        kind=kind,
+        lr=1e-2,
+        weight_decay=0.1,
+        grad_clip=0.0 if galore.get("layerwise") else 1.0,
+        galore={"rank": RANK, "update_gap": 3, **galore},
+    )
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -150,6 +154,7 @@ def test_state_size_formula_with_expert_stacks() -> None:
 def test_byte_model_state_under_35_percent_of_adamw() -> None:
     from shardyard.models import build_model
     from shardyard.platform.schema import ModelSpec
+
     model = build_model(ModelSpec(kind="dense", preset="tiny"), 64)
     report = optimizer_memory_report(OptimSpec(kind="galore_adamw"), model)
     assert report["state_ratio_vs_adamw"] <= 0.35
@@ -172,8 +177,16 @@ def test_svd_count_follows_update_gap() -> None:
 
 def test_q_galore_gap_grows_with_similar_subspaces() -> None:
     p = nn.Parameter(torch.randn(32, 48) * 0.05)
-    opt = QGaLoreAdamW([{"params": [p], "galore": True}], lr=1e-3, rank=4, update_gap=2,
-                       sim_threshold=0.5, sim_streak=2, gap_growth=2.0, max_update_gap=8)
+    opt = QGaLoreAdamW(
+        [{"params": [p], "galore": True}],
+        lr=1e-3,
+        rank=4,
+        update_gap=2,
+        sim_threshold=0.5,
+        sim_streak=2,
+        gap_growth=2.0,
+        max_update_gap=8,
+    )
     direction = torch.randn(32, 4) @ torch.randn(4, 48)  # fixed subspace: every refresh is similar
     refresh_steps = []
     for step in range(40):
@@ -186,8 +199,9 @@ def test_q_galore_gap_grows_with_similar_subspaces() -> None:
     assert gaps[:2] == [2, 2] and 4 in gaps and gaps[-1] == 8 and max(gaps) == 8
     # a subspace that keeps changing keeps the base gap
     q = nn.Parameter(torch.randn(32, 48) * 0.05)
-    opt = QGaLoreAdamW([{"params": [q], "galore": True}], lr=1e-3, rank=4, update_gap=2,
-                       sim_threshold=0.9, sim_streak=2)
+    opt = QGaLoreAdamW(
+        [{"params": [q], "galore": True}], lr=1e-3, rank=4, update_gap=2, sim_threshold=0.9, sim_streak=2
+    )
     for step in range(20):
         q.grad = torch.randn(32, 48, generator=torch.Generator().manual_seed(step))
         opt.step()
@@ -198,8 +212,15 @@ def test_q_galore_gap_grows_with_similar_subspaces() -> None:
 def _int8_run(stochastic: bool, lr: float, steps: int = 60) -> tuple[torch.Tensor, torch.Tensor, nn.Parameter]:
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(64, 96) * 0.02)
-    opt = QGaLoreAdamW([{"params": [p], "galore": True}], lr=lr, rank=8, update_gap=1000,
-                       scale=1.0, stochastic_rounding=stochastic, weight_group_size=128)
+    opt = QGaLoreAdamW(
+        [{"params": [p], "galore": True}],
+        lr=lr,
+        rank=8,
+        update_gap=1000,
+        scale=1.0,
+        stochastic_rounding=stochastic,
+        weight_group_size=128,
+    )
     g = torch.randn(64, 8) @ torch.randn(8, 96)
     p.grad = g.clone()
     opt.step()  # first step quantises the init
@@ -257,10 +278,12 @@ def test_agrees_with_reference_galore_torch() -> None:
 
     # eps 1e-12: the reference adds eps outside the bias correction, torch AdamW (and we) inside;
     # with a negligible eps both formulas are the same arithmetic
-    ref = galore_torch.GaLoreAdamW(groups(a, True), lr=1e-2, betas=(0.9, 0.999), eps=1e-12,
-                                   weight_decay=0.0, no_deprecation_warning=True)
-    ours = GaLoreAdamW(groups(b, False), lr=1e-2, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0,
-                       rank=RANK, update_gap=3, scale=0.25)
+    ref = galore_torch.GaLoreAdamW(
+        groups(a, True), lr=1e-2, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0, no_deprecation_warning=True
+    )
+    ours = GaLoreAdamW(
+        groups(b, False), lr=1e-2, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0, rank=RANK, update_gap=3, scale=0.25
+    )
     la, lb = train(a, ref, data), train(b, ours, data)
     assert la == pytest.approx(lb, rel=1e-5)
     # Adam's m / sqrt(v) amplifies last-bit differences of tiny gradients: allow 1e-5 absolute
@@ -302,10 +325,15 @@ def _roundtrip(obj: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("kind,galore", [("galore_adamw", {}),
-                                         ("galore_adamw", {"projection": "randomized"}),
-                                         ("q_galore_adamw", {"projection": "randomized"}),
-                                         ("galore_adamw", {"layerwise": True})])
+@pytest.mark.parametrize(
+    "kind,galore",
+    [
+        ("galore_adamw", {}),
+        ("galore_adamw", {"projection": "randomized"}),
+        ("q_galore_adamw", {"projection": "randomized"}),
+        ("galore_adamw", {"layerwise": True}),
+    ],
+)
 def test_resume_continues_exactly(kind: str, galore: dict) -> None:
     s = spec(kind, **galore)
     data = batches(9)
@@ -364,8 +392,13 @@ def test_layerwise_stepper_single_worker_matches_optimizer_hooks_and_clips_per_p
     stepper.detach()
     opt_a.remove_hooks()
     # per-parameter clip: a clipped stepper equals an unclipped step on pre-clipped gradients
-    clipped = OptimSpec(kind="galore_adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.05,
-                        galore={"rank": RANK, "update_gap": 3, "layerwise": True})
+    clipped = OptimSpec(
+        kind="galore_adamw",
+        lr=1e-2,
+        weight_decay=0.1,
+        grad_clip=0.05,
+        galore={"rank": RANK, "update_gap": 3, "layerwise": True},
+    )
     c, d = tiny_model(), tiny_model()
     opt_c = build_optimizer(clipped, c)  # hooks clip each gradient to 0.05
     opt_d = build_optimizer(spec(), d)
@@ -390,5 +423,6 @@ def test_job_spec_composition_rules() -> None:
     # DeepSpeed ZeRO flattens parameters: refused with GaLore of any kind
     for kind in ("galore_adamw", "q_galore_adamw"):
         with pytest.raises(ValidationError, match="parallel.zero.*1-D partitions"):
-            JobSpec(**{**base, "model": {"kind": "dense", "preset": "tiny"}}, optim={"kind": kind},
-                    parallel={"zero": 1})
+            JobSpec(
+                **{**base, "model": {"kind": "dense", "preset": "tiny"}}, optim={"kind": kind}, parallel={"zero": 1}
+            )

@@ -19,7 +19,9 @@ from shardyard.optim.quant import dequantize_moment, dynamic_map, quantize_momen
 from shardyard.platform.schema import OptimSpec
 from tests.optim.galore_helpers import SEQ, batches, one_thread, tiny_model, train
 
-BPB_TOLERANCE = 0.01  # int8 moments' val bpb may exceed fp32 moments' by at most 1% (measured: -0.01% GaLore, +0.17% Q-GaLore)
+BPB_TOLERANCE = (
+    0.01  # int8 moments' val bpb may exceed fp32 moments' by at most 1% (measured: -0.01% GaLore, +0.17% Q-GaLore)
+)
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +30,13 @@ def _single_thread() -> Iterator[None]:
 
 
 def _spec(kind: str, moments: str) -> OptimSpec:
-    return OptimSpec(kind=kind, lr=3e-3, weight_decay=0.1, schedule={"warmup": 10},
-                     galore={"rank": 8, "update_gap": 50, "moments": moments})
+    return OptimSpec(
+        kind=kind,
+        lr=3e-3,
+        weight_decay=0.1,
+        schedule={"warmup": 10},
+        galore={"rank": 8, "update_gap": 50, "moments": moments},
+    )
 
 
 def test_dynamic_map_and_relative_precision() -> None:
@@ -42,7 +49,7 @@ def test_dynamic_map_and_relative_precision() -> None:
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-5, 0, 4096)
     q, absmax = quantize_moment(x, signed=True)
     assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.numel() == 4096 // 256
-    rel = ((dequantize_moment(q, absmax, signed=True) - x).abs() / x.abs())
+    rel = (dequantize_moment(q, absmax, signed=True) - x).abs() / x.abs()
     assert rel.median() < 0.03 and rel.quantile(0.99) < 0.2
     # odd sizes: the last block is short
     y = torch.rand(1000)
@@ -52,7 +59,10 @@ def test_dynamic_map_and_relative_precision() -> None:
 
 def test_int8_moments_state_is_a_quarter_and_resumes_exactly() -> None:
     model_a, model_b = tiny_model(), tiny_model()
-    fp32, int8 = build_optimizer(_spec("galore_adamw", "fp32"), model_a), build_optimizer(_spec("galore_adamw", "int8"), model_b)
+    fp32, int8 = (
+        build_optimizer(_spec("galore_adamw", "fp32"), model_a),
+        build_optimizer(_spec("galore_adamw", "int8"), model_b),
+    )
     data = batches(4)
     train(model_a, fp32, data)
     train(model_b, int8, data)
@@ -105,7 +115,7 @@ def _run(kind: str, moments: str, steps: int, data: np.ndarray) -> float:
     gen = np.random.default_rng(0)
     for _ in range(steps):
         starts = gen.integers(0, len(train_bytes) - SEQ - 1, 16)
-        x = torch.from_numpy(np.stack([train_bytes[s:s + SEQ + 1] for s in starts]).astype(np.int64))
+        x = torch.from_numpy(np.stack([train_bytes[s : s + SEQ + 1] for s in starts]).astype(np.int64))
         _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,7 +126,7 @@ def _run(kind: str, moments: str, steps: int, data: np.ndarray) -> float:
     with torch.no_grad():
         for _ in range(8):
             starts = gen.integers(0, len(val_bytes) - SEQ - 1, 64)
-            x = torch.from_numpy(np.stack([val_bytes[s:s + SEQ + 1] for s in starts]).astype(np.int64))
+            x = torch.from_numpy(np.stack([val_bytes[s : s + SEQ + 1] for s in starts]).astype(np.int64))
             losses.append(model(x[:, :-1], x[:, 1:])[1].item())
     return sum(losses) / len(losses) / math.log(2)
 

@@ -12,8 +12,7 @@ from torch import nn
 
 from shardyard.models import build_model
 from shardyard.models.moe.experts import GroupedExperts
-from shardyard.optim import build_optimizer, prepare_model_for_optimizer
-from shardyard.optim import int8_weights
+from shardyard.optim import build_optimizer, int8_weights, prepare_model_for_optimizer
 from shardyard.optim.int8_weights import Int8GroupedExperts, Int8Linear, int8_weight_of
 from shardyard.optim.memory import model_tensor_bytes
 from shardyard.optim.quant import dequantize_int8, quantize_int8
@@ -27,16 +26,22 @@ def _single_thread() -> Iterator[None]:
 
 
 def qspec(stochastic: bool = True, **galore: object) -> OptimSpec:
-    return OptimSpec(kind="q_galore_adamw", lr=1e-2, weight_decay=0.1,
-                     galore={"rank": 8, "update_gap": 3, "quant": {"stochastic_rounding": stochastic}, **galore})
+    return OptimSpec(
+        kind="q_galore_adamw",
+        lr=1e-2,
+        weight_decay=0.1,
+        galore={"rank": 8, "update_gap": 3, "quant": {"stochastic_rounding": stochastic}, **galore},
+    )
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_prepared_model_holds_no_fp32_copy_of_projected_weights(kind: str) -> None:
     if kind == "moe":
         torch.manual_seed(0)
-        model = build_model(ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64},
-                                      moe={"num_experts": 4, "top_k": 2}), 16)
+        model = build_model(
+            ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64}, moe={"num_experts": 4, "top_k": 2}),
+            16,
+        )
     else:
         model = tiny_model()
     fp32_bytes = model_tensor_bytes(model)
@@ -188,6 +193,7 @@ def test_memory_report_matches_prepared_model_and_state(moments: str) -> None:
     report = optimizer_memory_report(spec, model)
     assert measured_state_bytes(opt) == report["optimizer_state_bytes"]  # no INT8 master in the state
     handles = [p for p in model.parameters() if int8_weight_of(p) is not None]
-    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers()
-                  if not n.endswith(("_codes", "_scales")))
+    buffers = sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith(("_codes", "_scales"))
+    )
     assert model_tensor_bytes(model) == report["param_bytes"] + report["int8_weight_bytes"] + 4 * len(handles) + buffers

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shardyard.comm.topology import Topology
 from shardyard.comm.launch import spawn
+from shardyard.comm.topology import Topology
 from shardyard.optim import build_optimizer, prepare_model_for_optimizer
 from shardyard.optim.int8_weights import int8_weight_of
 from shardyard.optim.layerwise import LayerwiseStepper
@@ -33,14 +33,19 @@ STEPS, BUCKET = 4, 16 << 10
 
 def _spec(kind: str, layerwise: bool) -> OptimSpec:
     extra = {"quant": {"stochastic_rounding": False}} if kind == "q_galore_adamw" else {}
-    return OptimSpec(kind=kind, lr=1e-2, weight_decay=0.1, grad_clip=0.0,
-                     galore={"rank": 8, "update_gap": 2, "layerwise": layerwise, **extra})
+    return OptimSpec(
+        kind=kind,
+        lr=1e-2,
+        weight_decay=0.1,
+        grad_clip=0.0,
+        galore={"rank": 8, "update_gap": 2, "layerwise": layerwise, **extra},
+    )
 
 
 def _flat_weights(model: nn.Module) -> torch.Tensor:
     parts = []
     for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
+        for _name, p in m.named_parameters(recurse=False):
             owner = int8_weight_of(p)
             parts.append((owner[0].dequantized(owner[1]) if owner else p.detach()).flatten())
     return torch.cat(parts)
@@ -86,8 +91,9 @@ def _dp_rank(topo: Topology) -> None:
             torch.testing.assert_close(norm, ref_norms[step].float(), rtol=1e-4, atol=1e-6)
             opt.step()  # a no-op in layer-wise mode
         # 4 ranks sum in a different order than DDP; Adam amplifies last-bit differences of tiny gradients
-        torch.testing.assert_close(_flat_weights(model), _flat_weights(ref), rtol=1e-4, atol=5e-5,
-                                   msg=lambda m: f"{kind} accum {accum}: {m}")
+        torch.testing.assert_close(
+            _flat_weights(model), _flat_weights(ref), rtol=1e-4, atol=5e-5, msg=lambda m: f"{kind} accum {accum}: {m}"
+        )
         if accum == 1:
             assert stepper.peak_grad_bytes <= 2 * (BUCKET + largest), (stepper.peak_grad_bytes, BUCKET)
             assert stepper.peak_grad_bytes < 0.5 * total_grad, (stepper.peak_grad_bytes, total_grad)
@@ -126,15 +132,18 @@ def _ep_rank(topo: Topology) -> None:
     from shardyard.platform.schema import ModelSpec
 
     steps, world = 3, topo.world_size
-    mspec = ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64},
-                      moe={"num_experts": 4, "top_k": 2})
+    mspec = ModelSpec(kind="moe", width=32, depth=2, heads=2, ffn={"hidden": 64}, moe={"num_experts": 4, "top_k": 2})
     torch.manual_seed(0)
     base = build_model(mspec, 16)
     start = copy.deepcopy(base.state_dict())
-    spec = OptimSpec(kind="galore_adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.0,
-                     galore={"rank": 4, "update_gap": 2})
-    lw_spec = OptimSpec(kind="galore_adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.0,
-                        galore={"rank": 4, "update_gap": 2, "layerwise": True})
+    spec = OptimSpec(kind="galore_adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.0, galore={"rank": 4, "update_gap": 2})
+    lw_spec = OptimSpec(
+        kind="galore_adamw",
+        lr=1e-2,
+        weight_decay=0.1,
+        grad_clip=0.0,
+        galore={"rank": 4, "update_gap": 2, "layerwise": True},
+    )
     # reference: one worker, every expert, the mean of every rank's loss
     ref = build_model(mspec, 16)
     ref.load_state_dict(start)
@@ -172,7 +181,7 @@ def _ep_rank(topo: Topology) -> None:
     for name, p in results["layerwise"].items():
         torch.testing.assert_close(p, results["sync"][name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         full = ref_params[name.replace(".local.", ".")].detach()
-        expect = full[lo:lo + per] if ".local." in name else full
+        expect = full[lo : lo + per] if ".local." in name else full
         torch.testing.assert_close(p, expect, rtol=1e-4, atol=1e-5, msg=lambda m: f"vs single worker {name}: {m}")
 
 

@@ -7,10 +7,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from shardyard.optim.projection import (choose_side, exact_basis, project, project_back,
-                                        randomized_basis, sketch_generator, subspace_overlap)
-from shardyard.optim.quant import (dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                                   stochastic_round)
+from shardyard.optim.projection import (
+    choose_side,
+    exact_basis,
+    project,
+    project_back,
+    randomized_basis,
+    sketch_generator,
+    subspace_overlap,
+)
+from shardyard.optim.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, stochastic_round
 from tests.optim.galore_helpers import one_thread
 
 
@@ -32,8 +38,11 @@ def test_basis_orthonormal_and_side(shape: tuple[int, ...], method: str) -> None
     side = choose_side(g.shape)
     assert side == ("right" if shape[-2] >= shape[-1] else "left")
     rank = 6
-    basis = (exact_basis(g, rank, side) if method == "svd"
-             else randomized_basis(g, rank, side, 4, 2, torch.Generator().manual_seed(1)))
+    basis = (
+        exact_basis(g, rank, side)
+        if method == "svd"
+        else randomized_basis(g, rank, side, 4, 2, torch.Generator().manual_seed(1))
+    )
     small = min(shape[-2], shape[-1])
     assert basis.shape == (*shape[:-2], small, rank)
     eye = torch.eye(rank).expand(*shape[:-2], rank, rank)
@@ -55,8 +64,7 @@ def test_projection_keeps_top_singular_energy() -> None:
 def test_randomized_close_to_exact_on_low_rank(side: str) -> None:
     g = low_rank_matrix(256, 128, 8, seed=3)
     exact = exact_basis(g, 8, side)
-    approx = randomized_basis(g, 8, side, oversample=8, power_iters=2,
-                              generator=torch.Generator().manual_seed(0))
+    approx = randomized_basis(g, 8, side, oversample=8, power_iters=2, generator=torch.Generator().manual_seed(0))
     assert subspace_overlap(exact, approx) > 0.9999
     rec = project_back(project(g, approx, side), approx, side)
     assert (rec - g).norm() / g.norm() < 2e-3
@@ -97,6 +105,7 @@ def test_int8_quantize_roundtrip_and_sr_mean() -> None:
     q, s = quantize_int8(x, 128, stochastic=False)
     assert q.dtype == torch.int8
     assert (dequantize_int8(q, s, 128) - x).abs().max() <= s.max() / 2 + 1e-7
-    reps = torch.stack([dequantize_int8(*quantize_int8(x, 128, True, torch.Generator().manual_seed(i)), 128)
-                        for i in range(200)])
+    reps = torch.stack(
+        [dequantize_int8(*quantize_int8(x, 128, True, torch.Generator().manual_seed(i)), 128) for i in range(200)]
+    )
     assert (reps.mean(0) - x).abs().max() < 0.4 * s.max()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import subprocess
+from pathlib import Path
 
 from tests.helpers import BIN, ROOT, run_cli, tiny_spec_yaml
 
@@ -79,8 +78,15 @@ def _one_process_run(tmp_path: Path, name: str, steps: int = 3) -> Path:
     from shardyard.platform.spec import load_spec_text, spec_to_yaml
     from shardyard.runtime.worker import LocalReporter, Trainer
 
-    spec = load_spec_text(tiny_spec_yaml(name, tmp_path), overrides=[
-        "resources.workers=1", f"training.steps={steps}", "training.eval_every=0", "optim.schedule.warmup=1"])
+    spec = load_spec_text(
+        tiny_spec_yaml(name, tmp_path),
+        overrides=[
+            "resources.workers=1",
+            f"training.steps={steps}",
+            "training.eval_every=0",
+            "optim.schedule.warmup=1",
+        ],
+    )
     run_dir = tmp_path / name
     run_dir.mkdir(parents=True)
     (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
@@ -91,8 +97,11 @@ def _one_process_run(tmp_path: Path, name: str, steps: int = 3) -> Path:
 def test_generate_from_a_checkpoint(tmp_path: Path) -> None:
     """`shardyard generate` on a run directory written by the trainer's checkpoint code."""
     run_dir = _one_process_run(tmp_path, "gen")
-    proc = subprocess.run([str(BIN / "shardyard"), "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "shardyard"), "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(b"def ") and len(proc.stdout) == 4 + 12 + 1
     assert b"12 bytes" in proc.stderr and b"gen" in proc.stderr
@@ -104,6 +113,7 @@ def test_rerun_with_an_incompatible_spec_keeps_the_old_run(tmp_path: Path) -> No
     """A run directory with checkpoints is never resumed by, or overwritten with, another model."""
     run_dir = _one_process_run(tmp_path / "runs", "keep", steps=2)
     text = tiny_spec_yaml("keep", tmp_path / "runs")
+
     def snapshot() -> dict[Path, bytes]:  # wandb's service may still append to its own debug logs
         return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "wandb" not in p.parts}
 

@@ -31,8 +31,11 @@ def test_shipped_job_specs_validate(path: Path) -> None:
 
 
 def test_defaults_preset_and_overrides() -> None:
-    spec = load_spec_text("name: t\nmodel: {kind: moe, preset: small, depth: 3}\n", "t.yaml",
-                          ["training.steps=50", "model.moe.num_experts=4", "tracking.tags=[a, b]"])
+    spec = load_spec_text(
+        "name: t\nmodel: {kind: moe, preset: small, depth: 3}\n",
+        "t.yaml",
+        ["training.steps=50", "model.moe.num_experts=4", "tracking.tags=[a, b]"],
+    )
     assert (spec.model.width, spec.model.depth, spec.model.ffn.hidden) == (256, 3, 768)  # preset < file
     assert spec.training.steps == 50 and spec.model.moe.num_experts == 4
     assert spec.tracking.tags == ["a", "b"]
@@ -53,7 +56,12 @@ BAD = [
     ("model: {kind: moe}\n", [], 1, ["name", "required"]),
     ("name: t\ntraining:\n  steps: -5\n", [], 3, ["training.steps", "greater than 0"]),
     ("name: t\ntraining:\n  steps: many\n", [], 3, ["training.steps", "valid integer"]),
-    ("name: t\nmodel:\n  kind: moe\n  moe:\n    num_experts: 2\n    top_k: 3\n", [], 4, ["model.moe", "top_k (3) must not exceed num_experts (2)"]),
+    (
+        "name: t\nmodel:\n  kind: moe\n  moe:\n    num_experts: 2\n    top_k: 3\n",
+        [],
+        4,
+        ["model.moe", "top_k (3) must not exceed num_experts (2)"],
+    ),
     ("name: t\nmodel:\n  width: 100\n  heads: 3\n", [], 2, ["model", "heads (3) must divide width (100)"]),
     ("name: t\nmodel:\n  kind: transformerxl\n", [], 3, ["model.kind", "Input should be"]),
     ("name: t\nmodel:\n  kind: moe\n  moe: {router: switch, top_k: 2}\n", [], 4, ["switch", "top-1"]),
@@ -64,11 +72,21 @@ BAD = [
     ("name: t\ntracking:\n  mode: sometimes\n", [], 3, ["tracking.mode", "offline"]),
     ("name: t\nresources:\n  workers: 0\n", [], 3, ["resources.workers", "greater than 0"]),
     ("name: 'bad name!'\n", [], 1, ["name", "pattern"]),
-    ("name: t\nmodel: {kind: moe}\nparallel: {expert_parallel: 3}\nresources: {workers: 2}\n", [], 3, ["parallel.expert_parallel: 3 must divide resources.workers (2)"]),
+    (
+        "name: t\nmodel: {kind: moe}\nparallel: {expert_parallel: 3}\nresources: {workers: 2}\n",
+        [],
+        3,
+        ["parallel.expert_parallel: 3 must divide resources.workers (2)"],
+    ),
     ("name: t\ndata:\n  val_fraction: 0.9\n", [], 3, ["data.val_fraction", "less than 0.5"]),
     ("name: t\ndata:\n  paths: []\n", [], 3, ["data.paths", "at least 1"]),
     ("name: t\nmodel:\n  ffn: {kind: lowrank}\n", [], 3, ["model.ffn", "needs ffn.rank"]),
-    ("name: t\nmodel: {kind: moe, moe: {capacity_factor: -1}}\n", [], 2, ["model.moe.capacity_factor", "greater than 0"]),
+    (
+        "name: t\nmodel: {kind: moe, moe: {capacity_factor: -1}}\n",
+        [],
+        2,
+        ["model.moe.capacity_factor", "greater than 0"],
+    ),
 ]
 
 
@@ -84,8 +102,11 @@ def test_bad_specs_name_file_line_and_field(text: str, overrides: list[str], lin
 
 def test_moot_settings_run_and_are_explained() -> None:
     """`--set training.steps=20` on a spec that evaluates every 40 steps runs, evaluating at the end."""
-    spec = load_spec_text("name: t\noptim:\n  schedule: {warmup: 30}\ntraining: {steps: 100, eval_every: 40}\n",
-                          "job.yaml", ["training.steps=20"])
+    spec = load_spec_text(
+        "name: t\noptim:\n  schedule: {warmup: 30}\ntraining: {steps: 100, eval_every: 40}\n",
+        "job.yaml",
+        ["training.steps=20"],
+    )
     notes = "\n".join(spec.notes())
     assert spec.training.steps == 20
     assert "training.eval_every: 40 exceeds training.steps (20): evaluating once, at the end (step 20)" in notes

@@ -9,15 +9,16 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.preemption import EXIT_STOPPED, read_events
 from shardyard.runtime.watchdog import HEARTBEAT_DIR, read_heartbeats
-from tests.helpers import BIN, ROOT, run_cli, tiny_spec_yaml, train_losses
+from tests.helpers import BIN, ROOT, tiny_spec_yaml, train_losses
 
 pytestmark = pytest.mark.slow
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
@@ -34,8 +35,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2,
-                                                            "_system_config": fast_health})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2, "_system_config": fast_health},
+    )
     cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
@@ -47,8 +50,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def job_yaml(tmp_path: Path, name: str, **sections: str) -> Path:
     path = tmp_path / f"{name}.yaml"
-    parts = {"training": TRAINING, "resources": RESOURCES,
-             "checkpoint": f"{{dir: {tmp_path / 'runs'}, every: 4, keep: 3}}", **sections}
+    parts = {
+        "training": TRAINING,
+        "resources": RESOURCES,
+        "checkpoint": f"{{dir: {tmp_path / 'runs'}, every: 4, keep: 3}}",
+        **sections,
+    }
     path.write_text(tiny_spec_yaml(name, tmp_path / "runs", **parts))
     return path
 
@@ -74,9 +81,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
 
 
 def start_run(cluster: Any, spec: Path, out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
-                            stdout=open(out, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for(condition, timeout: float = 120, what: str = "") -> Any:
@@ -107,8 +118,10 @@ def metric_lines(run_dir: Path) -> int:
 
 def new_attempt_training(run_dir: Path, after: float) -> dict[int, dict]:
     """Heartbeats of an attempt that started after `after`, once it has logged two more steps."""
-    beats = wait_for(lambda: (b := read_heartbeats(run_dir / HEARTBEAT_DIR, since=after + 0.5)) and len(b) == 2 and b,
-                     what="a new attempt")
+    beats = wait_for(
+        lambda: (b := read_heartbeats(run_dir / HEARTBEAT_DIR, since=after + 0.5)) and len(b) == 2 and b,
+        what="a new attempt",
+    )
     lines = metric_lines(run_dir)
     wait_for(lambda: metric_lines(run_dir) >= lines + 2, what="the new attempt to train")
     return beats
@@ -119,7 +132,8 @@ def retry_events(run_dir: Path) -> list[dict]:
 
 
 def test_a_preempted_run_survives_a_sigkill_and_a_lost_node_and_ends_like_an_uninterrupted_run(
-        cluster: Any, reference: dict[int, float], tmp_path: Path) -> None:
+    cluster: Any, reference: dict[int, float], tmp_path: Path
+) -> None:
     """Both workers run on the non-head node (the head's CPUs are held by a placeholder actor).
     1. SIGTERM to the driver of `shardyard run`: checkpoint at the next step, exit 75.
     2. The same command again resumes; rank 1 is SIGKILLed by its pid.
@@ -129,8 +143,11 @@ def test_a_preempted_run_survives_a_sigkill_and_a_lost_node_and_ends_like_an_uni
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     other = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
-    holder = ray.remote(num_cpus=2)(Placeholder).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)).remote()
+    holder = (
+        ray.remote(num_cpus=2)(Placeholder)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False))
+        .remote()
+    )
     ray.get(holder.ping.remote())
     spec = job_yaml(tmp_path, "faults")
     run_dir = tmp_path / "runs" / "faults"

@@ -15,8 +15,16 @@ from shardyard.comm.launch import spawn
 from shardyard.comm.topology import Topology
 from shardyard.platform.errors import SpecError, UserError
 from shardyard.platform.spec import load_spec_text
-from shardyard.runtime.preemption import (STOP_FILE, StepBoundary, checkpoint_warning, clear_stop, graceful_stop,
-                                          read_events, request_stop, stop_reason)
+from shardyard.runtime.preemption import (
+    STOP_FILE,
+    StepBoundary,
+    checkpoint_warning,
+    clear_stop,
+    graceful_stop,
+    read_events,
+    request_stop,
+    stop_reason,
+)
 from shardyard.runtime.watchdog import HEARTBEAT_DIR, StepWatchdog, beat, read_stall_reports
 from tests.helpers import tiny_spec_yaml
 
@@ -76,7 +84,9 @@ def test_warning_when_no_checkpoint_would_be_written_before_the_end(tmp_path: Pa
     every_8 = spec_with(tmp_path, checkpoint=f"{{dir: {tmp_path}, every: 8}}")
     assert checkpoint_warning(every_8) is None
     at_end = spec_with(tmp_path, checkpoint=f"{{dir: {tmp_path}, every: 0}}")
-    assert "no checkpoint before the end" in checkpoint_warning(at_end) and "every_minutes" in checkpoint_warning(at_end)
+    assert "no checkpoint before the end" in checkpoint_warning(at_end) and "every_minutes" in checkpoint_warning(
+        at_end
+    )
     timed = spec_with(tmp_path, checkpoint=f"{{dir: {tmp_path}, every: 0, every_minutes: 10}}")
     assert checkpoint_warning(timed) is None
 
@@ -121,19 +131,31 @@ def test_failure_policy_never_retries_user_errors_and_counts_the_rest(tmp_path: 
     from shardyard.runtime.failures import ShardyardFailurePolicy, as_user_error, event_line
 
     policy = ShardyardFailurePolicy(FailureConfig(max_failures=-1), str(tmp_path))
-    crash = WorkerGroupError("boom", {0: RuntimeError("Connection closed by peer [127.0.0.1]:1234"),
-                                      1: RuntimeError("CUDA error: an illegal memory access")})
+    crash = WorkerGroupError(
+        "boom",
+        {
+            0: RuntimeError("Connection closed by peer [127.0.0.1]:1234"),
+            1: RuntimeError("CUDA error: an illegal memory access"),
+        },
+    )
     for _ in range(5):  # unlimited
         assert policy.make_decision(crash) == FailureDecision.RETRY
-    bad = WorkerGroupError("bad", {1: UserError("data.paths: '/nope' matches no file or directory"),
-                                   0: RuntimeError("Connection reset by peer")})
+    bad = WorkerGroupError(
+        "bad",
+        {1: UserError("data.paths: '/nope' matches no file or directory"), 0: RuntimeError("Connection reset by peer")},
+    )
     assert policy.make_decision(bad) == FailureDecision.RAISE
     events = read_events(tmp_path)[0]
     assert [e["event"] for e in events] == ["retry"] * 5 + ["fail"]
     assert events[0]["message"] == "rank 1 raised RuntimeError: CUDA error: an illegal memory access"  # not the peer
-    assert event_line(events[0]) == ("[shardyard] fault: rank 1 raised RuntimeError: CUDA error: an illegal memory "
-                                     "access; restarting from step 0 (no checkpoint yet) (failures left: unlimited)")
-    assert event_line(events[-1]) == "[shardyard] error (not retried): rank 1: data.paths: '/nope' matches no file or directory"
+    assert event_line(events[0]) == (
+        "[shardyard] fault: rank 1 raised RuntimeError: CUDA error: an illegal memory "
+        "access; restarting from step 0 (no checkpoint yet) (failures left: unlimited)"
+    )
+    assert (
+        event_line(events[-1])
+        == "[shardyard] error (not retried): rank 1: data.paths: '/nope' matches no file or directory"
+    )
     limited = ShardyardFailurePolicy(FailureConfig(max_failures=1), str(tmp_path))
     assert [limited.make_decision(crash) for _ in range(2)] == [FailureDecision.RETRY, FailureDecision.RAISE]
     assert "failures left: 0" in event_line(read_events(tmp_path)[0][-2])
@@ -148,10 +170,16 @@ def test_trainer_checkpoints_by_time_and_stops_with_a_checkpoint_on_request(tmp_
     from shardyard.runtime.worker import LocalReporter, Trainer
 
     def trainer(name: str, checkpoint: str) -> tuple[Trainer, LocalReporter]:
-        spec = load_spec_text(tiny_spec_yaml(name, tmp_path, resources="{workers: 1, cpus_per_worker: 1}",
-                                             training="{steps: 4, batch_size: 2, eval_every: 0, eval_bytes: 2048}",
-                                             optim="{lr: 3.0e-3, schedule: {warmup: 1}}",
-                                             checkpoint=checkpoint))
+        spec = load_spec_text(
+            tiny_spec_yaml(
+                name,
+                tmp_path,
+                resources="{workers: 1, cpus_per_worker: 1}",
+                training="{steps: 4, batch_size: 2, eval_every: 0, eval_bytes: 2048}",
+                optim="{lr: 3.0e-3, schedule: {warmup: 1}}",
+                checkpoint=checkpoint,
+            )
+        )
         reporter = LocalReporter(tmp_path / name, keep=10)
         return Trainer(spec, tmp_path / name, reporter), reporter
 
@@ -178,8 +206,9 @@ def _hanging_rank(topology: Topology, run_dir: str) -> None:
     """Rank 1 sleeps instead of joining step 3's boundary all_reduce; rank 0 waits inside it."""
     spec = spec_with(Path(run_dir), resources="{workers: 2, collective_timeout_minutes: 0.04}")
     boundary = StepBoundary(spec, Path(run_dir), topology.rank, topology.world_size, torch.device("cpu"))
-    with StepWatchdog(Path(run_dir), topology.rank, 2, timeout_s=spec.resources.collective_timeout_minutes * 60,
-                      attempt=1.0):
+    with StepWatchdog(
+        Path(run_dir), topology.rank, 2, timeout_s=spec.resources.collective_timeout_minutes * 60, attempt=1.0
+    ):
         for step in range(1, 6):
             boundary.agree(step)
 
@@ -189,10 +218,14 @@ def test_a_rank_that_sleeps_in_a_collective_ends_the_attempt_naming_it(tmp_path:
     """Real processes and a real gloo all_reduce: the sleeping rank's watchdog ends its process after
     2.4 s without progress, its peer's collective fails, and the report names rank 1 and the step."""
     monkeypatch.setenv("SHARDYARD_HANG_AT", "3:1:60")
-    with pytest.raises(Exception):  # without the watchdog rank 1 would wake after 60 s and both would finish
+    with pytest.raises(Exception):  # noqa: B017  without the watchdog rank 1 would wake after 60 s and both would finish
         spawn(_hanging_rank, 2, 2, str(tmp_path))
     reports = read_stall_reports(tmp_path)  # either rank's watchdog may fire first; both name rank 1
     assert reports and all(r["stuck_rank"] == 1 for r in reports), reports
     # Heartbeat files are written every 0.6 s: the last one rank 1 wrote shows step 3 or step 2.
-    assert all(r["message"].startswith(("rank 1 stopped progressing at step 3 (training)",
-                                        "rank 1 stopped progressing at step 2")) for r in reports), reports
+    assert all(
+        r["message"].startswith(
+            ("rank 1 stopped progressing at step 3 (training)", "rank 1 stopped progressing at step 2")
+        )
+        for r in reports
+    ), reports

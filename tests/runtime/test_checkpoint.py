@@ -25,9 +25,16 @@ def test_rng_state_round_trips_through_json() -> None:
 @pytest.fixture(scope="module")
 def run_with_two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
-    spec = load_spec_text(tiny_spec_yaml("c", root), overrides=[
-        "resources.workers=1", "training.steps=4", "training.eval_every=0", "checkpoint.every=2",
-        "optim.schedule.warmup=1"])
+    spec = load_spec_text(
+        tiny_spec_yaml("c", root),
+        overrides=[
+            "resources.workers=1",
+            "training.steps=4",
+            "training.eval_every=0",
+            "checkpoint.every=2",
+            "optim.schedule.warmup=1",
+        ],
+    )
     run_dir = root / "c"
     Trainer(spec, run_dir, LocalReporter(run_dir, 3)).fit()
     return run_dir

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardyard.comm.topology import Topology
 from shardyard.comm.launch import spawn
+from shardyard.comm.topology import Topology
 from shardyard.data.ngram_control import NGramControl
 from shardyard.data.validation import HeldOutText, all_batches, all_controls, rank_batches, rank_controls
 from shardyard.models import build_model
@@ -61,8 +61,10 @@ def _source_text() -> tuple[HeldOutText, np.ndarray]:
     import json as json_module
 
     sources = [Path(json_module.__file__).parent / name for name in ("decoder.py", "encoder.py", "scanner.py")]
-    train = np.frombuffer(b"".join(Path(email.__file__).parent.joinpath(n).read_bytes()
-                                   for n in ("message.py", "utils.py", "header.py")), dtype=np.uint8)
+    train = np.frombuffer(
+        b"".join(Path(email.__file__).parent.joinpath(n).read_bytes() for n in ("message.py", "utils.py", "header.py")),
+        dtype=np.uint8,
+    )
     held_out = np.frombuffer(b"".join(f.read_bytes() for f in sources), dtype=np.uint8)
     return HeldOutText(held_out.copy(), np.zeros(1, np.int64)), train.copy()
 
@@ -92,7 +94,9 @@ def test_regression_estimate_matches_numpy_least_squares() -> None:
     few = evaluate(model, batches[:1], torch.device("cpu"), controls=controls)
     assert few == evaluate(model, batches[:1], torch.device("cpu")) and few.control_gain == 1.0
     # controls are for bytes: with a tokenizer's byte counts the plain ratio estimator is used
-    ratio = evaluate(model, batches, torch.device("cpu"), token_bytes=torch.ones(256, dtype=torch.int32), controls=controls)
+    ratio = evaluate(
+        model, batches, torch.device("cpu"), token_bytes=torch.ones(256, dtype=torch.int32), controls=controls
+    )
     assert ratio.bpb == pytest.approx(plain.bpb, rel=1e-9) and ratio.control_gain == 1.0
 
 
@@ -121,7 +125,9 @@ def _rank_eval(topology: Topology, kind: str, out: str) -> None:
     batches = rank_batches(text, SEQ, 6400, 16, topology.rank, topology.world_size)
     controls = rank_controls(text, SEQ, 6400, topology.rank, topology.world_size, NGramControl.fit(train))
     result = evaluate(model, batches, torch.device("cpu"), world=topology.world_size, controls=controls)
-    Path(out, f"rank{topology.rank}.json").write_text(json.dumps({**result.__dict__, "mine": sum(len(b[0]) for b in batches)}))
+    Path(out, f"rank{topology.rank}.json").write_text(
+        json.dumps({**result.__dict__, "mine": sum(len(b[0]) for b in batches)})
+    )
 
 
 @pytest.mark.distributed
@@ -131,8 +137,12 @@ def test_ranks_agree_with_one_process_over_the_same_windows(tmp_path: Path, worl
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert len({r["mine"] for r in results}) == 1  # equal window counts on every rank
     text, train = _source_text()
-    single = evaluate(_model(kind), all_batches(text, SEQ, 6400, 16, world), torch.device("cpu"),
-                      controls=all_controls(text, SEQ, 6400, world, NGramControl.fit(train)))
+    single = evaluate(
+        _model(kind),
+        all_batches(text, SEQ, 6400, 16, world),
+        torch.device("cpu"),
+        controls=all_controls(text, SEQ, 6400, world, NGramControl.fit(train)),
+    )
     assert single.control_gain > 1
     for r in results:  # every rank reports the all-reduced figure of the whole window set
         assert r["windows"] == single.windows == results[0]["mine"] * world
@@ -146,11 +156,15 @@ def test_eval_command_matches_in_training_evaluation(tmp_path: Path) -> None:
     own.mkdir()
     (own / "notes.txt").write_bytes(b"The quick brown fox jumps over the lazy dog. " * 400)
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml(
-        "evalcmd", tmp_path / "runs",
-        training=f"{{steps: 12, batch_size: 4, eval_every: 12, eval_bytes: 8192, log_every: 4, "
-                 f"eval_sets: {{own: [{own / 'notes.txt'}]}}}}",
-        checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 2}}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "evalcmd",
+            tmp_path / "runs",
+            training=f"{{steps: 12, batch_size: 4, eval_every: 12, eval_bytes: 8192, log_every: 4, "
+            f"eval_sets: {{own: [{own / 'notes.txt'}]}}}}",
+            checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 2}}",
+        )
+    )
     trained = run_cli("run", str(spec), timeout=900)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "evalcmd"

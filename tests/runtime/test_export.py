@@ -61,7 +61,9 @@ def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path)
     pytest.importorskip("deepspeed")
     zero3 = job(tmp_path, "zero3", 2, 1, "none", 6, 6)
     zero3 = zero3.model_copy(update={"parallel": zero3.parallel.model_copy(update={"zero": 3})})
-    zero3.model = zero3.model.model_validate_json('{"kind": "dense", "width": 64, "depth": 2, "heads": 2, "ffn": {"hidden": 128}}')
+    zero3.model = zero3.model.model_validate_json(
+        '{"kind": "dense", "width": 64, "depth": 2, "heads": 2, "ffn": {"hidden": 128}}'
+    )
     run(zero3, tmp_path / "zero3")
     one = job(tmp_path, "one", 1, 1, "none", 6, 6)
     one.model = zero3.model

@@ -26,17 +26,26 @@ GLOBAL_BATCH = 8
 
 
 def job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int):
-    text = tiny_spec_yaml(name, storage, model=MODEL,
-                          training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
-                          resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
-                          checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}")
-    return load_spec_text(text, overrides=[f"parallel.expert_parallel={ep}", f"parallel.shard={shard}",
-                                           "optim.schedule.warmup=2"])
+    text = tiny_spec_yaml(
+        name,
+        storage,
+        model=MODEL,
+        training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
+        resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
+        checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}",
+    )
+    return load_spec_text(
+        text, overrides=[f"parallel.expert_parallel={ep}", f"parallel.shard={shard}", "optim.schedule.warmup=2"]
+    )
 
 
 def _rank_env(topology) -> None:
-    os.environ.update(RANK=str(topology.rank), WORLD_SIZE=str(topology.world_size), LOCAL_RANK=str(topology.local_rank),
-                      **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)})
+    os.environ.update(
+        RANK=str(topology.rank),
+        WORLD_SIZE=str(topology.world_size),
+        LOCAL_RANK=str(topology.local_rank),
+        **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)},
+    )
 
 
 def _train(topology, spec_json: str, run_dir: str, resume: str | None, memory_out: str | None) -> None:
@@ -66,19 +75,32 @@ def _measure_state(trainer: Trainer, out: Path) -> None:
     trainer.plan.backward(ce)
     params = sum(local_bytes(p) for p in trainer.model.parameters())
     grads = sum(local_bytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
-    optim = sum(local_bytes(v) for state in trainer.plan.optimizer.state.values() for v in state.values()
-                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    optim = sum(
+        local_bytes(v)
+        for state in trainer.plan.optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     experts = sum(local_bytes(p) for n, p in trainer.model.named_parameters() if ".experts." in n)
     rank = trainer.ctx.rank
-    (out / f"rank{rank}.json").write_text(json.dumps({"params": params, "grads": grads, "optim": optim,
-                                                      "expert_params": experts}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"params": params, "grads": grads, "optim": optim, "expert_params": experts})
+    )
 
 
-def run(spec, run_dir: Path, resume: Path | None = None, memory_out: Path | None = None,
-        ranks_per_node: int | None = None) -> list[float]:
+def run(
+    spec, run_dir: Path, resume: Path | None = None, memory_out: Path | None = None, ranks_per_node: int | None = None
+) -> list[float]:
     world = spec.resources.workers
-    spawn(_train, world, ranks_per_node or world, spec.model_dump_json(), str(run_dir),
-          str(resume) if resume else None, str(memory_out) if memory_out else None)
+    spawn(
+        _train,
+        world,
+        ranks_per_node or world,
+        spec.model_dump_json(),
+        str(run_dir),
+        str(resume) if resume else None,
+        str(memory_out) if memory_out else None,
+    )
     return [r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
 
 
@@ -118,7 +140,7 @@ def _ledger(directory: Path, steps: int | None = None) -> list[tuple[int, int]]:
         lines = f.read_text().splitlines()
         if steps is not None:
             batch = GLOBAL_BATCH // int(f.stem.split("world")[1])
-            lines = lines[:steps * batch]
+            lines = lines[: steps * batch]
         pairs += [(int(e), int(w)) for e, w in (line.split() for line in lines)]
     return sorted(pairs)
 
@@ -141,8 +163,12 @@ def test_resume_reshards_and_continues_like_an_uninterrupted_run(tmp_path: Path,
     assert json.loads((checkpoint / "meta.json").read_text())["layout"]["world"] == source[0]
     new_layout = job(tmp_path, "resumed", world, ep, shard, 8, 0)
     resumed = traced("resumed", new_layout, tmp_path / "resumed", resume=checkpoint, ranks_per_node=min(world, 2))
-    reference = traced("reference", job(tmp_path, "reference", world, ep, shard, 8, 0), tmp_path / "reference",
-                       ranks_per_node=min(world, 2))
+    reference = traced(
+        "reference",
+        job(tmp_path, "reference", world, ep, shard, 8, 0),
+        tmp_path / "reference",
+        ranks_per_node=min(world, 2),
+    )
     assert len(resumed) == 4
     assert resumed == pytest.approx(reference[-4:], rel=1e-4, abs=1e-5)
     windows = _ledger(ledgers["first"], steps=4) + _ledger(ledgers["resumed"])
@@ -157,10 +183,15 @@ def test_galore_with_expert_parallelism_resumes_exactly(tmp_path: Path, optim: s
     overrides = {"optim": f"{{kind: {optim}, lr: 3.0e-3, schedule: {{warmup: 2}}, galore: {{rank: 8, update_gap: 3}}}}"}
 
     def galore_job(name: str):
-        text = tiny_spec_yaml(name, tmp_path, model=MODEL, **overrides,
-                              training="{steps: 8, batch_size: 4, eval_every: 0, eval_bytes: 2048}",
-                              resources="{workers: 2, cpus_per_worker: 1, max_failures: 0}",
-                              checkpoint=f"{{dir: {tmp_path}, every: 4, keep: 3}}")
+        text = tiny_spec_yaml(
+            name,
+            tmp_path,
+            model=MODEL,
+            **overrides,
+            training="{steps: 8, batch_size: 4, eval_every: 0, eval_bytes: 2048}",
+            resources="{workers: 2, cpus_per_worker: 1, max_failures: 0}",
+            checkpoint=f"{{dir: {tmp_path}, every: 4, keep: 3}}",
+        )
         return load_spec_text(text, overrides=["parallel.expert_parallel=2"])
 
     full = run(galore_job("full"), tmp_path / "full")

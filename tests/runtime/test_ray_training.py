@@ -15,7 +15,13 @@ pytestmark = pytest.mark.slow
 
 def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml("learns", tmp_path / "runs", training="{steps: 40, batch_size: 8, eval_every: 20, eval_bytes: 2048, log_every: 1}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "learns",
+            tmp_path / "runs",
+            training="{steps: 40, batch_size: 8, eval_every: 20, eval_bytes: 2048, log_every: 1}",
+        )
+    )
     proc = run_cli("run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done at step 40/40" in proc.stdout
@@ -26,8 +32,19 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     assert last < first - 1.0, (first, last)  # from ~5.5 nats: the model learns byte statistics
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
-    assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "moe/layer0/util_max",
-            "moe/layer0/dead", "time/forward_ms_max", "mem/peak_rss_gib_max"} <= set(train[-1])
+    assert {
+        "loss",
+        "bpb",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "aux_loss",
+        "moe/layer0/util_max",
+        "moe/layer0/dead",
+        "time/forward_ms_max",
+        "mem/peak_rss_gib_max",
+    } <= set(train[-1])
     steps, per_layer = read_expert_load(run_dir)
     assert steps.tolist() == list(range(1, 41))
     assert (per_layer[0].sum(axis=1) == 2 * 8 * 64 * 2).all()  # workers x batch x seq x top_k per step
@@ -51,8 +68,11 @@ FAULT_TRAINING = "{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, lo
 
 def _fault_spec(root: Path) -> Path:
     spec = root / "job.yaml"
-    spec.write_text(tiny_spec_yaml("clean", root / "runs", training=FAULT_TRAINING,
-                                   checkpoint=f"{{dir: {root / 'runs'}, every: 4, keep: 3}}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "clean", root / "runs", training=FAULT_TRAINING, checkpoint=f"{{dir: {root / 'runs'}, every: 4, keep: 3}}"
+        )
+    )
     return spec
 
 
@@ -84,9 +104,24 @@ def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninte
 
 def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
-    proc = run_cli("run", str(root / "jobs" / "megabyte-tiny.yaml"), "--set", f"checkpoint.dir={tmp_path}",
-                   "--set", "training.steps=16", "--set", "optim.schedule.warmup=2", "--set", "training.eval_every=8",
-                   "--set", "training.log_every=1", "--set", "checkpoint.every=8", "--set", "data.max_bytes=3000000")
+    proc = run_cli(
+        "run",
+        str(root / "jobs" / "megabyte-tiny.yaml"),
+        "--set",
+        f"checkpoint.dir={tmp_path}",
+        "--set",
+        "training.steps=16",
+        "--set",
+        "optim.schedule.warmup=2",
+        "--set",
+        "training.eval_every=8",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        "checkpoint.every=8",
+        "--set",
+        "data.max_bytes=3000000",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = train_losses(tmp_path / "megabyte-tiny")
     assert sorted(losses) == list(range(1, 17))
@@ -97,11 +132,16 @@ def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> Non
 
 def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml(
-        "galore", tmp_path / "runs",
-        model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: 0.5}}",
-        optim="{kind: q_galore_adamw, lr: 3.0e-3, schedule: {warmup: 2}, galore: {rank: 8, update_gap: 5}}",
-        training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}"))
+    spec.write_text(
+        tiny_spec_yaml(
+            "galore",
+            tmp_path / "runs",
+            model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, "
+            "self_guided: 0.5}}",
+            optim="{kind: q_galore_adamw, lr: 3.0e-3, schedule: {warmup: 2}, galore: {rank: 8, update_gap: 5}}",
+            training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}",
+        )
+    )
     proc = run_cli("run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = train_losses(tmp_path / "runs" / "galore")
@@ -113,8 +153,9 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted:
     step-8 checkpoint and ends with the uninterrupted DDP run's losses. (A SIGKILLed worker and a lost
     node: tests/reliability/test_faults_on_ray.py.)"""
     pytest.importorskip("deepspeed")
-    zero = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=zero2", "--set", "parallel.zero=2",
-                   "--fault-step", "9")
+    zero = run_cli(
+        "run", str(_fault_spec(tmp_path)), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9"
+    )
     assert zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
     assert (tmp_path / "runs" / "zero2" / ".injected_fault_done").exists()
     assert "resumed from step 8" in zero.stdout + zero.stderr
@@ -125,7 +166,9 @@ def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path:
     """The last rank's process exits after writing its shards of the step-8 checkpoint, before the
     manifest: Ray Train restarts the group from step 4 and the run ends with the uninterrupted losses."""
     marker = tmp_path / "killed"
-    killed = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"})
+    killed = run_cli(
+        "run", str(_fault_spec(tmp_path)), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"}
+    )
     assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr

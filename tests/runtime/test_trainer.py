@@ -16,8 +16,13 @@ MOE_NO_AUX = "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe
 DENSE = "{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}"
 
 
-def one_worker_spec(tmp_path: Path, name: str = "t", training: str | None = None, model: str | None = None,
-                    overrides: list[str] | None = None):
+def one_worker_spec(
+    tmp_path: Path,
+    name: str = "t",
+    training: str | None = None,
+    model: str | None = None,
+    overrides: list[str] | None = None,
+):
     sections = {"resources": "{workers: 1, cpus_per_worker: 1, max_failures: 0}"}
     if training:
         sections["training"] = training
@@ -59,8 +64,12 @@ def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
     """Four micro-batches of 2 give the optimizer step of one batch of 8 (same windows)."""
     runs = {}
     for accum, batch in ((1, 8), (4, 2)):
-        spec = one_worker_spec(tmp_path, f"acc{accum}", model=model,
-                               training=f"{{steps: 6, batch_size: {batch}, grad_accum: {accum}, eval_every: 0, eval_bytes: 2048}}")
+        spec = one_worker_spec(
+            tmp_path,
+            f"acc{accum}",
+            model=model,
+            training=f"{{steps: 6, batch_size: {batch}, grad_accum: {accum}, eval_every: 0, eval_bytes: 2048}}",
+        )
         trainer, _ = train(spec, tmp_path / f"acc{accum}")
         runs[accum] = (losses(tmp_path / f"acc{accum}"), trainer.model.state_dict())
     assert runs[4][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
@@ -84,10 +93,19 @@ def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_
     weights = {}
     for layerwise in (False, True):
         name = f"lw{int(layerwise)}"
-        spec = one_worker_spec(tmp_path, name, model=DENSE,
-                               training="{steps: 4, batch_size: 4, grad_accum: 2, eval_every: 0, eval_bytes: 2048}",
-                               overrides=["optim.kind=galore_adamw", "optim.grad_clip=0", "optim.galore.rank=8",
-                                          f"optim.galore.layerwise={str(layerwise).lower()}", "optim.schedule.warmup=1"])
+        spec = one_worker_spec(
+            tmp_path,
+            name,
+            model=DENSE,
+            training="{steps: 4, batch_size: 4, grad_accum: 2, eval_every: 0, eval_bytes: 2048}",
+            overrides=[
+                "optim.kind=galore_adamw",
+                "optim.grad_clip=0",
+                "optim.galore.rank=8",
+                f"optim.galore.layerwise={str(layerwise).lower()}",
+                "optim.schedule.warmup=1",
+            ],
+        )
         trainer, _ = train(spec, tmp_path / name)
         assert type(trainer.plan).__name__ == ("HookReducedPlan" if layerwise else "ReplicatedPlan")
         weights[layerwise] = trainer.model.state_dict()

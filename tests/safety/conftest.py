@@ -12,6 +12,5 @@ import pytest
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corpus") / "email"
-    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "email", root,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "email", root, ignore=shutil.ignore_patterns("__pycache__"))
     return root

@@ -16,7 +16,6 @@ from shardyard.runtime.worker import apply_activation_checkpointing
 from tests.helpers import ROOT, tiny_spec_yaml
 
 
-
 def small_data(corpus: Path) -> list[str]:
     return ["--set", f"data.paths=[{corpus}]"]
 
@@ -28,11 +27,14 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     return code, out.err
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"name: x\n\x00\x01\x02", "not a YAML text file (binary content: a NUL byte at offset 8)"),
-    (b"name: caf\xe9\n", "not a YAML text file (not UTF-8: byte 0xe9 at offset 9)"),
-    (b"\x7fELF\x02\x01\x01\x00\x00", "not a YAML text file (binary content: a NUL byte at offset 7)"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"name: x\n\x00\x01\x02", "not a YAML text file (binary content: a NUL byte at offset 8)"),
+        (b"name: caf\xe9\n", "not a YAML text file (not UTF-8: byte 0xe9 at offset 9)"),
+        (b"\x7fELF\x02\x01\x01\x00\x00", "not a YAML text file (binary content: a NUL byte at offset 7)"),
+    ],
+)
 def test_a_spec_file_that_is_not_text_is_named(tmp_path: Path, capsys, content: bytes, expected: str) -> None:
     path = tmp_path / "job.yaml"
     path.write_bytes(content)
@@ -46,16 +48,28 @@ def test_a_directory_given_as_spec_is_named(tmp_path: Path, capsys) -> None:
     assert code == 2 and f"{tmp_path}: cannot read job spec" in err
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["resources.memory_per_worker=64MiB"], "a worker process itself (Python, torch, Ray) needs about 0.5 GiB"),
-    (["model.width=2048", "model.heads=16", "resources.memory_per_worker=2GiB"],
-     "driven by model.width (2048) and model.depth (4) (preset tiny); shard them over the workers with parallel.shard: full"),
-    (["training.batch_size=512", "data.seq_len=2048", "resources.memory_per_worker=8GiB"],
-     "driven by training.batch_size (512) x data.seq_len (2048)"),
-    (["model.moe.num_experts=512", "resources.memory_per_worker=2GiB"], "mostly expert weights, driven by model.moe.num_experts (512)"),
-])
-def test_validate_run_and_submit_refuse_a_spec_that_cannot_fit(capsys, small_corpus: Path, overrides: list[str],
-                                                              field: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["resources.memory_per_worker=64MiB"], "a worker process itself (Python, torch, Ray) needs about 0.5 GiB"),
+        (
+            ["model.width=2048", "model.heads=16", "resources.memory_per_worker=2GiB"],
+            "driven by model.width (2048) and model.depth (4) (preset tiny); shard them over the workers with "
+            "parallel.shard: full",
+        ),
+        (
+            ["training.batch_size=512", "data.seq_len=2048", "resources.memory_per_worker=8GiB"],
+            "driven by training.batch_size (512) x data.seq_len (2048)",
+        ),
+        (
+            ["model.moe.num_experts=512", "resources.memory_per_worker=2GiB"],
+            "mostly expert weights, driven by model.moe.num_experts (512)",
+        ),
+    ],
+)
+def test_validate_run_and_submit_refuse_a_spec_that_cannot_fit(
+    capsys, small_corpus: Path, overrides: list[str], field: str
+) -> None:
     sets = [a for o in overrides for a in ("--set", o)] + small_data(small_corpus)
     for command in ("validate", "run", "submit") if "64MiB" in overrides[0] else ("validate",):
         code, err = cli(capsys, command, str(ROOT / "jobs" / "moe-tiny.yaml"), *sets)
@@ -64,8 +78,16 @@ def test_validate_run_and_submit_refuse_a_spec_that_cannot_fit(capsys, small_cor
 
 
 def test_a_spec_no_machine_could_hold_is_refused_against_this_machine(capsys, small_corpus: Path) -> None:
-    code, err = cli(capsys, "validate", str(ROOT / "jobs" / "moe-tiny.yaml"), "--set", "model.width=65536",
-                    "--set", "model.heads=64", *small_data(small_corpus))
+    code, err = cli(
+        capsys,
+        "validate",
+        str(ROOT / "jobs" / "moe-tiny.yaml"),
+        "--set",
+        "model.width=65536",
+        "--set",
+        "model.heads=64",
+        *small_data(small_corpus),
+    )
     assert code == 2 and "exceeds this machine's RAM" in err and "model.width (65536)" in err
 
 
@@ -99,28 +121,38 @@ def _saved_bytes(spec) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("model", [
-    "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2}}",
-    "{kind: dense, width: 128, depth: 2, heads: 4, ffn: {hidden: 384, kind: gelu}}",
-    "{kind: megabyte, stages: [{width: 64, depth: 2, heads: 2, patch_size: 8}, {width: 32, depth: 2, heads: 2, patch_size: 8}]}",
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2}}",
+        "{kind: dense, width: 128, depth: 2, heads: 4, ffn: {hidden: 384, kind: gelu}}",
+        "{kind: megabyte, stages: [{width: 64, depth: 2, heads: 2, patch_size: 8}, {width: 32, depth: 2, heads: "
+        "2, patch_size: 8}]}",
+    ],
+)
 def test_the_activation_estimate_matches_what_autograd_saves(model: str) -> None:
-    spec = load_spec_text(tiny_spec_yaml("a", Path("/tmp/unused"), model=model),
-                          overrides=["training.batch_size=4", "data.seq_len=64"])
+    spec = load_spec_text(
+        tiny_spec_yaml("a", Path("/tmp/unused"), model=model), overrides=["training.batch_size=4", "data.seq_len=64"]
+    )
     estimate, measured = activation_bytes(spec), _saved_bytes(spec)
     assert 0.8 < estimate / measured < 1.25, (estimate, measured)
     if spec.model.stages is None:  # checkpointing keeps less; the estimate stays an upper bound
-        checkpointed = spec.model_copy(update={"training": spec.training.model_copy(update={"activation_checkpointing": "full"})})
+        checkpointed = spec.model_copy(
+            update={"training": spec.training.model_copy(update={"activation_checkpointing": "full"})}
+        )
         assert _saved_bytes(checkpointed) <= activation_bytes(checkpointed) < estimate
 
 
-@pytest.mark.parametrize("override, message", [
-    ("checkpoint.keep=1", "checkpoint.keep: Input should be greater than or equal to 2"),
-    ("resources.memory_per_worker='8 parsecs'", "resources.memory_per_worker: '8 parsecs' is not a size"),
-    ("env={'bad-name': x}", "env: 'bad-name' is not an environment variable name"),
-    ("env={RAY_ADDRESS: x}", "env: RAY_ADDRESS is set by shardyard or Ray"),
-    ("env={TOKEN: {secret: true}}", "env.TOKEN.EnvVarSpec.from_env: required field is missing"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.keep=1", "checkpoint.keep: Input should be greater than or equal to 2"),
+        ("resources.memory_per_worker='8 parsecs'", "resources.memory_per_worker: '8 parsecs' is not a size"),
+        ("env={'bad-name': x}", "env: 'bad-name' is not an environment variable name"),
+        ("env={RAY_ADDRESS: x}", "env: RAY_ADDRESS is set by shardyard or Ray"),
+        ("env={TOKEN: {secret: true}}", "env.TOKEN.EnvVarSpec.from_env: required field is missing"),
+    ],
+)
 def test_new_fields_name_themselves_when_wrong(capsys, override: str, message: str) -> None:
     code, err = cli(capsys, "validate", str(ROOT / "jobs" / "moe-tiny.yaml"), "--set", override)
     assert code == 2 and message in err, err

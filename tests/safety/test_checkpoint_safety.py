@@ -18,8 +18,7 @@ from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.entry import latest_step, resume_conflicts
 from shardyard.runtime.safe_load import UnsafeCheckpoint
-from shardyard.runtime.save_guard import (BEST_DIR, NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint,
-                                          keep_best)
+from shardyard.runtime.save_guard import BEST_DIR, NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint, keep_best
 from shardyard.runtime.worker import LocalReporter, Trainer
 from tests.helpers import tiny_spec_yaml
 
@@ -29,10 +28,22 @@ TINY_MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe:
 def tiny_spec(root: Path, corpus: Path, name: str = "c", *extra: str):
     """One worker, 4 steps, checkpoints at 2 and 4, on the small corpus."""
     data = f"{{paths: [{corpus}], seq_len: 32, cache_dir: {root / 'cache'}}}"
-    return load_spec_text(tiny_spec_yaml(name, root, model=TINY_MODEL, data=data), overrides=[
-        "resources.workers=1", "training.steps=4", "training.eval_every=2", "checkpoint.every=2", "checkpoint.keep=3",
-        "checkpoint.keep_best=true", "optim.schedule.warmup=1", "training.batch_size=4",
-        "training.eval_bytes=1024", "tracking.mode=disabled", *extra])
+    return load_spec_text(
+        tiny_spec_yaml(name, root, model=TINY_MODEL, data=data),
+        overrides=[
+            "resources.workers=1",
+            "training.steps=4",
+            "training.eval_every=2",
+            "checkpoint.every=2",
+            "checkpoint.keep=3",
+            "checkpoint.keep_best=true",
+            "optim.schedule.warmup=1",
+            "training.batch_size=4",
+            "training.eval_bytes=1024",
+            "tracking.mode=disabled",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,9 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / run.name))
 
 
-def test_truncated_newest_shard_and_meta_fall_back_with_a_message(finished_run: Path, tmp_path: Path, small_corpus: Path) -> None:
+def test_truncated_newest_shard_and_meta_fall_back_with_a_message(
+    finished_run: Path, tmp_path: Path, small_corpus: Path
+) -> None:
     run = copy_run(finished_run, tmp_path)
     newest, older = run / "checkpoint_00000004", run / "checkpoint_00000002"
     shard = next((newest / ckpt.SHARDS_DIR).glob("*.distcp"))
@@ -80,14 +93,21 @@ def _plant_executable_pickle(checkpoint: Path, marker: Path) -> None:
     (checkpoint / ckpt.MANIFEST_FILE).write_text(json.dumps({"files": ckpt.file_digests(checkpoint)}))
 
 
-def test_a_planted_executable_pickle_is_refused_and_never_runs(finished_run: Path, tmp_path: Path, small_corpus: Path) -> None:
+def test_a_planted_executable_pickle_is_refused_and_never_runs(
+    finished_run: Path, tmp_path: Path, small_corpus: Path
+) -> None:
     run = copy_run(finished_run, tmp_path)
     newest = run / "checkpoint_00000004"
     marker = tmp_path / "pwned"
     _plant_executable_pickle(newest, marker)
     # the planted file really is executable: plain pickle (what DCP uses) runs it in a child process
-    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(newest / 'shards' / '.metadata')!r}, 'rb'))"],
-                   check=False, capture_output=True, env={"PATH": ""}, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", f"import pickle; pickle.load(open({str(newest / 'shards' / '.metadata')!r}, 'rb'))"],
+        check=False,
+        capture_output=True,
+        env={"PATH": ""},
+        timeout=60,
+    )
     assert marker.exists(), "the planted pickle should run code under plain pickle.load"
     marker.unlink()
 

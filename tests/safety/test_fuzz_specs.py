@@ -23,8 +23,29 @@ from tests.helpers import ROOT
 
 SPECS = sorted((ROOT / "jobs").glob("*.yaml"))
 CASES = 200
-WEIRD_VALUES: list[Any] = [None, -1, 0, 1, 2**31, 2**62, 10**30, -0.5, 1e308, float("nan"), float("inf"), "", "x" * 300,
-                           "../../etc/passwd", "\u00e9\u4e2d", True, [], [1, "a"], {}, {"nested": {"deep": 1}}, "8GiB"]
+WEIRD_VALUES: list[Any] = [
+    None,
+    -1,
+    0,
+    1,
+    2**31,
+    2**62,
+    10**30,
+    -0.5,
+    1e308,
+    float("nan"),
+    float("inf"),
+    "",
+    "x" * 300,
+    "../../etc/passwd",
+    "\u00e9\u4e2d",
+    True,
+    [],
+    [1, "a"],
+    {},
+    {"nested": {"deep": 1}},
+    "8GiB",
+]
 
 
 def _leaves(node: Any, path: tuple = ()) -> list[tuple]:

@@ -29,20 +29,47 @@ def spec(*overrides: str, root: Path = Path("/tmp/unused")):
 
 def test_only_allow_listed_fields_may_change_on_resume() -> None:
     base = spec()
-    allowed = spec("training.steps=48", "training.eval_every=6", "training.log_every=2", "checkpoint.every=4",
-                   "checkpoint.keep=5", "tracking.mode=disabled", "resources.workers=4", "resources.max_failures=3",
-                   "parallel.shard=full", "data.cache_dir=/tmp/c")
+    allowed = spec(
+        "training.steps=48",
+        "training.eval_every=6",
+        "training.log_every=2",
+        "checkpoint.every=4",
+        "checkpoint.keep=5",
+        "tracking.mode=disabled",
+        "resources.workers=4",
+        "resources.max_failures=3",
+        "parallel.shard=full",
+        "data.cache_dir=/tmp/c",
+    )
     assert spec_differences(base, allowed) == []
-    refused = spec("data.extensions=[.txt]", "data.max_bytes=1000", "data.val_fraction=0.1",
-                   "training.batch_size=2", "optim.lr=0.1", "optim.betas=[0.8,0.9]", "training.precision=bf16",
-                   "seed=3", "model.moe.top_k=1")
+    refused = spec(
+        "data.extensions=[.txt]",
+        "data.max_bytes=1000",
+        "data.val_fraction=0.1",
+        "training.batch_size=2",
+        "optim.lr=0.1",
+        "optim.betas=[0.8,0.9]",
+        "training.precision=bf16",
+        "seed=3",
+        "model.moe.top_k=1",
+    )
     fields = [d.split(":")[0] for d in spec_differences(base, refused)]
-    assert fields == ["data.extensions", "data.max_bytes", "data.val_fraction", "model.moe.top_k", "optim.betas",
-                      "optim.lr", "seed", "training.batch_size", "training.precision"]
+    assert fields == [
+        "data.extensions",
+        "data.max_bytes",
+        "data.val_fraction",
+        "model.moe.top_k",
+        "optim.betas",
+        "optim.lr",
+        "seed",
+        "training.batch_size",
+        "training.precision",
+    ]
     # DeepSpeed ZeRO checkpoints do not reshard: the worker count is pinned there
     zero = spec("model.kind=dense", "model.moe=null", "parallel.zero=2")
-    assert spec_differences(zero, spec("model.kind=dense", "model.moe=null", "parallel.zero=2", "resources.workers=1")) \
-        == ["resources.workers: 2 -> 1"]
+    assert spec_differences(
+        zero, spec("model.kind=dense", "model.moe=null", "parallel.zero=2", "resources.workers=1")
+    ) == ["resources.workers: 2 -> 1"]
 
 
 def test_a_resume_with_a_refused_change_names_the_fields(tmp_path: Path) -> None:
@@ -108,7 +135,9 @@ def test_two_jobs_cannot_hold_one_run_directory(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(run_lease.RunBusy, match=rf"in use by another job \(pid {holder.pid} on {socket.gethostname()}"):
+        with pytest.raises(
+            run_lease.RunBusy, match=rf"in use by another job \(pid {holder.pid} on {socket.gethostname()}"
+        ):
             run_lease.acquire(run)
     finally:
         holder.send_signal(signal.SIGKILL)

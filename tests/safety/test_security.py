@@ -7,7 +7,6 @@ import hashlib
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -62,10 +61,20 @@ def test_a_new_token_is_private_from_its_first_byte(tmp_path: Path, monkeypatch)
 # ------------------------------------------------------------------------------------- uploads
 def test_a_job_upload_holds_only_the_allow_list(tmp_path: Path) -> None:
     checkout = tmp_path / "checkout"
-    for name, text in {"shardyard/__init__.py": "", "shardyard/cluster/jobs.py": "x = 1", "pyproject.toml": "[project]",
-                       "jobs/a.yaml": "name: a", ".env": "WANDB_API_KEY=leak", ".netrc": "machine x password leak",
-                       "id_rsa": "-----BEGIN", "data/corpus.txt": "big", "runs/a/metrics.jsonl": "{}",
-                       ".git/config": "[core]", "shardyard/.secrets": "leak", "notes/keys.pem": "leak"}.items():
+    for name, text in {
+        "shardyard/__init__.py": "",
+        "shardyard/cluster/jobs.py": "x = 1",
+        "pyproject.toml": "[project]",
+        "jobs/a.yaml": "name: a",
+        ".env": "WANDB_API_KEY=leak",
+        ".netrc": "machine x password leak",
+        "id_rsa": "-----BEGIN",
+        "data/corpus.txt": "big",
+        "runs/a/metrics.jsonl": "{}",
+        ".git/config": "[core]",
+        "shardyard/.secrets": "leak",
+        "notes/keys.pem": "leak",
+    }.items():
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         (checkout / name).write_text(text)
     (checkout / "shardyard" / "__pycache__").mkdir()
@@ -78,7 +87,9 @@ def test_a_job_upload_holds_only_the_allow_list(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- secrets
 def test_secret_values_come_from_the_environment_and_never_enter_the_spec(tmp_path: Path) -> None:
-    spec = load_spec_text(tiny_spec_yaml("s", tmp_path, env="{HF_HOME: /data/hf, API_TOKEN: {from_env: MY_TOKEN, secret: true}}"))
+    spec = load_spec_text(
+        tiny_spec_yaml("s", tmp_path, env="{HF_HOME: /data/hf, API_TOKEN: {from_env: MY_TOKEN, secret: true}}")
+    )
     plain, secret = worker_env(spec, {"MY_TOKEN": "tok-123", "WANDB_API_KEY": "wandb-456"})
     assert plain == {"HF_HOME": "/data/hf"} and secret == {"API_TOKEN": "tok-123", "WANDB_API_KEY": "wandb-456"}
     stored = spec_to_yaml(spec) + spec.model_dump_json()
@@ -91,7 +102,9 @@ def test_cluster_configs_never_serve_the_dashboard_on_all_interfaces() -> None:
     ray_up = yaml.safe_load((ROOT / "cluster" / "ray-up.yaml").read_text())
     head_commands = " ".join(ray_up["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_commands and "0.0.0.0" not in head_commands
-    assert "RAY_LOGGER_LEVEL=warning" in head_commands and "RAY_LOGGER_LEVEL=warning" in " ".join(ray_up["worker_start_ray_commands"])
+    assert "RAY_LOGGER_LEVEL=warning" in head_commands and "RAY_LOGGER_LEVEL=warning" in " ".join(
+        ray_up["worker_start_ray_commands"]
+    )
     assert "file_mounts" not in ray_up or "~/.ray/auth_token" not in ray_up["file_mounts"]  # generated on the head
     assert ray_up["cluster_synced_files"] == ["~/.ray/auth_token"]
     rayjob = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
@@ -102,10 +115,17 @@ def test_cluster_configs_never_serve_the_dashboard_on_all_interfaces() -> None:
 
 
 def test_the_listener_summary_groups_by_reachability() -> None:
-    text = describe([Listener("dashboard", "127.0.0.1", 8265), Listener("gcs_server", "::", 6379),
-                     Listener("raylet", "0.0.0.0", 4000)])
-    assert text.splitlines() == ["  listening on loopback: dashboard :8265",
-                                 "  listening on all interfaces (Ray's gRPC servers; token required): gcs_server :6379, raylet :4000"]
+    text = describe(
+        [
+            Listener("dashboard", "127.0.0.1", 8265),
+            Listener("gcs_server", "::", 6379),
+            Listener("raylet", "0.0.0.0", 4000),
+        ]
+    )
+    assert text.splitlines() == [
+        "  listening on loopback: dashboard :8265",
+        "  listening on all interfaces (Ray's gRPC servers; token required): gcs_server :6379, raylet :4000",
+    ]
 
 
 # ------------------------------------------------------------------------------------- a real run
@@ -118,17 +138,35 @@ def test_a_planted_secret_reaches_the_workers_and_nowhere_else(tmp_path: Path) -
     agents listen on loopback, and the printed summary names the real listeners."""
     secret, wandb_key = f"planted-secret-{os.getpid()}-7f3a", f"planted-wandb-{os.getpid()}-c41e"
     spec = tmp_path / "job.yaml"
-    spec.write_text(tiny_spec_yaml("leak", tmp_path / "runs", env="{API_TOKEN: {from_env: PLANTED, secret: true}}",
-                                   model="{kind: dense, width: 32, depth: 1, heads: 2, ffn: {hidden: 64}}",
-                                   training="{steps: 2, batch_size: 2, eval_every: 0, eval_bytes: 512}",
-                                   optim="{lr: 3.0e-3, schedule: {warmup: 1}}",
-                                   data="{paths: [stdlib], seq_len: 32, max_bytes: 300000}",
-                                   resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
-                                   checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 1, keep: 2}}"))
-    env = {**os.environ, "PLANTED": secret, "WANDB_API_KEY": wandb_key, "SHARDYARD_SECRET_PROBE": "API_TOKEN,WANDB_API_KEY",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([str(BIN / "shardyard"), "run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace", env=env, cwd=tmp_path)
+    spec.write_text(
+        tiny_spec_yaml(
+            "leak",
+            tmp_path / "runs",
+            env="{API_TOKEN: {from_env: PLANTED, secret: true}}",
+            model="{kind: dense, width: 32, depth: 1, heads: 2, ffn: {hidden: 64}}",
+            training="{steps: 2, batch_size: 2, eval_every: 0, eval_bytes: 512}",
+            optim="{lr: 3.0e-3, schedule: {warmup: 1}}",
+            data="{paths: [stdlib], seq_len: 32, max_bytes: 300000}",
+            resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+            checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 1, keep: 2}}",
+        )
+    )
+    env = {
+        **os.environ,
+        "PLANTED": secret,
+        "WANDB_API_KEY": wandb_key,
+        "SHARDYARD_SECRET_PROBE": "API_TOKEN,WANDB_API_KEY",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "shardyard"), "run", str(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd=tmp_path,
+    )
     seen: set[Listener] = set()
     session_dirs: set[str] = set()
     deadline = time.time() + 300
@@ -137,7 +175,9 @@ def test_a_planted_secret_reaches_the_workers_and_nowhere_else(tmp_path: Path) -
             tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
             seen |= set(listeners_of(tree))
             for pid in tree:
-                session_dirs |= {a.split("=", 1)[1] for a in psutil.Process(pid).cmdline() if a.startswith("--session-dir=")}
+                session_dirs |= {
+                    a.split("=", 1)[1] for a in psutil.Process(pid).cmdline() if a.startswith("--session-dir=")
+                }
         except psutil.Error:
             pass
         time.sleep(0.5)

@@ -44,8 +44,12 @@ def test_other_ranks_write_nothing_and_disabled_wandb_writes_only_jsonl(tmp_path
 
 def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_cut_line(tmp_path: Path) -> None:
     """A restart re-logs the steps after its checkpoint; a crash can leave half a line at the end."""
-    records = [{"step": 1, "kind": "train", "loss": 3.0}, {"step": 2, "kind": "train", "loss": 2.0},
-               {"step": 2, "kind": "eval", "val_bpb": 4.0}, {"step": 2, "kind": "train", "loss": 1.5}]
+    records = [
+        {"step": 1, "kind": "train", "loss": 3.0},
+        {"step": 2, "kind": "train", "loss": 2.0},
+        {"step": 2, "kind": "eval", "val_bpb": 4.0},
+        {"step": 2, "kind": "train", "loss": 1.5},
+    ]
     text = "".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "kind": "tr'
     (tmp_path / METRICS_FILE).write_text(text)
     got = read_metrics(tmp_path)

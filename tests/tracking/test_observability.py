@@ -7,21 +7,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardyard.models.flops import training_flops_per_token
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.worker import LocalReporter, Trainer
 from shardyard.tracking.anatomy import STEP_PARTS
 from shardyard.tracking.expert_load import read_expert_load, utilisation_summary
-from shardyard.models.flops import training_flops_per_token
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import tiny_spec_yaml
 
 WIDE_MOE = "{kind: moe, width: 32, depth: 4, heads: 2, ffn: {hidden: 32}, moe: {num_experts: 64, top_k: 2}}"
 
 
-def _spec(tmp_path: Path, name: str, training: str, model: str | None = None, tracking: str = "{mode: disabled}",
-          parallel: str | None = None):
-    sections = {"resources": "{workers: 1, cpus_per_worker: 1, max_failures: 0}", "training": training,
-                "tracking": tracking, "data": "{paths: [stdlib], seq_len: 32, max_bytes: 400000}"}
+def _spec(
+    tmp_path: Path,
+    name: str,
+    training: str,
+    model: str | None = None,
+    tracking: str = "{mode: disabled}",
+    parallel: str | None = None,
+):
+    sections = {
+        "resources": "{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+        "training": training,
+        "tracking": tracking,
+        "data": "{paths: [stdlib], seq_len: 32, max_bytes: 400000}",
+    }
     if parallel:
         sections["parallel"] = parallel
     if model:
@@ -36,8 +46,12 @@ def _fit(spec, run_dir: Path) -> Trainer:
 
 
 def test_step_parts_add_up_to_the_step_time_and_mfu_is_a_fraction(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, "anatomy", "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 3}",
-                 parallel="{dispatch: {dedup: true}}")  # the dispatch stack on one worker: a timed all-to-all
+    spec = _spec(
+        tmp_path,
+        "anatomy",
+        "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 3}",
+        parallel="{dispatch: {dedup: true}}",
+    )  # the dispatch stack on one worker: a timed all-to-all
     _fit(spec, tmp_path / "anatomy")
     train = [r for r in read_metrics(tmp_path / "anatomy") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [3, 6]
@@ -54,8 +68,12 @@ def test_timers_do_not_change_the_results(tmp_path: Path) -> None:
     losses = {}
     for on in (True, False):
         name = f"timed{int(on)}"
-        spec = _spec(tmp_path, name, "{steps: 4, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 1}",
-                     tracking=f"{{mode: disabled, step_anatomy: {str(on).lower()}}}")
+        spec = _spec(
+            tmp_path,
+            name,
+            "{steps: 4, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 1}",
+            tracking=f"{{mode: disabled, step_anatomy: {str(on).lower()}}}",
+        )
         _fit(spec, tmp_path / name)
         records = [r for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
         losses[on] = [r["loss"] for r in records]
@@ -64,8 +82,9 @@ def test_timers_do_not_change_the_results(tmp_path: Path) -> None:
 
 
 def test_64_experts_log_few_keys_and_the_side_file_holds_the_routers_exact_counts(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, "wide", "{steps: 2, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 1}",
-                 model=WIDE_MOE)
+    spec = _spec(
+        tmp_path, "wide", "{steps: 2, batch_size: 4, eval_every: 0, eval_bytes: 512, log_every: 1}", model=WIDE_MOE
+    )
     # An independent count: the same initial weights (seed) routing the first batch, read from the routers.
     torch.manual_seed(spec.seed)
     from shardyard.data.corpus import load_corpus
@@ -76,8 +95,11 @@ def test_64_experts_log_few_keys_and_the_side_file_holds_the_routers_exact_count
     counted: list[torch.Tensor] = []
     for layer in moe_layers(reference):
         layer.router.register_forward_hook(
-            lambda _m, _i, routing: counted.append(torch.bincount(routing.expert_ids, minlength=64)))
-    loader = build_train_loader(load_corpus(spec.data).train, spec.data.seq_len, spec.training.batch_size, 0, 1, spec.seed)
+            lambda _m, _i, routing: counted.append(torch.bincount(routing.expert_ids, minlength=64))
+        )
+    loader = build_train_loader(
+        load_corpus(spec.data).train, spec.data.seq_len, spec.training.batch_size, 0, 1, spec.seed
+    )
     inputs, targets = loader.next_batch()
     reference(inputs, targets)
 
@@ -97,8 +119,12 @@ def test_64_experts_log_few_keys_and_the_side_file_holds_the_routers_exact_count
 
 
 def test_flops_per_token_of_a_dense_model_is_six_times_its_multiply_adds(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, "flops", "{steps: 2, batch_size: 2}",
-                 model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}")
+    spec = _spec(
+        tmp_path,
+        "flops",
+        "{steps: 2, batch_size: 2}",
+        model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}",
+    )
     flops = training_flops_per_token(spec.model, spec.data.seq_len)
     width, depth, hidden, vocab, seq = 64, 2, 128, 256, spec.data.seq_len
     matmul_weights = depth * (4 * width * width + 3 * width * hidden) + vocab * width  # attention, swiglu, head
@@ -110,8 +136,13 @@ def test_a_model_the_meta_device_cannot_run_falls_back_to_six_times_its_active_p
     """The self-guided low-rank FFN reads its blend on the host: no meta forward, so 6 x active parameters."""
     from shardyard.models import build_model, count_parameters
 
-    spec = _spec(tmp_path, "guided", "{steps: 2, batch_size: 2}",
-                 model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: 0.5}}")
+    spec = _spec(
+        tmp_path,
+        "guided",
+        "{steps: 2, batch_size: 2}",
+        model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, self_guided: "
+        "0.5}}",
+    )
     with torch.device("meta"):
         active = count_parameters(build_model(spec.model, spec.data.seq_len))[1]
     assert training_flops_per_token(spec.model, spec.data.seq_len) == 6.0 * active

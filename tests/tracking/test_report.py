@@ -24,11 +24,17 @@ MOE = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 32}, moe: {num_e
 
 
 def _train(tmp_path: Path, name: str, steps: int, lr: float, resume: bool = False) -> Path:
-    text = tiny_spec_yaml(name, tmp_path, model=MOE, resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
-                          data="{paths: [stdlib], seq_len: 32, max_bytes: 400000}",
-                          optim=f"{{lr: {lr}, schedule: {{warmup: 2}}}}", tracking="{mode: disabled}",
-                          training=f"{{steps: {steps}, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 1}}",
-                          checkpoint=f"{{dir: {tmp_path}, every: 4, keep: 2}}")
+    text = tiny_spec_yaml(
+        name,
+        tmp_path,
+        model=MOE,
+        resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+        data="{paths: [stdlib], seq_len: 32, max_bytes: 400000}",
+        optim=f"{{lr: {lr}, schedule: {{warmup: 2}}}}",
+        tracking="{mode: disabled}",
+        training=f"{{steps: {steps}, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 1}}",
+        checkpoint=f"{{dir: {tmp_path}, every: 4, keep: 2}}",
+    )
     spec = load_spec_text(text)
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
@@ -67,23 +73,33 @@ def _render(page: Path, out_dir: Path) -> tuple[np.ndarray, dict]:
     """Screenshot of `page` and, from an instrumented copy, its figures' boxes and any page errors."""
     probe = out_dir / f"probe-{page.name}"
     text = page.read_text()
-    catch = ("<script>window.__errors=[];addEventListener('error',e=>__errors.push(String(e.message||"
-             "(e.target&&e.target.src)||'error')),true);console.error=(...a)=>__errors.push(a.join(' '));</script>")
-    measure = ("<script>addEventListener('load',()=>{const boxes=[...document.querySelectorAll('figure.fig')].map(f=>{"
-               "const i=f.querySelector('img'),b=i.getBoundingClientRect();return {id:f.id,x:b.x,y:b.y+scrollY,w:b.width,"
-               "h:b.height,loaded:i.complete&&i.naturalWidth>0};});const p=document.createElement('pre');p.id='probe';"
-               "p.textContent=JSON.stringify({boxes,errors:__errors,height:document.documentElement.scrollHeight});"
-               "document.body.appendChild(p);});</script>")
+    catch = (
+        "<script>window.__errors=[];addEventListener('error',e=>__errors.push(String(e.message||"
+        "(e.target&&e.target.src)||'error')),true);console.error=(...a)=>__errors.push(a.join(' '));</script>"
+    )
+    measure = (
+        "<script>addEventListener('load',()=>{const boxes=[...document.querySelectorAll('figure.fig')].map(f=>{"
+        "const i=f.querySelector('img'),b=i.getBoundingClientRect();return {id:f.id,x:b.x,y:b.y+scrollY,w:b.width,"
+        "h:b.height,loaded:i.complete&&i.naturalWidth>0};});const p=document.createElement('pre');p.id='probe';"
+        "p.textContent=JSON.stringify({boxes,errors:__errors,height:document.documentElement.scrollHeight});"
+        "document.body.appendChild(p);});</script>"
+    )
     probe.write_text(text.replace("<head>", "<head>" + catch, 1).replace("</body>", measure + "</body>"))
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*base, "--window-size=1100,900", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [*base, "--window-size=1100,900", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    )
     found = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom.stdout, re.S)
     assert found, dom.stderr[-2000:]
     info = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     shot = out_dir / f"{page.stem}.png"
-    subprocess.run([*base, f"--window-size=1100,{info['height']}", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        [*base, f"--window-size=1100,{info['height']}", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     import matplotlib.image
 
     return matplotlib.image.imread(shot), info
@@ -104,7 +120,7 @@ def test_two_run_comparison_renders_in_headless_chromium(runs: tuple[Path, Path]
     for box in visible:
         assert box["loaded"], box
         y0, x0 = int(box["y"]), int(box["x"])
-        region = pixels[y0:y0 + int(box["h"]), x0:x0 + int(box["w"]), :3]
+        region = pixels[y0 : y0 + int(box["h"]), x0 : x0 + int(box["w"]), :3]
         assert region.size and region.std() > 0.05, (box, float(region.std()))  # drawn, not blank
     if os.environ.get("SHARDYARD_DOCS_SCREENSHOT"):  # how docs/observing.md's picture is made
         shutil.copyfile(tmp_path / "compare.png", os.environ["SHARDYARD_DOCS_SCREENSHOT"])

@@ -21,11 +21,18 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A job trained to step 4, then resumed to step 8 by a second Trainer (a second attempt)."""
     root = tmp_path_factory.mktemp("wandb")
     for steps, resume in ((4, False), (8, True)):
-        spec = load_spec_text(tiny_spec_yaml(
-            "synced", root, resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
-            data="{paths: [stdlib], seq_len: 32, max_bytes: 400000}", optim="{lr: 3.0e-3, schedule: {warmup: 2}}",
-            training=f"{{steps: {steps}, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 1}}",
-            checkpoint=f"{{dir: {root}, every: 4, keep: 2}}", tracking="{mode: offline, tags: [api_token_test]}"))
+        spec = load_spec_text(
+            tiny_spec_yaml(
+                "synced",
+                root,
+                resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+                data="{paths: [stdlib], seq_len: 32, max_bytes: 400000}",
+                optim="{lr: 3.0e-3, schedule: {warmup: 2}}",
+                training=f"{{steps: {steps}, batch_size: 4, eval_every: 4, eval_bytes: 1024, log_every: 1}}",
+                checkpoint=f"{{dir: {root}, every: 4, keep: 2}}",
+                tracking="{mode: offline, tags: [api_token_test]}",
+            )
+        )
         run_dir = root / "synced"
         trainer = Trainer(spec, run_dir, LocalReporter(run_dir, spec.checkpoint.keep))
         trainer.resume(ckpt.find_latest_checkpoint(run_dir) if resume else None)
@@ -63,9 +70,9 @@ def test_sync_stitches_every_attempt_under_the_run_id(resumed_run: Path, capsys:
     assert command[6:] == [str(p) for p in offline_runs(resumed_run)]  # oldest attempt first
 
 
-def test_sync_without_credentials_is_refused_before_any_upload(resumed_run: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_sync_without_credentials_is_refused_before_any_upload(
+    resumed_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))

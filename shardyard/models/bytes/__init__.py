@@ -16,8 +16,7 @@ from shardyard.models.registry import register_model
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import ModelSpec, StageSpec
 
-__all__ = ["MegabyteLM", "MultiscaleByteLM", "StageDims", "build_byte_model", "generate",
-           "generate_from_checkpoint"]
+__all__ = ["MegabyteLM", "MultiscaleByteLM", "StageDims", "build_byte_model", "generate", "generate_from_checkpoint"]
 
 
 def stage_dims(stage: StageSpec) -> StageDims:

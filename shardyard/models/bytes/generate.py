@@ -11,7 +11,8 @@ context (whole global patches, so patch boundaries stay put) and the caches are 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ def stack_step(stack: TransformerStack, x: torch.Tensor, cache: KV, pos: int) ->
     b, q, c = x.shape
     if pos + q > stack.rope_cos.shape[0]:
         raise ValueError(f"position {pos + q} exceeds the stack's max_seq_len {stack.rope_cos.shape[0]}")
-    cos, sin = stack.rope_cos[pos:pos + q], stack.rope_sin[pos:pos + q]
+    cos, sin = stack.rope_cos[pos : pos + q], stack.rope_sin[pos : pos + q]
     mask = None
     if pos and q > 1:
         mask = torch.ones(q, pos + q, dtype=torch.bool, device=x.device).tril(diagonal=pos)
@@ -97,8 +98,8 @@ class MultiscaleDecoder:
             start = n - n % m.units[i - 1]  # first byte of the current parent unit
             j = (n - start) // m.units[i]  # current unit's index inside it
             self.ctx[i] = m.context_for(i, self.out[i - 1])[0, 0]
-            emb = m.embed_units(y[:, start:start + j * m.units[i]], i)
-            x = m.shift_in(i, torch.cat((emb, m.pads[i].view(1, 1, -1)), dim=1)) + self.ctx[i][:j + 1]
+            emb = m.embed_units(y[:, start : start + j * m.units[i]], i)
+            x = m.shift_in(i, torch.cat((emb, m.pads[i].view(1, 1, -1)), dim=1)) + self.ctx[i][: j + 1]
             self._run(i, x, fresh=True)
 
     def _step(self, y: torch.Tensor) -> None:
@@ -106,7 +107,7 @@ class MultiscaleDecoder:
         for i in range(len(m.dims)):
             if n % m.units[i]:
                 continue  # stage i is still inside its current unit
-            last = m.embed_units(y[n - m.units[i]:].view(1, -1), i)  # the unit just completed
+            last = m.embed_units(y[n - m.units[i] :].view(1, -1), i)  # the unit just completed
             if i == 0:
                 self._run(0, last, fresh=False)
                 continue
@@ -152,8 +153,7 @@ def _full_logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return model(window.view(1, -1))[0][0, -1]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
-            gen: torch.Generator | None) -> int:
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -165,8 +165,15 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: bytes, num_bytes: int, temperature: float = 1.0,
-             top_k: int | None = None, use_cache: bool = True, seed: int | None = None) -> bytes:
+def generate(
+    model: nn.Module,
+    prompt: bytes,
+    num_bytes: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> bytes:
     """Continue `prompt` by `num_bytes` bytes. temperature <= 0 is greedy; top_k keeps the k most
     likely bytes. use_cache=False re-runs the whole model per byte (the reference behaviour)."""
     was_training = model.training
@@ -179,7 +186,7 @@ def generate(model: nn.Module, prompt: bytes, num_bytes: int, temperature: float
         decoder = MultiscaleDecoder(model) if isinstance(model, MultiscaleByteLM) else FlatDecoder(model)
     seq = torch.tensor(list(prompt), dtype=torch.long, device=device)
     out = torch.empty(len(prompt) + num_bytes, dtype=torch.long, device=device)
-    out[:len(prompt)] = seq
+    out[: len(prompt)] = seq
     start = 0
     try:
         for n in range(len(prompt), len(prompt) + num_bytes):
@@ -192,13 +199,22 @@ def generate(model: nn.Module, prompt: bytes, num_bytes: int, temperature: float
             out[n] = _sample(logits, temperature, top_k, gen)
     finally:
         model.train(was_training)
-    return bytes(out[len(prompt):].tolist())
+    return bytes(out[len(prompt) :].tolist())
 
 
-def generate_from_checkpoint(model_spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], prompt: bytes,
-                             num_bytes: int, *, seq_len: int, temperature: float = 1.0,
-                             top_k: int | None = None, use_cache: bool = True, seed: int | None = None,
-                             device: str | torch.device = "cpu") -> bytes:
+def generate_from_checkpoint(
+    model_spec: ModelSpec,
+    state_dict: Mapping[str, torch.Tensor],
+    prompt: bytes,
+    num_bytes: int,
+    *,
+    seq_len: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> bytes:
     """Build the model of `model_spec` (a ModelSpec; seq_len = the job's data.seq_len), load
     `state_dict` (a checkpoint's "model" entry; a DDP "module." prefix is stripped) and generate."""
     model = build_model(model_spec, seq_len)

@@ -19,8 +19,14 @@ from shardyard.models.transformer import FFNFactory
 
 
 class MegabyteLM(MultiscaleByteLM):
-    def __init__(self, global_stage: StageDims, local_stage: StageDims, global_ffn: FFNFactory,
-                 local_ffn: FFNFactory, global_len: int | None = None) -> None:
+    def __init__(
+        self,
+        global_stage: StageDims,
+        local_stage: StageDims,
+        global_ffn: FFNFactory,
+        local_ffn: FFNFactory,
+        global_len: int | None = None,
+    ) -> None:
         """global_stage.patch_size = patches per context; local_stage.patch_size = bytes per patch."""
         super().__init__([global_stage, local_stage], [global_ffn, local_ffn], global_len)
 

@@ -27,14 +27,14 @@ trick): only the chunk boundaries are kept, and one chunk's activations are rebu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from shardyard.models.moe.accounting import checkpointed
 
+from shardyard.models.moe.accounting import checkpointed
 from shardyard.models.transformer import FFNFactory, TransformerStack, init_weights, scale_residual_projections
 
 
@@ -50,8 +50,9 @@ class StageDims:
 class MultiscaleByteLM(nn.Module):
     vocab_size = 256
 
-    def __init__(self, stages: Sequence[StageDims], ffn_factories: Sequence[FFNFactory],
-                 global_len: int | None = None) -> None:
+    def __init__(
+        self, stages: Sequence[StageDims], ffn_factories: Sequence[FFNFactory], global_len: int | None = None
+    ) -> None:
         """`ffn_factories[i]` builds stage i's feed-forward layers (dense or MoE) by block index.
         `global_len` overrides the global stage's longest sequence (default: its patch_size)."""
         super().__init__()
@@ -60,7 +61,7 @@ class MultiscaleByteLM(nn.Module):
         self.dims = list(stages)
         n = len(self.dims)
         sizes = [s.patch_size for s in self.dims]
-        self.units = [math.prod(sizes[i + 1:]) for i in range(n)]  # bytes per unit of stage i
+        self.units = [math.prod(sizes[i + 1 :]) for i in range(n)]  # bytes per unit of stage i
         self.global_len = global_len or sizes[0]
         self.context = self.global_len * self.units[0]
         widths = [s.width for s in self.dims]
@@ -68,15 +69,17 @@ class MultiscaleByteLM(nn.Module):
         self.embed = nn.Embedding(self.vocab_size, widths[-1])
         # patch_embed[i]: concatenated sub-unit embeddings of stage i+1 -> one unit of stage i
         self.patch_embed = nn.ModuleList(
-            nn.Linear(sizes[i + 1] * widths[i + 1], widths[i], bias=False) for i in range(n - 1))
+            nn.Linear(sizes[i + 1] * widths[i + 1], widths[i], bias=False) for i in range(n - 1)
+        )
         self.pads = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in widths)
         self.stacks = nn.ModuleList(
-            TransformerStack(s.width, s.depth, s.heads, ffn_factories[i],
-                             self.global_len if i == 0 else s.patch_size)
-            for i, s in enumerate(self.dims))
+            TransformerStack(s.width, s.depth, s.heads, ffn_factories[i], self.global_len if i == 0 else s.patch_size)
+            for i, s in enumerate(self.dims)
+        )
         # to_next[i]: stage i's output for a unit -> context for each of stage i+1's positions in it
         self.to_next = nn.ModuleList(
-            nn.Linear(widths[i], sizes[i + 1] * widths[i + 1], bias=False) for i in range(n - 1))
+            nn.Linear(widths[i], sizes[i + 1] * widths[i + 1], bias=False) for i in range(n - 1)
+        )
         self.head = nn.Linear(widths[-1], self.vocab_size, bias=False)
 
         self.apply(init_weights)
@@ -117,10 +120,12 @@ class MultiscaleByteLM(nn.Module):
         b, n = seq.shape[0], len(self.dims)
         patches = -(-length // self.units[0])
         if patches > self.global_len:
-            raise ValueError(f"sequence of {length} bytes exceeds the model's context of {self.context} bytes "
-                             f"({self.global_len} global positions x {self.units[0]} bytes)")
+            raise ValueError(
+                f"sequence of {length} bytes exceeds the model's context of {self.context} bytes "
+                f"({self.global_len} global positions x {self.units[0]} bytes)"
+            )
         padded = patches * self.units[0]
-        known = seq[:, :min(seq.shape[1], length - 1, padded)]
+        known = seq[:, : min(seq.shape[1], length - 1, padded)]
         emb = F.pad(self.embed(known), (0, 0, 0, padded - known.shape[1]))  # zeros: never read
         embs = self.unit_embeddings(emb, 0)
 
@@ -131,8 +136,9 @@ class MultiscaleByteLM(nn.Module):
             out = self._run_stage(i, x)
         return self.head(out.reshape(b, padded, -1)[:, :length])
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: [B, T] byte values. Returns logits [B, T, 256] (logits[:, t] predicts
         idx[t + 1]) and the mean cross-entropy in nats against targets."""
         logits = self.predict(idx[:, 1:], idx.shape[1])

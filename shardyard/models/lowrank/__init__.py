@@ -4,7 +4,12 @@ The trainer calls `set_lowrank_progress(model, step / total_steps)` every step (
 without low-rank layers); `merge_lowrank(model)` pre-merges the factors for inference.
 """
 
-from shardyard.models.lowrank.layers import (LowRankLinear, LowRankSwiGLU, guide_weight,
-                                             merge_lowrank, set_lowrank_progress)
+from shardyard.models.lowrank.layers import (
+    LowRankLinear,
+    LowRankSwiGLU,
+    guide_weight,
+    merge_lowrank,
+    set_lowrank_progress,
+)
 
 __all__ = ["LowRankLinear", "LowRankSwiGLU", "guide_weight", "merge_lowrank", "set_lowrank_progress"]

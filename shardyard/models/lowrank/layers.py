@@ -37,8 +37,9 @@ def guide_weight(fraction: float, self_guided: float) -> float:
 
 
 class LowRankLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, rank: int, std: float = 0.02,
-                 self_guided: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, std: float = 0.02, self_guided: float = 0.0
+    ) -> None:
         super().__init__()
         if not 0 < rank < min(in_features, out_features):
             raise ValueError(f"rank {rank} must lie in (0, min({in_features}, {out_features}))")
@@ -73,20 +74,25 @@ class LowRankLinear(nn.Module):
         return a * F.linear(x, self.guide) + (1 - a) * low
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"self_guided={self.self_guided}")
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, self_guided={self.self_guided}"
 
 
 class LowRankSwiGLU(nn.Module):
     """SwiGLU FFN whose gate/up and down projections are LowRankLinear of the given rank."""
 
-    def __init__(self, width: int, hidden: int, rank: int, self_guided: float = 0.0,
-                 std: float = 0.02, down_std: float | None = None) -> None:
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        rank: int,
+        self_guided: float = 0.0,
+        std: float = 0.02,
+        down_std: float | None = None,
+    ) -> None:
         super().__init__()
         self.width, self.hidden = width, hidden
         self.gate_up = LowRankLinear(width, 2 * hidden, rank, std, self_guided)
-        self.down = LowRankLinear(hidden, width, rank, down_std if down_std is not None else std,
-                                  self_guided)
+        self.down = LowRankLinear(hidden, width, rank, down_std if down_std is not None else std, self_guided)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

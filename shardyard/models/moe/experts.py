@@ -24,15 +24,15 @@ from shardyard.kernels import grouped_mm
 from shardyard.kernels.grouped_gemm import check_backend_device, get_ops, resolve_backend
 from shardyard.models.transformer import dense_mlp
 
-
 # ---------------------------------------------------------------- activations
+
 
 def _swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     half = h.shape[1] // 2
     rows = max(8, 2**17 // max(half, 1))
     out = h.new_empty(h.shape[0], half)
     for s in range(0, h.shape[0], rows):
-        torch.mul(F.silu(h[s:s + rows, :half]), h[s:s + rows, half:], out=out[s:s + rows])
+        torch.mul(F.silu(h[s : s + rows, :half]), h[s : s + rows, half:], out=out[s : s + rows])
     return out
 
 
@@ -41,9 +41,9 @@ def _swiglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     rows = max(8, 2**17 // max(half, 1))
     grad_h = torch.empty_like(h)
     for s in range(0, h.shape[0], rows):
-        gate, up, g = h[s:s + rows, :half], h[s:s + rows, half:], grad[s:s + rows]
-        torch.mul(g, F.silu(gate), out=grad_h[s:s + rows, half:])
-        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=grad_h[s:s + rows, :half])
+        gate, up, g = h[s : s + rows, :half], h[s : s + rows, half:], grad[s : s + rows]
+        torch.mul(g, F.silu(gate), out=grad_h[s : s + rows, half:])
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=grad_h[s : s + rows, :half])
     return grad_h
 
 
@@ -81,6 +81,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- blocked expert MLP
 
+
 def expert_blocks(offsets: torch.Tensor, block_rows: int) -> list[tuple[int, int, int, int]]:
     """(first expert, end expert, first row, end row) blocks of about block_rows rows, in order."""
     ends = offsets.tolist()
@@ -104,8 +105,16 @@ def expert_blocks(offsets: torch.Tensor, block_rows: int) -> list[tuple[int, int
 
 class _BlockedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor,
-                backend: str, kind: str, block_rows: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+        offsets: torch.Tensor,
+        backend: str,
+        kind: str,
+        block_rows: int,
+    ) -> torch.Tensor:
         ops = get_ops(backend)
         act_fwd, _ = ACTIVATIONS[kind]
         blocks = expert_blocks(offsets, block_rows)
@@ -147,6 +156,7 @@ class _BlockedExpertMLP(torch.autograd.Function):
 
 # ---------------------------------------------------------------- modules
 
+
 class GroupedExperts(nn.Module):
     """E feed-forward experts (SwiGLU or GELU MLP) over tokens already sorted by expert.
 
@@ -154,8 +164,15 @@ class GroupedExperts(nn.Module):
     2M elements of up-projection output per block, grouped elsewhere); 0 = always grouped.
     """
 
-    def __init__(self, num_experts: int, width: int, hidden: int, kind: str = "swiglu",
-                 backend: str = "auto", block_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        width: int,
+        hidden: int,
+        kind: str = "swiglu",
+        backend: str = "auto",
+        block_rows: int | None = None,
+    ) -> None:
         super().__init__()
         if kind not in ACTIVATIONS:
             raise ValueError(f"unknown expert kind {kind!r}; available: {', '.join(ACTIVATIONS)}")
@@ -182,8 +199,9 @@ class GroupedExperts(nn.Module):
         block_rows = self._block_rows(x_sorted, backend)
         if block_rows:
             check_backend_device(backend, x_sorted)
-            return _BlockedExpertMLP.apply(x_sorted, self.w_up, self.w_down, offsets.to(torch.int32),
-                                           backend, self.kind, block_rows)
+            return _BlockedExpertMLP.apply(
+                x_sorted, self.w_up, self.w_down, offsets.to(torch.int32), backend, self.kind, block_rows
+            )
         h = grouped_mm(x_sorted, self.w_up, offsets, backend)
         h = swiglu(h) if self.kind == "swiglu" else F.gelu(h)
         return grouped_mm(h, self.w_down, offsets, backend)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, recomputing
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
@@ -27,11 +26,22 @@ STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "droppe
 
 
 class MoELayer(nn.Module):
-    def __init__(self, width: int, hidden: int, num_experts: int, top_k: int,
-                 router: str = "softmax_topk", aux_loss_weight: float = 0.01,
-                 z_loss_weight: float = 0.001, capacity_factor: float | None = None,
-                 backend: str = "auto", expert_kind: str = "swiglu", jitter: float = 0.0,
-                 shared_expert: bool = False, bias_update_rate: float = 1e-3) -> None:
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        router: str = "softmax_topk",
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        capacity_factor: float | None = None,
+        backend: str = "auto",
+        expert_kind: str = "swiglu",
+        jitter: float = 0.0,
+        shared_expert: bool = False,
+        bias_update_rate: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -90,8 +100,16 @@ class MoELayer(nn.Module):
         return out.view(shape)
 
     @torch.no_grad()
-    def _accumulate(self, routing: Routing, aux: torch.Tensor, kept: torch.Tensor, token_of: torch.Tensor,
-                    num_tokens: int, assignments: int, weight: float) -> None:
+    def _accumulate(
+        self,
+        routing: Routing,
+        aux: torch.Tensor,
+        kept: torch.Tensor,
+        token_of: torch.Tensor,
+        num_tokens: int,
+        assignments: int,
+        weight: float,
+    ) -> None:
         self.tokens_per_expert += kept.to(self.tokens_per_expert)
         self.aux_loss += weight * aux.detach().double()
         self.balance_loss += weight * routing.balance_loss.detach().double()
@@ -116,12 +134,14 @@ class MoELayer(nn.Module):
             getattr(self, name).zero_()
         return stats
 
-    def _drop_over_capacity(self, order: torch.Tensor, counts: torch.Tensor, assignments: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _drop_over_capacity(
+        self, order: torch.Tensor, counts: torch.Tensor, assignments: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         capacity = math.ceil(self.capacity_factor * assignments / self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
-        expert_of_sorted = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts,
-                                                   output_size=order.numel())
+        expert_of_sorted = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=counts.device), counts, output_size=order.numel()
+        )
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_of_sorted]
         keep = rank_in_expert < capacity
         return order[keep], counts.clamp(max=capacity)
@@ -132,8 +152,11 @@ def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None
     """Aux-loss-free balancing, once per optimizer step: move each aux_free router's bias toward
     balance by the step's token counts summed over every data-parallel rank (so replicas agree).
     Collective over `group` (default: the world) when torch.distributed is initialised."""
-    routers = [(layer, layer.router) for layer in layers
-               if isinstance(layer.router, TopKRouter) and layer.router.kind == "aux_free"]
+    routers = [
+        (layer, layer.router)
+        for layer in layers
+        if isinstance(layer.router, TopKRouter) and layer.router.kind == "aux_free"
+    ]
     if not routers:
         return
     loads = torch.stack([layer.tokens_per_expert for layer, _ in routers])
@@ -143,8 +166,9 @@ def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None
         router.update_bias(load)
 
 
-def attach_router_bias_updates(layers: list[MoELayer], optimizer: torch.optim.Optimizer,
-                               group: dist.ProcessGroup | None = None):
+def attach_router_bias_updates(
+    layers: list[MoELayer], optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None
+):
     """Run `update_router_biases` as a pre-step hook of `optimizer` (before the step's stats are
     reset). Returns the hook handle, or None when no layer uses the aux_free router."""
     if not any(isinstance(layer.router, TopKRouter) and layer.router.kind == "aux_free" for layer in layers):

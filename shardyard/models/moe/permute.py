@@ -30,8 +30,7 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, token_of: torch.Tensor, num_tokens: int
-                ) -> torch.Tensor:
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, token_of: torch.Tensor, num_tokens: int) -> torch.Tensor:
         ctx.save_for_backward(y, weight, token_of)
         out = y.new_zeros(num_tokens, y.shape[1])
         return out.index_add_(0, token_of, y * weight.unsqueeze(1))

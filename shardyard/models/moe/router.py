@@ -65,8 +65,15 @@ class _RouterBase(nn.Module):
 class TopKRouter(_RouterBase):
     """Token choice: every token picks top_k experts (`softmax_topk`, `switch`, `aux_free`)."""
 
-    def __init__(self, width: int, num_experts: int, top_k: int, kind: str = "softmax_topk",
-                 jitter: float = 0.0, bias_update_rate: float = 1e-3) -> None:
+    def __init__(
+        self,
+        width: int,
+        num_experts: int,
+        top_k: int,
+        kind: str = "softmax_topk",
+        jitter: float = 0.0,
+        bias_update_rate: float = 1e-3,
+    ) -> None:
         super().__init__(width, num_experts, top_k, jitter)
         if kind == "switch" and top_k != 1:
             raise ValueError("the switch router is top-1")
@@ -109,8 +116,9 @@ class TopKRouter(_RouterBase):
 class ExpertChoiceRouter(_RouterBase):
     """Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest score for e."""
 
-    def __init__(self, width: int, num_experts: int, top_k: int, jitter: float = 0.0,
-                 capacity_factor: float | None = None) -> None:
+    def __init__(
+        self, width: int, num_experts: int, top_k: int, jitter: float = 0.0, capacity_factor: float | None = None
+    ) -> None:
         super().__init__(width, num_experts, top_k, jitter)
         self.capacity_factor = capacity_factor or 1.0
 
@@ -135,8 +143,15 @@ class ExpertChoiceRouter(_RouterBase):
         )
 
 
-def build_router(kind: str, width: int, num_experts: int, top_k: int, jitter: float = 0.0,
-                 capacity_factor: float | None = None, bias_update_rate: float = 1e-3) -> nn.Module:
+def build_router(
+    kind: str,
+    width: int,
+    num_experts: int,
+    top_k: int,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    bias_update_rate: float = 1e-3,
+) -> nn.Module:
     if kind == "expert_choice":
         return ExpertChoiceRouter(width, num_experts, top_k, jitter, capacity_factor)
     if kind in ROUTERS:

@@ -40,10 +40,27 @@ def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> Paralle
 
         groups = build_groups(topology_from_ray(), par.expert_parallel) if par.expert_parallel > 1 else None
         if hook_reduced:
-            return HookReducedPlan(model, optimizer_for, scheduler_for, spec.optim.grad_clip, groups=groups,
-                                   ep=par.expert_parallel, a2a=par, device=device)
-        return MeshPlan(model, optimizer_for, scheduler_for, spec.optim.grad_clip, groups=groups,
-                        ep=par.expert_parallel, shard=par.shard, a2a=par, device=device)
+            return HookReducedPlan(
+                model,
+                optimizer_for,
+                scheduler_for,
+                spec.optim.grad_clip,
+                groups=groups,
+                ep=par.expert_parallel,
+                a2a=par,
+                device=device,
+            )
+        return MeshPlan(
+            model,
+            optimizer_for,
+            scheduler_for,
+            spec.optim.grad_clip,
+            groups=groups,
+            ep=par.expert_parallel,
+            shard=par.shard,
+            a2a=par,
+            device=device,
+        )
     from shardyard.comm.expert_parallel import apply_expert_parallel
     from shardyard.runtime.parallel.replicated import ReplicatedPlan
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,13 @@ class ParallelPlan(ABC):
 
     name: str = "plan"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        grad_clip: float,
+    ) -> None:
         self.model = model  # the bare model (FSDP2 shards it in place)
         self.module: nn.Module = model  # what the forward is called on (a DDP wrapper, an engine)
         self.optimizer = optimizer
@@ -78,10 +84,15 @@ class ParallelPlan(ABC):
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
         return {
             "model": {canonical_name(k): self._export_tensor(k, v) for k, v in model_sd.items()},
-            "optim": {"state": {canonical_name(k): {key: self._export_tensor(k, v) for key, v in entry.items()}
-                                for k, entry in optim_sd["state"].items()},
-                      "param_groups": [{**g, "params": [canonical_name(p) for p in g["params"]]}
-                                       for g in optim_sd["param_groups"]]},
+            "optim": {
+                "state": {
+                    canonical_name(k): {key: self._export_tensor(k, v) for key, v in entry.items()}
+                    for k, entry in optim_sd["state"].items()
+                },
+                "param_groups": [
+                    {**g, "params": [canonical_name(p) for p in g["params"]]} for g in optim_sd["param_groups"]
+                ],
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -91,10 +102,15 @@ class ParallelPlan(ABC):
         names = {canonical_name(n): n for n, _ in self.model.named_parameters()}
         names.update({canonical_name(n): n for n, _ in self.model.named_buffers()})
         model_sd = {names.get(k, k): self._import_tensor(v) for k, v in state["model"].items()}
-        optim_sd = {"state": {names.get(k, k): {key: self._import_tensor(v) for key, v in entry.items()}
-                              for k, entry in state["optim"]["state"].items()},
-                    "param_groups": [{**g, "params": [names.get(p, p) for p in g["params"]]}
-                                     for g in state["optim"]["param_groups"]]}
+        optim_sd = {
+            "state": {
+                names.get(k, k): {key: self._import_tensor(v) for key, v in entry.items()}
+                for k, entry in state["optim"]["state"].items()
+            },
+            "param_groups": [
+                {**g, "params": [names.get(p, p) for p in g["params"]]} for g in state["optim"]["param_groups"]
+            ],
+        }
         set_model_state_dict(self.model, model_sd)
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
 

@@ -42,10 +42,17 @@ class DeepSpeedPlan(ParallelPlan):
         try:
             import deepspeed
         except ImportError:
-            raise UserError("parallel.zero needs DeepSpeed on the workers: pip install 'shardyard[deepspeed]'") from None
+            raise UserError(
+                "parallel.zero needs DeepSpeed on the workers: pip install 'shardyard[deepspeed]'"
+            ) from None
         self.stage = spec.parallel.zero
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(spec), dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(spec),
+            dist_init_required=False,
+        )
         self.module = self.engine
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -41,9 +41,19 @@ def _shard_targets(model: nn.Module) -> list[nn.Module]:
 class MeshPlan(ParallelPlan):
     name = "mesh"
 
-    def __init__(self, model: nn.Module, build_optimizer, build_scheduler, grad_clip: float, *,
-                 groups: ProcessGroups | None, ep: int, shard: str, a2a: ParallelSpec | str,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        build_optimizer,
+        build_scheduler,
+        grad_clip: float,
+        *,
+        groups: ProcessGroups | None,
+        ep: int,
+        shard: str,
+        a2a: ParallelSpec | str,
+        device: torch.device,
+    ) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.ep, self.shard, self.world = ep, shard, world
         self.groups = groups
@@ -107,11 +117,22 @@ class MeshPlan(ParallelPlan):
 
     # ------------------------------------------------------------------ expert shards as DTensors
     def _export_tensor(self, name: str, value: Any) -> Any:
-        if (self.expert_mesh is not None and EXPERT_LOCAL in name and isinstance(value, torch.Tensor)
-                and not isinstance(value, DTensor) and value.dim() >= 1):
+        if (
+            self.expert_mesh is not None
+            and EXPERT_LOCAL in name
+            and isinstance(value, torch.Tensor)
+            and not isinstance(value, DTensor)
+            and value.dim() >= 1
+        ):
             shape = (value.shape[0] * self.ep, *value.shape[1:])
-            return DTensor.from_local(value, self.expert_mesh, [Replicate(), Shard(0)], run_check=False,
-                                      shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+            return DTensor.from_local(
+                value,
+                self.expert_mesh,
+                [Replicate(), Shard(0)],
+                run_check=False,
+                shape=torch.Size(shape),
+                stride=torch.empty(shape, device="meta").stride(),
+            )
         return value
 
     def _import_tensor(self, value: Any) -> Any:
@@ -127,15 +148,39 @@ class HookReducedPlan(MeshPlan):
     INT8-weight models (whose gradient handles DDP cannot broadcast). Checkpoints and expert shards
     as MeshPlan (shard: none)."""
 
-    def __init__(self, model: nn.Module, build_optimizer, build_scheduler, grad_clip: float, *,
-                 groups: ProcessGroups | None, ep: int, a2a: ParallelSpec | str, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        build_optimizer,
+        build_scheduler,
+        grad_clip: float,
+        *,
+        groups: ProcessGroups | None,
+        ep: int,
+        a2a: ParallelSpec | str,
+        device: torch.device,
+    ) -> None:
         from shardyard.optim.layerwise import LayerwiseStepper
 
-        super().__init__(model, build_optimizer, build_scheduler, grad_clip, groups=groups, ep=ep, shard="none",
-                         a2a=a2a, device=device)
-        self.stepper = LayerwiseStepper(model, self.optimizer, dense_group=None,
-                                        expert_group=groups.edp if groups is not None else None,
-                                        world_size=self.world, max_norm=grad_clip).attach()
+        super().__init__(
+            model,
+            build_optimizer,
+            build_scheduler,
+            grad_clip,
+            groups=groups,
+            ep=ep,
+            shard="none",
+            a2a=a2a,
+            device=device,
+        )
+        self.stepper = LayerwiseStepper(
+            model,
+            self.optimizer,
+            dense_group=None,
+            expert_group=groups.edp if groups is not None else None,
+            world_size=self.world,
+            max_norm=grad_clip,
+        ).attach()
         self.name = f"hook-reduced(ep={ep})"
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:

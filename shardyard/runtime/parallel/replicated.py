@@ -20,8 +20,9 @@ class ReplicatedPlan(ParallelPlan):
         if dist.is_initialized() and dist.get_world_size() > 1:
             # No buffer sync in forward: MoE layers accumulate per-rank counts in buffers; the persistent
             # ones (router biases) are kept identical by construction (the one sync at init is harmless).
-            self.module = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
-                                                  forward_sync_buffers=False)
+            self.module = DistributedDataParallel(
+                model, device_ids=None if device.type == "cpu" else [device], forward_sync_buffers=False
+            )
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         if last or not isinstance(self.module, DistributedDataParallel):
