@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,12 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_SILENT"] = "true"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`/`ray` of this venv
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_cluster() -> Iterator[None]:
+    """Stops the Ray head that tests.helpers.run_job started, if a test started it."""
+    from tests.helpers import stop_shared_ray
+
+    yield
+    stop_shared_ray()

@@ -65,3 +65,38 @@ def two_node_ray_cluster() -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+_shared_ray: dict[str, Any] = {}
+
+
+def shared_ray_address() -> str:
+    """GCS address of one Ray head shared by this test session's `shardyard run --address` jobs.
+
+    Starting an embedded cluster costs 10-15 s per `shardyard run`; jobs that do not test the
+    embedded cluster itself run on this one instead (each job is its own Ray driver, so jobs stay
+    isolated: their actors and placement groups end with them). Stopped by `stop_shared_ray` at the
+    end of the session (tests/conftest.py)."""
+    if "cluster" not in _shared_ray:
+        from shardyard.cluster.auth import ensure_token
+
+        ensure_token(generate=True)
+        from ray.cluster_utils import Cluster
+
+        # 2 workers x 1 CPU plus Ray Train's controller; logical CPUs, so 4 fit on 2 cores.
+        _shared_ray["cluster"] = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 4, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+        )
+    return _shared_ray["cluster"].address
+
+
+def stop_shared_ray() -> None:
+    cluster = _shared_ray.pop("cluster", None)
+    if cluster is not None:
+        cluster.shutdown()
+
+
+def run_job(spec: Path | str, *args: str, **kwargs: Any):
+    """`shardyard run SPEC ARGS` on the session's shared Ray cluster (see shared_ray_address)."""
+    return run_cli("run", str(spec), *args, "--address", shared_ray_address(), **kwargs)
