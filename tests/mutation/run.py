@@ -1,7 +1,7 @@
 """Run the mutation check: plant each curated slip (tests/mutation/mutants.py) in a fresh copy of the
 tree and run only the tests that claim to cover it. A mutant is killed when those tests fail.
 
-    python -m tests.mutation [--jobs 2] [--only NAME ...] [--list] [--keep]
+    python -m tests.mutation [--jobs 2] [--only NAME ...] [--list] [--keep] [--baseline]
 
 Per mutant: the files git knows (tracked, plus untracked ones not ignored) are copied into a new
 temporary directory, the original snippet is replaced (it must occur exactly once: otherwise the
@@ -10,6 +10,7 @@ check stops with an error naming the mutant), and `python -m pytest -x -q -p no:
 subprocesses and their gloo ranks import). Exit status 1 counts as killed (a timeout too); 0 is a
 survivor; anything else (no tests collected, a collection error) is an error, never a kill. Prints
 `mutants: K of N killed`, the survivors and errors, and exits non-zero unless every mutant is killed.
+`--baseline` first runs every distinct selection on an unmutated copy: each must pass (exit 2 if not).
 """
 
 from __future__ import annotations
@@ -72,14 +73,15 @@ def check_mutant(mutant: Mutant, root: Path = ROOT) -> str:
     return text
 
 
-def plant(mutant: Mutant, files: list[str], target: Path, root: Path = ROOT) -> None:
-    """Copy `files` from `root` into `target` and apply the mutant there."""
+def plant(mutant: Mutant, files: list[str], target: Path, root: Path = ROOT, *, baseline: bool = False) -> None:
+    """Copy `files` from `root` into `target` and apply the mutant there (not with `baseline`)."""
     text = check_mutant(mutant, root)
     for name in files:
         dest = target / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, dest)
-    (target / mutant.file).write_text(text.replace(mutant.original, mutant.replacement, 1))
+    if not baseline:
+        (target / mutant.file).write_text(text.replace(mutant.original, mutant.replacement, 1))
 
 
 def pytest_command(mutant: Mutant) -> list[str]:
@@ -94,11 +96,13 @@ def copy_env(copy: Path) -> dict[str, str]:
     return env
 
 
-def run_mutant(mutant: Mutant, files: list[str], keep: bool = False) -> Outcome:
+def run_mutant(mutant: Mutant, files: list[str], keep: bool = False, baseline: bool = False) -> Outcome:
+    """Plant `mutant` in a fresh copy and run its selection; with `baseline`, the same copy and
+    selection without the slip (which must pass: status "survived")."""
     start = time.perf_counter()
     copy = Path(tempfile.mkdtemp(prefix=f"shardyard-mutant-{mutant.name}-"))
     try:
-        plant(mutant, files, copy)
+        plant(mutant, files, copy, baseline=baseline)
         env = copy_env(copy)
         where = subprocess.run(
             [sys.executable, "-c", "import shardyard, tests; print(shardyard.__file__)"],
@@ -133,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--keep", action="store_true", help="keep the mutated copies (their paths are printed)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run every distinct selection on an unmutated copy (each must pass, or no kill means anything)",
+    )
     args = parser.parse_args(argv)
 
     mutants = MUTANTS
@@ -151,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mutation check: {len(mutants)} mutants, {len(files)} files per copy, {args.jobs} at a time", flush=True)
     start = time.perf_counter()
     outcomes: list[Outcome] = []
+    if args.baseline:
+        distinct = list({tuple(m.selection): m for m in mutants}.values())
+        with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, 2))) as pool:
+            bases = list(pool.map(lambda m: run_mutant(m, files, baseline=True), distinct))
+        failed = [b for b in bases if b.status != "survived"]
+        for b in bases:
+            print(f"  baseline {'ok' if b.status == 'survived' else 'FAILED':6s} pytest {' '.join(b.mutant.selection)}")
+        if failed:
+            for b in failed:
+                print(f"BASELINE FAILED (unmutated): pytest {' '.join(b.mutant.selection)}: {b.detail}")
+            return 2
 
     def one(m: Mutant) -> Outcome:
         outcome = run_mutant(m, files, keep=args.keep)
