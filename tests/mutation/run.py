@@ -6,11 +6,12 @@ tree and run only the tests that claim to cover it. A mutant is killed when thos
 Per mutant: the files git knows (tracked, plus untracked ones not ignored) are copied into a new
 temporary directory, the original snippet is replaced (it must occur exactly once: otherwise the
 check stops with an error naming the mutant), and `python -m pytest -x -q -p no:cacheprovider
-<selection>` runs there with PYTHONPATH set to the copy (so the copy's code is what the tests, their
-subprocesses and their gloo ranks import). Exit status 1 counts as killed (a timeout too); 0 is a
-survivor; anything else (no tests collected, a collection error) is an error, never a kill. Prints
-`mutants: K of N killed`, the survivors and errors, and exits non-zero unless every mutant is killed.
-`--baseline` first runs every distinct selection on an unmutated copy: each must pass (exit 2 if not).
+--ignore=tests/mutation <selection>` runs there with PYTHONPATH set to the copy (so the copy's code
+is what the tests, their subprocesses and their gloo ranks import). Exit status 1 counts as killed
+(a timeout too); 0 is a survivor; anything else (no tests collected, a collection error) is an
+error, never a kill. Prints `mutants: K of N killed`, the survivors and errors, and exits non-zero
+unless every mutant is killed. `--baseline` first runs every distinct selection on an unmutated
+copy: each must pass (exit 2 if not).
 """
 
 from __future__ import annotations
@@ -85,7 +86,18 @@ def plant(mutant: Mutant, files: list[str], target: Path, root: Path = ROOT, *, 
 
 
 def pytest_command(mutant: Mutant) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.selection]
+    # tests/mutation is left out: its well-formedness test fails in any mutated copy (the snippet is gone)
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--ignore=tests/mutation",
+        *mutant.selection,
+    ]
 
 
 def copy_env(copy: Path) -> dict[str, str]:
