@@ -117,3 +117,4 @@ def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_
         weights[layerwise] = trainer.model.state_dict()
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_series(train_grad_norms(tmp_path / "lw1"), train_grad_norms(tmp_path / "lw0"), 1e-4, "grad_norm")
