@@ -48,6 +48,21 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
 
 
+def train_grad_norms(run_dir: Path) -> dict[int, float]:
+    """step -> global gradient norm before clipping (`grad_norm` of the "train" records)."""
+    from shardyard.tracking.logger import read_metrics
+
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
+
+
+def assert_same_series(got: dict[int, float], want: dict[int, float], rel: float, what: str) -> None:
+    """Per-step equality of a logged series (losses, grad norms) within `rel`: the same steps, and
+    every value within a relative tolerance (a constant scale of 1 + 10 * rel or more fails)."""
+    assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
+    for step in sorted(want):
+        assert abs(got[step] - want[step]) <= rel * abs(want[step]) + 1e-7, (what, step, got[step], want[step])
+
+
 @contextlib.contextmanager
 def two_node_ray_cluster() -> Iterator[Any]:
     """A real 2-node Ray cluster on this machine (two raylets of 2 CPUs), connected; torn down after."""

@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules built from `spec.optim`.
 
 `build_optimizer(spec.optim, model)` returns a plain torch.optim.Optimizer (state_dict-compatible, so
-the checkpoint code saves every kind the same way): torch AdamW, GaLoreAdamW (galore.py) or
-QGaLoreAdamW (qgalore.py); `build_scheduler` the warm-up + decay schedule;
+the checkpoint code saves every kind the same way): torch AdamW, torch SGD, GaLoreAdamW (galore.py)
+or QGaLoreAdamW (qgalore.py); `build_scheduler` the warm-up + decay schedule;
 `optimizer_memory_report` (memory.py) the parameter / gradient / state bytes of a spec's optimizer.
 
 Wiring, in this order:
@@ -43,6 +43,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
     if spec.kind == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    if spec.kind == "sgd":
+        return torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum)
     if spec.kind in ("galore_adamw", "q_galore_adamw"):
         from shardyard.optim.galore import GaLoreAdamW, galore_param_groups
         from shardyard.optim.qgalore import QGaLoreAdamW

@@ -59,6 +59,9 @@ def optimizer_memory_report(spec: OptimSpec, model: nn.Module) -> dict[str, Any]
     }
     if spec.kind == "adamw":
         state, int8_bytes, projected_count, projected_numel = adamw_state, 0, 0, 0
+    elif spec.kind == "sgd":  # one momentum buffer per parameter, or no state
+        state = sum(p.numel() * p.element_size() for p in params) if spec.momentum else 0
+        int8_bytes, projected_count, projected_numel = 0, 0, 0
     else:
         g = spec.galore
         assert g is not None

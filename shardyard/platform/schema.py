@@ -411,13 +411,18 @@ class GaLoreSpec(Section):
 
 
 class OptimSpec(Section):
-    kind: Literal["adamw", "galore_adamw", "q_galore_adamw"] = Field(
-        "adamw", description="optimizer: adamw | galore_adamw | q_galore_adamw"
+    kind: Literal["adamw", "galore_adamw", "q_galore_adamw", "sgd"] = Field(
+        "adamw",
+        description="optimizer: adamw | galore_adamw | q_galore_adamw | sgd (plain torch.optim.SGD: a step "
+        "proportional to the gradient, for tests and baselines)",
     )
     lr: PositiveFloat = Field(3e-3, description="peak learning rate")
-    weight_decay: NonNegFloat = Field(0.1, description="decoupled weight decay (matrices only)")
+    weight_decay: NonNegFloat = Field(
+        0.1, description="weight decay (matrices only): decoupled for the Adam kinds, an L2 term for sgd"
+    )
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
     eps: PositiveFloat = Field(1e-8, description="Adam epsilon")
+    momentum: NonNegFloat = Field(0.0, description="SGD momentum in [0, 1) (kind sgd only; 0 = none)")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     grad_clip: NonNegFloat = Field(1.0, description="max global grad norm (0 = off)")
     galore: GaLoreSpec | None = Field(
@@ -428,10 +433,14 @@ class OptimSpec(Section):
     def _check(self) -> OptimSpec:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
-        if self.kind == "adamw":
+        if self.momentum >= 1:
+            raise ValueError(f"optim.momentum must lie in [0, 1), got {self.momentum}")
+        if self.momentum and self.kind != "sgd":
+            raise ValueError(f"optim.momentum only applies to kind sgd, not {self.kind!r}")
+        if self.kind in ("adamw", "sgd"):
             if self.galore is not None:
                 raise ValueError(
-                    "optim.galore is set but optim.kind is 'adamw'; use kind: galore_adamw or q_galore_adamw"
+                    f"optim.galore is set but optim.kind is {self.kind!r}; use kind: galore_adamw or q_galore_adamw"
                 )
             return self
         if self.galore is None:
@@ -843,7 +852,7 @@ class JobSpec(Section):
                 f"parallel.shard: {self.parallel.shard!r} and parallel.zero: {self.parallel.zero} both "
                 "shard the model; choose one (parallel.shard composes with expert parallelism)"
             )
-        if self.parallel.shard != "none" and self.optim.kind != "adamw":
+        if self.parallel.shard != "none" and self.optim.kind not in ("adamw", "sgd"):
             raise ValueError(
                 f"parallel.shard: {self.parallel.shard!r} shards each weight across workers, but "
                 f"{self.optim.kind} projects whole gradient matrices; use parallel.shard: none with it"

@@ -370,8 +370,31 @@ def test_resume_continues_exactly(kind: str, galore: dict) -> None:
     assert_same_weights(full, resumed)
 
 
-def test_layerwise_stepper_single_worker_matches_optimizer_hooks_and_clips_per_parameter() -> None:
+def _clip_by_hand_(grad: torch.Tensor, max_norm: float) -> bool:
+    """The reference per-parameter clip, written out (not the function under test): scale to
+    max_norm / (norm + 1e-6) when that is below 1. Returns whether it clipped."""
+    norm = float(grad.double().square().sum().sqrt())
+    if max_norm / (norm + 1e-6) < 1:
+        grad.mul_(max_norm / (norm + 1e-6))
+        return True
+    return False
+
+
+def test_clip_param_grad_scales_one_gradient_to_the_threshold() -> None:
     from shardyard.optim.galore import clip_param_grad_
+
+    grad = torch.full((3, 4), 0.5)  # norm sqrt(12) / 2 = 1.732
+    assert float(clip_param_grad_(grad, 0.5)) == pytest.approx(12**0.5 / 2)  # returns the norm before
+    assert float(grad.norm()) == pytest.approx(0.5, rel=1e-5)
+    small = torch.full((2,), 0.1)
+    clip_param_grad_(small, 0.5)  # under the threshold: unchanged
+    assert torch.equal(small, torch.full((2,), 0.1))
+    off = torch.full((2,), 3.0)
+    clip_param_grad_(off, 0.0)  # 0 = off
+    assert torch.equal(off, torch.full((2,), 3.0))
+
+
+def test_layerwise_stepper_single_worker_matches_optimizer_hooks_and_clips_per_parameter() -> None:
     from shardyard.optim.layerwise import LayerwiseStepper
 
     data = batches(5)
@@ -402,13 +425,15 @@ def test_layerwise_stepper_single_worker_matches_optimizer_hooks_and_clips_per_p
     c, d = tiny_model(), tiny_model()
     opt_c = build_optimizer(clipped, c)  # hooks clip each gradient to 0.05
     opt_d = build_optimizer(spec(), d)
+    clipped_count = 0
     for x in data:
         c(x[:, :-1], x[:, 1:])[1].backward()
         d(x[:, :-1], x[:, 1:])[1].backward()
         for p in d.parameters():
-            clip_param_grad_(p.grad, 0.05)
+            clipped_count += _clip_by_hand_(p.grad, 0.05)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
+    assert clipped_count > 0  # the threshold bites, so an unclipped run would differ
     assert_same_weights(c, d, atol=1e-6, rtol=1e-5)
     opt_c.remove_hooks()
 

@@ -7,7 +7,8 @@
   bytes per rank, measured from the hooks, about one bucket.
 - Expert parallelism (2 ranks, ep 2): layer-wise stepping with expert gradients reduced over the
   expert-data-parallel group equals the explicit sync_gradients + step() path, and both equal one
-  worker holding every expert (per-expert projectors on each shard).
+  worker holding every expert (per-expert projectors on each shard); the stepper's global grad norm
+  equals the single worker's at every step.
 """
 
 from __future__ import annotations
@@ -149,10 +150,12 @@ def _ep_rank(topo: Topology) -> None:
     ref.load_state_dict(start)
     opt_ref = build_optimizer(spec, ref)
     data = {r: _moe_batches(r, steps) for r in range(world)}
+    ref_norms = []
     for step in range(steps):
         for r in range(world):
             with moe_scope(weight=1 / world):  # each rank's aux loss carries 1/world of the step, like its ce
                 (_moe_loss(ref, data[r][step]) / world).backward()
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).float())
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
@@ -172,8 +175,8 @@ def _ep_rank(topo: Topology) -> None:
                 sync_gradients(net, groups)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            else:
-                stepper.finish()
+            else:  # the global norm of the reduced gradients (every expert shard once) is the reference's
+                torch.testing.assert_close(stepper.finish(), ref_norms[step], rtol=1e-4, atol=1e-6)
         results[mode] = {n: p.detach().clone() for n, p in net.named_parameters()}
     per = 4 // world
     lo = groups.ep_rank * per

@@ -15,11 +15,18 @@ from tests.helpers import tiny_spec_yaml
 
 
 def test_rng_state_round_trips_through_json() -> None:
+    """torch, numpy and Python's random module all continue where the saved state left them."""
+    import random
+
+    import numpy as np
+
     torch.manual_seed(5)
     state = json.loads(json.dumps(ckpt.rng_state()))
-    expected_next = torch.rand(4)
+    expected_next = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     ckpt.set_rng_state(state)
-    assert torch.equal(torch.rand(4), expected_next)
+    assert torch.equal(torch.rand(4), expected_next[0])
+    assert np.array_equal(np.random.rand(4), expected_next[1])
+    assert [random.random() for _ in range(4)] == expected_next[2]
 
 
 @pytest.fixture(scope="module")

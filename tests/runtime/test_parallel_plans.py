@@ -16,7 +16,7 @@ from shardyard.comm.launch import spawn
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.worker import LocalReporter, Trainer
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import tiny_spec_yaml
+from tests.helpers import assert_same_series, tiny_spec_yaml, train_grad_norms
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -110,6 +110,8 @@ def test_composed_ep2_x_shard2_matches_a_single_worker(tmp_path: Path) -> None:
     assert len(single) == len(composed) == 6
     assert composed == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert single[-1] < single[0]
+    # the gradient norm before clipping, every step: clipping (grad_clip 1) and Adam hide a scale in the losses
+    assert_same_series(train_grad_norms(tmp_path / "ep2fsdp"), train_grad_norms(tmp_path / "one"), 1e-4, "grad_norm")
 
 
 def test_composed_mode_holds_a_world_share_of_the_dense_state(tmp_path: Path) -> None:
@@ -171,6 +173,8 @@ def test_resume_reshards_and_continues_like_an_uninterrupted_run(tmp_path: Path,
     )
     assert len(resumed) == 4
     assert resumed == pytest.approx(reference[-4:], rel=1e-4, abs=1e-5)
+    reference_norms = {s: n for s, n in train_grad_norms(tmp_path / "reference").items() if s > 4}
+    assert_same_series(train_grad_norms(tmp_path / "resumed"), reference_norms, 1e-4, "grad_norm")
     windows = _ledger(ledgers["first"], steps=4) + _ledger(ledgers["resumed"])
     assert len(windows) == 8 * GLOBAL_BATCH and len(set(windows)) == len(windows)  # none seen twice
     assert sorted(windows) == _ledger(ledgers["reference"])  # and none skipped: the uninterrupted run's windows
@@ -198,3 +202,5 @@ def test_galore_with_expert_parallelism_resumes_exactly(tmp_path: Path, optim: s
     resumed = run(galore_job("resumed"), tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint_00000004")
     assert len(resumed) == 4
     assert resumed == pytest.approx(full[-4:], rel=1e-5, abs=1e-6)
+    full_norms = {s: n for s, n in train_grad_norms(tmp_path / "full").items() if s > 4}
+    assert_same_series(train_grad_norms(tmp_path / "resumed"), full_norms, 1e-4, "grad_norm")

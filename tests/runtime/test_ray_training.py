@@ -8,7 +8,7 @@ import pytest
 
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import run_cli, tiny_spec_yaml, train_losses
+from tests.helpers import assert_same_series, run_cli, tiny_spec_yaml, train_grad_norms, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,8 @@ def _fault_spec(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run's directory."""
     root = tmp_path_factory.mktemp("uninterrupted")
     spec = _fault_spec(root)
     clean = run_cli("run", str(spec))
@@ -86,17 +87,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
     losses = train_losses(root / "runs" / "clean")
     assert sorted(losses) == list(range(1, 13))
-    return losses
+    return root / "runs" / "clean"
 
 
-def _assert_same_losses(run_dir: Path, reference: dict[int, float], tolerance: float) -> None:
-    losses = train_losses(run_dir)
-    assert sorted(losses) == sorted(reference)
-    for step in reference:
-        assert abs(losses[step] - reference[step]) < tolerance, (step, losses[step], reference[step])
+def _assert_same_losses(run_dir: Path, reference: Path, tolerance: float) -> None:
+    """Every step's loss within `tolerance`, and its gradient norm before clipping within a relative
+    1e-4 (clipping and Adam hide a constant gradient scale from the losses)."""
+    losses, reference_losses = train_losses(run_dir), train_losses(reference)
+    assert sorted(losses) == sorted(reference_losses)
+    for step in reference_losses:
+        assert abs(losses[step] - reference_losses[step]) < tolerance, (step, losses[step], reference_losses[step])
+    assert_same_series(train_grad_norms(run_dir), train_grad_norms(reference), 1e-4, "grad_norm")
 
 
-def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninterrupted: dict) -> None:
+def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninterrupted: Path) -> None:
     ep = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
     assert ep.returncode == 0, ep.stdout[-3000:] + ep.stderr[-3000:]
     _assert_same_losses(tmp_path / "runs" / "ep", uninterrupted, 1e-4)
@@ -148,7 +152,7 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
     assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
 
 
-def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted: dict) -> None:
+def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted: Path) -> None:
     """A worker raising at step 9 (not a user error) is retried: the ZeRO-2 group restarts from the
     step-8 checkpoint and ends with the uninterrupted DDP run's losses. (A SIGKILLed worker and a lost
     node: tests/reliability/test_faults_on_ray.py.)"""
@@ -162,7 +166,7 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted:
     _assert_same_losses(tmp_path / "runs" / "zero2", uninterrupted, 1e-4)  # against DDP
 
 
-def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path: Path, uninterrupted: dict) -> None:
+def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path: Path, uninterrupted: Path) -> None:
     """The last rank's process exits after writing its shards of the step-8 checkpoint, before the
     manifest: Ray Train restarts the group from step 4 and the run ends with the uninterrupted losses."""
     marker = tmp_path / "killed"

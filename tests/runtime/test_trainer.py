@@ -10,7 +10,7 @@ import torch
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.worker import LocalReporter, Trainer
-from tests.helpers import tiny_spec_yaml
+from tests.helpers import assert_same_series, tiny_spec_yaml, train_grad_norms
 
 MOE_NO_AUX = "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2, aux_loss: 0.0, z_loss: 0.0}}"
 DENSE = "{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}"
@@ -61,7 +61,9 @@ def test_resume_in_one_process_continues_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model", [DENSE, MOE_NO_AUX], ids=["dense", "moe"])
 def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
-    """Four micro-batches of 2 give the optimizer step of one batch of 8 (same windows)."""
+    """Four micro-batches of 2 give the optimizer step of one batch of 8 (same windows): the same losses,
+    the same gradient norm before clipping at every step (clipping and Adam would hide a constant
+    scale of the gradients in the weights), the same weights."""
     runs = {}
     for accum, batch in ((1, 8), (4, 2)):
         spec = one_worker_spec(
@@ -73,6 +75,10 @@ def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
         trainer, _ = train(spec, tmp_path / f"acc{accum}")
         runs[accum] = (losses(tmp_path / f"acc{accum}"), trainer.model.state_dict())
     assert runs[4][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
+    norms = {accum: train_grad_norms(tmp_path / f"acc{accum}") for accum in (1, 4)}
+    assert len(norms[1]) == 6
+    assert max(norms[1].values()) > spec.optim.grad_clip > 0  # clipping acts, and the norm logged is before it
+    assert_same_series(norms[4], norms[1], rel=1e-4, what="grad_norm")
     for name, value in runs[1][1].items():
         torch.testing.assert_close(runs[4][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -111,3 +117,4 @@ def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_
         weights[layerwise] = trainer.model.state_dict()
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_series(train_grad_norms(tmp_path / "lw1"), train_grad_norms(tmp_path / "lw0"), 1e-4, "grad_norm")

@@ -53,9 +53,11 @@ def test_a_new_token_is_private_from_its_first_byte(tmp_path: Path, monkeypatch)
         path = auth.ensure_token(generate=True)
     finally:
         os.umask(old_umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text()) == 64
+    token = path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(token) == 64
     assert sorted(p.name for p in path.parent.iterdir()) == ["auth_token"]  # no temp file left behind
-    assert auth.ensure_token(generate=True) == path and path.read_text() == path.read_text()  # one token, kept
+    assert auth.ensure_token(generate=True) == path and path.read_text() == token  # one token, kept
+    assert auth.ensure_token(generate=False) == path and path.read_text() == token
 
 
 # ------------------------------------------------------------------------------------- uploads

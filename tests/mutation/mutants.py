@@ -1,0 +1,157 @@
+"""The curated mutants: known, easy, silent slips, each with the test selection that claims to catch it.
+
+Each mutant replaces one exact snippet of one file (the snippet must occur exactly once: a refactor
+that moves or rewrites the code fails tests/mutation/test_mutants.py in the normal suite, and the
+entry is then updated to the new code). `selection` is the pytest argument list run in the mutated
+copy (paths relative to the repository root, `-k` expressions, and `-m "slow or not slow"` where the
+covering test is slow); keep it targeted: the whole check should take a few minutes.
+
+How to add one (docs/testing.md): plant the slip by hand, find or write the fast test that fails,
+add a Mutant here, and run `python -m tests.mutation --only NAME`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SLOW = ["-m", "slow or not slow"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # exact text, found exactly once in `file`
+    replacement: str
+    selection: list[str]  # pytest arguments that claim to cover the slip
+    description: str  # one line: the slip
+
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ the audit's three (issue 26)
+    Mutant(
+        "accum-not-averaged",
+        "shardyard/runtime/worker.py",
+        "self.plan.backward(ce / accum)",
+        "self.plan.backward(ce)",
+        ["tests/runtime/test_trainer.py", "-k", "accum"],
+        "gradient accumulation sums micro-batch gradients instead of averaging them (accum x too large)",
+    ),
+    Mutant(
+        "token-regenerated",
+        "shardyard/cluster/auth.py",
+        "        if path.read_text().strip():\n            return path\n",
+        "        if path.read_text().strip():\n            return write_token(path)\n",
+        ["tests/safety", "-k", "token"],
+        "ensure_token writes a new token on every call (every client gets a token the cluster does not know)",
+    ),
+    Mutant(
+        "per-parameter-clip-off",
+        "shardyard/optim/galore.py",
+        "    if max_norm > 0:\n        grad.mul_((max_norm",
+        "    if max_norm < 0:\n        grad.mul_((max_norm",
+        ["tests/optim", "-k", "clip or layerwise"],
+        "clip_param_grad_ never clips (layer-wise GaLore's per-parameter clip silently disabled)",
+    ),
+    # ------------------------------------------------------------------ reduction groups and scaling
+    Mutant(
+        "expert-grads-wrong-group",
+        "shardyard/comm/expert_parallel.py",
+        "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.edp, world)",
+        "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.ep, world)",
+        ["tests/comm/test_expert_parallel.py", "-k", "matches_single_worker"],
+        "expert gradients summed over the EP group (other experts' shards) instead of the expert-data-parallel group",
+    ),
+    Mutant(
+        "mesh-expert-grads-not-averaged",
+        "shardyard/runtime/parallel/mesh.py",
+        "all_reduce_mean_(self.experts, self.groups.edp, self.world)",
+        "all_reduce_mean_(self.experts, self.groups.edp, self.world // self.ep)",
+        ["tests/runtime/test_gradients.py", "-k", "ep2 and not fsdp", *SLOW],
+        "the mesh plan divides expert gradients by the EDP size, not the world (EP x too large)",
+    ),
+    Mutant(
+        "mesh-grad-norm-misses-ep-peers",
+        "shardyard/runtime/parallel/mesh.py",
+        "expert_sq = self._all_reduce(expert_sq, self.groups.ep)",
+        "expert_sq = expert_sq",
+        ["tests/runtime/test_gradients.py", "-k", "ep2 and not fsdp", *SLOW],
+        "the global grad norm counts only this rank's expert shard (clipping and grad_norm see too small a norm)",
+    ),
+    # ------------------------------------------------------------------ resume: data position, RNG, manifest
+    Mutant(
+        "resume-skips-a-batch",
+        "shardyard/data/loader.py",
+        'int(position["pos"]), 0',
+        'int(position["pos"]) + self.world * self.batch_size, 0',
+        ["tests/data/test_data.py", "-k", "resume or position"],
+        "a restored data position skips one global batch",
+    ),
+    Mutant(
+        "rng-restore-drops-python",
+        "shardyard/runtime/checkpoint.py",
+        "    random.setstate((version, tuple(internal), gauss_next))\n",
+        "    random.getstate()\n",
+        ["tests/runtime/test_checkpoint.py", "-k", "rng"],
+        "set_rng_state restores torch and numpy but not Python's random module",
+    ),
+    Mutant(
+        "manifest-hash-unchecked",
+        "shardyard/runtime/checkpoint.py",
+        "    if full:\n        actual = file_digests(Path(directory))",
+        "    if False:\n        actual = file_digests(Path(directory))",
+        ["tests/runtime/test_checkpoint.py", "-k", "flipped"],
+        "verify_checkpoint(full=True) checks sizes only: a corrupted shard of the right size passes",
+    ),
+    # ------------------------------------------------------------------ dispatch stages: LSH, dedup
+    Mutant(
+        "lsh-backward-sums-not-means",
+        "shardyard/comm/lsh.py",
+        "        mean /= members.unsqueeze(1).to(grad.dtype)\n",
+        "",
+        ["tests/comm/test_lsh.py", "-k", "backward or gradcheck"],
+        "the LSH residual's backward subtracts the bucket's gradient sum instead of its mean",
+    ),
+    Mutant(
+        "dedup-key-ignores-destination",
+        "shardyard/comm/dedup.py",
+        "torch.unique(dest * num_tokens + token_of, return_inverse=True)",
+        "torch.unique(token_of, return_inverse=True)",
+        ["tests/comm/test_dispatch.py", "-k", "4_ranks"],
+        "dedup keys a row by token only: a token routed to two EP ranks is sent to one",
+    ),
+    # ------------------------------------------------------------------ routing, evaluation
+    Mutant(
+        "topk-weights-not-renormalised",
+        "shardyard/models/moe/router.py",
+        "            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)\n",
+        "            top_probs = top_probs\n",
+        ["tests/models/test_moe_layer.py", "-k", "router_weights"],
+        "softmax top-k routing weights are not renormalised over the kept experts",
+    ),
+    Mutant(
+        "stderr-biased",
+        "shardyard/runtime/evaluation.py",
+        "math.sqrt(residual_sq / (n * (n - 1)))",
+        "math.sqrt(residual_sq / (n * n))",
+        ["tests/runtime/test_evaluation.py", "-k", "standard_error"],
+        "the bits-per-byte standard error divides by n^2 instead of n(n-1) (too small)",
+    ),
+    # ------------------------------------------------------------------ run lease and token handling
+    Mutant(
+        "lease-age-sign",
+        "shardyard/runtime/run_lease.py",
+        '    age = now - float(lease["heartbeat"])',
+        '    age = float(lease["heartbeat"]) - now',
+        ["tests/safety/test_resume_guard.py", "-k", "lease"],
+        "a lease's heartbeat age is negated: a dead holder on another host keeps the run forever",
+    ),
+    Mutant(
+        "token-group-readable-accepted",
+        "shardyard/cluster/auth.py",
+        "    if st.st_mode & 0o077:",
+        "    if st.st_mode & 0o007:",
+        ["tests/safety", "-k", "token"],
+        "a group-readable token file is accepted",
+    ),
+]
