@@ -19,7 +19,7 @@ from shardyard.data.validation import HeldOutText, all_batches, all_controls, ra
 from shardyard.models import build_model
 from shardyard.platform.schema import ModelSpec
 from shardyard.runtime.evaluation import evaluate, summarize
-from tests.helpers import run_cli, tiny_spec_yaml
+from tests.helpers import run_cli, run_job, tiny_spec_yaml
 
 SEQ = 32
 
@@ -165,7 +165,7 @@ def test_eval_command_matches_in_training_evaluation(tmp_path: Path) -> None:
             checkpoint=f"{{dir: {tmp_path / 'runs'}, every: 12, keep: 2}}",
         )
     )
-    trained = run_cli("run", str(spec), timeout=900)
+    trained = run_job(spec, timeout=900)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "evalcmd"
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ import pytest
 
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import assert_same_series, run_cli, tiny_spec_yaml, train_grad_norms, train_losses
+from tests.helpers import assert_same_series, run_cli, run_job, tiny_spec_yaml, train_grad_norms, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run's directory."""
     root = tmp_path_factory.mktemp("uninterrupted")
     spec = _fault_spec(root)
-    clean = run_cli("run", str(spec))
+    clean = run_job(spec)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     again = run_cli("run", str(spec))  # a finished job run again has nothing left to do
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
@@ -101,16 +101,15 @@ def _assert_same_losses(run_dir: Path, reference: Path, tolerance: float) -> Non
 
 
 def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninterrupted: Path) -> None:
-    ep = run_cli("run", str(_fault_spec(tmp_path)), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
+    ep = run_job(_fault_spec(tmp_path), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
     assert ep.returncode == 0, ep.stdout[-3000:] + ep.stderr[-3000:]
     _assert_same_losses(tmp_path / "runs" / "ep", uninterrupted, 1e-4)
 
 
 def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
-    proc = run_cli(
-        "run",
-        str(root / "jobs" / "megabyte-tiny.yaml"),
+    proc = run_job(
+        root / "jobs" / "megabyte-tiny.yaml",
         "--set",
         f"checkpoint.dir={tmp_path}",
         "--set",
@@ -146,7 +145,7 @@ def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> No
             training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}",
         )
     )
-    proc = run_cli("run", str(spec))
+    proc = run_job(spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = train_losses(tmp_path / "runs" / "galore")
     assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
@@ -157,9 +156,7 @@ def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted:
     step-8 checkpoint and ends with the uninterrupted DDP run's losses. (A SIGKILLed worker and a lost
     node: tests/reliability/test_faults_on_ray.py.)"""
     pytest.importorskip("deepspeed")
-    zero = run_cli(
-        "run", str(_fault_spec(tmp_path)), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9"
-    )
+    zero = run_job(_fault_spec(tmp_path), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9")
     assert zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
     assert (tmp_path / "runs" / "zero2" / ".injected_fault_done").exists()
     assert "resumed from step 8" in zero.stdout + zero.stderr
@@ -170,9 +167,7 @@ def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path:
     """The last rank's process exits after writing its shards of the step-8 checkpoint, before the
     manifest: Ray Train restarts the group from step 4 and the run ends with the uninterrupted losses."""
     marker = tmp_path / "killed"
-    killed = run_cli(
-        "run", str(_fault_spec(tmp_path)), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"}
-    )
+    killed = run_job(_fault_spec(tmp_path), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"})
     assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr
