@@ -50,6 +50,16 @@ def smoke_dir(name: str) -> Path:
     return path
 
 
+def hermetic_ray(scratch: Path) -> None:
+    """Smoke runs that start Ray use their own auth token (in the scratch directory), as the tests do,
+    unless RAY_AUTH_TOKEN_PATH is set: never the user's ~/.ray/auth_token."""
+    from shardyard.cluster.auth import ensure_token
+
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(scratch / "ray-auth-token"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ensure_token(generate=True)  # token mode on; a new token (mode 0600) where none is
+
+
 def tiny_run_dir(scratch: Path, name: str = "smoke-run", overrides: list[str] | None = None) -> Path:
     """Train TINY_JOB (plus overrides) in this process with the workers' Trainer (train_local.py);
     return its run directory (spec.yaml, metrics.jsonl, one checkpoint)."""
