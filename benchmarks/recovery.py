@@ -50,7 +50,7 @@ data: {{paths: [stdlib], seq_len: 256, max_bytes: 3000000}}
 optim: {{lr: 3.0e-3, schedule: {{warmup: 4}}}}
 training: {{steps: {steps}, batch_size: 8, eval_every: 0, eval_bytes: 2048, log_every: 1}}
 resources: {{workers: 2, cpus_per_worker: 1, max_failures: 0}}
-checkpoint: {{dir: {storage}, every: 0, keep: 1}}
+checkpoint: {{dir: {storage}, every: 0, keep: 2}}
 tracking: {{mode: disabled}}
 """
 
