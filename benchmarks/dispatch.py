@@ -406,8 +406,11 @@ def main() -> None:
     scratch = None
     if args.smoke:
         sys.path.insert(0, str(ROOT))
-        from benchmarks.smoke import smoke_dir
+        from benchmarks.smoke import netns_available, smoke_dir
 
+        if args.rate > 0 and not netns_available():
+            print("dispatch smoke: skipped, network namespaces unavailable (needs root with ip netns and tc)")
+            return
         scratch = smoke_dir("dispatch")
         args.out, args.tokens, args.clusters, args.reps = scratch / "dispatch.jsonl", 64, 8, 1
     if args.rate > 0:
