@@ -280,7 +280,7 @@ def main() -> None:
         args.out = smoke_dir("byte_models") / "report.md"  # the report is written, never to --out
         os.environ["BYTE_MODELS_CORPUS_BYTES"] = "3000000"
     lines = [
-        f"Command: `python benchmarks/byte_models.py{' --quick' if q else ''} --threads {th}`",
+        f"Command: `python benchmarks/byte_models.py{' --smoke' if smoke else ' --quick' if q else ''} --threads {th}`",
         f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{th} intra-op thread(s) per measurement",
         "",
