@@ -72,7 +72,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "scale": ([], [r"\| ep2\+fsdp \| 2 \| [\d.]+ \|", r"\| zero2 \| 2 \| [\d.]+ \|", r"table written to"], True),
     "alltoall": (
         [],
-        [r"\| 2x2 \| 200 \| 1 \| [\d.]+ \(|alltoall smoke: skipped", r"## Fitted constants|skipped"],
+        [r"\| 2x2 \| 200 \| 16 \| [\d.]+ \([\d.]+-[\d.]+\) \|", r"## Fitted constants", r"plot: .*\.png"],
         True,
     ),
     "data": (
