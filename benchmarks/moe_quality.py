@@ -450,11 +450,9 @@ def smoke() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--smoke"]:
-        smoke()
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--smoke", action="store_true", help="run, steptime and report at seconds-long sizes")
+    sub = parser.add_subparsers(dest="cmd")
     p = sub.add_parser("run")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seeds", type=int, default=2, help="seeds of the dense/MoE comparison set (variants: seed 0)")
@@ -474,7 +472,12 @@ def main() -> None:
     p.add_argument("--plot", default=None)
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args()
-    args.fn(args)
+    if args.smoke:
+        smoke()
+    elif args.cmd is None:
+        parser.error("a command is required: run, steptime or report (or --smoke)")
+    else:
+        args.fn(args)
 
 
 if __name__ == "__main__":
