@@ -180,7 +180,10 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from benchmarks.smoke import smoke_dir
 
-        args.worlds, args.modes, args.width, args.experts, args.steps = [2], SMOKE_MODES, 64, 4, 2
+        import importlib.util
+
+        modes = [m for m in SMOKE_MODES if MODES[m][2] == 0 or importlib.util.find_spec("deepspeed") is not None]
+        args.worlds, args.modes, args.width, args.experts, args.steps = [2], modes, 64, 4, 2
         args.out = smoke_dir("scale") / "scale.md"
     load = os.getloadavg()[0]
     rows = []
