@@ -178,9 +178,9 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from benchmarks.smoke import smoke_dir
-
         import importlib.util
+
+        from benchmarks.smoke import smoke_dir
 
         modes = [m for m in SMOKE_MODES if MODES[m][2] == 0 or importlib.util.find_spec("deepspeed") is not None]
         args.worlds, args.modes, args.width, args.experts, args.steps = [2], modes, 64, 4, 2
