@@ -175,11 +175,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.smoke:
+        import importlib.util
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import importlib.util
-
         from benchmarks.smoke import smoke_dir
 
         modes = [m for m in SMOKE_MODES if MODES[m][2] == 0 or importlib.util.find_spec("deepspeed") is not None]
