@@ -91,7 +91,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "eval_cost": ([], [r"\| moe-tiny \| 6 \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+% \| [\d.]+ \+- [\d.]+ \|"], True),
     "moe_quality": (
         [],
-        [r"\[moe_quality\] done moe 8x192 top-2 expert-choice seed 0", r"!\[held-out bpb curves\]"],
+        [r"\[moe_quality\] done moe 8x192 top-2 softmax cf1\.25 seed 0", r"!\[held-out bpb curves\]"],
         True,
     ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
