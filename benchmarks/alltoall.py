@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/alltoall.py                      # full grid (~4 min on 2 cores)
     sudo .venv/bin/python benchmarks/alltoall.py --nodes 2 --rates 200 --rows 16 1024 --reps 3
+    sudo .venv/bin/python benchmarks/alltoall.py --smoke   # 2 nodes x 2, 1 rep, temp dir; skips without netns
 
 For each (nodes, link rate) it builds the testbed, starts nodes x ranks_per_node gloo workers with
 `ip netns exec`, and each worker times `dispatch` (count exchange + rows) for every algorithm and
@@ -193,10 +194,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--append", action="store_true", help="add to --out instead of starting afresh")
     ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2 nodes x 2 ranks, 200 Mbit/s, 2 sizes, 1 rep, all output in a temp dir; skips without netns",
+    )
     args = ap.parse_args(argv)
     if args.cmd == "worker":
         worker(args)
         return
+    results = RESULTS
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.smoke import netns_available, smoke_dir
+
+        if not netns_available():
+            print("alltoall smoke: skipped, network namespaces unavailable (needs root with ip netns and tc)")
+            return
+        results = smoke_dir("alltoall")
+        args.nodes, args.rpn, args.rates, args.rows, args.reps = [2], 2, [200.0], [16, 256], 1
+        args.out, args.append, args.timeout = results / "alltoall-netns.jsonl", False, 120
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.append:
         args.out.unlink(missing_ok=True)
@@ -211,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fit:
         from alltoall_fit import fit_report  # beside this script
 
-        print(fit_report(args.out, RESULTS))
+        from shardyard.comm.cost_model import CONSTANTS_PATH
+
+        constants = results / CONSTANTS_PATH.name if args.smoke else CONSTANTS_PATH  # smoke: not the package's
+        print(fit_report(args.out, results, constants_out=constants))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ write its constants (the package's alltoall_cost_model.json, and the results dir
 points), and report: a markdown summary, predictions at scale and a plot.
 
     python benchmarks/alltoall_fit.py benchmarks/results/alltoall-netns.jsonl
+    python benchmarks/alltoall_fit.py --smoke   # fits the committed measurements; writes only to a temp dir
 """
 
 from __future__ import annotations
@@ -317,7 +318,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("measurements", type=Path, nargs="?", default=RESULTS / "alltoall-netns.jsonl")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="write the constants, points and plot to a temp dir (not the package or benchmarks/results)",
+    )
     args = ap.parse_args(argv)
+    if args.smoke:
+        from benchmarks.smoke import smoke_dir
+
+        scratch = smoke_dir("alltoall_fit")
+        constants = scratch / CONSTANTS_PATH.name
+        print(fit_report(args.measurements, scratch, plot=not args.no_plot, constants_out=constants))
+        return
     print(fit_report(args.measurements, RESULTS, plot=not args.no_plot))
 
 

@@ -3,6 +3,7 @@ generation, and the longest trainable context with and without stage checkpointi
 
     python benchmarks/byte_models.py --quick          # ~5 minutes
     python benchmarks/byte_models.py                  # ~15 minutes
+    python benchmarks/byte_models.py --smoke          # seconds: tiny models, every section once, in-process
 
 Every measurement runs in its own subprocess (clean peak-RSS accounting; no allocator carry-over);
 throughput rounds alternate between the implementations. MEGABYTE-pytorch (`pip install
@@ -12,6 +13,7 @@ MEGABYTE-pytorch`) is a benchmark-only dependency. Prints a Markdown report; `--
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -128,7 +130,8 @@ def corpus(seq: int) -> tuple[np.ndarray, np.ndarray]:
     from shardyard.data.corpus import load_corpus
     from shardyard.platform.schema import DataSpec
 
-    c = load_corpus(DataSpec(paths=["stdlib"], seq_len=seq, val_fraction=0.05, max_bytes=24_000_000))
+    max_bytes = int(os.environ.get("BYTE_MODELS_CORPUS_BYTES", "24000000"))  # --smoke: less
+    c = load_corpus(DataSpec(paths=["stdlib"], seq_len=seq, val_fraction=0.05, max_bytes=max_bytes))
     return c.train, c.val
 
 
@@ -226,7 +229,12 @@ def worker_generate(a: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"train": worker_train, "quality": worker_quality, "generate": worker_generate}
 
 
+SMOKE = False  # --smoke: workers run in this process (each subprocess would cost a torch import)
+
+
 def run_worker(kind: str, args: dict[str, Any], threads: int, timeout: float) -> dict[str, Any] | None:
+    if SMOKE:
+        return json.loads(json.dumps(WORKERS[kind](json.loads(json.dumps(args)))))
     cmd = [sys.executable, __file__, "--worker", kind, json.dumps(args), "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -242,6 +250,11 @@ def run_worker(kind: str, args: dict[str, Any], threads: int, timeout: float) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models and contexts, every section once, workers in this process (seconds; figures meaningless)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per measurement")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
@@ -251,10 +264,23 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker[0]](json.loads(args.worker[1]))))
         return
 
-    q, th = args.quick, args.threads
+    global SMOKE
+    SMOKE = smoke = args.smoke
+    q, th = args.quick or smoke, args.threads
     cfg = {"gw": 256, "gd": 4, "lw": 128, "ld": 2, "patch": 8, "dim_head": 32}
+    impls = IMPLS
+    if smoke:
+        cfg = {"gw": 32, "gd": 1, "lw": 32, "ld": 1, "patch": 4, "dim_head": 16}
+        if importlib.util.find_spec("MEGABYTE_pytorch") is None:
+            impls = ("ours",)
+            print("smoke: MEGABYTE-pytorch not installed, comparing ours only")
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.smoke import smoke_dir
+
+        args.out = smoke_dir("byte_models") / "report.md"  # the report is written, never to --out
+        os.environ["BYTE_MODELS_CORPUS_BYTES"] = "3000000"
     lines = [
-        f"Command: `python benchmarks/byte_models.py{' --quick' if q else ''} --threads {th}`",
+        f"Command: `python benchmarks/byte_models.py{' --smoke' if smoke else ' --quick' if q else ''} --threads {th}`",
         f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{th} intra-op thread(s) per measurement",
         "",
@@ -279,20 +305,28 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
-    for seq, batch in [(2048, 2), (8192, 1)] if q else [(2048, 4), (4096, 2), (8192, 2)]:
-        res: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
-        for _ in range(2 if q else 3):
-            for impl in IMPLS:
+    train_sizes = [(64, 1)] if smoke else [(2048, 2), (8192, 1)] if q else [(2048, 4), (4096, 2), (8192, 2)]
+    for seq, batch in train_sizes:
+        res: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
+        for _ in range(1 if smoke else 2 if q else 3):
+            for impl in impls:
                 r = run_worker(
                     "train",
-                    {"impl": impl, "cfg": cfg, "seq": seq, "batch": batch, "steps": 3 if q else 5, "warmup": 1},
+                    {
+                        "impl": impl,
+                        "cfg": cfg,
+                        "seq": seq,
+                        "batch": batch,
+                        "steps": 1 if smoke else 3 if q else 5,
+                        "warmup": 0 if smoke else 1,
+                    },
                     th,
                     600,
                 )
                 if r:
                     res[impl].append(r)
         best = {}
-        for impl in IMPLS:
+        for impl in impls:
             if not res[impl]:
                 lines.append(f"| {seq} | {batch} | {impl} | failed | | | | |")
                 continue
@@ -304,7 +338,7 @@ def main() -> None:
                 f"| {seq} | {batch} | {impl} | {res[impl][0]['params']:,} | {step:.3f} | {cpu:.3f} | "
                 f"{seq * batch / cpu:,.0f} | {peak:,.0f} |"
             )
-        for ref in IMPLS[1:]:
+        for ref in impls[1:]:
             if "ours" in best and ref in best:
                 ratios.append(
                     (
@@ -326,9 +360,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
 
     # 2. quality at equal wall clock: MEGABYTE vs flat transformer, 8K context
-    seq, budget = 8192, (90 if q else 240)
+    seq, budget = (256, 1) if smoke else (8192, (90 if q else 240))
     lines += [
-        f"## 2. Equal wall clock ({budget} s each), 8K context, stdlib .py bytes",
+        f"## 2. Equal wall clock ({budget} s each), {seq:,}-byte context, stdlib .py bytes",
         "",
         "| model | params | steps | train bytes/s | val bpb (bytes) |",
         "|---|---|---|---|---|",
@@ -344,7 +378,7 @@ def main() -> None:
                 "batch": 1,
                 "lr": 2e-3,
                 "budget_s": budget,
-                "val_windows": 4 if q else 8,
+                "val_windows": 1 if smoke else 4 if q else 8,
             },
             th,
             budget + 600,
@@ -368,13 +402,16 @@ def main() -> None:
     print("\n".join(lines[-6:]), flush=True)
 
     # 3. generation with and without caches
-    r = run_worker(
-        "generate",
-        {"cfg": cfg, "seq": 8192, "prompt": 8000, "n_cache": 512 if q else 1024, "n_nocache": 8 if q else 24},
-        th,
-        900,
+    gen = (
+        {"seq": 256, "prompt": 200, "n_cache": 8, "n_nocache": 2}
+        if smoke
+        else {"seq": 8192, "prompt": 8000, "n_cache": 512 if q else 1024, "n_nocache": 8 if q else 24}
     )
-    lines += ["## 3. Generation at 8K context (prompt 8000 bytes, sampling top-k 20)", ""]
+    r = run_worker("generate", {"cfg": cfg, **gen}, th, 900)
+    lines += [
+        f"## 3. Generation at {gen['seq']:,}-byte context (prompt {gen['prompt']} bytes, sampling top-k 20)",
+        "",
+    ]
     if r:
         x = r["cache"] / r["nocache"]
         lines += [
@@ -401,7 +438,8 @@ def main() -> None:
     ]
     longest = {}
     for chunks in (False, True):
-        for context in [16384, 65536, 262144] if q else [16384, 65536, 262144, 1048576]:
+        contexts = [1024] if smoke else [16384, 65536, 262144] if q else [16384, 65536, 262144, 1048576]
+        for context in contexts:
             r = run_worker(
                 "train",
                 {
@@ -434,6 +472,7 @@ def main() -> None:
     print("\n".join(lines[-8:]), flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
+        print(f"report written to {args.out}")
 
 
 if __name__ == "__main__":

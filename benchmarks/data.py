@@ -11,6 +11,7 @@
    training split, then scored in bits per byte on the same held-out documents.
 
     python benchmarks/data.py --mb 8 --seconds 60 --out benchmarks/results/data-2026-11-25.md
+    python benchmarks/data.py --smoke   # 0.3 MB, bpe:512, 1 s, the tiny preset; report to a temp dir
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from shardyard.data.training_data import build_data_loader, load_training_data
 from shardyard.platform.schema import DataSpec
 from shardyard.platform.spec import load_spec_text
 
+THREADS = 2  # torch threads of the loader and training parts (--smoke: 1, robust on a busy machine)
+
 
 def prep_dir(root: Path, tag: str) -> Path:
     return root / tag.replace(":", "")
@@ -40,13 +43,13 @@ def data_spec(root: Path, tokenizer: str, mb: int, tag: str, seq_len: int = 256)
         sources=[{"path": "stdlib", "format": "text"}],
         tokenizer=tokenizer,
         seq_len=seq_len,
-        max_bytes=mb * 1_000_000,
+        max_bytes=int(mb * 1_000_000),
         prepared_dir=str(prep_dir(root, tag)),
         cache_dir=str(root / "cache"),
     )
 
 
-def bench_prepare(root: Path, mb: int, vocab: int) -> list[dict]:
+def bench_prepare(root: Path, mb: float, vocab: int) -> list[dict]:
     import ray
 
     from shardyard.data.prepare import build_codec
@@ -106,10 +109,10 @@ def bench_prepare(root: Path, mb: int, vocab: int) -> list[dict]:
     return rows
 
 
-def model_spec(preset: str, vocab_tokenizer: str, root: Path, mb: int) -> object:
+def model_spec(preset: str, vocab_tokenizer: str, root: Path, mb: float) -> object:
     return load_spec_text(f"""name: bench
 model: {{kind: moe, preset: {preset}, moe: {{num_experts: 4, top_k: 2}}}}
-data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{vocab_tokenizer}', seq_len: 256, max_bytes: {mb * 1_000_000},
+data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{vocab_tokenizer}', seq_len: 256, max_bytes: {int(mb * 1_000_000)},
         prepared_dir: {prep_dir(root, "local-" + vocab_tokenizer)}, cache_dir: {root / "cache"}}}
 training: {{steps: 100, batch_size: 8, eval_every: 0}}
 optim: {{schedule: {{warmup: 1}}}}
@@ -118,10 +121,10 @@ tracking: {{mode: disabled}}
 """)
 
 
-def bench_loader(root: Path, mb: int, vocab: int, presets: list[str]) -> list[dict]:
+def bench_loader(root: Path, mb: float, vocab: int, presets: list[str], n: int = 200) -> list[dict]:
     from shardyard.models import build_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     rows = []
     loader_s = {}
     for tok in ("bytes", f"bpe:{vocab}"):
@@ -130,7 +133,6 @@ def bench_loader(root: Path, mb: int, vocab: int, presets: list[str]) -> list[di
         loader = build_data_loader(data, 256, 8, 0, 1, 0)
         loader.next_batch()
         start = time.perf_counter()
-        n = 200
         for _ in range(n):
             loader.next_batch()
         loader_s[tok] = (time.perf_counter() - start) / n
@@ -161,17 +163,17 @@ def bench_loader(root: Path, mb: int, vocab: int, presets: list[str]) -> list[di
     return rows
 
 
-def bench_equal_wall_clock(root: Path, mb: int, vocab: int, seconds: float) -> list[dict]:
+def bench_equal_wall_clock(root: Path, mb: float, vocab: int, seconds: float) -> list[dict]:
     from shardyard.data.validation import rank_batches
     from shardyard.models import build_model
     from shardyard.runtime.evaluation import evaluate
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     rows = []
     for tok in ("bytes", f"bpe:{vocab}"):
         spec = load_spec_text(f"""name: bench
 model: {{kind: moe, width: 128, depth: 4, heads: 4, ffn: {{hidden: 384}}, moe: {{num_experts: 4, top_k: 2}}}}
-data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{tok}', seq_len: 128, max_bytes: {mb * 1_000_000},
+data: {{sources: [{{path: stdlib, format: text}}], tokenizer: '{tok}', seq_len: 128, max_bytes: {int(mb * 1_000_000)},
         prepared_dir: {prep_dir(root, "local-" + tok)}, cache_dir: {root / "cache"}}}
 training: {{eval_bytes: 65536}}
 tracking: {{mode: disabled}}
@@ -262,13 +264,23 @@ def markdown(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=8)
+    parser.add_argument("--mb", type=float, default=8)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "loader", "equal"])
+    parser.add_argument(
+        "--smoke", action="store_true", help="0.3 MB, bpe:512, 1 s, the tiny preset, report to a temp dir (Ray)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        from benchmarks.smoke import hermetic_ray, smoke_dir
+
+        global THREADS
+        args.mb, args.vocab, args.seconds, args.presets, THREADS = 0.3, 512, 1.0, ["tiny"], 1
+        args.out = smoke_dir("data") / "data.md"
+        hermetic_ray(args.out.parent)
     load_before = os.popen("uptime").read().strip()
     with tempfile.TemporaryDirectory(prefix="shardyard-bench-data-") as tmp:
         root = Path(tmp)
@@ -276,7 +288,8 @@ def main() -> None:
             prepare(data_spec(root, tok, args.mb, f"local-{tok}"), parallel="local")
         prep = [] if "prepare" in args.skip else bench_prepare(root, args.mb, args.vocab)
         print(json.dumps(prep, indent=1), flush=True)
-        loader = [] if "loader" in args.skip else bench_loader(root, args.mb, args.vocab, args.presets)
+        n = 20 if args.smoke else 200
+        loader = [] if "loader" in args.skip else bench_loader(root, args.mb, args.vocab, args.presets, n)
         print(json.dumps(loader, indent=1), flush=True)
         equal = [] if "equal" in args.skip else bench_equal_wall_clock(root, args.mb, args.vocab, args.seconds)
         print(json.dumps(equal, indent=1), flush=True)
@@ -284,6 +297,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+        print(f"report written to {args.out}")
 
 
 if __name__ == "__main__":

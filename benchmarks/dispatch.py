@@ -17,6 +17,8 @@ Experts get unit-gain weights (std 1/sqrt(fan-in)) so the LSH error is against o
 inputs' scale. Rank 0 appends JSON lines to --out; the driver prints a markdown table.
 
     python benchmarks/dispatch.py quality RUN_DIR...   # val bpb of finished runs: table + plot
+    python benchmarks/dispatch.py --smoke [--netbed 200]  # seconds: tiny run, then probe and quality on a tiny
+                                                          # run trained in a temp dir
 
 reads each run's metrics.jsonl and prints val bits per byte side by side (and writes --plot).
 """
@@ -310,46 +312,34 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     optimizer step) on validation windows with the error measured on every one, and reports
     `dispatch_metrics`: rows sent per (token, expert) copy, bytes ratio, LSH relative error.
     """
+    import copy
+
+    import numpy as np
     import torch
+    import yaml
 
     from shardyard.comm.dispatch import dispatch_metrics
     from shardyard.comm.expert_parallel import apply_expert_parallel
     from shardyard.data.corpus import load_corpus
-    from shardyard.data.loader import validation_batches
-    from shardyard.models import build_model
-    from shardyard.platform.spec import load_spec
-    from shardyard.runtime.checkpoint import read_checkpoint
+    from shardyard.data.validation import batch_windows
+    from shardyard.runtime.export import load_for_inference
 
-    spec = load_spec(run_dir / "spec.yaml")
-    newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    state, _ = read_checkpoint(newest)
+    spec, trained = load_for_inference(run_dir)  # the newest complete checkpoint, single-worker names
     corpus = load_corpus(spec.data)
-    val = validation_batches(corpus.val, spec.data.seq_len, spec.training.batch_size, batches, 0, 1)
+    seq_len, batch_size = spec.data.seq_len, spec.training.batch_size
+    windows = min((len(corpus.val) - 1) // seq_len, batches * batch_size)  # the first ones, back to back
+    val = batch_windows(corpus.val, np.arange(windows, dtype=np.int64) * seq_len, seq_len, batch_size)
     lines = [
         "| dispatch | rows sent / copies | bytes vs flat fp32 | LSH rel. error | hashes in use |",
         "|---|---|---|---|---|",
     ]
     for text in dispatches:
         torch.manual_seed(spec.seed)
-        model = build_model(spec.model, spec.data.seq_len)
-        import yaml
-
+        model = copy.deepcopy(trained)
         parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(**yaml.safe_load(text))})
         if parallel.dispatch.lsh is not None:
             parallel.dispatch.lsh.error_every = 1
-        apply_expert_parallel(model, None, parallel)
-        want = model.state_dict().keys()
-        own = {}
-        for k, v in state["model"].items():  # a run trained with(out) the wrapper has (no) ".local."
-            if ".lsh." in k:  # this configuration's own LSH schedule, not the trained run's
-                continue
-            for cand in (k, k.replace(".experts.", ".experts.local."), k.replace(".experts.local.", ".experts.")):
-                if cand in want:
-                    own[cand] = v
-                    break
-        missing, unexpected = model.load_state_dict(own, strict=False)
-        if unexpected or any("lsh." not in k for k in missing):  # a flat run has no LSH buffers
-            raise RuntimeError(f"state does not fit: missing {missing}, unexpected {unexpected}")
+        apply_expert_parallel(model, None, parallel)  # this configuration's own (fresh) LSH schedule
         model.train()
         for inputs, targets in val:
             model(inputs, targets)
@@ -361,7 +351,9 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         err_cell = "-" if err is None else f"{err:.3f}"
         hash_cell = "-" if not hashes else f"{sum(hashes) / len(hashes):g}"
         lines.append(
-            f"| `{text}` | {rows / copies:.3f} | {m['comm/compression_ratio']:.3f} | {err_cell} | {hash_cell} |"
+            # flat fp32 at EP 1 leaves the layers unwrapped: no counters, every copy sent as is
+            f"| `{text}` | {rows / copies if copies else 1.0:.3f} | {m.get('comm/compression_ratio', 1.0):.3f} | "
+            f"{err_cell} | {hash_cell} |"
         )
     return "\n".join(lines)
 
@@ -402,10 +394,25 @@ def main() -> None:
     p.add_argument("--rpn", type=int)
     p.add_argument("--master")
     p.add_argument("--port")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, 1 rep, output in a temp dir; then `probe` and `quality` on a tiny trained run (seconds)",
+    )
     args = p.parse_args()
     if args.mode == "worker":
         worker(args)
         return
+    scratch = None
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.smoke import netns_available, smoke_dir
+
+        if args.rate > 0 and not netns_available():
+            print("dispatch smoke: skipped, network namespaces unavailable (needs root with ip netns and tc)")
+            return
+        scratch = smoke_dir("dispatch")
+        args.out, args.tokens, args.clusters, args.reps = scratch / "dispatch.jsonl", 64, 8, 1
     if args.rate > 0:
         run_netbed(args)
     else:
@@ -413,6 +420,12 @@ def main() -> None:
 
         spawn(measure, 4, 2, args)
     print(summarize(args.out))
+    if scratch is not None:
+        from benchmarks.smoke import tiny_run_dir
+
+        run_dir = tiny_run_dir(scratch)
+        print(probe(run_dir, ["{}", "{lsh: {hashes: 4}, payload: bf16}"], 2))
+        print(quality([run_dir], scratch / "quality.png"))
 
 
 if __name__ == "__main__":

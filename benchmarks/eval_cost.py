@@ -6,6 +6,9 @@ metrics.jsonl: seconds spent in training steps (time/step_ms x steps), seconds s
 passes (eval_s), their ratio, and the final validation figure with its standard error.
 
     python benchmarks/eval_cost.py [--out DIR] [jobs/moe-tiny.yaml ...] [--set FIELD=VALUE ...]
+    python benchmarks/eval_cost.py --smoke   # jobs/moe-tiny.yaml shrunk to seconds (1 worker), temp dir
+
+Exits 1 when a run failed (its row says why).
 """
 
 from __future__ import annotations
@@ -67,12 +70,23 @@ def run_spec(spec: Path, out: Path, overrides: list[str]) -> dict:
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("specs", nargs="*", type=Path)
     parser.add_argument("--out", type=Path, default=Path("/tmp/shardyard-eval-cost"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--smoke", action="store_true", help="jobs/moe-tiny.yaml shrunk to seconds, one worker, in a temp dir"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.smoke import TINY_JOB, hermetic_ray, smoke_dir
+
+        args.out = smoke_dir("eval_cost")
+        hermetic_ray(args.out)
+        args.specs = args.specs or [ROOT / "jobs" / "moe-tiny.yaml"]
+        args.overrides = [*TINY_JOB, *args.overrides]
     specs = args.specs or sorted((ROOT / "jobs").glob("*.yaml"))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}")
@@ -81,10 +95,12 @@ def main() -> None:
         "windows | control gain | job wall s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    failed = 0
     for spec in specs:
         row = run_spec(spec.resolve(), args.out, args.overrides)
         if "error" in row:
             print(f"| {row['spec']} | failed: {row['error'][-300:]!r} |", flush=True)
+            failed += 1
             continue
         print(
             f"| {row['spec']} | {row['steps']} | {row['train_s']:.1f} | {row['evals']} | {row['eval_s']:.2f} | "
@@ -93,7 +109,8 @@ def main() -> None:
             flush=True,
         )
     print(f"# load after: {os.getloadavg()[0]:.1f}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,23 +19,27 @@ standard error of that design. Next to it, each estimator averaged over the k su
 Also times one pass at the job's batch size and at larger eval batches (single process).
 
     python benchmarks/eval_stderr.py RUN_DIR [--batch 8 64 256]
+    python benchmarks/eval_stderr.py --smoke    # trains a tiny run in a temp dir first (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from shardyard.data.ngram_control import NGramControl
-from shardyard.data.training_data import load_training_data
-from shardyard.data.validation import batch_windows
-from shardyard.runtime.evaluation import per_window_bits
-from shardyard.runtime.export import load_for_inference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardyard.data.ngram_control import NGramControl  # noqa: E402
+from shardyard.data.training_data import load_training_data  # noqa: E402
+from shardyard.data.validation import batch_windows  # noqa: E402
+from shardyard.runtime.evaluation import per_window_bits  # noqa: E402
+from shardyard.runtime.export import load_for_inference  # noqa: E402
 
 
 def iid_stderr(values: np.ndarray) -> float:
@@ -58,11 +62,20 @@ def regression_estimate(y: np.ndarray, x: np.ndarray, x_means: np.ndarray) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--batch", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("run_dir", type=Path, nargs="?")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="eval batch sizes (default 8 64 256)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="train a tiny run in a temp dir and use it (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        from benchmarks.smoke import smoke_dir, tiny_run_dir
+
+        args.run_dir = args.run_dir or tiny_run_dir(smoke_dir("eval_stderr"))
+        args.batch = args.batch or [8, 64]
+    if args.run_dir is None:
+        parser.error("RUN_DIR is required (or --smoke)")
+    args.batch = args.batch or [8, 64, 256]
 
     spec, model = load_for_inference(args.run_dir)
     data = load_training_data(spec.data)

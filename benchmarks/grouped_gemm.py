@@ -2,6 +2,7 @@
 
     python benchmarks/grouped_gemm.py            # M=8192 K=256 N=2048 E=8 and M=32768 K=512 N=4096 E=16
     python benchmarks/grouped_gemm.py --quick    # one small shape, 3 rounds
+    python benchmarks/grouped_gemm.py --smoke    # a tiny shape, 1 round: checks the code path runs (seconds)
     python benchmarks/grouped_gemm.py --device cuda --bf16   # on a GPU: torch, triton, megablocks vs cuBLAS
 
 For each shape and load we time, in interleaved rounds, the forward product (y = x_e @ w[e]) and the
@@ -27,6 +28,7 @@ from shardyard.kernels import available_backends, grouped_mm  # noqa: E402
 
 SHAPES = [(8192, 256, 2048, 8), (32768, 512, 4096, 16)]
 QUICK_SHAPES = [(2048, 128, 512, 8)]
+SMOKE_SHAPES = [(256, 32, 64, 4)]
 
 
 def group_sizes(m: int, experts: int, skew: float) -> torch.Tensor:
@@ -108,6 +110,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, 3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape, 1 round: does the code path run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the skewed load")
     parser.add_argument("--threads", type=int, default=None)
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = args.rounds or (3 if args.quick else 5)
+    shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES
+    rounds = args.rounds or (1 if args.smoke else 3 if args.quick else 5)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -5,6 +5,8 @@ standard-library sources; plus randomized vs exact SVD time at 1024x4096.
     python benchmarks/lowrank.py            # 200 steps per run
     python benchmarks/lowrank.py --quick    # 30 steps, smoke test
     python benchmarks/lowrank.py --state --steps 60   # training-state matrix (below)
+    python benchmarks/lowrank.py --smoke    # seconds: a small SVD, 3 steps of every run on a small model, then
+                                            # --state (1 worker, 1 run) and --cpu-time
 
 Per run: measured optimizer-state bytes (every tensor in optimizer.state), the model-level training
 state (parameters + gradients + optimizer state, activations excluded), mean step time (forward +
@@ -51,6 +53,18 @@ from shardyard.optim.projection import exact_basis, randomized_basis, subspace_o
 from shardyard.platform.schema import DataSpec, ModelSpec, OptimSpec
 
 SEQ, BATCH, LR, RANK, GAP, SCALE = 128, 8, 3e-3, 32, 50, 1.0
+VAL_BATCHES, WIDTH, DEPTH = 16, 128, 4  # --smoke: set_smoke_sizes()
+CORPUS_BYTES = 20_000_000
+
+
+def set_smoke_sizes() -> None:
+    """--smoke: a small model, short sequences, few batches (figures meaningless, code paths the same)."""
+    global SEQ, BATCH, RANK, VAL_BATCHES, WIDTH, DEPTH, CORPUS_BYTES
+    SEQ, BATCH, RANK, VAL_BATCHES, WIDTH, DEPTH, CORPUS_BYTES = 32, 4, 8, 2, 64, 1, 3_000_000
+
+
+if os.environ.get("LOWRANK_SMOKE") == "1":
+    set_smoke_sizes()
 
 
 @dataclass
@@ -66,11 +80,11 @@ class Result:
 
 
 def model_spec(kind: str, lowrank: bool) -> ModelSpec:
-    ffn: dict[str, Any] = {"hidden": 384}
+    ffn: dict[str, Any] = {"hidden": 3 * WIDTH}
     if lowrank:
         ffn.update(kind="lowrank", rank=RANK)
     extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
-    return ModelSpec(kind=kind, width=128, depth=4, heads=4, ffn=ffn, **extra)
+    return ModelSpec(kind=kind, width=WIDTH, depth=DEPTH, heads=4, ffn=ffn, **extra)
 
 
 def optim_spec(kind: str, projection: str = "svd") -> OptimSpec:
@@ -101,7 +115,8 @@ def batch_at(data: np.ndarray, gen: np.random.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def val_bpb(model: nn.Module, val: np.ndarray, batches: int = 16) -> float:
+def val_bpb(model: nn.Module, val: np.ndarray, batches: int | None = None) -> float:
+    batches = batches or VAL_BATCHES
     model.eval()
     gen = np.random.default_rng(1234)
     losses = []
@@ -164,11 +179,11 @@ def train_run(model_kind: str, run: str, steps: int, train: np.ndarray, val: np.
     )
 
 
-def svd_timing(repeats: int = 3) -> dict[str, float]:
+def svd_timing(repeats: int = 3, rows: int = 1024, cols: int = 4096, rank: int = 128) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     # a gradient-like matrix: decaying spectrum plus noise
-    g = torch.randn(1024, 64, generator=gen) @ torch.randn(64, 4096, generator=gen) + 0.1 * torch.randn(
-        1024, 4096, generator=gen
+    g = torch.randn(rows, rank // 2, generator=gen) @ torch.randn(rank // 2, cols, generator=gen) + 0.1 * torch.randn(
+        rows, cols, generator=gen
     )
 
     def best(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -179,14 +194,15 @@ def svd_timing(repeats: int = 3) -> dict[str, float]:
             ts.append(time.perf_counter() - t0)
         return min(ts), out
 
-    t_exact, b_exact = best(lambda: exact_basis(g, 128, "left"))
-    t_rand, b_rand = best(lambda: randomized_basis(g, 128, "left", 8, 2, torch.Generator().manual_seed(1)))
-    t_rand1, _ = best(lambda: randomized_basis(g, 128, "left", 8, 1, torch.Generator().manual_seed(1)))
+    t_exact, b_exact = best(lambda: exact_basis(g, rank, "left"))
+    t_rand, b_rand = best(lambda: randomized_basis(g, rank, "left", 8, 2, torch.Generator().manual_seed(1)))
+    t_rand1, _ = best(lambda: randomized_basis(g, rank, "left", 8, 1, torch.Generator().manual_seed(1)))
     # energy of G captured by the randomized basis relative to the optimal (exact) one; the subspace
     # overlap is also given, but past the 64 signal directions the spectrum is a flat noise floor
     # where any high-energy subspace is as good as the exact one
     energy = float((b_rand.T @ g).pow(2).sum() / (b_exact.T @ g).pow(2).sum())
     return {
+        "shape": f"{rows}x{cols}, rank {rank}",
         "exact_s": t_exact,
         "randomized_s": t_rand,
         "randomized_q1_s": t_rand1,
@@ -207,7 +223,7 @@ def state_model_spec(kind: str) -> ModelSpec:
     extra = {"moe": {"num_experts": 4, "top_k": 2}} if kind == "moe" else {}
     moe_depth = int(os.environ.get("LOWRANK_MOE_DEPTH", "4"))  # --moe-depth (an env var: spawned ranks read it)
     return ModelSpec(
-        kind=kind, width=128, depth=12 if kind == "dense" else moe_depth, heads=4, ffn={"hidden": 384}, **extra
+        kind=kind, width=WIDTH, depth=12 if kind == "dense" else moe_depth, heads=4, ffn={"hidden": 3 * WIDTH}, **extra
     )
 
 
@@ -232,7 +248,7 @@ def _state_rank(topo: Any, model_kind: str, run: str, steps: int, out: str) -> N
 
     torch.set_num_threads(1)
     world, rank = topo.world_size, topo.rank
-    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=CORPUS_BYTES, val_fraction=0.05))
     rss_before = _rss_bytes()
     torch.manual_seed(0)
     spec = state_optim_spec(run)
@@ -315,7 +331,7 @@ def cpu_step_times(model_kind: str, runs: list[str], steps: int, batch: int = ST
     interleaved step by step in one process: on a shared machine, wall time measures the other
     tenants; the CPU time a step consumes, measured in alternation, mostly does not."""
     torch.set_num_threads(1)
-    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=CORPUS_BYTES, val_fraction=0.05))
     setups = {}
     for run in runs:
         torch.manual_seed(0)
@@ -390,9 +406,27 @@ def main() -> None:
     parser.add_argument(
         "--moe-depth", type=int, default=4, help="--state: depth of the MoE byte model (the dense one has 12)"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: small SVD, 3 steps of every run, then a tiny --state (1 worker) and --cpu-time",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        os.environ["LOWRANK_SMOKE"] = "1"  # spawned ranks re-import this module
+        set_smoke_sizes()
+        args.moe_depth, args.steps = 1, 3
     os.environ["LOWRANK_MOE_DEPTH"] = str(args.moe_depth)
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        s = svd_timing(1, 128, 512, 16)
+        print(f"SVD {s['shape']}: exact {s['exact_s'] * 1000:.0f} ms, randomized {s['randomized_s'] * 1000:.0f} ms")
+        run_training(args.models.split(","), args.runs.split(","), args.steps)
+        rows = state_matrix(args.steps, ["moe"], ["q_galore_int8_lw"], [1])  # one spawned rank
+        print_state_table(rows)
+        ms = cpu_step_times("moe", ["adamw", "galore_lw"], args.steps, 2)
+        print("moe cpu-time smoke: median CPU ms per step " + ", ".join(f"{r} {t:.0f}" for r, t in ms.items()))
+        return
     if args.cpu_time:
         for model_kind in args.models.split(","):
             ms = cpu_step_times(model_kind, args.state_runs.split(","), args.steps or 12, args.batch)
@@ -412,22 +446,24 @@ def main() -> None:
         return
     s = svd_timing()
     print(
-        f"SVD 1024x4096, rank 128: exact {s['exact_s'] * 1000:.0f} ms, randomized (p=8, q=2) "
+        f"SVD {s['shape']}: exact {s['exact_s'] * 1000:.0f} ms, randomized (p=8, q=2) "
         f"{s['randomized_s'] * 1000:.0f} ms ({s['speedup']:.1f}x), q=1 {s['randomized_q1_s'] * 1000:.0f} ms; "
         f"captured energy vs exact {s['energy']:.4f}, subspace overlap {s['overlap']:.4f}",
         flush=True,
     )
     if args.svd_only:
         return
-    steps = args.steps or (30 if args.quick else 200)
-    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=20_000_000, val_fraction=0.05))
+    run_training(args.models.split(","), args.runs.split(","), args.steps or (30 if args.quick else 200))
+
+
+def run_training(models: list[str], runs: list[str], steps: int) -> None:
+    corpus = load_corpus(DataSpec(paths=["stdlib"], seq_len=SEQ, max_bytes=CORPUS_BYTES, val_fraction=0.05))
     print(
         f"corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes; {steps} steps, "
         f"batch {BATCH}x{SEQ}, lr {LR}, rank {RANK}, gap {GAP}, scale {SCALE}, threads {torch.get_num_threads()}"
     )
-    runs = args.runs.split(",")
     results: list[Result] = []
-    for model_kind in args.models.split(","):
+    for model_kind in models:
         for run in runs:
             r = train_run(model_kind, run, steps, corpus.train, corpus.val)
             if r is None:

@@ -15,6 +15,7 @@ with the compression). It prints rows sent per copy, the relative error of the e
 held-out bits per byte with the paired difference to `exact` (window by window, with its error).
 
     python benchmarks/lsh_limit.py RUN_DIR [--eval-bytes 65536] [--ratios 2 4] [--hashes 8 10 12 14]
+    python benchmarks/lsh_limit.py --smoke    # trains a tiny MoE run in a temp dir first (seconds)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,15 @@ import torch
 import yaml
 from torch import nn
 
-from shardyard.comm.dispatch import dispatch_metrics
-from shardyard.comm.expert_parallel import apply_expert_parallel
-from shardyard.data.training_data import load_training_data
-from shardyard.data.validation import all_batches
-from shardyard.models.moe.layer import MoELayer
-from shardyard.runtime.evaluation import per_window_bits
-from shardyard.runtime.export import load_for_inference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardyard.comm.dispatch import dispatch_metrics  # noqa: E402
+from shardyard.comm.expert_parallel import apply_expert_parallel  # noqa: E402
+from shardyard.data.training_data import load_training_data  # noqa: E402
+from shardyard.data.validation import all_batches  # noqa: E402
+from shardyard.models.moe.layer import MoELayer  # noqa: E402
+from shardyard.runtime.evaluation import per_window_bits  # noqa: E402
+from shardyard.runtime.export import load_for_inference  # noqa: E402
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,18 +96,32 @@ def score(model: nn.Module, batches: list) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--eval-bytes", type=int, default=65536)
-    parser.add_argument("--ratios", type=float, nargs="*", default=[2.0, 4.0])
-    parser.add_argument("--hashes", type=int, nargs="+", default=[8, 10, 12, 14])
+    parser.add_argument("run_dir", type=Path, nargs="?")
+    parser.add_argument("--eval-bytes", type=int, default=None, help="held-out bytes scored (default 65536)")
+    parser.add_argument("--ratios", type=float, nargs="*", default=None, help="k-means ratios (default 2 4)")
+    parser.add_argument("--hashes", type=int, nargs="+", default=None, help="LSH hash counts (default 8 10 12 14)")
     parser.add_argument(
         "--dispatch",
         nargs="*",
         default=[],
         help="more parallel.dispatch settings as YAML flow mappings, e.g. '{lsh: {hashes: 20}, payload: fp8}'",
     )
+    parser.add_argument("--smoke", action="store_true", help="train a tiny MoE run in a temp dir and use it (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.smoke:
+        from benchmarks.smoke import smoke_dir, tiny_run_dir
+
+        args.run_dir = args.run_dir or tiny_run_dir(smoke_dir("lsh_limit"))
+        args.eval_bytes = args.eval_bytes or 4096
+        args.ratios = [2.0] if args.ratios is None else args.ratios
+        args.hashes = args.hashes or [8]
+        args.dispatch = args.dispatch or ["{lsh: {hashes: 8}, payload: bf16}"]
+    if args.run_dir is None:
+        parser.error("RUN_DIR is required (or --smoke)")
+    args.eval_bytes = args.eval_bytes or 65536
+    args.ratios = [2.0, 4.0] if args.ratios is None else args.ratios
+    args.hashes = args.hashes or [8, 10, 12, 14]
 
     spec, model = load_for_inference(args.run_dir)
     data = load_training_data(spec.data)

@@ -2,7 +2,8 @@
 per-expert loop, and the dense reference (one dense FFN over the same routed tokens = the same FLOPs).
 
     python benchmarks/moe_layer.py            # both sizes, balanced and Zipf-skewed routing
-    python benchmarks/moe_layer.py --quick    # small size, few rounds (a smoke run)
+    python benchmarks/moe_layer.py --quick    # small size, few rounds
+    python benchmarks/moe_layer.py --smoke    # a tiny size, 1 round: checks every variant runs (seconds)
 
 Rounds are interleaved (every variant once per round) so machine noise hits all variants alike;
 we report the median wall time and its spread (min..max), the median CPU (process) time, which
@@ -47,6 +48,7 @@ class Size:
 
 SIZES = [Size(256, 1024, 8, 2, 4096), Size(512, 2048, 16, 2, 16384)]
 QUICK_SIZES = [Size(128, 512, 8, 2, 1024)]
+SMOKE_SIZES = [Size(32, 64, 4, 2, 128)]
 
 
 def zipf_logit_bias(experts: int, exponent: float) -> torch.Tensor:
@@ -206,7 +208,7 @@ def realised_load(size: Size, skew: float, seed: int) -> torch.Tensor:
     layer, x = variants["ours[torch]"]
     with torch.no_grad():
         layer(x)
-    return layer.stats["tokens_per_expert"]
+    return layer.take_step_stats()["tokens_per_expert"]
 
 
 DS_MAX_DISPATCH_ELEMENTS = 700_000_000  # DeepSpeed builds dense [T, E, capacity] tensors; cap their size
@@ -270,6 +272,7 @@ def bench(size: Size, skew: float, rounds: int, with_ds: bool, backends: list[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small size, 3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="a tiny size, 1 round: does every variant run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the skewed routing")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated indices into SIZES")
@@ -288,10 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         DS_MAX_DISPATCH_ELEMENTS = int(args.ds_max_gelements * 1e9)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = QUICK_SIZES if args.quick else SIZES
+    sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else SIZES
     if args.sizes:
         sizes = [SIZES[int(i)] for i in args.sizes.split(",")]
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (1 if args.smoke else 3 if args.quick else 5)
     with_ds = not args.no_deepspeed and init_deepspeed()
     backends = [b for b in available_backends("cpu") if b != "triton"]  # interpreter: correctness only
     print(

@@ -15,6 +15,9 @@ Equal active compute: dense FFN hidden h = 384 (the tiny preset's) against 8 exp
 top-1 (switch router: a renormalised softmax top-1 has weight 1 and gives its router no gradient)
 and 8 experts of hidden 192 top-2. Same data order (seed), steps and learning-rate schedule.
 `report` renders the Markdown and one plot from results.json.
+
+    python benchmarks/moe_quality.py --smoke   # run (--local, 5 steps, depth 1, 3 configs, seed 0),
+                                               # steptime and report, all in a temp dir
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ CONFIGS: dict[str, tuple[Path, list[str], tuple[int, ...]]] = {
 }
 
 
+SMOKE_SETS: list[str] = []  # --smoke: overrides that shrink every run to seconds
+MAX_ATTEMPTS = 3  # --smoke: 1 (a failure must show, not be retried)
+
+
 def slug(name: str, seed: int) -> str:
     return name.replace(" ", "_").replace(".", "") + f"_s{seed}"
 
@@ -65,6 +72,7 @@ def launch(
         f"checkpoint.dir={out / 'runs'}",
         "tracking.mode=disabled",
         *overrides,
+        *SMOKE_SETS,
     ]
     runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if local else [str(CLI), "run"]
     cmd = [*runner, str(base), *[a for s in sets for a in ("--set", s)]]
@@ -179,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             running.remove(item)
             if proc.returncode != 0:
                 print(f"[moe_quality] {name} seed {seed} FAILED (rc {proc.returncode}); see {out}/logs", flush=True)
-                if attempts[(name, seed)] < 3:
+                if attempts[(name, seed)] < MAX_ATTEMPTS:
                     pending.insert(0, job)
                 continue
             done.append(summarize_run(out, name, seed))
@@ -210,10 +218,10 @@ def cmd_steptime(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     setups = {}
     for name, (base, overrides, _) in CONFIGS.items():
-        spec = load_spec(base, overrides)
+        spec = load_spec(base, [*overrides, *SMOKE_SETS])
         model = build_model(spec.model, spec.data.seq_len)
         setups[name] = (model, build_optimizer(spec.optim, model))
-    batch = torch.randint(0, 256, (8, 129))
+    batch = torch.randint(0, 256, (spec.training.batch_size, spec.data.seq_len + 1))
     inputs, targets = batch[:, :-1], batch[:, 1:]
     times: dict[str, list[float]] = {name: [] for name in setups}
     for round_ in range(args.rounds + 1):  # round 0 warms up
@@ -415,9 +423,37 @@ def plot(by_name: dict[str, list[dict[str, Any]]], path: Path, step_s: dict[str,
     fig.savefig(path, dpi=110)
 
 
+def smoke() -> None:
+    """run (train_local.py, three configurations once at 5 steps of a depth-1 model), steptime (every
+    configuration) and report with its plot, in a temp dir; fails when any run failed."""
+    global MAX_ATTEMPTS
+    from benchmarks.smoke import smoke_dir
+
+    out = smoke_dir("moe_quality")
+    SMOKE_SETS[:] = [
+        "model.depth=1",
+        "data.max_bytes=3000000",
+        "training.batch_size=4",
+        "training.eval_bytes=2048",
+        "training.log_every=1",
+    ]
+    MAX_ATTEMPTS = 1
+    only = ["dense h384", "moe 8x384 top-1 switch", "moe 8x192 top-2 softmax cf1.25"]  # dense, top-1, drops
+    cmd_run(argparse.Namespace(out=str(out), steps=5, seeds=1, parallel=2, only=only, local=True))
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    if len(runs) != len(only):
+        failed = sorted(set(only) - {r["name"] for r in runs})
+        for name in failed:
+            print((out / "logs" / f"{slug(name, 0)}.log").read_text()[-3000:], file=sys.stderr)
+        raise SystemExit(f"moe_quality smoke: runs failed: {failed}")
+    cmd_steptime(argparse.Namespace(out=str(out), rounds=1, steps_per_round=1))
+    cmd_report(argparse.Namespace(out=str(out), md=str(out / "report.md"), plot=str(out / "report.png")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--smoke", action="store_true", help="run, steptime and report at seconds-long sizes")
+    sub = parser.add_subparsers(dest="cmd")
     p = sub.add_parser("run")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seeds", type=int, default=2, help="seeds of the dense/MoE comparison set (variants: seed 0)")
@@ -437,7 +473,12 @@ def main() -> None:
     p.add_argument("--plot", default=None)
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args()
-    args.fn(args)
+    if args.smoke:
+        smoke()
+    elif args.cmd is None:
+        parser.error("a command is required: run, steptime or report (or --smoke)")
+    else:
+        args.fn(args)
 
 
 if __name__ == "__main__":

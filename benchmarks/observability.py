@@ -7,6 +7,7 @@ bit-identical (timers read clocks only) and prints the logged record's key count
 one logging call (anatomy reduce, memory, expert-load summaries and side file).
 
     python benchmarks/observability.py [--rounds 5] [--steps 30]
+    python benchmarks/observability.py --smoke    # 1 round of 5 steps (seconds)
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true", help="1 round of 5 steps (seconds; figures meaningless)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps = 1, 5
     torch.set_num_threads(1)
     print(f"load before: {os.getloadavg()}")
     medians: dict[bool, list[float]] = {True: [], False: []}
@@ -98,7 +102,7 @@ def main() -> None:
         f"off {1000 * off:.2f} ms; on/off {on / off:.4f} (per-round ratios {min(ratios):.4f}..{max(ratios):.4f})"
     )
     print(f"losses identical with timers on and off: {losses[True] == losses[False]}")
-    cost = section_cost_s()
+    cost = section_cost_s(20_000 if args.smoke else 200_000)
     sections = 4 + 1  # data, forward, backward per micro-batch (grad_accum 1), optimizer, and the step clock
     print(
         f"one timed section costs {1e6 * cost:.2f} us; {sections} per step = {100 * sections * cost / off:.4f}% "

@@ -7,6 +7,7 @@ the time to save a sharded checkpoint and the bytes this rank wrote; the time to
 whose state fits a per-rank budget under each mode.
 
     python benchmarks/scale.py --worlds 1 2 4 --steps 6 --out benchmarks/results/scale-<date>.md
+    python benchmarks/scale.py --smoke   # 2 ranks, zero2 and ep2+fsdp, a small model, 2 steps, temp dir
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ MODES = {  # name -> (expert_parallel(world), shard, zero)
     "ep+fsdp": (lambda w: w, "full", 0),  # the composed mode: experts over all ranks, the rest sharded
     "ep2+fsdp": (lambda w: min(w, 2), "full", 0),  # EP 2 x shard (the tested layout)
 }
+
+
+SMOKE_MODES = ["zero2", "ep2+fsdp"]  # DeepSpeed, and EP composed with FSDP (DTensor state)
 
 
 def spec_text(name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int) -> str:
@@ -166,7 +170,20 @@ def main() -> None:
         "--budget-gb", type=float, default=80.0, help="per-rank state budget for the 'largest model' column"
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 ranks, zero2 and ep2+fsdp, width 64, 4 experts, 2 steps, temp dir"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        import importlib.util
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.smoke import smoke_dir
+
+        modes = [m for m in SMOKE_MODES if MODES[m][2] == 0 or importlib.util.find_spec("deepspeed") is not None]
+        args.worlds, args.modes, args.width, args.experts, args.steps = [2], modes, 64, 4, 2
+        args.out = smoke_dir("scale") / "scale.md"
     load = os.getloadavg()[0]
     rows = []
     for mode in args.modes:
@@ -209,6 +226,7 @@ def main() -> None:
     print(f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")
     if args.out:
         args.out.write_text(table + "\n")
+        print(f"table written to {args.out}")
 
 
 if __name__ == "__main__":
