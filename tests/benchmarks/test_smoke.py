@@ -1,7 +1,8 @@
 """Every benchmark's `--smoke` run: seconds-long sizes of the same code path as the real run, as a
 subprocess, outputs in a temp dir (never benchmarks/results/). A refactor that breaks a benchmark
 fails here. Those that start Ray, spawn process groups or take over ~10 s are marked slow
-(`pytest -m slow tests/benchmarks`); the netns ones skip cleanly where `ip netns` is unavailable."""
+and `benchmark`: CI runs them after the suite (`pytest -m benchmark tests/benchmarks`, see .ci/run), so
+the README's test command stays within its time budget; the netns ones skip cleanly where `ip netns` is unavailable."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
 
 def _params():
     for name, (argv, patterns, slow) in CASES.items():
-        marks = [pytest.mark.slow] if slow else []
+        marks = [pytest.mark.slow, pytest.mark.benchmark] if slow else []
         yield pytest.param(name, argv, patterns, id=name, marks=marks)
 
 
