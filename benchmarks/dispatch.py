@@ -4,7 +4,7 @@
     sudo PYTHONPATH=$PWD python benchmarks/dispatch.py --netbed 200  # netns testbed, 2 nodes x 2, 200 Mbit/s links
 
 One MoE layer's experts (8 experts by default, --experts; width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
-seeded random router) behind `ExpertParallelExperts` on an EP group of 4, for each configuration:
+seeded random router) behind a `TransportDispatcher` on an EP group of 4, for each configuration:
 flat fp32 (today), +dedup (per rank), +dedup+bf16, +dedup node (per node across the inter-node
 link), +dedup node+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16); `--only` picks some.
 A step is forward + backward of dispatch -> experts -> weighted combine (`forward_tokens`);
@@ -70,12 +70,13 @@ def measure(topo, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from shardyard.comm.dispatch import dispatch_metrics
-    from shardyard.comm.expert_parallel import ExpertParallelExperts
-    from shardyard.comm.groups import build_groups
+    from shardyard.comm.token_dispatch import TransportDispatcher
     from shardyard.models.moe.experts import GroupedExperts
     from shardyard.platform.schema import DispatchSpec
+    from shardyard.runtime.parallel.dims import dims_for_test
+    from shardyard.runtime.parallel.parallelize import keep_expert_slice_
 
-    groups = build_groups(topo, ep=topo.world_size)
+    groups = dims_for_test(topo, ep=topo.world_size).expert_groups
     torch.manual_seed(0)
     full = GroupedExperts(args.experts, WIDTH, HIDDEN, "swiglu", "auto")
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
@@ -83,9 +84,11 @@ def measure(topo, args: argparse.Namespace) -> None:
         full.w_down.normal_(std=HIDDEN**-0.5)
     names = [n for n in CONFIGS if not args.only or n in args.only]
     modules = {
-        name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
+        name: TransportDispatcher(args.experts, WIDTH, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
         for name in names
     }
+    first = groups.ep_rank * (args.experts // topo.world_size)
+    keep_expert_slice_(full, first, first + args.experts // topo.world_size)  # this rank's experts
     x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread, args.experts)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps + 1):  # first round is warm-up
@@ -95,7 +98,7 @@ def measure(topo, args: argparse.Namespace) -> None:
             xi = x.clone().requires_grad_(True)
             dist.barrier()
             t0 = time.perf_counter()
-            out = m.forward_tokens(xi, token_of, weight_of, offsets, args.tokens)
+            out = m(xi, token_of, weight_of, offsets, args.tokens, full)
             out.sum().backward()
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -313,12 +316,12 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     import torch
 
     from shardyard.comm.dispatch import dispatch_metrics
-    from shardyard.comm.expert_parallel import apply_expert_parallel
     from shardyard.data.corpus import load_corpus
     from shardyard.data.loader import validation_batches
     from shardyard.models import build_model
     from shardyard.platform.spec import load_spec
     from shardyard.runtime.checkpoint import read_checkpoint
+    from shardyard.runtime.parallel.parallelize import place_experts
 
     spec = load_spec(run_dir / "spec.yaml")
     newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
@@ -337,10 +340,10 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(**yaml.safe_load(text))})
         if parallel.dispatch.lsh is not None:
             parallel.dispatch.lsh.error_every = 1
-        apply_expert_parallel(model, None, parallel)
+        place_experts(model, None, parallel)
         want = model.state_dict().keys()
         own = {}
-        for k, v in state["model"].items():  # a run trained with(out) the wrapper has (no) ".local."
+        for k, v in state["model"].items():  # older runs trained with a wrapper have ".local." names
             if ".lsh." in k:  # this configuration's own LSH schedule, not the trained run's
                 continue
             for cand in (k, k.replace(".experts.", ".experts.local."), k.replace(".experts.local.", ".experts.")):

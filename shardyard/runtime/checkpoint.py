@@ -105,7 +105,7 @@ def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[st
     """Collective: every rank writes its shards and RNG into `directory` (its own local directory
     when each rank reports one); rank 0 writes meta.json and `texts` (name -> content, e.g. the
     resolved spec) and, after every rank is done, the manifest."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank()  # the job's dims always made a process group (a world of one too)
     directory.mkdir(parents=True, exist_ok=True)
     state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
     _write_json(directory / f"rng-rank{rank}.json", rng_state())
@@ -117,7 +117,7 @@ def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[st
     _maybe_die_mid_save(int(meta.get("step", -1)))
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         gathered = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, digests)  # file names and hashes only, never tensors
     if rank == 0:
@@ -221,8 +221,7 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     as its format allows); restore this rank's RNG when the world size is unchanged. Returns the
     checkpoint's meta."""
     meta = read_meta(directory)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.get_rank(), dist.get_world_size()
     layout = meta["layout"]
     state.load(Path(directory), layout)
     rng_file = Path(directory) / f"rng-rank{rank}.json"

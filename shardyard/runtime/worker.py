@@ -382,8 +382,7 @@ class LocalReporter:
         self.metrics.append(metrics)
         if directory is None:
             return
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        many = dist.is_initialized() and dist.get_world_size() > 1
+        rank, many = dist.get_rank(), dist.get_world_size() > 1  # the Trainer's dims made a group
         staged = self.run_dir / f".{directory.name}.partial"
         ckpt.stage_rank_files(directory, staged)
         if rank == 0:
