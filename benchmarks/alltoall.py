@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route
     from shardyard.comm.topology import Topology
-    from shardyard.runtime.parallel.dims import dims_for_test
+    from shardyard.runtime.parallel.dims import replicated_dims
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
         timeout=timedelta(seconds=90),
     )
     topo = Topology.from_rank(args.rank, args.world, args.rpn)
-    groups = dims_for_test(topo, ep=args.world).expert_groups
+    groups = replicated_dims(topo, ep=args.world).expert_groups
     algos = {name: build_all_to_all(name, groups) for name in ALGORITHMS}
     records = []
     for rows in args.rows:

@@ -73,10 +73,10 @@ def measure(topo, args: argparse.Namespace) -> None:
     from shardyard.comm.token_dispatch import TransportDispatcher
     from shardyard.models.moe.experts import GroupedExperts
     from shardyard.platform.schema import DispatchSpec
-    from shardyard.runtime.parallel.dims import dims_for_test
+    from shardyard.runtime.parallel.dims import replicated_dims
     from shardyard.runtime.parallel.parallelize import keep_expert_slice_
 
-    groups = dims_for_test(topo, ep=topo.world_size).expert_groups
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     torch.manual_seed(0)
     full = GroupedExperts(args.experts, WIDTH, HIDDEN, "swiglu", "auto")
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something

@@ -24,7 +24,7 @@ from shardyard.models.moe.experts import GroupedExperts
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.permute import combine, dispatch
 from shardyard.platform.schema import DispatchSpec, ParallelSpec
-from shardyard.runtime.parallel.dims import dims_for_test
+from shardyard.runtime.parallel.dims import replicated_dims
 from shardyard.runtime.parallel.parallelize import keep_expert_slice_, place_experts
 
 WIDTH, HIDDEN, EXPERTS, TOKENS, TOP_K = 16, 24, 8, 40, 3
@@ -97,7 +97,7 @@ def _wrap(groups, algo: str, **dispatch_settings) -> _Stack:
 
 
 def _check_stack(topo: Topology) -> None:
-    groups = dims_for_test(topo, ep=topo.world_size).expert_groups
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     for algo in ALGORITHMS:
         plain = _run(_wrap(groups, algo), topo.rank, fused=False)  # dispatch -> experts -> combine
         layer_path = _run(_wrap(groups, algo), topo.rank, fused=True)  # what the MoE layer runs under EP

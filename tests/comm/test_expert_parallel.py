@@ -23,7 +23,7 @@ from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.experts import is_expert_shard
 from shardyard.models.moe.layer import MoELayer
 from shardyard.platform.schema import ParallelSpec
-from shardyard.runtime.parallel.dims import dims_for_test
+from shardyard.runtime.parallel.dims import replicated_dims
 from shardyard.runtime.parallel.parallelize import place_experts
 
 WIDTH, HIDDEN, EXPERTS, TOKENS = 16, 24, 8, 24
@@ -66,7 +66,7 @@ def _check_ep(topo: Topology) -> None:
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     for ep, algo in [(4, a) for a in ALGORITHMS] + [(2, "hierarchical")]:
-        groups = dims_for_test(topo, ep).expert_groups
+        groups = replicated_dims(topo, ep).expert_groups
         net = Net()
         net.load_state_dict(weights)
         net = place_experts(net, groups, ParallelSpec(a2a=algo))

@@ -130,7 +130,7 @@ def _ep_rank(topo: Topology) -> None:
     from shardyard.models.moe.accounting import moe_scope
     from shardyard.models.moe.experts import is_expert_shard
     from shardyard.platform.schema import ModelSpec, ParallelSpec
-    from shardyard.runtime.parallel.dims import dims_for_test
+    from shardyard.runtime.parallel.dims import replicated_dims
     from shardyard.runtime.parallel.parallelize import place_experts
 
     steps, world = 3, topo.world_size
@@ -158,7 +158,7 @@ def _ep_rank(topo: Topology) -> None:
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    groups = dims_for_test(topo, world).expert_groups
+    groups = replicated_dims(topo, world).expert_groups
     results = {}
     for mode in ("sync", "layerwise"):
         net = build_model(mspec, 16)

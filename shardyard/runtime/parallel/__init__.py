@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shardyard.comm.topology import Topology
 from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import JobSpec
@@ -46,7 +47,7 @@ def hook_reduced(spec: JobSpec, world: int) -> bool:
     return galore is not None and (galore.layerwise or (spec.optim.kind == "q_galore_adamw" and world > 1))
 
 
-def dims_for(spec: JobSpec, topology) -> ParallelDims:
+def dims_for(spec: JobSpec, topology: Topology) -> ParallelDims:
     """The job's degrees: hook-reduced steps and DeepSpeed replicate the model they are given."""
     dims = ParallelDims.from_spec(spec.parallel, topology)
     if spec.parallel.zero or hook_reduced(spec, topology.world_size):

@@ -58,8 +58,6 @@ def check_partitions(directory: Path) -> None:
 
 
 class DeepSpeedTraining(GradientStep, TrainingState):
-    format = FORMAT
-
     def __init__(self, spec: JobSpec, model, optimizer, scheduler, dims: ParallelDims) -> None:
         super().__init__(optimizer, scheduler)
         try:

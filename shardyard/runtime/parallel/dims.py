@@ -177,17 +177,7 @@ class ParallelDims:
             assert mine in layout[kind], (kind, mine, layout[kind])
         return groups
 
-    def describe(self) -> dict[str, int]:
-        return {
-            "world": self.world_size,
-            "dp_replicate": self.dp_replicate,
-            "dp_shard": self.dp_shard,
-            "ep": self.ep,
-            "tp": self.tp,
-            "pp": self.pp,
-        }
 
-
-def dims_for_test(topology: Topology, ep: int, device_type: str = "cpu") -> ParallelDims:
-    """Replicated dense weights, `ep`-way experts, built: what the comm tests run on."""
+def replicated_dims(topology: Topology, ep: int, device_type: str = "cpu") -> ParallelDims:
+    """Replicated dense weights and `ep`-way experts, built (what comm tests and benchmarks run on)."""
     return ParallelDims(topology, dp_replicate=topology.world_size, ep=ep).build(device_type)

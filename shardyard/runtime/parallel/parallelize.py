@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.token_dispatch import build_token_dispatcher
-from shardyard.models.moe.experts import EXPERT_SHARD_ATTR
+from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.router import ExpertChoiceRouter
 from shardyard.models.transformer import Block, TransformerStack
@@ -84,7 +84,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool
     from torch.distributed.fsdp import fully_shard
 
     mesh = dims.mesh("dp_shard")
-    ignored = {p for p in model.parameters() if getattr(p, EXPERT_SHARD_ATTR, False)}
+    ignored = {p for p in model.parameters() if is_expert_shard(p)}
     for module in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)

@@ -33,8 +33,6 @@ LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were
 class TrainingState:
     """The interface (see the module docstring)."""
 
-    format: str = DCP_FORMAT
-
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError
 

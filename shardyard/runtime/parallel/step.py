@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardyard.comm.grad_sync import sync_gradients
 from shardyard.optim.clip import clip_grad_norm_
+from shardyard.optim.layerwise import LayerwiseStepper
 from shardyard.runtime.parallel.dims import ParallelDims
 
 
@@ -99,8 +100,6 @@ class HookReducedStep(GradientStep):
         dims: ParallelDims,
         grad_clip: float,
     ) -> None:
-        from shardyard.optim.layerwise import LayerwiseStepper
-
         super().__init__(optimizer, scheduler)
         self.stepper = LayerwiseStepper(
             model,
