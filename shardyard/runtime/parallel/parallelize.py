@@ -79,11 +79,12 @@ def apply_activation_checkpointing(model: nn.Module, training: TrainingSpec) -> 
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool) -> None:
-    """FSDP2 over dp_shard: each transformer block, then the root. Expert shards are left out (their
-    gradients are reduced over EDP); with ep == 1 FSDP shards the expert stacks too (dim 0)."""
+    """FSDP2 over dp_shard (HSDP over (dp_replicate, dp_shard) when both exceed one; no spec asks for
+    that yet): each transformer block, then the root. Expert shards are left out (their gradients are
+    reduced over EDP); with ep == 1 FSDP shards the expert stacks too (dim 0)."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = dims.mesh("dp_shard")
+    mesh = dims.mesh("dense") if dims.dp_replicate > 1 else dims.mesh("dp_shard")  # 2-D: HSDP
     ignored = {p for p in model.parameters() if is_expert_shard(p)}
     for module in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
