@@ -214,6 +214,14 @@ def test_backends_live_in_runtime_parallel() -> None:
     assert offenders == [], "\n".join(sorted(offenders))
 
 
+def test_deepspeed_is_named_in_its_own_room() -> None:
+    """Besides its module, only the factory that picks it (runtime/parallel/__init__.py) and the spec
+    name DeepSpeed (comm/alltoall.py cites DeepSpeed-MoE's hierarchical all-to-all)."""
+    allowed = {f"{PARALLEL}.deepspeed_zero", PARALLEL, f"{PACKAGE}.platform.schema", f"{PACKAGE}.comm.alltoall"}
+    named = {module for module, path in MODULES.items() if "deepspeed" in path.read_text().lower()}
+    assert named <= allowed, sorted(named - allowed)
+
+
 def test_no_probing_of_experts() -> None:
     """The MoE layer calls its token dispatcher; nothing asks the experts what they are."""
     pattern = re.compile(r"hasattr\([^)]*experts")

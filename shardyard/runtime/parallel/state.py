@@ -5,7 +5,7 @@
     state.save(directory)           collective: every rank writes its part of the model and optimizer
     state.load(directory, layout)   collective: read it back (`layout`: the checkpoint's)
 
-`DCPState` (every mode but DeepSpeed's, which has its own in deepspeed_zero.py) writes with
+`DCPState` (every mode but a backend with a format of its own, in its own module) writes with
 torch.distributed.checkpoint (DCP) under directory/shards/. State dicts use canonical parameter
 names, the names of a single worker holding every expert: an expert-parallel shard `...experts.w_up`
 is saved as a DTensor over the dims' (edp, ep) mesh placed Shard(0) on ep. DCP then writes each

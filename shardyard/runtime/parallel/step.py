@@ -8,8 +8,8 @@ Gradients are those of the world-mean loss. `ReducedStep` covers the wrapper-red
 FSDP2 reduce-scatter) and the explicit reductions beside them (comm.grad_sync: expert shards over
 EDP, replicated dense weights over dp_replicate when expert parallelism rules DDP out);
 `HookReducedStep` hands reduction and stepping to optim.layerwise.LayerwiseStepper (layer-wise GaLore,
-and Q-GaLore's INT8 weights under data parallelism). DeepSpeed's engine brings its own
-(deepspeed_zero.py).
+and Q-GaLore's INT8 weights under data parallelism). A backend with its own engine implements this
+interface in its own module of runtime/parallel.
 """
 
 from __future__ import annotations
