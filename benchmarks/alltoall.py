@@ -36,8 +36,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route
-    from shardyard.comm.groups import build_groups
     from shardyard.comm.topology import Topology
+    from shardyard.runtime.parallel.dims import replicated_dims
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
         timeout=timedelta(seconds=90),
     )
     topo = Topology.from_rank(args.rank, args.world, args.rpn)
-    groups = build_groups(topo, ep=args.world)
+    groups = replicated_dims(topo, ep=args.world).expert_groups
     algos = {name: build_all_to_all(name, groups) for name in ALGORITHMS}
     records = []
     for rows in args.rows:

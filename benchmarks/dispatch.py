@@ -4,7 +4,7 @@
     sudo PYTHONPATH=$PWD python benchmarks/dispatch.py --netbed 200  # netns testbed, 2 nodes x 2, 200 Mbit/s links
 
 One MoE layer's experts (8 experts by default, --experts; width 256 / hidden 512, SwiGLU, top-2 softmax routing by a
-seeded random router) behind `ExpertParallelExperts` on an EP group of 4, for each configuration:
+seeded random router) behind a `TransportDispatcher` on an EP group of 4, for each configuration:
 flat fp32 (today), +dedup (per rank), +dedup+bf16, +dedup node (per node across the inter-node
 link), +dedup node+bf16, +bf16, +fp8, +LSH at 2, 4, 6, 8 hashes (and 8 with bf16); `--only` picks some.
 A step is forward + backward of dispatch -> experts -> weighted combine (`forward_tokens`);
@@ -72,12 +72,13 @@ def measure(topo, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from shardyard.comm.dispatch import dispatch_metrics
-    from shardyard.comm.expert_parallel import ExpertParallelExperts
-    from shardyard.comm.groups import build_groups
+    from shardyard.comm.token_dispatch import TransportDispatcher
     from shardyard.models.moe.experts import GroupedExperts
     from shardyard.platform.schema import DispatchSpec
+    from shardyard.runtime.parallel.dims import replicated_dims
+    from shardyard.runtime.parallel.parallelize import keep_expert_slice_
 
-    groups = build_groups(topo, ep=topo.world_size)
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     torch.manual_seed(0)
     full = GroupedExperts(args.experts, WIDTH, HIDDEN, "swiglu", "auto")
     with torch.no_grad():  # unit-gain weights: outputs of the inputs' scale, so the LSH error means something
@@ -85,9 +86,11 @@ def measure(topo, args: argparse.Namespace) -> None:
         full.w_down.normal_(std=HIDDEN**-0.5)
     names = [n for n in CONFIGS if not args.only or n in args.only]
     modules = {
-        name: ExpertParallelExperts(full, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
+        name: TransportDispatcher(args.experts, WIDTH, groups, args.a2a, DispatchSpec(**CONFIGS[name]), slots=TOP_K)
         for name in names
     }
+    first = groups.ep_rank * (args.experts // topo.world_size)
+    keep_expert_slice_(full, first, first + args.experts // topo.world_size)  # this rank's experts
     x, token_of, weight_of, offsets = _tokens(topo.rank, args.tokens, args.clusters, args.spread, args.experts)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps + 1):  # first round is warm-up
@@ -97,7 +100,7 @@ def measure(topo, args: argparse.Namespace) -> None:
             xi = x.clone().requires_grad_(True)
             dist.barrier()
             t0 = time.perf_counter()
-            out = m.forward_tokens(xi, token_of, weight_of, offsets, args.tokens)
+            out = m(xi, token_of, weight_of, offsets, args.tokens, full)
             out.sum().backward()
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -319,10 +322,10 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     import yaml
 
     from shardyard.comm.dispatch import dispatch_metrics
-    from shardyard.comm.expert_parallel import apply_expert_parallel
     from shardyard.data.corpus import load_corpus
     from shardyard.data.validation import batch_windows
     from shardyard.runtime.export import load_for_inference
+    from shardyard.runtime.parallel.parallelize import place_experts
 
     spec, trained = load_for_inference(run_dir)  # the newest complete checkpoint, single-worker names
     corpus = load_corpus(spec.data)
@@ -339,7 +342,7 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
         parallel = spec.parallel.model_copy(update={"dispatch": type(spec.parallel.dispatch)(**yaml.safe_load(text))})
         if parallel.dispatch.lsh is not None:
             parallel.dispatch.lsh.error_every = 1
-        apply_expert_parallel(model, None, parallel)  # this configuration's own (fresh) LSH schedule
+        place_experts(model, None, parallel)  # this configuration's own (fresh) LSH schedule
         model.train()
         for inputs, targets in val:
             model(inputs, targets)

@@ -35,12 +35,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardyard.comm.dispatch import dispatch_metrics  # noqa: E402
-from shardyard.comm.expert_parallel import apply_expert_parallel  # noqa: E402
 from shardyard.data.training_data import load_training_data  # noqa: E402
 from shardyard.data.validation import all_batches  # noqa: E402
 from shardyard.models.moe.layer import MoELayer  # noqa: E402
 from shardyard.runtime.evaluation import per_window_bits  # noqa: E402
 from shardyard.runtime.export import load_for_inference  # noqa: E402
+from shardyard.runtime.parallel.parallelize import place_experts  # noqa: E402
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +171,7 @@ def main() -> None:
         if dispatch.lsh is not None:
             dispatch.lsh.error_every = 0
         compressed = copy.deepcopy(model)
-        apply_expert_parallel(compressed, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
+        place_experts(compressed, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
         bits = score(compressed, batches)
         metrics = dispatch_metrics(compressed)
         sent = sum(v for k, v in metrics.items() if k.endswith("/rows_sent"))
@@ -194,7 +194,7 @@ def output_error(model: nn.Module, spec, setting: dict, batches: list) -> tuple[
     on a few batches (training-mode forwards, no step)."""
     dispatch = type(spec.parallel.dispatch)(**setting)
     dispatch.lsh.error_every = 1
-    apply_expert_parallel(model, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
+    place_experts(model, None, spec.parallel.model_copy(update={"dispatch": dispatch}))
     model.train()
     for inputs, targets in batches:
         model(inputs, targets)

@@ -82,10 +82,11 @@ def _rank(topology, text: str, out: str) -> None:
         trainer.train_step()
         times.append(time.perf_counter() - start)
     inputs, targets = trainer.loader.next_batch()
-    _, ce = trainer.plan.module(inputs, targets)
-    trainer.plan.backward(ce)
-    if hasattr(trainer.plan, "engine"):  # DeepSpeed keeps partitions in its own flat buffers
-        opt = trainer.plan.engine.optimizer
+    _, ce = trainer.module(inputs, targets)
+    trainer.grad_step.backward(ce)
+    engine = getattr(trainer.grad_step, "engine", None)
+    if engine is not None:  # DeepSpeed keeps partitions in its own flat buffers
+        opt = engine.optimizer
         state = sum(local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         state += sum(local_bytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
         grads = sum(
@@ -97,7 +98,7 @@ def _rank(topology, text: str, out: str) -> None:
     else:
         state = sum(
             local_bytes(v)
-            for s in trainer.plan.optimizer.state.values()
+            for s in trainer.optimizer.state.values()
             for v in s.values()
             if isinstance(v, torch.Tensor) and v.dim() > 0
         )
@@ -109,7 +110,7 @@ def _rank(topology, text: str, out: str) -> None:
         .build_model(spec.model, spec.data.seq_len)
         .parameters()
     )
-    trainer.plan.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.zero_grad(set_to_none=True)
 
     rank = topology.rank
     with tempfile.TemporaryDirectory(prefix=f"scale-r{rank}-") as tmp:
@@ -118,12 +119,12 @@ def _rank(topology, text: str, out: str) -> None:
             "step": 0,
             "name": spec.name,
             "layout": trainer.layout(),
-            "scheduler": trainer.plan.scheduler.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
             "data_position": trainer.loader.position(),
         }
         dist.barrier()
         start = time.perf_counter()
-        ckpt.save_checkpoint(trainer.plan, directory, meta)
+        ckpt.save_checkpoint(trainer.train_state, directory, meta)
         save_s = time.perf_counter() - start
         written = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         # Load back from a merged copy (every rank's files, as Ray Train merges them), same layout.
@@ -136,7 +137,7 @@ def _rank(topology, text: str, out: str) -> None:
                 shutil.copytree(directory, merged, dirs_exist_ok=True)
         dist.barrier()
         start = time.perf_counter()
-        ckpt.load_checkpoint(trainer.plan, merged)
+        ckpt.load_checkpoint(trainer.train_state, merged)
         load_s = time.perf_counter() - start
     record = {
         "rank": rank,

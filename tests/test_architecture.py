@@ -9,6 +9,7 @@ only trips over at run time (an `ImportError: cannot import name ... partially i
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,58 @@ def test_every_module_imports_on_its_own() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", result.stdout
+
+
+# ------------------------------------------------------------------------------ parallelism's shape
+PARALLEL = f"{PACKAGE}.runtime.parallel"
+DIMS = f"{PARALLEL}.dims"
+MODULES = package_modules()
+
+
+def external_imports(path: Path) -> set[str]:
+    """Every module name a file imports (lazy and TYPE_CHECKING imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_backends_live_in_runtime_parallel() -> None:
+    """FSDP and DeepSpeed are imported inside runtime/parallel only (DeepSpeed in one module of it)."""
+    offenders = []
+    for module, path in MODULES.items():
+        for name in external_imports(path):
+            fsdp = name == "torch.distributed.fsdp" or name.startswith("torch.distributed.fsdp.")
+            deepspeed = name == "deepspeed" or name.startswith("deepspeed.")
+            if fsdp and not module.startswith(PARALLEL):
+                offenders.append(f"{module} imports {name}")
+            if deepspeed and module != f"{PARALLEL}.deepspeed_zero":
+                offenders.append(f"{module} imports {name}")
+    assert offenders == [], "\n".join(sorted(offenders))
+
+
+def test_deepspeed_is_named_in_its_own_room() -> None:
+    """Besides its module, only the factory that picks it (runtime/parallel/__init__.py) and the spec
+    name DeepSpeed (comm/alltoall.py cites DeepSpeed-MoE's hierarchical all-to-all)."""
+    allowed = {f"{PARALLEL}.deepspeed_zero", PARALLEL, f"{PACKAGE}.platform.schema", f"{PACKAGE}.comm.alltoall"}
+    named = {module for module, path in MODULES.items() if "deepspeed" in path.read_text().lower()}
+    assert named <= allowed, sorted(named - allowed)
+
+
+def test_no_probing_of_experts() -> None:
+    """The MoE layer calls its token dispatcher; nothing asks the experts what they are."""
+    pattern = re.compile(r"hasattr\([^)]*experts")
+    offenders = [module for module, path in MODULES.items() if pattern.search(path.read_text())]
+    assert offenders == []
+
+
+def test_one_device_mesh() -> None:
+    """Only the dims object builds a device mesh; everything else asks it for a view."""
+    offenders = [
+        module for module, path in MODULES.items() if "init_device_mesh" in path.read_text() and module != DIMS
+    ]
+    assert offenders == []

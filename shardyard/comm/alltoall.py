@@ -15,6 +15,7 @@ Three algorithms; they only move rows, never add them, so all three are bit-iden
   everything its node sends to local rank j of every node; (2) one all-to-all among the ranks with
   the same local rank across nodes. Rows arrive already in source-rank order. L-1 intra messages and
   N-1 inter-node messages per rank, carrying L times more bytes each.
+- `local`: an EP group of one rank; nothing moves.
 - `leader`: local rank 0 gathers its node's rows, the leaders do an all-to-all across nodes, and each
   leader scatters to its node's ranks. N-1 inter-node messages per node, all through one process.
 
@@ -291,8 +292,25 @@ class LeaderAllToAll(_NodeAwareAllToAll):
         return Route(stages, counts, r.reshape(-1, k))
 
 
-def build_all_to_all(name: str, groups: ProcessGroups) -> AllToAll:
-    """`flat`, `hierarchical` or `leader`. With the EP group inside one node all three are flat."""
+class LocalAllToAll(AllToAll):
+    """The transport of a one-rank EP group: nothing moves (every row is for this rank), so every
+    dispatch stage above it runs unchanged and its effect on quality shows without a cluster."""
+
+    name = "local"
+
+    def __init__(self) -> None:  # no process groups
+        self.groups = None  # type: ignore[assignment]
+        self.size = 1
+
+    def plan(self, counts: torch.Tensor) -> Route:
+        return Route([], counts, counts)
+
+
+def build_all_to_all(name: str, groups: ProcessGroups | None) -> AllToAll:
+    """`flat`, `hierarchical` or `leader`. With the EP group inside one node all three are flat; an EP
+    group of one rank (or none) is the local transport."""
+    if groups is None or groups.ep_size == 1:
+        return LocalAllToAll()
     classes: dict[str, type[AllToAll]] = {
         "flat": FlatAllToAll,
         "hierarchical": HierarchicalAllToAll,

@@ -10,7 +10,7 @@ sum uses the MoE layer's own `permute.combine` and `dispatch`, so every expert s
 every product is the same. Summing on the receiving side fixes the association of each token's k-term
 sums (its output, and its input gradient): the terms of one destination rank first, in expert order,
 then the ranks in rank order. The expert-parallel path without dedup
-(`ExpertParallelExperts._rank_associated`) sums in that same association, so dedup on and off are
+(`TransportDispatcher._rank_associated`) sums in that same association, so dedup on and off are
 bit-identical, outputs and every gradient (tested on 4 gloo ranks and on one worker); against a plain
 left-to-right sum over all k terms they differ by a few ulps of re-association.
 """

@@ -1,6 +1,6 @@
 """Metrics of the expert dispatch stack (dedup -> LSH centroids -> payload dtype -> transport).
 
-Every `ExpertParallelExperts` keeps its counters in the non-persistent float64 buffer
+Every `TransportDispatcher` (comm/token_dispatch.py) keeps its counters in the non-persistent float64 buffer
 `comm_counters` (slots named by `COUNTERS`), added to by every forward (several micro-batches may run
 per optimizer step). `dispatch_metrics(model)` reads and resets them all; the trainer calls it at
 log steps. Byte counts are this rank's view: the rows its tokens send out, the rows that come back
@@ -48,7 +48,7 @@ def spread_error(err_sq: float, spread_sq: float, ref_sq: float) -> float:
 
 
 def dispatch_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules that carry dispatch counters (the ExpertParallelExperts wrappers), in order."""
+    """The modules that carry dispatch counters (the transport dispatchers), in order."""
     return [m for m in model.modules() if isinstance(getattr(m, "comm_counters", None), torch.Tensor)]
 
 

@@ -1,4 +1,4 @@
-"""Process groups for expert parallelism, built once from a Topology.
+"""The expert-parallel view of the process groups, and its node-aware rank layout.
 
 Layout (ranks are node-major, see comm.topology):
 
@@ -11,8 +11,8 @@ Layout (ranks are node-major, see comm.topology):
 - inter-node group: the ranks of this EP group with this local rank, one per node ("rails").
   With ep == world_size these are exactly "same local rank across nodes".
 
-`torch.distributed.new_group` must be called by every rank, in the same order, for every group,
-including groups the rank is not in; `build_groups` does that.
+The groups themselves are views of the job's one device mesh (runtime.parallel.dims.ParallelDims
+builds them and checks them against `ep_layout`); comm/ only receives them as a `ProcessGroups`.
 """
 
 from __future__ import annotations
@@ -72,22 +72,3 @@ def ep_layout(topo: Topology, ep: int) -> dict[str, list[list[int]]]:
         intra_groups += nodes
         inter_groups += [[node[l] for node in nodes] for l in range(per_node)]
     return {"ep": ep_groups, "edp": edp_groups, "intra": intra_groups, "inter": inter_groups}
-
-
-def build_groups(topo: Topology, ep: int) -> ProcessGroups:
-    """Create the EP, EDP, intra-node and inter-node groups (collective: every rank must call it)."""
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised; call init_process_group first")
-    if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
-        raise ValueError(
-            f"topology (rank {topo.rank}/{topo.world_size}) disagrees with torch.distributed "
-            f"({dist.get_rank()}/{dist.get_world_size()})"
-        )
-    layout = ep_layout(topo, ep)
-    mine: dict[str, tuple[list[int], dist.ProcessGroup]] = {}
-    for kind in ("ep", "edp", "intra", "inter"):
-        for ranks in layout[kind]:
-            group = dist.new_group(ranks)  # every rank creates every group, same order
-            if topo.rank in ranks:
-                mine[kind] = (ranks, group)
-    return ProcessGroups(topo, ep, *mine["ep"], *mine["edp"], *mine["intra"], *mine["inter"])

@@ -11,8 +11,7 @@ the rounding of the payload counts as the identity for gradients).
   tensor [M, width + 4] so one collective carries both; gradients travel in bf16 unless
   `grad_payload` says otherwise (`grad_payload: fp8` scales each gradient row the same way).
 
-`LocalAllToAll` is the transport of an EP group of one (a single worker): a Route with no stages, so
-every stage above it runs unchanged and its effect on quality can be studied without a cluster.
+The wire stage sits on any transport (comm/alltoall.py), the one-rank `LocalAllToAll` included.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from shardyard.comm.alltoall import AllToAll, Route
+from shardyard.comm.alltoall import Route
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
@@ -174,16 +173,3 @@ def send_with_meta(
     """`send` for rows with a per-row table that travels exactly (fp32): both in one collective each way.
     The table's gradient comes back with the rows' (the router weights of deduplicated dispatch)."""
     return _SendWithMetaFn.apply(x, meta, route, codec, timer or Timer(None, 0))
-
-
-class LocalAllToAll(AllToAll):
-    """The transport of a one-rank EP group: nothing moves (every row is for this rank)."""
-
-    name = "local"
-
-    def __init__(self) -> None:  # no process groups
-        self.groups = None  # type: ignore[assignment]
-        self.size = 1
-
-    def plan(self, counts: torch.Tensor) -> Route:
-        return Route([], counts, counts)

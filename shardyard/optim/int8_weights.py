@@ -24,7 +24,7 @@ replaces the consumer's saved fp32 stack by a note to dequantise again), i.e. on
 expert stack exists transiently while that layer runs, never across the model or between forward
 and backward.
 
-Use: call after expert parallelism has sharded the experts (`apply_expert_parallel` slices the
+Use: call after expert parallelism has sharded the experts (runtime.parallel.place_experts slices the
 parameters it finds) and before the optimizer, DDP or a LayerwiseStepper is built. Checkpoints of a
 prepared model hold the codes and scales (`<name>_codes`, `<name>_scales`), not `<name>`; load them
 into a prepared model. The handles are not to be broadcast or written to (DDP's start-up broadcast

@@ -8,7 +8,7 @@ GaLore's memory" problem). `LayerwiseStepper` replaces DDP for the model's gradi
 - Buckets: the parameters, in reverse registration order (roughly the order backward produces
   their gradients), are split into buckets of about `bucket_bytes`, separately for dense
   parameters and expert shards (marked with the expert-shard attribute by
-  comm.expert_parallel), and per dtype. Bucket membership and order are fixed at `attach()`, so
+  runtime.parallel.place_experts), and per dtype. Bucket membership and order are fixed at `attach()`, so
   every rank issues the same collectives in the same order whatever order its hooks fire in.
 - Hook: when a parameter's gradient is final, it is marked ready; when a bucket is complete (and
   all earlier buckets of its kind are launched), its gradients are all-reduced in place,
@@ -16,7 +16,7 @@ GaLore's memory" problem). `LayerwiseStepper` replaces DDP for the model's gradi
   it is made): dense buckets over `dense_group`, expert
   buckets over `expert_group` (the expert-data-parallel group: the ranks holding the same expert
   shard); both are summed and divided by `world_size`, which gives the gradient of the world-mean
-  loss (see comm.expert_parallel.sync_gradients for why experts also divide by the world size).
+  loss (see comm.grad_sync for why experts also divide by the world size).
 - Before a bucket is launched, the previous in-flight bucket of the same group is waited for; its
   reduced gradients are then stepped one parameter at a time (`optimizer.step_param`) and freed.
   At most one bucket in flight per group and one filling bucket exist at once: the peak gradient
@@ -57,6 +57,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.models.moe.experts import is_expert_shard
+from shardyard.optim.clip import scale_grads_
 from shardyard.optim.galore import GaLoreAdamW, clip_param_grad_
 
 
@@ -139,9 +140,7 @@ class LayerwiseStepper:
         norm = self._global_norm()
         if not self.optimizer.layerwise:  # whole-model step on the reduced gradients
             if self.max_norm > 0:
-                coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
-                for p in self.params:
-                    p.grad.mul_(coef.to(p.grad.dtype))
+                scale_grads_(self.params, norm, self.max_norm)  # the one clip rule (optim.clip)
             self.optimizer.step()
             for p in self.params:
                 self._track(-p.grad.numel() * p.grad.element_size())

@@ -5,7 +5,7 @@ Parts, per worker, from the spec and the model's parameter shapes (built on the 
 - parameters, gradients, optimizer state: `optim.memory.optimizer_memory_report` (exact for this
   package's optimizers), divided the way the job shards them: expert weights over
   `parallel.expert_parallel`; dense weights, gradients and state over the workers for
-  `parallel.shard: full` (all three), `zero2` (gradients, state); DeepSpeed `parallel.zero` stage
+  `parallel.shard: full` (all three), `zero2` (gradients, state); the `parallel.zero` stage
   1 (state), 2 (+ gradients), 3 (+ parameters).
 - activations kept for backward of one micro-batch (`activation_bytes`): per transformer block of
   T = batch_size x tokens tokens and width w, about 6 T w (attention: norm input, q k v, output;
@@ -140,15 +140,15 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module) -> MemoryPrediction:
     total_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) or 1
     expert_fraction = _expert_bytes(model) / total_param_bytes
     workers, ep = spec.resources.workers, spec.parallel.expert_parallel
-    shard, zero = spec.parallel.shard, spec.parallel.zero
+    params_sharded, grads_sharded, state_sharded = spec.parallel.sharded_state()
 
     def per_worker(value: int, dense_sharded: bool) -> int:
         dense = value * (1 - expert_fraction) / (workers if dense_sharded else 1)
         return int(dense + value * expert_fraction / ep)
 
-    params = per_worker(report["param_bytes"] + report["int8_weight_bytes"], shard == "full" or zero >= 3)
-    grads = per_worker(report["grad_bytes"], shard != "none" or zero >= 2)
-    optimizer = per_worker(report["optimizer_state_bytes"], shard != "none" or zero >= 1)
+    params = per_worker(report["param_bytes"] + report["int8_weight_bytes"], params_sharded)
+    grads = per_worker(report["grad_bytes"], grads_sharded)
+    optimizer = per_worker(report["optimizer_state_bytes"], state_sharded)
     return MemoryPrediction(params, grads, optimizer, activation_bytes(spec), PROCESS_BYTES, expert_fraction)
 
 
@@ -173,7 +173,7 @@ def _driving_field(spec: JobSpec, prediction: MemoryPrediction) -> str:
             + ("" if m.stages else " or set training.activation_checkpointing: full")
         )
     head = f"parameters, gradients and optimizer state ({state / GIB:.2f} GiB) are the largest part"
-    advice = "; shard them over the workers with parallel.shard: full" if not spec.parallel.zero else ""
+    advice = "; shard them over the workers with parallel.shard: full" if not any(spec.parallel.sharded_state()) else ""
     if prediction.expert_fraction > 0.5:
         moe = m.moe or next((s.moe for s in m.stages or [] if s.moe), None)
         field = "model.moe.num_experts" if m.moe else "model.stages[*].moe.num_experts"

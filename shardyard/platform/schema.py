@@ -8,7 +8,7 @@ errors; cross-field rules (top_k <= num_experts, heads | width, ...) live in val
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -647,6 +647,23 @@ class ParallelSpec(Section):
         "parameters kept gathered between forward and backward | full = parameters resharded after "
         "forward (ZeRO-3)",
     )
+
+    # Fields a resume may not change when the checkpoint format does not reshard (see `checkpoints_reshard`).
+    PINNED_WITHOUT_RESHARDING: ClassVar[tuple[str, ...]] = ("resources.workers", "parallel.zero")
+
+    @property
+    def checkpoints_reshard(self) -> bool:
+        """Whether this job's checkpoints resume under another layout (DeepSpeed's own format does not)."""
+        return not self.zero
+
+    def sharded_state(self) -> tuple[bool, bool, bool]:
+        """Whether the dense (parameters, gradients, optimizer state) are split over the workers:
+        FSDP2's `shard` modes or the ZeRO stage."""
+        return (
+            self.shard == "full" or self.zero >= 3,
+            self.shard != "none" or self.zero >= 2,
+            self.shard != "none" or self.zero >= 1,
+        )
 
 
 class ResourcesSpec(Section):

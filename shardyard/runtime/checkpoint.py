@@ -4,7 +4,7 @@ A checkpoint is a directory:
 
     shards/          torch.distributed.checkpoint (DCP): every rank writes only its own chunks
                      (`__<rank>_0.distcp`), rank 0 the global `.metadata`; replicated tensors once
-    deepspeed/       instead of shards/ for DeepSpeed ZeRO jobs (the engine's own partitions)
+                     (or, for a backend with its own format, its own directory: runtime/parallel)
     rng-rank<r>.json each rank's RNG state (JSON: nothing in a checkpoint is unpickled as code)
     meta.json        rank 0: step, scheduler, global data position, layout
     spec.yaml        rank 0: the resolved spec (a checkpoint is self-describing for export/generate)
@@ -13,7 +13,8 @@ A checkpoint is a directory:
 A checkpoint counts only when its manifest exists and every file matches it, so a save killed
 between shards leaves the previous checkpoint the newest complete one. Ray Train merges the
 directories every rank reports into one storage directory; locally `commit_local` renames a
-finished directory into place. Loading reshards: the target state dict comes from the plan of the
+finished directory into place. The tensors are written and read by the job's training state
+(runtime.parallel.state.TrainingState); loading reshards: the target state dict comes from the
 resuming job (any world size, EP degree or sharding), and DCP reads the chunks each rank needs.
 """
 
@@ -33,12 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
-from shardyard.runtime.safe_load import (
-    SafeFileSystemReader,
-    check_torch_files,
-    checkpoint_code_problem,
-    read_dcp_metadata,
-)
+from shardyard.runtime.safe_load import checkpoint_code_problem
 
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
@@ -105,18 +101,13 @@ def file_digests(directory: Path) -> dict[str, list]:
     return out
 
 
-def save_checkpoint(plan, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
     """Collective: every rank writes its shards and RNG into `directory` (its own local directory
     when each rank reports one); rank 0 writes meta.json and `texts` (name -> content, e.g. the
     resolved spec) and, after every rank is done, the manifest."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank()  # the job's dims always made a process group (a world of one too)
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(plan, "save"):  # DeepSpeed writes its own partitions
-        plan.save(directory)
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(plan.state_dict(), checkpoint_id=str(directory / SHARDS_DIR))
+    state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
     _write_json(directory / f"rng-rank{rank}.json", rng_state())
     if rank == 0:
         _write_json(directory / META_FILE, {"format": FORMAT, **meta})
@@ -126,7 +117,7 @@ def save_checkpoint(plan, directory: Path, meta: dict[str, Any], texts: dict[str
     _maybe_die_mid_save(int(meta.get("step", -1)))
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         gathered = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, digests)  # file names and hashes only, never tensors
     if rank == 0:
@@ -225,33 +216,14 @@ def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Pa
     return None
 
 
-def load_checkpoint(plan, directory: Path) -> dict[str, Any]:
-    """Collective: load `directory` into the plan (resharding as needed); restore this rank's RNG
-    when the world size is unchanged. Returns the checkpoint's meta."""
+def load_checkpoint(state, directory: Path) -> dict[str, Any]:
+    """Collective: load `directory` into the job's training state (runtime.parallel.state; resharding
+    as its format allows); restore this rank's RNG when the world size is unchanged. Returns the
+    checkpoint's meta."""
     meta = read_meta(directory)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.get_rank(), dist.get_world_size()
     layout = meta["layout"]
-    if hasattr(plan, "load"):
-        if layout.get("mode") != "deepspeed" or layout.get("world") != world:
-            raise RuntimeError(
-                f"{directory}: a DeepSpeed ZeRO job resumes only its own checkpoints at the same "
-                f"number of workers (checkpoint layout {layout}, this job {plan.layout()})"
-            )
-        check_torch_files(Path(directory) / "deepspeed")  # DeepSpeed unpickles with weights_only=False
-        plan.load(directory)
-    else:
-        if layout.get("mode") == "deepspeed":
-            raise RuntimeError(
-                f"{directory}: written by a DeepSpeed ZeRO job; resume it with parallel.zero "
-                f"{layout.get('zero')}, or `shardyard export` it"
-            )
-        import torch.distributed.checkpoint as dcp
-
-        state = plan.state_dict()
-        read_dcp_metadata(Path(directory) / SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(directory) / SHARDS_DIR)))
-        plan.load_state_dict(state)
+    state.load(Path(directory), layout)
     rng_file = Path(directory) / f"rng-rank{rank}.json"
     if layout.get("world") == world and rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))

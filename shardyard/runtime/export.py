@@ -1,11 +1,10 @@
-"""Consolidate any checkpoint (replicated, expert-parallel, FSDP2-sharded, DeepSpeed ZeRO 1-3) into
+"""Consolidate any checkpoint (replicated, expert-parallel, FSDP2-sharded, ZeRO 1-3: any state format) into
 one single-worker model: for `shardyard export` (one safetensors file plus the resolved spec),
 `generate` and `eval`. Runs in one process; DCP reads every rank's chunks into full tensors."""
 
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -52,23 +51,9 @@ def _spec_for(checkpoint: Path) -> JobSpec:
 
 def consolidated_state(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight of `model` (single-worker names) read from `checkpoint`, whatever wrote it."""
-    meta = ckpt.read_meta(checkpoint)
-    if meta["layout"].get("mode") == "deepspeed":
-        from shardyard.runtime.parallel.deepspeed_zero import consolidated_weights
-        from shardyard.runtime.safe_load import check_torch_files
+    from shardyard.runtime.parallel import consolidated_weights
 
-        check_torch_files(checkpoint / "deepspeed")  # DeepSpeed unpickles with weights_only=False
-        return consolidated_weights(checkpoint)
-    import torch.distributed.checkpoint as dcp
-
-    from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
-
-    read_dcp_metadata(checkpoint / ckpt.SHARDS_DIR / ".metadata")  # refuses code before DCP wraps the error
-    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
-    with warnings.catch_warnings():  # no_dist=True is the intent; DCP still warns that it assumed so
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint / ckpt.SHARDS_DIR)), no_dist=True)
-    return state["model"]
+    return consolidated_weights(checkpoint, ckpt.read_meta(checkpoint)["layout"], model)
 
 
 def load_for_inference(target: Path, step: int | None = None) -> tuple[JobSpec, nn.Module]:

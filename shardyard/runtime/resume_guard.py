@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "tracking.*",
     "env",
     "env.*",
-    "resources.*",  # workers, CPUs/GPUs, failures, memory: checkpoints reshard (DeepSpeed: see below)
+    "resources.*",  # workers, CPUs/GPUs, failures, memory: checkpoints reshard (where their format allows)
     "parallel.expert_parallel",
     "parallel.shard",
     "parallel.a2a",
@@ -51,8 +51,6 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.cache_dir",
     "data.prepared_dir",  # where data is cached / prepared (the corpus fingerprint guards content)
 )
-# DeepSpeed ZeRO's own format resumes only at the same layout.
-SAME_LAYOUT_FOR_ZERO = ("resources.workers", "parallel.zero")
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -76,13 +74,17 @@ def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
     """'field: old -> new' for every difference a resume must refuse."""
     old_fields = _flatten(json.loads(old.model_dump_json()), "", {})
     new_fields = _flatten(json.loads(new.model_dump_json()), "", {})
-    zero = bool(old.parallel.zero or new.parallel.zero)
+    pinned = (
+        ()
+        if old.parallel.checkpoints_reshard and new.parallel.checkpoints_reshard
+        else old.parallel.PINNED_WITHOUT_RESHARDING
+    )
     out = []
     for path in sorted(set(old_fields) | set(new_fields)):
         a, b = old_fields.get(path), new_fields.get(path)
         if a == b or path == "name":
             continue
-        if _allowed(path) and not (zero and path in SAME_LAYOUT_FOR_ZERO):
+        if _allowed(path) and path not in pinned:
             continue
         out.append(f"{path.replace('.#', '')}: {a!r} -> {b!r}")
     return out

@@ -6,9 +6,9 @@ Two places in a checkpoint are pickles that the libraries we build on would unpi
 - torch.distributed.checkpoint's `shards/.metadata`: `FileSystemReader.read_metadata` calls
   `pickle.load`. `SafeFileSystemReader` reads it with `RestrictedUnpickler`, which resolves only the
   classes DCP metadata is made of (an allow-list), so a planted `__reduce__` fails before it runs.
-- DeepSpeed's partitions (`deepspeed/*.pt`): its engine calls `torch.load(weights_only=False)`.
-  `check_torch_files` first loads each with `torch.load(weights_only=True)` plus the three
-  DeepSpeed classes its files hold; a file that needs anything else is refused.
+- a backend's own `*.pt` partitions, loaded by its engine with `torch.load(weights_only=False)`:
+  `check_torch_files` first loads each with `torch.load(weights_only=True)` plus the few state
+  classes the backend names (runtime/parallel holds each backend); anything else is refused.
 
 The tensors inside `.distcp` files are already read with `weights_only=True` by DCP, and shardyard's
 own files (meta, RNG, manifest) are JSON.
@@ -92,21 +92,13 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-def _deepspeed_safe_classes() -> list[type]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, fragment_address]
-
-
-def check_torch_files(directory: Path) -> None:
+def check_torch_files(directory: Path, safe_classes: list[type] | None = None) -> None:
     """Refuse (UnsafeCheckpoint) when any `*.pt` under `directory` needs more than torch's
-    weights-only allow-list plus DeepSpeed's own state classes to load."""
+    weights-only allow-list plus `safe_classes` (a backend's own state classes) to load."""
     files = sorted(Path(directory).rglob("*.pt"))
     if not files:
         return
-    with torch.serialization.safe_globals(_deepspeed_safe_classes()):
+    with torch.serialization.safe_globals(safe_classes or []):
         for path in files:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
@@ -118,7 +110,7 @@ def check_torch_files(directory: Path) -> None:
 
 def checkpoint_code_problem(directory: Path) -> str | None:
     """Why loading `directory` could run code (None when it cannot): the DCP metadata is checked here;
-    DeepSpeed partitions by `check_torch_files` just before they are loaded (they are large)."""
+    a backend's `*.pt` partitions by `check_torch_files` just before they are loaded (they are large)."""
     metadata = Path(directory) / "shards" / ".metadata"
     if metadata.exists():
         try:

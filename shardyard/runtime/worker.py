@@ -1,7 +1,8 @@
 """The training loop every worker runs.
 
-model -> parallelism plan (wraps/shards the model, owns optimizer and scheduler) -> data -> resume
-from the newest complete checkpoint -> train, evaluate, checkpoint -> rank 0 logs. Ray Train has
+dims (one device mesh) -> model -> parallelize it, with the optimizer, scheduler, gradient step and
+training state beside it (runtime.parallel) -> data -> resume from the newest complete checkpoint ->
+train, evaluate, checkpoint -> rank 0 logs. Ray Train has
 already initialised torch.distributed (gloo on CPU, nccl on GPU) when this runs under Ray; the
 same Trainer runs in one process without Ray (tests), given a `report` callable and a checkpoint.
 """
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from shardyard import envvars
 from shardyard.cluster.secret_env import record_secret_probe
 from shardyard.comm.dispatch import dispatch_metrics
-from shardyard.comm.topology import Topology
+from shardyard.comm.topology import Topology, topology_from_ray
 from shardyard.data.training_data import build_data_loader, load_training_data
 from shardyard.data.validation import eval_set_texts, rank_batches, rank_controls
 from shardyard.models import build_model, moe_layers
@@ -42,7 +43,7 @@ from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
 from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
-from shardyard.runtime.parallel import build_plan
+from shardyard.runtime.parallel import build_training, dims_for
 from shardyard.runtime.preemption import StepBoundary
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
 from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
@@ -67,14 +68,6 @@ class WorkerContext:
     device: torch.device
 
 
-def _context() -> WorkerContext:
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return WorkerContext(rank, world, worker_device())  # Ray Train's device assignment
-
-
 def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(values)
@@ -96,19 +89,6 @@ def record_topology(run_dir: Path, topology: Topology) -> None:
     (run_dir / f"topology-rank{topology.rank}.json").write_text(json.dumps(record))
 
 
-def apply_activation_checkpointing(model: torch.nn.Module, spec: JobSpec) -> None:
-    """training.activation_checkpointing on flat models: every (n-th) block recomputed in backward."""
-    mode = spec.training.activation_checkpointing
-    if mode == "none":
-        return
-    every = 1 if mode == "full" else spec.training.activation_checkpointing_every
-    from shardyard.models.transformer import TransformerStack
-
-    for module in model.modules():
-        if isinstance(module, TransformerStack):
-            module.checkpoint_every = every
-
-
 class Trainer:
     """Wires the components of one worker together; the only place that does."""
 
@@ -116,19 +96,25 @@ class Trainer:
         self.spec = spec
         self.run_dir = run_dir
         self.report = report
-        self.ctx = _context()
+        device = worker_device()  # Ray Train's device assignment
+        topology = topology_from_ray()
+        self.dims = dims_for(spec, topology).build(device.type)  # the one device mesh (a world of one too)
+        self.ctx = WorkerContext(self.dims.rank, self.dims.world_size, device)
         # One intra-op thread per CPU the worker was given: oversubscribed cores slow small matmuls badly.
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
 
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
         self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
-        apply_activation_checkpointing(self.model, spec)
-        self.plan = build_plan(spec, self.model, self.ctx.device)
+        # parallelize (expert placement, activation checkpointing, FSDP / DDP) and what is built beside it
+        training = build_training(spec, self.model, self.dims, self.ctx.device)
+        self.module = training.module  # what the forward is called on
+        self.optimizer, self.scheduler = training.optimizer, training.scheduler
+        self.grad_step, self.train_state = training.step, training.state
         self.moe = moe_layers(self.model)
-        attach_router_bias_updates(self.moe, self.plan.optimizer)
-        if spec.parallel.expert_parallel > 1:
-            record_topology(run_dir, self.plan.groups.topology)
+        attach_router_bias_updates(self.moe, self.optimizer)
+        if self.dims.ep_enabled:
+            record_topology(run_dir, topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
         self.loader = build_data_loader(
@@ -194,15 +180,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def layout(self) -> dict[str, Any]:
-        return self.plan.layout()
+        return self.train_state.layout()
 
     def resume(self, directory: Path | None) -> None:
-        """Continue from checkpoint `directory` (any layout: the plan reshards), if given."""
+        """Continue from checkpoint `directory` (any layout the state format can reshard), if given."""
         if directory is None:
             return
         check_corpus_on_every_rank(ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory)
-        meta = ckpt.load_checkpoint(self.plan, directory)
-        self.plan.scheduler.load_state_dict(meta["scheduler"])
+        meta = ckpt.load_checkpoint(self.train_state, directory)
+        self.scheduler.load_state_dict(meta["scheduler"])
         self.loader.set_position(meta["data_position"])
         self.step = int(meta["step"])
         if self.ctx.rank == 0:
@@ -216,13 +202,13 @@ class Trainer:
             "step": self.step,
             "name": self.spec.name,
             "layout": self.layout(),
-            "scheduler": self.plan.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "data_position": self.loader.position(),
             "corpus": self.corpus_fingerprint,
         }
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.plan, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
+            ckpt.save_checkpoint(self.train_state, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
             self.report(metrics, directory)
             fsync_stored_checkpoint(self.run_dir, directory, self.step)
             if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
@@ -240,14 +226,14 @@ class Trainer:
         for micro in range(accum):
             with timer.section("data"):
                 inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
-            with self.plan.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
+            with self.grad_step.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
                 with timer.section("forward"), self.autocast():
-                    _, ce = self.plan.module(inputs, targets)
+                    _, ce = self.module(inputs, targets)
                 with timer.section("backward"):
-                    self.plan.backward(ce / accum)  # MoE aux losses ride along, weighted 1/accum
+                    self.grad_step.backward(ce / accum)  # MoE aux losses ride along, weighted 1/accum
             ce_sum += ce.detach().float()
         with timer.section("optimizer"):
-            grad_norm = self.plan.step()
+            grad_norm = self.grad_step.step()
         return {"ce": ce_sum / accum, "grad_norm": grad_norm}
 
     def observe(self, window_steps: int, window_seconds: float) -> dict[str, float]:
@@ -334,7 +320,7 @@ class Trainer:
                     "loss": ce,
                     "bpb": ce / LN2 / self.data.bytes_per_token,
                     "grad_norm": float(step_metrics["grad_norm"]),
-                    "lr": self.plan.scheduler.get_last_lr()[0],
+                    "lr": self.scheduler.get_last_lr()[0],
                     "total_steps": spec.steps,
                 }
                 comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
@@ -396,8 +382,7 @@ class LocalReporter:
         self.metrics.append(metrics)
         if directory is None:
             return
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        many = dist.is_initialized() and dist.get_world_size() > 1
+        rank, many = dist.get_rank(), dist.get_world_size() > 1  # the Trainer's dims made a group
         staged = self.run_dir / f".{directory.name}.partial"
         ckpt.stage_rank_files(directory, staged)
         if rank == 0:

@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.comm.alltoall import ALGORITHMS, build_all_to_all, run_route, transpose_index
-from shardyard.comm.groups import build_groups, ep_layout
+from shardyard.comm.groups import ep_layout
 from shardyard.comm.launch import spawn
 from shardyard.comm.topology import Topology
+from shardyard.runtime.parallel.dims import replicated_dims
 
 
 def test_topology_fake_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,7 +58,7 @@ def _splits(rank: int, size: int, step: int) -> list[int]:
 
 
 def _check_all(topo: Topology) -> None:
-    groups = build_groups(topo, ep=topo.world_size)
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     width = 5
     for step in range(3):
         splits = _splits(topo.rank, topo.world_size, step)
@@ -104,7 +105,7 @@ def test_algorithms_agree_bitwise_4_ranks_2_nodes() -> None:
 
 
 def _check_three_nodes(topo: Topology) -> None:
-    groups = build_groups(topo, ep=topo.world_size)
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     splits = _splits(topo.rank, topo.world_size, 2)
     x = torch.randn(sum(splits), 3, generator=torch.Generator().manual_seed(topo.rank))
     ys = [run_route(x, build_all_to_all(n, groups).plan(torch.tensor(splits).view(-1, 1))) for n in ALGORITHMS]

@@ -15,15 +15,17 @@ import torch.distributed as dist
 
 from shardyard.comm.alltoall import ALGORITHMS
 from shardyard.comm.dispatch import dispatch_metrics
-from shardyard.comm.expert_parallel import ExpertParallelExperts, apply_expert_parallel
-from shardyard.comm.groups import build_groups
 from shardyard.comm.launch import spawn
+from shardyard.comm.token_dispatch import TransportDispatcher
 from shardyard.comm.topology import Topology
 from shardyard.comm.wire import FP8Codec
+from shardyard.models.moe.dispatcher import LocalDispatcher
 from shardyard.models.moe.experts import GroupedExperts
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.permute import combine, dispatch
 from shardyard.platform.schema import DispatchSpec, ParallelSpec
+from shardyard.runtime.parallel.dims import replicated_dims
+from shardyard.runtime.parallel.parallelize import keep_expert_slice_, place_experts
 
 WIDTH, HIDDEN, EXPERTS, TOKENS, TOP_K = 16, 24, 8, 40, 3
 
@@ -49,7 +51,25 @@ def _experts() -> GroupedExperts:
     return e
 
 
-def _run(module: ExpertParallelExperts, rank: int, fused: bool) -> dict[str, torch.Tensor]:
+class _Stack:
+    """A dispatcher with this rank's experts: `stack(x_sorted, offsets)` is the plain stage (rows grouped
+    by expert in, expert outputs out), `forward_tokens` what the MoE layer calls; the rest is the
+    dispatcher's."""
+
+    def __init__(self, dispatcher: TransportDispatcher, experts: GroupedExperts) -> None:
+        self.dispatcher, self.local = dispatcher, experts
+
+    def __call__(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.dispatcher.run_experts(x_sorted, offsets, self.local)
+
+    def forward_tokens(self, tokens, token_of, weight_of, offsets, num_tokens: int) -> torch.Tensor:
+        return self.dispatcher(tokens, token_of, weight_of, offsets, num_tokens, self.local)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dispatcher, name)
+
+
+def _run(module: _Stack, rank: int, fused: bool) -> dict[str, torch.Tensor]:
     """Forward + backward of the layer's dispatch -> experts -> weighted combine; outputs and grads."""
     tokens, token_of, weight_of, offsets = _routing(rank)
     tokens.requires_grad_(True)
@@ -68,12 +88,16 @@ def _run(module: ExpertParallelExperts, rank: int, fused: bool) -> dict[str, tor
     }
 
 
-def _wrap(groups, algo: str, **dispatch_settings) -> ExpertParallelExperts:
-    return ExpertParallelExperts(_experts(), groups, algo, DispatchSpec(**dispatch_settings), slots=TOP_K)
+def _wrap(groups, algo: str, **dispatch_settings) -> _Stack:
+    dispatcher = TransportDispatcher(EXPERTS, WIDTH, groups, algo, DispatchSpec(**dispatch_settings), slots=TOP_K)
+    experts = _experts()
+    if dispatcher.ep_size > 1:
+        keep_expert_slice_(experts, dispatcher.first_expert, dispatcher.first_expert + dispatcher.experts_per_rank)
+    return _Stack(dispatcher, experts)
 
 
 def _check_stack(topo: Topology) -> None:
-    groups = build_groups(topo, ep=topo.world_size)
+    groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     for algo in ALGORITHMS:
         plain = _run(_wrap(groups, algo), topo.rank, fused=False)  # dispatch -> experts -> combine
         layer_path = _run(_wrap(groups, algo), topo.rank, fused=True)  # what the MoE layer runs under EP
@@ -185,16 +209,16 @@ def test_apply_on_one_worker_wraps_only_when_compressed() -> None:
             self.a = MoELayer(WIDTH, HIDDEN, 4, 2)
             self.b = MoELayer(WIDTH, HIDDEN, 4, 2)
 
-    net = apply_expert_parallel(Net(), None, ParallelSpec())
-    assert isinstance(net.a.experts, GroupedExperts)
+    net = place_experts(Net(), None, ParallelSpec())
+    assert isinstance(net.a.dispatcher, LocalDispatcher)
     torch.manual_seed(0)
     ref = Net()
     x = torch.randn(2, 20, WIDTH)
     expect = ref.b(ref.a(x))
     net = Net()
     net.load_state_dict(ref.state_dict())
-    apply_expert_parallel(net, None, ParallelSpec(dispatch={"payload": "bf16"}))
-    assert isinstance(net.b.experts, ExpertParallelExperts) and net.b.experts.layer == 1
+    place_experts(net, None, ParallelSpec(dispatch={"payload": "bf16"}))
+    assert isinstance(net.b.dispatcher, TransportDispatcher) and net.b.dispatcher.layer == 1
     out = net.b(net.a(x))
     torch.testing.assert_close(out, expect, rtol=0.05, atol=2e-3)
     m = dispatch_metrics(net)
@@ -291,7 +315,7 @@ def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
     for use_checkpoint in (False, True):
         module = _wrap(None, "flat", lsh={"hashes": 3, "rotation_refresh": 1, "target_ratio": 0.05, "error_every": 0})
         module.lsh.forwards.fill_(5)
-        module._pending_ratio = 1.0  # the adaptation also happens before hashing
+        module.dispatcher._pending_ratio = 1.0  # the adaptation also happens before hashing
         x = tokens.clone().requires_grad_(True)
         run = lambda t: module(dispatch(t, token_of), offsets)  # noqa: E731
         out = checkpointed(run, x) if use_checkpoint else run(x)

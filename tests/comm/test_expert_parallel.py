@@ -1,6 +1,7 @@
 """A 4-worker expert-parallel run equals one worker holding all experts (same weights, all batches).
 
-Real gloo groups, 4 ranks faking 2 nodes of 2. Outputs and gradients (after sync_gradients) must
+Real gloo groups (views of one device mesh), 4 ranks faking 2 nodes of 2. Outputs and gradients
+(after sync_gradients) must
 match the single-worker reference within float tolerance, for flat, hierarchical and leader.
 """
 
@@ -14,12 +15,16 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.comm.alltoall import ALGORITHMS
-from shardyard.comm.expert_parallel import ExpertParallelExperts, apply_expert_parallel, sync_gradients
-from shardyard.comm.groups import build_groups
+from shardyard.comm.grad_sync import sync_gradients
 from shardyard.comm.launch import spawn
+from shardyard.comm.token_dispatch import TransportDispatcher
 from shardyard.comm.topology import Topology
 from shardyard.models.moe.accounting import moe_scope
+from shardyard.models.moe.experts import is_expert_shard
 from shardyard.models.moe.layer import MoELayer
+from shardyard.platform.schema import ParallelSpec
+from shardyard.runtime.parallel.dims import replicated_dims
+from shardyard.runtime.parallel.parallelize import place_experts
 
 WIDTH, HIDDEN, EXPERTS, TOKENS = 16, 24, 8, 24
 
@@ -61,11 +66,11 @@ def _check_ep(topo: Topology) -> None:
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
     for ep, algo in [(4, a) for a in ALGORITHMS] + [(2, "hierarchical")]:
-        groups = build_groups(topo, ep)
+        groups = replicated_dims(topo, ep).expert_groups
         net = Net()
         net.load_state_dict(weights)
-        net = apply_expert_parallel(net, groups, algo)
-        assert isinstance(net.moe.experts, ExpertParallelExperts)
+        net = place_experts(net, groups, ParallelSpec(a2a=algo))
+        assert isinstance(net.moe.dispatcher, TransportDispatcher)
         out, loss = _loss(net, _batch(topo.rank))
         torch.testing.assert_close(out.detach(), ref_out[topo.rank], rtol=1e-5, atol=1e-6)
         loss.backward()
@@ -73,18 +78,16 @@ def _check_ep(topo: Topology) -> None:
         per = EXPERTS // ep
         lo = groups.ep_rank * per
         for name, p in net.named_parameters():
-            if ".local." in name:
-                expect = ref_grads[name.replace(".local.", ".")][lo : lo + per]
-                torch.testing.assert_close(
-                    p.detach(), dict(ref.named_parameters())[name.replace(".local.", ".")].detach()[lo : lo + per]
-                )
+            if is_expert_shard(p):
+                expect = ref_grads[name][lo : lo + per]
+                torch.testing.assert_close(p.detach(), dict(ref.named_parameters())[name].detach()[lo : lo + per])
             else:
                 expect = ref_grads[name]
             torch.testing.assert_close(
                 p.grad, expect, rtol=1e-5, atol=1e-7, msg=lambda m: f"{algo} ep={ep} {name}: {m}"
             )
     with pytest.raises(ValueError, match="divide num_experts"):
-        ExpertParallelExperts(MoELayer(WIDTH, HIDDEN, 5, 2).experts, groups, "flat")  # 5 experts, ep 2
+        TransportDispatcher(5, WIDTH, groups, "flat")  # 5 experts, ep 2
     dist.barrier()
 
 

@@ -1,4 +1,4 @@
-"""Parallelism plans on real gloo process groups: the composed EP x FSDP2 mode against a single
+"""Parallelism modes on real gloo process groups: the composed EP x FSDP2 mode against a single
 worker, its per-rank state memory against DDP's, and resharding checkpoints across world size, EP
 degree and sharding mode with a sample ledger."""
 
@@ -71,13 +71,13 @@ def _measure_state(trainer: Trainer, out: Path) -> None:
 
     trainer.train_step()  # optimizer state exists now
     inputs, targets = trainer.loader.next_batch()
-    _, ce = trainer.plan.module(inputs, targets)
-    trainer.plan.backward(ce)
+    _, ce = trainer.module(inputs, targets)
+    trainer.grad_step.backward(ce)
     params = sum(local_bytes(p) for p in trainer.model.parameters())
     grads = sum(local_bytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
     optim = sum(
         local_bytes(v)
-        for state in trainer.plan.optimizer.state.values()
+        for state in trainer.optimizer.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )

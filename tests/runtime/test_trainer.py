@@ -113,7 +113,7 @@ def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_
             ],
         )
         trainer, _ = train(spec, tmp_path / name)
-        assert type(trainer.plan).__name__ == ("HookReducedPlan" if layerwise else "ReplicatedPlan")
+        assert type(trainer.grad_step).__name__ == ("HookReducedStep" if layerwise else "ReducedStep")
         weights[layerwise] = trainer.model.state_dict()
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6, msg=name)

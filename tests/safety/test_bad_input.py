@@ -12,7 +12,7 @@ from shardyard.models import build_model
 from shardyard.optim.worker_memory import activation_bytes, predict_worker_memory
 from shardyard.platform.cli import main
 from shardyard.platform.spec import load_spec_text
-from shardyard.runtime.worker import apply_activation_checkpointing
+from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing
 from tests.helpers import ROOT, tiny_spec_yaml
 
 
@@ -108,7 +108,7 @@ def _saved_bytes(spec) -> int:
     """Bytes of the distinct storages autograd saves for backward in one forward (the measurement)."""
     torch.manual_seed(0)
     model = build_model(spec.model, spec.data.seq_len)
-    apply_activation_checkpointing(model, spec)
+    apply_activation_checkpointing(model, spec.training)
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, recomputing
+from shardyard.models.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
-from shardyard.models.moe.permute import combine, dispatch
 from shardyard.models.moe.router import Routing, TopKRouter, build_router
 
 STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
@@ -50,6 +50,9 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.router = build_router(router, width, num_experts, top_k, jitter, capacity_factor, bias_update_rate)
         self.experts = GroupedExperts(num_experts, width, hidden, expert_kind, backend)
+        # Tokens reach the experts through a dispatcher, always (local here; parallelize wires
+        # expert parallelism and the compressed dispatch stages, see dispatcher.py).
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
         self.shared_expert = SharedExpert(width, hidden, expert_kind) if shared_expert else None
         # Accumulated over the optimizer step (micro-batches and checkpoint chunks, recompute not
         # counted twice); the trainer reads and resets them with take_step_stats(). Not persistent:
@@ -84,10 +87,7 @@ class MoELayer(nn.Module):
             token_of, weight_of = routing.token_ids[order], routing.weights[order]
 
         offsets = torch.cumsum(kept, dim=0).to(torch.int32)
-        if hasattr(self.experts, "forward_tokens"):  # expert-parallel / compressed dispatch (dedup needs tokens)
-            out = self.experts.forward_tokens(tokens, token_of, weight_of, offsets, num_tokens)
-        else:
-            out = combine(self.experts(dispatch(tokens, token_of), offsets), weight_of, token_of, num_tokens)
+        out = self.dispatcher(tokens, token_of, weight_of, offsets, num_tokens, self.experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
 

@@ -1,70 +1,87 @@
-"""One parallelism plan per job, chosen from `spec.parallel` (see base.ParallelPlan)."""
+"""Parallelism for one job: the dims (one device mesh), the model family's parallelize function, and
+the optimizer, scheduler, gradient step and training state built beside it.
+
+    dims = ParallelDims.from_spec(spec.parallel, topology).build(device.type)
+    training = build_training(spec, model, dims, device)   # parallelizes `model` in place
+    with training.step.micro_batch(last): loss = training.module(x, y); training.step.backward(loss)
+    grad_norm = training.step.step()
+    training.state.save(directory) / .load(directory, layout) / .layout()
+
+Which gradient step and state a job gets follows from the spec alone: DeepSpeed's engine for
+`parallel.zero` (deepspeed_zero.py, the one module that knows it), hook-reduced steps for layer-wise
+GaLore and multi-worker Q-GaLore, otherwise wrapper/explicit reduction (step.ReducedStep) with DCP
+state (state.DCPState).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from shardyard.comm.topology import Topology
 from shardyard.optim import build_optimizer, build_scheduler
 from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import JobSpec
-from shardyard.runtime.parallel.base import ParallelPlan
+from shardyard.runtime.parallel.dims import ParallelDims
+from shardyard.runtime.parallel.parallelize import parallelize
+from shardyard.runtime.parallel.state import DCP_FORMAT, DCPState, TrainingState, checkpoint_format, read_dcp_weights
+from shardyard.runtime.parallel.step import GradientStep, HookReducedStep, ReducedStep
 
 
-def build_plan(spec: JobSpec, model: nn.Module, device: torch.device) -> ParallelPlan:
-    """Wrap / shard `model` for this job and build its optimizer and scheduler (collective)."""
-    par = spec.parallel
-    world = dist.get_world_size() if dist.is_initialized() else 1
+@dataclass
+class Training:
+    module: nn.Module  # what the forward is called on (the model, a DDP wrapper, an engine)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: GradientStep
+    state: TrainingState
 
-    def optimizer_for(m: nn.Module) -> torch.optim.Optimizer:
-        prepare_model_for_optimizer(m, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
-        return build_optimizer(spec.optim, m)
 
-    def scheduler_for(opt: torch.optim.Optimizer):
-        return build_scheduler(spec.optim, opt, spec.training.steps)
-
-    if par.zero:
-        from shardyard.runtime.parallel.deepspeed_zero import DeepSpeedPlan
-
-        optimizer = optimizer_for(model)
-        return DeepSpeedPlan(spec, model, optimizer, scheduler_for(optimizer))
+def hook_reduced(spec: JobSpec, world: int) -> bool:
+    """Layer-wise GaLore (any world: it also carries gradient accumulation) and multi-worker Q-GaLore
+    (INT8 weights DDP cannot wrap) reduce gradients from their hooks."""
     galore = spec.optim.galore
-    # Layer-wise GaLore (any world: it also carries gradient accumulation) and multi-worker Q-GaLore
-    # (INT8 weights DDP cannot wrap) reduce gradients from their hooks.
-    hook_reduced = galore is not None and (galore.layerwise or (spec.optim.kind == "q_galore_adamw" and world > 1))
-    if par.expert_parallel > 1 or (par.shard != "none" and world > 1) or hook_reduced:
-        from shardyard.comm.groups import build_groups
-        from shardyard.comm.topology import topology_from_ray
-        from shardyard.runtime.parallel.mesh import HookReducedPlan, MeshPlan
+    return galore is not None and (galore.layerwise or (spec.optim.kind == "q_galore_adamw" and world > 1))
 
-        groups = build_groups(topology_from_ray(), par.expert_parallel) if par.expert_parallel > 1 else None
-        if hook_reduced:
-            return HookReducedPlan(
-                model,
-                optimizer_for,
-                scheduler_for,
-                spec.optim.grad_clip,
-                groups=groups,
-                ep=par.expert_parallel,
-                a2a=par,
-                device=device,
-            )
-        return MeshPlan(
-            model,
-            optimizer_for,
-            scheduler_for,
-            spec.optim.grad_clip,
-            groups=groups,
-            ep=par.expert_parallel,
-            shard=par.shard,
-            a2a=par,
-            device=device,
-        )
-    from shardyard.comm.expert_parallel import apply_expert_parallel
-    from shardyard.runtime.parallel.replicated import ReplicatedPlan
 
-    apply_expert_parallel(model, None, par)  # EP 1: parallel.dispatch stages, if any, with a local transport
+def dims_for(spec: JobSpec, topology: Topology) -> ParallelDims:
+    """The job's degrees: hook-reduced steps and DeepSpeed replicate the model they are given."""
+    dims = ParallelDims.from_spec(spec.parallel, topology)
+    if spec.parallel.zero or hook_reduced(spec, topology.world_size):
+        dims = ParallelDims(topology, dp_replicate=topology.world_size, ep=dims.ep)
+    return dims
 
-    optimizer = optimizer_for(model)
-    return ReplicatedPlan(model, optimizer, scheduler_for(optimizer), spec.optim.grad_clip, device)
+
+def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: torch.device) -> Training:
+    """Parallelize `model` (in place) and build its optimizer, scheduler, gradient step and state
+    (collective). The optimizer is built after sharding, so its state is created per shard."""
+    hooks = hook_reduced(spec, dims.world_size)
+    module = parallelize(model, dims, spec, device, own_reduction=hooks or bool(spec.parallel.zero))
+    prepare_model_for_optimizer(model, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
+    optimizer = build_optimizer(spec.optim, model)
+    scheduler = build_scheduler(spec.optim, optimizer, spec.training.steps)
+    if spec.parallel.zero:
+        from shardyard.runtime.parallel.deepspeed_zero import DeepSpeedTraining
+
+        engine = DeepSpeedTraining(spec, model, optimizer, scheduler, dims)
+        return Training(engine.module, optimizer, scheduler, engine, engine)
+    step: GradientStep
+    if hooks:
+        step = HookReducedStep(model, optimizer, scheduler, dims, spec.optim.grad_clip)
+    else:
+        step = ReducedStep(model, module, optimizer, scheduler, dims, spec.optim.grad_clip)
+    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard))
+
+
+def consolidated_weights(checkpoint: Path, layout: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model` (single-worker names) from a checkpoint of any state format (one process)."""
+    if checkpoint_format(layout) == DCP_FORMAT:
+        return read_dcp_weights(checkpoint, model)
+    from shardyard.runtime.parallel import deepspeed_zero
+
+    if checkpoint_format(layout) != deepspeed_zero.FORMAT:
+        raise RuntimeError(f"{checkpoint}: unknown state format {checkpoint_format(layout)!r}")
+    return deepspeed_zero.consolidated_weights(checkpoint)

@@ -1,0 +1,183 @@
+"""The job's parallel degrees and its one device mesh (modelled on torchtitan's ParallelDims).
+
+`ParallelDims` validates the degrees against the world and, in `build()`, makes ONE 1-D world
+mesh; every group a job needs is a named view unflattened from it:
+
+    dense   (dp_replicate, dp_shard)     DDP / explicit all-reduce over dp_replicate, FSDP2 over
+                                         dp_shard; both together are the data-parallel ranks
+    experts (edp, ep)                    EP groups are contiguous blocks of `ep` ranks (as few nodes
+                                         as possible), EDP the ranks holding the same expert shard
+    nodes   ep -> (ep_node, ep_local)    the EP group seen node by node (ranks are node-major): the
+                                         intra-node and inter-node ("rail") groups of the
+                                         hierarchical and leader transports and of node dedup
+
+tp and pp are validated (they must be 1 until a plan implements them) so the next degrees have
+their place. Everything that needs a group asks this object: `mesh(name)`, `group(name)` and
+`expert_groups` (the EP view comm/ transports take). A world of one is a mesh of one: `build()`
+starts a one-rank process group when none exists, so no caller branches on `dist.is_initialized()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from shardyard.comm.groups import ProcessGroups, ep_layout
+from shardyard.comm.topology import Topology
+from shardyard.platform.schema import ParallelSpec
+
+
+def ensure_process_group(device_type: str = "cpu") -> None:
+    """A world of one still gets a process group (one rank, in-memory store), so the mesh and the
+    collectives over it are the same code at any world size."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+@dataclass
+class ParallelDims:
+    topology: Topology
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    _expert_groups: ProcessGroups | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        world = self.topology.world_size
+        for name in ("dp_replicate", "dp_shard", "ep", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel degree {name} must be >= 1, got {getattr(self, name)}")
+        if self.tp != 1 or self.pp != 1:
+            raise ValueError(f"tensor / pipeline parallelism are not implemented yet (tp={self.tp}, pp={self.pp})")
+        if self.dp_replicate * self.dp_shard * self.tp * self.pp != world:
+            raise ValueError(
+                f"dp_replicate ({self.dp_replicate}) x dp_shard ({self.dp_shard}) x tp ({self.tp}) x pp "
+                f"({self.pp}) must equal the world size ({world})"
+            )
+        ep_layout(self.topology, self.ep)  # ep divides the data-parallel ranks, and nodes (ValueError)
+
+    # ------------------------------------------------------------------------------ from the spec
+    @classmethod
+    def from_spec(cls, parallel: ParallelSpec, topology: Topology) -> ParallelDims:
+        """Dense weights sharded over every rank with `parallel.shard` (zero2 / full), else replicated;
+        experts over `parallel.expert_parallel` ranks. A world of one shards nothing."""
+        world = topology.world_size
+        shard = parallel.shard != "none" and world > 1
+        return cls(
+            topology,
+            dp_replicate=1 if shard else world,
+            dp_shard=world if shard else 1,
+            ep=parallel.expert_parallel,
+        )
+
+    # ------------------------------------------------------------------------------ degrees
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (each reads its own batches)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def ranks_per_node_in_ep(self) -> int:
+        return min(self.topology.ranks_per_node, self.ep)
+
+    # ------------------------------------------------------------------------------ the mesh
+    def build(self, device_type: str = "cpu") -> ParallelDims:
+        """Create the world mesh and its views (collective: every rank calls it, once). Returns self."""
+        if self._meshes:
+            return self
+        ensure_process_group(device_type)
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ValueError(
+                f"topology (rank {self.rank}/{self.world_size}) disagrees with torch.distributed "
+                f"({dist.get_rank()}/{dist.get_world_size()})"
+            )
+        world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
+        dense = world._unflatten(0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard"))
+        experts = world._unflatten(0, (self.world_size // self.ep, self.ep), ("edp", "ep"))
+        per_node = self.ranks_per_node_in_ep
+        nodes = experts._unflatten("ep", (self.ep // per_node, per_node), ("ep_node", "ep_local"))
+        self._meshes = {
+            "world": world,
+            "dense": dense,
+            "dp_replicate": dense["dp_replicate"],
+            "dp_shard": dense["dp_shard"],
+            "experts": experts,
+            "edp": experts["edp"],
+            "ep": experts["ep"],
+            "ep_node": nodes["ep_node"],
+            "ep_local": nodes["ep_local"],
+        }
+        self._expert_groups = self._make_expert_groups()
+        return self
+
+    def mesh(self, name: str) -> DeviceMesh:
+        """A named view: world, dense (dp_replicate x dp_shard), dp_replicate, dp_shard, experts
+        (edp x ep), edp, ep, ep_node, ep_local."""
+        if not self._meshes:
+            raise RuntimeError("ParallelDims.build() has not run")
+        return self._meshes[name]
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        return self.mesh(name).get_group()
+
+    def ranks(self, name: str) -> list[int]:
+        """The global ranks of this rank's group along the 1-D view `name`."""
+        return dist.get_process_group_ranks(self.group(name))
+
+    @property
+    def expert_groups(self) -> ProcessGroups:
+        """The EP view the token dispatcher's transports take (groups of the one mesh)."""
+        if self._expert_groups is None:
+            raise RuntimeError("ParallelDims.build() has not run")
+        return self._expert_groups
+
+    def _make_expert_groups(self) -> ProcessGroups:
+        groups = ProcessGroups(
+            self.topology,
+            self.ep,
+            self.ranks("ep"),
+            self.group("ep"),
+            self.ranks("edp"),
+            self.group("edp"),
+            self.ranks("ep_local"),
+            self.group("ep_local"),
+            self.ranks("ep_node"),
+            self.group("ep_node"),
+        )
+        layout = ep_layout(self.topology, self.ep)  # the node-aware layout the transports rely on
+        for kind, mine in (
+            ("ep", groups.ep_ranks),
+            ("edp", groups.edp_ranks),
+            ("intra", groups.intra_ranks),
+            ("inter", groups.inter_ranks),
+        ):
+            assert mine in layout[kind], (kind, mine, layout[kind])
+        return groups
+
+
+def replicated_dims(topology: Topology, ep: int, device_type: str = "cpu") -> ParallelDims:
+    """Replicated dense weights and `ep`-way experts, built (what comm tests and benchmarks run on)."""
+    return ParallelDims(topology, dp_replicate=topology.world_size, ep=ep).build(device_type)
