@@ -211,7 +211,7 @@ class Int8GroupedExperts(_Int8Weights, GroupedExperts):
 
         def pack(t: torch.Tensor) -> Any:
             for name, w in dequantized.items():
-                if t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+                if t.untyped_storage()._cdata == w.untyped_storage()._cdata:  # data_ptr is 0 on meta
                     return ("int8", name, t.dtype, t.size(), t.stride(), t.storage_offset())
             return t
 

@@ -28,7 +28,7 @@ def choose_side(shape: torch.Size | tuple[int, ...]) -> Side:
 
 
 def sketch_generator(seed: int, param_index: int, step: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device="cpu" if torch.device(device).type == "meta" else device)  # meta: memory prediction
     gen.manual_seed((seed * 1_000_003 + param_index * 10_007 + step) % (2**63 - 1))
     return gen
 

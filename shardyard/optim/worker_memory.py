@@ -1,20 +1,33 @@
-"""Predicted memory of one worker, checked against what the worker is given before anything starts.
+"""Predicted memory of one worker, from the model and optimizer the job builds, checked against what
+the worker is given before anything starts.
 
-Parts, per worker, from the spec and the model's parameter shapes (built on the meta device):
+`predict_worker_memory(spec)` runs one training step on the meta device (optim.meta_step: no data,
+no memory) with the job's own pieces, in the order runtime.parallel.build_training uses them:
 
-- parameters, gradients, optimizer state: `optim.memory.optimizer_memory_report` (exact for this
-  package's optimizers), divided the way the job shards them: expert weights over
-  `parallel.expert_parallel`; dense weights, gradients and state over the workers for
-  `parallel.shard: full` (all three), `zero2` (gradients, state); the `parallel.zero` stage
-  1 (state), 2 (+ gradients), 3 (+ parameters).
-- activations kept for backward of one micro-batch (`activation_bytes`): per transformer block of
-  T = batch_size x tokens tokens and width w, about 6 T w (attention: norm input, q k v, output;
-  flash attention keeps no T x T matrix; rotary q, k; residuals: 10 T w in all) plus the
-  feed-forward (3 T w + 4 T h for SwiGLU, 3 T h for GELU; MoE: top_k copies of the token rows and
-  their expert hidden, plus T x E router scores and probabilities); T x 256 x 3 fp32 logits. Activation checkpointing keeps one
-  T w input per block plus one block's full set. Elements are 4 bytes (2 under bf16 autocast). Byte models sum their
-  stages, stage i seeing batch x seq_len / (product of the later stages' patch sizes) positions.
-  A test compares the estimate with the bytes autograd actually saves.
+1. the model from the job's builder (`build_meta_model`: models.build_model on the meta device);
+2. expert placement with parallelize's own `keep_expert_slice_` (this rank's E/ep slice of every
+   MoE layer's stacked experts, marked as expert shards) and `apply_activation_checkpointing`; the
+   degrees come from `runtime.parallel.dims_for` (the ParallelDims the job would build, so
+   hook-reduced optimizers and ZeRO replicate dense weights as they do in the job);
+3. `prepare_model_for_optimizer` (Q-GaLore: INT8 weights replace the fp32 ones) and
+   `build_optimizer`: the real optimizer;
+4. forward (balanced routing), backward, `optimizer.step()` (layer-wise GaLore steps from its hooks
+   during backward, as in the job) under `MetaMemoryMode`, which counts live bytes.
+
+Parts, per worker:
+
+- parameters: distinct storages of the model's parameters and buffers (INT8 codes and scales
+  included); gradients: the `.grad` storages held after the step (none in layer-wise mode: they are
+  freed as each parameter steps); optimizer state: every tensor in `optimizer.state`.
+- activations: the step's peak live bytes beyond those three (kept activations, a recomputed block
+  under activation checkpointing, layer-wise gradients in flight, optimizer temporaries).
+- sharding of the dense part over `dims.dp_shard` ranks (FSDP2, as `apply_fsdp`: every parameter
+  not marked as an expert shard, split on dim 0 into ceil(dim0 / dp_shard) rows per rank; its
+  gradient and optimizer state with it; its parameter too under `parallel.shard: full`, while
+  `zero2` keeps unsharded parameters through forward and backward); ZeRO stages partition the
+  optimizer state (1), gradients (2) and parameters (3) over the world.
+- under EP > 1 the step runs on the unsliced model (balanced routing gives each rank the same
+  number of expert rows either way) and the state is counted on the sliced one.
 - a fixed `PROCESS_BYTES` for the Python, torch and Ray worker process itself.
 
 `check_worker_memory` raises SpecError when the total exceeds `resources.memory_per_worker` (or this
@@ -24,17 +37,20 @@ machine's RAM when that is unset), naming the part and the spec field that drive
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from shardyard.platform.errors import SpecError
-from shardyard.platform.schema import JobSpec, ModelSpec
+from shardyard.platform.schema import JobSpec
 
 PROCESS_BYTES = 512 * 2**20
 GIB = 2**30
+MIB = 2**20
 
 
 @dataclass
@@ -45,10 +61,17 @@ class MemoryPrediction:
     activations: int
     process: int
     expert_fraction: float  # of parameter bytes
+    kind: str = ""  # the optimizer
+    adamw: MemoryPrediction | None = field(default=None, repr=False)  # the same job under AdamW
 
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer + self.activations + self.process
+
+    @property
+    def state(self) -> int:
+        """Parameters, gradients and optimizer state."""
+        return self.params + self.grads + self.optimizer
 
     def parts(self) -> dict[str, int]:
         return {
@@ -63,93 +86,150 @@ class MemoryPrediction:
         items = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts().items())
         return f"{self.total / GIB:.2f} GiB ({items} GiB)"
 
-
-def _block_activation_elements(tokens: int, width: int, hidden: int, ffn_kind: str, moe) -> int:
-    attention = 10 * tokens * width
-    per_row_ffn = 4 * hidden if ffn_kind in ("swiglu", "lowrank") else 3 * hidden
-    if moe is None:
-        return attention + 3 * tokens * width + tokens * per_row_ffn
-    rows = tokens * moe.top_k
-    shared = tokens * per_row_ffn if moe.shared_expert else 0
-    return (
-        attention + 4 * tokens * moe.num_experts + 2 * rows * width + rows * per_row_ffn + 3 * tokens * width + shared
-    )
-
-
-def _stack_activation_elements(
-    tokens: int, width: int, hidden: int, depth: int, ffn_kind: str, moe, moe_every: int, checkpointed_every: int
-) -> int:
-    """Elements one stack of `depth` blocks keeps; every `checkpointed_every`-th block checkpointed (0 = none)."""
-    total = 0
-    largest = 0
-    for i in range(depth):
-        is_moe = moe is not None and (i + 1) % moe_every == 0
-        block = _block_activation_elements(tokens, width, hidden, ffn_kind, moe if is_moe else None)
-        largest = max(largest, block)
-        if checkpointed_every and i % checkpointed_every == 0:
-            total += tokens * width  # its input; the rest is recomputed during backward
-        else:
-            total += block
-    return total + (largest if checkpointed_every else 0)
-
-
-def activation_bytes(spec: JobSpec) -> int:
-    """Bytes autograd keeps for backward of one micro-batch on one worker (see the module docstring)."""
-    m: ModelSpec = spec.model
-    batch, seq_len = spec.training.batch_size, spec.data.seq_len
-    element = 2 if spec.training.precision == "bf16" else 4
-    logits = batch * seq_len * 256 * 3 * 4
-    if m.stages:
-        elements = 0
-        for i, stage in enumerate(m.stages):
-            later = 1
-            for inner in m.stages[i + 1 :]:
-                later *= inner.patch_size
-            tokens = batch * -(-seq_len // later)
-            every = 1 if stage.checkpoint_chunks else 0
-            elements += _stack_activation_elements(
-                tokens,
-                stage.width,
-                stage.hidden,
-                stage.depth,
-                "swiglu",
-                stage.moe,
-                stage.moe.every if stage.moe else 1,
-                every,
+    def report(self) -> str:
+        """The training-state lines of `validate` (MiB), next to the same job under AdamW."""
+        lines = [f"optimizer {self.kind}: one step of the job's model and optimizer on the meta device"]
+        for name, value in list(self.parts().items())[:4]:
+            lines.append(f"  {name:<16}{value / MIB:9.2f} MiB")
+        if self.adamw is not None:
+            a = self.adamw
+            lines.append(
+                f"  total           {self.state / MIB:9.2f} MiB ({self.state / a.state:.1%} of AdamW's "
+                f"{a.state / MIB:.2f} MiB), before activations"
             )
-        return elements * element + logits
-    mode = spec.training.activation_checkpointing
-    every = {"none": 0, "full": 1, "every_n": spec.training.activation_checkpointing_every}[mode]
-    moe = m.moe if m.kind == "moe" else None
-    tokens = batch * seq_len
-    elements = _stack_activation_elements(
-        tokens, m.width, m.ffn_hidden, m.depth, m.ffn.kind, moe, moe.every if moe else 1, every
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the meta step
+def _dims(spec: JobSpec):
+    """The ParallelDims the job builds on rank 0 (validated, no mesh)."""
+    from shardyard.comm.topology import Topology
+    from shardyard.runtime.parallel import dims_for
+
+    workers = spec.resources.workers
+    return dims_for(spec, Topology(world_size=workers, rank=0, node_rank=0, local_rank=0, ranks_per_node=workers))
+
+
+def _prepared(spec: JobSpec, ep: int, source: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The job's model on the meta device, placed and prepared as build_training does, and its optimizer."""
+    from shardyard.models.moe.layer import MoELayer
+    from shardyard.optim import build_optimizer
+    from shardyard.optim.int8_weights import prepare_model_for_optimizer
+    from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing, keep_expert_slice_
+
+    model = build_meta_model(spec, source)
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        if layer.num_experts % ep:
+            raise SpecError(f"{source}: parallel.expert_parallel ({ep}) must divide num_experts ({layer.num_experts})")
+        if ep > 1:  # place_experts' slice on rank 0 (every rank holds the same number)
+            keep_expert_slice_(layer.experts, 0, layer.num_experts // ep)
+    apply_activation_checkpointing(model, spec.training)
+    prepare_model_for_optimizer(model, spec.optim)
+    model.train()
+    return model, build_optimizer(spec.optim, model)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    return [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+
+
+def _fsdp_fraction(p: torch.Tensor, dp_shard: int) -> float:
+    """This rank's share of a parameter FSDP2 shards on dim 0 (ceil(dim0 / dp_shard) rows, padded)."""
+    if dp_shard == 1 or p.dim() == 0:
+        return 1.0
+    return math.ceil(p.shape[0] / dp_shard) / p.shape[0]
+
+
+def _step(spec: JobSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Peak bytes one training step allocates on top of the model (forward, backward, step)."""
+    from shardyard.optim.meta_step import MetaMemoryMode
+
+    with MetaMemoryMode() as mode:
+        x = torch.zeros(spec.training.batch_size, spec.data.seq_len, dtype=torch.long, device="meta")
+        loss = model(x, x)[1]
+        loss.backward()
+        del loss
+        optimizer.step()
+        return mode.peak
+
+
+def _give_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The state the optimizer creates, without a forward: a gradient per parameter, then the step."""
+    from shardyard.optim.meta_step import MetaMemoryMode
+
+    with MetaMemoryMode():
+        params = [p for p in model.parameters() if p.requires_grad]
+        if getattr(optimizer, "layerwise", False):
+            for p in params:
+                p.grad = torch.empty_like(p)
+                optimizer.step_param(p)
+                p.grad = None
+            return
+        for p in params:
+            p.grad = torch.empty_like(p)
+        optimizer.step()
+
+
+def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source: str = "<spec>") -> MemoryPrediction:
+    """Per-worker memory of `spec` (see the module docstring). `model` is not used: the prediction
+    builds the job's model itself (it is placed, prepared and stepped, so it cannot be shared)."""
+    from shardyard.models.moe.experts import is_expert_shard
+    from shardyard.models.moe.layer import MoELayer
+    from shardyard.optim.meta_step import distinct_bytes
+
+    dims = _dims(spec)
+    model, optimizer = _prepared(spec, dims.ep, source)
+    if dims.ep > 1:  # the step on the unsliced model; the state on this rank's slice
+        full, full_optimizer = _prepared(spec, 1, source)
+        peak = _step(spec, full, full_optimizer)
+        held = _unsharded_held(full, full_optimizer)
+        del full, full_optimizer
+        _give_grads(model, optimizer)
+    else:
+        peak = _step(spec, model, optimizer)
+        held = _unsharded_held(model, optimizer)
+    experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
+    params_sharded = dims.fsdp_enabled and spec.parallel.shard == "full"
+    params = grads = state = expert = 0.0
+    counted: set[int] = set()
+    for p in model.parameters():
+        key = p.untyped_storage()._cdata
+        if key in counted:
+            continue
+        counted.add(key)
+        # apply_fsdp: expert shards (ep > 1) stay outside FSDP; everything else is split on dim 0
+        fraction = 1.0 if is_expert_shard(p) else _fsdp_fraction(p, dims.dp_shard)
+        own = distinct_bytes([p])
+        params += own * (fraction if params_sharded else 1.0)
+        expert += own if id(p) in experts else 0
+        grads += distinct_bytes([p.grad] if p.grad is not None else []) * fraction
+        state += distinct_bytes(_state_tensors(optimizer, p)) * fraction
+    buffers = distinct_bytes(list(model.buffers()))  # INT8 codes and scales, router biases, counters
+    total_params = params + buffers
+    if spec.parallel.zero:  # ZeRO partitions the replicated state over the world
+        z_params, z_grads, z_state = spec.parallel.sharded_state()
+        world = dims.world_size
+        total_params, grads, state = (
+            v / world if on else v for v, on in ((total_params, z_params), (grads, z_grads), (state, z_state))
+        )
+    return MemoryPrediction(
+        int(total_params),
+        int(grads),
+        int(state),
+        max(0, int(peak - held)),
+        PROCESS_BYTES,
+        expert / max(1.0, params + buffers),
+        spec.optim.kind,
     )
-    return elements * element + logits
 
 
-def _expert_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in f".{name}")
+def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    from shardyard.optim.meta_step import distinct_bytes
 
-
-def predict_worker_memory(spec: JobSpec, model: nn.Module) -> MemoryPrediction:
-    """Per-worker memory of `spec` whose model (any device, meta included) is `model`."""
-    from shardyard.optim.memory import optimizer_memory_report
-
-    report = optimizer_memory_report(spec.optim, model)
-    total_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) or 1
-    expert_fraction = _expert_bytes(model) / total_param_bytes
-    workers, ep = spec.resources.workers, spec.parallel.expert_parallel
-    params_sharded, grads_sharded, state_sharded = spec.parallel.sharded_state()
-
-    def per_worker(value: int, dense_sharded: bool) -> int:
-        dense = value * (1 - expert_fraction) / (workers if dense_sharded else 1)
-        return int(dense + value * expert_fraction / ep)
-
-    params = per_worker(report["param_bytes"] + report["int8_weight_bytes"], params_sharded)
-    grads = per_worker(report["grad_bytes"], grads_sharded)
-    optimizer = per_worker(report["optimizer_state_bytes"], state_sharded)
-    return MemoryPrediction(params, grads, optimizer, activation_bytes(spec), PROCESS_BYTES, expert_fraction)
+    params = list(model.parameters())
+    return distinct_bytes(p.grad for p in params if p.grad is not None) + distinct_bytes(
+        t for p in params for t in _state_tensors(optimizer, p)
+    )
 
 
 def node_memory_bytes() -> int:
@@ -195,10 +275,9 @@ def _driving_field(spec: JobSpec, prediction: MemoryPrediction) -> str:
 
 
 def check_worker_memory(
-    spec: JobSpec, model: nn.Module, source: str = "<spec>", available: int | None = None
+    spec: JobSpec, prediction: MemoryPrediction, source: str = "<spec>", available: int | None = None
 ) -> MemoryPrediction:
-    """The prediction, or SpecError when it exceeds what a worker is given."""
-    prediction = predict_worker_memory(spec, model)
+    """`prediction`, or SpecError when it exceeds what a worker is given."""
     given = spec.resources.memory_per_worker_bytes
     if available is None:
         available = given if given is not None else node_memory_bytes()
@@ -214,9 +293,6 @@ def check_worker_memory(
             f"{_driving_field(spec, prediction)}"
         )
     return prediction
-
-
-_LAST_BUILT: list = []
 
 
 @contextlib.contextmanager
@@ -256,14 +332,9 @@ def build_meta_model(spec: JobSpec, source: str = "<spec>") -> nn.Module:
     from shardyard.data.tokenize import vocab_size_for
 
     vocab_size = vocab_size_for(spec.data)  # 256 for bytes; the tokenizer's vocabulary otherwise
-    key = (m.model_dump_json(), spec.data.seq_len, vocab_size)
-    if _LAST_BUILT and _LAST_BUILT[0] == key:
-        return _LAST_BUILT[1]  # `validate` asks twice (summary, memory check); meta models hold no data
     try:
         with torch.device("meta"), _no_weight_init():
-            model = build_model(m, spec.data.seq_len, vocab_size)
-        _LAST_BUILT[:] = [key, model]
-        return model
+            return build_model(m, spec.data.seq_len, vocab_size)
     except (OverflowError, RuntimeError, TypeError, ValueError, MemoryError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SpecError(
@@ -272,6 +343,23 @@ def build_meta_model(spec: JobSpec, source: str = "<spec>") -> nn.Module:
         ) from None
 
 
+def predict_with_adamw(spec: JobSpec, source: str = "<spec>") -> MemoryPrediction:
+    """The prediction, with the same job under plain AdamW beside it (for the report)."""
+    prediction = predict_worker_memory(spec, source=source)
+    if spec.optim.kind == "adamw":
+        prediction.adamw = prediction
+    else:
+        adamw = spec.model_copy(update={"optim": spec.optim.model_copy(update={"kind": "adamw", "galore": None})})
+        prediction.adamw = predict_worker_memory(adamw, source=source)
+    return prediction
+
+
+def activation_bytes(spec: JobSpec) -> int:
+    """The activation part of the prediction: the step's peak beyond parameters, gradients and state."""
+    return predict_worker_memory(spec).activations
+
+
 def check_spec_memory(spec: JobSpec, source: str = "<spec>") -> MemoryPrediction:
-    """`check_worker_memory` on the spec's model built on the meta device (no memory, no time)."""
-    return check_worker_memory(spec, build_meta_model(spec, source), source)
+    """The spec's prediction (its model and optimizer stepped on the meta device: no memory), or
+    SpecError when it exceeds what a worker is given."""
+    return check_worker_memory(spec, predict_with_adamw(spec, source), source)

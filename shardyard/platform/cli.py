@@ -23,14 +23,13 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def spec_summary(spec: JobSpec, source: str) -> str:
+def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
     from shardyard.data.sources import resolve_units
     from shardyard.data.tokenize import vocab_size_for
     from shardyard.models import count_parameters
     from shardyard.models.flops import training_flops_per_token
-    from shardyard.optim.memory import format_report, optimizer_memory_report
     from shardyard.optim.worker_memory import build_meta_model
     from shardyard.runtime.entry import run_directory
 
@@ -80,9 +79,9 @@ def spec_summary(spec: JobSpec, source: str) -> str:
         f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep "
         f"{spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
-        "memory per worker (training state, before activations):",
-        "  " + format_report(optimizer_memory_report(spec.optim, model)).replace("\n", "\n  "),
     ]
+    if memory is not None:  # optim.worker_memory.MemoryPrediction
+        lines += ["memory per worker (training state):", "  " + memory.report().replace("\n", "\n  ")]
     lines += [f"note       {note}" for note in spec.notes()]
     return "\n".join(lines)
 
@@ -100,8 +99,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from shardyard.runtime.preemption import checkpoint_warning
 
     spec = load_spec(args.spec, args.set)
-    print(spec_summary(spec, args.spec))
-    print(f"predicted memory per worker {check_spec_memory(spec, args.spec).render()}")
+    memory = check_spec_memory(spec, args.spec)
+    print(spec_summary(spec, args.spec, memory))
+    print(f"predicted memory per worker {memory.render()}")
     if checkpoint_warning(spec):
         print(checkpoint_warning(spec))
     print("spec OK")
@@ -117,8 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.tracking.live import LiveStatus
 
     spec = load_spec(args.spec, args.set)
-    print(spec_summary(spec, args.spec), flush=True)
-    check_spec_memory(spec, args.spec)
+    print(spec_summary(spec, args.spec, check_spec_memory(spec, args.spec)), flush=True)
     if checkpoint_warning(spec):
         print(checkpoint_warning(spec), file=sys.stderr, flush=True)
     run_dir = run_directory(spec)

@@ -1,0 +1,142 @@
+"""One training step run on meta tensors, with its memory counted (no data, no real memory).
+
+`MetaMemoryMode` is a TorchDispatchMode that sees every tensor created while it is active:
+
+- live bytes: each new storage adds its bytes and subtracts them when the storage is freed (weakref
+  finalizer); `peak` is the largest sum seen, relative to the tensors that existed before. This is
+  what a step allocates on top of the model (activations kept for backward, recomputed blocks under
+  activation checkpointing, gradients, optimizer state and the optimizer's temporaries).
+- values of the small integer tensors a forward branches on: meta tensors have none, so token
+  routing (`bincount` of the expert ids, `.tolist()` of expert offsets, capacity masks) would fail.
+  `bincount` returns a balanced count (every expert gets the same number of assignments, the
+  expectation a memory prediction wants); ops whose inputs all carry such values are computed on the
+  CPU next to the meta result ("shadows"); a boolean mask with a shadow indexes through its nonzero
+  positions. Floating tensors never get shadows: their values would cost what the step costs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+aten = torch.ops.aten
+SHADOW_LIMIT = 1 << 22  # elements: larger integer tensors stay meta-only
+
+
+def storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def distinct_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind `tensors` (meta or real; views and ties count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _small_integral(t: torch.Tensor) -> bool:
+    return (not t.is_floating_point() and not t.is_complex()) and t.numel() <= SHADOW_LIMIT
+
+
+class MetaMemoryMode(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shadows: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    # ------------------------------------------------------------------------------ live bytes
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def _track(self, out: Any) -> None:
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self._tracked:
+                continue
+            self._tracked.add(key)
+            nbytes = storage.nbytes()
+            self.live += nbytes
+            weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.live)
+
+    # ------------------------------------------------------------------------------ values
+    def _meta_of(self, value: Any) -> Any:
+        def one(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            self.shadows[meta] = t
+            return meta
+
+        return tree_map(one, value)
+
+    def _shadow(self, value: Any) -> Any:
+        return tree_map(lambda t: self.shadows[t] if isinstance(t, torch.Tensor) and t in self.shadows else t, value)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = self._dispatch(func, args, kwargs)
+        self._track(out)
+        return out
+
+    def _dispatch(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+        if func is aten.bincount.default:
+            ids = args[0]
+            minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
+            if ids in self.shadows:
+                return self._meta_of(torch.bincount(self.shadows[ids], minlength=minlength))
+            bins = max(int(minlength), 1)
+            n = ids.numel()
+            counts = torch.full((bins,), n // bins, dtype=torch.int64)
+            counts[: n % bins] += 1
+            return self._meta_of(counts)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        metas = [t for t in tensors if t.device.type == "meta"]
+        if metas and (
+            func is aten._local_scalar_dense.default
+            or (func is aten._to_copy.default and str(kwargs.get("device", "meta")) != "meta")
+        ):
+            if metas[0] not in self.shadows:
+                raise RuntimeError(f"{func}: a value of a meta tensor without a shadow is needed")
+            return func(*self._shadow(args), **self._shadow(kwargs))
+        if func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool and i in self.shadows for i in args[1]
+        ):
+            indices: list = []
+            for i in args[1]:
+                if isinstance(i, torch.Tensor) and i.dtype == torch.bool and i in self.shadows:
+                    indices.extend(self._meta_of(list(self.shadows[i].nonzero(as_tuple=True))))
+                else:
+                    indices.append(i)
+            return func(args[0], indices)
+        mutable = func._schema.is_mutable
+        if metas and not mutable and all(t in self.shadows for t in metas):
+            return self._meta_of(func(*self._shadow(args), **self._shadow(kwargs)))
+        out = func(*args, **kwargs)
+        if mutable:
+            for t in metas:
+                self.shadows.pop(t, None)
+        elif not metas and isinstance(out, torch.Tensor) and out.device.type == "meta" and _small_integral(out):
+            # a factory (arange, zeros) of integers: its values are known
+            cpu_kwargs = dict(kwargs, device="cpu")
+            try:
+                return self._meta_of(func(*args, **cpu_kwargs))
+            except (RuntimeError, TypeError):
+                return out
+        return out
