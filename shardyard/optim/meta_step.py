@@ -12,14 +12,19 @@
   expectation a memory prediction wants); ops whose inputs all carry such values are computed on the
   CPU next to the meta result ("shadows"); a boolean mask with a shadow indexes through its nonzero
   positions. Floating tensors never get shadows: their values would cost what the step costs.
+
+`fused_attention()` makes attention on meta tensors the fused kernel a real run uses (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -61,13 +66,14 @@ class MetaMemoryMode(TorchDispatchMode):
         self._tracked.discard(key)
         self.live -= nbytes
 
-    def _track(self, out: Any) -> None:
+    def _track(self, out: Any, inputs: set[int]) -> None:
+        """Count the new storages among `out` (views and out= results share an input's storage)."""
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "meta":
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
-            if key in self._tracked:
+            if key in self._tracked or key in inputs:
                 continue
             self._tracked.add(key)
             nbytes = storage.nbytes()
@@ -92,7 +98,8 @@ class MetaMemoryMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = self._dispatch(func, args, kwargs)
-        self._track(out)
+        inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self._track(out, inputs)
         return out
 
     def _dispatch(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
@@ -140,3 +147,23 @@ class MetaMemoryMode(TorchDispatchMode):
             except (RuntimeError, TypeError):
                 return out
         return out
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """`F.scaled_dot_product_attention` on meta tensors as the fused (flash) kernel the CPU and GPU
+    backends pick for causal attention without a mask: on meta, torch would pick the math kernel,
+    which keeps the T x T attention weights for backward that no real run keeps."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):  # noqa: ANN001
+        if query.device.type != "meta" or attn_mask is not None or kwargs or query.shape[-1] != value.shape[-1]:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

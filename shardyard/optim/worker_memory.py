@@ -142,9 +142,9 @@ def _fsdp_fraction(p: torch.Tensor, dp_shard: int) -> float:
 
 def _step(spec: JobSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Peak bytes one training step allocates on top of the model (forward, backward, step)."""
-    from shardyard.optim.meta_step import MetaMemoryMode
+    from shardyard.optim.meta_step import MetaMemoryMode, fused_attention
 
-    with MetaMemoryMode() as mode:
+    with fused_attention(), MetaMemoryMode() as mode:
         x = torch.zeros(spec.training.batch_size, spec.data.seq_len, dtype=torch.long, device="meta")
         loss = model(x, x)[1]
         loss.backward()
