@@ -11,16 +11,18 @@ no memory) with the job's own pieces, in the order runtime.parallel.build_traini
    hook-reduced optimizers and ZeRO replicate dense weights as they do in the job);
 3. `prepare_model_for_optimizer` (Q-GaLore: INT8 weights replace the fp32 ones) and
    `build_optimizer`: the real optimizer;
-4. forward (balanced routing), backward, `optimizer.step()` (layer-wise GaLore steps from its hooks
-   during backward, as in the job) under `MetaMemoryMode`, which counts live bytes.
+4. two steps of forward (balanced routing), backward, `optimizer.step()` (layer-wise GaLore steps
+   from its hooks during backward, as in the job) under `MetaMemoryMode`, which counts live bytes;
+   the second (steady-state: the optimizer state exists) is the one measured.
 
 Parts, per worker:
 
 - parameters: distinct storages of the model's parameters and buffers (INT8 codes and scales
   included); gradients: the `.grad` storages held after the step (none in layer-wise mode: they are
   freed as each parameter steps); optimizer state: every tensor in `optimizer.state`.
-- activations: the step's peak live bytes beyond those three (kept activations, a recomputed block
-  under activation checkpointing, layer-wise gradients in flight, optimizer temporaries).
+- activations: the second step's peak live bytes beyond those three (kept activations, a recomputed
+  block under activation checkpointing, layer-wise gradients in flight, optimizer temporaries), so
+  the total is the steady-state peak of a step.
 - sharding of the dense part over `dims.dp_shard` ranks (FSDP2, as `apply_fsdp`: every parameter
   not marked as an expert shard, split on dim 0 into ceil(dim0 / dp_shard) rows per rank; its
   gradient and optimizer state with it; its parameter too under `parallel.shard: full`, while
@@ -141,16 +143,20 @@ def _fsdp_fraction(p: torch.Tensor, dp_shard: int) -> float:
 
 
 def _step(spec: JobSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Peak bytes one training step allocates on top of the model (forward, backward, step)."""
+    """Peak bytes a training step allocates beyond the optimizer state (which the first step creates),
+    measured on the second step: forward, backward, optimizer step. The gradients it leaves stay."""
     from shardyard.optim.meta_step import MetaMemoryMode, fused_attention
 
+    x = torch.zeros(spec.training.batch_size, spec.data.seq_len, dtype=torch.long, device="meta")
     with fused_attention(), MetaMemoryMode() as mode:
-        x = torch.zeros(spec.training.batch_size, spec.data.seq_len, dtype=torch.long, device="meta")
-        loss = model(x, x)[1]
-        loss.backward()
-        del loss
-        optimizer.step()
-        return mode.peak
+        for step in range(2):
+            if step:
+                optimizer.zero_grad(set_to_none=True)
+                start = mode.live
+                mode.reset_peak()
+            model(x, x)[1].backward()
+            optimizer.step()
+        return mode.peak - start
 
 
 def _give_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -182,12 +188,12 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     if dims.ep > 1:  # the step on the unsliced model; the state on this rank's slice
         full, full_optimizer = _prepared(spec, 1, source)
         peak = _step(spec, full, full_optimizer)
-        held = _unsharded_held(full, full_optimizer)
+        held = _unsharded_held(full, full_optimizer, grads_only=True)
         del full, full_optimizer
         _give_grads(model, optimizer)
     else:
         peak = _step(spec, model, optimizer)
-        held = _unsharded_held(model, optimizer)
+        held = _unsharded_held(model, optimizer, grads_only=True)
     experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
     params_sharded = dims.fsdp_enabled and spec.parallel.shard == "full"
     params = grads = state = expert = 0.0
@@ -223,13 +229,13 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     )
 
 
-def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer, grads_only: bool = False) -> int:
+    """Gradients (and optimizer state) the step leaves, before any sharding."""
     from shardyard.optim.meta_step import distinct_bytes
 
     params = list(model.parameters())
-    return distinct_bytes(p.grad for p in params if p.grad is not None) + distinct_bytes(
-        t for p in params for t in _state_tensors(optimizer, p)
-    )
+    grads = distinct_bytes(p.grad for p in params if p.grad is not None)
+    return grads if grads_only else grads + distinct_bytes(t for p in params for t in _state_tensors(optimizer, p))
 
 
 def node_memory_bytes() -> int:
