@@ -24,10 +24,11 @@ Parts, per worker:
   block under activation checkpointing, layer-wise gradients in flight, optimizer temporaries), so
   the total is the steady-state peak of a step.
 - sharding of the dense part over `dims.dp_shard` ranks (FSDP2, as `apply_fsdp`: every parameter
-  not marked as an expert shard, split on dim 0 into ceil(dim0 / dp_shard) rows per rank; its
-  gradient and optimizer state with it; its parameter too under `parallel.shard: full`, while
-  `zero2` keeps unsharded parameters through forward and backward); ZeRO stages partition the
-  optimizer state (1), gradients (2) and parameters (3) over the world.
+  not marked as an expert shard, split on dim 0 into ceil(dim0 / dp_shard) rows per rank, with its
+  gradient and optimizer state; scalar state is not split); the unsharded parameters FSDP gathers
+  are added to the activations (every block's from forward to backward under `zero2`, one block's
+  under `full`); ZeRO stages partition the optimizer state (1), gradients (2) and parameters (3)
+  over the world.
 - under EP > 1 the step runs on the unsliced model (balanced routing gives each rank the same
   number of expert rows either way) and the state is counted on the sliced one.
 - a fixed `PROCESS_BYTES` for the Python, torch and Ray worker process itself.
@@ -195,7 +196,6 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         peak = _step(spec, model, optimizer)
         held = _unsharded_held(model, optimizer, grads_only=True)
     experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
-    params_sharded = dims.fsdp_enabled and spec.parallel.shard == "full"
     params = grads = state = expert = 0.0
     counted: set[int] = set()
     for p in model.parameters():
@@ -206,10 +206,12 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         # apply_fsdp: expert shards (ep > 1) stay outside FSDP; everything else is split on dim 0
         fraction = 1.0 if is_expert_shard(p) else _fsdp_fraction(p, dims.dp_shard)
         own = distinct_bytes([p])
-        params += own * (fraction if params_sharded else 1.0)
+        params += own * fraction
         expert += own if id(p) in experts else 0
         grads += distinct_bytes([p.grad] if p.grad is not None else []) * fraction
-        state += distinct_bytes(_state_tensors(optimizer, p)) * fraction
+        for t in _state_tensors(optimizer, p):  # a scalar (AdamW's step) is not sharded
+            state += distinct_bytes([t]) * (fraction if t.dim() else 1.0)
+    peak += _gathered(spec, model, dims.dp_shard) if dims.fsdp_enabled else 0
     buffers = distinct_bytes(list(model.buffers()))  # INT8 codes and scales, router biases, counters
     total_params = params + buffers
     if spec.parallel.zero:  # ZeRO partitions the replicated state over the world
@@ -227,6 +229,25 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         expert / max(1.0, params + buffers),
         spec.optim.kind,
     )
+
+
+def _gathered(spec: JobSpec, model: nn.Module, dp_shard: int) -> int:
+    """Unsharded parameters FSDP2 holds during a step beyond the shards: every block's from forward
+    to backward with `parallel.shard: zero2` (reshard_after_forward False), one block's at a time
+    with `full`."""
+    from shardyard.models.moe.experts import is_expert_shard
+    from shardyard.models.transformer import Block
+
+    def extra(module: nn.Module) -> float:
+        return sum(
+            p.numel() * p.element_size() * (1 - _fsdp_fraction(p, dp_shard))
+            for p in module.parameters()
+            if not is_expert_shard(p)
+        )
+
+    if spec.parallel.shard == "zero2":
+        return int(extra(model))
+    return int(max((extra(b) for b in model.modules() if isinstance(b, Block)), default=0))
 
 
 def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer, grads_only: bool = False) -> int:
