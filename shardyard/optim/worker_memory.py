@@ -31,6 +31,7 @@ Parts, per worker:
   over the world.
 - under EP > 1 the step runs on the unsliced model (balanced routing gives each rank the same
   number of expert rows either way) and the state is counted on the sliced one.
+- a model with an op no meta kernel covers is predicted without activations (logged).
 - a fixed `PROCESS_BYTES` for the Python, torch and Ray worker process itself.
 
 `check_worker_memory` raises SpecError when the total exceeds `resources.memory_per_worker` (or this
@@ -40,6 +41,7 @@ machine's RAM when that is unset), naming the part and the spec field that drive
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -50,6 +52,8 @@ from torch import nn
 
 from shardyard.platform.errors import SpecError
 from shardyard.platform.schema import JobSpec
+
+log = logging.getLogger(__name__)
 
 PROCESS_BYTES = 512 * 2**20
 GIB = 2**30
@@ -186,15 +190,19 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
 
     dims = _dims(spec)
     model, optimizer = _prepared(spec, dims.ep, source)
-    if dims.ep > 1:  # the step on the unsliced model; the state on this rank's slice
-        full, full_optimizer = _prepared(spec, 1, source)
-        peak = _step(spec, full, full_optimizer)
-        held = _unsharded_held(full, full_optimizer, grads_only=True)
-        del full, full_optimizer
+    # the step runs on the unsliced model under EP (balanced routing gives each rank the same number
+    # of expert rows either way); the state is counted on this rank's slice
+    stepped, stepped_optimizer = (model, optimizer) if dims.ep == 1 else _prepared(spec, 1, source)
+    try:
+        peak: int | None = _step(spec, stepped, stepped_optimizer)
+        held = _unsharded_held(stepped, stepped_optimizer, grads_only=True)
+    except (NotImplementedError, RuntimeError) as err:  # an op without a meta kernel: state only
+        log.warning("%s: memory predicted without activations (the meta-device step failed: %s)", source, err)
+        peak, held = None, 0
+        model, optimizer = _prepared(spec, dims.ep, source)
+    del stepped, stepped_optimizer
+    if peak is None or dims.ep > 1:
         _give_grads(model, optimizer)
-    else:
-        peak = _step(spec, model, optimizer)
-        held = _unsharded_held(model, optimizer, grads_only=True)
     experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
     params = grads = state = expert = 0.0
     counted: set[int] = set()
@@ -207,11 +215,12 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         fraction = 1.0 if is_expert_shard(p) else _fsdp_fraction(p, dims.dp_shard)
         own = distinct_bytes([p])
         params += own * fraction
-        expert += own if id(p) in experts else 0
+        expert += own * fraction if id(p) in experts else 0
         grads += distinct_bytes([p.grad] if p.grad is not None else []) * fraction
         for t in _state_tensors(optimizer, p):  # a scalar (AdamW's step) is not sharded
             state += distinct_bytes([t]) * (fraction if t.dim() else 1.0)
-    peak += _gathered(spec, model, dims.dp_shard) if dims.fsdp_enabled else 0
+    if peak is not None and dims.fsdp_enabled:
+        peak += _gathered(spec, model, dims.dp_shard)
     buffers = distinct_bytes(list(model.buffers()))  # INT8 codes and scales, router biases, counters
     total_params = params + buffers
     if spec.parallel.zero:  # ZeRO partitions the replicated state over the world
@@ -224,7 +233,7 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         int(total_params),
         int(grads),
         int(state),
-        max(0, int(peak - held)),
+        0 if peak is None else max(0, int(peak - held)),
         PROCESS_BYTES,
         expert / max(1.0, params + buffers),
         spec.optim.kind,

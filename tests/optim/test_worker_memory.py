@@ -182,3 +182,19 @@ def test_memory_state_prediction_is_rank_zeros_real_tensors_on_two_gloo_ranks(tm
     # EP's token dispatcher (built from the EP group, which a prediction has none of) adds a few
     # hundred bytes of buffers
     assert 0 <= real["params"] - predicted.params <= 1024
+
+
+def test_memory_prediction_without_a_meta_step_keeps_the_state(monkeypatch) -> None:
+    """An op no meta kernel covers: the prediction goes on without activations (and says so)."""
+    from shardyard.optim import worker_memory
+
+    spec = _spec("moe-tiny.yaml")
+    whole = predict_worker_memory(spec)
+
+    def fail(*args) -> int:
+        raise NotImplementedError("aten::some_op: no meta kernel")
+
+    monkeypatch.setattr(worker_memory, "_step", fail)
+    partial = predict_worker_memory(spec)
+    assert partial.activations == 0
+    assert (partial.params, partial.grads, partial.optimizer) == (whole.params, whole.grads, whole.optimizer)
