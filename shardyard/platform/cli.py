@@ -30,8 +30,8 @@ def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
     from shardyard.data.tokenize import vocab_size_for
     from shardyard.models import count_parameters
     from shardyard.models.flops import training_flops_per_token
-    from shardyard.optim.worker_memory import build_meta_model
     from shardyard.runtime.entry import run_directory
+    from shardyard.runtime.worker_memory import build_meta_model
 
     model = build_meta_model(spec, source)
     total, active = count_parameters(model)
@@ -80,7 +80,7 @@ def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
         f"{spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
     ]
-    if memory is not None:  # optim.worker_memory.MemoryPrediction
+    if memory is not None:  # runtime.worker_memory.MemoryPrediction
         lines += ["memory per worker (training state):", "  " + memory.report().replace("\n", "\n  ")]
     lines += [f"note       {note}" for note in spec.notes()]
     return "\n".join(lines)
@@ -95,8 +95,8 @@ def set_test_hooks(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args: argparse.Namespace) -> int:
-    from shardyard.optim.worker_memory import check_spec_memory
     from shardyard.runtime.preemption import checkpoint_warning
+    from shardyard.runtime.worker_memory import check_spec_memory
 
     spec = load_spec(args.spec, args.set)
     memory = check_spec_memory(spec, args.spec)
@@ -111,9 +111,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
     from shardyard.cluster.secret_env import runtime_env_vars
-    from shardyard.optim.worker_memory import check_spec_memory
     from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
     from shardyard.runtime.preemption import checkpoint_warning
+    from shardyard.runtime.worker_memory import check_spec_memory
     from shardyard.tracking.live import LiveStatus
 
     spec = load_spec(args.spec, args.set)
@@ -199,8 +199,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
-    from shardyard.optim.worker_memory import check_spec_memory
     from shardyard.runtime.entry import run_directory
+    from shardyard.runtime.worker_memory import check_spec_memory
 
     spec = load_spec(args.spec, args.set)
     check_spec_memory(spec, args.spec)

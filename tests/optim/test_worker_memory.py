@@ -22,9 +22,9 @@ from shardyard.models.moe.experts import is_expert_shard
 from shardyard.optim import build_optimizer
 from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.optim.meta_step import distinct_bytes
-from shardyard.optim.worker_memory import predict_with_adamw, predict_worker_memory
 from shardyard.platform.spec import load_spec
 from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing
+from shardyard.runtime.worker_memory import predict_with_adamw, predict_worker_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
@@ -186,7 +186,7 @@ def test_memory_state_prediction_is_rank_zeros_real_tensors_on_two_gloo_ranks(tm
 
 def test_memory_prediction_without_a_meta_step_keeps_the_state(monkeypatch) -> None:
     """An op no meta kernel covers: the prediction goes on without activations (and says so)."""
-    from shardyard.optim import worker_memory
+    from shardyard.runtime import worker_memory
 
     spec = _spec("moe-tiny.yaml")
     whole = predict_worker_memory(spec)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from shardyard.models import build_model
-from shardyard.optim.worker_memory import predict_worker_memory
 from shardyard.platform.cli import main
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing
+from shardyard.runtime.worker_memory import predict_worker_memory
 from tests.helpers import ROOT, tiny_spec_yaml
 
 
