@@ -188,7 +188,10 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     from shardyard.models.moe.layer import MoELayer
     from shardyard.optim.meta_step import distinct_bytes
 
-    dims = _dims(spec)
+    try:
+        dims = _dims(spec)
+    except ValueError as err:
+        raise SpecError(f"{source}: parallel: {err}") from None
     model, optimizer = _prepared(spec, dims.ep, source)
     # the step runs on the unsliced model under EP (balanced routing gives each rank the same number
     # of expert rows either way); the state is counted on this rank's slice
