@@ -65,7 +65,9 @@ def test_one_run_report_from_the_run_directory_alone(runs: tuple[Path, Path], ca
     assert page.startswith("<!doctype html>") and "http://" not in page and "https://" not in page
     ids = re.findall(r"<figure class='fig' id='([^']+)'", page)
     assert ids == ["fig-loss", "fig-throughput", "fig-anatomy", "fig-memory", "fig-load-0-0", "fig-load-0-1"]
-    assert "<td>1</td>" in page  # one restart counted in the summary table
+    rows = dict(re.findall(r"<tr><td[^>]*>([^<]+)</td><td>([^<]*)</td></tr>", page))  # summary table: label -> value
+    assert rows["restarts"] == "1", rows  # one restart (the resume at step 4), in its own row
+    assert rows["steps"] == "8", rows
     assert "name: base" in page
 
 
