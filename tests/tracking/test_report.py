@@ -71,6 +71,15 @@ def test_one_run_report_from_the_run_directory_alone(runs: tuple[Path, Path], ca
     assert "name: base" in page
 
 
+def test_the_comparison_table_gives_each_run_its_own_restart_count(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "compare.html"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    cells = re.findall(r"<tr><td[^>]*>([^<]+)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", out.read_text())
+    rows = {label: (a, b) for label, a, b in cells}
+    assert rows["restarts"] == ("1", "0"), rows  # base resumed once, hot never
+    assert rows["steps"] == ("8", "8"), rows
+
+
 def _render(page: Path, out_dir: Path) -> tuple[np.ndarray, dict]:
     """Screenshot of `page` and, from an instrumented copy, its figures' boxes and any page errors."""
     probe = out_dir / f"probe-{page.name}"
