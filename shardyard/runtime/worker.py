@@ -308,6 +308,9 @@ class Trainer:
         if self.step == int(at) and self.ctx.rank == 0 and not marker.exists():
             marker.write_text(str(self.step))
             if how == "kill":
+                # A dead worker's results not yet polled by Ray Train's controller (every 2 s) are lost
+                # with it: wait until the checkpoint reported before this step has been taken in.
+                time.sleep(5.0)
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {self.step} ({envvars.FAULT_STEP})")
 
