@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -282,12 +283,21 @@ class Trainer:
         }
 
     def maybe_inject_fault(self) -> None:
-        """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
-        restarts from a checkpoint."""
+        """Test hook ($SHARDYARD_FAULT_STEP="<step>[:kill]"): rank 0 fails once at that step, so the
+        worker group restarts from a checkpoint: it raises, or with ":kill" its process is SIGKILLed
+        (no exception, no clean-up: what a crash or the OOM killer leaves)."""
         fault = os.environ.get(envvars.FAULT_STEP)
+        if not fault:
+            return
+        at, _, how = fault.partition(":")
         marker = self.run_dir / FAULT_MARKER
-        if fault and self.step == int(fault) and self.ctx.rank == 0 and not marker.exists():
+        if self.step == int(at) and self.ctx.rank == 0 and not marker.exists():
             marker.write_text(str(self.step))
+            if how == "kill":
+                # A dead worker's results not yet polled by Ray Train's controller (every 2 s) are lost
+                # with it: wait until the checkpoint reported before this step has been taken in.
+                time.sleep(5.0)
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {self.step} ({envvars.FAULT_STEP})")
 
     def fit(self) -> None:
