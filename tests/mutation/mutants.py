@@ -32,8 +32,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "accum-not-averaged",
         "shardyard/runtime/worker.py",
-        "self.plan.backward(ce / accum)",
-        "self.plan.backward(ce)",
+        "self.grad_step.backward(ce / accum)",
+        "self.grad_step.backward(ce)",
         ["tests/runtime/test_trainer.py", "-k", "accum"],
         "gradient accumulation sums micro-batch gradients instead of averaging them (accum x too large)",
     ),
@@ -56,7 +56,7 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ reduction groups and scaling
     Mutant(
         "expert-grads-wrong-group",
-        "shardyard/comm/expert_parallel.py",
+        "shardyard/comm/grad_sync.py",
         "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.edp, world)",
         "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.ep, world)",
         ["tests/comm/test_expert_parallel.py", "-k", "matches_single_worker"],
@@ -64,16 +64,16 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "mesh-expert-grads-not-averaged",
-        "shardyard/runtime/parallel/mesh.py",
-        "all_reduce_mean_(self.experts, self.groups.edp, self.world)",
-        "all_reduce_mean_(self.experts, self.groups.edp, self.world // self.ep)",
+        "shardyard/comm/grad_sync.py",
+        "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.edp, world)",
+        "all_reduce_mean_([p for p in params if is_expert_shard(p)], groups.edp, world // groups.ep_size)",
         ["tests/runtime/test_gradients.py", "-k", "ep2 and not fsdp", *SLOW],
-        "the mesh plan divides expert gradients by the EDP size, not the world (EP x too large)",
+        "sync_gradients divides expert gradients by the EDP size, not the world (EP x too large)",
     ),
     Mutant(
         "mesh-grad-norm-misses-ep-peers",
-        "shardyard/runtime/parallel/mesh.py",
-        "expert_sq = self._all_reduce(expert_sq, self.groups.ep)",
+        "shardyard/optim/clip.py",
+        "expert_sq = _sum_over(expert_sq, expert_group, device)",
         "expert_sq = expert_sq",
         ["tests/runtime/test_gradients.py", "-k", "ep2 and not fsdp", *SLOW],
         "the global grad norm counts only this rank's expert shard (clipping and grad_norm see too small a norm)",
