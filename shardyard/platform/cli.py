@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shardyard import envvars
 from shardyard.platform.errors import UserError
-from shardyard.platform.schema import JobSpec
+from shardyard.platform.schema import JobSpec, parse_size
 from shardyard.platform.spec import json_schema, load_spec
 
 
@@ -327,10 +327,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from shardyard.runtime.export import export_hf
+
+        start = time.perf_counter()
+        family, files = export_hf(
+            Path(args.run_or_checkpoint),
+            Path(args.out),
+            args.target,
+            args.dtype,
+            args.step,
+            parse_size(args.max_shard_size, "--max-shard-size"),
+        )
+        size = sum(f.stat().st_size for f in files)
+        print(
+            f"exported {family} ({args.dtype}) to {args.out}: {len(files)} safetensors file(s), {size / 1e6:.2f} MB, "
+            f"config.json, generation_config.json, tokenizer ({time.perf_counter() - start:.1f} s)"
+        )
+        return 0
+    if args.target != "auto" or args.dtype != "fp32":
+        raise UserError("--target and --dtype apply to --format hf")
     from shardyard.runtime.export import export
 
     weights = export(Path(args.run_or_checkpoint), Path(args.out), args.step)
     print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / 'spec.yaml'}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from shardyard.runtime.hf_import import job_spec_from_hf
+
+    out = Path(args.out)
+    text = job_spec_from_hf(Path(args.hf_dir), out.stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}: model from {args.hf_dir}/config.json, init_from set; fill in data and training")
     return 0
 
 
@@ -476,13 +507,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint of any layout into one safetensors file plus its spec")
+    p = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint of any layout into one safetensors file plus its spec, or (--format hf) a "
+        "Hugging Face model directory",
+    )
     p.add_argument("run_or_checkpoint", help="a run directory (newest complete checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, spec.yaml)")
     p.add_argument(
         "--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)"
     )
+    p.add_argument("--format", choices=["shardyard", "hf"], default="shardyard", help="hf: transformers' layout")
+    p.add_argument(
+        "--target",
+        default="auto",
+        help="hf family: auto (the one that holds the spec exactly) | llama | qwen3 | mixtral | qwen3_moe | olmoe | "
+        "qwen2_moe",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="hf: tensor dtype")
+    p.add_argument("--max-shard-size", default="2GiB", help="hf: split safetensors above this size (with an index)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="write a job spec from a Hugging Face model directory's config.json")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="the job spec to write, e.g. jobs/NAME.yaml")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("eval", help="bits per byte (+- standard error) of a trained run on held-out text")
     p.add_argument("run_dir", help="a run directory")

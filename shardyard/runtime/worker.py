@@ -124,7 +124,11 @@ class Trainer:
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
         self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
         apply_activation_checkpointing(self.model, spec)
+        if spec.parallel.zero:  # DeepSpeed flattens the weights: start them before it does
+            self._initial_weights(self.model)
         self.plan = build_plan(spec, self.model, self.ctx.device)
+        if not spec.parallel.zero:  # every rank fills only the slices it holds
+            self._initial_weights(self.plan.model)
         self.moe = moe_layers(self.model)
         attach_router_bias_updates(self.moe, self.plan.optimizer)
         if spec.parallel.expert_parallel > 1:
@@ -191,6 +195,16 @@ class Trainer:
                 }
             )
         self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
+
+    def _initial_weights(self, model: torch.nn.Module) -> None:
+        """model.init_from / model.upcycle_from (an HF directory or a dense run); the optimizer starts fresh."""
+        if not (self.spec.model.init_from or self.spec.model.upcycle_from):
+            return
+        from shardyard.runtime.hf_import import load_initial_weights
+
+        line = load_initial_weights(model, self.spec, self.data.vocab_size)
+        if line and self.ctx.rank == 0:
+            print(f"[shardyard] {line}", flush=True)
 
     # ------------------------------------------------------------------ state
     def layout(self) -> dict[str, Any]:
