@@ -328,10 +328,9 @@ def spec_from_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "top_k": cfg["num_experts_per_tok"],
         "aux_loss": float(_get(cfg, "router_aux_loss_coef", 0.01)),
     }
+    moe["num_experts"] = cfg.get("num_local_experts") or cfg["num_experts"]  # 5.x saves either name
     if family.name == "mixtral":
-        moe["num_experts"] = cfg["num_local_experts"]
         return {**model, "moe": moe}
-    moe["num_experts"] = cfg["num_experts"]
     moe["renormalize"] = bool(cfg.get("norm_topk_prob", False))
     expert_hidden = cfg.get("moe_intermediate_size", cfg["intermediate_size"])  # olmoe: intermediate_size
     if expert_hidden != cfg["intermediate_size"]:

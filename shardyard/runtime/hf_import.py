@@ -62,11 +62,11 @@ def load_into(model: nn.Module, read: RowReader, keys: set[str], skip: Callable[
 
 
 # ------------------------------------------------------------------------------------------ init_from
-def open_hf(path: str | Path) -> HFCheckpoint:
+def open_hf(path: str | Path, field: str = "model.init_from") -> HFCheckpoint:
     try:
         return HFCheckpoint(Path(path))
     except FileNotFoundError as err:
-        raise UserError(f"model.init_from: {err}") from None
+        raise UserError(f"{field}: {err}") from None
 
 
 def hf_model_spec(ckpt: HFCheckpoint) -> ModelSpec:
@@ -168,7 +168,7 @@ def _dense_source(path: str, vocab_size: int) -> tuple[ModelSpec, Callable[[str]
     """(dense model spec, key -> full tensor) from an HF directory or a shardyard run/checkpoint/export."""
     p = Path(path)
     if (p / "config.json").exists():
-        ckpt = open_hf(p)
+        ckpt = open_hf(p, "model.upcycle_from")
         dense = hf_model_spec(ckpt)
         maps, _ = layouts(FAMILIES[ckpt.config["model_type"]], dense, vocab_size)
         return dense, lambda key: from_hf(maps[key], ckpt.read, 0, rows_of(maps[key]))
@@ -254,8 +254,17 @@ def job_spec_from_hf(hf_dir: Path, name: str) -> str:
 
     from shardyard.platform.spec import load_spec_text
 
-    ckpt = open_hf(hf_dir)
-    model = hf_model_spec(ckpt).model_dump(exclude_defaults=True)
+    import json
+
+    config = Path(hf_dir) / "config.json"
+    if not config.exists():
+        raise UserError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        spec = ModelSpec(**spec_from_config(json.loads(config.read_text())))
+    except Unsupported as err:
+        raise UserError(f"{config}: {err}") from None
+    ckpt = open_hf(hf_dir, "import")
+    model = spec.model_dump(exclude_defaults=True)
     model["init_from"] = str(Path(hf_dir).resolve())
     vocab = ckpt.config.get("vocab_size")
     data: dict[str, Any] = {
