@@ -250,11 +250,11 @@ def upcycle(model: nn.Module, spec: JobSpec, vocab_size: int) -> int:
 # ------------------------------------------------------------------------------------------ import
 def job_spec_from_hf(hf_dir: Path, name: str) -> str:
     """A job spec (YAML text) whose model holds the HF model exactly and starts from its weights."""
+    import json
+
     import yaml
 
     from shardyard.platform.spec import load_spec_text
-
-    import json
 
     config = Path(hf_dir) / "config.json"
     if not config.exists():
