@@ -330,14 +330,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from shardyard.runtime.export import export_hf
 
+        try:
+            max_shard = parse_size(args.max_shard_size, "--max-shard-size")
+        except ValueError as err:
+            raise UserError(str(err)) from None
         start = time.perf_counter()
         family, files = export_hf(
-            Path(args.run_or_checkpoint),
-            Path(args.out),
-            args.target,
-            args.dtype,
-            args.step,
-            parse_size(args.max_shard_size, "--max-shard-size"),
+            Path(args.run_or_checkpoint), Path(args.out), args.target, args.dtype, args.step, max_shard
         )
         size = sum(f.stat().st_size for f in files)
         print(

@@ -172,3 +172,27 @@ def test_refusal_reaches_the_user_as_a_user_error(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match=r"model\.moe\.router: 'aux_free'"):
         export_hf(run_dir, tmp_path / "hf")
+
+
+def test_an_ungated_shared_expert_exports_exactly_to_qwen2_moe(tmp_path: Path) -> None:
+    """Qwen2-MoE always gates its shared expert: a zero gate weight (sigmoid 0 = 1/2) and a doubled down
+    projection hold an ungated one exactly."""
+    model = f"{{kind: moe, {BASE}, {MOE}, shared_experts: 1}}}}"
+    run_dir = trained_run(tmp_path, model, steps=3)
+    spec, ours = load_for_inference(run_dir)
+    assert pick_family(spec.model).name == "qwen2_moe"
+    export_hf(run_dir, tmp_path / "hf")
+    hf = load_hf(tmp_path / "hf")
+    gate = hf.state_dict()["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert gate.abs().max() == 0
+    x = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(input_ids=x).logits - ours(x)[0]).abs().max().item() <= 1e-5
+
+
+def test_cli_refusals_name_the_field(tmp_path: Path) -> None:
+    run_dir = trained_run(tmp_path, MODELS["llama"], steps=1)
+    proc = run_cli("export", str(run_dir), "--format", "hf", "--target", "mixtral", "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "model.kind: 'dense'" in proc.stderr
+    proc = run_cli("export", str(run_dir), "--format", "hf", "--max-shard-size", "lots", "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "--max-shard-size" in proc.stderr
