@@ -33,9 +33,25 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class Rows:
     """The shardyard tensor is the concatenation along dim 0 of HF tensors (name, rows, scale):
-    the HF tensor is `scale` x its rows (scale 2 for an ungated shared expert's down projection)."""
+    the HF tensor is `scale` x its rows (scale 2 for an ungated shared expert's down projection).
+    `interleave[i]` = head_dim permutes part i's rows within each head from shardyard's rotary
+    layout (pairs j, j + d/2) to interleaved pairs (2j, 2j + 1) (Ernie); 0 = as is."""
 
     parts: tuple[tuple[str, int, float], ...]
+    interleave: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vector:
+    """A shardyard vector [n] stored as an HF [1, n] tensor (Ernie's e_score_correction_bias)."""
+
+    name: str
+    size: int
+
+
+def interleave_index(rows: int, head_dim: int) -> torch.Tensor:
+    """HF row r holds shardyard row index[r]: per head, [0, d/2, 1, d/2 + 1, ...]."""
+    return torch.arange(rows).view(-1, 2, head_dim // 2).transpose(1, 2).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -46,15 +62,20 @@ class Experts:
     names: tuple[tuple[str, ...], ...]
 
 
-Layout = Rows | Experts
+Layout = Rows | Experts | Vector
 
 
 def to_hf(layout: Layout, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """The HF tensors of one shardyard tensor (works on meta tensors: names and shapes only)."""
+    if isinstance(layout, Vector):
+        yield layout.name, tensor.reshape(1, -1)
+        return
     if isinstance(layout, Rows):
         start = 0
-        for name, rows, scale in layout.parts:
+        for i, (name, rows, scale) in enumerate(layout.parts):
             part = tensor[start : start + rows]
+            if layout.interleave and layout.interleave[i] and part.device.type != "meta":
+                part = part[interleave_index(rows, layout.interleave[i])]
             yield name, (part * scale if scale != 1.0 else part).contiguous()
             start += rows
         return
@@ -66,12 +87,18 @@ def to_hf(layout: Layout, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Ten
 
 def from_hf(layout: Layout, read: Reader, lo: int, hi: int) -> torch.Tensor:
     """Rows [lo, hi) (experts [lo, hi) of a stack) of the shardyard tensor, read from HF tensors."""
+    if isinstance(layout, Vector):
+        return read(layout.name, 0, 1).reshape(-1)[lo:hi]
     if isinstance(layout, Rows):
         out, start = [], 0
-        for name, rows, scale in layout.parts:
+        for i, (name, rows, scale) in enumerate(layout.parts):
             a, b = max(lo, start), min(hi, start + rows)
             if a < b:
-                part = read(name, a - start, b - start)
+                if layout.interleave and layout.interleave[i]:  # permuted within heads: read the part whole
+                    whole = read(name, 0, rows)
+                    part = whole[torch.argsort(interleave_index(rows, layout.interleave[i]))][a - start : b - start]
+                else:
+                    part = read(name, a - start, b - start)
                 out.append(part / scale if scale != 1.0 else part)
             start += rows
         return torch.cat(out) if len(out) > 1 else out[0]
@@ -82,7 +109,18 @@ def from_hf(layout: Layout, read: Reader, lo: int, hi: int) -> torch.Tensor:
 
 
 def rows_of(layout: Layout) -> int:
+    if isinstance(layout, Vector):
+        return layout.size
     return sum(r for _, r, _ in layout.parts) if isinstance(layout, Rows) else len(layout.names)
+
+
+def layout_names(layout: Layout) -> list[str]:
+    """The HF tensors one shardyard tensor is made of."""
+    if isinstance(layout, Vector):
+        return [layout.name]
+    if isinstance(layout, Rows):
+        return [n for n, _, _ in layout.parts]
+    return [n for group in layout.names for n in group]
 
 
 # ------------------------------------------------------------------------------------------ families
@@ -95,7 +133,9 @@ class Family:
     bias: str = "attention_bias"  # config flag for projection biases: attention_bias (q,k,v,o) | qkv_bias
     moe_prefix: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    shared: bool = False  # Qwen2-MoE: one gated shared expert on every MoE layer
+    shared: str = "none"  # gated: Qwen2-MoE's one gated shared expert (always there); ungated: Ernie's (optional)
+    aux_free: bool = False  # holds the aux_free router's selection bias (e_score_correction_bias)
+    interleaved_rope: bool = False  # rotates pairs (2j, 2j+1): q/k rows permuted per head
     sparse_step: bool = False  # decoder_sparse_step + mlp_only_layers
     renorm_flag: bool = True  # norm_topk_prob exists (else always renormalises: Mixtral)
     head_dim_flag: bool = True
@@ -131,13 +171,25 @@ FAMILIES: dict[str, Family] = {
             "Qwen2MoeForCausalLM",
             moe=True,
             bias="qkv_bias",
-            shared=True,
+            shared="gated",
             sparse_step=True,
             extra={"use_sliding_window": False},
         ),
+        Family(
+            "ernie4_5_moe",
+            "Ernie4_5_MoeForCausalLM",
+            moe=True,
+            bias="none",
+            shared="ungated",
+            sparse_step=True,
+            renorm_flag=False,
+            aux_free=True,
+            interleaved_rope=True,
+            extra={"use_bias": False, "moe_norm_min": 1e-12},
+        ),
     )
 }
-AUTO_ORDER = {False: ("llama", "qwen3"), True: ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")}
+AUTO_ORDER = {False: ("llama", "qwen3"), True: ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe")}
 
 
 def problems(family: Family, m: ModelSpec) -> list[str]:
@@ -163,7 +215,7 @@ def problems(family: Family, m: ModelSpec) -> list[str]:
         out.append(f"model.moe.expert_kind: {moe.expert_kind!r} (experts are SwiGLU MLPs in every family)")
     if moe.router == "expert_choice":
         out.append("model.moe.router: 'expert_choice' (each expert picks tokens from the whole batch: not causal)")
-    if moe.router == "aux_free":
+    if moe.router == "aux_free" and not family.aux_free:
         out.append("model.moe.router: 'aux_free' (its selection bias needs e_score_correction_bias: ernie4_5_moe)")
     if moe.capacity_factor is not None:
         out.append(f"model.moe.capacity_factor: {moe.capacity_factor} (drops tokens; transformers' MoE is dropless)")
@@ -177,10 +229,18 @@ def problems(family: Family, m: ModelSpec) -> list[str]:
     if not family.sparse_step and (moe.every != 1 or moe.first_dense_layers):
         name = "every" if moe.every != 1 else "first_dense_layers"
         out.append(f"model.moe.{name}: {getattr(moe, name)} ({family.name} makes every block MoE)")
-    if family.shared and moe.num_shared == 0:
+    if family.shared == "gated" and moe.num_shared == 0:
         out.append(f"model.moe.shared_experts: 0 ({family.name} always has a shared expert)")
-    if not family.shared and moe.num_shared:
+    if family.shared == "none" and moe.num_shared:
         out.append(f"model.moe.shared_experts: {moe.num_shared} ({family.name} has no shared expert)")
+    if family.shared == "ungated" and moe.num_shared:
+        if moe.shared_gate:
+            out.append(f"model.moe.shared_gate: true ({family.name}'s shared experts have no gate)")
+        if m.shared_hidden != m.expert_hidden:
+            out.append(
+                f"model.moe.shared_hidden: {m.shared_hidden} ({family.name}'s shared experts are as wide as the routed "
+                f"ones, {m.expert_hidden})"
+            )
     return out
 
 
@@ -262,14 +322,34 @@ def hf_config(family: Family, m: ModelSpec, vocab_size: int, seq_len: int, dtype
     if family.name == "mixtral":
         cfg.update(num_local_experts=moe.num_experts, intermediate_size=m.expert_hidden)
         return cfg
+    if family.name == "ernie4_5_moe":
+        return _ernie_config(cfg, m)
     cfg.update(num_experts=moe.num_experts, moe_intermediate_size=m.expert_hidden)
     cfg["norm_topk_prob"] = moe.renormalize if moe.renormalize is not None else moe.router != "switch"
     if family.name == "olmoe":
         cfg["intermediate_size"] = m.expert_hidden
     if family.sparse_step:
         cfg.update(decoder_sparse_step=moe.every, mlp_only_layers=list(range(moe.first_dense_layers)))
-    if family.shared:
+    if family.shared == "gated":
         cfg["shared_expert_intermediate_size"] = moe.num_shared * m.shared_hidden
+    return cfg
+
+
+def _ernie_config(cfg: dict[str, Any], m: ModelSpec) -> dict[str, Any]:
+    moe = m.moe
+    assert moe is not None
+    for key in ("num_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+        cfg.pop(key, None)
+    cfg.update(
+        moe_num_experts=moe.num_experts,
+        moe_k=moe.top_k,
+        moe_intermediate_size=m.expert_hidden,
+        moe_num_shared_experts=moe.num_shared,
+        moe_layer_start_index=moe.first_dense_layers,
+        moe_layer_end_index=m.depth - 1,
+        moe_layer_interval=moe.every,
+    )
+    cfg.pop("num_experts_per_tok", None)
     return cfg
 
 
@@ -324,6 +404,8 @@ def spec_from_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise Unsupported(f"config.json rope_parameters.rope_type {rope_type!r}: shardyard has default | llama3")
     if not family.moe:
         return model
+    if family.name == "ernie4_5_moe":
+        return {**model, "moe": _ernie_moe(cfg)}
     moe: dict[str, Any] = {
         "top_k": cfg["num_experts_per_tok"],
         "aux_loss": float(_get(cfg, "router_aux_loss_coef", 0.01)),
@@ -343,9 +425,31 @@ def spec_from_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"config.json mlp_only_layers {dense}: shardyard's dense MoE blocks are the first n (first_dense_layers)"
             )
         moe["first_dense_layers"] = len(dense)
-    if family.shared:
+    if family.shared == "gated":
         moe.update(shared_experts=1, shared_hidden=cfg["shared_expert_intermediate_size"], shared_gate=True)
     return {**model, "moe": moe}
+
+
+def _ernie_moe(cfg: dict[str, Any]) -> dict[str, Any]:
+    depth = cfg["num_hidden_layers"]
+    end = _get(cfg, "moe_layer_end_index", -1)
+    if end not in (-1, depth - 1):
+        raise Unsupported(f"config.json moe_layer_end_index {end}: shardyard's MoE blocks run to the last block")
+    if cfg.get("use_bias"):
+        raise Unsupported("config.json use_bias: true (biases on every projection) has no shardyard equivalent")
+    moe = {
+        "router": "aux_free",
+        "num_experts": _get(cfg, "moe_num_experts", cfg.get("num_experts")),
+        "top_k": _get(cfg, "moe_k", cfg.get("num_experts_per_tok")),
+        "aux_loss": float(_get(cfg, "router_aux_loss_coef", 0.001)),
+        "every": _get(cfg, "moe_layer_interval", 1),
+        "first_dense_layers": _get(cfg, "moe_layer_start_index", 0),
+    }
+    if cfg["moe_intermediate_size"] != cfg["intermediate_size"]:
+        moe["expert_hidden"] = cfg["moe_intermediate_size"]
+    if _get(cfg, "moe_num_shared_experts", 0):
+        moe["shared_experts"] = cfg["moe_num_shared_experts"]
+    return moe
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -361,13 +465,15 @@ def layouts(family: Family, m: ModelSpec, vocab_size: int) -> tuple[dict[str, La
         out[sd + "attn_norm.weight"] = Rows(((hf + "input_layernorm.weight", width, 1.0),))
         out[sd + "ffn_norm.weight"] = Rows(((hf + "post_attention_layernorm.weight", width, 1.0),))
         a = hf + "self_attn."
+        inter = (hd, hd, 0) if family.interleaved_rope else ()
         for kind in ("weight", "bias") if m.qkv_bias else ("weight",):
             out[sd + f"attn.qkv.{kind}"] = Rows(
                 (
                     (a + f"q_proj.{kind}", m.heads * hd, 1.0),
                     (a + f"k_proj.{kind}", kv * hd, 1.0),
                     (a + f"v_proj.{kind}", kv * hd, 1.0),
-                )
+                ),
+                inter,
             )
         out[sd + "attn.proj.weight"] = Rows(((a + "o_proj.weight", width, 1.0),))
         if m.qkv_bias and family.bias == "attention_bias":
@@ -386,6 +492,12 @@ def layouts(family: Family, m: ModelSpec, vocab_size: int) -> tuple[dict[str, La
             continue
         p = hf + family.moe_prefix + "."
         out[sd + "ffn.router.gate.weight"] = Rows(((p + "gate.weight", moe.num_experts, 1.0),))
+        if family.aux_free:
+            statics = p + "moe_statics.e_score_correction_bias"
+            if moe.router == "aux_free":
+                out[sd + "ffn.router.expert_bias"] = Vector(statics, moe.num_experts)
+            else:
+                zeros[statics] = (1, moe.num_experts)
         e_names = range(moe.num_experts)
         out[sd + "ffn.experts.w_up"] = Experts(
             tuple((f"{p}experts.{e}.{gate_name}.weight", f"{p}experts.{e}.{up_name}.weight") for e in e_names)
@@ -393,15 +505,15 @@ def layouts(family: Family, m: ModelSpec, vocab_size: int) -> tuple[dict[str, La
         out[sd + "ffn.experts.w_down"] = Experts(tuple((f"{p}experts.{e}.{down_name}.weight",) for e in e_names))
         if moe.num_shared:
             sh = moe.num_shared * m.shared_hidden
-            s = p + "shared_expert."
+            s = p + ("shared_experts." if family.shared == "ungated" else "shared_expert.")
             out[sd + "ffn.shared_expert.gate_up.weight"] = Rows(
                 ((s + "gate_proj.weight", sh, 1.0), (s + "up_proj.weight", sh, 1.0))
             )
-            scale = 1.0 if moe.shared_gate else 2.0  # zero gate weight: sigmoid(0) = 1/2
+            scale = 1.0 if moe.shared_gate or family.shared == "ungated" else 2.0  # zero gate: sigmoid(0) = 1/2
             out[sd + "ffn.shared_expert.down.weight"] = Rows(((s + "down_proj.weight", width, scale),))
             if moe.shared_gate:
                 out[sd + "ffn.shared_gate.weight"] = Rows(((p + "shared_expert_gate.weight", 1, 1.0),))
-            else:
+            elif family.shared == "gated":
                 zeros[p + "shared_expert_gate.weight"] = (1, width)
     out["stack.norm.weight"] = Rows((("model.norm.weight", width, 1.0),))
     if not m.tie_embeddings:
@@ -414,8 +526,5 @@ def hf_names(family: Family, m: ModelSpec, vocab_size: int) -> set[str]:
     maps, zeros = layouts(family, m, vocab_size)
     names = set(zeros)
     for layout in maps.values():
-        if isinstance(layout, Rows):
-            names.update(n for n, _, _ in layout.parts)
-        else:
-            names.update(n for group in layout.names for n in group)
+        names.update(layout_names(layout))
     return names

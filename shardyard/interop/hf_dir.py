@@ -204,7 +204,10 @@ def check_zero_tensors(ckpt: HFCheckpoint, zeros: Iterable[str]) -> None:
             continue  # only written as zero by export; an imported Qwen2-MoE keeps its gate
         t = ckpt.read(name)
         if t.abs().max() > 0:
-            raise ValueError(f"{ckpt.dir}: {name} is non-zero, but shardyard has no place for it (no o_proj bias)")
+            raise ValueError(
+                f"{ckpt.dir}: {name} is non-zero, but the spec has no place for it (an o_proj bias, or a "
+                "selection bias without router aux_free)"
+            )
 
 
 __all__ = ["HFCheckpoint", "Rows", "byte_tokenizer_json", "full_tensor", "read_rows", "write_hf", "write_tokenizer"]

@@ -145,22 +145,19 @@ def init_from_hf(model: nn.Module, spec: JobSpec, vocab_size: int) -> dict[str, 
     missing = sorted(n for n in _names(maps) | set(zeros) if n not in ckpt.names() and "shared_expert_gate" not in n)
     if missing:
         raise UserError(f"model.init_from: {ckpt.dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    check_zero_tensors(ckpt, zeros)
+    try:
+        check_zero_tensors(ckpt, zeros)
+    except ValueError as err:
+        raise UserError(f"model.init_from: {err}") from None
     filled = load_into(model, lambda key, lo, hi: from_hf(maps[key], ckpt.read, lo, hi), set(maps))
     ckpt.close()
     return {"tensors": filled, "bytes_read": ckpt.bytes_read}
 
 
 def _names(maps) -> set[str]:
-    from shardyard.interop.families import Rows
+    from shardyard.interop.families import layout_names
 
-    out: set[str] = set()
-    for layout in maps.values():
-        if isinstance(layout, Rows):
-            out.update(n for n, _, _ in layout.parts)
-        else:
-            out.update(n for group in layout.names for n in group)
-    return out
+    return {n for layout in maps.values() for n in layout_names(layout)}
 
 
 # ------------------------------------------------------------------------------------------ upcycling

@@ -34,6 +34,8 @@ MODELS = {
     "olmoe": f"{{kind: moe, {BASE}, qk_norm: full, qkv_bias: true, {MOE}, expert_hidden: 48}}}}",
     "qwen2_moe": f"{{kind: moe, {BASE}, kv_heads: 2, qkv_bias: true, {MOE}, expert_hidden: 32, shared_experts: 2, "
     "shared_hidden: 16, shared_gate: true, every: 2}}",
+    "ernie4_5_moe": f"{{kind: moe, {BASE}, kv_heads: 2, {MOE}, router: aux_free, bias_update_rate: 0.05, "
+    "expert_hidden: 32, shared_experts: 2, first_dense_layers: 1}}",
 }
 
 
@@ -76,6 +78,8 @@ def test_export_loads_in_transformers_with_equal_logits_generation_and_gradients
     run_dir = trained_run(tmp_path, MODELS[family])
     spec, model = load_for_inference(run_dir)
     assert pick_family(spec.model).name == family  # auto picks it
+    if family == "ernie4_5_moe":  # the trained selection bias moved: the export must carry it
+        assert model.stack.blocks[1].ffn.router.expert_bias.abs().max() > 0
     out = tmp_path / "hf"
     name, files = export_hf(run_dir, out)
     assert name == family and files == [out / "model.safetensors"]
@@ -140,7 +144,8 @@ def test_sharded_bf16_export_writes_an_index(tmp_path: Path) -> None:
         ("{kind: moe, moe: {capacity_factor: 1.25}}", "auto", "model.moe.capacity_factor"),
         ("{kind: moe, moe: {score: sigmoid}}", "auto", "model.moe.score"),
         ("{kind: moe, moe: {routed_scale: 2.0}}", "auto", "model.moe.routed_scale"),
-        ("{kind: moe, moe: {router: aux_free}}", "auto", "model.moe.router: 'aux_free'"),
+        ("{kind: moe, moe: {router: aux_free}}", "mixtral", "model.moe.router: 'aux_free'"),
+        ("{kind: moe, moe: {router: aux_free, shared_experts: 1, shared_gate: true}}", "auto", "shared_gate"),
         ("{kind: moe, moe: {expert_kind: gelu}}", "auto", "model.moe.expert_kind"),
         ("{kind: dense, ffn: {kind: gelu}}", "auto", "model.ffn.kind"),
         ("{kind: dense, qk_norm: full}", "auto", "model.qk_norm"),
@@ -168,9 +173,9 @@ def test_byte_models_are_refused_by_the_cli(tmp_path: Path) -> None:
 
 def test_refusal_reaches_the_user_as_a_user_error(tmp_path: Path) -> None:
     run_dir = trained_run(
-        tmp_path, "{kind: moe, width: 32, depth: 1, heads: 2, moe: {num_experts: 4, router: aux_free}}", 1
+        tmp_path, "{kind: moe, width: 32, depth: 1, heads: 2, moe: {num_experts: 4, score: sigmoid}}", 1
     )
-    with pytest.raises(UserError, match=r"model\.moe\.router: 'aux_free'"):
+    with pytest.raises(UserError, match=r"model\.moe\.score: 'sigmoid'"):
         export_hf(run_dir, tmp_path / "hf")
 
 

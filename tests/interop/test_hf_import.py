@@ -51,6 +51,17 @@ CONFIGS = {
             "mlp_only_layers": [0],
         },
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        {
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_intermediate_size": 32,
+            "moe_num_shared_experts": 2,
+            "moe_layer_start_index": 1,
+            "moe_layer_end_index": 1,
+        },
+    ),
 }
 
 
@@ -93,7 +104,10 @@ def test_init_from_gives_the_hf_logits_and_round_trips_bit_equal(tmp_path: Path,
     assert pick_family(spec.model).name == family
     model = build_model(spec.model, 64).eval()
     counts = init_from_hf(model, spec, 256)
-    assert counts["tensors"] == len(list(model.named_parameters()))
+    biases = [n for n, _ in model.named_buffers() if n.endswith("expert_bias")] if family == "ernie4_5_moe" else []
+    assert counts["tensors"] == len(list(model.named_parameters())) + len(biases)
+    for name in biases:  # the selection bias came across (tiny_hf made it non-zero)
+        assert model.get_buffer(name).abs().max() > 0
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(x)[0] - hf(input_ids=x).logits).abs().max().item()
@@ -194,3 +208,16 @@ def test_upcycled_moe_starts_with_the_dense_models_logits(tmp_path: Path, source
     assert (got - want).abs().max().item() <= 1e-5
     experts = moe.model.stack.blocks[0].ffn.experts.w_up
     assert torch.equal(experts[0], experts[3])  # no noise: identical copies
+
+
+def test_a_non_zero_output_bias_is_refused(tmp_path: Path) -> None:
+    """Llama's attention_bias also biases o_proj; shardyard has no place for a non-zero one."""
+    config = transformers.LlamaConfig(**{**COMMON, "attention_bias": True})
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.o_proj.bias.fill_(0.5)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    spec = imported_spec(tmp_path, tmp_path / "hf")
+    assert spec.model.qkv_bias
+    with pytest.raises(UserError, match=r"model\.init_from: .*layers\.1\.self_attn\.o_proj\.bias is non-zero"):
+        init_from_hf(build_model(spec.model, 64), spec, 256)
