@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="auto",
         help="hf family: auto (the one that holds the spec exactly) | llama | qwen3 | mixtral | qwen3_moe | olmoe | "
-        "qwen2_moe",
+        "qwen2_moe | ernie4_5_moe",
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="hf: tensor dtype")
     p.add_argument("--max-shard-size", default="2GiB", help="hf: split safetensors above this size (with an index)")
