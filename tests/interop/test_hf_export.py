@@ -26,7 +26,8 @@ SEQ = 96
 BASE = "width: 64, depth: 3, heads: 4, ffn: {hidden: 96}"
 MOE = "moe: {num_experts: 4, top_k: 2, aux_loss: 0.01, z_loss: 0.001"
 MODELS = {
-    "llama": f"{{kind: dense, {BASE}, kv_heads: 2, qkv_bias: true, rope_theta: 50000.0, norm_eps: 1.0e-5}}",
+    "llama": f"{{kind: dense, {BASE}, kv_heads: 2, qkv_bias: true, rope_theta: 50000.0, norm_eps: 1.0e-5, "
+    "rope_scaling: {type: llama3, factor: 4.0, original_context: 32}}",
     "qwen3": f"{{kind: dense, {BASE}, kv_heads: 1, head_dim: 24, qk_norm: head, tie_embeddings: true}}",
     "mixtral": f"{{kind: moe, {BASE}, kv_heads: 2, {MOE}}}}}",
     "qwen3_moe": f"{{kind: moe, {BASE}, kv_heads: 2, qk_norm: head, {MOE}, expert_hidden: 32, renormalize: false, "
