@@ -56,12 +56,39 @@ def spec_summary(spec: JobSpec, source: str) -> str:
         lines.append(
             f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}"
         )
+        options = [
+            f"{m.attn_kv_heads} kv heads" if m.kv_heads else "",
+            f"head dim {m.head_dim}" if m.head_dim else "",
+            f"rope theta {m.rope_theta:g}" if m.rope_theta != 10000.0 else "",
+            f"rope scaling {m.rope_scaling.type} x{m.rope_scaling.factor:g}" if m.rope_scaling else "",
+            f"qk-norm {m.qk_norm}" if m.qk_norm != "none" else "",
+            "qkv bias" if m.qkv_bias else "",
+            "tied embeddings" if m.tie_embeddings else "",
+            f"norm eps {m.norm_eps:g}" if m.norm_eps != 1e-6 else "",
+            f"init from {m.init_from}" if m.init_from else "",
+            f"upcycled from {m.upcycle_from}" if m.upcycle_from else "",
+        ]
+        if any(options):
+            lines.append(f"options    {', '.join(o for o in options if o)}")
     if m.moe is not None:
         cap = "dropless" if m.moe.capacity_factor is None else f"capacity factor {m.moe.capacity_factor}"
         lines.append(
             f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
             f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}"
         )
+        moe = m.moe
+        extra = [
+            f"expert hidden {moe.expert_hidden}" if moe.expert_hidden else "",
+            f"{moe.num_shared} shared x {moe.shared_hidden or m.expert_hidden}{' gated' if moe.shared_gate else ''}"
+            if moe.num_shared
+            else "",
+            f"first {moe.first_dense_layers} blocks dense" if moe.first_dense_layers else "",
+            f"{moe.score} scores" if moe.score != "softmax" else "",
+            f"renormalize {moe.renormalize}" if moe.renormalize is not None else "",
+            f"routed scale {moe.routed_scale:g}" if moe.routed_scale != 1.0 else "",
+        ]
+        if any(extra):
+            lines.append(f"           {', '.join(e for e in extra if e)}")
     lines += [
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
         f"compute    {_fmt_count(flops)}FLOP per token (forward + backward, counted on the meta device), "
