@@ -83,13 +83,13 @@ def write_hf(
             for g in members:
                 key, planned = groups[g]
                 if key is None:
-                    tensors = [(planned[0][0], torch.zeros(planned[0][2], dtype=torch_dtype))]
-                else:
-                    tensors = list(to_hf(maps[key], read(key).detach().to("cpu", torch.float32)))
+                    tensors = iter([(planned[0][0], torch.zeros(planned[0][2], dtype=torch_dtype))])
+                else:  # lazily: one HF piece of the tensor alive at a time
+                    tensors = to_hf(maps[key], read(key).detach().to("cpu", torch.float32))
                 for (name, tensor), (want, _, shape) in zip(tensors, planned, strict=True):
                     assert name == want and tuple(tensor.shape) == shape, (name, want, tensor.shape, shape)
                     data = tensor.to(torch_dtype).contiguous()
-                    f.write(data.view(torch.uint8).numpy().tobytes())
+                    f.write(memoryview(data.view(torch.uint8).numpy()))  # no bytes copy
                     weight_map[name] = fname
                     total += data.numel() * data.element_size()
         files.append(out / fname)
