@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 MODEL = "width: 128, depth: 4, heads: 4, ffn: {hidden: 384}"
+ROUTERS = {
+    "top1": "{num_experts: 8, top_k: 1, router: softmax_topk}",
+    "switch8": "{num_experts: 8, top_k: 1, router: switch, routed_scale: 8.0}",
+}
 
 
 def spec_text(name: str, seed: int, steps: int, storage: Path, model: str) -> str:
@@ -50,6 +54,13 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=150)
     ap.add_argument("--cont", type=int, default=150)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--router",
+        choices=list(ROUTERS),
+        default="top1",
+        help="top1: softmax top-1 renormalised (exact start; the weight is always 1, so the router learns only from "
+        "the aux loss) | switch8: switch top-1 with routed_scale 8 (~exact start; the router gets gradients)",
+    )
     args = ap.parse_args()
     from shardyard.runtime.evaluation import evaluate_run
     from shardyard.runtime.export import export_hf
@@ -61,10 +72,7 @@ def main() -> None:
             base_s = train(spec_text("base", seed, args.base, work, f"{{kind: dense, {MODEL}}}"), work / "base")
             export_hf(work / "base", work / "hf")
             dense = f"{{kind: dense, {MODEL}, init_from: '{work / 'hf'}'}}"
-            moe = (
-                f"{{kind: moe, {MODEL}, upcycle_from: '{work / 'hf'}', "
-                "moe: {num_experts: 8, top_k: 1, router: softmax_topk}}"
-            )
+            moe = f"{{kind: moe, {MODEL}, upcycle_from: '{work / 'hf'}', moe: {ROUTERS[args.router]}}}"
             dense_s = train(spec_text("dense", seed, args.cont, work, dense), work / "dense")
             moe_s = train(spec_text("upcycled", seed, args.cont, work, moe), work / "upcycled")
             _, base_r = evaluate_run(work / "base")
@@ -84,15 +92,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     diffs = [r["upcycled_minus_dense"] for r in rows]
     mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else float("nan")
+    se = (
+        math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        if len(diffs) > 1
+        else float("nan")
+    )
     lines = [
         f"# Sparse upcycling vs continued dense training ({datetime.date.today()})",
         "",
-        f"Command: `PYTHONPATH=. python benchmarks/upcycle.py --seeds {args.seeds} --base {args.base} --cont {args.cont}`;"
+        f"Command: `PYTHONPATH=. python benchmarks/upcycle.py --seeds {args.seeds} --base {args.base} --cont {args.cont} "
+        f"--router {args.router}`;"
         f" model {{{MODEL}}}, seq 256, batch 8, lr 2e-3 (warm-up 20, cosine), one CPU worker. Dense base trained "
         f"{args.base} steps and exported to HF; both continuations train {args.cont} steps from it with a fresh "
         "optimizer and the same data order: dense via `model.init_from`, upcycled via `model.upcycle_from` (8 "
-        "copies of the MLP, softmax top-1 renormalised: equal active FFN compute). Held-out bpb over 131072 "
+        f"copies of the MLP, moe {ROUTERS[args.router]}: equal active FFN compute). Held-out bpb over 131072 "
         "bytes (+- standard error over windows).",
         "",
         "| seed | base bpb | dense continued | upcycled continued | upcycled - dense |",
