@@ -70,7 +70,7 @@ def _block_activation_elements(tokens: int, width: int, hidden: int, ffn_kind: s
     if moe is None:
         return attention + 3 * tokens * width + tokens * per_row_ffn
     rows = tokens * moe.top_k
-    shared = tokens * per_row_ffn if moe.shared_expert else 0
+    shared = tokens * per_row_ffn * moe.num_shared
     return (
         attention + 4 * tokens * moe.num_experts + 2 * rows * width + rows * per_row_ffn + 3 * tokens * width + shared
     )
@@ -83,7 +83,7 @@ def _stack_activation_elements(
     total = 0
     largest = 0
     for i in range(depth):
-        is_moe = moe is not None and (i + 1) % moe_every == 0
+        is_moe = moe is not None and moe.is_moe_block(i)
         block = _block_activation_elements(tokens, width, hidden, ffn_kind, moe if is_moe else None)
         largest = max(largest, block)
         if checkpointed_every and i % checkpointed_every == 0:
