@@ -163,8 +163,21 @@ def export_hf(
     )
     if spec.data.tokenizer == "bytes":
         write_tokenizer(out, byte_tokenizer_json())
-    elif not spec.data.tokenizer.startswith("bpe:"):
+    elif spec.data.tokenizer.startswith("bpe:"):
+        write_tokenizer(out, trained_tokenizer_json(spec))
+    else:
         from shardyard.data.tokenize import read_tokenizer_file
 
         write_tokenizer(out, read_tokenizer_file(spec.data.tokenizer))
     return fam.name, files
+
+
+def trained_tokenizer_json(spec: JobSpec) -> str:
+    """The BPE tokenizer a `bpe:N` run trained on: the one its prepared data holds (prepared again, with
+    the same deterministic training, if the cache was cleared)."""
+    from shardyard.data.prepare import ensure_prepared
+
+    codec = ensure_prepared(spec.data, parallel="local").codec()
+    if codec.hf_json is None:
+        raise UserError(f"data.tokenizer: {spec.data.tokenizer!r}, but the prepared data holds no tokenizer.json")
+    return codec.hf_json

@@ -202,3 +202,38 @@ def test_cli_refusals_name_the_field(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "model.kind: 'dense'" in proc.stderr
     proc = run_cli("export", str(run_dir), "--format", "hf", "--max-shard-size", "lots", "--out", str(tmp_path / "o"))
     assert proc.returncode != 0 and "--max-shard-size" in proc.stderr
+
+
+def test_a_bpe_run_exports_its_trained_tokenizer(tmp_path: Path) -> None:
+    """A `bpe:N` run's export carries the tokenizer it trained on: AutoTokenizer gives the ids the run's
+    own codec gives, and decodes them back to the text; the model loads with its vocabulary."""
+    from shardyard.data.prepare import ensure_prepared
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["def", "return", "import", "class", "self", "value", "index", "print", "lambda", "yield"]
+    for i in range(4):
+        lines = [" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(8)) for j in range(400)]
+        (corpus / f"part{i}.py").write_text("\n".join(lines) + "\n")
+    text = tiny_spec_yaml(
+        "bpe",
+        tmp_path,
+        model=MODELS["llama"],
+        data=f"{{sources: [{{path: '{corpus}', format: text}}], tokenizer: 'bpe:300', seq_len: 32, "
+        f"prepared_dir: '{tmp_path / 'prepared'}'}}",
+        training="{steps: 2, batch_size: 2, eval_every: 0, eval_bytes: 2048}",
+        resources="{workers: 1, cpus_per_worker: 1, max_failures: 0}",
+        checkpoint=f"{{dir: {tmp_path}, every: 2, keep: 2}}",
+    )
+    spec = load_spec_text(text)
+    Trainer(spec, tmp_path / "run", LocalReporter(tmp_path / "run", 1)).fit()
+    out = tmp_path / "hf"
+    export_hf(tmp_path / "run", out, "llama")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    codec = ensure_prepared(spec.data, parallel="local").codec()
+    sample = "def value(self):\n    return index + lambda\n"
+    ids = hf_tok(sample, add_special_tokens=False)["input_ids"]
+    assert ids == codec.encode([sample.encode()])[0].tolist()
+    assert len(ids) < len(sample.encode())  # merges in use: not the byte tokenizer
+    assert hf_tok.decode(ids) == sample
+    assert load_hf(out).config.vocab_size == 300
