@@ -243,13 +243,13 @@ def test_a_rank_that_sleeps_in_a_collective_ends_the_attempt_naming_it(tmp_path:
     """Real processes and a real gloo all_reduce: the sleeping rank's watchdog ends its process with
     EXIT_STALLED after 2.4 s without progress, its peer's collective fails (or its own watchdog ends
     it), and the report names rank 1 and the step."""
-    monkeypatch.setenv("SHARDYARD_HANG_AT", "3:1:60")
+    monkeypatch.setenv("SHARDYARD_HANG_AT", "3:1:600")
     codes, elapsed = _exit_codes(_hanging_rank, 2, str(tmp_path))
-    # Without the watchdog rank 1 would wake after 60 s and both would finish with 0.
+    # Without the watchdog rank 1 would wake after 600 s and both would finish with 0.
     assert EXIT_STALLED == 86  # the code the failure policy recognises ("exit code 86", runtime/failures.py)
     assert codes[1] == EXIT_STALLED, codes
     assert codes[0] in (EXIT_STALLED, 1), codes  # its own watchdog, or the gloo error its peer's exit raised
-    assert elapsed < 45, elapsed
+    assert elapsed < 300, elapsed  # far below the 600 s sleep, with room for a loaded machine
     reports = read_stall_reports(tmp_path)  # either rank's watchdog may fire first; both name rank 1
     assert reports and all(r["stuck_rank"] == 1 for r in reports), reports
     assert any(r["reporter"] == 1 for r in reports), reports  # rank 1's exit came from its own watchdog
