@@ -29,6 +29,7 @@ LAYERS = {
     "models": 2,
     "comm": 3,
     "optim": 3,
+    "interop": 3,
     "runtime": 4,
     "cli": 5,
     "root": 0,  # shardyard/__init__.py: imports nothing

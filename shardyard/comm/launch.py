@@ -8,6 +8,7 @@ a file store (no ports to race for), fakes `ranks_per_node` ranks per node and c
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -35,6 +36,15 @@ def _entry(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Done and torn down: end the rank as a forked child ends, without interpreter finalization and
+    # C++ static destructors. A DistributedDataParallel model keeps its process group alive past
+    # destroy_process_group (torch 2.13 holds it from C++), so gloo's native threads (its TCP loop and
+    # work threads) are still running when a spawned child finalizes; tearing the runtime down beside
+    # them aborted a rank now and then (SIGABRT, no Python traceback) once its peer had exited. A rank
+    # that raised still leaves through multiprocessing, which reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., Any], world_size: int, ranks_per_node: int, *args: Any) -> None:

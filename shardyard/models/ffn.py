@@ -20,9 +20,11 @@ def build_dense_ffn(spec: ModelSpec, width: int, hidden: int) -> nn.Module:
 
 
 def build_moe_layer(moe: MoESpec, width: int, hidden: int) -> MoELayer:
+    """An MoE layer; `hidden` is the dense FFN's, which experts use unless moe.expert_hidden is set."""
+    expert_hidden = moe.expert_hidden or hidden
     return MoELayer(
         width=width,
-        hidden=hidden,
+        hidden=expert_hidden,
         num_experts=moe.num_experts,
         top_k=moe.top_k,
         router=moe.router,
@@ -32,16 +34,22 @@ def build_moe_layer(moe: MoESpec, width: int, hidden: int) -> MoELayer:
         backend=moe.backend,
         expert_kind=moe.expert_kind,
         jitter=moe.jitter,
-        shared_expert=moe.shared_expert,
+        shared_expert=moe.num_shared > 0,
         bias_update_rate=moe.bias_update_rate,
+        shared_hidden=moe.num_shared * (moe.shared_hidden or expert_hidden),
+        shared_gate=moe.shared_gate,
+        score=moe.score,
+        renormalize=moe.renormalize,
+        routed_scale=moe.routed_scale,
     )
 
 
 def build_ffn_factory(spec: ModelSpec, width: int, hidden: int, moe: MoESpec | None) -> Callable[[int], nn.Module]:
-    """Block index -> FFN module: MoE on every `moe.every`-th block when `moe` is set, dense elsewhere."""
+    """Block index -> FFN module: MoE on every `moe.every`-th block past `moe.first_dense_layers` when
+    `moe` is set, dense elsewhere."""
 
     def make(layer: int) -> nn.Module:
-        if moe is not None and (layer + 1) % moe.every == 0:
+        if moe is not None and moe.is_moe_block(layer):
             return build_moe_layer(moe, width, hidden)
         return build_dense_ffn(spec, width, hidden)
 

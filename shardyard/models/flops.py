@@ -39,7 +39,10 @@ def _balanced_moe_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             h = F.gelu(h)
         out = out + h @ w_down
     if layer.shared_expert is not None:
-        out = out + layer.shared_expert(tokens)
+        shared = layer.shared_expert(tokens)
+        if layer.shared_gate is not None:
+            shared = torch.sigmoid(layer.shared_gate(tokens)) * shared
+        out = out + shared
     return out.view(x.shape)
 
 

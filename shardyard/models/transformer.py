@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,52 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary frequency scaling (HF rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        low_wavelen = self.original_context / self.low_freq_factor
+        high_wavelen = self.original_context / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_context / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+
+
+@dataclass(frozen=True)
+class AttnOptions:
+    """Attention and norm options beyond width/heads (defaults: full multi-head attention as before)."""
+
+    kv_heads: int | None = None  # None = heads
+    head_dim: int | None = None  # None = width // heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-6
+    qk_norm: str = "none"  # none | head | full
+    qkv_bias: bool = False
+
+
 def rotary_tables(
-    seq_len: int, head_dim: int, base: float = 10000.0, device: torch.device | None = None
+    seq_len: int,
+    head_dim: int,
+    base: float = 10000.0,
+    device: torch.device | None = None,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [seq_len, head_dim // 2] for rotary position embedding."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     return freqs.cos(), freqs.sin()
@@ -46,21 +88,60 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    """Causal attention; `qkv` holds [q (heads x head_dim) | k (kv_heads x head_dim) | v (same)] rows.
+    kv_heads < heads is grouped-query attention (query head i reads key/value head i // (heads / kv_heads))."""
+
+    def __init__(self, width: int, heads: int, opts: AttnOptions | None = None) -> None:
         super().__init__()
-        assert width % heads == 0, "heads must divide width"
+        opts = opts or AttnOptions()
+        if opts.head_dim is None:
+            assert width % heads == 0, "heads must divide width"
         self.heads = heads
-        self.head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.proj = nn.Linear(width, width, bias=False)
+        self.head_dim = opts.head_dim or width // heads
+        self.kv_heads = opts.kv_heads or heads
+        assert heads % self.kv_heads == 0, "kv_heads must divide heads"
+        self.qk_norm = opts.qk_norm
+        q_out, kv_out = heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(width, q_out + 2 * kv_out, bias=opts.qkv_bias)
+        self.proj = nn.Linear(q_out, width, bias=False)
+        if opts.qk_norm != "none":
+            full = opts.qk_norm == "full"
+            self.q_norm = RMSNorm(q_out if full else self.head_dim, opts.norm_eps)
+            self.k_norm = RMSNorm(kv_out if full else self.head_dim, opts.norm_eps)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, width] -> q [B, heads, T, head_dim], k and v [B, kv_heads, T, head_dim] (before rotary)."""
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        if self.kv_heads == self.heads and self.qk_norm == "none":
+            q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split((q_out, kv_out, kv_out), dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """Attention of q over k, v (kv heads shared by groups of query heads), projected: [B, T, width]."""
+        extra = {"enable_gqa": True} if self.kv_heads != self.heads else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+        b, _, t, _ = q.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        t = x.shape[1]
+        q, k, v = self.project(x)
         cos, sin = rope[0][:t], rope[1][:t]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.attend(q, k, v, None, True)
 
 
 class SwiGLU(nn.Module):
@@ -97,11 +178,12 @@ def dense_mlp(kind: str, width: int, hidden: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, ffn: nn.Module) -> None:
+    def __init__(self, width: int, heads: int, ffn: nn.Module, opts: AttnOptions | None = None) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
-        self.ffn_norm = RMSNorm(width)
+        eps = opts.norm_eps if opts is not None else 1e-6
+        self.attn_norm = RMSNorm(width, eps)
+        self.attn = CausalSelfAttention(width, heads, opts)
+        self.ffn_norm = RMSNorm(width, eps)
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -112,11 +194,21 @@ class Block(nn.Module):
 class TransformerStack(nn.Module):
     """`depth` blocks sharing one rotary table; maps [B, T, width] -> [B, T, width] (normed)."""
 
-    def __init__(self, width: int, depth: int, heads: int, ffn_factory: FFNFactory, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        ffn_factory: FFNFactory,
+        max_seq_len: int,
+        opts: AttnOptions | None = None,
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, ffn_factory(i)) for i in range(depth))
-        self.norm = RMSNorm(width)
-        cos, sin = rotary_tables(max_seq_len, width // heads)
+        opts = opts or AttnOptions()
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_factory(i), opts) for i in range(depth))
+        self.norm = RMSNorm(width, opts.norm_eps)
+        head_dim = opts.head_dim or width // heads
+        cos, sin = rotary_tables(max_seq_len, head_dim, opts.rope_theta, scaling=opts.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_every = 0  # activation checkpointing: 0 = off, n = every n-th block (1 = all)
@@ -136,13 +228,23 @@ class ByteTransformerLM(nn.Module):
     otherwise), transformer stack, tied-free head."""
 
     def __init__(
-        self, width: int, depth: int, heads: int, ffn_factory: FFNFactory, max_seq_len: int, vocab_size: int = 256
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        ffn_factory: FFNFactory,
+        max_seq_len: int,
+        vocab_size: int = 256,
+        opts: AttnOptions | None = None,
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(self.vocab_size, width)
-        self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len)
+        self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len, opts)
         self.head = nn.Linear(width, self.vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
         self.apply(init_weights)
         scale_residual_projections(self.stack, depth)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shardyard import envvars
 from shardyard.platform.errors import UserError
-from shardyard.platform.schema import JobSpec
+from shardyard.platform.schema import JobSpec, parse_size
 from shardyard.platform.spec import json_schema, load_spec
 
 
@@ -55,12 +55,39 @@ def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
         lines.append(
             f"model      {m.kind}: width {m.width}, depth {m.depth}, heads {m.heads}, ffn {m.ffn.kind} {m.ffn_hidden}"
         )
+        options = [
+            f"{m.attn_kv_heads} kv heads" if m.kv_heads else "",
+            f"head dim {m.head_dim}" if m.head_dim else "",
+            f"rope theta {m.rope_theta:g}" if m.rope_theta != 10000.0 else "",
+            f"rope scaling {m.rope_scaling.type} x{m.rope_scaling.factor:g}" if m.rope_scaling else "",
+            f"qk-norm {m.qk_norm}" if m.qk_norm != "none" else "",
+            "qkv bias" if m.qkv_bias else "",
+            "tied embeddings" if m.tie_embeddings else "",
+            f"norm eps {m.norm_eps:g}" if m.norm_eps != 1e-6 else "",
+            f"init from {m.init_from}" if m.init_from else "",
+            f"upcycled from {m.upcycle_from}" if m.upcycle_from else "",
+        ]
+        if any(options):
+            lines.append(f"options    {', '.join(o for o in options if o)}")
     if m.moe is not None:
         cap = "dropless" if m.moe.capacity_factor is None else f"capacity factor {m.moe.capacity_factor}"
         lines.append(
             f"experts    {m.moe.num_experts} per MoE layer, top-{m.moe.top_k} {m.moe.router}, {cap}, "
             f"backend {m.moe.backend}, aux {m.moe.aux_loss} z {m.moe.z_loss}"
         )
+        moe = m.moe
+        extra = [
+            f"expert hidden {moe.expert_hidden}" if moe.expert_hidden else "",
+            f"{moe.num_shared} shared x {moe.shared_hidden or m.expert_hidden}{' gated' if moe.shared_gate else ''}"
+            if moe.num_shared
+            else "",
+            f"first {moe.first_dense_layers} blocks dense" if moe.first_dense_layers else "",
+            f"{moe.score} scores" if moe.score != "softmax" else "",
+            f"renormalize {moe.renormalize}" if moe.renormalize is not None else "",
+            f"routed scale {moe.routed_scale:g}" if moe.routed_scale != 1.0 else "",
+        ]
+        if any(extra):
+            lines.append(f"           {', '.join(e for e in extra if e)}")
     lines += [
         f"parameters {_fmt_count(total)} total, {_fmt_count(active)} active per token",
         f"compute    {_fmt_count(flops)}FLOP per token (forward + backward, counted on the meta device), "
@@ -326,10 +353,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from shardyard.runtime.export import export_hf
+
+        try:
+            max_shard = parse_size(args.max_shard_size, "--max-shard-size")
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        start = time.perf_counter()
+        family, files = export_hf(
+            Path(args.run_or_checkpoint), Path(args.out), args.target, args.dtype, args.step, max_shard
+        )
+        size = sum(f.stat().st_size for f in files)
+        print(
+            f"exported {family} ({args.dtype}) to {args.out}: {len(files)} safetensors file(s), {size / 1e6:.2f} MB, "
+            f"config.json, generation_config.json, tokenizer ({time.perf_counter() - start:.1f} s)"
+        )
+        return 0
+    if args.target != "auto" or args.dtype != "fp32":
+        raise UserError("--target and --dtype apply to --format hf")
     from shardyard.runtime.export import export
 
     weights = export(Path(args.run_or_checkpoint), Path(args.out), args.step)
     print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / 'spec.yaml'}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from shardyard.runtime.hf_import import job_spec_from_hf
+
+    out = Path(args.out)
+    text = job_spec_from_hf(Path(args.hf_dir), out.stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}: model from {args.hf_dir}/config.json, init_from set; fill in data and training")
     return 0
 
 
@@ -475,13 +532,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint of any layout into one safetensors file plus its spec")
+    p = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint of any layout into one safetensors file plus its spec, or (--format hf) a "
+        "Hugging Face model directory",
+    )
     p.add_argument("run_or_checkpoint", help="a run directory (newest complete checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, spec.yaml)")
     p.add_argument(
         "--step", type=int, default=None, help="the checkpoint at this step (default: the newest complete one)"
     )
+    p.add_argument("--format", choices=["shardyard", "hf"], default="shardyard", help="hf: transformers' layout")
+    p.add_argument(
+        "--target",
+        default="auto",
+        help="hf family: auto (the one that holds the spec exactly) | llama | qwen3 | mixtral | qwen3_moe | olmoe | "
+        "qwen2_moe | ernie4_5_moe",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="hf: tensor dtype")
+    p.add_argument("--max-shard-size", default="2GiB", help="hf: split safetensors above this size (with an index)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="write a job spec from a Hugging Face model directory's config.json")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="the job spec to write, e.g. jobs/NAME.yaml")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("eval", help="bits per byte (+- standard error) of a trained run on held-out text")
     p.add_argument("run_dir", help="a run directory")

@@ -74,10 +74,42 @@ class MoESpec(Section):
     every: PositiveInt = Field(1, description="every n-th block is MoE (1 = all)")
     expert_kind: Literal["swiglu", "gelu"] = Field("swiglu", description="expert MLP shape")
     shared_expert: bool = Field(
-        False, description="add one always-on dense expert (same hidden size) to every MoE layer"
+        False, description="add one always-on dense expert (same hidden size) to every MoE layer (= shared_experts: 1)"
     )
     bias_update_rate: NonNegFloat = Field(
         1e-3, description="aux_free router: per-step bias change toward balance (bias += rate * sign(mean load - load))"
+    )
+    expert_hidden: PositiveInt | None = Field(
+        None, description="each routed expert's hidden width (fine-grained experts); null = the dense ffn hidden"
+    )
+    shared_experts: NonNegInt = Field(
+        0,
+        description="always-on shared experts per MoE layer (DeepSeekMoE); n experts of hidden h are one dense MLP "
+        "of hidden n x h. shared_expert: true means 1",
+    )
+    shared_hidden: PositiveInt | None = Field(
+        None, description="hidden width of each shared expert; null = the routed experts' hidden width"
+    )
+    shared_gate: bool = Field(
+        False, description="scale the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE's shared gate)"
+    )
+    first_dense_layers: NonNegInt = Field(
+        0, description="the first n blocks are dense whatever moe.every says (DeepSeek's first_k_dense_replace)"
+    )
+    score: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="router score function over the expert logits: softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3); "
+        "token-choice routers only",
+    )
+    renormalize: bool | None = Field(
+        None,
+        description="divide each token's top-k weights by their sum; null = the router's own rule (softmax_topk and "
+        "aux_free: yes, switch: no)",
+    )
+    routed_scale: PositiveFloat = Field(
+        1.0,
+        description="multiply the routed experts' combine weights (DeepSeek's routed_scaling_factor; e.g. E for a "
+        "switch router so its output is not ~1/E of a dense FFN's at initialisation)",
     )
 
     @model_validator(mode="after")
@@ -86,6 +118,48 @@ class MoESpec(Section):
             raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"router 'switch' is top-1, but top_k is {self.top_k}")
+        if self.shared_expert and self.shared_experts > 1:
+            raise ValueError(
+                f"moe.shared_expert: true means one shared expert, but moe.shared_experts is {self.shared_experts}; "
+                "set only moe.shared_experts"
+            )
+        if self.num_shared == 0 and (self.shared_hidden is not None or self.shared_gate):
+            field = "moe.shared_hidden" if self.shared_hidden is not None else "moe.shared_gate"
+            raise ValueError(f"{field} is set but there is no shared expert; set moe.shared_experts >= 1")
+        if self.router == "expert_choice":
+            if self.score != "softmax":
+                raise ValueError(f"moe.score: {self.score!r} applies to token-choice routers, not 'expert_choice'")
+            if self.renormalize:
+                raise ValueError("moe.renormalize applies to token-choice routers, not 'expert_choice'")
+        return self
+
+    @property
+    def num_shared(self) -> int:
+        """Shared experts per MoE layer (`shared_experts`, or 1 for the older `shared_expert: true`)."""
+        return self.shared_experts or (1 if self.shared_expert else 0)
+
+    def is_moe_block(self, layer: int) -> bool:
+        """Block `layer` (from 0) is an MoE block: past the first dense layers, every `every`-th."""
+        return layer >= self.first_dense_layers and (layer + 1) % self.every == 0
+
+
+class RopeScalingSpec(Section):
+    """Rotary frequency scaling (Llama 3.1's rule: long wavelengths divided by factor, short ones kept,
+    a smooth blend between)."""
+
+    type: Literal["llama3"] = Field("llama3", description="llama3 (the one kind supported)")
+    factor: PositiveFloat = Field(8.0, description="divide the low frequencies by this")
+    low_freq_factor: PositiveFloat = Field(1.0, description="wavelengths above original_context / this are scaled")
+    high_freq_factor: PositiveFloat = Field(4.0, description="wavelengths below original_context / this are kept")
+    original_context: PositiveInt = Field(8192, description="the context length the base model was trained at")
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScalingSpec:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed rope_scaling.low_freq_factor "
+                f"({self.low_freq_factor})"
+            )
         return self
 
 
@@ -139,6 +213,20 @@ class StageSpec(Section):
         return self.ffn_hidden or 3 * self.width
 
 
+ARCH_OPTIONS = (
+    "kv_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+    "tie_embeddings",
+    "qk_norm",
+    "qkv_bias",
+    "init_from",
+    "upcycle_from",
+)
+
+
 class ModelSpec(Section):
     kind: Literal["dense", "moe", "megabyte", "multiscale"] = Field(
         "moe",
@@ -152,6 +240,38 @@ class ModelSpec(Section):
     heads: PositiveInt = Field(4, description="attention heads (must divide width)")
     ffn: FFNSpec = Field(default_factory=FFNSpec)
     moe: MoESpec | None = Field(None, description="MoE settings; required (defaults filled) when kind is moe")
+    kv_heads: PositiveInt | None = Field(
+        None,
+        description="key/value heads (grouped-query attention; 1 = multi-query); must divide heads; null = heads",
+    )
+    head_dim: PositiveInt | None = Field(
+        None, description="size of each attention head (even, for rotary positions); null = width / heads"
+    )
+    rope_theta: PositiveFloat = Field(10000.0, description="rotary position base")
+    rope_scaling: RopeScalingSpec | None = Field(
+        None, description="rotary frequency scaling for long context: null (none) | {type: llama3, ...}"
+    )
+    norm_eps: PositiveFloat = Field(1e-6, description="RMSNorm epsilon (every norm of the model)")
+    tie_embeddings: bool = Field(False, description="the output head shares the input embedding's weight")
+    qk_norm: Literal["none", "head", "full"] = Field(
+        "none",
+        description="RMSNorm on queries and keys before rotary positions: none | head (per head, over head_dim; "
+        "Qwen3) | full (over all heads' projection; OLMoE)",
+    )
+    qkv_bias: bool = Field(False, description="biases on the query, key and value projections (Qwen2)")
+    init_from: str | None = Field(
+        None,
+        description="start from these weights: a Hugging Face model directory (config.json + *.safetensors); the "
+        "optimizer starts fresh; a spec that disagrees with the checkpoint is refused",
+    )
+    upcycle_from: str | None = Field(
+        None,
+        description="kind moe only: start from a dense Hugging Face model directory (sparse upcycling): attention, "
+        "norms and embeddings copied, every expert a copy (or, fine-grained, a slice) of the dense MLP",
+    )
+    upcycle_noise: NonNegFloat = Field(
+        0.0, description="upcycle_from: relative noise added to each expert copy to break symmetry (0 = exact copies)"
+    )
     stages: list[StageSpec] | None = Field(
         None,
         description="megabyte | multiscale only: the stages, global first, local (byte) last; top-level "
@@ -177,21 +297,66 @@ class ModelSpec(Section):
             self._check_byte_stages()
         elif self.stages is not None:
             raise ValueError(f"model.stages only applies to kinds megabyte | multiscale, not {self.kind!r}")
-        if self.width % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
-        if (self.width // self.heads) % 2:
-            raise ValueError(f"head size width/heads = {self.width // self.heads} must be even for rotary positions")
+        if self.head_dim is None:
+            if self.width % self.heads:
+                raise ValueError(f"heads ({self.heads}) must divide width ({self.width}); or set model.head_dim")
+            if (self.width // self.heads) % 2:
+                raise ValueError(
+                    f"head size width/heads = {self.width // self.heads} must be even for rotary positions"
+                )
+        elif self.head_dim % 2:
+            raise ValueError(f"model.head_dim ({self.head_dim}) must be even for rotary positions")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"model.kv_heads ({self.kv_heads}) must divide model.heads ({self.heads})")
+        if self.qk_norm == "full" and self.head_dim is not None and self.head_dim * self.heads != self.width:
+            raise ValueError(
+                f"model.qk_norm: 'full' normalises over the whole projection; it needs heads x head_dim = width "
+                f"({self.heads} x {self.head_dim} != {self.width}); use qk_norm: head"
+            )
+        if self.stages is not None:
+            for name in ARCH_OPTIONS:
+                if getattr(self, name) != ModelSpec.model_fields[name].default:
+                    raise ValueError(f"model.{name} applies to flat models (dense | moe), not {self.kind!r}")
+        if self.init_from is not None and self.upcycle_from is not None:
+            raise ValueError("model.init_from and model.upcycle_from both set the starting weights; choose one")
+        if self.upcycle_from is not None and self.kind != "moe":
+            raise ValueError(f"model.upcycle_from turns a dense model into an MoE; model.kind is {self.kind!r}")
+        if self.upcycle_noise and self.upcycle_from is None:
+            raise ValueError("model.upcycle_noise is set but model.upcycle_from is not")
         if self.kind == "moe" and self.moe is None:
             self.moe = MoESpec()
         if self.kind == "dense" and self.moe is not None:
             raise ValueError("model.moe is set but model.kind is 'dense'; use kind: moe")
         if self.kind == "moe" and self.moe is not None and self.moe.every > self.depth:
             raise ValueError(f"moe.every ({self.moe.every}) exceeds depth ({self.depth}): no block would be MoE")
+        if self.kind == "moe" and self.moe is not None and not any(map(self.moe.is_moe_block, range(self.depth))):
+            raise ValueError(
+                f"moe.first_dense_layers ({self.moe.first_dense_layers}) with moe.every ({self.moe.every}) leaves "
+                f"no MoE block in depth {self.depth}"
+            )
         return self
 
     @property
     def ffn_hidden(self) -> int:
         return self.ffn.hidden or 3 * self.width
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.width // self.heads
+
+    @property
+    def attn_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each routed expert's hidden width (MoE models)."""
+        return (self.moe.expert_hidden if self.moe else None) or self.ffn_hidden
+
+    @property
+    def shared_hidden(self) -> int:
+        """Each shared expert's hidden width (MoE models)."""
+        return (self.moe.shared_hidden if self.moe else None) or self.expert_hidden
 
     def _check_byte_stages(self) -> None:
         kind, stages = self.kind, self.stages

@@ -5,6 +5,7 @@ one single-worker model: for `shardyard export` (one safetensors file plus the r
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,3 +89,95 @@ def export(target: Path, out: Path, step: int | None = None) -> Path:
     spec_src = checkpoint / SPEC_FILE if (checkpoint / SPEC_FILE).exists() else checkpoint.parent / SPEC_FILE
     shutil.copyfile(spec_src, out / SPEC_FILE)
     return out / WEIGHTS_FILE
+
+
+class _DcpTensors:
+    """Reads one tensor of a DCP checkpoint at a time (any layout: DCP assembles the rank chunks)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
+
+        self.metadata = read_dcp_metadata(checkpoint / ckpt.SHARDS_DIR / ".metadata")
+        self.path = str(checkpoint / ckpt.SHARDS_DIR)
+        self._dcp, self._reader = dcp, SafeFileSystemReader
+
+    def read(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        state = {"model": {key: torch.empty(like.shape, dtype=like.dtype)}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            self._dcp.load(state, storage_reader=self._reader(self.path), no_dist=True)
+        return state["model"][key]
+
+
+def export_hf(
+    target: Path,
+    out: Path,
+    family: str = "auto",
+    dtype: str = "fp32",
+    step: int | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> tuple[str, list[Path]]:
+    """Write a Hugging Face model directory (config.json, generation_config.json, safetensors, the
+    tokenizer) that transformers loads with no custom code. Tensors stream one at a time from the
+    checkpoint (a backend's own checkpoint format, e.g. ZeRO's, is consolidated first). Returns (family, files)."""
+    from shardyard.interop import Unsupported, pick_family
+    from shardyard.interop.hf_dir import byte_tokenizer_json, write_hf, write_tokenizer
+
+    checkpoint = resolve_checkpoint(target, step)
+    spec = _spec_for(checkpoint)
+    try:
+        fam = pick_family(spec.model, family)
+    except Unsupported as err:
+        raise UserError(f"export --format hf: {err}") from None
+    vocab = vocab_size_for(spec.data)
+    with torch.device("meta"):
+        meta_model = build_model(spec.model, spec.data.seq_len, vocab)
+    like = meta_model.state_dict()
+    meta = ckpt.read_meta(checkpoint)
+    from shardyard.runtime.parallel import DCP_FORMAT, checkpoint_format
+
+    if checkpoint_format(meta["layout"]) != DCP_FORMAT:  # a backend's own format: consolidated first
+        weights = consolidated_state(checkpoint, build_model(spec.model, spec.data.seq_len, vocab))
+
+        def read(key: str) -> torch.Tensor:
+            return weights[key]
+    else:
+        source = _DcpTensors(checkpoint)
+
+        def read(key: str) -> torch.Tensor:
+            return source.read(key, torch.empty_like(like[key], device="cpu"))
+
+    files = write_hf(
+        out,
+        fam,
+        spec.model,
+        {k: tuple(v.shape) for k, v in like.items()},
+        read,
+        vocab_size=vocab,
+        seq_len=spec.data.seq_len,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        metadata={"step": str(meta["step"]), "source": str(checkpoint)},
+    )
+    if spec.data.tokenizer == "bytes":
+        write_tokenizer(out, byte_tokenizer_json())
+    elif spec.data.tokenizer.startswith("bpe:"):
+        write_tokenizer(out, trained_tokenizer_json(spec))
+    else:
+        from shardyard.data.tokenize import read_tokenizer_file
+
+        write_tokenizer(out, read_tokenizer_file(spec.data.tokenizer))
+    return fam.name, files
+
+
+def trained_tokenizer_json(spec: JobSpec) -> str:
+    """The BPE tokenizer a `bpe:N` run trained on: the one its prepared data holds (prepared again, with
+    the same deterministic training, if the cache was cleared)."""
+    from shardyard.data.prepare import ensure_prepared
+
+    codec = ensure_prepared(spec.data, parallel="local").codec()
+    if codec.hf_json is None:
+        raise UserError(f"data.tokenizer: {spec.data.tokenizer!r}, but the prepared data holds no tokenizer.json")
+    return codec.hf_json

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -106,11 +107,15 @@ class Trainer:
 
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
         self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
+        if spec.parallel.zero:  # the backend flattens the weights when it is built: start them before
+            self._initial_weights(self.model)
         # parallelize (expert placement, activation checkpointing, FSDP / DDP) and what is built beside it
         training = build_training(spec, self.model, self.dims, self.ctx.device)
         self.module = training.module  # what the forward is called on
         self.optimizer, self.scheduler = training.optimizer, training.scheduler
         self.grad_step, self.train_state = training.step, training.state
+        if not spec.parallel.zero:  # every rank fills only the slices it holds
+            self._initial_weights(self.model)
         self.moe = moe_layers(self.model)
         attach_router_bias_updates(self.moe, self.optimizer)
         if self.dims.ep_enabled:
@@ -177,6 +182,16 @@ class Trainer:
                 }
             )
         self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
+
+    def _initial_weights(self, model: torch.nn.Module) -> None:
+        """model.init_from / model.upcycle_from (an HF directory or a dense run); the optimizer starts fresh."""
+        if not (self.spec.model.init_from or self.spec.model.upcycle_from):
+            return
+        from shardyard.runtime.hf_import import load_initial_weights
+
+        line = load_initial_weights(model, self.spec, self.data.vocab_size)
+        if line and self.ctx.rank == 0:
+            print(f"[shardyard] {line}", flush=True)
 
     # ------------------------------------------------------------------ state
     def layout(self) -> dict[str, Any]:
@@ -282,12 +297,21 @@ class Trainer:
         }
 
     def maybe_inject_fault(self) -> None:
-        """Test hook ($SHARDYARD_FAULT_STEP): rank 0 raises once at that step, so the worker group
-        restarts from a checkpoint."""
+        """Test hook ($SHARDYARD_FAULT_STEP="<step>[:kill]"): rank 0 fails once at that step, so the
+        worker group restarts from a checkpoint: it raises, or with ":kill" its process is SIGKILLed
+        (no exception, no clean-up: what a crash or the OOM killer leaves)."""
         fault = os.environ.get(envvars.FAULT_STEP)
+        if not fault:
+            return
+        at, _, how = fault.partition(":")
         marker = self.run_dir / FAULT_MARKER
-        if fault and self.step == int(fault) and self.ctx.rank == 0 and not marker.exists():
+        if self.step == int(at) and self.ctx.rank == 0 and not marker.exists():
             marker.write_text(str(self.step))
+            if how == "kill":
+                # A dead worker's results not yet polled by Ray Train's controller (every 2 s) are lost
+                # with it: wait until the checkpoint reported before this step has been taken in.
+                time.sleep(5.0)
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {self.step} ({envvars.FAULT_STEP})")
 
     def fit(self) -> None:

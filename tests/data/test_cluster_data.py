@@ -1,6 +1,6 @@
 """On one real 2-node Ray cluster (module-scoped, started once): `prepare` spreads over both nodes and
 writes shards byte-identical to a single-process prepare; a job with data, prepared shards and
-checkpoints in a loopback S3 bucket is killed and resumes from the bucket."""
+checkpoints in a loopback S3 bucket loses a worker process to SIGKILL and resumes from the bucket."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ FAULT_STEP = 6
 @pytest.fixture(scope="module")
 def cluster(s3_bucket: str) -> Iterator[Any]:
     """Started after the S3 server, so every Ray worker inherits its AWS_* variables; the fault hook
-    (rank 0 raises once at FAULT_STEP) reaches the training workers the same way."""
-    os.environ[envvars.FAULT_STEP] = str(FAULT_STEP)
+    (rank 0's process SIGKILLs itself once at FAULT_STEP) reaches the training workers the same way."""
+    os.environ[envvars.FAULT_STEP] = f"{FAULT_STEP}:kill"
     try:
         with two_node_ray_cluster() as c:
             yield c
@@ -69,11 +69,12 @@ def test_prepare_on_two_nodes_equals_one_process(tmp_path: Path, cluster: Any) -
 def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
     tmp_path: Path, s3_bucket: str, cluster: Any
 ) -> None:
-    """Rank 0 dies at step 6; the group restarts from the step-4 checkpoint, which exists only in the
-    bucket, and replays steps 5-6 with the same losses."""
+    """Rank 0's process is SIGKILLed at step 6 (no exception, no clean-up); the group restarts from the
+    step-4 checkpoint, which exists only in the bucket, and replays steps 5-6 with the same losses."""
     from shardyard.data.storage import filesystem
     from shardyard.platform.spec import load_spec_text
     from shardyard.runtime.entry import run_directory, run_training
+    from shardyard.runtime.preemption import read_events
 
     fs, _ = filesystem(s3_bucket)
     fs.put_file(str(write_jsonl(tmp_path / "corpus.jsonl", documents(120))), f"{s3_bucket[5:]}/job-data/corpus.jsonl")
@@ -99,6 +100,9 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         train = [r for r in lines if r.get("kind") == "train"]
         assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+        retries = [e for e in read_events(run_dir)[0] if e["event"] == "retry"]
+        assert len(retries) == 1 and retries[0]["message"].startswith("rank 0 "), retries
+        assert "died: its process died" in retries[0]["message"], retries  # a dead process, not an exception
         for first, replay in zip(train[4:6], train[6:8]):  # replayed from the bucket's step-4 checkpoint
             assert abs(first["loss"] - replay["loss"]) < 1e-5, (first, replay)
         assert train[-1]["bytes_per_s"] > 1.5 * train[-1]["tokens_per_s"]  # BPE tokens cover several bytes

@@ -152,31 +152,51 @@ def test_byte_models_refuse_a_tokenizer(tmp_path: Path) -> None:
 
 
 def test_mixture_honours_weights_per_batch_and_resumes_at_another_world_size() -> None:
-    sources = [np.full(4000, i, dtype=np.uint8) for i in range(3)]
-    weights = [0.6, 0.3, 0.1]
+    """Every token encodes its source and position (source * 100_000 + offset), so whole windows are
+    compared: a window skipped, repeated or misaligned inside a source shows, not only the source."""
     batch, seq = 4, 8
+    weights = [0.6, 0.3, 0.1]
+    lengths = [40 * seq + 1, 20 * seq + 5, 10 * seq + 3]  # 40, 20 and 10 windows: several passes in 400 slots
+    sources = [np.arange(n, dtype=np.int64) + 100_000 * i for i, n in enumerate(lengths)]
 
     def stream(rank: int, world: int) -> MixtureWindowStream:
         return MixtureWindowStream(sources, weights, seq, batch, rank, world, seed=3)
 
-    one = stream(0, 1)
-    slots = [one.slot(t) for t in range(400)]
+    def decode(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        """(source, window) of a yielded pair, checked to be exactly that window of that source."""
+        source, start = divmod(int(inputs[0]), 100_000)
+        assert start % seq == 0 and start + seq < lengths[source], (source, start)
+        expected = torch.arange(start, start + seq + 1) + 100_000 * source
+        assert torch.equal(inputs, expected[:-1]) and torch.equal(targets, expected[1:]), (inputs, targets)
+        return source, start // seq
+
+    one = iter(stream(0, 1))
+    drawn = [decode(*next(one)) for _ in range(400)]
     span = 2 * batch  # a global batch at world 2
     for g in range(0, 400, span):
-        counts = np.bincount([s for s, _ in slots[g : g + span]], minlength=3)
+        counts = np.bincount([s for s, _ in drawn[g : g + span]], minlength=3)
         assert np.all(np.abs(counts - np.array(weights) * span) <= 1.0 + 1e-9), counts
-    # world 2 for 5 steps, then world 1 from the saved position: the same slots as world 1 throughout
-    ranks = [iter(stream(r, 2)) for r in range(2)]
+    # within each source, every pass reads each of its windows exactly once, in a seeded order
+    for i, n in enumerate(s // seq for s in lengths):
+        windows = [w for s, w in drawn if s == i]
+        passes = [windows[k : k + n] for k in range(0, len(windows) - n + 1, n)]
+        assert len(passes) >= 3, (i, len(windows))
+        for p in passes:
+            assert sorted(p) == list(range(n)), (i, p)
+        assert passes[0] != passes[1]  # each pass draws a new permutation
+    # world 2 for 5 steps, then world 1 from the saved position: the same windows as world 1 throughout
+    ranks = [stream(r, 2) for r in range(2)]
+    its = [iter(r) for r in ranks]
     seen = []
     for _ in range(5):
         for r in range(2):
-            seen += [tuple(next(ranks[r])[0][:2].tolist()) for _ in range(batch)]
+            seen += [decode(*next(its[r])) for _ in range(batch)]
+    assert ranks[0].position() == ranks[1].position() == {"epoch": 0, "pos": 5 * span}
     resumed = stream(0, 1)
-    resumed.set_position({"epoch": 0, "pos": 5 * span})
+    resumed.set_position(ranks[1].position())
     it = iter(resumed)
-    seen += [tuple(next(it)[0][:2].tolist()) for _ in range(3 * batch)]
-    reference = iter(stream(0, 1))
-    assert seen == [tuple(next(reference)[0][:2].tolist()) for _ in range(len(seen))]
+    seen += [decode(*next(it)) for _ in range(3 * batch)]
+    assert seen == drawn[: len(seen)]
 
 
 def test_byte_cache_max_bytes_is_a_hard_cap(tmp_path: Path) -> None:

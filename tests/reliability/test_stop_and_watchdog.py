@@ -25,7 +25,7 @@ from shardyard.runtime.preemption import (
     request_stop,
     stop_reason,
 )
-from shardyard.runtime.watchdog import HEARTBEAT_DIR, StepWatchdog, beat, read_stall_reports
+from shardyard.runtime.watchdog import EXIT_STALLED, HEARTBEAT_DIR, StepWatchdog, beat, read_stall_reports
 from tests.helpers import tiny_spec_yaml
 
 
@@ -213,15 +213,46 @@ def _hanging_rank(topology: Topology, run_dir: str) -> None:
             boundary.agree(step)
 
 
+def _exit_codes(fn, world: int, *args: object, limit_s: float = 50.0) -> tuple[list[int | None], float]:
+    """Start `world` gloo ranks as `spawn` does, without its first-failure-wins join: every rank's exit
+    code (negative: killed by that signal), and the seconds until the last one ended."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from shardyard.comm import launch
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shardyard-pg-") as tmp:
+        store = os.path.join(tmp, "store")
+        context = mp.start_processes(
+            launch._entry, args=(fn, world, world, store, args), nprocs=world, join=False, start_method="spawn"
+        )
+        for process in context.processes:
+            process.join(max(0.0, limit_s - (time.monotonic() - start)))
+        elapsed = time.monotonic() - start
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        return [process.exitcode for process in context.processes], elapsed
+
+
 @pytest.mark.distributed
 def test_a_rank_that_sleeps_in_a_collective_ends_the_attempt_naming_it(tmp_path: Path, monkeypatch) -> None:
-    """Real processes and a real gloo all_reduce: the sleeping rank's watchdog ends its process after
-    2.4 s without progress, its peer's collective fails, and the report names rank 1 and the step."""
-    monkeypatch.setenv("SHARDYARD_HANG_AT", "3:1:60")
-    with pytest.raises(Exception):  # noqa: B017  without the watchdog rank 1 would wake after 60 s and both would finish
-        spawn(_hanging_rank, 2, 2, str(tmp_path))
+    """Real processes and a real gloo all_reduce: the sleeping rank's watchdog ends its process with
+    EXIT_STALLED after 2.4 s without progress, its peer's collective fails (or its own watchdog ends
+    it), and the report names rank 1 and the step."""
+    monkeypatch.setenv("SHARDYARD_HANG_AT", "3:1:600")
+    codes, elapsed = _exit_codes(_hanging_rank, 2, str(tmp_path))
+    # Without the watchdog rank 1 would wake after 600 s and both would finish with 0.
+    assert EXIT_STALLED == 86  # the code the failure policy recognises ("exit code 86", runtime/failures.py)
+    assert codes[1] == EXIT_STALLED, codes
+    assert codes[0] in (EXIT_STALLED, 1), codes  # its own watchdog, or the gloo error its peer's exit raised
+    assert elapsed < 300, elapsed  # far below the 600 s sleep, with room for a loaded machine
     reports = read_stall_reports(tmp_path)  # either rank's watchdog may fire first; both name rank 1
     assert reports and all(r["stuck_rank"] == 1 for r in reports), reports
+    assert any(r["reporter"] == 1 for r in reports), reports  # rank 1's exit came from its own watchdog
     # Heartbeat files are written every 0.6 s: the last one rank 1 wrote shows step 3 or step 2.
     assert all(
         r["message"].startswith(

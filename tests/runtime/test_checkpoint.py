@@ -68,14 +68,21 @@ def test_a_checkpoint_is_complete_only_with_a_matching_manifest(run_with_two_che
     assert skipped and "checkpoint_00000004" in skipped[0]
 
 
-def test_a_truncated_shard_or_meta_is_detected_and_skipped(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
+def test_a_truncated_shard_is_detected_and_skipped(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
     run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
     newest = run / "checkpoint_00000004"
     shard = next((newest / ckpt.SHARDS_DIR).glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # the file a resume would read
-    assert "bytes, the manifest says" in ckpt.verify_checkpoint(newest)
+    assert ckpt.read_meta(newest)["step"] == 4  # its meta still reads: only the size check can see this
+    assert "bytes, the manifest says" in ckpt.verify_checkpoint(newest, full=False)
     assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_00000002"
-    (run / "checkpoint_00000002" / ckpt.META_FILE).write_text('{"step": 2, "lay')  # truncated JSON
+
+
+def test_a_truncated_meta_is_detected_and_skipped(run_with_two_checkpoints: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
+    (run / "checkpoint_00000004" / ckpt.META_FILE).write_text('{"step": 4, "lay')  # truncated JSON, shards intact
+    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_00000002"
+    (run / "checkpoint_00000002" / ckpt.META_FILE).write_text('{"step": 2, "lay')
     assert ckpt.find_latest_checkpoint(run) is None  # no traceback, nothing complete left
 
 

@@ -3,10 +3,13 @@ single-worker model; `generate` reads every kind of checkpoint."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shardyard.runtime.worker import LocalReporter, Trainer
 from tests.helpers import run_cli
@@ -45,16 +48,45 @@ def test_export_of_an_expert_parallel_checkpoint_is_the_single_worker_model(tmp_
     for source in (tmp_path / "ep", tmp_path / "export-ep"):  # a run directory and an export
         sample = run_cli("generate", str(source), "--prompt", "def ", "--bytes", "16")
         assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
-    assert_evaluates(tmp_path / "ep", tmp_path)
+    assert_evaluates(tmp_path / "ep", tmp_path, job(tmp_path, "one", 1, 1, "none", 6, 6), reference)
 
 
-def assert_evaluates(run_dir: Path, tmp_path: Path) -> None:
-    """`shardyard eval` scores the checkpoint's model on any text."""
+def reference_bits_per_byte(spec, weights: dict[str, torch.Tensor], text: bytes) -> float:
+    """Bits per byte of the single-worker reference model over every window of `text` (seq_len + 1
+    bytes each, stride seq_len: the whole text when its length is a multiple of seq_len plus one),
+    computed here from the logits: the figure `eval` must print for this text."""
+    from shardyard.models import build_model
+
+    seq = spec.data.seq_len
+    model = build_model(spec.model, seq, 256)
+    model.load_state_dict(weights)
+    model.eval()
+    data = torch.tensor(list(text), dtype=torch.long)
+    windows = (len(data) - 1) // seq
+    x = torch.stack([data[i * seq : i * seq + seq + 1] for i in range(windows)])
+    with torch.no_grad():
+        logits, _ = model(x[:, :-1], x[:, 1:])
+    nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+    return float(nats) / math.log(2) / (windows * seq)
+
+
+def assert_evaluates(run_dir: Path, tmp_path: Path, spec, reference: dict[str, torch.Tensor]) -> None:
+    """`shardyard eval` scores the checkpoint's model on any text: the figure it prints is the reference
+    model's own bits per byte on that text."""
+    seq = spec.data.seq_len
+    windows = 4  # a multiple of the run's 2 workers; 4 * seq + 1 bytes leave no slack, so they tile the text
+    line = b"def main(argv):\n    return sum(int(a) for a in argv)\n"
+    data = (line * (windows * seq // len(line) + 2))[: windows * seq + 1]
     text = tmp_path / "held-out.txt"
-    text.write_bytes(b"def main(argv):\n    return sum(int(a) for a in argv)\n" * 200)
+    text.write_bytes(data)
     proc = run_cli("eval", str(run_dir), "--data", str(text))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "bits" in proc.stdout or "bpb" in proc.stdout, proc.stdout
+    # (DeepSpeed prints lines of its own to stdout first)
+    found = re.search(r"^([0-9.]+) \+- [0-9.na]+ bits/byte \((\d+) windows, ([\d,]+) bytes\)", proc.stdout, re.M)
+    assert found, proc.stdout
+    assert (int(found.group(2)), found.group(3)) == (windows, f"{windows * seq:,}"), proc.stdout
+    expected = reference_bits_per_byte(spec, reference, data)
+    assert float(found.group(1)) == pytest.approx(expected, abs=2e-3), (proc.stdout, expected)
 
 
 def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path) -> None:
@@ -71,4 +103,4 @@ def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path)
     assert_same_weights(exported(tmp_path / "zero3", tmp_path / "export-zero3"), reference)
     sample = run_cli("generate", str(tmp_path / "zero3"), "--prompt", "def ", "--bytes", "16")
     assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
-    assert_evaluates(tmp_path / "zero3", tmp_path)
+    assert_evaluates(tmp_path / "zero3", tmp_path, one, reference)

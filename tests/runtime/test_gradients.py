@@ -7,7 +7,7 @@ itself. Under SGD the update is -lr x gradient, so a constant scale of the gradi
 not averaged, a reduction divided by the wrong size) shows in the weights too; under AdamW it does
 not (Adam divides it out), which is why both run. Compared at each of the first two optimizer
 steps: every parameter's gradient (elementwise, rtol 1e-4, and the norm of the whole gradient to a
-relative 1e-4), the grad norm the plan returns (the one the worker logs as `grad_norm`, computed
+relative 1e-4), the grad norm the gradient step returns (the one the worker logs as `grad_norm`, computed
 before clipping), and every parameter's update.
 """
 
@@ -57,14 +57,16 @@ def job(storage: Path, mode: str, optim: str):
 
 def record_steps(trainer: Trainer, steps: int) -> list[dict[str, Any]]:
     """The one helper that reaches into the Trainer: run `steps` optimizer steps and return, per step,
-    the gradients the optimizer saw, the weights before and after, and the grad norm the plan returned.
-    Tensors are whole (FSDP2 shards gathered: collective) under canonical names; expert-parallel shards
-    stay this rank's block, keyed "<name>@<ep rank>/<ep>"."""
+    the gradients the optimizer saw, the weights before and after, and the grad norm the gradient
+    step returned. Tensors are whole (FSDP2 shards gathered: collective) under canonical names;
+    expert-parallel shards stay this rank's block, keyed "<name>@<ep rank>/<ep>"."""
     from torch.distributed.tensor import DTensor
 
-    plan = trainer.plan
-    ep = getattr(plan, "ep", 1)
-    ep_rank = plan.groups.ep_rank if ep > 1 else 0
+    from shardyard.models.moe.experts import is_expert_shard
+
+    dims = trainer.dims
+    ep = dims.ep
+    ep_rank = dims.expert_groups.ep_rank if dims.ep_enabled else 0
 
     def snapshot(kind: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -73,13 +75,13 @@ def record_steps(trainer: Trainer, steps: int) -> list[dict[str, Any]]:
             if t is None:
                 continue
             t = t.full_tensor() if isinstance(t, DTensor) else t
-            key = name.replace(".local.", ".") + (f"@{ep_rank}/{ep}" if ".local." in name else "")
+            key = name + (f"@{ep_rank}/{ep}" if is_expert_shard(p) else "")
             out[key] = t.detach().float().clone()
         return out
 
     records: list[dict[str, Any]] = []
     seen: list[dict[str, torch.Tensor]] = []
-    handle = plan.optimizer.register_step_pre_hook(lambda *_: seen.append(snapshot("grad")))
+    handle = trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(snapshot("grad")))
     try:
         for _ in range(steps):
             before = snapshot("weight")
@@ -175,7 +177,7 @@ def test_per_parameter_gradients_equal_the_single_worker(tmp_path: Path, referen
             for step, (got, ref) in enumerate(zip(records, want)):
                 what = f"{mode} {optim} rank {rank} step {step + 1}"
                 assert_same_tensors(got["grads"], ref["grads"], f"{what} gradient", 1e-4)
-                # the plan's norm (logged as grad_norm) is the whole reduced gradient's, before clipping
+                # the gradient step's norm (logged as grad_norm) is the whole reduced gradient's, before clipping
                 whole = torch.stack([g.double().norm() for g in ref["grads"].values()]).norm()
                 assert ref["grad_norm"] == pytest.approx(float(whole), rel=1e-5), what
                 assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), what

@@ -204,3 +204,44 @@ def test_galore_with_expert_parallelism_resumes_exactly(tmp_path: Path, optim: s
     assert resumed == pytest.approx(full[-4:], rel=1e-5, abs=1e-6)
     full_norms = {s: n for s, n in train_grad_norms(tmp_path / "full").items() if s > 4}
     assert_same_series(train_grad_norms(tmp_path / "resumed"), full_norms, 1e-4, "grad_norm")
+
+
+OPTION_HEAVY = (
+    "{kind: moe, width: 64, depth: 3, heads: 4, kv_heads: 2, qk_norm: head, qkv_bias: true, tie_embeddings: true, "
+    "rope_theta: 500000.0, norm_eps: 1.0e-5, ffn: {hidden: 96}, moe: {num_experts: 4, top_k: 2, expert_hidden: 32, "
+    "shared_experts: 2, shared_hidden: 16, shared_gate: true, first_dense_layers: 1, score: sigmoid, "
+    "routed_scale: 2.0, aux_loss: 0.0, z_loss: 0.0}}"
+)
+
+
+def option_job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int):
+    text = tiny_spec_yaml(
+        name,
+        storage,
+        model=OPTION_HEAVY,
+        training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
+        resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
+        checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}",
+    )
+    return load_spec_text(
+        text, overrides=[f"parallel.expert_parallel={ep}", f"parallel.shard={shard}", "optim.schedule.warmup=2"]
+    )
+
+
+def test_architecture_options_under_ep_and_fsdp_match_one_worker_and_reshard(tmp_path: Path) -> None:
+    """GQA, qk-norm, qkv biases, tied embeddings, fine-grained sigmoid-routed experts with gated shared
+    experts and a dense first layer: EP 2 and FSDP2 over 2 gloo ranks train like one worker, and an EP 2
+    checkpoint resumes on one worker with the uninterrupted run's losses."""
+    single = run(option_job(tmp_path, "one", 1, 1, "none", 6, 0), tmp_path / "one")
+    ep2 = run(option_job(tmp_path, "ep2", 2, 2, "none", 6, 3), tmp_path / "ep2")
+    fsdp = run(option_job(tmp_path, "fsdp", 2, 1, "full", 6, 0), tmp_path / "fsdp")
+    assert len(single) == len(ep2) == len(fsdp) == 6
+    assert ep2 == pytest.approx(single, rel=1e-4, abs=1e-5)
+    assert fsdp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    assert single[-1] < single[0]
+    resumed = run(
+        option_job(tmp_path, "resumed", 1, 1, "none", 6, 0),
+        tmp_path / "resumed",
+        resume=tmp_path / "ep2" / "checkpoint_00000003",
+    )
+    assert resumed == pytest.approx(single[-3:], rel=1e-4, abs=1e-5)

@@ -83,15 +83,45 @@ def test_grad_accum_4x2_equals_1x8(tmp_path: Path, model: str) -> None:
         torch.testing.assert_close(runs[4][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def saved_activation_bytes(trainer: Trainer) -> int:
+    """Bytes autograd keeps for backward during one training-mode forward of the trainer's model on a
+    fixed batch: every tensor saved for backward passes the pack hook, except those an activation
+    checkpoint drops (it packs them with its own hook and recomputes them in backward)."""
+    packed = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal packed
+        packed += t.numel() * t.element_size()
+        return t
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, trainer.spec.data.seq_len + 1), generator=gen)
+    trainer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = trainer.model(x[:, :-1], x[:, 1:])
+    loss.backward()  # the checkpointed blocks recompute here (outside the hook)
+    trainer.model.zero_grad(set_to_none=True)
+    return packed
+
+
 def test_activation_checkpointing_changes_memory_not_results(tmp_path: Path) -> None:
     base = "{steps: 6, batch_size: 4, eval_every: 0, eval_bytes: 2048%s}"
     plain, _ = train(one_worker_spec(tmp_path, "plain", training=base % ""), tmp_path / "plain")
+    saved = {"none": saved_activation_bytes(plain)}
     for mode in ("full", "every_n"):
         spec = one_worker_spec(tmp_path, mode, training=base % f", activation_checkpointing: {mode}")
         checkpointed, _ = train(spec, tmp_path / mode)
         assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
         for name, value in plain.model.state_dict().items():
             torch.testing.assert_close(checkpointed.model.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        saved[mode] = saved_activation_bytes(checkpointed)
+    # depth 2: full recomputes both blocks, every_n (every 2nd) one of them; the embedding, final norm
+    # and head keep theirs in every mode
+    assert saved["full"] < saved["every_n"] < saved["none"], saved
+    assert saved["none"] - saved["every_n"] > 0.2 * saved["none"], saved
+    assert saved["every_n"] - saved["full"] > 0.2 * saved["none"], saved
+    # each recomputed block gives back the same bytes (blocks of one shape)
+    assert saved["none"] - saved["every_n"] == pytest.approx(saved["every_n"] - saved["full"], rel=0.05), saved
 
 
 def test_layerwise_galore_accumulates_micro_batches_like_whole_model_galore(tmp_path: Path) -> None:

@@ -59,18 +59,11 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / run.name))
 
 
-def test_truncated_newest_shard_and_meta_fall_back_with_a_message(
-    finished_run: Path, tmp_path: Path, small_corpus: Path
-) -> None:
-    run = copy_run(finished_run, tmp_path)
-    newest, older = run / "checkpoint_00000004", run / "checkpoint_00000002"
-    shard = next((newest / ckpt.SHARDS_DIR).glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    meta = newest / ckpt.META_FILE
-    meta.write_bytes(meta.read_bytes()[:20])  # cut inside the JSON
+def _falls_back_to_the_older_checkpoint(run: Path, tmp_path: Path, small_corpus: Path, message: str) -> None:
+    older = run / "checkpoint_00000002"
     heard: list[str] = []
     assert ckpt.find_latest_checkpoint(run, report=heard.append) == older
-    assert heard == ["skipping checkpoint_00000004: meta.json is missing or unreadable"]
+    assert heard == [message]
     # the driver's own checks read the same run without a traceback
     assert latest_step(run) == 2
     assert resume_conflicts(tiny_spec(tmp_path, small_corpus), run) == []
@@ -78,6 +71,31 @@ def test_truncated_newest_shard_and_meta_fall_back_with_a_message(
     trainer = Trainer(tiny_spec(tmp_path, small_corpus), run, LocalReporter(run, 3))
     trainer.resume(older)
     assert trainer.step == 2
+
+
+def test_truncated_newest_shard_falls_back_with_a_message(
+    finished_run: Path, tmp_path: Path, small_corpus: Path
+) -> None:
+    """Only the shard is cut (meta.json intact): the manifest's size check, not the meta, must catch it."""
+    run = copy_run(finished_run, tmp_path)
+    newest = run / "checkpoint_00000004"
+    shard = next((newest / ckpt.SHARDS_DIR).glob("*.distcp"))
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    assert ckpt.read_meta(newest)["step"] == 4  # the meta still reads: the shard is what is wrong
+    name = shard.relative_to(newest).as_posix()
+    message = f"skipping checkpoint_00000004: {name} has {size // 2} bytes, the manifest says {size}"
+    _falls_back_to_the_older_checkpoint(run, tmp_path, small_corpus, message)
+
+
+def test_truncated_newest_meta_falls_back_with_a_message(
+    finished_run: Path, tmp_path: Path, small_corpus: Path
+) -> None:
+    run = copy_run(finished_run, tmp_path)
+    meta = run / "checkpoint_00000004" / ckpt.META_FILE
+    meta.write_bytes(meta.read_bytes()[:20])  # cut inside the JSON; the shards are intact
+    message = "skipping checkpoint_00000004: meta.json is missing or unreadable"
+    _falls_back_to_the_older_checkpoint(run, tmp_path, small_corpus, message)
 
 
 def _plant_executable_pickle(checkpoint: Path, marker: Path) -> None:

@@ -65,8 +65,19 @@ def test_one_run_report_from_the_run_directory_alone(runs: tuple[Path, Path], ca
     assert page.startswith("<!doctype html>") and "http://" not in page and "https://" not in page
     ids = re.findall(r"<figure class='fig' id='([^']+)'", page)
     assert ids == ["fig-loss", "fig-throughput", "fig-anatomy", "fig-memory", "fig-load-0-0", "fig-load-0-1"]
-    assert "<td>1</td>" in page  # one restart counted in the summary table
+    rows = dict(re.findall(r"<tr><td[^>]*>([^<]+)</td><td>([^<]*)</td></tr>", page))  # summary table: label -> value
+    assert rows["restarts"] == "1", rows  # one restart (the resume at step 4), in its own row
+    assert rows["steps"] == "8", rows
     assert "name: base" in page
+
+
+def test_the_comparison_table_gives_each_run_its_own_restart_count(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "compare.html"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    cells = re.findall(r"<tr><td[^>]*>([^<]+)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", out.read_text())
+    rows = {label: (a, b) for label, a, b in cells}
+    assert rows["restarts"] == ("1", "0"), rows  # base resumed once, hot never
+    assert rows["steps"] == ("8", "8"), rows
 
 
 def _render(page: Path, out_dir: Path) -> tuple[np.ndarray, dict]:

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardyard.models.bytes.multiscale import MultiscaleByteLM
@@ -31,7 +30,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor] | None]
 def stack_step(stack: TransformerStack, x: torch.Tensor, cache: KV, pos: int) -> torch.Tensor:
     """Run `stack` on x [B, q, d] at positions pos..pos+q-1, reading and extending `cache` (one
     (k, v) per block, holding positions < pos). Same maths as TransformerStack.forward."""
-    b, q, c = x.shape
+    q = x.shape[1]
     if pos + q > stack.rope_cos.shape[0]:
         raise ValueError(f"position {pos + q} exceeds the stack's max_seq_len {stack.rope_cos.shape[0]}")
     cos, sin = stack.rope_cos[pos : pos + q], stack.rope_sin[pos : pos + q]
@@ -40,13 +39,12 @@ def stack_step(stack: TransformerStack, x: torch.Tensor, cache: KV, pos: int) ->
         mask = torch.ones(q, pos + q, dtype=torch.bool, device=x.device).tril(diagonal=pos)
     for i, block in enumerate(stack.blocks):
         attn = block.attn
-        qkv = attn.qkv(block.attn_norm(x)).view(b, q, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        qh, k, v = apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin), qkv[2]
+        qh, k, v = attn.project(block.attn_norm(x))
+        qh, k = apply_rotary(qh, cos, sin), apply_rotary(k, cos, sin)
         if cache[i] is not None:
             k, v = torch.cat((cache[i][0], k), dim=2), torch.cat((cache[i][1], v), dim=2)
         cache[i] = (k, v)
-        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=pos == 0 and q > 1)
-        x = x + attn.proj(y.transpose(1, 2).reshape(b, q, c))
+        x = x + attn.attend(qh, k, v, mask, pos == 0 and q > 1)
         x = x + block.ffn(block.ffn_norm(x))
     return stack.norm(x)
 

@@ -41,6 +41,11 @@ class MoELayer(nn.Module):
         jitter: float = 0.0,
         shared_expert: bool = False,
         bias_update_rate: float = 1e-3,
+        shared_hidden: int | None = None,
+        shared_gate: bool = False,
+        score: str = "softmax",
+        renormalize: bool | None = None,
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -48,12 +53,26 @@ class MoELayer(nn.Module):
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
         self.capacity_factor = capacity_factor
-        self.router = build_router(router, width, num_experts, top_k, jitter, capacity_factor, bias_update_rate)
+        self.router = build_router(
+            router,
+            width,
+            num_experts,
+            top_k,
+            jitter,
+            capacity_factor,
+            bias_update_rate,
+            score,
+            renormalize,
+            routed_scale,
+        )
         self.experts = GroupedExperts(num_experts, width, hidden, expert_kind, backend)
         # Tokens reach the experts through a dispatcher, always (local here; parallelize wires
         # expert parallelism and the compressed dispatch stages, see dispatcher.py).
         self.dispatcher: TokenDispatcher = LocalDispatcher()
-        self.shared_expert = SharedExpert(width, hidden, expert_kind) if shared_expert else None
+        # Shared experts: one dense MLP (n shared experts of hidden h = one of hidden n*h), optionally
+        # scaled per token by sigmoid(x . w) (Qwen2-MoE's shared_expert_gate).
+        self.shared_expert = SharedExpert(width, shared_hidden or hidden, expert_kind) if shared_expert else None
+        self.shared_gate = nn.Linear(width, 1, bias=False) if shared_expert and shared_gate else None
         # Accumulated over the optimizer step (micro-batches and checkpoint chunks, recompute not
         # counted twice); the trainer reads and resets them with take_step_stats(). Not persistent:
         # a checkpoint is taken between steps, when they are zero.
@@ -89,7 +108,10 @@ class MoELayer(nn.Module):
         offsets = torch.cumsum(kept, dim=0).to(torch.int32)
         out = self.dispatcher(tokens, token_of, weight_of, offsets, num_tokens, self.experts)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            out = out + shared
 
         aux = self.aux_loss_weight * routing.balance_loss + self.z_loss_weight * routing.z_loss
         weight = aux_weight()

@@ -11,6 +11,10 @@ auxiliary losses it wants optimised (load balancing, router z-loss), unweighted;
   checkpoints) moved by the load summed over all data-parallel ranks, so every replica keeps the same bias.
 - `expert_choice`: each expert picks its top-C tokens (C = capacity_factor * T * k / E); balanced by
   construction, but a token may get no expert, and the choice looks at the whole batch (non-causal).
+
+Token-choice options: `score` softmax (default) or sigmoid (DeepSeek-V3: independent per-expert
+scores; top-k and the aux_free bias act on them, the losses see them normalised to sum 1);
+`renormalize` the kept weights (default: all but switch); `routed_scale` multiplies the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROUTERS = ("softmax_topk", "switch", "aux_free", "expert_choice")
+SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -73,27 +78,41 @@ class TopKRouter(_RouterBase):
         kind: str = "softmax_topk",
         jitter: float = 0.0,
         bias_update_rate: float = 1e-3,
+        score: str = "softmax",
+        renormalize: bool | None = None,
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__(width, num_experts, top_k, jitter)
         if kind == "switch" and top_k != 1:
             raise ValueError("the switch router is top-1")
         if top_k > num_experts:
             raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
+        if score not in SCORES:
+            raise ValueError(f"unknown router score {score!r}; available: {', '.join(SCORES)}")
         self.kind = kind
         self.bias_update_rate = bias_update_rate
+        self.score = score
+        self.renormalize = kind != "switch" if renormalize is None else renormalize
+        self.routed_scale = routed_scale
         # Selection-only bias for aux_free balancing; a buffer so checkpoints carry it.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=(kind == "aux_free"))
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.logits(x)
-        probs = F.softmax(logits, dim=-1)
-        if self.kind == "aux_free":
-            _, expert_ids = (probs + self.expert_bias).topk(self.top_k, dim=-1)
-            top_probs = probs.gather(-1, expert_ids)
+        if self.score == "sigmoid":  # independent per-expert scores; normalised only for the losses
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
         else:
-            top_probs, expert_ids = probs.topk(self.top_k, dim=-1)
-        if self.kind != "switch":
+            scores = probs = F.softmax(logits, dim=-1)
+        if self.kind == "aux_free":
+            _, expert_ids = (scores + self.expert_bias).topk(self.top_k, dim=-1)
+            top_probs = scores.gather(-1, expert_ids)
+        else:
+            top_probs, expert_ids = scores.topk(self.top_k, dim=-1)
+        if self.renormalize:
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        if self.routed_scale != 1.0:
+            top_probs = top_probs * self.routed_scale
         flat_experts = expert_ids.reshape(-1)
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
@@ -117,10 +136,17 @@ class ExpertChoiceRouter(_RouterBase):
     """Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest score for e."""
 
     def __init__(
-        self, width: int, num_experts: int, top_k: int, jitter: float = 0.0, capacity_factor: float | None = None
+        self,
+        width: int,
+        num_experts: int,
+        top_k: int,
+        jitter: float = 0.0,
+        capacity_factor: float | None = None,
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__(width, num_experts, top_k, jitter)
         self.capacity_factor = capacity_factor or 1.0
+        self.routed_scale = routed_scale
 
     def capacity(self, num_tokens: int) -> int:
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
@@ -130,6 +156,8 @@ class ExpertChoiceRouter(_RouterBase):
         probs = F.softmax(logits, dim=-1)
         c = self.capacity(x.shape[0])
         weights, tokens = probs.t().topk(c, dim=-1)  # [E, C] each
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         counts = torch.full((self.num_experts,), c, device=x.device)
         return Routing(
@@ -151,9 +179,14 @@ def build_router(
     jitter: float = 0.0,
     capacity_factor: float | None = None,
     bias_update_rate: float = 1e-3,
+    score: str = "softmax",
+    renormalize: bool | None = None,
+    routed_scale: float = 1.0,
 ) -> nn.Module:
     if kind == "expert_choice":
-        return ExpertChoiceRouter(width, num_experts, top_k, jitter, capacity_factor)
+        if score != "softmax" or renormalize:
+            raise ValueError("the expert_choice router scores with a softmax over experts and never renormalises")
+        return ExpertChoiceRouter(width, num_experts, top_k, jitter, capacity_factor, routed_scale)
     if kind in ROUTERS:
-        return TopKRouter(width, num_experts, top_k, kind, jitter, bias_update_rate)
+        return TopKRouter(width, num_experts, top_k, kind, jitter, bias_update_rate, score, renormalize, routed_scale)
     raise ValueError(f"unknown router {kind!r}; available: {list(ROUTERS)}")

@@ -43,6 +43,7 @@ def keep_expert_slice_(experts: nn.Module, lo: int, hi: int) -> None:
         setattr(shard, EXPERT_SHARD_ATTR, True)
         experts._parameters[name] = shard
     experts.num_experts = hi - lo
+    experts.first_expert = lo  # where the slice starts in the full stack (readers of whole checkpoints)
 
 
 def place_experts(model: nn.Module, groups: ProcessGroups | None, parallel: ParallelSpec) -> nn.Module:

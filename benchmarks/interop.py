@@ -1,0 +1,165 @@
+"""HF export and import against model size: wall time and peak resident memory above the process's
+baseline, each in a fresh subprocess.
+
+Peers in the same run: `shardyard export` (the consolidating single-file export, which holds the whole
+model) next to `export --format hf` (streams one tensor at a time); the model's own size is the limit
+an import on one worker cannot go below (it holds the weights it loads).
+
+    PYTHONPATH=. python benchmarks/interop.py [--sizes 256x4,512x6] [--out benchmarks/results/interop-DATE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = """
+import json, sys, time
+from pathlib import Path
+import torch
+import shardyard.models, shardyard.runtime.export, shardyard.runtime.hf_import, safetensors.torch  # imports first
+import shardyard.interop.hf_dir, shardyard.data.tokenize, shardyard.runtime.parallel.deepspeed_zero
+import torch.distributed.checkpoint, torch.distributed.checkpoint.state_dict, safetensors, yaml
+from shardyard.platform.schema import ModelSpec
+with torch.device("meta"):  # the first meta-device build loads ~100 MB of torch code: not data
+    shardyard.models.build_model(ModelSpec(kind="moe", width=32, depth=1, heads=2), 8)
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+def measure(fn):
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = rss_kb("VmRSS")
+    start = time.perf_counter()
+    result = fn()
+    return {"seconds": time.perf_counter() - start, "peak_extra_mb": (rss_kb("VmHWM") - before) / 1024, "result": result}
+"""
+
+TRAIN = """
+from shardyard.platform.spec import load_spec_text
+from shardyard.runtime.worker import LocalReporter, Trainer
+spec = load_spec_text(sys.argv[1])
+run_dir = Path(sys.argv[2])
+Trainer(spec, run_dir, LocalReporter(run_dir, 2)).fit()
+"""
+
+EXPORT_HF = """
+from shardyard.runtime.export import export_hf
+m = measure(lambda: export_hf(Path(sys.argv[1]), Path(sys.argv[2]))[0])
+print(json.dumps(m))
+"""
+
+EXPORT_OLD = """
+from shardyard.runtime.export import export
+m = measure(lambda: str(export(Path(sys.argv[1]), Path(sys.argv[2]))))
+print(json.dumps(m))
+"""
+
+IMPORT = """
+from shardyard.models import build_model
+from shardyard.platform.spec import load_spec_text
+from shardyard.runtime.hf_import import init_from_hf
+spec = load_spec_text(sys.argv[1])
+def load():
+    with torch.device("meta"):
+        model = build_model(spec.model, spec.data.seq_len)
+    model = model.to_empty(device="cpu")
+    return init_from_hf(model, spec, 256)
+m = measure(load)
+print(json.dumps(m))
+"""
+
+
+def spec_text(width: int, depth: int, storage: Path, init_from: Path | None = None) -> str:
+    model = (
+        f"{{kind: moe, width: {width}, depth: {depth}, heads: {width // 64}, kv_heads: {max(1, width // 256)}, "
+        f"ffn: {{hidden: {3 * width}}}, moe: {{num_experts: 8, top_k: 2}}"
+        + (f", init_from: '{init_from}'" if init_from else "")
+        + "}"
+    )
+    return textwrap.dedent(
+        f"""\
+        name: bench
+        seed: 0
+        model: {model}
+        data: {{paths: [stdlib], seq_len: 64, max_bytes: 1000000}}
+        training: {{steps: 1, batch_size: 1, eval_every: 0, eval_bytes: 1024}}
+        resources: {{workers: 1, cpus_per_worker: 1, max_failures: 0}}
+        checkpoint: {{dir: {storage}, every: 1, keep: 2}}
+        tracking: {{mode: disabled}}
+        """
+    )
+
+
+def python(code: str, *args: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: honest peaks
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + code, *args], capture_output=True, text=True, cwd=ROOT, check=False, env=env
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="256x4,512x6")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="interop-bench-") as tmp:
+        for size in args.sizes.split(","):
+            width, depth = map(int, size.split("x"))
+            work = Path(tmp) / size
+            run_dir = work / "run"
+            python(TRAIN, spec_text(width, depth, work), str(run_dir))
+            model_mb = sum(f.stat().st_size for f in run_dir.glob("checkpoint_*/**/*.distcp")) / 1e6
+            hf = python(EXPORT_HF, str(run_dir), str(work / "hf"))
+            old = python(EXPORT_OLD, str(run_dir), str(work / "old"))
+            weights_mb = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors")) / 1e6
+            imp = python(IMPORT, spec_text(width, depth, work, work / "hf"))
+            row = {
+                "size": size,
+                "weights_mb": round(weights_mb, 1),
+                "checkpoint_mb_incl_adam": round(model_mb, 1),
+                "export_hf_s": round(hf["seconds"], 2),
+                "export_hf_peak_extra_mb": round(hf["peak_extra_mb"], 1),
+                "export_consolidated_s": round(old["seconds"], 2),
+                "export_consolidated_peak_extra_mb": round(old["peak_extra_mb"], 1),
+                "import_s": round(imp["seconds"], 2),
+                "import_peak_extra_mb": round(imp["peak_extra_mb"], 1),
+                "import_bytes_read_mb": round(imp["result"]["bytes_read"] / 1e6, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = list(rows[0])
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    text = (
+        f"# HF export / import vs model size ({datetime.date.today()})\n\n"
+        f"Command: `PYTHONPATH=. python benchmarks/interop.py --sizes {args.sizes}`; MoE 8 experts top-2, ffn 3 x width, "
+        "one CPU worker; each measurement in a fresh subprocess; peak_extra = peak RSS above the RSS just before the "
+        "call (VmHWM reset through /proc/self/clear_refs), with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return "
+        "to the OS; imports and torch's one-time meta-device code are loaded before the baseline.\n\n"
+        + "\n".join(table)
+        + "\n"
+    )
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
