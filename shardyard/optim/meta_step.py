@@ -157,8 +157,12 @@ def fused_attention() -> Iterator[None]:
     original = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):  # noqa: ANN001
+        gqa = kwargs.pop("enable_gqa", False)
         if query.device.type != "meta" or attn_mask is not None or kwargs or query.shape[-1] != value.shape[-1]:
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=gqa, **kwargs)
+        if gqa and key.shape[-3] != query.shape[-3]:  # kv heads shared by groups of query heads
+            groups = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
 

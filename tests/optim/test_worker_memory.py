@@ -29,6 +29,15 @@ from shardyard.runtime.worker_memory import predict_with_adamw, predict_worker_m
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
 ONE = ["resources.workers=1", "parallel.expert_parallel=1", "parallel.shard=none"]
+# architecture options the old per-block-kind table did not know: nothing here mentions them
+ARCH = [
+    "model.kv_heads=2",
+    "model.qk_norm=head",
+    "model.tie_embeddings=true",
+    "model.moe.shared_experts=2",
+    "model.moe.first_dense_layers=1",
+    "model.moe.score=sigmoid",
+]
 QGALORE_LW = ["optim.kind=q_galore_adamw", "optim.galore.layerwise=true", "optim.grad_clip=0"]
 
 
@@ -94,8 +103,9 @@ def _spec(job: str, *overrides: str):
         ["optim.kind=galore_adamw"],
         ["optim.kind=q_galore_adamw"],
         QGALORE_LW,
+        ARCH,
     ],
-    ids=["adamw", "sgd", "galore", "q_galore", "q_galore_layerwise"],
+    ids=["adamw", "sgd", "galore", "q_galore", "q_galore_layerwise", "arch_options"],
 )
 def test_memory_state_prediction_is_the_real_tensors_after_a_step(overrides: list[str]) -> None:
     spec = _spec("moe-tiny.yaml", *overrides)
@@ -112,6 +122,7 @@ VARIANTS = [
     ("moe-tiny.yaml", ["optim.kind=galore_adamw"]),
     ("moe-tiny.yaml", QGALORE_LW),
     ("moe-tiny.yaml", ["training.activation_checkpointing=full"]),
+    ("moe-tiny.yaml", ARCH),
 ]
 
 
