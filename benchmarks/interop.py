@@ -117,7 +117,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256x4,512x6")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="one tiny size (seconds): the same path, nothing written")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.out = "64x1", None
     rows = []
     with tempfile.TemporaryDirectory(prefix="interop-bench-") as tmp:
         for size in args.sizes.split(","):

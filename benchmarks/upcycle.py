@@ -61,7 +61,10 @@ def main() -> None:
         help="top1: softmax top-1 renormalised (exact start; the weight is always 1, so the router learns only from "
         "the aux loss) | switch8: switch top-1 with routed_scale 8 (~exact start; the router gets gradients)",
     )
+    ap.add_argument("--smoke", action="store_true", help="one seed, 4 + 4 steps: the same path, nothing written")
     args = ap.parse_args()
+    if args.smoke:
+        args.seeds, args.base, args.cont, args.out = "0", 4, 4, None
     from shardyard.runtime.evaluation import evaluate_run
     from shardyard.runtime.export import export_hf
 

@@ -25,12 +25,21 @@ def _entry(
     rank: int, fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str, args: tuple[Any, ...]
 ) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    topology = Topology.from_rank(rank, world_size, ranks_per_node)
+    # The variables torchrun and Ray Train set: what Topology.from_env (and so every Trainer) reads.
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(topology.local_rank),
+        LOCAL_WORLD_SIZE=str(topology.ranks_per_node),
+        NODE_RANK=str(topology.node_rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
     )
     try:
-        fn(Topology.from_rank(rank, world_size, ranks_per_node), *args)
+        fn(topology, *args)
         # Tear down together: a rank that destroys its gloo pairs while a peer still reads from them
         # can abort the peer ("terminate called without an active exception").
         dist.barrier()

@@ -94,12 +94,11 @@ def topology_from_ray() -> Topology:
 
     if os.environ.get(envvars.FAKE_RANKS_PER_NODE) or not (dist.is_available() and dist.is_initialized()):
         return Topology.from_env()
-    try:
-        import ray
+    import ray
 
-        node_id = ray.get_runtime_context().get_node_id()
-    except Exception:  # not inside a Ray worker
-        return Topology.from_env()
+    if not ray.is_initialized():  # not a Ray worker (a world of one in any process, tests, torchrun)
+        return Topology.from_env()  # (asking Ray's runtime context here would start a local Ray instance)
+    node_id = ray.get_runtime_context().get_node_id()
     node_ids: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(node_ids, node_id)
     return topology_from_node_ids(dist.get_rank(), node_ids)

@@ -38,6 +38,8 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         True,
     ),
     "train_local": ([], [r"done at step 6/6"], True),
+    "interop": ([], [r"\| 64x1 \| [\d.]+ \|", r"# HF export / import vs model size"], True),
+    "upcycle": ([], [r"\| 0 \| [\d.]+ \|", r"Mean difference over seeds"], True),
     "eval_stderr": (
         [],
         [r"eval batch\s+64: .* KB/s", r"all windows: [\d.]+ bpb, iid s\.e\. [\d.]+", r"\| 64 \| \d+"],
