@@ -25,11 +25,11 @@ MODEL = "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {nu
 GLOBAL_BATCH = 8
 
 
-def job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int):
+def job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int, model: str = MODEL):
     text = tiny_spec_yaml(
         name,
         storage,
-        model=MODEL,
+        model=model,
         training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
         resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
         checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}",
@@ -214,33 +214,19 @@ OPTION_HEAVY = (
 )
 
 
-def option_job(storage: Path, name: str, world: int, ep: int, shard: str, steps: int, every: int):
-    text = tiny_spec_yaml(
-        name,
-        storage,
-        model=OPTION_HEAVY,
-        training=f"{{steps: {steps}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 2048}}",
-        resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
-        checkpoint=f"{{dir: {storage}, every: {every}, keep: 3}}",
-    )
-    return load_spec_text(
-        text, overrides=[f"parallel.expert_parallel={ep}", f"parallel.shard={shard}", "optim.schedule.warmup=2"]
-    )
-
-
 def test_architecture_options_under_ep_and_fsdp_match_one_worker_and_reshard(tmp_path: Path) -> None:
     """GQA, qk-norm, qkv biases, tied embeddings, fine-grained sigmoid-routed experts with gated shared
     experts and a dense first layer: EP 2 and FSDP2 over 2 gloo ranks train like one worker, and an EP 2
     checkpoint resumes on one worker with the uninterrupted run's losses."""
-    single = run(option_job(tmp_path, "one", 1, 1, "none", 6, 0), tmp_path / "one")
-    ep2 = run(option_job(tmp_path, "ep2", 2, 2, "none", 6, 3), tmp_path / "ep2")
-    fsdp = run(option_job(tmp_path, "fsdp", 2, 1, "full", 6, 0), tmp_path / "fsdp")
+    single = run(job(tmp_path, "one", 1, 1, "none", 6, 0, model=OPTION_HEAVY), tmp_path / "one")
+    ep2 = run(job(tmp_path, "ep2", 2, 2, "none", 6, 3, model=OPTION_HEAVY), tmp_path / "ep2")
+    fsdp = run(job(tmp_path, "fsdp", 2, 1, "full", 6, 0, model=OPTION_HEAVY), tmp_path / "fsdp")
     assert len(single) == len(ep2) == len(fsdp) == 6
     assert ep2 == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert fsdp == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert single[-1] < single[0]
     resumed = run(
-        option_job(tmp_path, "resumed", 1, 1, "none", 6, 0),
+        job(tmp_path, "resumed", 1, 1, "none", 6, 0, model=OPTION_HEAVY),
         tmp_path / "resumed",
         resume=tmp_path / "ep2" / "checkpoint_00000003",
     )
