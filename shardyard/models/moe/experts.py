@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardyard.kernels import grouped_mm
-from shardyard.kernels.grouped_gemm import check_backend_device, get_ops, resolve_backend
+from shardyard.kernels.grouped_gemm import check_backend_device, get_ops, loop_grouped_mm, resolve_backend
 from shardyard.models.transformer import dense_mlp
 
 # ---------------------------------------------------------------- activations
@@ -103,55 +102,113 @@ def expert_blocks(offsets: torch.Tensor, block_rows: int) -> list[tuple[int, int
     return blocks
 
 
-class _BlockedExpertMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        w_up: torch.Tensor,
-        w_down: torch.Tensor,
-        offsets: torch.Tensor,
-        backend: str,
-        kind: str,
-        block_rows: int,
-    ) -> torch.Tensor:
-        ops = get_ops(backend)
-        act_fwd, _ = ACTIVATIONS[kind]
-        blocks = expert_blocks(offsets, block_rows)
-        y = x.new_empty(x.shape[0], w_down.shape[2])
-        saved = []
-        for e_lo, e_hi, r_lo, r_hi in blocks:
-            local = (offsets[e_lo:e_hi] - r_lo).clamp(0, r_hi - r_lo)
-            h = ops.mm(x[r_lo:r_hi], w_up[e_lo:e_hi], local)
-            a = act_fwd(h)
-            y[r_lo:r_hi] = ops.mm(a, w_down[e_lo:e_hi], local)
-            saved += [h, a]
-        ctx.save_for_backward(x, w_up, w_down, offsets, *saved)
-        ctx.ops, ctx.kind, ctx.blocks = ops, kind, blocks
-        return y
+def _block_offsets(offsets: torch.Tensor, e_lo: int, e_hi: int, r_lo: int, r_hi: int) -> torch.Tensor:
+    return (offsets[e_lo:e_hi] - r_lo).clamp(0, r_hi - r_lo)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
-        x, w_up, w_down, offsets, *saved = ctx.saved_tensors
-        ops, (_, act_bwd) = ctx.ops, ACTIVATIONS[ctx.kind]
-        grad_y = grad_y.contiguous()
-        need_x, need_up, need_down = ctx.needs_input_grad[:3]
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_up = torch.zeros_like(w_up) if need_up else None
-        grad_down = torch.zeros_like(w_down) if need_down else None
-        for i, (e_lo, e_hi, r_lo, r_hi) in enumerate(ctx.blocks):
-            h, a = saved[2 * i], saved[2 * i + 1]
-            local = (offsets[e_lo:e_hi] - r_lo).clamp(0, r_hi - r_lo)
-            g = grad_y[r_lo:r_hi]
-            if need_down:
-                grad_down[e_lo:e_hi] += ops.wgrad(a, g, local, e_hi - e_lo)
-            grad_h = act_bwd(ops.mm(g, w_down[e_lo:e_hi].transpose(1, 2), local), h)
-            if need_up:
-                grad_up[e_lo:e_hi] += ops.wgrad(x[r_lo:r_hi], grad_h, local, e_hi - e_lo)
-            if need_x:
-                grad_x[r_lo:r_hi] = ops.mm(grad_h, w_up[e_lo:e_hi].transpose(1, 2), local)
-        return grad_x, grad_up, grad_down, None, None, None, None
+
+def _row_blocks(offsets: torch.Tensor, block_rows: int, rows: int) -> list[tuple[int, int, int, int]]:
+    """expert_blocks, with block_rows 0 meaning one block over every row (one grouped GEMM each)."""
+    return expert_blocks(offsets, block_rows if block_rows > 0 else max(rows, 1))
+
+
+@torch.library.custom_op("shardyard::expert_mlp", mutates_args=())
+def _expert_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    offsets: torch.Tensor,
+    backend: str,
+    kind: str,
+    block_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, a): the expert MLP over rows grouped by expert, block by block, with the up projection
+    h and the activation a of every row (what backward needs). An opaque operator: torch.compile
+    sees static output shapes and never the data-dependent block list (no graph break)."""
+    ops = get_ops(backend)
+    act_fwd, _ = ACTIVATIONS[kind]
+    rows = x.shape[0]
+    y = x.new_empty(rows, w_down.shape[2])
+    h = x.new_empty(rows, w_up.shape[2])
+    a = x.new_empty(rows, w_down.shape[1])
+    for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, rows):
+        local = _block_offsets(offsets, e_lo, e_hi, r_lo, r_hi)
+        h_blk = ops.mm(x[r_lo:r_hi], w_up[e_lo:e_hi], local)
+        h[r_lo:r_hi] = h_blk
+        a_blk = act_fwd(h_blk)
+        a[r_lo:r_hi] = a_blk
+        y[r_lo:r_hi] = ops.mm(a_blk, w_down[e_lo:e_hi], local)
+    return y, h, a
+
+
+@_expert_mlp.register_fake
+def _(x, w_up, w_down, offsets, backend, kind, block_rows):  # noqa: ANN001, ANN202
+    rows = x.shape[0]
+    return x.new_empty(rows, w_down.shape[2]), x.new_empty(rows, w_up.shape[2]), x.new_empty(rows, w_down.shape[1])
+
+
+@torch.library.custom_op("shardyard::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    offsets: torch.Tensor,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    backend: str,
+    kind: str,
+    block_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw_up, dw_down) of _expert_mlp, block by block (weight gradients accumulated per block)."""
+    ops, (_, act_bwd) = get_ops(backend), ACTIVATIONS[kind]
+    grad_y = grad_y.contiguous()
+    grad_x = torch.zeros_like(x)
+    grad_up = torch.zeros_like(w_up)
+    grad_down = torch.zeros_like(w_down)
+    for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, x.shape[0]):
+        local = _block_offsets(offsets, e_lo, e_hi, r_lo, r_hi)
+        g = grad_y[r_lo:r_hi]
+        grad_down[e_lo:e_hi] += ops.wgrad(a[r_lo:r_hi], g, local, e_hi - e_lo)
+        grad_h = act_bwd(ops.mm(g, w_down[e_lo:e_hi].transpose(1, 2), local), h[r_lo:r_hi])
+        grad_up[e_lo:e_hi] += ops.wgrad(x[r_lo:r_hi], grad_h, local, e_hi - e_lo)
+        grad_x[r_lo:r_hi] = ops.mm(grad_h, w_up[e_lo:e_hi].transpose(1, 2), local)
+    return grad_x, grad_up, grad_down
+
+
+@_expert_mlp_backward.register_fake
+def _(grad_y, x, w_up, w_down, offsets, h, a, backend, kind, block_rows):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down)
+
+
+def _expert_mlp_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, w_up, w_down, offsets, backend, kind, block_rows = inputs
+    _, h, a = output
+    ctx.save_for_backward(x, w_up, w_down, offsets, h, a)
+    ctx.config = (backend, kind, block_rows)
+
+
+def _expert_mlp_grad(ctx, grad_y, grad_h, grad_a):  # noqa: ANN001, ANN202
+    x, w_up, w_down, offsets, h, a = ctx.saved_tensors
+    grad_x, grad_up, grad_down = _expert_mlp_backward(grad_y, x, w_up, w_down, offsets, h, a, *ctx.config)
+    return grad_x, grad_up, grad_down, None, None, None, None
+
+
+_expert_mlp.register_autograd(_expert_mlp_grad, setup_context=_expert_mlp_setup)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    offsets: torch.Tensor,
+    backend: str,
+    kind: str,
+    block_rows: int,
+) -> torch.Tensor:
+    """The expert MLP over rows grouped by expert (offsets: [E] int32 cumulative row ends) with a
+    grouped-GEMM backend's primitives: blocks of about `block_rows` rows (0: one block, i.e. one
+    grouped GEMM per projection)."""
+    return _expert_mlp(x, w_up, w_down, offsets, backend, kind, block_rows)[0]
 
 
 # ---------------------------------------------------------------- modules
@@ -186,7 +243,8 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02 / math.sqrt(2))
 
-    def _block_rows(self, x: torch.Tensor, backend: str) -> int:
+    def rows_per_block(self, x: torch.Tensor, backend: str) -> int:
+        """block_rows resolved for x's device and the backend (0: one block)."""
         if backend == "loop" or self.block_rows == 0:
             return 0
         if self.block_rows is not None:
@@ -195,16 +253,22 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted: [M, width] grouped by expert; offsets: [E] int32 cumulative row ends."""
-        backend = resolve_backend(self.backend, x_sorted)
-        block_rows = self._block_rows(x_sorted, backend)
-        if block_rows:
-            check_backend_device(backend, x_sorted)
-            return _BlockedExpertMLP.apply(
-                x_sorted, self.w_up, self.w_down, offsets.to(torch.int32), backend, self.kind, block_rows
-            )
-        h = grouped_mm(x_sorted, self.w_up, offsets, backend)
-        h = swiglu(h) if self.kind == "swiglu" else F.gelu(h)
-        return grouped_mm(h, self.w_down, offsets, backend)
+        return run_experts(self, x_sorted, offsets, self.w_up, self.w_down)
+
+
+def run_experts(
+    experts: GroupedExperts, x_sorted: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """GroupedExperts' arithmetic on the given weight stacks: the `loop` reference (autograd through a
+    per-expert loop), else the expert_mlp operator with the backend's primitives."""
+    backend = resolve_backend(experts.backend, x_sorted)
+    if backend == "loop":
+        h = loop_grouped_mm(x_sorted, w_up, offsets)
+        h = swiglu(h) if experts.kind == "swiglu" else F.gelu(h)
+        return loop_grouped_mm(h, w_down, offsets)
+    check_backend_device(backend, x_sorted)
+    block_rows = experts.rows_per_block(x_sorted, backend)
+    return expert_mlp(x_sorted, w_up, w_down, offsets.to(torch.int32), backend, experts.kind, block_rows)
 
 
 def SharedExpert(width: int, hidden: int, kind: str = "swiglu") -> nn.Module:
