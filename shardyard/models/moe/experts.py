@@ -26,10 +26,10 @@ from shardyard.models.transformer import dense_mlp
 # ---------------------------------------------------------------- activations
 
 
-def _swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
+def _swiglu_fwd(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     half = h.shape[1] // 2
     rows = max(8, 2**17 // max(half, 1))
-    out = h.new_empty(h.shape[0], half)
+    out = h.new_empty(h.shape[0], half) if out is None else out
     for s in range(0, h.shape[0], rows):
         torch.mul(F.silu(h[s : s + rows, :half]), h[s : s + rows, half:], out=out[s : s + rows])
     return out
@@ -50,7 +50,11 @@ def _gelu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(grad, h)
 
 
-ACTIVATIONS = {"swiglu": (_swiglu_fwd, _swiglu_bwd), "gelu": (F.gelu, _gelu_bwd)}
+def _gelu_fwd(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return F.gelu(h) if out is None else torch.ops.aten.gelu.out(h, out=out)
+
+
+ACTIVATIONS = {"swiglu": (_swiglu_fwd, _swiglu_bwd), "gelu": (_gelu_fwd, _gelu_bwd)}
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -132,11 +136,9 @@ def _expert_mlp(
     a = x.new_empty(rows, w_down.shape[1])
     for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, rows):
         local = _block_offsets(offsets, e_lo, e_hi, r_lo, r_hi)
-        h_blk = ops.mm(x[r_lo:r_hi], w_up[e_lo:e_hi], local)
-        h[r_lo:r_hi] = h_blk
-        a_blk = act_fwd(h_blk)
-        a[r_lo:r_hi] = a_blk
-        y[r_lo:r_hi] = ops.mm(a_blk, w_down[e_lo:e_hi], local)
+        h_blk = ops.mm_into(x[r_lo:r_hi], w_up[e_lo:e_hi], local, h[r_lo:r_hi])
+        a_blk = act_fwd(h_blk, a[r_lo:r_hi])
+        ops.mm_into(a_blk, w_down[e_lo:e_hi], local, y[r_lo:r_hi])
     return y, h, a
 
 
@@ -162,7 +164,7 @@ def _expert_mlp_backward(
     """(dx, dw_up, dw_down) of _expert_mlp, block by block (weight gradients accumulated per block)."""
     ops, (_, act_bwd) = get_ops(backend), ACTIVATIONS[kind]
     grad_y = grad_y.contiguous()
-    grad_x = torch.zeros_like(x)
+    grad_x = torch.empty_like(x)  # every row is written (the blocks cover them)
     grad_up = torch.zeros_like(w_up)
     grad_down = torch.zeros_like(w_down)
     for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, x.shape[0]):
@@ -171,7 +173,7 @@ def _expert_mlp_backward(
         grad_down[e_lo:e_hi] += ops.wgrad(a[r_lo:r_hi], g, local, e_hi - e_lo)
         grad_h = act_bwd(ops.mm(g, w_down[e_lo:e_hi].transpose(1, 2), local), h[r_lo:r_hi])
         grad_up[e_lo:e_hi] += ops.wgrad(x[r_lo:r_hi], grad_h, local, e_hi - e_lo)
-        grad_x[r_lo:r_hi] = ops.mm(grad_h, w_up[e_lo:e_hi].transpose(1, 2), local)
+        ops.mm_into(grad_h, w_up[e_lo:e_hi].transpose(1, 2), local, grad_x[r_lo:r_hi])
     return grad_x, grad_up, grad_down
 
 
