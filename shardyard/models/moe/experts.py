@@ -1,19 +1,21 @@
 """Experts stored as stacked [E, ...] weights so one grouped GEMM serves all of them.
 
-Two ways to run the expert MLP (up projection, activation, down projection) over rows sorted by
-expert:
+The expert MLP (up projection, activation, down projection) over rows sorted by expert runs as one
+operator (`expert_mlp`, a torch.library custom op with its own backward), one row tile at a time:
 
-- grouped (GPUs, and the `loop` reference): one grouped GEMM per projection over all experts;
-- blocked (CPU default): the whole MLP runs on one block of consecutive experts (about
-  `block_rows` rows; a larger expert is split into several blocks) before the next block starts, so
-  a block's intermediates are still in cache when the activation and the second GEMM read them.
-  Each block still goes through the chosen backend's grouped GEMM primitives; weight gradients are
-  accumulated per block. Same result as the grouped path (tested); on a 2-core CPU it is what makes
-  the layer as fast as a per-expert loop while keeping one code path for any load.
+- tiles of `block_rows` rows (CPU default: about 2M elements of up-projection output per tile; 0 =
+  one tile, i.e. one grouped GEMM per projection, the GPU default). The whole MLP runs on a tile
+  before the next starts, so its intermediates are still in cache when the activation and the second
+  product read them; a tile holds the rows of every expert it meets (the backend's grouped primitives
+  take the tile's own expert offsets), and weight gradients are accumulated per tile.
+- tiles depend on the row count only, so torch.compile sees static shapes and compiles the MoE
+  layer without a graph break; the data-dependent expert offsets stay inside the operator.
+- `loop` is the reference: autograd through a per-expert loop of matmuls.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -85,34 +87,28 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- blocked expert MLP
 
 
+def row_tiles(rows: int, block_rows: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of block_rows rows (the last shorter) covering `rows`; block_rows 0 (or
+    more than rows) = one tile. Depends on the row count only, so a compiler knows the tiles' shapes."""
+    if block_rows <= 0 or block_rows >= rows:
+        return [(0, rows)]
+    return [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
+
+
 def expert_blocks(offsets: torch.Tensor, block_rows: int) -> list[tuple[int, int, int, int]]:
-    """(first expert, end expert, first row, end row) blocks of about block_rows rows, in order."""
+    """(first expert, end expert, first row, end row) of each row tile: the experts whose rows meet it."""
     ends = offsets.tolist()
-    blocks, e_lo, r_lo, start = [], 0, 0, 0
-    for e, end in enumerate(ends):
-        rows = end - start
-        if rows > block_rows:  # a big expert: close the open block, then split this one
-            if start > r_lo:
-                blocks.append((e_lo, e, r_lo, start))
-            for r in range(start, end, block_rows):
-                blocks.append((e, e + 1, r, min(r + block_rows, end)))
-            e_lo, r_lo = e + 1, end
-        elif end - r_lo >= block_rows:
-            blocks.append((e_lo, e + 1, r_lo, end))
-            e_lo, r_lo = e + 1, end
-        start = end
-    if start > r_lo:
-        blocks.append((e_lo, len(ends), r_lo, start))
+    rows = ends[-1] if ends else 0
+    blocks = []
+    for r_lo, r_hi in row_tiles(rows, block_rows):
+        e_lo = bisect.bisect_right(ends, r_lo)  # the first expert ending after r_lo
+        e_hi = min(bisect.bisect_left(ends, r_hi) + 1, len(ends))  # past the expert holding row r_hi - 1
+        blocks.append((e_lo, e_hi, r_lo, r_hi))
     return blocks
 
 
 def _block_offsets(offsets: torch.Tensor, e_lo: int, e_hi: int, r_lo: int, r_hi: int) -> torch.Tensor:
     return (offsets[e_lo:e_hi] - r_lo).clamp(0, r_hi - r_lo)
-
-
-def _row_blocks(offsets: torch.Tensor, block_rows: int, rows: int) -> list[tuple[int, int, int, int]]:
-    """expert_blocks, with block_rows 0 meaning one block over every row (one grouped GEMM each)."""
-    return expert_blocks(offsets, block_rows if block_rows > 0 else max(rows, 1))
 
 
 @torch.library.custom_op("shardyard::expert_mlp", mutates_args=())
@@ -124,28 +120,41 @@ def _expert_mlp(
     backend: str,
     kind: str,
     block_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, a): the expert MLP over rows grouped by expert, block by block, with the up projection
-    h and the activation a of every row (what backward needs). An opaque operator: torch.compile
-    sees static output shapes and never the data-dependent block list (no graph break)."""
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(y, h tiles, a tiles): the expert MLP over rows grouped by expert, one row tile at a time (see
+    row_tiles; a tile's up projection h and activation a are still in cache for the next product),
+    keeping each tile's h and a for backward. Tiles are separate tensors of a few MiB: one
+    allocation of every row's h would be a fresh mapping of tens of MiB per call, paid in page
+    faults. An opaque operator: torch.compile sees static shapes (the tiles depend on the row count
+    only) and never the data-dependent expert offsets (no graph break)."""
     ops = get_ops(backend)
     act_fwd, _ = ACTIVATIONS[kind]
-    rows = x.shape[0]
-    y = x.new_empty(rows, w_down.shape[2])
-    h = x.new_empty(rows, w_up.shape[2])
-    a = x.new_empty(rows, w_down.shape[1])
-    for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, rows):
+    y = x.new_empty(x.shape[0], w_down.shape[2])
+    hs, acts = [], []
+    for e_lo, e_hi, r_lo, r_hi in _blocks(offsets, block_rows, x.shape[0]):
         local = _block_offsets(offsets, e_lo, e_hi, r_lo, r_hi)
-        h_blk = ops.mm_into(x[r_lo:r_hi], w_up[e_lo:e_hi], local, h[r_lo:r_hi])
-        a_blk = act_fwd(h_blk, a[r_lo:r_hi])
-        ops.mm_into(a_blk, w_down[e_lo:e_hi], local, y[r_lo:r_hi])
-    return y, h, a
+        h = ops.mm(x[r_lo:r_hi], w_up[e_lo:e_hi], local)
+        a = act_fwd(h)
+        ops.mm_into(a, w_down[e_lo:e_hi], local, y[r_lo:r_hi])
+        hs.append(h)
+        acts.append(a)
+    return y, hs, acts
+
+
+def _blocks(offsets: torch.Tensor, block_rows: int, rows: int) -> list[tuple[int, int, int, int]]:
+    if rows == 0:
+        return []
+    return expert_blocks(offsets, block_rows)
 
 
 @_expert_mlp.register_fake
 def _(x, w_up, w_down, offsets, backend, kind, block_rows):  # noqa: ANN001, ANN202
-    rows = x.shape[0]
-    return x.new_empty(rows, w_down.shape[2]), x.new_empty(rows, w_up.shape[2]), x.new_empty(rows, w_down.shape[1])
+    tiles = row_tiles(x.shape[0], block_rows) if x.shape[0] else []
+    return (
+        x.new_empty(x.shape[0], w_down.shape[2]),
+        [x.new_empty(r_hi - r_lo, w_up.shape[2]) for r_lo, r_hi in tiles],
+        [x.new_empty(r_hi - r_lo, w_down.shape[1]) for r_lo, r_hi in tiles],
+    )
 
 
 @torch.library.custom_op("shardyard::expert_mlp_backward", mutates_args=())
@@ -155,43 +164,47 @@ def _expert_mlp_backward(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     offsets: torch.Tensor,
-    h: torch.Tensor,
-    a: torch.Tensor,
+    hs: list[torch.Tensor],
+    acts: list[torch.Tensor],
     backend: str,
     kind: str,
     block_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_up, dw_down) of _expert_mlp, block by block (weight gradients accumulated per block)."""
+    """(dx, dw_up, dw_down) of _expert_mlp, tile by tile (weight gradients accumulated per tile)."""
     ops, (_, act_bwd) = get_ops(backend), ACTIVATIONS[kind]
     grad_y = grad_y.contiguous()
-    grad_x = torch.empty_like(x)  # every row is written (the blocks cover them)
+    grad_x = torch.empty_like(x)  # every row is written (the tiles cover them)
     grad_up = torch.zeros_like(w_up)
     grad_down = torch.zeros_like(w_down)
-    for e_lo, e_hi, r_lo, r_hi in _row_blocks(offsets, block_rows, x.shape[0]):
+    for (e_lo, e_hi, r_lo, r_hi), h, a in zip(_blocks(offsets, block_rows, x.shape[0]), hs, acts):
         local = _block_offsets(offsets, e_lo, e_hi, r_lo, r_hi)
         g = grad_y[r_lo:r_hi]
-        grad_down[e_lo:e_hi] += ops.wgrad(a[r_lo:r_hi], g, local, e_hi - e_lo)
-        grad_h = act_bwd(ops.mm(g, w_down[e_lo:e_hi].transpose(1, 2), local), h[r_lo:r_hi])
+        grad_down[e_lo:e_hi] += ops.wgrad(a, g, local, e_hi - e_lo)
+        grad_h = act_bwd(ops.mm(g, w_down[e_lo:e_hi].transpose(1, 2), local), h)
         grad_up[e_lo:e_hi] += ops.wgrad(x[r_lo:r_hi], grad_h, local, e_hi - e_lo)
         ops.mm_into(grad_h, w_up[e_lo:e_hi].transpose(1, 2), local, grad_x[r_lo:r_hi])
     return grad_x, grad_up, grad_down
 
 
 @_expert_mlp_backward.register_fake
-def _(grad_y, x, w_up, w_down, offsets, h, a, backend, kind, block_rows):  # noqa: ANN001, ANN202
+def _(grad_y, x, w_up, w_down, offsets, hs, acts, backend, kind, block_rows):  # noqa: ANN001, ANN202
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _expert_mlp_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     x, w_up, w_down, offsets, backend, kind, block_rows = inputs
-    _, h, a = output
-    ctx.save_for_backward(x, w_up, w_down, offsets, h, a)
+    _, hs, acts = output
+    ctx.mark_non_differentiable(*hs, *acts)  # saved for backward, never differentiated: no zero gradients
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, w_up, w_down, offsets, *hs, *acts)
     ctx.config = (backend, kind, block_rows)
+    ctx.tiles = len(hs)
 
 
-def _expert_mlp_grad(ctx, grad_y, grad_h, grad_a):  # noqa: ANN001, ANN202
-    x, w_up, w_down, offsets, h, a = ctx.saved_tensors
-    grad_x, grad_up, grad_down = _expert_mlp_backward(grad_y, x, w_up, w_down, offsets, h, a, *ctx.config)
+def _expert_mlp_grad(ctx, grad_y, grad_hs, grad_acts):  # noqa: ANN001, ANN202
+    x, w_up, w_down, offsets, *saved = ctx.saved_tensors
+    hs, acts = saved[: ctx.tiles], saved[ctx.tiles :]
+    grad_x, grad_up, grad_down = _expert_mlp_backward(grad_y, x, w_up, w_down, offsets, hs, acts, *ctx.config)
     return grad_x, grad_up, grad_down, None, None, None, None
 
 
