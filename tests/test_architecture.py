@@ -233,3 +233,32 @@ def test_one_device_mesh() -> None:
         module for module, path in MODULES.items() if "init_device_mesh" in path.read_text() and module != DIMS
     ]
     assert offenders == []
+
+
+RUN_DIR_NAMES = (
+    "spec.yaml",
+    "spec-history",
+    "metrics.jsonl",
+    "run_info.json",
+    "wandb_id",
+    "expert_load.bin",
+    "expert_load.json",
+    "events.jsonl",
+    "driver.log",
+    ".lease",
+    "report.html",
+    "checkpoint_",
+)
+
+
+def test_the_run_directory_layout_has_one_owner() -> None:
+    """The names of a run's files appear in platform/run_dir.py only; everything else asks RunDir."""
+    owner = f"{PACKAGE}.platform.run_dir"
+    offenders = sorted(
+        f"{module}: {name}"
+        for module, path in MODULES.items()
+        if module != owner
+        for name in RUN_DIR_NAMES
+        if f'"{name}' in path.read_text() or f"'{name}" in path.read_text()
+    )
+    assert offenders == []

@@ -10,17 +10,18 @@ from pathlib import Path
 from shardyard import envvars
 from shardyard.cli.output import training_summary
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import spec_from_json
 
 
 def main() -> int:
     import ray
 
-    from shardyard.runtime.entry import refuse_conflicting_resume, run_directory, run_training
+    from shardyard.runtime.entry import refuse_conflicting_resume, run_training
     from shardyard.tracking.live import LiveStatus
 
     spec = spec_from_json(os.environ[envvars.SPEC_JSON])
-    run_dir = Path(os.environ.get(envvars.RUN_DIR) or run_directory(spec))
+    run_dir = Path(os.environ.get(envvars.RUN_DIR) or RunDir.of(spec).path)
     try:
         refuse_conflicting_resume(spec, run_dir)
     except UserError as err:

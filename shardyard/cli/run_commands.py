@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import parse_size
 from shardyard.tracking.sync import sync_command, sync_run
 
@@ -72,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from shardyard.runtime.export import export
 
     weights = export(Path(args.run_or_checkpoint), Path(args.out), args.step)
-    print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / 'spec.yaml'}")
+    print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / SPEC_FILE}")
     return 0
 
 

@@ -36,9 +36,10 @@ import numpy as np
 
 from shardyard.data.shards import ShardedTokens
 from shardyard.data.sources import Unit, document_is_validation, documents, resolve_units, source_list
-from shardyard.data.storage import filesystem, is_remote, join
+from shardyard.data.storage import filesystem, join
 from shardyard.data.tokenize import Codec, read_tokenizer_file, train_bpe
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec
 
 FORMAT_VERSION = 1
@@ -56,9 +57,7 @@ def cache_root(data: DataSpec) -> Path:
 def prepared_root(data: DataSpec) -> str:
     """data.prepared_dir (local path or URL), default <cache>/prepared."""
     if data.prepared_dir:
-        return (
-            data.prepared_dir if is_remote(data.prepared_dir) else str(Path(data.prepared_dir).expanduser().absolute())
-        )
+        return data.prepared_dir if is_remote(data.prepared_dir) else str(local_path(data.prepared_dir).absolute())
     return str(cache_root(data) / "prepared")
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from shardyard.data.storage import filesystem, is_remote
+from shardyard.data.storage import filesystem
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec
 
 BYTES = "bytes"
@@ -39,7 +40,7 @@ def read_tokenizer_file(location: str) -> str:
             fs, path = filesystem(location)
             with fs.open(path, "rb") as f:
                 return f.read().decode("utf-8")
-        with open(location, "rb") as f:
+        with open(local_path(location), "rb") as f:
             return f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"data.tokenizer: cannot read {location!r} ({err})") from None

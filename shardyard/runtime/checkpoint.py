@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.runtime.safe_load import checkpoint_code_problem
 
 META_FILE = "meta.json"
@@ -191,7 +192,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint_* with a readable meta.json, newest first."""
     found = []
-    for path in Path(run_dir).glob("checkpoint_*"):
+    for path in RunDir(Path(run_dir)).checkpoints():
         try:
             found.append((int(read_meta(path)["step"]), path))
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -204,7 +205,7 @@ def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Pa
     skipped; `report(message)` hears about each (unreadable meta.json included)."""
     if report is not None:
         readable = {path for _, path in checkpoints_newest_first(run_dir)}
-        for path in sorted(set(Path(run_dir).glob("checkpoint_*")) - readable, reverse=True):
+        for path in sorted(set(RunDir(Path(run_dir)).checkpoints()) - readable, reverse=True):
             if path.is_dir():
                 report(f"skipping {path.name}: {META_FILE} is missing or unreadable")
     for _, path in checkpoints_newest_first(run_dir):

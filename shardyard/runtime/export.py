@@ -14,12 +14,12 @@ from torch import nn
 from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec
 from shardyard.runtime import checkpoint as ckpt
 
 WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.yaml"
 
 
 def resolve_checkpoint(target: Path, step: int | None = None) -> Path:

@@ -23,9 +23,8 @@ from typing import Any
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
-
-HISTORY_DIR = "spec-history"
 
 # Dotted field paths (fnmatch patterns; list indices appear as numbers) a resume may change.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
@@ -126,7 +125,7 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
 def record_spec_history(run_dir: Path, spec_yaml: str) -> Path:
     """Append `spec_yaml` to run_dir/spec-history/NNNN.yaml unless it equals the newest entry; files
     are created exclusively (O_EXCL), so an entry is never overwritten. Returns the entry."""
-    history = Path(run_dir) / HISTORY_DIR
+    history = RunDir(Path(run_dir)).spec_history
     history.mkdir(parents=True, exist_ok=True)
     entries = sorted(p for p in history.glob("[0-9][0-9][0-9][0-9].yaml"))
     if entries and entries[-1].read_text() == spec_yaml:

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.runtime import checkpoint as ckpt
 
-BEST_DIR = "best"
 BEST_RECORD = "best.json"
 
 
@@ -84,7 +84,7 @@ def stored_copies(run_dir: Path, staged: Path, step: int) -> list[Path]:
         return []
     content = rng.read_bytes()
     out = []
-    for directory in Path(run_dir).glob("checkpoint_*"):
+    for directory in RunDir(Path(run_dir)).checkpoints():
         try:
             if (directory / rng.name).read_bytes() != content:
                 continue
@@ -119,7 +119,7 @@ def fsync_stored_checkpoint(run_dir: Path, staged: Path, step: int) -> int:
 # ------------------------------------------------------------------------------------ best
 def best_val_bpb(run_dir: Path) -> float | None:
     """The val bpb of `<run_dir>/best` when it is a complete checkpoint, else None."""
-    best = Path(run_dir) / BEST_DIR
+    best = RunDir(Path(run_dir)).best
     try:
         value = float(json.loads((best / BEST_RECORD).read_text())["val_bpb"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -148,7 +148,7 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int) -> bool:
         manifest["files"][BEST_RECORD] = ckpt.file_digests(partial)[BEST_RECORD]
         (partial / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))  # the commit marker, last
         fsync_tree(partial, mine=None)
-        best = Path(run_dir) / BEST_DIR
+        best = RunDir(Path(run_dir)).best
         old = Path(run_dir) / ".best.old"
         shutil.rmtree(old, ignore_errors=True)
         if best.exists():

@@ -39,6 +39,7 @@ from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.layer import attach_router_bias_updates
 from shardyard.optim.memory import optimizer_memory_report
+from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
@@ -223,7 +224,7 @@ class Trainer:
         }
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.train_state, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
+            ckpt.save_checkpoint(self.train_state, directory, meta, {SPEC_FILE: spec_to_yaml(self.spec)})
             self.report(metrics, directory)
             fsync_stored_checkpoint(self.run_dir, directory, self.step)
             if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
@@ -411,7 +412,7 @@ class LocalReporter:
         ckpt.stage_rank_files(directory, staged)
         if rank == 0:
             shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
-            ckpt.commit_local(staged, self.run_dir / f"checkpoint_{int(metrics['step']):08d}")
+            ckpt.commit_local(staged, RunDir(self.run_dir).checkpoint(int(metrics["step"])))
             for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
         if many:

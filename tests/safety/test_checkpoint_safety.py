@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.entry import latest_step, resume_conflicts
 from shardyard.runtime.safe_load import UnsafeCheckpoint
-from shardyard.runtime.save_guard import BEST_DIR, NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint, keep_best
+from shardyard.runtime.save_guard import NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint, keep_best
 from shardyard.runtime.worker import LocalReporter, Trainer
 from tests.helpers import tiny_spec_yaml
 
@@ -176,7 +177,7 @@ def test_non_finite_weights_are_never_saved_and_name_the_step(tmp_path: Path, sm
 
 def test_the_best_checkpoint_is_kept_outside_the_rotation(finished_run: Path, tmp_path: Path) -> None:
     run = copy_run(finished_run, tmp_path)
-    best = run / BEST_DIR
+    best = RunDir(run).best
     assert ckpt.verify_checkpoint(best, full=True) is None  # complete, the fit kept one
     assert best not in [path for _, path in ckpt.checkpoints_newest_first(run)]  # never rotated or resumed from
     first = run / "checkpoint_00000002"

@@ -16,9 +16,10 @@ import pytest
 
 from shardyard.comm.launch import spawn
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text, spec_to_yaml
 from shardyard.runtime import run_lease
-from shardyard.runtime.entry import refuse_conflicting_resume, run_config_location, write_run_files
+from shardyard.runtime.entry import refuse_conflicting_resume, write_run_files
 from shardyard.runtime.resume_guard import CorpusChanged, check_corpus_on_every_rank, spec_differences
 from tests.helpers import ROOT, tiny_spec_yaml
 
@@ -115,10 +116,6 @@ def test_the_spec_history_keeps_every_spec_a_run_used(tmp_path: Path) -> None:
     assert (run / "spec.yaml").read_text() == entries[1].read_text()
 
 
-def test_checkpoints_and_metrics_share_the_run_directory_whatever_the_name() -> None:
-    assert run_config_location(Path("/shared/runs/custom-dir")) == ("custom-dir", "/shared/runs")
-
-
 HOLD = """
 import sys, time
 from pathlib import Path
@@ -151,7 +148,7 @@ def test_two_jobs_cannot_hold_one_run_directory(tmp_path: Path) -> None:
 
 
 def test_a_lease_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path: Path) -> None:
-    lease_file = tmp_path / run_lease.LEASE_FILE
+    lease_file = RunDir(tmp_path).lease
     fresh = {"pid": 1, "host": "other-node", "owner": "x", "started": time.time(), "heartbeat": time.time()}
     lease_file.write_text(json.dumps(fresh))
     with pytest.raises(run_lease.RunBusy, match="pid 1 on other-node"):
