@@ -43,6 +43,16 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
     )
 
 
+def world_of_one():
+    """This process as a one-rank process group (what a job's dims make for a world of one)."""
+    import torch.distributed as dist
+
+    from shardyard.runtime.parallel.dims import ensure_process_group
+
+    ensure_process_group()
+    return dist.group.WORLD
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl (a restarted step keeps its last record)."""
     from shardyard.tracking.logger import read_metrics

@@ -262,3 +262,16 @@ def test_the_run_directory_layout_has_one_owner() -> None:
         if f'"{name}' in path.read_text() or f"'{name}" in path.read_text()
     )
     assert offenders == []
+
+
+def test_no_world_of_one_fallbacks() -> None:
+    """A world of one is a mesh of one: code asks the dims or the group it is given, never whether
+    torch.distributed is initialised. Only the dims (which make the one-rank group) and the topology
+    (read before there is a mesh) ask."""
+    allowed = {DIMS, f"{PACKAGE}.comm.topology"}
+    offenders = [
+        module
+        for module, path in MODULES.items()
+        if module not in allowed and re.search(r"\b(dist|distributed)\.is_initialized\(", path.read_text())
+    ]
+    assert offenders == []

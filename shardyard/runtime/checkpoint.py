@@ -131,7 +131,7 @@ def _maybe_die_mid_save(step: int) -> None:
     """Test hook ($SHARDYARD_KILL_IN_SAVE="<step>:<marker file>"): the last rank's process exits
     abruptly once, after writing its shards and before the manifest exists."""
     hook = os.environ.get(envvars.KILL_IN_SAVE)
-    if not hook or not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
+    if not hook or dist.get_rank() != dist.get_world_size() - 1:  # (save_checkpoint's process group)
         return
     at, marker = hook.split(":", 1)
     if int(at) == step and not Path(marker).exists():
@@ -231,18 +231,20 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     return meta
 
 
-def stage_rank_files(source: Path, partial: Path, after_copy: Callable[[], None] | None = None) -> None:
-    """Collective: rank 0 empties `partial`, then every rank copies its files from `source` into it
-    (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`, and waits for all."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    many = dist.is_initialized() and dist.get_world_size() > 1
+def stage_rank_files(
+    source: Path, partial: Path, group: dist.ProcessGroup, after_copy: Callable[[], None] | None = None
+) -> None:
+    """Collective over `group`: its rank 0 empties `partial`, then every rank copies its files from
+    `source` into it (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`,
+    and waits for all."""
+    rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     if many:
-        dist.barrier()
+        dist.barrier(group)
     shutil.copytree(source, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_FILE))
     if after_copy is not None:
         after_copy()
     if many:
-        dist.barrier()
+        dist.barrier(group)

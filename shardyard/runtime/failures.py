@@ -334,8 +334,7 @@ def failure_summary(error: BaseException, run_dir: Path, timeout_s: float = 300.
 def worker_attempt(spec: JobSpec, run_dir: Path) -> Iterator[None]:
     """Around one worker's attempt: the step watchdog runs, and an error that is the user's to fix
     (a model that does not fit) leaves as a UserError, which the policy does not retry."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.get_rank(), dist.get_world_size()  # Ray Train's process group, made before the loop
     attempt = torch.tensor([time.time()], dtype=torch.float64, device=worker_device())
     if world > 1:
         dist.broadcast(attempt, 0)  # one id for this attempt's heartbeats on every rank

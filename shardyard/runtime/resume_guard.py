@@ -5,9 +5,9 @@
   layouts that reshard on load; exact kernels). Everything else (data selection and order, batch
   size, optimizer hyper-parameters, model, precision, seed, ...) changes what the checkpoint means
   or is silently ignored, so a resume with such a change is refused, naming the fields.
-- `check_corpus_on_every_rank(stored, mine, checkpoint)`: the corpus fingerprint a checkpoint was
+- `check_corpus_on_every_rank(stored, mine, checkpoint, group)`: the corpus fingerprint a checkpoint was
   written with (the training data's `fingerprint`: file list hash, byte counts, window count) against
-  this rank's, agreed over all ranks.
+  this rank's, agreed over the ranks of `group`.
 - `record_spec_history(run_dir, spec)`: spec-history/0001.yaml, 0002.yaml, ... one file per
   distinct spec a run was started with, created exclusively, never overwritten.
 """
@@ -94,11 +94,13 @@ class CorpusChanged(UserError):
     """The corpus a rank sees differs from the one the checkpoint was trained on."""
 
 
-def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, Any], checkpoint: Path) -> None:
+def check_corpus_on_every_rank(
+    stored: dict[str, Any] | None, mine: dict[str, Any], checkpoint: Path, group: dist.ProcessGroup
+) -> None:
     """Collective: every rank compares its corpus fingerprint with the checkpoint's; if any rank
     differs, every rank raises CorpusChanged naming the ranks and fields (no rank is left waiting
     in a collective). A checkpoint written before fingerprints existed passes."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = dist.get_world_size(group)
     problem = None
     if stored is not None:
         fields = [
@@ -110,7 +112,7 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
     problems = [problem]
     if world > 1:
         problems = [None] * world
-        dist.all_gather_object(problems, problem)
+        dist.all_gather_object(problems, problem, group=group)
     bad = {rank: p for rank, p in enumerate(problems) if p}
     if bad:
         detail = "; ".join(f"rank {rank}: {p}" for rank, p in sorted(bad.items()))

@@ -118,7 +118,7 @@ class Trainer:
         if not spec.parallel.zero:  # every rank fills only the slices it holds
             self._initial_weights(self.model)
         self.moe = moe_layers(self.model)
-        attach_router_bias_updates(self.moe, self.optimizer)
+        attach_router_bias_updates(self.moe, self.optimizer, self.dims.group("world"))
         if self.dims.ep_enabled:
             record_topology(run_dir, topology)
 
@@ -202,7 +202,9 @@ class Trainer:
         """Continue from checkpoint `directory` (any layout the state format can reshard), if given."""
         if directory is None:
             return
-        check_corpus_on_every_rank(ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory)
+        check_corpus_on_every_rank(
+            ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory, self.dims.group("world")
+        )
         meta = ckpt.load_checkpoint(self.train_state, directory)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.loader.set_position(meta["data_position"])
@@ -213,7 +215,9 @@ class Trainer:
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
         """Collective: every rank writes its shards into its own staging directory and reports it."""
-        refuse_nonfinite_weights(self.model, self.step)  # never make a diverged state the resume point
+        refuse_nonfinite_weights(
+            self.model, self.step, self.dims.group("world")
+        )  # never make a diverged state the resume point
         meta = {
             "step": self.step,
             "name": self.spec.name,
@@ -228,7 +232,7 @@ class Trainer:
             self.report(metrics, directory)
             fsync_stored_checkpoint(self.run_dir, directory, self.step)
             if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
-                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step)
+                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step, self.dims.group("world"))
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -407,16 +411,17 @@ class LocalReporter:
         self.metrics.append(metrics)
         if directory is None:
             return
-        rank, many = dist.get_rank(), dist.get_world_size() > 1  # the Trainer's dims made a group
+        group = dist.group.WORLD  # the process group the Trainer's dims were built over
+        rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
         staged = self.run_dir / f".{directory.name}.partial"
-        ckpt.stage_rank_files(directory, staged)
+        ckpt.stage_rank_files(directory, staged, group)
         if rank == 0:
             shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
             ckpt.commit_local(staged, RunDir(self.run_dir).checkpoint(int(metrics["step"])))
             for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
         if many:
-            dist.barrier()
+            dist.barrier(group)
 
 
 def ray_report(metrics: dict[str, Any], directory: Path | None) -> None:

@@ -21,7 +21,7 @@ from shardyard.platform.spec import load_spec_text, spec_to_yaml
 from shardyard.runtime import run_lease
 from shardyard.runtime.entry import refuse_conflicting_resume, write_run_files
 from shardyard.runtime.resume_guard import CorpusChanged, check_corpus_on_every_rank, spec_differences
-from tests.helpers import ROOT, tiny_spec_yaml
+from tests.helpers import ROOT, tiny_spec_yaml, world_of_one
 
 
 def spec(*overrides: str, root: Path = Path("/tmp/unused")):
@@ -90,7 +90,7 @@ def _compare_corpus(topology, stored: dict, tmp: str) -> None:
     if topology.rank == 1:
         mine["bytes"] += 10  # this rank's node has a longer file
     try:
-        check_corpus_on_every_rank(stored, mine, Path("ckpt"))
+        check_corpus_on_every_rank(stored, mine, Path("ckpt"), world_of_one())
     except CorpusChanged as err:
         Path(tmp, f"rank{topology.rank}").write_text(str(err))
 
@@ -102,7 +102,7 @@ def test_a_corpus_change_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     messages = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "rank 1: bytes: 100 -> 110" in messages[0] and "rank 0" not in messages[0]
-    check_corpus_on_every_rank(None, stored, Path("old"))  # written before fingerprints: passes
+    check_corpus_on_every_rank(None, stored, Path("old"), world_of_one())  # written before fingerprints: passes
 
 
 def test_the_spec_history_keeps_every_spec_a_run_used(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
     hooks = hook_reduced(spec, dims.world_size)
     module = parallelize(model, dims, spec, device, own_reduction=hooks or bool(spec.parallel.zero))
     prepare_model_for_optimizer(model, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
-    optimizer = build_optimizer(spec.optim, model)
+    optimizer = build_optimizer(spec.optim, model, dims.group("world"))
     scheduler = build_scheduler(spec.optim, optimizer, spec.training.steps)
     if spec.parallel.zero:
         from shardyard.runtime.parallel.deepspeed_zero import DeepSpeedTraining
