@@ -157,7 +157,7 @@ def _bare_rank(rank: int, world: int, store: str, spec_text: str, steps: int, ou
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     spec = load_spec_text(spec_text)
     torch.manual_seed(spec.seed)
-    # As shardyard's DDP plan: no buffer broadcast in every forward (the models' buffers are constant).
+    # As shardyard's DDP step: no buffer broadcast in every forward (the models' buffers are constant).
     model = DistributedDataParallel(build_model(spec.model, spec.data.seq_len), forward_sync_buffers=False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=spec.optim.lr, betas=spec.optim.betas, weight_decay=spec.optim.weight_decay

@@ -177,7 +177,7 @@ def trained_tokenizer_json(spec: JobSpec) -> str:
     the same deterministic training, if the cache was cleared)."""
     from shardyard.data.prepare import ensure_prepared
 
-    codec = ensure_prepared(spec.data, parallel="local").codec()
-    if codec.hf_json is None:
+    tokenizer = ensure_prepared(spec.data, parallel="local").tokenizer()
+    if tokenizer.hf_json is None:
         raise UserError(f"data.tokenizer: {spec.data.tokenizer!r}, but the prepared data holds no tokenizer.json")
-    return codec.hf_json
+    return tokenizer.hf_json

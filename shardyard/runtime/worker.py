@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.cluster.secret_env import record_secret_probe
-from shardyard.comm.dispatch import dispatch_metrics
+from shardyard.comm.dispatch_metrics import dispatch_metrics
 from shardyard.comm.topology import Topology, topology_from_ray
 from shardyard.data.training_data import build_data_loader, load_training_data
 from shardyard.data.validation import eval_set_texts, rank_batches, rank_controls

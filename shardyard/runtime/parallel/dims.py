@@ -11,7 +11,7 @@ mesh; every group a job needs is a named view unflattened from it:
                                          intra-node and inter-node ("rail") groups of the
                                          hierarchical and leader transports and of node dedup
 
-tp and pp are validated (they must be 1 until a plan implements them) so the next degrees have
+tp and pp are validated (they must be 1 until parallelize implements them) so the next degrees have
 their place. Everything that needs a group asks this object: `mesh(name)`, `group(name)` and
 `expert_groups` (the EP view comm/ transports take). A world of one is a mesh of one: `build()`
 starts a one-rank process group when none exists, so no caller branches on `dist.is_initialized()`.

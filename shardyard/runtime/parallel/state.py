@@ -27,7 +27,7 @@ from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
 
 DCP_FORMAT = "dcp"
-LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their plan
+LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their mode
 
 
 class TrainingState:
@@ -44,7 +44,7 @@ class TrainingState:
 
 
 def checkpoint_format(layout: dict[str, Any]) -> str:
-    """The state format a checkpoint was written in (older checkpoints name their plan in "mode")."""
+    """The state format a checkpoint was written in (older checkpoints name their parallel mode in "mode")."""
     if "format" in layout:
         return layout["format"]
     mode = layout.get("mode", DCP_FORMAT)
