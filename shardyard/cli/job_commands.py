@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shardyard import envvars
 from shardyard.cli.arguments import add_fault_step, add_jobs_address, add_spec
-from shardyard.cli.output import spec_summary, training_summary
+from shardyard.cli.output import plan_table, spec_summary, training_summary
 from shardyard.cli.preflight import preflight
 from shardyard.platform.errors import UserError
 from shardyard.platform.run_dir import RunDir
@@ -150,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan(spec, args.nodes, args.gpus_per_node, expert_parallel=args.expert_parallel)
     except ValueError as err:
         raise UserError(str(err)) from None
-    print(result.render())
+    print(plan_table(result))
     return 0
 
 

@@ -11,6 +11,7 @@ from shardyard.cli.preflight import Preflight
 from shardyard.platform.schema import JobSpec
 
 if TYPE_CHECKING:
+    from shardyard.comm.cost_model import PlanResult
     from shardyard.runtime.entry import TrainingResult
     from shardyard.runtime.worker_memory import MemoryPrediction
 
@@ -144,6 +145,27 @@ def training_summary(result: TrainingResult, spec: JobSpec, resume_hint: str) ->
         lines.append(
             f"   stopped ({result.stopped}) with a checkpoint at step {result.final_step}; continue with: {resume_hint}"
         )
+    return "\n".join(lines)
+
+
+def plan_table(result: PlanResult) -> str:
+    """`shardyard plan`: predicted time per dispatch and per step of each all-to-all, and the pick."""
+    lines = [
+        f"all-to-all plan: {result.nodes} nodes x {result.gpus_per_node} GPUs, expert_parallel "
+        f"{result.expert_parallel}, {result.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, "
+        f"{result.exchanges_per_step} exchanges per step",
+        f"link constants: {result.link.name}",
+        "",
+        f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}",
+    ]
+    flat = next(r for r in result.rows if r["algo"] == "flat")["dispatch_s"]
+    for r in result.rows:
+        lines.append(
+            f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
+            f"{r['dispatch_s'] / flat:>7.2f}x"
+        )
+    lines += ["", f"recommendation: parallel.a2a = {result.recommendation}  ({result.reason})"]
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 
 
