@@ -13,6 +13,7 @@ from shardyard.platform.schema import JobSpec
 if TYPE_CHECKING:
     from shardyard.comm.cost_model import PlanResult
     from shardyard.runtime.entry import TrainingResult
+    from shardyard.runtime.evaluation import EvalResult
     from shardyard.runtime.worker_memory import MemoryPrediction
 
 MIB = 2**20
@@ -167,6 +168,10 @@ def plan_table(result: PlanResult) -> str:
     lines += ["", f"recommendation: parallel.a2a = {result.recommendation}  ({result.reason})"]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def eval_line(result: EvalResult) -> str:
+    return f"{result.bpb:.4f} +- {result.stderr:.4f} bits/byte ({result.windows} windows, {result.bytes:,} bytes)"
 
 
 def job_row(job: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from shardyard.cli.output import eval_line
 from shardyard.platform.errors import UserError
 from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import parse_size
@@ -95,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec, result = evaluate_run(Path(args.run_dir), args.data or None, args.step, args.set)
     where = ", ".join(args.data) if args.data else f"the held-out split of {', '.join(spec.data.paths)}"
     print(
-        f"{result}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
+        f"{eval_line(result)}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
         f"{time.perf_counter() - start:.1f} s]"
     )
     return 0

@@ -53,9 +53,6 @@ class EvalResult:
     bytes: int  # bytes scored, all ranks
     control_gain: float = 1.0  # plain-estimator variance / this estimator's (1 = no control variates)
 
-    def __str__(self) -> str:
-        return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
-
 
 def window_bits_and_bytes(
     model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor | None = None
