@@ -806,7 +806,7 @@ class PipelineSpec(Section):
     stages_per_rank: PositiveInt | None = Field(
         None, description="stages (virtual stages) each pipeline rank holds; default: 2 for interleaved_1f1b, else 1"
     )
-    layers_per_stage: list[PositiveInt] | None = Field(
+    layers_per_stage: list[int] | None = Field(
         None,
         description="transformer blocks of each stage, in order (sum = model.depth, one entry per stage); default: "
         "as even as possible, extra blocks to the stages after the first (which also holds the embedding)",
@@ -1049,6 +1049,10 @@ class JobSpec(Section):
                     f"parallel.expert_parallel: {ep} but model.kind is {self.model.kind!r}: only MoE models have "
                     f"experts to shard"
                 )
+            if self.resources.workers % ep:
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})"
+                )
             if self.data_parallel_workers() % ep:
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide the data-parallel workers "
@@ -1125,10 +1129,15 @@ class JobSpec(Section):
             )
         stages = pp * pipe.virtual_stages
         if pipe.layers_per_stage is not None:
-            if len(pipe.layers_per_stage) != stages or sum(pipe.layers_per_stage) != self.model.depth:
+            if (
+                len(pipe.layers_per_stage) != stages
+                or sum(pipe.layers_per_stage) != self.model.depth
+                or min(pipe.layers_per_stage) < 1
+            ):
                 raise ValueError(
-                    f"parallel.pipeline.layers_per_stage: {pipe.layers_per_stage} must have one entry per stage "
-                    f"({stages} = pipeline_parallel x stages_per_rank) summing to model.depth ({self.model.depth})"
+                    f"parallel.pipeline.layers_per_stage: {pipe.layers_per_stage} must have one entry (>= 1) per "
+                    f"stage ({stages} = pipeline_parallel x stages_per_rank) summing to model.depth "
+                    f"({self.model.depth})"
                 )
         elif self.model.depth < stages:
             raise ValueError(
