@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 RECOVERY_SPEC = """name: {name}
 seed: 0
@@ -70,7 +69,7 @@ def metric_records(run_dir: Path) -> list[dict]:
 
 def run(spec: Path, env: dict[str, str], out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec)],
+        [sys.executable, "-m", "shardyard.cli", "run", str(spec)],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

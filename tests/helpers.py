@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# The `shardyard` command as this interpreter runs it (what the console script calls; a shared editable
+# install's generated script may name another checkout's entry point)
+SHARDYARD = [sys.executable, "-m", "shardyard.cli"]
 
 
 def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
@@ -31,7 +33,7 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [str(BIN / "shardyard"), *args],
+        [*SHARDYARD, *args],
         capture_output=True,
         text=True,
         errors="replace",

@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 PROCESS_BYTES = 512 * 2**20
 GIB = 2**30
-MIB = 2**20
 
 
 @dataclass
@@ -92,19 +91,6 @@ class MemoryPrediction:
     def render(self) -> str:
         items = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts().items())
         return f"{self.total / GIB:.2f} GiB ({items} GiB)"
-
-    def report(self) -> str:
-        """The training-state lines of `validate` (MiB), next to the same job under AdamW."""
-        lines = [f"optimizer {self.kind}: one step of the job's model and optimizer on the meta device"]
-        for name, value in list(self.parts().items())[:4]:
-            lines.append(f"  {name:<16}{value / MIB:9.2f} MiB")
-        if self.adamw is not None:
-            a = self.adamw
-            lines.append(
-                f"  total           {self.state / MIB:9.2f} MiB ({self.state / a.state:.1%} of AdamW's "
-                f"{a.state / MIB:.2f} MiB), before activations"
-            )
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ the meta step

@@ -18,7 +18,7 @@ import pytest
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.preemption import EXIT_STOPPED, read_events
 from shardyard.runtime.watchdog import HEARTBEAT_DIR, read_heartbeats
-from tests.helpers import BIN, ROOT, tiny_spec_yaml, train_losses
+from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses
 
 pytestmark = pytest.mark.slow
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
@@ -82,7 +82,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
 
 def start_run(cluster: Any, spec: Path, out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
+        [*SHARDYARD, "run", str(spec), "--address", cluster.address],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

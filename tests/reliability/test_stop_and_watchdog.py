@@ -195,7 +195,7 @@ def test_trainer_checkpoints_by_time_and_stops_with_a_checkpoint_on_request(tmp_
 
 
 def test_stop_command_writes_the_request_into_a_run_directory(tmp_path: Path, capsys) -> None:
-    from shardyard.platform.cli import main
+    from shardyard.cli.main import main
 
     (tmp_path / "spec.yaml").write_text("name: x\n")
     assert main(["stop", str(tmp_path)]) == 0

@@ -158,6 +158,10 @@ def test_a_planted_pickle_in_a_deepspeed_partition_is_refused(tmp_path: Path) ->
     torch.save({"module": Exploit()}, tmp_path / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(UnsafeCheckpoint, match="optim_states.pt"):
         check_torch_files(tmp_path / "deepspeed")
+    from shardyard.runtime.parallel.deepspeed_zero import ZeroWeights
+
+    with pytest.raises(UnsafeCheckpoint, match=r"optim_states.pt.*refusing to load __builtin__.exec"):
+        ZeroWeights(tmp_path)  # export's streaming reader unpickles the file's tree: refused as well
     assert not marker.exists()
 
 

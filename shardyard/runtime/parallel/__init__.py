@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,7 +30,14 @@ from shardyard.platform.schema import JobSpec
 from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.parallelize import parallelize
 from shardyard.runtime.parallel.pipeline import Pipeline
-from shardyard.runtime.parallel.state import DCP_FORMAT, DCPState, TrainingState, checkpoint_format, read_dcp_weights
+from shardyard.runtime.parallel.state import (
+    DCP_FORMAT,
+    DCPState,
+    DCPWeights,
+    TrainingState,
+    checkpoint_format,
+    read_dcp_weights,
+)
 from shardyard.runtime.parallel.step import GradientStep, HookReducedStep, ReducedStep
 
 
@@ -80,12 +88,34 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
     return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard), pipeline)
 
 
+class WeightReader(Protocol):
+    """One full weight at a time from a checkpoint, by its single-worker name; `like` gives its shape
+    and dtype (a tensor on any device, the meta device included)."""
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+def open_weights(checkpoint: Path, layout: dict) -> WeightReader:
+    """A reader of `checkpoint`'s weights one tensor at a time, whatever state format wrote it: what
+    export streams from, so it never holds the whole model."""
+    fmt = checkpoint_format(layout)
+    if fmt == DCP_FORMAT:
+        return DCPWeights(checkpoint)
+    from shardyard.runtime.parallel import deepspeed_zero
+
+    if fmt == deepspeed_zero.FORMAT:
+        return deepspeed_zero.ZeroWeights(checkpoint)
+    raise RuntimeError(f"{checkpoint}: unknown state format {fmt!r}")
+
+
 def consolidated_weights(checkpoint: Path, layout: dict, model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight of `model` (single-worker names) from a checkpoint of any state format (one process)."""
     if checkpoint_format(layout) == DCP_FORMAT:
-        return read_dcp_weights(checkpoint, model)
-    from shardyard.runtime.parallel import deepspeed_zero
-
-    if checkpoint_format(layout) != deepspeed_zero.FORMAT:
-        raise RuntimeError(f"{checkpoint}: unknown state format {checkpoint_format(layout)!r}")
-    return deepspeed_zero.consolidated_weights(checkpoint)
+        return read_dcp_weights(checkpoint, model)  # one DCP read for the lot
+    reader = open_weights(checkpoint, layout)
+    try:
+        return {name: reader.read(name, like) for name, like in model.state_dict().items()}
+    finally:
+        reader.close()

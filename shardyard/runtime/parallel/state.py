@@ -174,3 +174,26 @@ def read_dcp_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tens
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(checkpoint) / SHARDS_DIR)), no_dist=True)
     return state["model"]
+
+
+class DCPWeights:
+    """Reads one weight of a DCP checkpoint at a time, by its single-worker name (any layout: DCP
+    assembles the ranks' chunks of that one tensor)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        read_dcp_metadata(Path(checkpoint) / SHARDS_DIR / ".metadata")  # refuses code before DCP reads it
+        self.path = str(Path(checkpoint) / SHARDS_DIR)
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {name: torch.empty(like.shape, dtype=like.dtype)}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
+        return state["model"][name]
+
+    def close(self) -> None:
+        pass
