@@ -76,6 +76,24 @@ def _model_lines(pre: Preflight) -> list[str]:
     return lines
 
 
+def _pipeline_lines(spec: JobSpec) -> list[str]:
+    """The pipeline's split and its bubble (the share of a step a stage waits), with pipeline_parallel > 1."""
+    from shardyard.runtime.parallel.pipeline import bubble_fraction, stage_layers
+
+    pp, pipe = spec.parallel.pipeline_parallel, spec.parallel.pipeline
+    if pp == 1:
+        return []
+    v = pipe.virtual_stages
+    layers = [len(r) for r in stage_layers(spec.model.depth, pp * v, pipe.layers_per_stage)]
+    bubble = bubble_fraction(pipe.schedule, pp, pipe.microbatches, v)
+    formula = "(p-1)/(v m+p-1)" if pipe.schedule == "interleaved_1f1b" else "(p-1)/(m+p-1)"
+    return [
+        f"pipeline   {pp} ranks x {v} stage{'s' if v > 1 else ''} per rank, blocks per stage {layers}; "
+        f"{pipe.schedule}, {pipe.microbatches} micro-batches of {spec.training.batch_size // pipe.microbatches} seq; "
+        f"bubble {bubble:.0%} of a step ({formula} with equal stages)"
+    ]
+
+
 def spec_summary(pre: Preflight, run_dir: Path) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     spec, facts = pre.spec, pre.facts
@@ -90,13 +108,15 @@ def spec_summary(pre: Preflight, run_dir: Path) -> str:
         f"device), {fmt_count(facts.flops_per_token * per_step)}FLOP per step: the MFU numerator",
         f"data       {data}: {facts.data_files} files, {fmt_count(facts.corpus_bytes)}B; sequences of "
         f"{spec.data.seq_len} tokens, tokenizer {spec.data.tokenizer}",
-        f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
+        f"training   {t.steps} steps x {t.batch_size} seq/worker x {spec.data_parallel_workers()} "
+        f"{'data-parallel ' if spec.parallel.pipeline_parallel > 1 else ''}workers = "
         f"{fmt_count(per_step)} bytes/step, {fmt_count(per_step * t.steps)} bytes total; {t.precision}",
+        *_pipeline_lines(spec),
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
         f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
-        f"zero {spec.parallel.zero}",
+        f"zero {spec.parallel.zero}, pp {spec.parallel.pipeline_parallel}",
         f"run dir    {run_dir}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
         "memory per worker (training state):",

@@ -111,11 +111,13 @@ def load_training_data(data: DataSpec) -> TrainingData:
 
 
 def build_data_loader(
-    data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int
+    data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int, ledger: bool = True
 ) -> TrainLoader:
-    """The rank's resumable loader: global windows of the one stream, or the weighted mixture."""
+    """The rank's resumable loader: global windows of the one stream, or the weighted mixture.
+    `rank` / `world`: data-parallel coordinates; `ledger`: whether this rank writes the sample ledger
+    test hook (one of the ranks reading the same batches)."""
     if len(data.sources) == 1:
-        return build_train_loader(data.train, seq_len, batch_size, rank, world, seed)
+        return build_train_loader(data.train, seq_len, batch_size, rank, world, seed, ledger)
     from shardyard.data.mixture import MixtureWindowStream
 
     stream = MixtureWindowStream(

@@ -37,7 +37,7 @@ from shardyard.models import build_model, moe_layers
 from shardyard.models.flops import training_flops_per_token
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
-from shardyard.models.moe.layer import attach_router_bias_updates
+from shardyard.models.moe.layer import MoELayer, attach_router_bias_updates
 from shardyard.optim.memory import optimizer_memory_report
 from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
@@ -70,10 +70,12 @@ class WorkerContext:
     device: torch.device
 
 
-def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+def _all_reduce_mean(values: torch.Tensor, world: int, replicas: int) -> torch.Tensor:
+    """Mean over the `replicas` data-parallel ranks of a value every rank of the `world` holds (under
+    pipeline parallelism only the last stage's ranks hold it; the others contribute zero)."""
     if world > 1:
         dist.all_reduce(values)
-        values /= world
+        values /= replicas
     return values
 
 
@@ -108,6 +110,8 @@ class Trainer:
 
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
         self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
+        moe_names = [name for name, m in self.model.named_modules() if isinstance(m, MoELayer)]  # every layer's
+        moe_shapes = [(layer.num_experts, layer.top_k) for layer in moe_layers(self.model)]
         if spec.parallel.zero:  # the backend flattens the weights when it is built: start them before
             self._initial_weights(self.model)
         # parallelize (expert placement, activation checkpointing, FSDP / DDP) and what is built beside it
@@ -115,16 +119,19 @@ class Trainer:
         self.module = training.module  # what the forward is called on
         self.optimizer, self.scheduler = training.optimizer, training.scheduler
         self.grad_step, self.train_state = training.step, training.state
+        self.pipeline = training.pipeline  # pp > 1: the schedule runs forward and backward
         if not spec.parallel.zero:  # every rank fills only the slices it holds
             self._initial_weights(self.model)
-        self.moe = moe_layers(self.model)
-        attach_router_bias_updates(self.moe, self.optimizer, self.dims.group("world"))
+        self.moe = moe_layers(self.model)  # this rank's (its pipeline stages' under pp)
+        attach_router_bias_updates(self.moe, self.optimizer, self.dims.group("dp"))
         if self.dims.ep_enabled:
             record_topology(run_dir, topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
+        # The ranks of one pipeline read the same batches: data-parallel coordinates (the first stage records them).
+        dp_rank, dp = self.dims.dp_rank, self.dims.dp
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, spec.training.batch_size, self.ctx.rank, self.ctx.world, spec.seed
+            self.data, spec.data.seq_len, spec.training.batch_size, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
         )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
@@ -132,7 +139,7 @@ class Trainer:
             **{
                 name: self.data.encode_text(text)
                 for name, text in eval_set_texts(
-                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.ctx.world
+                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, dp
                 ).items()
             },
         }
@@ -145,16 +152,14 @@ class Trainer:
                 spec.data.seq_len,
                 spec.training.eval_bytes,
                 spec.training.batch_size,
-                self.ctx.rank,
-                self.ctx.world,
+                dp_rank,
+                dp,
             )
             for name, text in texts.items()
         }
         control = eval_control(spec, self.data)
         self.val_controls = {
-            name: rank_controls(
-                text, spec.data.seq_len, spec.training.eval_bytes, self.ctx.rank, self.ctx.world, control
-            )
+            name: rank_controls(text, spec.data.seq_len, spec.training.eval_bytes, dp_rank, dp, control)
             for name, text in texts.items()
         }
         self.autocast = autocast_for(spec, self.ctx.device)
@@ -167,10 +172,13 @@ class Trainer:
             self.ctx.device, spec.training.precision, max(1, int(spec.resources.cpus_per_worker))
         )
         self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
-        self.expert_window = ExpertLoadWindow(self.moe)
+        held = [name for name, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        self.expert_window = ExpertLoadWindow(
+            self.moe, [moe_names.index(name) for name in held], moe_shapes, self.ctx.device
+        )
         self.expert_file = (
-            ExpertLoadFile(run_dir, [layer.num_experts for layer in self.moe])
-            if self.moe and self.ctx.rank == 0
+            ExpertLoadFile(run_dir, [experts for experts, _ in moe_shapes])
+            if moe_shapes and self.ctx.rank == 0
             else None
         )
         if self.ctx.rank == 0:
@@ -246,6 +254,15 @@ class Trainer:
         for micro in range(accum):
             with timer.section("data"):
                 inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
+            if self.pipeline is not None:  # both passes, micro-batch by micro-batch, in the schedule's order
+                start = time.perf_counter()
+                with self.autocast():
+                    ce_sum += self.pipeline.forward_backward(inputs, targets, scale=1 / accum).to(ce_sum)
+                compute = self.pipeline.take_compute_seconds()
+                for part, seconds in compute.items():
+                    timer.add(part, seconds)
+                timer.add("bubble", time.perf_counter() - start - sum(compute.values()))  # waiting on other stages
+                continue
             with self.grad_step.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
                 with timer.section("forward"), self.autocast():
                     _, ce = self.module(inputs, targets)
@@ -268,7 +285,7 @@ class Trainer:
         if spec.tracking.step_anatomy:
             out.update(step_anatomy(seconds, steps, self.ctx.world))
         out.update(memory_metrics(self.ctx.device, self.ctx.world, self.predicted_state_bytes))
-        if not self.moe:
+        if not self.expert_window.shapes:
             out["aux_loss"] = 0.0
             return out
         load = self.expert_window.take(self.ctx.world)
@@ -297,6 +314,7 @@ class Trainer:
                 self.ctx.world,
                 token_bytes=self.token_bytes,
                 controls=self.val_controls[name],
+                logits_of=self.pipeline.logits if self.pipeline is not None else None,
             )
             for name, batches in self.val.items()
         }
@@ -342,7 +360,7 @@ class Trainer:
             window_steps += 1
             last = self.step == spec.steps
             if self.step % spec.log_every == 0 or last:
-                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world).item()
+                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world, self.dims.dp).item()
                 elapsed = time.perf_counter() - window_start - paused
                 record = {
                     "kind": "train",
