@@ -5,6 +5,7 @@ the optimizer, scheduler, gradient step and training state built beside it.
     training = build_training(spec, model, dims, device)   # parallelizes `model` in place
     with training.step.micro_batch(last): loss = training.module(x, y); training.step.backward(loss)
     grad_norm = training.step.step()
+    (pipeline parallelism: training.pipeline.forward_backward(x, y, scale) runs both passes instead)
     training.state.save(directory) / .load(directory, layout) / .layout()
 
 Which gradient step and state a job gets follows from the spec alone: DeepSpeed's engine for
@@ -28,6 +29,7 @@ from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.parallelize import parallelize
+from shardyard.runtime.parallel.pipeline import Pipeline
 from shardyard.runtime.parallel.state import (
     DCP_FORMAT,
     DCPState,
@@ -46,6 +48,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: GradientStep
     state: TrainingState
+    pipeline: Pipeline | None = None  # pp > 1: the schedule over this rank's stages (`module`)
 
 
 def hook_reduced(spec: JobSpec, world: int) -> bool:
@@ -69,7 +72,7 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
     hooks = hook_reduced(spec, dims.world_size)
     module = parallelize(model, dims, spec, device, own_reduction=hooks or bool(spec.parallel.zero))
     prepare_model_for_optimizer(model, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
-    optimizer = build_optimizer(spec.optim, model)
+    optimizer = build_optimizer(spec.optim, model, dims.group("world"))
     scheduler = build_scheduler(spec.optim, optimizer, spec.training.steps)
     if spec.parallel.zero:
         from shardyard.runtime.parallel.deepspeed_zero import DeepSpeedTraining
@@ -81,7 +84,8 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
         step = HookReducedStep(model, optimizer, scheduler, dims, spec.optim.grad_clip)
     else:
         step = ReducedStep(model, module, optimizer, scheduler, dims, spec.optim.grad_clip)
-    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard))
+    pipeline = Pipeline(list(module), dims, spec, device) if dims.pp_enabled else None
+    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard), pipeline)
 
 
 class WeightReader(Protocol):
