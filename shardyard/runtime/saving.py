@@ -148,6 +148,10 @@ class _Save:
 
 
 def _cause(err: BaseException) -> str:
+    """One line: an OSError's reason and the file it met (the stored copy's, where there are two)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename2 or err.filename
+        return f"{err.strerror} ({where})" if where else err.strerror
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     return text.splitlines()[0][:300]
 
