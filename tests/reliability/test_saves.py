@@ -5,17 +5,23 @@ groups, a real full filesystem (a small tmpfs), a real SIGKILL of a real `shardy
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from shardyard import envvars
+from shardyard.cluster.orphans import start_time
 from shardyard.comm.launch import spawn
 from shardyard.platform.spec import load_spec_text, spec_from_json
 from shardyard.runtime import checkpoint as ckpt
@@ -176,12 +182,64 @@ def _last_step(run_dir: Path) -> int:
     return max((r["step"] for r in read_metrics(run_dir) if r.get("kind") == "train"), default=0)
 
 
+def test_the_watcher_ends_every_marked_process_once_its_driver_dies() -> None:
+    """cluster/orphans.py on its own: processes carrying the cluster's mark in their environment,
+    each in a session of its own (as Ray's agents and workers outlive a killed driver), are left alone
+    while the driver lives and SIGKILLed once it is killed; an unmarked process is never touched."""
+    cluster_id = uuid.uuid4().hex
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    driver = subprocess.Popen(sleeper)
+    marked = [
+        subprocess.Popen(sleeper, env={**os.environ, envvars.CLUSTER_ID: cluster_id}, start_new_session=True)
+        for _ in range(3)
+    ]
+    unmarked = subprocess.Popen(sleeper, start_new_session=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "shardyard.cluster.orphans", str(driver.pid), str(start_time(driver.pid)), cluster_id],
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)
+        assert watcher.poll() is None and all(p.poll() is None for p in marked)  # the driver lives
+        driver.kill()
+        driver.wait()
+        assert watcher.wait(timeout=60) == 0
+        assert [p.wait(timeout=10) for p in marked] == [-signal.SIGKILL] * 3
+        assert unmarked.poll() is None
+    finally:
+        for process in (driver, watcher, unmarked, *marked):
+            process.kill()
+            process.wait()
+
+
+def test_a_worker_whose_driver_is_gone_stops_before_writing(tmp_path: Path) -> None:
+    """runtime/run_lease.DriverWatch: a worker on the host of the run lease's holder exits (status 79)
+    before its next write once that process is gone, and goes on while it lives."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    worker = (
+        "import sys; from pathlib import Path; from shardyard.runtime.run_lease import DriverWatch; "
+        "DriverWatch(Path(sys.argv[1])).exit_if_gone(7); Path(sys.argv[2]).write_text('step 8')"
+    )
+    for holder, status in ((gone.pid, 79), (os.getpid(), 0)):
+        lease = {"pid": holder, "host": socket.gethostname(), "owner": "o", "started": 0.0, "heartbeat": time.time()}
+        (tmp_path / ".lease").write_text(json.dumps(lease))
+        written = tmp_path / f"written-{holder}"
+        done = subprocess.run(
+            [sys.executable, "-c", worker, str(tmp_path), str(written)], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == status, done.stdout + done.stderr
+        assert written.exists() == (status == 0)
+        if status:
+            assert f"the driver (pid {holder}) is gone: this worker stops at step 7" in done.stdout
+
+
 @pytest.mark.slow
 def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_path: Path) -> None:
     """`shardyard run` (its own embedded cluster, under a Ray temp dir of this test) is SIGKILLed while
     it trains: within 20 s no process of that Ray session is left (found by the temp dir in their
     environment, so nothing else running on the machine matters), and the run directory got no step
-    after the one in flight when the driver died, and no new checkpoint."""
+    and no complete checkpoint after the step in flight when the driver died."""
     import tempfile
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="sy-", dir="/tmp"))  # short: Ray's socket paths live under it
@@ -214,14 +272,18 @@ def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_
         assert _session_processes(ray_tmp)  # the cluster runs under the temp dir given
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-        at_kill, stored_at_kill = _last_step(run_dir), sorted(run_dir.glob("checkpoint_*"))
+        at_kill = _last_step(run_dir)
         gone_by = time.monotonic() + 20
         while _session_processes(ray_tmp) and time.monotonic() < gone_by:
             time.sleep(0.5)
         left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in _session_processes(ray_tmp)}
         assert not left, f"20 s after the driver's SIGKILL these processes of its cluster remain: {left}"
-        assert _last_step(run_dir) <= at_kill + 1, (at_kill, _last_step(run_dir))  # at most the step in flight
-        assert [p for p in sorted(run_dir.glob("checkpoint_*")) if p not in stored_at_kill] == []
+        # nothing after the step in flight when the driver died: no step logged, no checkpoint completed
+        assert _last_step(run_dir) <= at_kill + 1, (at_kill, _last_step(run_dir))
+        complete = [
+            step for step, path in ckpt.checkpoints_newest_first(run_dir) if ckpt.verify_checkpoint(path) is None
+        ]
+        assert complete and max(complete) <= at_kill + 1, (at_kill, complete)
     finally:
         for pid in _session_processes(ray_tmp):
             with contextlib.suppress(ProcessLookupError):

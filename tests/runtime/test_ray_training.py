@@ -197,5 +197,5 @@ def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_che
     run_dir = tmp_path / "runs" / "killed_async"
     _assert_same_losses(run_dir, uninterrupted, 1e-5)
     assert_same_series(train_grad_norms(run_dir), train_grad_norms(uninterrupted), 1e-5, "grad_norm")
-    stored = sorted(run_dir.glob("checkpoint_*"))
+    stored = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert stored and all(ckpt.verify_checkpoint(path, full=True) is None for path in stored), stored
