@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import CHECKPOINT_PREFIX
 from shardyard.platform.schema import CheckpointSpec
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.save_guard import keep_best
@@ -63,7 +64,7 @@ class CheckpointStore:
         self.local = filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem)
 
     def path(self, step: int) -> str:
-        return f"{self.root.rstrip('/')}/checkpoint_{step:08d}"
+        return f"{self.root.rstrip('/')}/{CHECKPOINT_PREFIX}{step:08d}"
 
     def free_bytes(self) -> int | None:
         """Free space where checkpoints go, when the filesystem can say (object stores cannot)."""
@@ -166,14 +167,19 @@ class CheckpointWriter:
         state: Any,  # runtime.parallel.state.TrainingState
         reporter: Reporter,
         run_dir: Path,
+        group: dist.ProcessGroup,
         estimate_bytes: Callable[[], int],
     ) -> None:
+        """`group`: the job's world (the dims' "world" group), over which the ranks agree."""
         self.spec, self.state, self.reporter, self.run_dir = spec, state, reporter, run_dir
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.world_group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.estimate_bytes = estimate_bytes
         self.background = spec.async_
         # A process group of the writer's own: the state's collectives may then run in a thread.
-        self.group = dist.new_group(backend="gloo") if state.threaded_save else None
+        self.group = (
+            dist.new_group(dist.get_process_group_ranks(group), backend="gloo") if state.threaded_save else None
+        )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardyard-save")
         self.pending: _Save | None = None
         self.late: _Save | None = None  # a timed-out write whose thread still runs
@@ -241,7 +247,7 @@ class CheckpointWriter:
             [float(not self.pending.write.done()), float(self._overdue(self.pending))], dtype=torch.float32
         )
         if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.world_group)
         if flags[1] > 0 or flags[0] == 0:
             self._finish(timed_out=bool(flags[1] > 0))
 
@@ -256,7 +262,7 @@ class CheckpointWriter:
             pass
         overdue = torch.tensor([float(not self.pending.write.done())], dtype=torch.float32)
         if self.world > 1:
-            dist.all_reduce(overdue, op=dist.ReduceOp.MAX)
+            dist.all_reduce(overdue, op=dist.ReduceOp.MAX, group=self.world_group)
         self._finish(timed_out=bool(overdue[0] > 0))
 
     def close(self) -> None:
@@ -285,7 +291,9 @@ class CheckpointWriter:
         outcomes: list[Any] = [(problem, digests)]
         if self.world > 1:
             outcomes = [None] * self.world
-            dist.all_gather_object(outcomes, (problem, digests))  # outcomes, file names and hashes: never tensors
+            dist.all_gather_object(
+                outcomes, (problem, digests), group=self.world_group
+            )  # outcomes, file names and hashes: never tensors
         failed = [(rank, p) for rank, (p, _) in enumerate(outcomes) if p is not None]
         if not failed:
             manifest = {name: entry for _, files in outcomes for name, entry in files.items()}
@@ -296,7 +304,7 @@ class CheckpointWriter:
                 except Exception as err:  # noqa: BLE001 - the commit marker's failure is the save's
                     verdict = [_cause(err)]
             if self.world > 1:
-                dist.broadcast_object_list(verdict, src=0)
+                dist.broadcast_object_list(verdict, group=self.world_group, group_src=0)
             if verdict[0] is not None:
                 failed = [(0, f"writing the manifest: {verdict[0]}")]
             else:
@@ -309,7 +317,7 @@ class CheckpointWriter:
             if self.spec.keep_best and "val_bpb" in save.metrics:
                 if self.rank == 0:  # keep_best copies the staged files and this manifest
                     (save.staged / ckpt.MANIFEST_FILE).write_text(json.dumps({"files": manifest}))
-                keep_best(self.run_dir, save.staged, float(save.metrics["val_bpb"]), save.step)
+                keep_best(self.run_dir, save.staged, float(save.metrics["val_bpb"]), save.step, self.world_group)
         if save.write.done():
             save.staging.cleanup()
         else:  # a timed-out write: it cleans up after itself when it ends

@@ -28,7 +28,7 @@ from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.saving import SaveFailures
 from shardyard.runtime.worker import LocalReporter, Trainer
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import BIN, ROOT, assert_same_series, tiny_spec_yaml, train_grad_norms, train_losses
+from tests.helpers import ROOT, SHARDYARD, assert_same_series, tiny_spec_yaml, train_grad_norms, train_losses
 
 MODEL = "{kind: moe, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}, moe: {num_experts: 4, top_k: 2}}"
 
@@ -257,7 +257,7 @@ def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_
     run_dir = tmp_path / "runs" / "orphans"
     log = open(tmp_path / "driver.out", "w")
     driver = subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec)],
+        [*SHARDYARD, "run", str(spec)],
         cwd=ROOT,
         env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
         stdout=log,
