@@ -944,6 +944,11 @@ def parse_size(value: int | str, field: str) -> int:
 
 
 class CheckpointSpec(Section):
+    # `async` is a Python keyword: the field is `async_` in code, `async` in YAML, --set and JSON.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
     dir: str = Field(
         "runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)"
     )
@@ -963,6 +968,23 @@ class CheckpointSpec(Section):
         None,
         description="also checkpoint when this many minutes passed since the last checkpoint (decided together by "
         "all ranks at a step boundary); null = by steps only",
+    )
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="write checkpoints in the background: the step waits only while the state is copied to CPU "
+        "memory; the manifest (the commit marker) is written once every rank's write finished (DCP states only: "
+        "not with parallel.zero)",
+    )
+    save_timeout_s: PositiveFloat = Field(
+        1800.0,
+        description="a save still writing after this many seconds counts as failed (a stalled filesystem); its "
+        "partial directory is removed and training goes on",
+    )
+    max_failed_saves: PositiveInt = Field(
+        3,
+        description="consecutive failed saves (disk full, permissions, object store errors, timeouts) after which "
+        "the job stops, keeping its last good checkpoint; fewer are reported and training goes on",
     )
 
 
@@ -1091,6 +1113,11 @@ class JobSpec(Section):
                 f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) flattens parameters into 1-D partitions, "
                 f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
                 "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw"
+            )
+        if self.checkpoint.async_ and self.parallel.zero:
+            raise ValueError(
+                f"checkpoint.async: DeepSpeed ZeRO ({self.parallel.zero}) writes its own checkpoint format "
+                "synchronously; use checkpoint.async: false, or parallel.shard (FSDP2) with parallel.zero: 0"
             )
         if self.data.tokenizer != "bytes" and self.model.stages:
             raise ValueError(

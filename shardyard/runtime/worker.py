@@ -16,10 +16,8 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
 from shardyard.models.moe.layer import MoELayer, attach_router_bias_updates
 from shardyard.optim.memory import optimizer_memory_report
-from shardyard.platform.run_dir import SPEC_FILE, RunDir
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
@@ -48,7 +46,9 @@ from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control,
 from shardyard.runtime.parallel import build_training, dims_for
 from shardyard.runtime.preemption import StepBoundary
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
-from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
+from shardyard.runtime.run_lease import DriverWatch
+from shardyard.runtime.save_guard import refuse_nonfinite_weights
+from shardyard.runtime.saving import CheckpointStore, CheckpointWriter, Reporter, state_bytes
 from shardyard.runtime.watchdog import beat
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
@@ -58,9 +58,6 @@ from shardyard.tracking.peak_flops import peak_flops
 LN2 = math.log(2)
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 FAULT_MARKER = ".injected_fault_done"
-
-# report(metrics, checkpoint directory or None): called by every rank at the same steps.
-Reporter = Callable[[dict[str, Any], Path | None], None]
 
 
 @dataclass
@@ -191,6 +188,15 @@ class Trainer:
                 }
             )
         self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
+        self.writer = CheckpointWriter(
+            spec.checkpoint,
+            self.train_state,
+            report,
+            run_dir,
+            self.dims.group("world"),
+            lambda: state_bytes(self.model, self.optimizer),
+        )
+        self.driver = DriverWatch(run_dir)  # a driver that is gone: this worker stops before writing more
 
     def _initial_weights(self, model: torch.nn.Module) -> None:
         """model.init_from / model.upcycle_from (an HF directory or a dense run); the optimizer starts fresh."""
@@ -222,10 +228,11 @@ class Trainer:
             print(f"[shardyard] resumed from step {self.step} ({directory}){changed}", flush=True)
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
-        """Collective: every rank writes its shards into its own staging directory and reports it."""
-        refuse_nonfinite_weights(
-            self.model, self.step, self.dims.group("world")
-        )  # never make a diverged state the resume point
+        """Collective: start the checkpoint of this step (runtime.saving: with checkpoint.async it is
+        written in the background and reported when every rank's write is done; a failed save is
+        reported without a checkpoint and training goes on)."""
+        # never make a diverged state the resume point
+        refuse_nonfinite_weights(self.model, self.step, self.dims.group("world"))
         meta = {
             "step": self.step,
             "name": self.spec.name,
@@ -234,13 +241,7 @@ class Trainer:
             "data_position": self.loader.position(),
             "corpus": self.corpus_fingerprint,
         }
-        with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
-            directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.train_state, directory, meta, {SPEC_FILE: spec_to_yaml(self.spec)})
-            self.report(metrics, directory)
-            fsync_stored_checkpoint(self.run_dir, directory, self.step)
-            if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
-                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step, self.dims.group("world"))
+        self.writer.save(self.step, meta, {SPEC_FILE: spec_to_yaml(self.spec)}, metrics)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -355,6 +356,7 @@ class Trainer:
             self.timer.start_step()
             step_metrics = self.train_step()
             self.timer.end_step()
+            self.driver.exit_if_gone(self.step)  # before this step writes anything
             self.expert_window.add_step()
             self.step += 1
             window_steps += 1
@@ -380,6 +382,7 @@ class Trainer:
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
             decision = self.boundary.agree(self.step)  # collective: graceful stop, time-based checkpoint
+            self.writer.poll()  # collective while a background save is on its way: finish it once written
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
                 beat(self.step, "evaluation")
                 eval_start = time.perf_counter()
@@ -409,45 +412,56 @@ class Trainer:
                 self.boundary.saved()
             paused += time.perf_counter() - pause_start
             if decision.stop and not last:
+                self.writer.close()  # a stop waits for the save on its way
                 self.boundary.announce_stop(self.step)
                 break
+        self.writer.close()
         self.log.close()
 
 
 # ------------------------------------------------------------------------------ reporting sinks
 class LocalReporter:
-    """Runs without Ray (tests, tools; one process or a gloo group sharing a filesystem): merge every
-    rank's staged checkpoint into the run directory as checkpoint_<step> (as Ray Train merges
-    reported directories), commit it with a rename once all ranks' files are in, keep the newest
-    `keep`. Metrics go to `self.metrics`."""
+    """Runs without Ray (tests, tools; one process or a gloo group sharing a filesystem): checkpoints
+    are stored as `<run_dir>/checkpoint_<step>` (as Ray Train stores them) and the newest `keep` kept.
+    Metrics go to `self.metrics`."""
 
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.run_dir, self.keep = run_dir, keep
+        self.store = CheckpointStore(str(run_dir))
         self.metrics: list[dict[str, Any]] = []
 
-    def __call__(self, metrics: dict[str, Any], directory: Path | None) -> None:
+    def __call__(self, metrics: dict[str, Any], stored: str | None) -> None:
         self.metrics.append(metrics)
-        if directory is None:
-            return
-        group = dist.group.WORLD  # the process group the Trainer's dims were built over
-        rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
-        staged = self.run_dir / f".{directory.name}.partial"
-        ckpt.stage_rank_files(directory, staged, group)
-        if rank == 0:
-            shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
-            ckpt.commit_local(staged, RunDir(self.run_dir).checkpoint(int(metrics["step"])))
+        if stored is not None and dist.get_rank(dist.group.WORLD) == 0:  # the group the Trainer's dims use
             for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
-        if many:
-            dist.barrier(group)
 
 
-def ray_report(metrics: dict[str, Any], directory: Path | None) -> None:
-    """Every rank reports its own directory (its shards); Ray Train merges them into one checkpoint."""
-    import ray.train
+class RayReporter:
+    """Every rank reports the stored checkpoint directory (written in Ray Train's storage, under the
+    run's experiment path): Ray Train registers it without copying (NO_UPLOAD) and prunes to
+    checkpoint.keep."""
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    def __init__(self) -> None:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        self.store = CheckpointStore(storage.experiment_fs_path, storage.storage_filesystem)
+
+    def __call__(self, metrics: dict[str, Any], stored: str | None) -> None:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        if stored is None:
+            ray.train.report(metrics)
+            return
+        checkpoint = ray.train.Checkpoint(stored, filesystem=self.store.filesystem)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=Path(stored).name,
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
 
 
 def quiet_ray_train_logs() -> None:
@@ -490,7 +504,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = spec_from_json(config["spec_json"])
     run_dir = Path(config["run_dir"])
     with worker_attempt(spec, run_dir):  # step watchdog; a model that cannot fit is a UserError
-        trainer = Trainer(spec, run_dir, ray_report)
+        trainer = Trainer(spec, run_dir, RayReporter())
         record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
         trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
         trainer.fit()

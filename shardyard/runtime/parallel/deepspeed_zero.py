@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
@@ -96,8 +97,9 @@ class DeepSpeedTraining(GradientStep, TrainingState):
     def layout(self) -> dict[str, Any]:
         return {"format": FORMAT, "world": self.dims.world_size, "zero": self.stage}
 
-    def save(self, directory: Path) -> None:
-        """Collective: every rank writes its partition under directory/deepspeed/."""
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
+        """Collective: every rank writes its partition under directory/deepspeed/ (DeepSpeed's
+        collectives run on the training's own group: `threaded_save` stays False)."""
         self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
