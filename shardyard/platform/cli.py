@@ -23,6 +23,18 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _batch_phrase(spec: JobSpec) -> str:
+    """How a step's sequences are split: per worker, or the global batch at every worker count."""
+    t, r = spec.training, spec.resources
+    if t.global_batch is None:
+        accum = f" x {t.grad_accum} accum" if t.grad_accum > 1 else ""
+        return f"{t.batch_size} seq/worker{accum} x {r.describe_workers()} workers"
+    splits = ", ".join(
+        f"{n}: {micro} x accum {accum}" for n in r.worker_counts for micro, accum in [spec.batch_layout(n)]
+    )
+    return f"{t.global_batch} seq (global batch; workers: micro-batch x accum = {splits})"
+
+
 def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     from shardyard.data.corpus import resolve_files
@@ -95,12 +107,12 @@ def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
         f"data       {', '.join(s.path for s in spec.data.sources) if spec.data.sources else ', '.join(spec.data.paths)}: "
         f"{len(files)} files, {_fmt_count(corpus_bytes)}B; sequences of {spec.data.seq_len} tokens, tokenizer "
         f"{spec.data.tokenizer}",
-        f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
+        f"training   {t.steps} steps x {_batch_phrase(spec)} = "
         f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes "
         f"total; {t.precision}",
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
-        f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
+        f"resources  {r.describe_workers()} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
         f"zero {spec.parallel.zero}",
         f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep "
@@ -164,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
         cluster = local_cluster(
             cpus_needed(spec),
-            math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+            math.ceil(spec.resources.max_workers * spec.resources.gpus_per_worker) or None,
             secret_env=worker_env,
         )
     with cluster:

@@ -22,7 +22,7 @@ from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
-from shardyard.runtime.preemption import EXIT_STOPPED, clear_stop, graceful_stop, stop_reason
+from shardyard.runtime.preemption import EXIT_STOPPED, clear_resize, clear_stop, graceful_stop, stop_reason
 from shardyard.tracking.logger import METRICS_FILE, read_metrics
 
 
@@ -104,6 +104,7 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from shardyard.runtime.elastic import checkpoint_first_policy
     from shardyard.runtime.failures import build_torch_trainer
     from shardyard.runtime.worker import train_loop_per_worker
 
@@ -117,13 +118,20 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     name, storage = run_config_location(run_dir)
     if "://" in spec.checkpoint.dir:  # object storage: checkpoints go to the bucket, the rest stays in run_dir
         name, storage = spec.name, spec.checkpoint.dir
+    workers = (res.min_workers, res.max_workers) if res.elastic else res.min_workers
     return build_torch_trainer(
         run_dir,
         res.collective_timeout_minutes * 60,
+        scaling_policy=(lambda config: checkpoint_first_policy(config, run_dir)) if res.elastic else None,
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
         torch_config=TorchConfig(timeout_s=max(1, round(res.collective_timeout_minutes * 60))),
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            elastic_resize_monitor_interval_s=res.resize_interval_s,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -151,6 +159,7 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
 
     write_run_files(spec, run_dir)
     clear_stop(run_dir)
+    clear_resize(run_dir)
     if spec.data.prepared:  # tokenize + pack once, on the cluster, before any worker starts
         from shardyard.data.prepare import prepare
 
@@ -262,7 +271,9 @@ def main() -> int:
         print(f"[shardyard] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
-    print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
+    print(
+        f"[shardyard] job {spec.name}: {spec.resources.describe_workers()} workers, run directory {run_dir}", flush=True
+    )
 
     from shardyard.tracking.live import LiveStatus
 
