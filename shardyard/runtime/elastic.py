@@ -28,10 +28,14 @@ from shardyard.runtime.preemption import append_event, clear_resize, read_events
 # ------------------------------------------------------------------------------ controller side
 def checkpoint_first_policy(scaling_config: Any, run_dir: Path) -> Any:
     """Ray's ElasticScalingPolicy, except that a resize of a running group waits for its checkpoint."""
+    import ray
     from ray.train.v2._internal.execution.scaling_policy import (
         ElasticScalingPolicy,
         NoopDecision,
         ResizeDecision,
+    )
+    from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+        AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
     )
 
     class CheckpointFirstPolicy(ElasticScalingPolicy):
@@ -39,11 +43,32 @@ def checkpoint_first_policy(scaling_config: Any, run_dir: Path) -> Any:
             super().__init__(config)
             self.run_dir = str(run_dir)
             self.pending: Any = None  # the resize decided, waiting for the group's checkpoint
+            self.fresh = False  # deciding a (re)start: ask for a view of the live nodes
 
         def make_decision_for_non_running_worker_group(self) -> Any:
             self.pending = None  # (re)starting anyway: an unanswered request is void
             clear_resize(Path(self.run_dir))
-            return super().make_decision_for_non_running_worker_group()
+            self.fresh = True
+            try:
+                return super().make_decision_for_non_running_worker_group()
+            finally:
+                self.fresh = False
+
+        def _get_reserved_resources(self) -> Any:
+            """Before a (re)start, the coordinator's view recomputed from the live nodes: its periodic
+            view (every 20 s) still counts a node that just died, and a group sized to it could not
+            be placed (Ray would wait for it, then fail the start)."""
+            if not getattr(self, "fresh", False):
+                return super()._get_reserved_resources()
+            try:
+                reserved = ray.get(
+                    self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
+                    timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
+                )
+            except Exception:  # the coordinator is busy or gone: its cached view, as Ray's own policy does
+                return super()._get_reserved_resources()
+            self._latest_reserved_resources = reserved
+            return reserved
 
         def make_decision_for_running_worker_group(self, worker_group_state: Any, worker_group_status: Any) -> Any:
             run = Path(self.run_dir)
@@ -74,18 +99,22 @@ def checkpoint_first_policy(scaling_config: Any, run_dir: Path) -> Any:
 
 # ------------------------------------------------------------------------------ the event
 def _cause(run_dir: Path, before: int, after: int) -> str:
-    """Why the group changed size: the newest resize request or fault event of the run."""
+    """Why the group changed size, from the run's events since the previous resize: a planned resize,
+    else the lost node a fault names (before later faults of the restart itself), else the first fault."""
     events, _ = read_events(run_dir)
-    for event in reversed(events):
-        if event.get("event") == "resize_request":
-            return f"room for {after}" if after > before else f"{before - after} fewer fit"
-        if event.get("event") == "retry":
-            message = str(event.get("message", ""))
-            node = re.search(r"node (\w+)", message)
-            if node and re.search(r"node (died|was preempted)|raylet", message):
-                return f"node {node.group(1)} lost"
-            return message
-    return "cluster resources changed"
+    since = [e for e in events[_last_index(events, "resize") + 1 :] if e.get("event") in ("resize_request", "retry")]
+    if since and since[-1].get("event") == "resize_request":
+        return f"room for {after}" if after > before else f"{before - after} fewer fit"
+    messages = [str(e.get("message", "")) for e in since if e.get("event") == "retry"]
+    for message in messages:
+        node = re.search(r"node (\w+)", message)
+        if node and re.search(r"node died|was preempted|raylet", message):
+            return f"node {node.group(1)} lost"
+    return messages[0] if messages else "cluster resources changed"
+
+
+def _last_index(events: list[dict[str, Any]], kind: str) -> int:
+    return max((i for i, e in enumerate(events) if e.get("event") == kind), default=-1)
 
 
 def announce_resize(run_dir: Path, before: dict[str, Any], after: dict[str, Any], step: int) -> None:

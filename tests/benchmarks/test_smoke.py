@@ -98,6 +98,11 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         True,
     ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
+    "elastic": (
+        [],
+        [r"\| elastic \| [\d.]+ \[", r"goodput elastic / fixed: [\d.]+", r"load average before [\d.]+"],
+        True,
+    ),
 }
 
 
