@@ -20,8 +20,10 @@ elastic / fixed; the machine's load average is printed with it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -112,16 +114,18 @@ def one_run(cluster: Any, tmp: Path, name: str, workers: str, steps: int, kill_a
 
 
 def start_cluster() -> Any:
-    from shardyard.cluster.auth import ensure_token
-
-    ensure_token(generate=True)
     import ray
     from ray.cluster_utils import Cluster
 
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2, "_system_config": fast_health},
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 120 * 1024**2,
+            "include_dashboard": False,
+            "_system_config": fast_health,
+        },
     )
     cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
     ray.init(address=cluster.address, logging_level="WARNING")
@@ -146,19 +150,30 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
 
+    from shardyard.cluster.auth import ensure_token
+
+    if args.smoke:
+        from benchmarks.smoke import hermetic_ray, smoke_dir
+
+        scratch = smoke_dir("elastic")
+        hermetic_ray(scratch)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="shardyard-elastic-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        ensure_token(generate=True)
+
     results: dict[str, list[dict]] = {"fixed": [], "elastic": []}
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="shardyard-elastic-") as tmp:
-        for round_ in range(args.rounds):
-            for kind, workers in (("fixed", "4"), ("elastic", "{min: 2, max: 4}"))[:: 1 if round_ % 2 == 0 else -1]:
-                cluster = start_cluster()  # a fresh cluster per run: both start from 2 nodes
-                try:
-                    run = one_run(cluster, Path(tmp), f"{kind}-{round_}", workers, args.steps, args.kill_at, args.away)
-                finally:
-                    ray.shutdown()
-                    cluster.shutdown()
-                results[kind].append(run)
-                print(f"round {round_} {kind}: {json.dumps(run)}", flush=True)
+    for round_ in range(args.rounds):
+        for kind, workers in (("fixed", "4"), ("elastic", "{min: 2, max: 4}"))[:: 1 if round_ % 2 == 0 else -1]:
+            cluster = start_cluster()  # a fresh cluster per run: both start from 2 nodes
+            try:
+                run = one_run(cluster, scratch, f"{kind}-{round_}", workers, args.steps, args.kill_at, args.away)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+            results[kind].append(run)
+            print(f"round {round_} {kind}: {json.dumps(run)}", flush=True)
     load_after = os.getloadavg()
     lines = [
         "| job | wall s | goodput steps/s | node loss -> training again, s | steps redone per resume |",

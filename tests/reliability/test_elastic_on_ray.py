@@ -13,6 +13,7 @@ its one line."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from shardyard.tracking.logger import read_metrics
 from tests.helpers import BIN, ROOT, assert_same_series, run_job, tiny_spec_yaml, train_grad_norms, train_losses
 
 pytestmark = pytest.mark.slow
-STEPS, EVERY = 160, 10
+STEPS, EVERY = 120, 10
 MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2, balance_scope: global}}"
 TRAINING = f"{{steps: {STEPS}, batch_size: 3, global_batch: 12, eval_every: 0, eval_bytes: 2048, log_every: 1}}"
 
@@ -44,7 +45,9 @@ def job_yaml(tmp_path: Path, name: str, workers: str) -> Path:
             tmp_path / "runs",
             model=MODEL,
             training=TRAINING,
-            resources=f"{{workers: {workers}, cpus_per_worker: 1, max_failures: 3, resize_interval_s: 5}}",
+            # lr 1e-3: float summation order differs between layouts; a gentler step keeps it from growing
+            optim="{lr: 1.0e-3, schedule: {warmup: 4}}",
+            resources=f"{{workers: {workers}, cpus_per_worker: 1, max_failures: 3, resize_interval_s: 2}}",
             checkpoint=f"{{dir: {tmp_path / 'runs'}, every: {EVERY}, keep: 3}}",
         )
         + "parallel: {expert_parallel: auto}\n"
@@ -93,9 +96,9 @@ def training_at(run_dir: Path, world: int, since: float) -> bool:
 
 
 def resumes(run_dir: Path) -> list[tuple[int, int, int]]:
-    """(world, resume step, newest step logged before it) per resume of the run, in order."""
+    """(world, resume step, newest step logged before it) per resume of the run, in the order logged."""
     out, newest = [], 0
-    for record in read_metrics(run_dir):
+    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
         if record.get("kind") == "train":
             newest = max(newest, record["step"])
         elif record.get("event") == "resume":
