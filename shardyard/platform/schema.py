@@ -809,6 +809,34 @@ class DispatchSpec(Section):
         )
 
 
+class PipelineSpec(Section):
+    """How a pipeline-parallel job's layers are split into stages and its batch into micro-batches."""
+
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = Field(
+        "1f1b",
+        description="1f1b (one forward, one backward in steady state; bubble (p-1)/(m+p-1)) | interleaved_1f1b "
+        "(stages_per_rank looped stages per rank: bubble (p-1)/(v m + p-1)) | gpipe (all forwards, then all "
+        "backwards: the 1f1b bubble, m micro-batches of activations held)",
+    )
+    microbatches: PositiveInt = Field(
+        2, description="micro-batches each optimizer micro-step's batch (training.batch_size) is split into"
+    )
+    stages_per_rank: PositiveInt | None = Field(
+        None, description="stages (virtual stages) each pipeline rank holds; default: 2 for interleaved_1f1b, else 1"
+    )
+    layers_per_stage: list[int] | None = Field(
+        None,
+        description="transformer blocks of each stage, in order (sum = model.depth, one entry per stage); default: "
+        "as even as possible, extra blocks to the stages after the first (which also holds the embedding)",
+    )
+
+    @property
+    def virtual_stages(self) -> int:
+        if self.stages_per_rank is not None:
+            return self.stages_per_rank
+        return 2 if self.schedule == "interleaved_1f1b" else 1
+
+
 class ParallelSpec(Section):
     expert_parallel: PositiveInt | Literal["auto"] = Field(
         1,
@@ -833,6 +861,14 @@ class ParallelSpec(Section):
         "with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = "
         "parameters kept gathered between forward and backward | full = parameters resharded after "
         "forward (ZeRO-3)",
+    )
+    pipeline_parallel: PositiveInt = Field(
+        1,
+        description="pipeline-parallel degree: the model's blocks split into stages over this many ranks (the "
+        "outermost mesh dim); its ranks share one batch, so data-parallel ranks = workers / pipeline_parallel",
+    )
+    pipeline: PipelineSpec = Field(
+        default_factory=PipelineSpec, description="pipeline schedule and split (with pipeline_parallel > 1)"
     )
 
     # Fields a resume may not change when the checkpoint format does not reshard (see `checkpoints_reshard`).
@@ -1067,6 +1103,7 @@ class JobSpec(Section):
         self._check_elastic()
         ep = self.parallel.expert_parallel
         res = self.resources
+        self._check_pipeline()
         if ep != "auto" and ep > 1:
             if self.model.kind != "moe":
                 raise ValueError(
@@ -1079,6 +1116,11 @@ class JobSpec(Section):
                         f"parallel.expert_parallel: {ep} must divide resources.workers ({workers})"
                         + ("; an elastic job can use parallel.expert_parallel: auto" if res.elastic else "")
                     )
+            if self.data_parallel_workers() % ep:
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} must divide the data-parallel workers "
+                    f"({self.data_parallel_workers()} = resources.workers / parallel.pipeline_parallel)"
+                )
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})"
@@ -1132,6 +1174,19 @@ class JobSpec(Section):
                 raise ValueError(f"resources.workers: min is {low}; an elastic group needs at least 1 worker to train")
             if low > high:
                 raise ValueError(f"resources.workers: min ({low}) exceeds max ({high})")
+        pp = self.parallel.pipeline_parallel
+        if pp > 1 and (res.elastic or t.global_batch is not None):
+            field = "resources.workers" if res.elastic else "training.global_batch"
+            raise ValueError(
+                f"{field}: pipeline parallelism (parallel.pipeline_parallel {pp}) is not built for "
+                f"{'elastic groups' if res.elastic else 'a derived global batch'} yet; use a fixed "
+                "resources.workers with training.batch_size and training.grad_accum"
+            )
+        if pp > 1 and self.model.moe is not None and self.model.moe.balance_scope == "global":
+            raise ValueError(
+                "model.moe.balance_scope: global counts the step's routing in a forward pre-pass, which the "
+                f"pipeline schedule (parallel.pipeline_parallel {pp}) does not run; use micro with pipeline parallelism"
+            )
         if t.global_batch is not None:
             if t.grad_accum != 1:
                 raise ValueError(
@@ -1175,9 +1230,76 @@ class JobSpec(Section):
         return per_worker // accum, accum
 
     def sequences_per_step(self, workers: int) -> int:
-        """Sequences trained on per optimizer step at `workers` workers."""
+        """Sequences trained on per optimizer step at `workers` data-parallel workers."""
         micro, accum = self.batch_layout(workers)
         return micro * accum * workers
+
+    def _check_pipeline(self) -> None:
+        """parallel.pipeline_parallel and parallel.pipeline against the rest of the job."""
+        pp, pipe = self.parallel.pipeline_parallel, self.parallel.pipeline
+        if pp == 1:
+            return
+        workers = self.resources.min_workers  # one count: _check_elastic refuses a pipeline in an elastic group
+        if workers % pp:
+            raise ValueError(f"parallel.pipeline_parallel: {pp} must divide resources.workers ({workers})")
+        if self.model.kind not in ("dense", "moe"):
+            raise ValueError(
+                f"parallel.pipeline_parallel: {pp} splits a flat model's blocks into stages; model.kind "
+                f"{self.model.kind!r} is not a flat model (dense | moe)"
+            )
+        if self.parallel.zero:
+            raise ValueError(
+                f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with "
+                f"parallel.pipeline_parallel ({pp}); use parallel.shard (FSDP2) with pipeline parallelism"
+            )
+        if self.optim.galore is not None:
+            raise ValueError(
+                f"optim.kind: {self.optim.kind} steps from gradient hooks, which a pipeline schedule does not "
+                f"run in order; use optim.kind: adamw with parallel.pipeline_parallel ({pp})"
+            )
+        if self.model.tie_embeddings:
+            raise ValueError(
+                f"model.tie_embeddings: the embedding (first stage) and the head (last stage) would share one "
+                f"weight across parallel.pipeline_parallel ({pp}) ranks; untie them"
+            )
+        stages = pp * pipe.virtual_stages
+        if pipe.layers_per_stage is not None:
+            if (
+                len(pipe.layers_per_stage) != stages
+                or sum(pipe.layers_per_stage) != self.model.depth
+                or min(pipe.layers_per_stage) < 1
+            ):
+                raise ValueError(
+                    f"parallel.pipeline.layers_per_stage: {pipe.layers_per_stage} must have one entry (>= 1) per "
+                    f"stage ({stages} = pipeline_parallel x stages_per_rank) summing to model.depth "
+                    f"({self.model.depth})"
+                )
+        elif self.model.depth < stages:
+            raise ValueError(
+                f"parallel.pipeline_parallel: {pp} x stages_per_rank {pipe.virtual_stages} = {stages} stages, but "
+                f"model.depth is {self.model.depth}: every stage needs a block"
+            )
+        if pipe.schedule != "interleaved_1f1b" and pipe.stages_per_rank not in (None, 1):
+            raise ValueError(
+                f"parallel.pipeline.stages_per_rank: {pipe.stages_per_rank} needs schedule interleaved_1f1b "
+                f"(a {pipe.schedule} schedule runs one stage per rank)"
+            )
+        if self.training.batch_size % pipe.microbatches:
+            raise ValueError(
+                f"parallel.pipeline.microbatches: {pipe.microbatches} must divide training.batch_size "
+                f"({self.training.batch_size}, the sequences of one data-parallel replica's micro-step)"
+            )
+        rounds = max(1, pipe.microbatches // pp)
+        if pipe.schedule == "interleaved_1f1b" and pipe.microbatches % rounds:
+            raise ValueError(
+                f"parallel.pipeline.microbatches: {pipe.microbatches} must be a multiple of its rounds "
+                f"({rounds} = microbatches // pipeline_parallel) for schedule interleaved_1f1b"
+            )
+
+    def data_parallel_workers(self, workers: int | None = None) -> int:
+        """Workers reading their own batches at `workers` (default resources.workers, its max for an elastic
+        group): the ranks of one pipeline share one."""
+        return (workers or self.resources.max_workers) // self.parallel.pipeline_parallel
 
     def notes(self) -> list[str]:
         """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,
@@ -1208,6 +1330,6 @@ class JobSpec(Section):
         return out
 
     def tokens_per_step(self, workers: int | None = None) -> int:
-        """Bytes trained on per optimizer step, over all workers and micro-batches (at `workers`; default
-        resources.workers, its max for an elastic group)."""
-        return self.sequences_per_step(workers or self.resources.max_workers) * self.data.seq_len
+        """Bytes trained on per optimizer step, over all data-parallel workers and micro-batches (at
+        `workers`; default resources.workers, its max for an elastic group)."""
+        return self.sequences_per_step(self.data_parallel_workers(workers)) * self.data.seq_len

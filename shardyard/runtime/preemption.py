@@ -36,13 +36,10 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime.watchdog import beat
 
-STOP_FILE = "STOP"
-RESIZE_FILE = "RESIZE"  # the controller asks for a checkpoint before it resizes the group
-RESIZE_READY_FILE = "RESIZE_READY"  # rank 0: the checkpoint of that boundary is reported (its step)
-EVENTS_FILE = "events.jsonl"
 HANG_MARKER = ".injected_hang_done"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same command again to continue
 
@@ -51,8 +48,8 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same comman
 def request_stop(run_dir: Path, reason: str) -> Path:
     """Ask a running job to checkpoint and exit at its next step boundary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    flag = run_dir / STOP_FILE
-    tmp = run_dir / f".{STOP_FILE}.tmp-{os.getpid()}"
+    flag = RunDir(run_dir).stop_request
+    tmp = flag.with_name(f".{flag.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"reason": reason, "time": time.time()}))
     os.replace(tmp, flag)
     return flag
@@ -61,12 +58,12 @@ def request_stop(run_dir: Path, reason: str) -> Path:
 def clear_stop(run_dir: Path) -> None:
     """A new attempt of the run starts: an old request is done with."""
     with contextlib.suppress(FileNotFoundError):
-        (run_dir / STOP_FILE).unlink()
+        RunDir(run_dir).stop_request.unlink()
 
 
 def stop_reason(run_dir: Path) -> str | None:
     try:
-        return str(json.loads((run_dir / STOP_FILE).read_text()).get("reason", "stop requested"))
+        return str(json.loads(RunDir(run_dir).stop_request.read_text()).get("reason", "stop requested"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, AttributeError):
@@ -75,13 +72,13 @@ def stop_reason(run_dir: Path) -> str | None:
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """One JSON line per event (stop, fault, restart) the driver turns into one line for the user."""
-    with open(run_dir / EVENTS_FILE, "a") as f:
+    with open(RunDir(run_dir).events, "a") as f:
         f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Complete event records after byte `offset`, and the offset after them."""
-    path = run_dir / EVENTS_FILE
+    path = RunDir(run_dir).events
     if not path.exists():
         return [], offset
     with open(path, "rb") as f:
@@ -98,23 +95,24 @@ def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], i
 # ------------------------------------------------------------------------------ worker side
 def request_resize(run_dir: Path, workers: int) -> None:
     """Controller side: checkpoint at the next agreed step boundary, then hold for a resize to `workers`."""
-    tmp = run_dir / f".{RESIZE_FILE}.tmp-{os.getpid()}"
+    request = RunDir(run_dir).resize_request
+    tmp = run_dir / f".{request.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"workers": workers, "time": time.time()}))
-    os.replace(tmp, run_dir / RESIZE_FILE)
+    os.replace(tmp, request)
 
 
 def resize_ready_step(run_dir: Path) -> int | None:
     """The step whose checkpoint the held group wrote for the requested resize (None: not yet)."""
     try:
-        return int(json.loads((run_dir / RESIZE_READY_FILE).read_text())["step"])
+        return int(json.loads(RunDir(run_dir).resize_ready.read_text())["step"])
     except (OSError, ValueError, KeyError):
         return None
 
 
 def clear_resize(run_dir: Path) -> None:
-    for name in (RESIZE_FILE, RESIZE_READY_FILE):
+    for path in (RunDir(run_dir).resize_request, RunDir(run_dir).resize_ready):
         with contextlib.suppress(FileNotFoundError):
-            (run_dir / name).unlink()
+            path.unlink()
 
 
 @dataclass(frozen=True)
@@ -139,9 +137,9 @@ class StepBoundary:
         self.last_save = time.monotonic()
 
     def agree(self, step: int) -> BoundaryDecision:
-        local_stop = self.signalled.is_set() or (self.run_dir / STOP_FILE).exists()
+        local_stop = self.signalled.is_set() or RunDir(self.run_dir).stop_request.exists()
         due = self.interval_s is not None and time.monotonic() - self.last_save >= self.interval_s
-        resize = (self.run_dir / RESIZE_FILE).exists()
+        resize = RunDir(self.run_dir).resize_request.exists()
         flags = torch.tensor([float(local_stop), float(due), float(resize)], device=self.device)
         if self._hang is not None and step == self._hang[0]:
             self._sleep_once(step)
@@ -156,9 +154,10 @@ class StepBoundary:
         """After the resize checkpoint of `step`: say so (rank 0) and wait to be restarted at the new size.
         Raises when no restart comes within `limit_s` (the attempt then restarts from that checkpoint)."""
         if self.rank == 0:
-            tmp = self.run_dir / f".{RESIZE_READY_FILE}.tmp-{os.getpid()}"
+            ready = RunDir(self.run_dir).resize_ready
+            tmp = self.run_dir / f".{ready.name}.tmp-{os.getpid()}"
             tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-            os.replace(tmp, self.run_dir / RESIZE_READY_FILE)
+            os.replace(tmp, ready)
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             beat(step, "holding for a resize")

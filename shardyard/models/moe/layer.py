@@ -182,12 +182,12 @@ class MoELayer(nn.Module):
 
 @torch.no_grad()
 def share_balance_counts(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
-    """Sum every layer's `balance_counts` (the counting pre-pass's) over the data-parallel ranks of
-    `group` (default: the world): the step-wide expert fractions of the global balance loss."""
+    """Sum every layer's `balance_counts` (the counting pre-pass's) over `group` (the data-parallel
+    ranks; None: this process's counts alone): the step-wide expert fractions of the global balance loss."""
     if not layers:
         return
     counts = torch.stack([layer.balance_counts for layer in layers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, group=group)
     for layer, total in zip(layers, counts):
         layer.balance_counts.copy_(total)
@@ -204,7 +204,7 @@ def clear_balance_counts(layers: list[MoELayer]) -> None:
 def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
     """Aux-loss-free balancing, once per optimizer step: move each aux_free router's bias toward
     balance by the step's token counts summed over every data-parallel rank (so replicas agree).
-    Collective over `group` (default: the world) when torch.distributed is initialised."""
+    Collective over `group` (the data-parallel ranks; None: this process's counts alone)."""
     routers = [
         (layer, layer.router)
         for layer in layers
@@ -213,7 +213,7 @@ def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None
     if not routers:
         return
     loads = torch.stack([layer.tokens_per_expert for layer, _ in routers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)
     for (_, router), load in zip(routers, loads):
         router.update_bias(load)
