@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+SHARDYARD = [sys.executable, "-m", "shardyard.cli"]
 
 SPEC = """name: {name}
 seed: 0
@@ -84,7 +84,7 @@ def one_run(cluster: Any, tmp: Path, name: str, workers: str, steps: int, kill_a
     out = tmp / f"{name}.out"
     start = time.time()
     proc = subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
+        [*SHARDYARD, "run", str(spec), "--address", cluster.address],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec
-from shardyard.runtime.watchdog import HEARTBEAT_DIR, read_heartbeats
+from shardyard.runtime.watchdog import read_heartbeats
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import BIN, ROOT, assert_same_series, run_job, tiny_spec_yaml, train_grad_norms, train_losses
+from tests.helpers import ROOT, SHARDYARD, assert_same_series, run_job, tiny_spec_yaml, train_grad_norms, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 120, 10
@@ -90,7 +91,7 @@ def wait_for(condition, timeout: float = 300, what: str = "") -> Any:
 
 def training_at(run_dir: Path, world: int, since: float) -> bool:
     """A group of `world` ranks that started after `since` has logged a step."""
-    beats = read_heartbeats(run_dir / HEARTBEAT_DIR, since=since)
+    beats = read_heartbeats(RunDir(run_dir).heartbeats, since=since)
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     return len(beats) == world and any(r.get("kind") == "train" and r.get("world_size") == world for r in records[-3:])
 
@@ -122,7 +123,7 @@ def test_an_elastic_moe_job_shrinks_on_a_lost_node_grows_back_and_trains_like_a_
     out = tmp_path / "elastic.out"
     start = time.time()
     proc = subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
+        [*SHARDYARD, "run", str(spec), "--address", cluster.address],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -179,7 +180,7 @@ def test_an_elastic_moe_job_shrinks_on_a_lost_node_grows_back_and_trains_like_a_
         f"workers 4 -> 2 (node {node} lost), ep 4 -> 2, micro-batch 3 x accum 2, resuming from step {lost_resume}"
     )
     grown_line = f"workers 2 -> 4 (room for 4), ep 2 -> 4, micro-batch 3 x accum 1, resuming from step {grown_resume}"
-    driver_log = (run_dir / "driver.log").read_text()
+    driver_log = RunDir(run_dir).driver_log.read_text()
     for line in (lost_line, grown_line):
         assert text.count(line) == 1 and line in driver_log, (line, text[-3000:])
     assert "Traceback" not in text
