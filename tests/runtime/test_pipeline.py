@@ -97,11 +97,13 @@ def test_pp2_dense_trains_like_one_worker(tmp_path: Path) -> None:
     assert_trains_like(tmp_path / "pp2", tmp_path / "one", got, want)
 
 
-def test_pp2_x_ep2_trains_like_one_worker(tmp_path: Path) -> None:
-    """4 ranks: two pipelines (data-parallel replicas), each stage's experts split over its 2 ranks."""
+def test_pp2_x_ep2_x_fsdp2_trains_like_one_worker(tmp_path: Path) -> None:
+    """4 ranks: two pipelines (data-parallel replicas); each stage's experts split over its 2 ranks
+    (EP 2) and its dense weights sharded over them (FSDP2, each stage a root)."""
     want = run(one_worker(tmp_path, MOE, replicas=2), tmp_path / "one")
-    got = run(pp_job(tmp_path, "pp2ep2", MOE, 4, pp=2, ep=2), tmp_path / "pp2ep2", ranks_per_node=2)
-    assert_trains_like(tmp_path / "pp2ep2", tmp_path / "one", got, want)
+    spec = pp_job(tmp_path, "composed", MOE, 4, pp=2, ep=2, parallel__shard="full")
+    got = run(spec, tmp_path / "composed", ranks_per_node=2)
+    assert_trains_like(tmp_path / "composed", tmp_path / "one", got, want)
 
 
 def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> list[tuple[int, int]]:
@@ -115,9 +117,10 @@ def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> l
 
 
 def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
-    """Saved at step 4 by a pipeline of 2, resumed to step 8 by 2 expert-parallel ranks without a
+    """Saved at step 3 by a pipeline of 2, resumed to step 6 by 2 expert-parallel ranks without a
     pipeline (each reading one of the pipeline's micro-batches): the losses and gradient norms of a run
-    that used EP 2 from the start, every window once (the pipeline's first stage records them)."""
+    that used EP 2 from the start, every window once (the pipeline's first stage records them); and
+    `export` of the pipeline's final checkpoint is the EP 2 run's model."""
     ledgers = {name: tmp_path / f"ledger-{name}" for name in ("first", "resumed", "reference")}
 
     def traced(name: str, spec, **kwargs) -> list[float]:
@@ -125,18 +128,26 @@ def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path,
         monkeypatch.setenv(envvars.SAMPLE_LEDGER, str(ledgers[name]))
         return run(spec, tmp_path / name, **kwargs)
 
-    traced("first", pp_job(tmp_path, "first", MOE, 2, pp=2, steps=8, every=4))
-    checkpoint = tmp_path / "first" / "checkpoint_00000004"
-    ep2 = {"ep": 2, "batch": BATCH // 2, "steps": 8}
+    traced("first", pp_job(tmp_path, "first", MOE, 2, pp=2, steps=6, every=3))
+    checkpoint = tmp_path / "first" / "checkpoint_00000003"
+    ep2 = {"ep": 2, "batch": BATCH // 2, "steps": 6}
     resumed = traced("resumed", pp_job(tmp_path, "resumed", MOE, 2, **ep2), resume=checkpoint)
     reference = traced("reference", pp_job(tmp_path, "reference", MOE, 2, **ep2))
-    assert len(resumed) == 4
-    assert resumed == pytest.approx(reference[-4:], rel=1e-4, abs=1e-6)
-    norms = {s: n for s, n in train_grad_norms(tmp_path / "reference").items() if s > 4}
+    assert len(resumed) == 3
+    assert resumed == pytest.approx(reference[-3:], rel=1e-4, abs=1e-6)
+    norms = {s: n for s, n in train_grad_norms(tmp_path / "reference").items() if s > 3}
     assert_same_series(train_grad_norms(tmp_path / "resumed"), norms, 1e-4, "grad_norm")
-    windows = _windows(ledgers["first"], steps=4) + _windows(ledgers["resumed"])
-    assert len(windows) == 8 * BATCH and len(set(windows)) == len(windows)  # none twice
+    windows = _windows(ledgers["first"], steps=3) + _windows(ledgers["resumed"])
+    assert len(windows) == 6 * BATCH and len(set(windows)) == len(windows)  # none twice
     assert sorted(windows) == sorted(_windows(ledgers["reference"]))  # none skipped
+    # export consolidates the pipeline's checkpoint into the single-worker model: the EP 2 run's weights
+    from safetensors.torch import load_file
+
+    from shardyard.runtime.export import export
+    from tests.runtime.test_export import assert_same_weights
+
+    pipelined = load_file(str(export(tmp_path / "first", tmp_path / "export-pp2")))
+    assert_same_weights(pipelined, load_file(str(export(tmp_path / "reference", tmp_path / "export-ep2"))))
 
 
 def test_shardyard_run_of_the_pipeline_job_trains(tmp_path: Path) -> None:
