@@ -126,7 +126,7 @@ def ray_head() -> tuple[object, str]:
 
 def shardyard_run(spec_path: str, overrides: list[str], root: Path, name: str, address: str) -> float:
     sets = [*overrides, f"name={name}", f"checkpoint.dir={root}"]
-    cmd = [str(Path(sys.executable).parent / "shardyard"), "run", spec_path, "--address", address]
+    cmd = [sys.executable, "-m", "shardyard.cli", "run", spec_path, "--address", address]
     for o in sets:
         cmd += ["--set", o]
     done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")

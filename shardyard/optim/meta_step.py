@@ -100,12 +100,12 @@ class MetaMemoryMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = self._dispatch(func, args, kwargs)
+        out = self._run_op(func, args, kwargs)
         inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         self._track(out, inputs)
         return out
 
-    def _dispatch(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+    def _run_op(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         if func in (aten.bincount.default, EXPERT_COUNTS_OP):
             ids = args[0]
             if func is EXPERT_COUNTS_OP:
