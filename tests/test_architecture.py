@@ -233,3 +233,45 @@ def test_one_device_mesh() -> None:
         module for module, path in MODULES.items() if "init_device_mesh" in path.read_text() and module != DIMS
     ]
     assert offenders == []
+
+
+RUN_DIR_NAMES = (
+    "spec.yaml",
+    "spec-history",
+    "metrics.jsonl",
+    "run_info.json",
+    "wandb_id",
+    "expert_load.bin",
+    "expert_load.json",
+    "events.jsonl",
+    "driver.log",
+    ".lease",
+    "report.html",
+    "checkpoint_",
+)
+
+
+def test_the_run_directory_layout_has_one_owner() -> None:
+    """The names of a run's files appear in platform/run_dir.py only; everything else asks RunDir."""
+    owner = f"{PACKAGE}.platform.run_dir"
+    offenders = sorted(
+        f"{module}: {name}"
+        for module, path in MODULES.items()
+        if module != owner
+        for name in RUN_DIR_NAMES
+        if f'"{name}' in path.read_text() or f"'{name}" in path.read_text()
+    )
+    assert offenders == []
+
+
+def test_no_world_of_one_fallbacks() -> None:
+    """A world of one is a mesh of one: code asks the dims or the group it is given, never whether
+    torch.distributed is initialised. Only the dims (which make the one-rank group) and the topology
+    (read before there is a mesh) ask."""
+    allowed = {DIMS, f"{PACKAGE}.comm.topology"}
+    offenders = [
+        module
+        for module, path in MODULES.items()
+        if module not in allowed and re.search(r"\b(dist|distributed)\.is_initialized\(", path.read_text())
+    ]
+    assert offenders == []

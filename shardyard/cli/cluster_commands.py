@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from shardyard.cli.arguments import add_jobs_address
 from shardyard.cli.output import job_row
 from shardyard.cluster import jobs
 from shardyard.cluster.head import cluster_down, cluster_up
+from shardyard.platform.run_dir import RunDir
 from shardyard.tracking.live import fold_progress
 
 
@@ -33,10 +33,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     entrypoint gets SIGTERM, which does the same)."""
     from shardyard.runtime.preemption import request_stop
 
-    run_dir = _local_run_dir(args.job_id)
+    run_dir = RunDir.find(args.job_id)
     if run_dir is not None:
-        request_stop(run_dir, "shardyard stop")
-        print(f"stop requested: {run_dir.name} checkpoints and exits at its next step boundary")
+        request_stop(run_dir.path, "shardyard stop")
+        print(f"stop requested: {run_dir.path.name} checkpoints and exits at its next step boundary")
         return 0
     stopped = jobs.stop(args.job_id, args.address)
     print(
@@ -45,14 +45,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
         else "job already finished"
     )
     return 0
-
-
-def _local_run_dir(name: str) -> Path | None:
-    """`name` as a run directory (it holds the run's spec.yaml), or ./runs/<name>."""
-    for candidate in (Path(name), Path("runs") / name):
-        if (candidate / "spec.yaml").is_file():
-            return candidate.resolve()
-    return None
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from shardyard import envvars
 from shardyard.cli.arguments import add_fault_step, add_jobs_address, add_spec
-from shardyard.cli.output import spec_summary, training_summary
+from shardyard.cli.output import plan_table, spec_summary, training_summary
 from shardyard.cli.preflight import preflight
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import json_schema, load_spec
 
 
@@ -27,10 +28,8 @@ def set_test_hooks(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from shardyard.runtime.entry import run_directory
-
     pre = preflight(args.spec, args.set)
-    print(spec_summary(pre, run_directory(pre.spec)))
+    print(spec_summary(pre, RunDir.of(pre.spec).path))
     print(f"predicted memory per worker {pre.memory.render()}")
     if pre.checkpoint_warning:
         print(pre.checkpoint_warning)
@@ -41,11 +40,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from shardyard.cluster.local import cpus_needed, existing_cluster, local_cluster
     from shardyard.cluster.secret_env import runtime_env_vars
-    from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_directory, run_training
+    from shardyard.runtime.entry import latest_step, refuse_conflicting_resume, run_training
     from shardyard.tracking.live import LiveStatus
 
     pre = preflight(args.spec, args.set)
-    spec, run_dir = pre.spec, run_directory(pre.spec)
+    spec, run_dir = pre.spec, RunDir.of(pre.spec).path
     print(spec_summary(pre, run_dir), flush=True)
     if pre.checkpoint_warning:
         print(pre.checkpoint_warning, file=sys.stderr, flush=True)
@@ -65,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
         cluster = local_cluster(
             cpus_needed(spec),
-            math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+            math.ceil(spec.resources.max_workers * spec.resources.gpus_per_worker) or None,
             secret_env=worker_env,
         )
     with cluster:
@@ -99,11 +98,10 @@ def _write_run_report(run_dir: Path) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from shardyard.cluster import jobs
-    from shardyard.runtime.entry import run_directory
 
     pre = preflight(args.spec, args.set, describe=False)
     set_test_hooks(args)
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else run_directory(pre.spec)
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else RunDir.of(pre.spec).path
     job_id = jobs.submit(pre.spec, run_dir, args.address)
     print(job_id)
     print(f"follow it with: shardyard logs {job_id} --follow", file=sys.stderr)
@@ -152,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan(spec, args.nodes, args.gpus_per_node, expert_parallel=args.expert_parallel)
     except ValueError as err:
         raise UserError(str(err)) from None
-    print(result.render())
+    print(plan_table(result))
     return 0
 
 

@@ -11,7 +11,9 @@ from shardyard.cli.preflight import Preflight
 from shardyard.platform.schema import JobSpec
 
 if TYPE_CHECKING:
+    from shardyard.comm.cost_model import PlanResult
     from shardyard.runtime.entry import TrainingResult
+    from shardyard.runtime.evaluation import EvalResult
     from shardyard.runtime.worker_memory import MemoryPrediction
 
 MIB = 2**20
@@ -92,6 +94,19 @@ def _pipeline_lines(spec: JobSpec) -> list[str]:
     ]
 
 
+def _batch_phrase(spec: JobSpec) -> str:
+    """How a step's sequences are split: per worker, or the global batch at every worker count."""
+    t, r = spec.training, spec.resources
+    if t.global_batch is None:
+        accum = f" x {t.grad_accum} accum" if t.grad_accum > 1 else ""
+        dp = "data-parallel " if spec.parallel.pipeline_parallel > 1 else ""
+        return f"{t.batch_size} seq/worker{accum} x {spec.data_parallel_workers()} {dp}workers"
+    splits = ", ".join(
+        f"{n}: {micro} x accum {accum}" for n in r.worker_counts for micro, accum in [spec.batch_layout(n)]
+    )
+    return f"{t.global_batch} seq (global batch; workers: micro-batch x accum = {splits})"
+
+
 def spec_summary(pre: Preflight, run_dir: Path) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     spec, facts = pre.spec, pre.facts
@@ -106,13 +121,12 @@ def spec_summary(pre: Preflight, run_dir: Path) -> str:
         f"device), {fmt_count(facts.flops_per_token * per_step)}FLOP per step: the MFU numerator",
         f"data       {data}: {facts.data_files} files, {fmt_count(facts.corpus_bytes)}B; sequences of "
         f"{spec.data.seq_len} tokens, tokenizer {spec.data.tokenizer}",
-        f"training   {t.steps} steps x {t.batch_size} seq/worker x {spec.data_parallel_workers()} "
-        f"{'data-parallel ' if spec.parallel.pipeline_parallel > 1 else ''}workers = "
+        f"training   {t.steps} steps x {_batch_phrase(spec)} = "
         f"{fmt_count(per_step)} bytes/step, {fmt_count(per_step * t.steps)} bytes total; {t.precision}",
         *_pipeline_lines(spec),
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
-        f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
+        f"resources  {r.describe_workers()} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
         f"zero {spec.parallel.zero}, pp {spec.parallel.pipeline_parallel}",
         f"run dir    {run_dir}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
@@ -165,6 +179,31 @@ def training_summary(result: TrainingResult, spec: JobSpec, resume_hint: str) ->
             f"   stopped ({result.stopped}) with a checkpoint at step {result.final_step}; continue with: {resume_hint}"
         )
     return "\n".join(lines)
+
+
+def plan_table(result: PlanResult) -> str:
+    """`shardyard plan`: predicted time per dispatch and per step of each all-to-all, and the pick."""
+    lines = [
+        f"all-to-all plan: {result.nodes} nodes x {result.gpus_per_node} GPUs, expert_parallel "
+        f"{result.expert_parallel}, {result.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, "
+        f"{result.exchanges_per_step} exchanges per step",
+        f"link constants: {result.link.name}",
+        "",
+        f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}",
+    ]
+    flat = next(r for r in result.rows if r["algo"] == "flat")["dispatch_s"]
+    for r in result.rows:
+        lines.append(
+            f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
+            f"{r['dispatch_s'] / flat:>7.2f}x"
+        )
+    lines += ["", f"recommendation: parallel.a2a = {result.recommendation}  ({result.reason})"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def eval_line(result: EvalResult) -> str:
+    return f"{result.bpb:.4f} +- {result.stderr:.4f} bits/byte ({result.windows} windows, {result.bytes:,} bytes)"
 
 
 def job_row(job: dict[str, Any]) -> str:

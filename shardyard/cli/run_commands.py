@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from shardyard.cli.output import eval_line
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import parse_size
 from shardyard.tracking.sync import sync_command, sync_run
 
@@ -72,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from shardyard.runtime.export import export
 
     weights = export(Path(args.run_or_checkpoint), Path(args.out), args.step)
-    print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / 'spec.yaml'}")
+    print(f"exported {weights} ({weights.stat().st_size / 1e6:.2f} MB) and {weights.parent / SPEC_FILE}")
     return 0
 
 
@@ -94,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec, result = evaluate_run(Path(args.run_dir), args.data or None, args.step, args.set)
     where = ", ".join(args.data) if args.data else f"the held-out split of {', '.join(spec.data.paths)}"
     print(
-        f"{result}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
+        f"{eval_line(result)}  on {where}  [{spec.name}, step {args.step if args.step is not None else 'newest'}, "
         f"{time.perf_counter() - start:.1f} s]"
     )
     return 0

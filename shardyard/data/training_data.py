@@ -48,15 +48,15 @@ class TrainingData:
 
     def encode_text(self, text: HeldOutText) -> HeldOutText:
         """An extra evaluation text (bytes) in this data's tokens (training.eval_sets)."""
-        if self.prepared is None or self.prepared.codec().is_bytes:
+        if self.prepared is None or self.prepared.tokenizer().is_bytes:
             return text
-        codec = self.prepared.codec()
+        tokenizer = self.prepared.tokenizer()
         bounds = list(text.file_offsets) + [len(text.data)]
         pieces = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             doc = bytes(np.asarray(text.data[a:b]))
             try:
-                pieces.append(codec.encode([doc])[0])
+                pieces.append(tokenizer.encode([doc])[0])
             except UnicodeDecodeError:
                 raise UserError("training.eval_sets: a text tokenizer needs UTF-8 evaluation files") from None
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)

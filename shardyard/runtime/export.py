@@ -13,12 +13,12 @@ from torch import nn
 from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec
 from shardyard.runtime import checkpoint as ckpt
 
 WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.yaml"
 
 
 def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
@@ -153,7 +153,7 @@ def trained_tokenizer_json(spec: JobSpec) -> str:
     the same deterministic training, if the cache was cleared)."""
     from shardyard.data.prepare import ensure_prepared
 
-    codec = ensure_prepared(spec.data, parallel="local").codec()
-    if codec.hf_json is None:
+    tokenizer = ensure_prepared(spec.data, parallel="local").tokenizer()
+    if tokenizer.hf_json is None:
         raise UserError(f"data.tokenizer: {spec.data.tokenizer!r}, but the prepared data holds no tokenizer.json")
-    return codec.hf_json
+    return tokenizer.hf_json

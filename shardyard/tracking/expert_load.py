@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LOAD_FILE = "expert_load.bin"
-LOAD_INDEX = "expert_load.json"
+from shardyard.platform.run_dir import RunDir
+
 # Per-layer accounting summed over a window (MoELayer.take_step_stats names).
 LAYER_SUMS = ("aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
@@ -120,8 +120,8 @@ class ExpertLoadFile:
     """Appends one record per logged step to the run's side file (rank 0 only)."""
 
     def __init__(self, run_dir: Path, experts_per_layer: list[int]) -> None:
-        self.path = run_dir / LOAD_FILE
-        index = run_dir / LOAD_INDEX
+        self.path = RunDir(run_dir).expert_load
+        index = RunDir(run_dir).expert_load_index
         layout = {"experts_per_layer": experts_per_layer, "dtype": "<f8", "step_dtype": "<i8"}
         if index.exists():
             existing = json.loads(index.read_text())
@@ -154,7 +154,7 @@ class ExpertLoadFile:
 def read_expert_load(run_dir: Path) -> tuple[np.ndarray, list[np.ndarray]] | None:
     """(steps [S], per layer an array [S, experts]) from a run's side file, the last record per step
     kept and sorted by step; None when the run has no MoE load records."""
-    index, data = Path(run_dir) / LOAD_INDEX, Path(run_dir) / LOAD_FILE
+    index, data = RunDir(Path(run_dir)).expert_load_index, RunDir(Path(run_dir)).expert_load
     if not index.exists() or not data.exists():
         return None
     experts = json.loads(index.read_text())["experts_per_layer"]

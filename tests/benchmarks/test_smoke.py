@@ -108,6 +108,12 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         True,
     ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
+    "save_blocking": ([], [r"1M: async/sync blocked = [\d.]+", r"\| 1M \| [\d.]+M \| \d+ \|"], True),
+    "elastic": (
+        [],
+        [r"\| elastic \| [\d.]+ \[", r"goodput elastic / fixed: [\d.]+", r"load average before [\d.]+"],
+        True,
+    ),
 }
 
 

@@ -10,6 +10,13 @@
   twice: `checkpointed` runs the recompute inside `moe_scope(recomputing=True)` (torch's public
   `context_fn` hook of non-reentrant checkpointing).
 
+- The load-balancing loss counts its expert fractions per micro-batch by default. For the global scope
+  (`balance_scope: global`) the trainer first runs the step's micro-batches without gradients inside
+  `moe_scope(balance="count")`, where each layer only adds its assignment counts to its
+  `balance_counts` buffer; the counts are summed over the data-parallel ranks
+  (`models/moe/layer.py: share_balance_counts`); then the real forwards run inside
+  `moe_scope(balance="global")`, where the formula takes f_e from those step-wide counts.
+
 The scope is thread-local: torch runs a recompute in the thread executing the backward, and the
 context manager torch enters there is ours.
 """
@@ -37,39 +44,56 @@ def recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
+BALANCE_MODES = ("local", "count", "global")
+
+
+def balance_mode() -> str:
+    """Where the balance loss takes its expert fractions: local (this micro-batch; the default) | count
+    (a counting pre-pass: only add the assignments to `balance_counts`) | global (from `balance_counts`)."""
+    return getattr(_state, "balance", "local")
+
+
 @contextlib.contextmanager
-def moe_scope(*, weight: float | None = None, recompute: bool | None = None) -> Iterator[None]:
-    """Set the aux-loss weight (multiplied into the enclosing one) and/or the recompute flag."""
-    saved = (aux_weight(), recomputing())
+def moe_scope(
+    *, weight: float | None = None, recompute: bool | None = None, balance: str | None = None
+) -> Iterator[None]:
+    """Set the aux-loss weight (multiplied into the enclosing one), the recompute flag and/or the
+    balance mode."""
+    if balance is not None and balance not in BALANCE_MODES:
+        raise ValueError(f"unknown balance mode {balance!r}; one of {BALANCE_MODES}")
+    saved = (aux_weight(), recomputing(), balance_mode())
     if weight is not None:
         _state.aux_weight = saved[0] * weight
     if recompute is not None:
         _state.recomputing = recompute
+    if balance is not None:
+        _state.balance = balance
     try:
         yield
     finally:
-        _state.aux_weight, _state.recomputing = saved
+        _state.aux_weight, _state.recomputing, _state.balance = saved
 
 
 def checkpointed(fn: Callable[..., Any], *args: Any, weight: float = 1.0) -> Any:
     """`torch.utils.checkpoint` (non-reentrant) of fn(*args) whose MoE layers carry `weight` of the
     enclosing aux-loss weight, in the forward and in the recompute, and count their tokens once."""
     effective = aux_weight() * weight  # fixed now: the recompute runs later, outside this scope
+    balance = balance_mode()
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return _absolute_scope(effective, False), _absolute_scope(effective, True)
+        return _absolute_scope(effective, False, balance), _absolute_scope(effective, True, balance)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
 @contextlib.contextmanager
-def _absolute_scope(weight: float, recompute: bool) -> Iterator[None]:
-    saved = (aux_weight(), recomputing())
-    _state.aux_weight, _state.recomputing = weight, recompute
+def _absolute_scope(weight: float, recompute: bool, balance: str) -> Iterator[None]:
+    saved = (aux_weight(), recomputing(), balance_mode())
+    _state.aux_weight, _state.recomputing, _state.balance = weight, recompute, balance
     try:
         yield
     finally:
-        _state.aux_weight, _state.recomputing = saved
+        _state.aux_weight, _state.recomputing, _state.balance = saved
 
 
 class AttachAuxLoss(torch.autograd.Function):

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, recomputing
+from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, balance_mode, recomputing
 from shardyard.models.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
-from shardyard.models.moe.router import Routing, TopKRouter, build_router
+from shardyard.models.moe.router import Routing, TopKRouter, balance_from_counts, build_router
 
 STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
@@ -79,6 +79,9 @@ class MoELayer(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         for name in STEP_STATS[1:]:
             self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
+        # The optimizer step's assignments per expert over every micro-batch and data-parallel rank, for
+        # the global balance loss (filled by a counting pre-pass, see accounting.py).
+        self.register_buffer("balance_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
 
     @property
     def backend(self) -> str:
@@ -113,7 +116,15 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared
 
-        aux = self.aux_loss_weight * routing.balance_loss + self.z_loss_weight * routing.z_loss
+        mode = balance_mode()
+        if mode == "count":  # the counting pre-pass of the global balance loss: no loss, no accounting
+            self.balance_counts += routing.balance_counts.to(self.balance_counts)
+            return out.view(shape)
+        balance = routing.balance_loss
+        if mode == "global":  # f_e over the whole optimizer step, P_e over this micro-batch
+            balance = balance_from_counts(routing.mean_probs, self.balance_counts)
+            routing.balance_loss = balance
+        aux = self.aux_loss_weight * balance + self.z_loss_weight * routing.z_loss
         weight = aux_weight()
         if self.training and torch.is_grad_enabled() and aux.requires_grad:
             out = AttachAuxLoss.apply(out, aux, weight)
@@ -170,10 +181,30 @@ class MoELayer(nn.Module):
 
 
 @torch.no_grad()
+def share_balance_counts(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
+    """Sum every layer's `balance_counts` (the counting pre-pass's) over `group` (the data-parallel
+    ranks; None: this process's counts alone): the step-wide expert fractions of the global balance loss."""
+    if not layers:
+        return
+    counts = torch.stack([layer.balance_counts for layer in layers])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, group=group)
+    for layer, total in zip(layers, counts):
+        layer.balance_counts.copy_(total)
+
+
+@torch.no_grad()
+def clear_balance_counts(layers: list[MoELayer]) -> None:
+    """After the optimizer step: the next step counts afresh."""
+    for layer in layers:
+        layer.balance_counts.zero_()
+
+
+@torch.no_grad()
 def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
     """Aux-loss-free balancing, once per optimizer step: move each aux_free router's bias toward
     balance by the step's token counts summed over every data-parallel rank (so replicas agree).
-    Collective over `group` (default: the world) when torch.distributed is initialised."""
+    Collective over `group` (the data-parallel ranks; None: this process's counts alone)."""
     routers = [
         (layer, layer.router)
         for layer in layers
@@ -182,7 +213,7 @@ def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None
     if not routers:
         return
     loads = torch.stack([layer.tokens_per_expert for layer, _ in routers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)
     for (_, router), load in zip(routers, loads):
         router.update_bias(load)

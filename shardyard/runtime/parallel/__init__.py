@@ -60,7 +60,8 @@ def hook_reduced(spec: JobSpec, world: int) -> bool:
 
 def dims_for(spec: JobSpec, topology: Topology) -> ParallelDims:
     """The job's degrees: hook-reduced steps and DeepSpeed replicate the model they are given."""
-    dims = ParallelDims.from_spec(spec.parallel, topology)
+    experts = spec.model.moe.num_experts if spec.model.kind == "moe" and spec.model.moe else 1
+    dims = ParallelDims.from_spec(spec.parallel, topology, experts)
     if spec.parallel.zero or hook_reduced(spec, topology.world_size):
         dims = ParallelDims(topology, dp_replicate=topology.world_size, ep=dims.ep)
     return dims
@@ -72,7 +73,7 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
     hooks = hook_reduced(spec, dims.world_size)
     module = parallelize(model, dims, spec, device, own_reduction=hooks or bool(spec.parallel.zero))
     prepare_model_for_optimizer(model, spec.optim)  # Q-GaLore: INT8 weights replace the fp32 ones
-    optimizer = build_optimizer(spec.optim, model)
+    optimizer = build_optimizer(spec.optim, model, dims.group("world"))
     scheduler = build_scheduler(spec.optim, optimizer, spec.training.steps)
     if spec.parallel.zero:
         from shardyard.runtime.parallel.deepspeed_zero import DeepSpeedTraining
