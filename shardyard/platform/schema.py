@@ -677,6 +677,12 @@ class TrainingSpec(Section):
         "model.stages[i].checkpoint_chunks",
     )
     activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
+    compile: bool = Field(
+        False,
+        description="torch.compile every transformer block (inductor: C++ kernels on CPU, Triton on GPU), applied "
+        "after activation checkpointing and before FSDP / DDP. The first steps pay the compile time (tens of "
+        "seconds per distinct block on a CPU); see docs/parallelism.md for what compiles as one graph",
+    )
 
     @model_validator(mode="after")
     def _check_eval_sets(self) -> TrainingSpec:

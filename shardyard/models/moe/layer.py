@@ -17,15 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, balance_mode, recomputing
+from shardyard.models.moe.accounting import AttachAuxLoss, StepStatistics, aux_weight, balance_mode
 from shardyard.models.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
-from shardyard.models.moe.router import Routing, TopKRouter, balance_from_counts, build_router
+from shardyard.models.moe.router import Routing, TopKRouter, balance_from_counts, build_router, expert_counts
 
 STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
 
-class MoELayer(nn.Module):
+class MoELayer(StepStatistics, nn.Module):
+    step_stat_names = STEP_STATS
+
     def __init__(
         self,
         width: int,
@@ -73,9 +75,9 @@ class MoELayer(nn.Module):
         # scaled per token by sigmoid(x . w) (Qwen2-MoE's shared_expert_gate).
         self.shared_expert = SharedExpert(width, shared_hidden or hidden, expert_kind) if shared_expert else None
         self.shared_gate = nn.Linear(width, 1, bias=False) if shared_expert and shared_gate else None
-        # Accumulated over the optimizer step (micro-batches and checkpoint chunks, recompute not
-        # counted twice); the trainer reads and resets them with take_step_stats(). Not persistent:
-        # a checkpoint is taken between steps, when they are zero.
+        # Accumulated over the optimizer step (micro-batches and checkpoint chunks; a recompute is
+        # taken back out by accounting.checkpointed); the trainer reads and resets them with
+        # take_step_stats(). Not persistent: a checkpoint is taken between steps, when they are zero.
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         for name in STEP_STATS[1:]:
             self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
@@ -98,7 +100,7 @@ class MoELayer(nn.Module):
         routing: Routing = self.router(tokens)
         assignments = routing.expert_ids.numel()
 
-        counts = torch.bincount(routing.expert_ids, minlength=self.num_experts)
+        counts = expert_counts(routing.expert_ids, self.num_experts)
         kept = counts
         if routing.sorted_by_expert:
             token_of, weight_of = routing.token_ids, routing.weights
@@ -128,8 +130,7 @@ class MoELayer(nn.Module):
         weight = aux_weight()
         if self.training and torch.is_grad_enabled() and aux.requires_grad:
             out = AttachAuxLoss.apply(out, aux, weight)
-        if not recomputing():
-            self._accumulate(routing, aux, kept, token_of, num_tokens, assignments, weight)
+        self._accumulate(routing, aux, kept, token_of, num_tokens, assignments, weight)
         return out.view(shape)
 
     @torch.no_grad()

@@ -43,6 +43,25 @@ class Routing:
     entropy: torch.Tensor | None = None  # scalar, detached: mean per-token entropy of the router (nats)
 
 
+@torch.library.custom_op("shardyard::expert_counts", mutates_args=())
+def _expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(expert_ids, minlength=num_experts)
+
+
+@_expert_counts.register_fake
+def _(expert_ids, num_experts):  # noqa: ANN001, ANN202
+    return expert_ids.new_empty(num_experts)
+
+
+EXPERT_COUNTS_OP = torch.ops.shardyard.expert_counts.default  # what dispatch modes see (optim.meta_step)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 assignments per expert (ids in [0, E)). bincount as an operator whose output shape
+    torch.compile knows (E), where bincount's own shape depends on the largest id."""
+    return _expert_counts(expert_ids, num_experts)
+
+
 @torch.no_grad()
 def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the routing distribution's entropy: ln(E) = undecided, 0 = one expert."""
@@ -118,7 +137,7 @@ class TopKRouter(_RouterBase):
         if self.routed_scale != 1.0:
             top_probs = top_probs * self.routed_scale
         flat_experts = expert_ids.reshape(-1)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = expert_counts(flat_experts, self.num_experts)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         mean_probs = probs.mean(dim=0)
         return Routing(
