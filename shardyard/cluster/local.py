@@ -20,7 +20,7 @@ from shardyard.platform.schema import JobSpec
 
 def cpus_needed(spec: JobSpec) -> int:
     """Logical CPUs for the workers plus one for the Ray Train controller (never fewer than 2)."""
-    return max(2, math.ceil(spec.resources.workers * spec.resources.cpus_per_worker) + 1)
+    return max(2, math.ceil(spec.resources.max_workers * spec.resources.cpus_per_worker) + 1)
 
 
 @contextlib.contextmanager

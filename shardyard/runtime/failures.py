@@ -212,7 +212,12 @@ def event_line(event: dict[str, Any]) -> str | None:
         if event.get("user_error"):
             return f"[shardyard] error (not retried): {event['message']}"
         return f"[shardyard] fault: {event['message']}; no failures left (resources.max_failures), the job fails"
-    return None  # "stopped" is announced by the workers and the summary
+    if kind == "resize_request":
+        return (
+            f"[shardyard] room for {event['to']} workers: checkpointing at the next step boundary, then "
+            f"workers {event['from']} -> {event['to']}"
+        )
+    return None  # "stopped" and "resize" are announced by the workers and the summary
 
 
 # ------------------------------------------------------------------------------ the driver's console
@@ -255,6 +260,8 @@ class EventPrinter:
             line = event_line(event)
             if line:
                 self.out(line)
+                with open(RunDir(self.run_dir).driver_log, "a") as log:
+                    log.write(line + "\n")
             if event.get("detail"):
                 self.log.write(
                     f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
@@ -319,9 +326,12 @@ def _last_attempt_start(run_dir: Path) -> float:
     return max((b.get("attempt", 0.0) for b in beats.values()), default=0.0)
 
 
-def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
+def build_torch_trainer(
+    run_dir: Path, timeout_s: float, scaling_policy: Callable[[Any], Any] | None = None, **kwargs: Any
+):
     """A TorchTrainer (same arguments) that fails fast on user errors, records failure events in
-    `run_dir` and does not take over SIGINT."""
+    `run_dir` and does not take over SIGINT; `scaling_policy(scaling_config)`, when given, replaces
+    Ray's own (elastic groups: runtime/elastic.py)."""
     from ray.train.torch import TorchTrainer
 
     class ShardyardTorchTrainer(TorchTrainer):
@@ -329,6 +339,8 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
             controller_kwargs["failure_policy"] = ShardyardFailurePolicy(
                 self.run_config.failure_config, str(run_dir), timeout_s
             )
+            if scaling_policy is not None:
+                controller_kwargs["scaling_policy"] = scaling_policy(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_kwargs)
 
         def _register_sigint_handler(self, controller: Any) -> None:

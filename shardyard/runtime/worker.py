@@ -35,13 +35,19 @@ from shardyard.models import build_model, moe_layers
 from shardyard.models.flops import training_flops_per_token
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
-from shardyard.models.moe.layer import MoELayer, attach_router_bias_updates
+from shardyard.models.moe.layer import (
+    MoELayer,
+    attach_router_bias_updates,
+    clear_balance_counts,
+    share_balance_counts,
+)
 from shardyard.optim.memory import optimizer_memory_report
 from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
+from shardyard.runtime.elastic import announce_resize
 from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.parallel import build_training, dims_for
 from shardyard.runtime.preemption import StepBoundary
@@ -125,10 +131,13 @@ class Trainer:
             record_topology(run_dir, topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
+        # training.global_batch stays fixed whatever the world: micro-batch x accumulation per data-parallel rank.
         # The ranks of one pipeline read the same batches: data-parallel coordinates (the first stage records them).
         dp_rank, dp = self.dims.dp_rank, self.dims.dp
+        self.micro_batch, self.accum = spec.batch_layout(dp)
+        self.global_balance = bool(self.moe) and spec.balance_scope == "global" and dp * self.accum > 1
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, spec.training.batch_size, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
+            self.data, spec.data.seq_len, self.micro_batch, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
         )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
@@ -226,6 +235,13 @@ class Trainer:
         if self.ctx.rank == 0:
             changed = "" if meta["layout"] == self.layout() else f", resharded from {meta['layout']} to {self.layout()}"
             print(f"[shardyard] resumed from step {self.step} ({directory}){changed}", flush=True)
+            before = meta.get("batch") or {"world": meta["layout"].get("world")}
+            if before.get("world") != self.ctx.world:
+                announce_resize(self.run_dir, before, self.batch_record(), self.step)
+
+    def batch_record(self) -> dict[str, int]:
+        """This attempt's world, EP degree and batch split (kept in checkpoints: the next resize line)."""
+        return {"world": self.ctx.world, "ep": self.dims.ep, "micro_batch": self.micro_batch, "accum": self.accum}
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
         """Collective: start the checkpoint of this step (runtime.saving: with checkpoint.async it is
@@ -240,21 +256,31 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": self.loader.position(),
             "corpus": self.corpus_fingerprint,
+            "batch": self.batch_record(),
         }
         self.writer.save(self.step, meta, {SPEC_FILE: spec_to_yaml(self.spec)}, metrics)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step over training.grad_accum micro-batches."""
-        accum = self.spec.training.grad_accum
+        """One optimizer step over `self.accum` micro-batches (training.grad_accum, or derived from
+        training.global_batch at this world size)."""
+        accum = self.accum
         self.model.train()
         if self.spec.model.ffn.kind == "lowrank":
             set_lowrank_progress(self.model, self.step / self.spec.training.steps)  # self-guided blend
         ce_sum = torch.zeros((), device=self.ctx.device)
         timer = self.timer
-        for micro in range(accum):
+        if self.global_balance:  # the step's micro-batches are read first: the pre-pass counts their routing
             with timer.section("data"):
-                inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
+                batches = [self._next_batch() for _ in range(accum)]
+            with timer.section("forward"):
+                self._count_routing(batches)
+        for micro in range(accum):
+            if self.global_balance:
+                inputs, targets = batches[micro]
+            else:
+                with timer.section("data"):
+                    inputs, targets = self._next_batch()
             if self.pipeline is not None:  # both passes, micro-batch by micro-batch, in the schedule's order
                 start = time.perf_counter()
                 with self.autocast():
@@ -264,7 +290,10 @@ class Trainer:
                     timer.add(part, seconds)
                 timer.add("bubble", time.perf_counter() - start - sum(compute.values()))  # waiting on other stages
                 continue
-            with self.grad_step.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
+            with (
+                self.grad_step.micro_batch(last=micro == accum - 1),
+                moe_scope(weight=1 / accum, balance="global" if self.global_balance else None),
+            ):
                 with timer.section("forward"), self.autocast():
                     _, ce = self.module(inputs, targets)
                 with timer.section("backward"):
@@ -272,13 +301,31 @@ class Trainer:
             ce_sum += ce.detach().float()
         with timer.section("optimizer"):
             grad_norm = self.grad_step.step()
+        if self.global_balance:
+            clear_balance_counts(self.moe)
         return {"ce": ce_sum / accum, "grad_norm": grad_norm}
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.loader.next_batch()
+        return inputs.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device, non_blocking=True)
+
+    @torch.no_grad()
+    def _count_routing(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The global balance loss's pre-pass (collective): route the step's micro-batches without
+        gradients, counting assignments per expert, and sum the counts over the data-parallel ranks.
+        The random stream is put back, so the real forwards draw what they would have drawn."""
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), moe_scope(balance="count"):
+            for inputs, targets in batches:
+                with self.autocast():
+                    self.module(inputs, targets)
+        share_balance_counts(self.moe, self.dims.group("dp"))
 
     def observe(self, window_steps: int, window_seconds: float) -> dict[str, float]:
         """The logging window's throughput, MFU, step anatomy, memory and expert load. Collective
         (every rank calls it at the same steps); rank 0 appends the per-expert counts to the side file."""
         spec = self.spec
-        tokens_per_s = spec.tokens_per_step() * window_steps / max(window_seconds, 1e-9)
+        tokens_per_s = spec.tokens_per_step(self.ctx.world) * window_steps / max(window_seconds, 1e-9)
         out: dict[str, float] = {"tokens_per_s": tokens_per_s}
         if self.peak_flops:
             out["mfu"] = self.flops_per_token * tokens_per_s / (self.ctx.world * self.peak_flops)
@@ -370,10 +417,11 @@ class Trainer:
                     "bpb": ce / LN2 / self.data.bytes_per_token,
                     "grad_norm": float(step_metrics["grad_norm"]),
                     "lr": self.scheduler.get_last_lr()[0],
+                    "world_size": self.ctx.world,
                     "total_steps": spec.steps,
                 }
-                comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
-                self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * spec.grad_accum / 1000.0)
+                comm = dispatch_metrics(self.model, steps=window_steps * self.accum)
+                self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * self.accum / 1000.0)
                 record.update(self.observe(window_steps, elapsed))
                 record["bytes_per_s"] = record["tokens_per_s"] * self.data.bytes_per_token
                 record.update(comm)
@@ -404,7 +452,8 @@ class Trainer:
                         record[f"val/{name}_bpb"] = result.bpb
                         record[f"val/{name}_bpb_stderr"] = result.stderr
                 self.log.log(self.step, record)
-            if (ckpt_every and self.step % ckpt_every == 0) or last or decision.checkpoint or decision.stop:
+            hold = decision.hold and not last  # a planned resize: checkpoint here, then be restarted
+            if (ckpt_every and self.step % ckpt_every == 0) or last or decision.checkpoint or decision.stop or hold:
                 beat(self.step, "checkpoint")
                 save_start = time.perf_counter()
                 self.save_and_report(metrics)
@@ -415,6 +464,10 @@ class Trainer:
                 self.writer.close()  # a stop waits for the save on its way
                 self.boundary.announce_stop(self.step)
                 break
+            if hold:
+                self.writer.close()  # the resize checkpoint is complete before the group is told
+                self.log.close()
+                self.boundary.hold_for_resize(self.step, self.spec.resources.collective_timeout_minutes * 60)
         self.writer.close()
         self.log.close()
 

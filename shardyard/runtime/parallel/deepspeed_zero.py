@@ -37,11 +37,12 @@ ENGINE_TAG = "deepspeed"
 FORMAT = "deepspeed"  # the state format (checkpoint layout "format") and the directory it writes
 
 
-def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
+def deepspeed_config(spec: JobSpec, workers: int) -> dict[str, Any]:
     """Our optimizer and schedule stay ours; DeepSpeed partitions their state and clips gradients."""
+    micro, accum = spec.batch_layout(workers)
     return {
-        "train_micro_batch_size_per_gpu": spec.training.batch_size,
-        "gradient_accumulation_steps": spec.training.grad_accum,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": spec.optim.grad_clip,
         "zero_optimization": {"stage": spec.parallel.zero},
         "zero_allow_untested_optimizer": True,
@@ -78,7 +79,7 @@ class DeepSpeedTraining(GradientStep, TrainingState):
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(spec),
+            config=deepspeed_config(spec, dims.dp),
             dist_init_required=False,
         )
         self.module = self.engine
