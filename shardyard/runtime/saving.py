@@ -299,9 +299,9 @@ class CheckpointWriter:
         self._finish(timed_out=bool(overdue[0] > 0))
 
     def close(self) -> None:
-        """Collective: the end of training or a graceful stop: the save on its way is finished first."""
+        """Collective: the end of training, a graceful stop or a planned resize: the save on its way
+        is finished first. The writer stays usable (its thread deletes staged files meanwhile)."""
         self.wait()
-        self.pool.shutdown(wait=self.late is None)  # staged files deleted; a stalled write is not waited for
 
     def _overdue(self, save: _Save) -> bool:
         return not save.write.done() and time.monotonic() - save.started > self.spec.save_timeout_s
