@@ -74,13 +74,14 @@ class Scale:
         ]
 
 
-# cpu: 4 KB per step (32 x 128 bytes), where a single-seed check found the MoE ahead (NOTES.md) and a
-# run of 400 steps costs ~7 CPU-minutes. gpu: a 27M-active-parameter model at 16 KB per step for 3000
-# steps (49 MB, 1.4 passes over the stdlib corpus); Krajewski et al. 2024 (fine-grained MoE scaling
-# laws) and Dai et al. 2024 (DeepSeekMoE) find fine-grained MoE with shared experts ahead of dense at
-# equal active compute at every size they trained, from ~100M total parameters and ~1B tokens up.
+# cpu: 4 KB per step (32 x 128 bytes), where a single-seed check found the MoE ahead (NOTES.md); depth 2
+# and 300 steps (1.2 MB) so that 15 runs fit a shared 2-core machine (~3 CPU-minutes a run when quiet).
+# gpu: a 27M-active-parameter model at 16 KB per step for 3000 steps (49 MB, 1.4 passes over the stdlib
+# corpus); Krajewski et al. 2024 (fine-grained MoE scaling laws) and Dai et al. 2024 (DeepSeekMoE) find
+# fine-grained MoE with shared experts ahead of dense at equal active compute at every size they
+# trained, from ~100M total parameters and ~1B tokens up.
 SCALES = {
-    "cpu": Scale(width=128, depth=4, heads=4, hidden=384, seq_len=128, batch=32, steps=400, cont_steps=200, lr=3e-3),
+    "cpu": Scale(width=128, depth=2, heads=4, hidden=384, seq_len=128, batch=32, steps=300, cont_steps=150, lr=3e-3),
     "gpu": Scale(width=512, depth=8, heads=8, hidden=1536, seq_len=256, batch=64, steps=3000, cont_steps=1500, lr=1e-3),
 }
 
