@@ -75,13 +75,14 @@ class Scale:
 
 
 # cpu: 4 KB per step (32 x 128 bytes), where a single-seed check found the MoE ahead (NOTES.md); depth 2
-# and 300 steps (1.2 MB) so that 15 runs fit a shared 2-core machine (~3 CPU-minutes a run when quiet).
+# and 300 steps (1.2 MB), continued 100, so that the runs fit a shared 2-core machine (~2 CPU-minutes a
+# run when quiet, 20 at a load of 40).
 # gpu: a 27M-active-parameter model at 16 KB per step for 3000 steps (49 MB, 1.4 passes over the stdlib
 # corpus); Krajewski et al. 2024 (fine-grained MoE scaling laws) and Dai et al. 2024 (DeepSeekMoE) find
 # fine-grained MoE with shared experts ahead of dense at equal active compute at every size they
 # trained, from ~100M total parameters and ~1B tokens up.
 SCALES = {
-    "cpu": Scale(width=128, depth=2, heads=4, hidden=384, seq_len=128, batch=32, steps=300, cont_steps=150, lr=3e-3),
+    "cpu": Scale(width=128, depth=2, heads=4, hidden=384, seq_len=128, batch=32, steps=300, cont_steps=100, lr=3e-3),
     "gpu": Scale(width=512, depth=8, heads=8, hidden=1536, seq_len=256, batch=64, steps=3000, cont_steps=1500, lr=1e-3),
 }
 
@@ -194,6 +195,7 @@ def launch(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
         f"seed={data_seed}",
         f"training.steps={job.steps}",
         f"training.eval_every={max(1, job.steps // 5)}",
+        "training.eval_bytes=32768",  # mid-run points: 256 windows (the final one scores --eval-bytes)
         f"checkpoint.dir={out / 'runs'}",
         f"checkpoint.every={job.steps}",
         "tracking.mode=disabled",
@@ -221,9 +223,9 @@ def train_seconds(records: list[dict[str, Any]], tokens_per_step: int) -> dict[i
     return out
 
 
-def summarize_run(out: Path, name: str, seed: int, device_name: str) -> dict[str, Any]:
-    """One full evaluation of the final checkpoint on every window of the held-out split (the
-    `shardyard eval` path); every window's bits are kept for the per-seed paired evaluation error."""
+def summarize_run(out: Path, name: str, seed: int, device_name: str, eval_bytes: int) -> dict[str, Any]:
+    """One evaluation of the final checkpoint on `eval_bytes` of held-out windows spread over the split
+    (the `shardyard eval` path); every window's bits are kept for the per-seed paired evaluation error."""
     import torch
 
     from shardyard.data.corpus import load_corpus
@@ -239,7 +241,7 @@ def summarize_run(out: Path, name: str, seed: int, device_name: str) -> dict[str
     device = torch.device(device_name)
     model.to(device)
     text = held_out_split(load_corpus(spec.data))
-    batches = all_batches(text, spec.data.seq_len, 10**9, 32, 1)  # every window of the split
+    batches = all_batches(text, spec.data.seq_len, eval_bytes, 32, 1)  # the same windows for every run
     start = time.perf_counter()
     bits = per_window_bits(model, batches, device, autocast_for(spec, device))
     final = summarize(len(bits), float(bits.sum()), float((bits**2).sum()), spec.data.seq_len)
@@ -329,7 +331,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     meta["commands"].append(" ".join(sys.argv))
-    meta.update(scale=args.scale, device=args.device, scale_fields=SCALES[args.scale].__dict__)
+    meta.update(scale=args.scale, device=args.device, eval_bytes=args.eval_bytes)
     finished = {(r["name"], r["seed"]) for r in done}
     pending = [j for j in plan(args) if (j.name, j.seed) not in finished]
     running: list[tuple[subprocess.Popen, Job]] = []
@@ -372,7 +374,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 if attempts[(job.name, job.seed)] < MAX_ATTEMPTS:
                     pending.insert(0, job)
                 continue
-            done.append(summarize_run(out, job.name, job.seed, args.device))
+            done.append(summarize_run(out, job.name, job.seed, args.device, args.eval_bytes))
             finished.add((job.name, job.seed))
             f = done[-1]["final"]
             print(f"[moe_quality] done {job.name} seed {job.seed}: {f['bpb']:.4f} +- {f['stderr']:.4f}", flush=True)
@@ -547,7 +549,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         f"{scale.hidden}, seq_len {scale.seq_len}, batch {scale.batch} ({scale.batch * scale.seq_len} bytes per step), "
         f"{scale.steps} steps from scratch, {scale.cont_steps} continued; AdamW lr {scale.lr:g}, 20 warm-up steps, "
         "cosine to 0.1; one worker per run; base specs `jobs/compare-dense.yaml`, `jobs/compare-moe.yaml`",
-        "- final bpb: every window of the held-out split (the `shardyard eval` path); same seed = same data order "
+        f"- final bpb: {meta['eval_bytes'] // scale.seq_len} held-out windows spread over the split (the `shardyard "
+        "eval` path; the same windows for every run); same seed = same data order "
         "and the same initial embedding, attention, norms and head in every arm",
         f"- cost: {run_s / 60:.0f} CPU-minutes of training and evaluation over {len(runs)} runs (one thread each)",
         "",
@@ -688,6 +691,7 @@ def smoke() -> None:
     run_args = dict(
         out=str(out), steps=4, cont_steps=4, seeds=1, parallel=2, only=only, local=True, scale="cpu", nice=0
     )
+    run_args["eval_bytes"] = 4096
     cmd_run(argparse.Namespace(**run_args, upcycle=True, device=SMOKE_DEVICE))
     runs = json.loads((out / "results.json").read_text())["runs"]
     if len(runs) != 4:
@@ -726,6 +730,7 @@ def main() -> None:
     p.add_argument("--upcycle", action="store_true", help="also the upcycled-vs-continued-dense pair per seed")
     p.add_argument("--local", action="store_true", help="train in-process (benchmarks/train_local.py), not via Ray")
     p.add_argument("--nice", type=int, default=0, help="niceness of the training processes")
+    p.add_argument("--eval-bytes", type=int, default=131072, help="final evaluation: held-out bytes (10**9 = all)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("steptime")
