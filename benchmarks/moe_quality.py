@@ -74,15 +74,15 @@ class Scale:
         ]
 
 
-# cpu: 4 KB per step (32 x 128 bytes), where a single-seed check found the MoE ahead (NOTES.md); depth 2
-# and 300 steps (1.2 MB), continued 100, so that the runs fit a shared 2-core machine (~2 CPU-minutes a
-# run when quiet, 20 at a load of 40).
+# cpu: 4 KB per step (32 x 128 bytes), where a single-seed check found the MoE ahead (NOTES.md), 300
+# steps (1.2 MB) from scratch and 100 continued, at width 64 and depth 2: the size at which 12 runs fit
+# ~50 minutes of a 2-core machine shared at a load of 40-60 (width 128 ran 8 steps a minute there).
 # gpu: a 27M-active-parameter model at 16 KB per step for 3000 steps (49 MB, 1.4 passes over the stdlib
 # corpus); Krajewski et al. 2024 (fine-grained MoE scaling laws) and Dai et al. 2024 (DeepSeekMoE) find
 # fine-grained MoE with shared experts ahead of dense at equal active compute at every size they
 # trained, from ~100M total parameters and ~1B tokens up.
 SCALES = {
-    "cpu": Scale(width=128, depth=2, heads=4, hidden=384, seq_len=128, batch=32, steps=300, cont_steps=100, lr=3e-3),
+    "cpu": Scale(width=64, depth=2, heads=4, hidden=192, seq_len=128, batch=32, steps=300, cont_steps=100, lr=3e-3),
     "gpu": Scale(width=512, depth=8, heads=8, hidden=1536, seq_len=256, batch=64, steps=3000, cont_steps=1500, lr=1e-3),
 }
 
