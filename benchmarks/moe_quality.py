@@ -687,7 +687,7 @@ def smoke() -> None:
         "training.log_every=1",
     ]
     MAX_ATTEMPTS = 1
-    only = ["dense", "fine32x48-top7-s1-sigmoid-auxfree"]
+    only = [name for name in configs(SCALES["cpu"].hidden) if name == "dense" or name.endswith("sigmoid-auxfree")]
     run_args = dict(
         out=str(out), steps=4, cont_steps=4, seeds=1, parallel=2, only=only, local=True, scale="cpu", nice=0
     )
