@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     running: list[tuple[subprocess.Popen, Job]] = []
     attempts: dict[tuple[str, int], int] = {}
     last_start = 0.0
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children_cpu = used.ru_utime + used.ru_stime  # a run's CPU time: the increase when it is reaped
 
     def ready(job: Job) -> bool:
         return job.after is None or (job.after, job.seed) in finished
@@ -367,6 +370,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 continue
             running.remove(item)
             if proc.returncode != 0:
+                used = resource.getrusage(resource.RUSAGE_CHILDREN)
+                children_cpu = used.ru_utime + used.ru_stime
                 print(
                     f"[moe_quality] {job.name} seed {job.seed} FAILED (rc {proc.returncode}); see {out}/logs",
                     flush=True,
@@ -374,7 +379,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                 if attempts[(job.name, job.seed)] < MAX_ATTEMPTS:
                     pending.insert(0, job)
                 continue
+            used = resource.getrusage(resource.RUSAGE_CHILDREN)  # poll() reaped it: its time is in now
             done.append(summarize_run(out, job.name, job.seed, args.device, args.eval_bytes))
+            done[-1]["cpu_s"] = used.ru_utime + used.ru_stime - children_cpu
+            children_cpu = used.ru_utime + used.ru_stime
             finished.add((job.name, job.seed))
             f = done[-1]["final"]
             print(f"[moe_quality] done {job.name} seed {job.seed}: {f['bpb']:.4f} +- {f['stderr']:.4f}", flush=True)
@@ -539,6 +547,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     scratch = [n for n in configs(scale.hidden) if n in by_name and n != "dense"]
     cont = [n for n in by_name if n.startswith("cont-") and n != "cont-dense"]
     run_s = sum(r["train_s"] + r["full_eval_s"] for r in runs)
+    cpu_s = sum(r.get("cpu_s", 0.0) for r in runs)
+    cpu = f"{cpu_s / 60:.0f} CPU-minutes (process time), " if cpu_s else ""
     lines = [
         "# MoE vs dense at equal active compute, paired seeds (held-out bits per byte)",
         "",
@@ -552,7 +562,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         f"- final bpb: {meta['eval_bytes'] // scale.seq_len} held-out windows spread over the split (the `shardyard "
         "eval` path; the same windows for every run); same seed = same data order "
         "and the same initial embedding, attention, norms and head in every arm",
-        f"- cost: {run_s / 60:.0f} CPU-minutes of training and evaluation over {len(runs)} runs (one thread each)",
+        f"- cost: {cpu}{run_s / 60:.0f} minutes of wall clock (under the load above) over {len(runs)} runs of one "
+        "thread each",
         "",
     ]
     if args.flops:
@@ -607,6 +618,14 @@ def cmd_report(args: argparse.Namespace) -> None:
                 f"| {name} | {1000 * t:.1f} ({1000 * st[name]['median_s']:.1f}) | {t / t_dense:.2f}x | "
                 f"{steps_eq:.0f}{note} | {at:.4f} | {dense_end:.4f} |"
             )
+        timed = [(r, timing_name(r["name"])) for r in runs if timing_name(r["name"]) in st]
+        quiet_s = sum(r["steps"] * statistics_min(st[name]) for r, name in timed)
+        lines += [
+            "",
+            f"Training compute at the fastest rounds' step times: {quiet_s / 60:.1f} CPU-minutes for the steps of "
+            f"{len(timed)} of the {len(runs)} runs (a continuation timed as its from-scratch architecture; "
+            "evaluation not included).",
+        ]
         lines.append("")
     lines += [
         "## Expert load (last 20% of training, mean over layers and seeds)",
@@ -631,6 +650,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.md:
         Path(args.md).write_text(text)
     print(text)
+
+
+def timing_name(name: str) -> str:
+    """The steptime entry that times a run: a continuation is timed as its from-scratch architecture."""
+    if name == "cont-dense":
+        return "dense"
+    if name.startswith("cont-upcycled-switch-"):
+        return name.removeprefix("cont-upcycled-") + "-scale8"
+    return name
 
 
 def statistics_min(entry: dict[str, Any]) -> float:
