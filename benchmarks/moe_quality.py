@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.paired import CALL_AT, Z_POWER_80, paired  # noqa: E402
 
-CLI = Path(sys.executable).parent / "shardyard"
+CLI = [sys.executable, "-m", "shardyard.cli"]  # the `shardyard` command of this interpreter
 DENSE, MOE = ROOT / "jobs/compare-dense.yaml", ROOT / "jobs/compare-moe.yaml"
 
 
@@ -205,7 +205,7 @@ def launch(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
         *device_sets(args.device),
         *SMOKE_SETS,
     ]
-    runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if args.local else [str(CLI), "run"]
+    runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if args.local else [*CLI, "run"]
     cmd = [*runner, str(job.base), *[a for s in sets for a in ("--set", s)]]
     log = open(out / "logs" / f"{run}.log", "a")
     return subprocess.Popen(

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from shardyard.comm.alltoall import ALGORITHMS
+from shardyard.comm.groups import largest_expert_parallel
+from shardyard.comm.topology import Topology
 
 TERMS = ("stage", "intra_msg", "intra_byte", "inter_msg", "inter_byte", "copy_byte")
 CONSTANTS_PATH = Path(__file__).with_name("alltoall_cost_model.json")  # package data
@@ -176,25 +178,6 @@ class PlanResult:
     reason: str
     notes: list[str] = field(default_factory=list)
 
-    def render(self) -> str:
-        lines = [
-            f"all-to-all plan: {self.nodes} nodes x {self.gpus_per_node} GPUs, expert_parallel {self.expert_parallel}, "
-            f"{self.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, {self.exchanges_per_step} exchanges "
-            f"per step",
-            f"link constants: {self.link.name}",
-            "",
-            f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}",
-        ]
-        flat = next(r for r in self.rows if r["algo"] == "flat")["dispatch_s"]
-        for r in self.rows:
-            lines.append(
-                f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
-                f"{r['dispatch_s'] / flat:>7.2f}x"
-            )
-        lines += ["", f"recommendation: parallel.a2a = {self.recommendation}  ({self.reason})"]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
 
 def plan(
     spec: Any,
@@ -217,6 +200,10 @@ def plan(
     world = nodes * gpus_per_node
     notes: list[str] = []
     ep = expert_parallel or spec.parallel.expert_parallel
+    if ep == "auto":  # what an elastic group at this world size would pick
+        experts = spec.model.moe.num_experts if spec.model.moe else 1
+        ep = largest_expert_parallel(Topology.from_rank(0, world, gpus_per_node), experts)
+        notes.append(f"parallel.expert_parallel auto: EP {ep} at {nodes} x {gpus_per_node} ranks")
     if ep <= 1:
         ep = world
         notes.append(

@@ -41,13 +41,18 @@ def all_reduce_mean_(params: list[nn.Parameter], group: dist.ProcessGroup | None
 
 @torch.no_grad()
 def sync_gradients(
-    model: nn.Module, groups: ProcessGroups, dense_group: dist.ProcessGroup | None = None, dense: bool = True
+    model: nn.Module,
+    groups: ProcessGroups,
+    dense_group: dist.ProcessGroup | None = None,
+    dense: bool = True,
+    replicas: int | None = None,
 ) -> None:
     """Average gradients to those of the world-mean loss: dense over `dense_group` (default: the
-    world; `dense=False` when FSDP2 reduces them), experts over EDP.
+    world; `dense=False` when FSDP2 reduces them), experts over EDP. `replicas`: the data-parallel
+    ranks whose losses are averaged (default: the world; fewer when a pipeline's ranks share a batch).
 
     Call after backward, before clipping and the optimizer step; collective over the world."""
-    world = groups.topology.world_size
+    world = replicas or groups.topology.world_size
     if world == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,9 +6,11 @@ Each gradient is counted where it lives:
   it across (each holds a disjoint piece);
 - an expert-parallel shard (models.moe.experts.is_expert_shard): summed over the EP group, whose ranks
   hold disjoint experts (their EDP peers hold the same, already reduced, values);
-- a plain tensor: replicated (already reduced), counted once.
-Squares are summed in float64 on the CPU. Gradients are then scaled by max_norm / (norm + 1e-6) when
-that is below one (the rule of torch.nn.utils.clip_grad_norm_).
+- a plain tensor: replicated (already reduced), counted once;
+- and under pipeline parallelism the whole sum over the stage group: stages hold disjoint parameters.
+Squares are summed in float64 (each tensor's norm where it lives, their squares on the CPU).
+Gradients are then scaled by max_norm / (norm + 1e-6) when that is below one (the rule of
+torch.nn.utils.clip_grad_norm_).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ def _local(g: torch.Tensor) -> torch.Tensor:
 
 
 def local_square_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares (float64, on CPU) of the given gradients' LOCAL elements (a DTensor's shard)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        total += _local(g).detach().double().square().sum().cpu()
-    return total
+    """Sum of squares (float64, on CPU) of the given gradients' LOCAL elements (a DTensor's shard):
+    each tensor's norm accumulated in float64 where it lives (no float64 copy of the gradient), one
+    transfer to the CPU for all of them."""
+    norms = [torch.linalg.vector_norm(_local(g).detach(), dtype=torch.float64) for g in grads]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(norms).square().sum().cpu()
 
 
 def _sum_over(value: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
@@ -47,7 +51,11 @@ def _shard_groups(g: DTensor) -> list[dist.ProcessGroup]:
 
 
 @torch.no_grad()
-def grad_norm(params: Iterable[nn.Parameter], expert_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def grad_norm(
+    params: Iterable[nn.Parameter],
+    expert_group: dist.ProcessGroup | None = None,
+    stage_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """The global gradient norm (float32 scalar on CPU); collective over the groups involved."""
     params = [p for p in params if p.grad is not None]
     device = params[0].device if params else torch.device("cpu")
@@ -70,26 +78,30 @@ def grad_norm(params: Iterable[nn.Parameter], expert_group: dist.ProcessGroup | 
     expert_sq = local_square_norm(experts)
     if expert_group is not None and dist.get_world_size(expert_group) > 1:
         expert_sq = _sum_over(expert_sq, expert_group, device)
-    return (total + expert_sq).sqrt().float()
+    total = total + expert_sq
+    if stage_group is not None and dist.get_world_size(stage_group) > 1:
+        total = _sum_over(total, stage_group, device)
+    return total.sqrt().float()
 
 
 @torch.no_grad()
 def scale_grads_(params: Iterable[nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                _local(p.grad).mul_(coef)
+        torch._foreach_mul_([_local(p.grad) for p in params if p.grad is not None], coef)
 
 
 @torch.no_grad()
 def clip_grad_norm_(
-    params: Iterable[nn.Parameter], max_norm: float, expert_group: dist.ProcessGroup | None = None
+    params: Iterable[nn.Parameter],
+    max_norm: float,
+    expert_group: dist.ProcessGroup | None = None,
+    stage_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Clip the gradients of `params` by their global norm (`max_norm` <= 0: no clipping); returns the
     norm before clipping. Collective: every rank calls it with its own parameters."""
     params = list(params)
-    norm = grad_norm(params, expert_group)
+    norm = grad_norm(params, expert_group, stage_group)
     if max_norm > 0:
         scale_grads_(params, norm, max_norm)
     return norm

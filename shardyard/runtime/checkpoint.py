@@ -11,9 +11,9 @@ A checkpoint is a directory:
     manifest.json    rank 0, written LAST: size and sha256 of every other file; the commit marker
 
 A checkpoint counts only when its manifest exists and every file matches it, so a save killed
-between shards leaves the previous checkpoint the newest complete one. Ray Train merges the
-directories every rank reports into one storage directory; locally `commit_local` renames a
-finished directory into place. The tensors are written and read by the job's training state
+between shards leaves the previous checkpoint the newest complete one. Every rank stages its files
+locally and copies them into the stored directory; rank 0 writes the manifest once all are in
+(runtime.saving, which also makes saves asynchronous and failures non-fatal). The tensors are written and read by the job's training state
 (runtime.parallel.state.TrainingState); loading reshards: the target state dict comes from the
 resuming job (any world size, EP degree or sharding), and DCP reads the chunks each rank needs.
 """
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.runtime.safe_load import checkpoint_code_problem
 
 META_FILE = "meta.json"
@@ -101,49 +102,47 @@ def file_digests(directory: Path) -> dict[str, list]:
     return out
 
 
-def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
-    """Collective: every rank writes its shards and RNG into `directory` (its own local directory
-    when each rank reports one); rank 0 writes meta.json and `texts` (name -> content, e.g. the
-    resolved spec) and, after every rank is done, the manifest."""
+def write_rank_files(directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+    """This rank's RNG state into `directory`; rank 0 also writes meta.json and `texts` (name -> content,
+    e.g. the resolved spec)."""
     rank = dist.get_rank()  # the job's dims always made a process group (a world of one too)
-    directory.mkdir(parents=True, exist_ok=True)
-    state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
     _write_json(directory / f"rng-rank{rank}.json", rng_state())
     if rank == 0:
         _write_json(directory / META_FILE, {"format": FORMAT, **meta})
         for name, text in (texts or {}).items():
             (directory / name).write_text(text)
+
+
+def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+    """Collective, all in this thread (tools and benchmarks; training saves go through
+    runtime.saving): every rank writes its shards and RNG into `directory`; rank 0 writes meta.json,
+    `texts` and, after every rank is done, the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
+    write_rank_files(directory, meta, texts)
     _fsync_tree(directory)
-    _maybe_die_mid_save(int(meta.get("step", -1)))
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]
     if dist.get_world_size() > 1:
         gathered = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, digests)  # file names and hashes only, never tensors
-    if rank == 0:
+    if dist.get_rank() == 0:
         manifest = {name: entry for files in gathered for name, entry in files.items()}
         _write_json(directory / MANIFEST_FILE, {"files": manifest})
         _fsync_tree(directory)
 
 
-def _maybe_die_mid_save(step: int) -> None:
+def maybe_die_mid_save(step: int) -> None:
     """Test hook ($SHARDYARD_KILL_IN_SAVE="<step>:<marker file>"): the last rank's process exits
-    abruptly once, after writing its shards and before the manifest exists."""
+    abruptly once, after its files of that step are stored and before the manifest exists (with
+    checkpoint.async, in the background write while training goes on)."""
     hook = os.environ.get(envvars.KILL_IN_SAVE)
-    if not hook or not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
+    if not hook or dist.get_rank() != dist.get_world_size() - 1:  # (save_checkpoint's process group)
         return
     at, marker = hook.split(":", 1)
     if int(at) == step and not Path(marker).exists():
         Path(marker).write_text(str(step))
         os._exit(17)
-
-
-def commit_local(staged: Path, final: Path) -> Path:
-    """Move a complete staged checkpoint into place atomically (single-process runs)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staged, final)
-    return final
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -191,7 +190,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint_* with a readable meta.json, newest first."""
     found = []
-    for path in Path(run_dir).glob("checkpoint_*"):
+    for path in RunDir(Path(run_dir)).checkpoints():
         try:
             found.append((int(read_meta(path)["step"]), path))
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -204,7 +203,7 @@ def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Pa
     skipped; `report(message)` hears about each (unreadable meta.json included)."""
     if report is not None:
         readable = {path for _, path in checkpoints_newest_first(run_dir)}
-        for path in sorted(set(Path(run_dir).glob("checkpoint_*")) - readable, reverse=True):
+        for path in sorted(set(RunDir(Path(run_dir)).checkpoints()) - readable, reverse=True):
             if path.is_dir():
                 report(f"skipping {path.name}: {META_FILE} is missing or unreadable")
     for _, path in checkpoints_newest_first(run_dir):
@@ -230,18 +229,20 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     return meta
 
 
-def stage_rank_files(source: Path, partial: Path, after_copy: Callable[[], None] | None = None) -> None:
-    """Collective: rank 0 empties `partial`, then every rank copies its files from `source` into it
-    (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`, and waits for all."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    many = dist.is_initialized() and dist.get_world_size() > 1
+def stage_rank_files(
+    source: Path, partial: Path, group: dist.ProcessGroup, after_copy: Callable[[], None] | None = None
+) -> None:
+    """Collective over `group`: its rank 0 empties `partial`, then every rank copies its files from
+    `source` into it (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`,
+    and waits for all."""
+    rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     if many:
-        dist.barrier()
+        dist.barrier(group)
     shutil.copytree(source, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_FILE))
     if after_copy is not None:
         after_copy()
     if many:
-        dist.barrier()
+        dist.barrier(group)

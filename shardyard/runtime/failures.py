@@ -32,13 +32,13 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
 from shardyard.runtime.preemption import append_event, read_events
-from shardyard.runtime.watchdog import HEARTBEAT_DIR, StepWatchdog, read_heartbeats, read_stall_reports, stall_report
+from shardyard.runtime.watchdog import StepWatchdog, read_heartbeats, read_stall_reports, stall_report
 
-DRIVER_LOG = "driver.log"
 # Errors a rank raises because ANOTHER rank went away: never the cause when a cause is known.
 TIMEOUT = re.compile(r"Timed out|timed out|Watchdog caught collective operation timeout|DistStoreError", re.I)
 COLLATERAL = re.compile(
@@ -113,7 +113,7 @@ def summarise(error: TrainingFailedError, run_dir: Path, since: float, timeout_s
         return _first_line(str(error)), False
     failures = error.worker_failures
     user = [r for r, e in failures.items() if as_user_error(unwrap(e)) is not None]
-    heartbeats = read_heartbeats(run_dir / HEARTBEAT_DIR)
+    heartbeats = read_heartbeats(RunDir(run_dir).heartbeats)
     stalls = read_stall_reports(run_dir, since)
     if user:
         return describe_rank_failure(user[0], failures[user[0]], heartbeats), True
@@ -121,10 +121,10 @@ def summarise(error: TrainingFailedError, run_dir: Path, since: float, timeout_s
         return f"hang: {stalls[0]['message']}", False
     causes = [r for r, e in sorted(failures.items()) if not COLLATERAL.search(str(unwrap(e)))]
     if causes and all(TIMEOUT.search(str(unwrap(failures[r]))) for r in causes):
-        current = read_heartbeats(run_dir / HEARTBEAT_DIR, since)
+        current = read_heartbeats(RunDir(run_dir).heartbeats, since)
         if current:
             world = max(max(current), max(failures)) + 1
-            return f"hang: {stall_report(run_dir / HEARTBEAT_DIR, -1, world, timeout_s, since)['message']}", False
+            return f"hang: {stall_report(RunDir(run_dir).heartbeats, -1, world, timeout_s, since)['message']}", False
     ranks = causes or sorted(failures)
     phrases = [describe_rank_failure(r, failures[r], heartbeats) for r in ranks]
     return _group_phrases(phrases), False
@@ -212,10 +212,37 @@ def event_line(event: dict[str, Any]) -> str | None:
         if event.get("user_error"):
             return f"[shardyard] error (not retried): {event['message']}"
         return f"[shardyard] fault: {event['message']}; no failures left (resources.max_failures), the job fails"
-    return None  # "stopped" is announced by the workers and the summary
+    if kind == "resize_request":
+        return (
+            f"[shardyard] room for {event['to']} workers: checkpointing at the next step boundary, then "
+            f"workers {event['from']} -> {event['to']}"
+        )
+    return None  # "stopped" and "resize" are announced by the workers and the summary
 
 
 # ------------------------------------------------------------------------------ the driver's console
+class DriverLog:
+    """`<run_dir>/driver.log`, appended line by line; a write that fails (a full disk, a lost mount)
+    loses that detail and says so once on the console instead of ending the driver with a traceback."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = RunDir(run_dir).driver_log
+        self.warned = False
+
+    def write(self, text: str) -> None:
+        try:
+            with open(self.path, "a") as log:
+                log.write(text)
+        except OSError as err:
+            if not self.warned:
+                self.warned = True
+                print(
+                    f"[shardyard] warning: cannot write {self.path} ({err.strerror or err}); its detail is lost "
+                    "until the disk has room",
+                    flush=True,
+                )
+
+
 class EventPrinter:
     """Tails `<run_dir>/events.jsonl` (from where it was at start) and prints each event as one line;
     writes the full detail to driver.log."""
@@ -224,6 +251,7 @@ class EventPrinter:
         self.run_dir, self.out = run_dir, out
         _, self.offset = read_events(run_dir, 0)
         self.events: list[dict[str, Any]] = []
+        self.log = DriverLog(run_dir)
 
     def poll(self) -> None:
         events, self.offset = read_events(self.run_dir, self.offset)
@@ -232,12 +260,13 @@ class EventPrinter:
             line = event_line(event)
             if line:
                 self.out(line)
+                with open(RunDir(self.run_dir).driver_log, "a") as log:
+                    log.write(line + "\n")
             if event.get("detail"):
-                with open(self.run_dir / DRIVER_LOG, "a") as log:
-                    log.write(
-                        f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
-                        f"{event['detail']}\n"
-                    )
+                self.log.write(
+                    f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
+                    f"{event['detail']}\n"
+                )
 
 
 def route_worker_output(run_dir: Path) -> Callable[[], None]:
@@ -246,7 +275,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    log = open(run_dir / DRIVER_LOG, "a", buffering=1)
+    log = DriverLog(run_dir)
     lock = threading.Lock()
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     original = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
@@ -259,8 +288,8 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         now = time.time()
         keep = []
         with lock:
+            log.write("".join(f"({source} pid={data.get('pid')}) {line}\n" for line in lines))
             for line in lines:
-                log.write(f"({source} pid={data.get('pid')}) {line}\n")
                 key = (data.get("pid"), line)
                 # Ray Train streams a worker's stdout twice (its log file and the job's): print once.
                 if line.lstrip().startswith("[shardyard]") and now - recent.get(key, 0.0) > 5.0:
@@ -276,8 +305,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         this module function: they go to driver.log; the fault's event line says it once."""
         if data.get("pid") == "raylet":
             with lock:
-                for line in data.get("lines") or []:
-                    log.write(f"(raylet) {line}\n")
+                log.write("".join(f"(raylet) {line}\n" for line in data.get("lines") or []))
             return
         print_any(data, ignore_prefix)
 
@@ -289,19 +317,21 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         ray_worker.print_to_stdstream = print_any
         dispatcher.remove_handler("shardyard_print_logs")
         dispatcher.add_handler("ray_print_logs", original)
-        log.close()
 
     return restore
 
 
 def _last_attempt_start(run_dir: Path) -> float:
-    beats = read_heartbeats(run_dir / HEARTBEAT_DIR)
+    beats = read_heartbeats(RunDir(run_dir).heartbeats)
     return max((b.get("attempt", 0.0) for b in beats.values()), default=0.0)
 
 
-def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
+def build_torch_trainer(
+    run_dir: Path, timeout_s: float, scaling_policy: Callable[[Any], Any] | None = None, **kwargs: Any
+):
     """A TorchTrainer (same arguments) that fails fast on user errors, records failure events in
-    `run_dir` and does not take over SIGINT."""
+    `run_dir` and does not take over SIGINT; `scaling_policy(scaling_config)`, when given, replaces
+    Ray's own (elastic groups: runtime/elastic.py)."""
     from ray.train.torch import TorchTrainer
 
     class ShardyardTorchTrainer(TorchTrainer):
@@ -309,6 +339,8 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
             controller_kwargs["failure_policy"] = ShardyardFailurePolicy(
                 self.run_config.failure_config, str(run_dir), timeout_s
             )
+            if scaling_policy is not None:
+                controller_kwargs["scaling_policy"] = scaling_policy(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_kwargs)
 
         def _register_sigint_handler(self, controller: Any) -> None:
@@ -319,23 +351,18 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
 
 def failure_summary(error: BaseException, run_dir: Path, timeout_s: float = 300.0) -> str:
     """The one-line error of a failed `fit()`; the full text goes to driver.log."""
-    try:
-        with open(run_dir / DRIVER_LOG, "a") as log:
-            log.write(f"--- fit() failed: {type(error).__name__}\n{error}\n")
-    except OSError:
-        pass
+    DriverLog(run_dir).write(f"--- fit() failed: {type(error).__name__}\n{error}\n")
     if isinstance(error, TrainingFailedError):
         line, _ = summarise(error, run_dir, _last_attempt_start(run_dir), timeout_s)
-        return f"{line} (details in {run_dir / DRIVER_LOG})"
-    return f"{type(error).__name__}: {_first_line(str(error))} (details in {run_dir / DRIVER_LOG})"
+        return f"{line} (details in {RunDir(run_dir).driver_log})"
+    return f"{type(error).__name__}: {_first_line(str(error))} (details in {RunDir(run_dir).driver_log})"
 
 
 @contextlib.contextmanager
 def worker_attempt(spec: JobSpec, run_dir: Path) -> Iterator[None]:
     """Around one worker's attempt: the step watchdog runs, and an error that is the user's to fix
     (a model that does not fit) leaves as a UserError, which the policy does not retry."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.get_rank(), dist.get_world_size()  # Ray Train's process group, made before the loop
     attempt = torch.tensor([time.time()], dtype=torch.float64, device=worker_device())
     if world > 1:
         dist.broadcast(attempt, 0)  # one id for this attempt's heartbeats on every rank

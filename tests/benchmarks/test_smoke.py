@@ -38,7 +38,12 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         True,
     ),
     "train_local": ([], [r"done at step 6/6"], True),
-    "interop": ([], [r"\| 64x1 \| [\d.]+ \|", r"# HF export / import vs model size"], True),
+    "interop": (
+        [],
+        [r"\| 64x1 \| replicated \| [\d.]+ \|", r"# HF export / import vs model size"]
+        + ([r"\| 64x1 \| zero2 \| [\d.]+ \|"] if HAS_DEEPSPEED else []),
+        True,
+    ),
     "upcycle": ([], [r"\| 0 \| [\d.]+ \|", r"Mean difference over seeds"], True),
     "eval_stderr": (
         [],
@@ -102,7 +107,18 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         ],
         True,
     ),
+    "pipeline": (
+        [],
+        [r"\| 1f1b \| 2 \| [\d.]+ \([\d.]+-[\d.]+\) \| 0\.333 \| [\d.]+ \|", r"\| interleaved_1f1b \| 4 \|"],
+        True,
+    ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
+    "save_blocking": ([], [r"1M: async/sync blocked = [\d.]+", r"\| 1M \| [\d.]+M \| \d+ \|"], True),
+    "elastic": (
+        [],
+        [r"\| elastic \| [\d.]+ \[", r"goodput elastic / fixed: [\d.]+", r"load average before [\d.]+"],
+        True,
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""On one real 2-node Ray cluster (module-scoped, started once): `prepare` spreads over both nodes and
+"""On the session's real 2-node Ray cluster: `prepare` spreads over both nodes and
 writes shards byte-identical to a single-process prepare; a job with data, prepared shards and
 checkpoints in a loopback S3 bucket loses a worker process to SIGKILL and resumes from the bucket."""
 
@@ -14,6 +14,7 @@ import pytest
 
 from shardyard import envvars
 from shardyard.data.prepare import prepare
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import DataSpec
 from tests.data.test_prepare import documents, write_jsonl
 from tests.helpers import tiny_spec_yaml, two_node_ray_cluster
@@ -24,14 +25,13 @@ FAULT_STEP = 6
 
 @pytest.fixture(scope="module")
 def cluster(s3_bucket: str) -> Iterator[Any]:
-    """Started after the S3 server, so every Ray worker inherits its AWS_* variables; the fault hook
-    (rank 0's process SIGKILLs itself once at FAULT_STEP) reaches the training workers the same way."""
-    os.environ[envvars.FAULT_STEP] = f"{FAULT_STEP}:kill"
-    try:
-        with two_node_ray_cluster() as c:
-            yield c
-    finally:
-        os.environ.pop(envvars.FAULT_STEP, None)
+    """The session's 2-node cluster, connected with the S3 server's AWS_* variables and the fault hook
+    (rank 0's process SIGKILLs itself once at FAULT_STEP) in the job's runtime env: every Ray task and
+    training worker sees them."""
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env_vars[envvars.FAULT_STEP] = f"{FAULT_STEP}:kill"
+    with two_node_ray_cluster(env_vars) as c:
+        yield c
 
 
 def shard_bytes(directory: str) -> dict[str, bytes]:
@@ -73,7 +73,7 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
     step-4 checkpoint, which exists only in the bucket, and replays steps 5-6 with the same losses."""
     from shardyard.data.storage import filesystem
     from shardyard.platform.spec import load_spec_text
-    from shardyard.runtime.entry import run_directory, run_training
+    from shardyard.runtime.entry import run_training
     from shardyard.runtime.preemption import read_events
 
     fs, _ = filesystem(s3_bucket)
@@ -90,7 +90,7 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
             checkpoint=f"{{dir: '{s3_bucket}/runs', every: 4, keep: 2}}",
         )
     )
-    run_dir = run_directory(spec)
+    run_dir = RunDir.of(spec).path
     assert str(run_dir).startswith(str(Path.home() / ".cache"))
     try:
         result = run_training(spec, run_dir)

@@ -1,8 +1,12 @@
 """The job's parallel degrees and its one device mesh (modelled on torchtitan's ParallelDims).
 
 `ParallelDims` validates the degrees against the world and, in `build()`, makes ONE 1-D world
-mesh; every group a job needs is a named view unflattened from it:
+mesh; every group a job needs is a named view unflattened from it. pp is the outermost dim: the
+ranks of one pipeline stage are a contiguous block of world / pp ranks, and every view below lives
+inside one stage's block (its groups hold the ranks of the same stage):
 
+    pp      (pp, dp)                     the pipeline (one rank per stage, same dp coordinate) and
+                                         the data-parallel ranks (each reads its own batches)
     dense   (dp_replicate, dp_shard)     DDP / explicit all-reduce over dp_replicate, FSDP2 over
                                          dp_shard; both together are the data-parallel ranks
     experts (edp, ep)                    EP groups are contiguous blocks of `ep` ranks (as few nodes
@@ -11,10 +15,10 @@ mesh; every group a job needs is a named view unflattened from it:
                                          intra-node and inter-node ("rail") groups of the
                                          hierarchical and leader transports and of node dedup
 
-tp and pp are validated (they must be 1 until a plan implements them) so the next degrees have
-their place. Everything that needs a group asks this object: `mesh(name)`, `group(name)` and
-`expert_groups` (the EP view comm/ transports take). A world of one is a mesh of one: `build()`
-starts a one-rank process group when none exists, so no caller branches on `dist.is_initialized()`.
+tp is validated (it must be 1 until parallelize implements it) so the next degree has its place.
+Everything that needs a group asks this object: `mesh(name)`, `group(name)` and `expert_groups`
+(the EP view comm/ transports take). A world of one is a mesh of one: `build()` starts a one-rank
+process group when none exists, so no caller branches on `dist.is_initialized()`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from shardyard.comm.groups import ProcessGroups, ep_layout
+from shardyard.comm.groups import ProcessGroups, ep_layout, largest_expert_parallel
 from shardyard.comm.topology import Topology
 from shardyard.platform.schema import ParallelSpec
 
@@ -54,27 +58,35 @@ class ParallelDims:
         for name in ("dp_replicate", "dp_shard", "ep", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel degree {name} must be >= 1, got {getattr(self, name)}")
-        if self.tp != 1 or self.pp != 1:
-            raise ValueError(f"tensor / pipeline parallelism are not implemented yet (tp={self.tp}, pp={self.pp})")
+        if self.tp != 1:
+            raise ValueError(f"tensor parallelism is not implemented yet (tp={self.tp})")
         if self.dp_replicate * self.dp_shard * self.tp * self.pp != world:
             raise ValueError(
                 f"dp_replicate ({self.dp_replicate}) x dp_shard ({self.dp_shard}) x tp ({self.tp}) x pp "
                 f"({self.pp}) must equal the world size ({world})"
             )
-        ep_layout(self.topology, self.ep)  # ep divides the data-parallel ranks, and nodes (ValueError)
+        ep_layout(self.topology, self.ep)  # ep divides the ranks, and nodes (ValueError)
+        if self.dp % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide the data-parallel ranks ({self.dp})")
 
     # ------------------------------------------------------------------------------ from the spec
     @classmethod
-    def from_spec(cls, parallel: ParallelSpec, topology: Topology) -> ParallelDims:
+    def from_spec(cls, parallel: ParallelSpec, topology: Topology, num_experts: int = 1) -> ParallelDims:
         """Dense weights sharded over every rank with `parallel.shard` (zero2 / full), else replicated;
-        experts over `parallel.expert_parallel` ranks. A world of one shards nothing."""
-        world = topology.world_size
-        shard = parallel.shard != "none" and world > 1
+        experts over `parallel.expert_parallel` ranks (`auto`: the largest degree dividing this world
+        and `num_experts`, re-derived at every start of an elastic group), stages over
+        `parallel.pipeline_parallel`. Data-parallel ranks = world / pp; a data-parallel degree of one
+        shards nothing."""
+        pp = parallel.pipeline_parallel
+        dp = topology.world_size // pp
+        shard = parallel.shard != "none" and dp > 1
+        ep = parallel.expert_parallel
         return cls(
             topology,
-            dp_replicate=1 if shard else world,
-            dp_shard=world if shard else 1,
-            ep=parallel.expert_parallel,
+            dp_replicate=1 if shard else dp,
+            dp_shard=dp if shard else 1,
+            ep=largest_expert_parallel(topology, num_experts) if ep == "auto" else ep,
+            pp=pp,
         )
 
     # ------------------------------------------------------------------------------ degrees
@@ -90,6 +102,20 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel ranks (each reads its own batches)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's place in its pipeline (stage blocks are contiguous: pp is the outermost dim)."""
+        return self.rank // self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel coordinate (which batches it reads; shared by its pipeline)."""
+        return self.rank % self.dp
 
     @property
     def ep_enabled(self) -> bool:
@@ -115,16 +141,19 @@ class ParallelDims:
                 f"({dist.get_rank()}/{dist.get_world_size()})"
             )
         world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
-        dense = world._unflatten(0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard"))
-        experts = world._unflatten(0, (self.world_size // self.ep, self.ep), ("edp", "ep"))
+        pipeline = world._unflatten(0, (self.pp, self.dp), ("pp", "dp"))
+        dense = world._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard), ("pp", "dp_replicate", "dp_shard"))
+        experts = world._unflatten(0, (self.pp, self.dp // self.ep, self.ep), ("pp", "edp", "ep"))
         per_node = self.ranks_per_node_in_ep
         nodes = experts._unflatten("ep", (self.ep // per_node, per_node), ("ep_node", "ep_local"))
         self._meshes = {
             "world": world,
-            "dense": dense,
+            "pp": pipeline["pp"],
+            "dp": pipeline["dp"],
+            "dense": dense["dp_replicate", "dp_shard"],
             "dp_replicate": dense["dp_replicate"],
             "dp_shard": dense["dp_shard"],
-            "experts": experts,
+            "experts": experts["edp", "ep"],
             "edp": experts["edp"],
             "ep": experts["ep"],
             "ep_node": nodes["ep_node"],
@@ -134,8 +163,8 @@ class ParallelDims:
         return self
 
     def mesh(self, name: str) -> DeviceMesh:
-        """A named view: world, dense (dp_replicate x dp_shard), dp_replicate, dp_shard, experts
-        (edp x ep), edp, ep, ep_node, ep_local."""
+        """A named view: world, pp, dp (dp_replicate x dp_shard flattened), dense (dp_replicate x
+        dp_shard), dp_replicate, dp_shard, experts (edp x ep), edp, ep, ep_node, ep_local."""
         if not self._meshes:
             raise RuntimeError("ParallelDims.build() has not run")
         return self._meshes[name]
@@ -168,6 +197,8 @@ class ParallelDims:
             self.group("ep_node"),
         )
         layout = ep_layout(self.topology, self.ep)  # the node-aware layout the transports rely on
+        stage = set(self.ranks("dp"))  # EDP groups stop at the stage's block of ranks
+        layout["edp"] = [[r for r in g if r in stage] for g in layout["edp"]]
         for kind, mine in (
             ("ep", groups.ep_ranks),
             ("edp", groups.edp_ranks),

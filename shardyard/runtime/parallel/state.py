@@ -2,7 +2,11 @@
 
     state.layout()                  what the checkpoint's tensors depend on (resuming under another
                                     layout reshards, where the format allows it)
-    state.save(directory)           collective: every rank writes its part of the model and optimizer
+    state.save(directory, group)    collective: every rank writes its part of the model and optimizer
+                                    (over `group`, a process group of its own, when the state allows
+                                    `threaded_save`: the checkpoint writer then runs it off the main thread)
+    state.save_async(directory, group)  copy the state to CPU memory now, write it in the background;
+                                    returns the write's Future (DCP only: the spec refuses the rest)
     state.load(directory, layout)   collective: read it back (`layout`: the checkpoint's)
 
 `DCPState` (every mode but a backend with a format of its own, in its own module) writes with
@@ -14,10 +18,12 @@ rank's own chunks and reads any layout back, which is what makes resharding on r
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -27,16 +33,21 @@ from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
 
 DCP_FORMAT = "dcp"
-LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their plan
+LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their mode
 
 
 class TrainingState:
     """The interface (see the module docstring)."""
 
+    threaded_save = False  # save() may run in a thread, its collectives on the group it is given
+
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
+        raise NotImplementedError
+
+    def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
         raise NotImplementedError
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
@@ -44,7 +55,7 @@ class TrainingState:
 
 
 def checkpoint_format(layout: dict[str, Any]) -> str:
-    """The state format a checkpoint was written in (older checkpoints name their plan in "mode")."""
+    """The state format a checkpoint was written in (older checkpoints name their parallel mode in "mode")."""
     if "format" in layout:
         return layout["format"]
     mode = layout.get("mode", DCP_FORMAT)
@@ -70,12 +81,22 @@ class DCPState(TrainingState):
             "world": self.dims.world_size,
             "ep": self.dims.ep,
             "shard": self.shard if self.dims.fsdp_enabled else "none",
+            "pp": self.dims.pp,
         }
 
-    def save(self, directory: Path) -> None:
+    threaded_save = True
+
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR))
+        dcp.save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR), process_group=group)
+
+    def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
+        """DCP's asynchronous save: the state is copied to CPU memory before this returns (so training
+        may change it), the files are written by DCP's own thread; its collectives run on `group`."""
+        import torch.distributed.checkpoint as dcp
+
+        return dcp.async_save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR), process_group=group)
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -119,10 +140,21 @@ class DCPState(TrainingState):
                 k: {key: self._import_tensor(v) for key, v in entry.items()}
                 for k, entry in state["optim"]["state"].items()
             },
-            "param_groups": state["optim"]["param_groups"],
+            "param_groups": self._own_param_groups(state["optim"]["param_groups"]),
         }
         set_model_state_dict(self.model, model_sd)
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
+
+    def _own_param_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The saved groups' settings over this rank's parameters. DCP keeps one rank's copy of the
+        (non-tensor) groups, whose name lists cover only that rank's pipeline stages; the settings are
+        the same on every rank, the names are this rank's own."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        mine = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        if len(saved) != len(mine):
+            raise RuntimeError(f"checkpoint has {len(saved)} optimizer parameter groups, this job {len(mine)}")
+        return [{**group, "params": own["params"]} for group, own in zip(saved, mine)]
 
     def _export_tensor(self, name: str, value: Any) -> Any:
         """An expert-parallel shard becomes a DTensor over (edp, ep), Shard(0) on ep."""
@@ -162,3 +194,26 @@ def read_dcp_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tens
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(checkpoint) / SHARDS_DIR)), no_dist=True)
     return state["model"]
+
+
+class DCPWeights:
+    """Reads one weight of a DCP checkpoint at a time, by its single-worker name (any layout: DCP
+    assembles the ranks' chunks of that one tensor)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        read_dcp_metadata(Path(checkpoint) / SHARDS_DIR / ".metadata")  # refuses code before DCP reads it
+        self.path = str(Path(checkpoint) / SHARDS_DIR)
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {name: torch.empty(like.shape, dtype=like.dtype)}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
+        return state["model"][name]
+
+    def close(self) -> None:
+        pass
