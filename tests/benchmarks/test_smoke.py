@@ -102,7 +102,18 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         [r"\[moe_quality\] done moe 8x192 top-2 softmax cf1\.25 seed 0", r"!\[held-out bpb curves\]"],
         True,
     ),
+    "pipeline": (
+        [],
+        [r"\| 1f1b \| 2 \| [\d.]+ \([\d.]+-[\d.]+\) \| 0\.333 \| [\d.]+ \|", r"\| interleaved_1f1b \| 4 \|"],
+        True,
+    ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
+    "save_blocking": ([], [r"1M: async/sync blocked = [\d.]+", r"\| 1M \| [\d.]+M \| \d+ \|"], True),
+    "elastic": (
+        [],
+        [r"\| elastic \| [\d.]+ \[", r"goodput elastic / fixed: [\d.]+", r"load average before [\d.]+"],
+        True,
+    ),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from shardyard.runtime import checkpoint as ckpt
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import assert_same_series, run_cli, run_job, tiny_spec_yaml, train_grad_norms, train_losses
@@ -185,3 +186,29 @@ def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path:
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr
     _assert_same_losses(tmp_path / "runs" / "killed", uninterrupted, 1e-5)
+
+
+def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    """checkpoint.async: the last rank's process exits in the background write of the step-8 checkpoint
+    (its files stored, the manifest not yet written) while the training thread goes on: Ray Train
+    restarts the group from step 4, the newest complete checkpoint, and the run ends with the
+    uninterrupted (synchronous) run's losses and gradient norms; every async checkpoint left is complete."""
+    marker = tmp_path / "killed"
+    killed = run_job(
+        _fault_spec(tmp_path),
+        "--set",
+        "name=killed_async",
+        "--set",
+        "checkpoint.async=true",
+        env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"},
+    )
+    assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert marker.read_text() == "8"
+    assert "resumed from step 4" in killed.stdout + killed.stderr
+    run_dir = tmp_path / "runs" / "killed_async"
+    _assert_same_losses(run_dir, uninterrupted, 1e-5)
+    assert_same_series(train_grad_norms(run_dir), train_grad_norms(uninterrupted), 1e-5, "grad_norm")
+    stored = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert stored and all(ckpt.verify_checkpoint(path, full=True) is None for path in stored), stored

@@ -7,7 +7,7 @@
    token dispatcher the spec asks for (comm.token_dispatch: transport + dedup / LSH / codec stages;
    the layer's local dispatcher at EP 1 without stages);
 2. activation checkpointing (training.activation_checkpointing) on every transformer stack;
-3. (compile: not yet)
+3. compile (training.compile): torch.compile on every transformer block, in place (names unchanged);
 4. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
    expert shards stay outside it when ep > 1), or DDP over the data-parallel ranks when dense weights
    are replicated and nothing else reduces gradients, or nothing (a world of one).
@@ -83,6 +83,20 @@ def apply_activation_checkpointing(model: nn.Module, training: TrainingSpec) -> 
             module.checkpoint_every = every
 
 
+def apply_compile(roots: list[nn.Module], training: TrainingSpec) -> None:
+    """training.compile: torch.compile every transformer block in place (`Module.compile`, so parameter
+    names and checkpoints are unchanged). Blocks compile one by one, as torchtitan does: identical blocks
+    share one compiled graph, and activation checkpointing (outside the block, in TransformerStack) and
+    FSDP / DDP (applied next, hooks outside the compiled region) compose with it. Dense blocks and MoE
+    blocks with the local dispatcher are one graph each; a transport dispatcher (expert parallelism,
+    compressed dispatch) runs eagerly between two graphs (docs/parallelism.md)."""
+    if not training.compile:
+        return
+    blocks = {id(m): m for root in roots for m in root.modules() if isinstance(m, Block)}
+    for block in blocks.values():
+        block.compile()
+
+
 def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, reshard_after_forward: bool) -> None:
     """FSDP2 over dp_shard (HSDP over (dp_replicate, dp_shard) when both exceed one; no spec asks for
     that yet): each transformer block, then each root (the model, or every pipeline stage). Expert
@@ -124,6 +138,7 @@ def parallelize_transformer(
     place_experts(model, dims.expert_groups if dims.ep_enabled else None, spec.parallel)
     for root in [model, *stages]:
         apply_activation_checkpointing(root, spec.training)
+    apply_compile([model, *stages], spec.training)
     if dims.fsdp_enabled:
         apply_fsdp(stages or [model], dims, reshard_after_forward=spec.parallel.shard == "full")
     if stages:
