@@ -101,7 +101,12 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "eval_cost": ([], [r"\| moe-tiny \| 6 \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+% \| [\d.]+ \+- [\d.]+ \|"], True),
     "moe_quality": (
         [],
-        [r"\[moe_quality\] done moe 8x192 top-2 softmax cf1\.25 seed 0", r"!\[held-out bpb curves\]"],
+        [
+            r"\[moe_quality\] done cont-upcycled-switch-8x\d+ seed 0",
+            r"\| fine32x\d+-top7-s1-sigmoid-auxfree \| 1 \| [+-][\d.]+ \| ",
+            r"\| top2-8x\d+ \| [\d.]+ \| 1\.0[01]\d\d \|",  # counted FLOPs within 2% of dense's
+            r"!\[held-out bpb curves\]",
+        ],
         True,
     ),
     "pipeline": (
