@@ -74,6 +74,7 @@ class DCPState(TrainingState):
         self.model, self.optimizer, self.dims, self.shard = model, optimizer, dims, shard
         self.expert_mesh = dims.mesh("experts") if dims.ep_enabled else None
         self.experts = expert_prefixes(model)
+        self.stager = None  # DCP's CPU staging for save_async, made on first use
 
     def layout(self) -> dict[str, Any]:
         return {
@@ -93,10 +94,22 @@ class DCPState(TrainingState):
 
     def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
         """DCP's asynchronous save: the state is copied to CPU memory before this returns (so training
-        may change it), the files are written by DCP's own thread; its collectives run on `group`."""
+        may change it), the files are written by DCP's own thread; its collectives run on `group`.
+        One stager serves every save: its CPU buffers are reused (the caller starts a save only
+        after the previous one's write ended), so staging is a copy, not an allocation."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        return dcp.async_save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR), process_group=group)
+        if self.stager is None:
+            # no pinned or shared memory, copies in this thread: the CPU case; on a GPU the same copy
+            # is a device-to-host transfer (pinned memory and a side stream would overlap it)
+            self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        return dcp.async_save(
+            self.state_dict(),
+            checkpoint_id=str(Path(directory) / SHARDS_DIR),
+            process_group=group,
+            async_stager=self.stager,
+        )
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
