@@ -793,6 +793,12 @@ class DispatchSpec(Section):
 
 class ParallelSpec(Section):
     expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
+    tensor_parallel: PositiveInt = Field(
+        1,
+        description="tensor-parallel degree: attention heads and dense MLPs split over this many neighbouring "
+        "workers, norms and the residual stream split along the sequence (docs/parallelism.md); its ranks share "
+        "one batch, so the data-parallel degree is resources.workers / tensor_parallel",
+    )
     a2a: Literal["flat", "hierarchical", "leader"] = Field(
         "flat", description="all-to-all algorithm for expert parallelism"
     )
@@ -1020,6 +1026,9 @@ class JobSpec(Section):
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})"
                 )
+        tp_problem = self.tensor_parallel_problem()
+        if tp_problem:
+            raise ValueError(tp_problem)
         galore = self.optim.galore
         seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
         if seq_len_problem:
@@ -1057,6 +1066,52 @@ class JobSpec(Section):
             )
         return self
 
+    def tensor_parallel_problem(self) -> str | None:
+        """Why parallel.tensor_parallel does not fit this job (None when it does): tensor parallelism
+        splits heads, dense MLP hidden units and the sequence over its ranks (docs/parallelism.md)."""
+        tp, m = self.parallel.tensor_parallel, self.model
+        if tp == 1:
+            return None
+        field = f"parallel.tensor_parallel: {tp}"
+        if self.resources.workers % tp:
+            return f"{field} must divide resources.workers ({self.resources.workers})"
+        if m.kind not in ("dense", "moe"):
+            return f"{field} applies to the flat models (model.kind dense | moe), not model.kind {m.kind!r}"
+        if m.heads % tp or m.attn_kv_heads % tp:
+            return (
+                f"{field} must divide model.heads ({m.heads}) and model.kv_heads ({m.attn_kv_heads}): each rank "
+                "holds whole query heads and the key/value heads they read"
+            )
+        if m.qk_norm == "full":
+            return f"{field}: model.qk_norm full normalises across every head's query; use model.qk_norm: head"
+        dense_blocks = m.moe is None or any(not m.moe.is_moe_block(i) for i in range(m.depth))
+        if dense_blocks and m.ffn.kind == "lowrank":
+            return f"{field} has no plan for model.ffn.kind lowrank (factored weights); use swiglu or gelu"
+        if dense_blocks and m.ffn_hidden % tp:
+            return f"{field} must divide the dense MLP's hidden size, model.ffn.hidden ({m.ffn_hidden})"
+        if self.data.seq_len % tp:
+            return (
+                f"{field} must divide data.seq_len ({self.data.seq_len}): norms and the residual stream are "
+                "split along the sequence"
+            )
+        if self.parallel.zero:
+            return (
+                f"{field} and parallel.zero: {self.parallel.zero}: DeepSpeed ZeRO flattens the weights tensor "
+                "parallelism splits; use parallel.shard (FSDP2) with it"
+            )
+        if self.optim.kind not in ("adamw", "sgd"):
+            return (
+                f"{field} splits weight matrices over ranks, but optim.kind {self.optim.kind} projects whole "
+                "gradient matrices; use adamw or sgd"
+            )
+        if m.init_from or m.upcycle_from:
+            which = "model.init_from" if m.init_from else "model.upcycle_from"
+            return (
+                f"{field}: {which} is not supported with tensor parallelism yet; start the run at "
+                f"tensor_parallel 1 and resume it at {tp}"
+            )
+        return None
+
     def notes(self) -> list[str]:
         """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,
         and `validate` / `run` say what happens instead."""
@@ -1079,6 +1134,12 @@ class JobSpec(Section):
             )
         return out
 
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel replicas: workers reading distinct batches."""
+        return self.resources.workers // self.parallel.tensor_parallel
+
     def tokens_per_step(self) -> int:
-        """Bytes trained on per optimizer step, over all workers and micro-batches."""
-        return self.resources.workers * self.training.batch_size * self.training.grad_accum * self.data.seq_len
+        """Bytes trained on per optimizer step, over all data-parallel replicas and micro-batches (the
+        workers of one tensor-parallel group share one batch)."""
+        return self.data_parallel * self.training.batch_size * self.training.grad_accum * self.data.seq_len

@@ -123,15 +123,15 @@ class Trainer:
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, spec.training.batch_size, self.ctx.rank, self.ctx.world, spec.seed
-        )
+            self.data, spec.data.seq_len, spec.training.batch_size, self.dims.dp_rank, self.dims.dp, spec.seed
+        )  # the data-parallel coordinates: the ranks of one tensor-parallel group read the same batch
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
             "": self.data.held_out,
             **{
                 name: self.data.encode_text(text)
                 for name, text in eval_set_texts(
-                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.ctx.world
+                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.dims.dp
                 ).items()
             },
         }
@@ -144,15 +144,15 @@ class Trainer:
                 spec.data.seq_len,
                 spec.training.eval_bytes,
                 spec.training.batch_size,
-                self.ctx.rank,
-                self.ctx.world,
+                self.dims.dp_rank,
+                self.dims.dp,
             )
             for name, text in texts.items()
         }
         control = eval_control(spec, self.data)
         self.val_controls = {
             name: rank_controls(
-                text, spec.data.seq_len, spec.training.eval_bytes, self.ctx.rank, self.ctx.world, control
+                text, spec.data.seq_len, spec.training.eval_bytes, self.dims.dp_rank, self.dims.dp, control
             )
             for name, text in texts.items()
         }
@@ -289,7 +289,8 @@ class Trainer:
                 batches,
                 self.ctx.device,
                 self.autocast,
-                self.ctx.world,
+                self.dims.dp,
+                self.dims.group("dp"),
                 token_bytes=self.token_bytes,
                 controls=self.val_controls[name],
             )

@@ -47,10 +47,20 @@ def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs.float() * probs.float().clamp_min(1e-30).log()).sum(-1).mean()
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+class LocalTokens:
+    """Where the tokens a router sees come from: all of the batch it balances over (here: this rank's).
+    Parallelism that splits one batch's tokens over ranks (tensor parallelism's sequence split) gives
+    the router a group whose `mean` averages over them, so its losses stay those of the whole batch."""
+
+    def mean(self, local: torch.Tensor) -> torch.Tensor:
+        """The mean over the group of a per-rank mean (equal token counts per rank)."""
+        return local
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, tokens: LocalTokens) -> torch.Tensor:
     """Switch Transformer aux loss: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
-    fraction = counts.to(probs.dtype) / counts.sum().clamp(min=1)
-    return probs.shape[-1] * torch.sum(fraction * probs.mean(dim=0))
+    fraction = tokens.mean(counts.to(probs.dtype) / counts.sum().clamp(min=1))
+    return probs.shape[-1] * torch.sum(fraction * tokens.mean(probs.mean(dim=0)))
 
 
 class _RouterBase(nn.Module):
@@ -60,6 +70,7 @@ class _RouterBase(nn.Module):
         self.top_k = top_k
         self.jitter = jitter
         self.gate = nn.Linear(width, num_experts, bias=False)
+        self.token_group = LocalTokens()  # parallelize sets the group when one batch's tokens are split
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:
@@ -120,9 +131,9 @@ class TopKRouter(_RouterBase):
             token_ids=tokens,
             expert_ids=flat_experts,
             weights=top_probs.reshape(-1).to(x.dtype),
-            balance_loss=load_balancing_loss(probs, counts),
-            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
-            entropy=mean_entropy(probs),
+            balance_loss=load_balancing_loss(probs, counts, self.token_group),
+            z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
+            entropy=self.token_group.mean(mean_entropy(probs)),
         )
 
     @torch.no_grad()
@@ -164,10 +175,10 @@ class ExpertChoiceRouter(_RouterBase):
             token_ids=tokens.reshape(-1),
             expert_ids=experts,
             weights=weights.reshape(-1).to(x.dtype),
-            balance_loss=load_balancing_loss(probs, counts),
-            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            balance_loss=load_balancing_loss(probs, counts, self.token_group),
+            z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
             sorted_by_expert=True,
-            entropy=mean_entropy(probs),
+            entropy=self.token_group.mean(mean_entropy(probs)),
         )
 
 

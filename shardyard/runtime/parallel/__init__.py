@@ -29,6 +29,7 @@ from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.parallelize import parallelize
 from shardyard.runtime.parallel.state import DCP_FORMAT, DCPState, TrainingState, checkpoint_format, read_dcp_weights
 from shardyard.runtime.parallel.step import GradientStep, HookReducedStep, ReducedStep
+from shardyard.runtime.parallel.tensor_parallel import head_aligned
 
 
 @dataclass
@@ -73,7 +74,8 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
         step = HookReducedStep(model, optimizer, scheduler, dims, spec.optim.grad_clip)
     else:
         step = ReducedStep(model, module, optimizer, scheduler, dims, spec.optim.grad_clip)
-    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard))
+    aligned = head_aligned(spec.model, dims.tp)  # the rows tensor parallelism reordered, for checkpoints
+    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard, aligned))
 
 
 def consolidated_weights(checkpoint: Path, layout: dict, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,16 +3,20 @@
 `ParallelDims` validates the degrees against the world and, in `build()`, makes ONE 1-D world
 mesh; every group a job needs is a named view unflattened from it:
 
+    spmd    (dp_replicate, dp_shard, tp) tp innermost: the ranks of one tensor-parallel group are
+                                         neighbours (one node) and share one batch
     dense   (dp_replicate, dp_shard)     DDP / explicit all-reduce over dp_replicate, FSDP2 over
                                          dp_shard; both together are the data-parallel ranks
+    tp                                   tensor (and sequence) parallelism: parallelize.apply_tp
     experts (edp, ep)                    EP groups are contiguous blocks of `ep` ranks (as few nodes
                                          as possible), EDP the ranks holding the same expert shard
     nodes   ep -> (ep_node, ep_local)    the EP group seen node by node (ranks are node-major): the
                                          intra-node and inter-node ("rail") groups of the
                                          hierarchical and leader transports and of node dedup
 
-tp and pp are validated (they must be 1 until a plan implements them) so the next degrees have
-their place. Everything that needs a group asks this object: `mesh(name)`, `group(name)` and
+pp is validated (it must be 1 until a plan implements it) so the next degree has its place. The
+data loader and every data-parallel reduction read `dp_rank` / `dp`: the tp ranks of one group
+read the same batch. Everything that needs a group asks this object: `mesh(name)`, `group(name)` and
 `expert_groups` (the EP view comm/ transports take). A world of one is a mesh of one: `build()`
 starts a one-rank process group when none exists, so no caller branches on `dist.is_initialized()`.
 """
@@ -54,8 +58,8 @@ class ParallelDims:
         for name in ("dp_replicate", "dp_shard", "ep", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel degree {name} must be >= 1, got {getattr(self, name)}")
-        if self.tp != 1 or self.pp != 1:
-            raise ValueError(f"tensor / pipeline parallelism are not implemented yet (tp={self.tp}, pp={self.pp})")
+        if self.pp != 1:
+            raise ValueError(f"pipeline parallelism is not implemented yet (pp={self.pp})")
         if self.dp_replicate * self.dp_shard * self.tp * self.pp != world:
             raise ValueError(
                 f"dp_replicate ({self.dp_replicate}) x dp_shard ({self.dp_shard}) x tp ({self.tp}) x pp "
@@ -67,14 +71,17 @@ class ParallelDims:
     @classmethod
     def from_spec(cls, parallel: ParallelSpec, topology: Topology) -> ParallelDims:
         """Dense weights sharded over every rank with `parallel.shard` (zero2 / full), else replicated;
-        experts over `parallel.expert_parallel` ranks. A world of one shards nothing."""
-        world = topology.world_size
-        shard = parallel.shard != "none" and world > 1
+        experts over `parallel.expert_parallel` ranks; `parallel.tensor_parallel` ranks per group. A
+        data-parallel degree of one shards nothing."""
+        tp = parallel.tensor_parallel
+        dp = topology.world_size // tp
+        shard = parallel.shard != "none" and dp > 1
         return cls(
             topology,
-            dp_replicate=1 if shard else world,
-            dp_shard=world if shard else 1,
+            dp_replicate=1 if shard else dp,
+            dp_shard=dp if shard else 1,
             ep=parallel.expert_parallel,
+            tp=tp,
         )
 
     # ------------------------------------------------------------------------------ degrees
@@ -90,6 +97,15 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel ranks (each reads its own batches)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel coordinate (which batch it reads): tp is the innermost mesh dim."""
+        return self.rank // self.tp
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
 
     @property
     def ep_enabled(self) -> bool:
@@ -115,15 +131,19 @@ class ParallelDims:
                 f"({dist.get_rank()}/{dist.get_world_size()})"
             )
         world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
-        dense = world._unflatten(0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard"))
+        spmd = world._unflatten(0, (self.dp_replicate, self.dp_shard, self.tp), ("dp_replicate", "dp_shard", "tp"))
+        dense = spmd["dp_replicate", "dp_shard"]
         experts = world._unflatten(0, (self.world_size // self.ep, self.ep), ("edp", "ep"))
         per_node = self.ranks_per_node_in_ep
         nodes = experts._unflatten("ep", (self.ep // per_node, per_node), ("ep_node", "ep_local"))
         self._meshes = {
             "world": world,
+            "spmd": spmd,
             "dense": dense,
-            "dp_replicate": dense["dp_replicate"],
-            "dp_shard": dense["dp_shard"],
+            "dp": dense._flatten("dp"),
+            "dp_replicate": spmd["dp_replicate"],
+            "dp_shard": spmd["dp_shard"],
+            "tp": spmd["tp"],
             "experts": experts,
             "edp": experts["edp"],
             "ep": experts["ep"],
@@ -134,7 +154,8 @@ class ParallelDims:
         return self
 
     def mesh(self, name: str) -> DeviceMesh:
-        """A named view: world, dense (dp_replicate x dp_shard), dp_replicate, dp_shard, experts
+        """A named view: world, spmd (dp_replicate x dp_shard x tp), dense (dp_replicate x dp_shard),
+        dp (dense flattened: the ranks reading other batches), dp_replicate, dp_shard, tp, experts
         (edp x ep), edp, ep, ep_node, ep_local."""
         if not self._meshes:
             raise RuntimeError("ParallelDims.build() has not run")
