@@ -96,13 +96,16 @@ def spec_summary(spec: JobSpec, source: str, memory=None) -> str:
         f"{len(files)} files, {_fmt_count(corpus_bytes)}B; sequences of {spec.data.seq_len} tokens, tokenizer "
         f"{spec.data.tokenizer}",
         f"training   {t.steps} steps x {t.batch_size} seq/worker x {r.workers} workers = "
+        if spec.parallel.tensor_parallel == 1
+        else f"training   {t.steps} steps x {t.batch_size} seq/replica x {spec.data_parallel} data-parallel replicas "
+        f"(tensor_parallel {spec.parallel.tensor_parallel}) = "
         f"{_fmt_count(spec.tokens_per_step())} bytes/step, {_fmt_count(spec.tokens_per_step() * t.steps)} bytes "
         f"total; {t.precision}",
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
         f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
-        f"zero {spec.parallel.zero}",
+        f"zero {spec.parallel.zero}, tp {spec.parallel.tensor_parallel}, shard {spec.parallel.shard}",
         f"run dir    {run_directory(spec)}  (checkpoints every {spec.checkpoint.every} steps, keep "
         f"{spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",

@@ -29,6 +29,7 @@ gradients are summed over tp by the gradient step (`sum_partial_grads_over_tp`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,17 @@ def head_aligned(model: ModelSpec, tp: int) -> HeadAligned:
             hidden = model.ffn_hidden
             aligned.orders[f"{block}ffn.gate_up.weight"] = head_aligned_order((hidden, hidden), tp)
     return aligned
+
+
+# What the plan below splits over tp (state-dict names of a flat model): the memory prediction's share.
+SPLIT_OVER_TP = re.compile(
+    r"(embed|head)\.weight|stack\.blocks\.\d+\.(attn\.qkv\.(weight|bias)|attn\.proj\.weight|ffn\.(gate_up|up|down)\.weight)"
+)
+
+
+def tp_share(name: str, tp: int) -> float:
+    """The share of parameter `name` (a flat model's state-dict name) one tp rank holds."""
+    return 1.0 / tp if SPLIT_OVER_TP.fullmatch(name) else 1.0
 
 
 # ------------------------------------------------------------------------------ the plan
