@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
             for name in order:
                 dist.barrier()
                 t0 = time.perf_counter()
-                route = algos[name].plan(splits.view(-1, 1))
+                route = algos[name].route(splits.view(-1, 1))
                 t1 = time.perf_counter()
                 run_route(x, route)
                 t2 = time.perf_counter()

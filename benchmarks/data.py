@@ -52,14 +52,14 @@ def data_spec(root: Path, tokenizer: str, mb: int, tag: str, seq_len: int = 256)
 def bench_prepare(root: Path, mb: float, vocab: int) -> list[dict]:
     import ray
 
-    from shardyard.data.prepare import build_codec
+    from shardyard.data.prepare import build_tokenizer
     from shardyard.data.sources import resolve_units
     from tests.helpers import two_node_ray_cluster
 
     rows = []
     bpe = f"bpe:{vocab}"
     start = time.perf_counter()
-    build_codec(data_spec(root, bpe, mb, "x"), resolve_units(data_spec(root, bpe, mb, "x")))
+    build_tokenizer(data_spec(root, bpe, mb, "x"), resolve_units(data_spec(root, bpe, mb, "x")))
     bpe_train_s = time.perf_counter() - start
     for tok in ("bytes", bpe):
         report = prepare(data_spec(root, tok, mb, f"loop-{tok}"), parallel="local")

@@ -71,7 +71,7 @@ def measure(topo, args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from shardyard.comm.dispatch import dispatch_metrics
+    from shardyard.comm.dispatch_metrics import dispatch_metrics
     from shardyard.comm.token_dispatch import TransportDispatcher
     from shardyard.models.moe.experts import GroupedExperts
     from shardyard.platform.schema import DispatchSpec
@@ -321,7 +321,7 @@ def probe(run_dir: Path, dispatches: list[str], batches: int) -> str:
     import torch
     import yaml
 
-    from shardyard.comm.dispatch import dispatch_metrics
+    from shardyard.comm.dispatch_metrics import dispatch_metrics
     from shardyard.data.corpus import load_corpus
     from shardyard.data.validation import batch_windows
     from shardyard.runtime.export import load_for_inference

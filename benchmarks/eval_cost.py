@@ -29,7 +29,9 @@ def run_spec(spec: Path, out: Path, overrides: list[str]) -> dict:
     name = spec.stem
     shutil.rmtree(out / name, ignore_errors=True)  # a finished run would be resumed, not retrained
     command = [
-        str(Path(sys.executable).parent / "shardyard"),
+        sys.executable,
+        "-m",
+        "shardyard.cli",
         "run",
         str(spec),
         "--set",

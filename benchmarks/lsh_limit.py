@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardyard.comm.dispatch import dispatch_metrics  # noqa: E402
+from shardyard.comm.dispatch_metrics import dispatch_metrics  # noqa: E402
 from shardyard.data.training_data import load_training_data  # noqa: E402
 from shardyard.data.validation import all_batches  # noqa: E402
 from shardyard.models.moe.layer import MoELayer  # noqa: E402

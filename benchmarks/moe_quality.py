@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLI = Path(sys.executable).parent / "shardyard"
+CLI = [sys.executable, "-m", "shardyard.cli"]  # the `shardyard` command of this interpreter
 DENSE, MOE = ROOT / "jobs/compare-dense.yaml", ROOT / "jobs/compare-moe.yaml"
 
 # name -> (base spec, overrides, seeds): dense, top-2 and aux-free with up to 3 seeds, switch with 2, the other variants seed 0.
@@ -74,7 +74,7 @@ def launch(
         *overrides,
         *SMOKE_SETS,
     ]
-    runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if local else [str(CLI), "run"]
+    runner = [sys.executable, str(ROOT / "benchmarks" / "train_local.py")] if local else [*CLI, "run"]
     cmd = [*runner, str(base), *[a for s in sets for a in ("--set", s)]]
     log = open(out / "logs" / f"{run}.log", "a")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 RECOVERY_SPEC = """name: {name}
 seed: 0
@@ -70,7 +69,7 @@ def metric_records(run_dir: Path) -> list[dict]:
 
 def run(spec: Path, env: dict[str, str], out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec)],
+        [sys.executable, "-m", "shardyard.cli", "run", str(spec)],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -86,7 +85,8 @@ def ledger(directory: Path) -> collections.Counter:
 
 
 def recovery(tmp: Path, steps: int, every: int, kill_at: int) -> dict:
-    from shardyard.runtime.watchdog import HEARTBEAT_DIR, read_heartbeats
+    from shardyard.platform.run_dir import RunDir
+    from shardyard.runtime.watchdog import read_heartbeats
 
     results: dict = {"steps": steps, "checkpoint_every": every, "global_batch": 8}
     runs = {}
@@ -100,13 +100,13 @@ def recovery(tmp: Path, steps: int, every: int, kill_at: int) -> dict:
         run_dir = tmp / "runs" / name
         if name == "killed":
             while not (
-                len(read_heartbeats(run_dir / HEARTBEAT_DIR)) == 2
+                len(read_heartbeats(RunDir(run_dir).heartbeats)) == 2
                 and max((r["step"] for r in metric_records(run_dir)), default=0) >= kill_at
             ):
                 time.sleep(0.02)
                 if proc.poll() is not None:
                     raise RuntimeError((tmp / f"{name}.out").read_text()[-3000:])
-            victim = read_heartbeats(run_dir / HEARTBEAT_DIR)[1]["pid"]
+            victim = read_heartbeats(RunDir(run_dir).heartbeats)[1]["pid"]
             reached = max(r["step"] for r in metric_records(run_dir))
             killed_at = time.time()
             os.kill(victim, signal.SIGKILL)
@@ -157,7 +157,7 @@ def _bare_rank(rank: int, world: int, store: str, spec_text: str, steps: int, ou
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     spec = load_spec_text(spec_text)
     torch.manual_seed(spec.seed)
-    # As shardyard's DDP plan: no buffer broadcast in every forward (the models' buffers are constant).
+    # As shardyard's DDP step: no buffer broadcast in every forward (the models' buffers are constant).
     model = DistributedDataParallel(build_model(spec.model, spec.data.seq_len), forward_sync_buffers=False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=spec.optim.lr, betas=spec.optim.betas, weight_decay=spec.optim.weight_decay

@@ -16,18 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shardyard.platform.run_dir import RunDir  # noqa: E402
 from shardyard.platform.schema import JobSpec  # noqa: E402
 from shardyard.platform.spec import load_spec, spec_to_yaml  # noqa: E402
 from shardyard.runtime import checkpoint as ckpt  # noqa: E402
-from shardyard.runtime.entry import run_directory  # noqa: E402
 from shardyard.runtime.worker import LocalReporter, Trainer  # noqa: E402
 
 
 def train(spec: JobSpec) -> Path:
     """Train (or resume) one single-worker job in this process; its run directory."""
-    run_dir = run_directory(spec)
+    run_dir = RunDir.of(spec).path
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec_to_yaml(spec))
+    RunDir(run_dir).spec_file.write_text(spec_to_yaml(spec))
     trainer = Trainer(spec, run_dir, LocalReporter(run_dir, spec.checkpoint.keep))
     trainer.resume(ckpt.find_latest_checkpoint(run_dir))
     trainer.fit()

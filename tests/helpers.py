@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# The `shardyard` command as this interpreter runs it (what the console script calls; a shared editable
+# install's generated script may name another checkout's entry point)
+SHARDYARD = [sys.executable, "-m", "shardyard.cli"]
 
 
 def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
@@ -31,7 +33,7 @@ def tiny_spec_yaml(name: str, storage: Path, **sections: str) -> str:
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [str(BIN / "shardyard"), *args],
+        [*SHARDYARD, *args],
         capture_output=True,
         text=True,
         errors="replace",
@@ -39,6 +41,16 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
         env={**os.environ, **(env or {})},
         cwd=cwd or ROOT,
     )
+
+
+def world_of_one():
+    """This process as a one-rank process group (what a job's dims make for a world of one)."""
+    import torch.distributed as dist
+
+    from shardyard.runtime.parallel.dims import ensure_process_group
+
+    ensure_process_group()
+    return dist.group.WORLD
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

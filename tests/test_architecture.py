@@ -16,12 +16,11 @@ from pathlib import Path
 
 PACKAGE = "shardyard"
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_MODULES = {f"{PACKAGE}.platform.{name}" for name in ("errors", "schema", "spec", "specdoc")}
-CLI = f"{PACKAGE}.platform.cli"
+CLI = f"{PACKAGE}.cli"
 # The layers of docs/architecture.md's package map: a part imports only parts of lower layers.
 LAYERS = {
-    "spec": 0,
-    "envvars": 0,  # platform.{errors,schema,spec,specdoc}; environment-variable names
+    "platform": 0,  # the spec: errors, schema, spec, specdoc
+    "envvars": 0,  # environment-variable names
     "kernels": 1,
     "data": 1,
     "tracking": 1,
@@ -119,28 +118,25 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_check_sees_lazy_imports() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
-    # the CLI's imports are all inside functions; the graph still sees them
-    assert {f"{PACKAGE}.runtime.entry", f"{PACKAGE}.cluster.jobs"} <= GRAPH[CLI]
-
-
-def test_spec_is_a_leaf() -> None:
-    for module in SPEC_MODULES:
-        others = GRAPH[module] - SPEC_MODULES
-        assert not others, f"{module} imports {sorted(others)}: the spec must import nothing else of {PACKAGE}"
-
-
-def test_nothing_imports_the_cli() -> None:
-    importers = sorted(m for m, targets in GRAPH.items() if CLI in targets)
-    assert importers == [], f"{importers} import the CLI, which is the root of the graph"
+    # the CLI's commands import runtime modules inside functions; the graph still sees them
+    assert f"{PACKAGE}.runtime.entry" in GRAPH[f"{CLI}.job_commands"]
 
 
 def part(module: str) -> str:
-    """The part of the package map a module belongs to (a subpackage, the spec, or the CLI)."""
-    if module in SPEC_MODULES or module == f"{PACKAGE}.platform":  # (platform/__init__.py is empty)
-        return "spec"
-    if module == CLI:
-        return "cli"
+    """The part of the package map a module belongs to: its subpackage (or the root package)."""
     return module.split(".")[1] if "." in module else "root"
+
+
+def test_spec_is_a_leaf() -> None:
+    for module, targets in GRAPH.items():
+        if part(module) == "platform":
+            others = sorted(t for t in targets if part(t) != "platform")
+            assert not others, f"{module} imports {others}: the spec must import nothing else of {PACKAGE}"
+
+
+def test_nothing_imports_the_cli() -> None:
+    importers = sorted(m for m, targets in GRAPH.items() if part(m) != "cli" and any(part(t) == "cli" for t in targets))
+    assert importers == [], f"{importers} import the CLI, which is the root of the graph"
 
 
 def test_parts_import_only_lower_layers() -> None:
@@ -158,7 +154,8 @@ def test_parts_import_only_lower_layers() -> None:
 def test_leaves_stay_leaves() -> None:
     """Modules other parts lean on so that they need not lean on each other."""
     for module in (f"{PACKAGE}.envvars", f"{PACKAGE}.kernels.ops", f"{PACKAGE}.models.registry"):
-        assert GRAPH[module] <= SPEC_MODULES, f"{module} imports {sorted(GRAPH[module] - SPEC_MODULES)}"
+        others = sorted(t for t in GRAPH[module] if part(t) != "platform")
+        assert others == [], f"{module} imports {others}"
 
 
 def test_every_module_imports_on_its_own() -> None:
@@ -234,5 +231,47 @@ def test_one_device_mesh() -> None:
     """Only the dims object builds a device mesh; everything else asks it for a view."""
     offenders = [
         module for module, path in MODULES.items() if "init_device_mesh" in path.read_text() and module != DIMS
+    ]
+    assert offenders == []
+
+
+RUN_DIR_NAMES = (
+    "spec.yaml",
+    "spec-history",
+    "metrics.jsonl",
+    "run_info.json",
+    "wandb_id",
+    "expert_load.bin",
+    "expert_load.json",
+    "events.jsonl",
+    "driver.log",
+    ".lease",
+    "report.html",
+    "checkpoint_",
+)
+
+
+def test_the_run_directory_layout_has_one_owner() -> None:
+    """The names of a run's files appear in platform/run_dir.py only; everything else asks RunDir."""
+    owner = f"{PACKAGE}.platform.run_dir"
+    offenders = sorted(
+        f"{module}: {name}"
+        for module, path in MODULES.items()
+        if module != owner
+        for name in RUN_DIR_NAMES
+        if f'"{name}' in path.read_text() or f"'{name}" in path.read_text()
+    )
+    assert offenders == []
+
+
+def test_no_world_of_one_fallbacks() -> None:
+    """A world of one is a mesh of one: code asks the dims or the group it is given, never whether
+    torch.distributed is initialised. Only the dims (which make the one-rank group) and the topology
+    (read before there is a mesh) ask."""
+    allowed = {DIMS, f"{PACKAGE}.comm.topology"}
+    offenders = [
+        module
+        for module, path in MODULES.items()
+        if module not in allowed and re.search(r"\b(dist|distributed)\.is_initialized\(", path.read_text())
     ]
     assert offenders == []

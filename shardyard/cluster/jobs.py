@@ -97,7 +97,7 @@ def submit(spec: JobSpec, run_dir: Path, address: str | None = None) -> str:
             runtime_env["working_dir"] = str(stage_upload(root, Path(staging)))
         try:  # the working_dir is packed and uploaded before submit_job returns
             return job_client.submit_job(
-                entrypoint="python -m shardyard.runtime.entry",
+                entrypoint="python -m shardyard.cli.job_entry",
                 runtime_env=runtime_env,
                 submission_id=submission_id,
                 metadata={"shardyard_job": spec.name},

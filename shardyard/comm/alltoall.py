@@ -1,11 +1,11 @@
-"""All-to-all for expert parallelism: `plan(counts) -> Route`; `run_route(x, route)` dispatches and
+"""All-to-all for expert parallelism: `route(counts) -> Route`; `run_route(x, route)` dispatches and
 `run_route(y, route.reverse())` combines.
 
 Every rank of the expert-parallel (EP) group holds rows `x` grouped by destination EP rank
 (`counts[j].sum()` rows for rank j). The dispatch returns the rows every rank sent to this one,
 grouped by source EP rank (`route.recv_counts`); the reverse route sends them back, so
 combine(dispatch(x)) == x. Counts may be uneven and zero. Both are differentiable: the backward of
-one is the other. The dispatch stack (dedup, LSH, payload dtype; comm/expert_parallel.py) sits on top.
+one is the other. The token dispatcher (dedup, LSH, payload dtype; comm/token_dispatch.py) sits on top.
 
 Three algorithms; they only move rows, never add them, so all three are bit-identical to `flat`:
 
@@ -19,7 +19,7 @@ Three algorithms; they only move rows, never add them, so all three are bit-iden
 - `leader`: local rank 0 gathers its node's rows, the leaders do an all-to-all across nodes, and each
   leader scatters to its node's ranks. N-1 inter-node messages per node, all through one process.
 
-Planning (`AllToAll.plan`) exchanges per-destination counts along the same path the rows will take
+Routing (`AllToAll.route`) exchanges per-destination counts along the same path the rows will take
 and returns a `Route`: a list of invertible stages (local block transposes, collective exchanges,
 gathers/scatters). Running the stages in reverse with inverted stages is the combine / backward.
 """
@@ -190,7 +190,7 @@ class AllToAll(ABC):
         self.size = groups.ep_size
 
     @abstractmethod
-    def plan(self, counts: torch.Tensor) -> Route:
+    def route(self, counts: torch.Tensor) -> Route:
         """counts [P, k] int64: rows for EP rank j, sub-grouped k ways (e.g. by that rank's experts).
 
         Collective over the EP group. The Route's recv_counts [P, k] are the counts every rank sent here.
@@ -216,7 +216,7 @@ def exchange_route(counts: torch.Tensor, group: dist.ProcessGroup) -> Route:
 class FlatAllToAll(AllToAll):
     name = "flat"
 
-    def plan(self, counts: torch.Tensor) -> Route:
+    def route(self, counts: torch.Tensor) -> Route:
         return exchange_route(counts, self.groups.ep)
 
 
@@ -232,7 +232,7 @@ class _NodeAwareAllToAll(AllToAll):
 class HierarchicalAllToAll(_NodeAwareAllToAll):
     name = "hierarchical"
 
-    def plan(self, counts: torch.Tensor) -> Route:
+    def route(self, counts: torch.Tensor) -> Route:
         g = self.groups
         n_nodes, per_node, k = g.nodes_per_ep, g.ranks_per_node_in_ep, counts.shape[1]
         c = counts.view(n_nodes, per_node, k)  # [dest node m, dest local j, k]
@@ -251,7 +251,7 @@ class HierarchicalAllToAll(_NodeAwareAllToAll):
 class LeaderAllToAll(_NodeAwareAllToAll):
     name = "leader"
 
-    def plan(self, counts: torch.Tensor) -> Route:
+    def route(self, counts: torch.Tensor) -> Route:
         g, me = self.groups, self.groups.topology.rank
         n_nodes, per_node, k = g.nodes_per_ep, g.ranks_per_node_in_ep, counts.shape[1]
         leader = g.intra_ranks[0]
@@ -302,7 +302,7 @@ class LocalAllToAll(AllToAll):
         self.groups = None  # type: ignore[assignment]
         self.size = 1
 
-    def plan(self, counts: torch.Tensor) -> Route:
+    def route(self, counts: torch.Tensor) -> Route:
         return Route([], counts, counts)
 
 

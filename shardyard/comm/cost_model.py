@@ -176,25 +176,6 @@ class PlanResult:
     reason: str
     notes: list[str] = field(default_factory=list)
 
-    def render(self) -> str:
-        lines = [
-            f"all-to-all plan: {self.nodes} nodes x {self.gpus_per_node} GPUs, expert_parallel {self.expert_parallel}, "
-            f"{self.bytes_per_rank / 2**20:.2f} MiB per rank per dispatch, {self.exchanges_per_step} exchanges "
-            f"per step",
-            f"link constants: {self.link.name}",
-            "",
-            f"{'algorithm':<13} {'per dispatch':>14} {'per step':>12} {'vs flat':>8}",
-        ]
-        flat = next(r for r in self.rows if r["algo"] == "flat")["dispatch_s"]
-        for r in self.rows:
-            lines.append(
-                f"{r['algo']:<13} {1e3 * r['dispatch_s']:>11.3f} ms {1e3 * r['step_s']:>9.1f} ms "
-                f"{r['dispatch_s'] / flat:>7.2f}x"
-            )
-        lines += ["", f"recommendation: parallel.a2a = {self.recommendation}  ({self.reason})"]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
 
 def plan(
     spec: Any,

@@ -6,7 +6,7 @@ router weight) slots; the receiver fans the row out to its experts, weights thei
 them, and only that sum makes the return trip (DeepEP-style).
 
 Exactness: rows keep today's order inside every expert (source rank, then token), and the weighted
-sum uses the MoE layer's own `permute.combine` and `dispatch`, so every expert sees the same rows and
+sum uses the MoE layer's own `permute.weighted_sum` and `gather_rows`, so every expert sees the same rows and
 every product is the same. Summing on the receiving side fixes the association of each token's k-term
 sums (its output, and its input gradient): the terms of one destination rank first, in expert order,
 then the ranks in rank order. The expert-parallel path without dedup
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from shardyard.models.moe.permute import combine as weighted_sum
-from shardyard.models.moe.permute import dispatch as gather_rows
+from shardyard.models.moe.permute import gather_rows, weighted_sum
 
 
 @dataclass
-class DedupPlan:
+class UniqueRows:
     """Sender side: which token goes to which rank, once."""
 
     token: torch.Tensor  # [U] token of every unique row, grouped by destination rank, tokens ascending
@@ -34,14 +33,14 @@ class DedupPlan:
     meta: torch.Tensor  # [U, 2 * slots] fp32: router weights (differentiable), then local expert ids (-1 = none)
 
 
-def plan_dedup(
+def dedup_rows(
     token_of: torch.Tensor,
     weight_of: torch.Tensor,
     expert_counts: torch.Tensor,
     num_tokens: int,
     ep_size: int,
     slots: int,
-) -> DedupPlan:
+) -> UniqueRows:
     """token_of / weight_of [A]: assignments grouped by global expert (expert_counts [E] each)."""
     device, num_experts = token_of.device, expert_counts.numel()
     per_rank = num_experts // ep_size
@@ -63,7 +62,7 @@ def plan_dedup(
     weights = torch.zeros(u * slots, dtype=torch.float32, device=device).index_put((flat,), weight_of.float())
     experts = torch.full((u * slots,), -1.0, device=device).index_put_((flat,), (expert_of % per_rank).float())
     meta = torch.cat([weights.view(u, slots), experts.view(u, slots)], dim=1)
-    return DedupPlan(unique_key % num_tokens, torch.bincount(unique_key // num_tokens, minlength=ep_size), meta)
+    return UniqueRows(unique_key % num_tokens, torch.bincount(unique_key // num_tokens, minlength=ep_size), meta)
 
 
 def fan_out_and_sum(
@@ -82,6 +81,6 @@ def fan_out_and_sum(
     return weighted_sum(out, weights[row_idx, slot_idx].to(out.dtype), row_idx, rows.shape[0]), int(row_idx.numel())
 
 
-def scatter_to_tokens(summed: torch.Tensor, plan: DedupPlan, num_tokens: int) -> torch.Tensor:
+def scatter_to_tokens(summed: torch.Tensor, unique: UniqueRows, num_tokens: int) -> torch.Tensor:
     """Sender side, after the return trip: out[t] = sum over destination ranks (in rank order)."""
-    return summed.new_zeros(num_tokens, summed.shape[1]).index_add(0, plan.token, summed)
+    return summed.new_zeros(num_tokens, summed.shape[1]).index_add(0, unique.token, summed)

@@ -49,15 +49,14 @@ def sync_gradients(
     dense: bool = True,
     replicas: int | None = None,
 ) -> None:
-    """Average gradients to those of the mean loss over the `replicas` data-parallel batches (default:
-    one per rank): dense over `dense_group` (default: the world; `dense=False` when FSDP2 reduces
-    them), experts over EDP. With tensor parallelism a group of ranks shares one batch, so `replicas`
-    is the world over tp.
+    """Average gradients to those of the world-mean loss: dense over `dense_group` (default: the
+    world; `dense=False` when FSDP2 reduces them), experts over EDP. `replicas`: the data-parallel
+    ranks whose losses are averaged (default: the world; fewer when a pipeline's or a tensor-parallel group's ranks share a batch).
 
     Call after backward, before clipping and the optimizer step; collective over the world."""
-    if groups.topology.world_size == 1:
-        return
     world = replicas or groups.topology.world_size
+    if world == 1:
+        return
     params = [p for p in model.parameters() if p.requires_grad]
     if dense:
         all_reduce_mean_([p for p in params if not is_expert_shard(p)], dense_group, world)

@@ -1,8 +1,8 @@
 """The accounting stage of expert dispatch: rows, bytes and time into a dispatcher's counters.
 
 A `Ledger` writes into its owner's non-persistent float64 buffer `comm_counters` (slots named by
-comm.dispatch.COUNTERS; read and reset by `dispatch_metrics`). It reads the buffer through the owner
-at every call, so the owner may move devices. Byte counts are this rank's view (see comm/dispatch.py).
+comm.dispatch_metrics.COUNTERS; read and reset by `dispatch_metrics`). It reads the buffer through the owner
+at every call, so the owner may move devices. Byte counts are this rank's view (see comm/dispatch_metrics.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from shardyard.comm.alltoall import AllToAll, Route
-from shardyard.comm.dispatch import COUNTERS
+from shardyard.comm.dispatch_metrics import COUNTERS
 from shardyard.comm.wire import Codec, Timer
 
 
@@ -34,10 +34,10 @@ class Ledger:
         """Transport wall time into a2a_ms."""
         return Timer(self.counters, COUNTERS["a2a_ms"])
 
-    def plan(self, a2a: AllToAll, counts: torch.Tensor) -> Route:
-        """`a2a.plan(counts)`, its wall time into a2a_ms."""
+    def route(self, a2a: AllToAll, counts: torch.Tensor) -> Route:
+        """`a2a.route(counts)`, its wall time into a2a_ms."""
         start = time.perf_counter()
-        route = a2a.plan(counts)
+        route = a2a.route(counts)
         self.add("a2a_ms", (time.perf_counter() - start) * 1e3)
         return route
 

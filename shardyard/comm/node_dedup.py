@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.comm.alltoall import Route, exchange_route
-from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
+from shardyard.comm.dedup import dedup_rows, fan_out_and_sum, scatter_to_tokens
 from shardyard.comm.wire import send, send_with_meta
-from shardyard.models.moe.permute import dispatch as gather_rows
+from shardyard.models.moe.permute import gather_rows
 
 
 def _exchange_route(d: Any, group: dist.ProcessGroup, send_counts: torch.Tensor) -> Route:
@@ -52,7 +52,7 @@ def node_deduplicated(
     timer = ledger.timer()
 
     # hop 1: node-level rows, expert ids within the destination node (local rank * E/ep + expert)
-    outer = plan_dedup(token_of, weight_of, counts, num_tokens, nodes, d.node_slots)
+    outer = dedup_rows(token_of, weight_of, counts, num_tokens, nodes, d.node_slots)
     across = _exchange_route(d, groups.inter, outer.send_counts)
     relayed, relayed_meta = send_with_meta(gather_rows(tokens, outer.token), outer.meta, across, d.codec, timer)
     # hop 2, on the relay: every (row, slot) is an assignment to an expert of this node
@@ -62,7 +62,7 @@ def node_deduplicated(
     node_expert = ids[row_idx, slot_idx]
     order = torch.argsort(node_expert * max(relayed.shape[0], 1) + row_idx)
     row_idx, slot_idx, node_expert = row_idx[order], slot_idx[order], node_expert[order]
-    inner = plan_dedup(
+    inner = dedup_rows(
         row_idx,
         relayed_meta[row_idx, slot_idx],
         torch.bincount(node_expert, minlength=per_node * d.experts_per_rank),

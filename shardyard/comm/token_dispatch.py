@@ -19,7 +19,7 @@ return trip), so dedup on and off are bit-identical, outputs and gradients. `run
 plain stage below: rows grouped by global expert in, their expert outputs in the same order out.
 
 With an EP group of one nothing moves, but every stage runs, so its effect on quality shows on one
-worker. Counters for `comm.dispatch.dispatch_metrics` live in the non-persistent buffer
+worker. Counters for `comm.dispatch_metrics.dispatch_metrics` live in the non-persistent buffer
 `comm_counters`; LSH state in the persistent buffers of `.lsh`.
 """
 
@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from shardyard.comm.alltoall import AllToAll, build_all_to_all, transpose_index
-from shardyard.comm.dedup import fan_out_and_sum, plan_dedup, scatter_to_tokens
-from shardyard.comm.dispatch import COUNTERS, spread_error
+from shardyard.comm.dedup import dedup_rows, fan_out_and_sum, scatter_to_tokens
+from shardyard.comm.dispatch_metrics import COUNTERS, spread_error
 from shardyard.comm.groups import ProcessGroups
 from shardyard.comm.ledger import Ledger
 from shardyard.comm.lsh import CentroidHasher, compress, expand, group_centered
@@ -39,8 +39,7 @@ from shardyard.comm.node_dedup import node_deduplicated
 from shardyard.comm.wire import Codec, build_codec, send, send_with_meta
 from shardyard.models.moe.accounting import recomputing
 from shardyard.models.moe.dispatcher import LocalDispatcher, TokenDispatcher
-from shardyard.models.moe.permute import combine as weighted_sum
-from shardyard.models.moe.permute import dispatch as gather_rows
+from shardyard.models.moe.permute import gather_rows, weighted_sum
 from shardyard.platform.schema import DispatchSpec
 
 
@@ -104,7 +103,7 @@ class TransportDispatcher(TokenDispatcher):
     ) -> torch.Tensor:
         """rows grouped by global expert (counts [E]) -> their expert outputs, via the transport."""
         timer = self.ledger.timer()
-        route = self.ledger.plan(self.a2a, counts.view(self.ep_size, self.experts_per_rank))
+        route = self.ledger.route(self.a2a, counts.view(self.ep_size, self.experts_per_rank))
         recv = route.recv_counts  # [source EP rank, local expert]
         y = send(rows, route, codec, timer)  # rows (source, local expert)
         # group by local expert for one grouped GEMM: (source, expert) -> (expert, source)
@@ -198,7 +197,7 @@ class TransportDispatcher(TokenDispatcher):
     ) -> torch.Tensor:
         """Dispatch -> experts -> weighted combine: [T, width] out.
 
-        Equals `permute.combine(self.run_experts(permute.dispatch(tokens, token_of), offsets, experts),
+        Equals `permute.weighted_sum(self.run_experts(permute.gather_rows(tokens, token_of), offsets, experts),
         weight_of, token_of, num_tokens)` up to the association of each token's k-term sums (see the
         module docstring)."""
         ends = offsets.to(torch.int64)
@@ -220,25 +219,25 @@ class TransportDispatcher(TokenDispatcher):
     ) -> torch.Tensor:
         """The dedup stage: one copy of a token per destination rank, with its (expert, weight) slots."""
         backward = tokens.requires_grad and torch.is_grad_enabled()
-        plan = plan_dedup(token_of, weight_of, counts, num_tokens, self.ep_size, self.slots)
+        unique = dedup_rows(token_of, weight_of, counts, num_tokens, self.ep_size, self.slots)
         per_rank = counts.view(self.ep_size, self.experts_per_rank).sum(1).cpu()
         self.ledger.add("microbatches", 1.0)
         self.ledger.add("tokens_in", float(token_of.numel()))
         self.ledger.account(
-            plan.send_counts.cpu(),
+            unique.send_counts.cpu(),
             per_rank,
             tokens.shape[1],
             tokens.element_size(),
             backward,
-            extra_row_bytes=plan.meta.shape[1] * 4 // 2,
+            extra_row_bytes=unique.meta.shape[1] * 4 // 2,
         )  # meta out and its weight grads back
         timer = self.ledger.timer()
-        route = self.ledger.plan(self.a2a, plan.send_counts.view(self.ep_size, 1))
-        rows, meta = send_with_meta(gather_rows(tokens, plan.token), plan.meta, route, self.codec, timer)
+        route = self.ledger.route(self.a2a, unique.send_counts.view(self.ep_size, 1))
+        rows, meta = send_with_meta(gather_rows(tokens, unique.token), unique.meta, route, self.codec, timer)
         summed, computed = fan_out_and_sum(rows, meta, experts, self.experts_per_rank)
         self.ledger.add("expert_rows", float(computed))
         back = send(summed, route.reverse(), self.codec, timer)
-        return scatter_to_tokens(back, plan, num_tokens)
+        return scatter_to_tokens(back, unique, num_tokens)
 
     def _rank_associated(
         self,

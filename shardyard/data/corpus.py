@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec
 
 STDLIB = "stdlib"
@@ -45,7 +46,9 @@ def resolve_files(spec: DataSpec) -> list[tuple[Path, str]]:
             for f in _files_under(root, spec.extensions):
                 found.setdefault(f"stdlib/{f.relative_to(root)}", f)
             continue
-        path = Path(entry).expanduser()
+        if is_remote(entry):
+            raise UserError(f"data.paths: {entry!r} matches no file or directory (object storage: use data.sources)")
+        path = local_path(entry)
         if path.is_dir():
             for f in _files_under(path, spec.extensions):
                 found.setdefault(str(f.relative_to(path)), f)

@@ -26,7 +26,9 @@ from shardyard import envvars
 class GlobalWindowStream(IterableDataset):
     """Yields this rank's (input, target) int64 pairs of length seq_len, from windows of seq_len + 1 bytes."""
 
-    def __init__(self, data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+    def __init__(
+        self, data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int, ledger: bool = True
+    ) -> None:
         super().__init__()
         self.data = data
         self.seq_len = seq_len
@@ -42,8 +44,8 @@ class GlobalWindowStream(IterableDataset):
         self.epoch = 0
         self.pos = 0  # windows of this epoch's order consumed by all ranks together
         self.taken = 0  # windows of the current global batch this rank has yielded
-        ledger = os.environ.get(envvars.SAMPLE_LEDGER)  # test hook: which windows this rank trains on
-        self.ledger = Path(ledger) / f"rank{rank}-world{world}.txt" if ledger else None
+        directory = os.environ.get(envvars.SAMPLE_LEDGER) if ledger else None  # test hook: windows trained on
+        self.ledger = Path(directory) / f"rank{rank}-world{world}.txt" if directory else None
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
@@ -97,6 +99,6 @@ class TrainLoader:
 
 
 def build_train_loader(
-    data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int
+    data: np.ndarray, seq_len: int, batch_size: int, rank: int, world: int, seed: int, ledger: bool = True
 ) -> TrainLoader:
-    return TrainLoader(GlobalWindowStream(data, seq_len, batch_size, rank, world, seed))
+    return TrainLoader(GlobalWindowStream(data, seq_len, batch_size, rank, world, seed, ledger))

@@ -36,9 +36,10 @@ import numpy as np
 
 from shardyard.data.shards import ShardedTokens
 from shardyard.data.sources import Unit, document_is_validation, documents, resolve_units, source_list
-from shardyard.data.storage import filesystem, is_remote, join
-from shardyard.data.tokenize import Codec, read_tokenizer_file, train_bpe
+from shardyard.data.storage import filesystem, join
+from shardyard.data.tokenize import Tokenizer, read_tokenizer_file, train_bpe
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec
 
 FORMAT_VERSION = 1
@@ -56,9 +57,7 @@ def cache_root(data: DataSpec) -> Path:
 def prepared_root(data: DataSpec) -> str:
     """data.prepared_dir (local path or URL), default <cache>/prepared."""
     if data.prepared_dir:
-        return (
-            data.prepared_dir if is_remote(data.prepared_dir) else str(Path(data.prepared_dir).expanduser().absolute())
-        )
+        return data.prepared_dir if is_remote(data.prepared_dir) else str(local_path(data.prepared_dir).absolute())
     return str(cache_root(data) / "prepared")
 
 
@@ -138,11 +137,11 @@ class PreparedData:
             for s in self.index["sources"]
         ]
 
-    def codec(self) -> Codec:
+    def tokenizer(self) -> Tokenizer:
         path = self.directory / "tokenizer.json"
         if not path.exists():
-            return Codec.bytes()
-        return Codec.from_json(path.read_text(), self.vocab_size)
+            return Tokenizer.bytes()
+        return Tokenizer.from_json(path.read_text(), self.vocab_size)
 
 
 def _open_local(directory: Path) -> PreparedData:
@@ -215,28 +214,28 @@ class UnitTokens:
     node: str = ""
 
 
-def _encode_all(codec: Codec, docs: Iterator[bytes]) -> tuple[np.ndarray, int]:
+def _encode_all(tokenizer: Tokenizer, docs: Iterator[bytes]) -> tuple[np.ndarray, int]:
     pieces, batch, batch_bytes, total = [], [], 0, 0
     for doc in docs:
         batch.append(doc)
         batch_bytes += len(doc)
         total += len(doc)
         if batch_bytes >= ENCODE_BATCH_BYTES:
-            pieces.extend(codec.encode(batch))
+            pieces.extend(tokenizer.encode(batch))
             batch, batch_bytes = [], 0
     if batch:
-        pieces.extend(codec.encode(batch))
-    tokens = np.concatenate(pieces).astype(codec.dtype, copy=False) if pieces else np.zeros(0, codec.dtype)
+        pieces.extend(tokenizer.encode(batch))
+    tokens = np.concatenate(pieces).astype(tokenizer.dtype, copy=False) if pieces else np.zeros(0, tokenizer.dtype)
     return tokens, total
 
 
-def tokenize_unit(index: int, unit: Unit, codec: Codec, val_fraction: float) -> UnitTokens:
+def tokenize_unit(index: int, unit: Unit, tokenizer: Tokenizer, val_fraction: float) -> UnitTokens:
     """One unit's documents, split into train / val by their keys, tokenized."""
     train_docs, val_docs = [], []
-    for row, doc in documents(unit, need_text=not codec.is_bytes):
+    for row, doc in documents(unit, need_text=not tokenizer.is_bytes):
         (val_docs if document_is_validation(unit, row, val_fraction) else train_docs).append(doc)
-    train, train_bytes = _encode_all(codec, iter(train_docs))
-    val, val_bytes = _encode_all(codec, iter(val_docs))
+    train, train_bytes = _encode_all(tokenizer, iter(train_docs))
+    val, val_bytes = _encode_all(tokenizer, iter(val_docs))
     return UnitTokens(index, train, val, train_bytes, val_bytes)
 
 
@@ -253,20 +252,20 @@ def _training_texts(units: list[Unit], val_fraction: float) -> Iterator[str]:
                 return
 
 
-def build_codec(data: DataSpec, units: list[Unit]) -> Codec:
+def build_tokenizer(data: DataSpec, units: list[Unit]) -> Tokenizer:
     if data.tokenizer == "bytes":
-        return Codec.bytes()
+        return Tokenizer.bytes()
     if data.tokenizer.startswith("bpe:"):
         return train_bpe(_training_texts(units, data.val_fraction), int(data.tokenizer[4:]))
-    return Codec.from_json(read_tokenizer_file(data.tokenizer))
+    return Tokenizer.from_json(read_tokenizer_file(data.tokenizer))
 
 
-def _tokenize_local(units: list[Unit], codec: Codec, val_fraction: float) -> Iterator[UnitTokens]:
+def _tokenize_local(units: list[Unit], tokenizer: Tokenizer, val_fraction: float) -> Iterator[UnitTokens]:
     for i, unit in enumerate(units):
-        yield tokenize_unit(i, unit, codec, val_fraction)
+        yield tokenize_unit(i, unit, tokenizer, val_fraction)
 
 
-def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Iterator[UnitTokens]:
+def _tokenize_ray(units: list[Unit], tokenizer: Tokenizer, val_fraction: float) -> Iterator[UnitTokens]:
     """Ray Data over the units: one task per unit, spread over the cluster's nodes; token arrays come
     back to the driver through the object store (so no shared filesystem is needed)."""
     import pyarrow as pa
@@ -275,14 +274,14 @@ def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Itera
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    vocab, hf_json = codec.vocab_size, codec.hf_json
+    vocab, hf_json = tokenizer.vocab_size, tokenizer.hf_json
 
     def tokenize_batch(batch: pa.Table) -> pa.Table:
-        worker_codec = Codec(vocab, hf_json)
+        worker_tokenizer = Tokenizer(vocab, hf_json)
         node = ray.get_runtime_context().get_node_id()
         rows: dict[str, list] = {"unit": [], "train": [], "val": [], "train_bytes": [], "val_bytes": [], "node": []}
         for i in batch.column("unit").to_pylist():
-            result = tokenize_unit(i, units[i], worker_codec, val_fraction)
+            result = tokenize_unit(i, units[i], worker_tokenizer, val_fraction)
             for name, value in (
                 ("unit", i),
                 ("train", result.train.tobytes()),
@@ -313,8 +312,8 @@ def _tokenize_ray(units: list[Unit], codec: Codec, val_fraction: float) -> Itera
         for row in table.to_pylist():
             yield UnitTokens(
                 row["unit"],
-                np.frombuffer(row["train"], codec.dtype),
-                np.frombuffer(row["val"], codec.dtype),
+                np.frombuffer(row["train"], tokenizer.dtype),
+                np.frombuffer(row["val"], tokenizer.dtype),
                 row["train_bytes"],
                 row["val_bytes"],
                 row["node"],
@@ -391,7 +390,7 @@ def _write_prepared(
     staging: Path,
     data: DataSpec,
     units: list[Unit],
-    codec: Codec,
+    tokenizer: Tokenizer,
     fingerprint: dict[str, Any],
     results: Iterator[UnitTokens],
     show_progress: bool,
@@ -410,7 +409,7 @@ def _write_prepared(
             split_bytes["val"] += result.val_bytes
             report.units_per_node[result.node or "local"] = report.units_per_node.get(result.node or "local", 0) + 1
             bar.update(units[result.unit].size)
-    writers = {s: ShardWriter(staging, s, data.shard_tokens, codec.dtype) for s in ("train", "val")}
+    writers = {s: ShardWriter(staging, s, data.shard_tokens, tokenizer.dtype) for s in ("train", "val")}
     sources = [
         {"name": s.path, "weight": s.weight, "train": [0, 0], "val": [0, 0], "files": 0} for s in source_list(data)
     ]
@@ -422,7 +421,7 @@ def _write_prepared(
         if val_tokens[i]:
             val_unit_offsets.append(writers["val"].tokens)
         for split in ("train", "val"):
-            writers[split].write(np.fromfile(parts / f"{i}.{split}", dtype=codec.dtype))
+            writers[split].write(np.fromfile(parts / f"{i}.{split}", dtype=tokenizer.dtype))
         src["files"] += 1
         src["train"][1], src["val"][1] = writers["train"].tokens, writers["val"].tokens
     for writer in writers.values():
@@ -437,9 +436,9 @@ def _write_prepared(
     if writers["val"].tokens == 0:  # e.g. one long document: hold out the tail of the stream, as data.paths does
         val_cut = int(writers["train"].tokens * (1 - data.val_fraction))
         val_unit_offsets = [0]
-    np.save(staging / "token_bytes.npy", codec.token_byte_lengths())
-    if codec.hf_json is not None:
-        (staging / "tokenizer.json").write_text(codec.hf_json)
+    np.save(staging / "token_bytes.npy", tokenizer.token_byte_lengths())
+    if tokenizer.hf_json is not None:
+        (staging / "tokenizer.json").write_text(tokenizer.hf_json)
     out_fingerprint = {
         **fingerprint,
         "train_tokens": writers["train"].tokens,
@@ -449,8 +448,8 @@ def _write_prepared(
     }
     index = {
         "version": FORMAT_VERSION,
-        "dtype": codec.dtype.str,
-        "vocab_size": codec.vocab_size,
+        "dtype": tokenizer.dtype.str,
+        "vocab_size": tokenizer.vocab_size,
         "tokenizer": data.tokenizer,
         "shard_tokens": data.shard_tokens,
         "splits": {s: {"shards": w.shards, "tokens": w.tokens, "bytes": split_bytes[s]} for s, w in writers.items()},
@@ -485,10 +484,17 @@ def prepare(data: DataSpec, parallel: str = "auto", show_progress: bool = False)
     staging_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=staging_parent))
     try:
-        codec = build_codec(data, units)
+        tokenizer = build_tokenizer(data, units)
         tokenize = _tokenize_ray if use_ray else _tokenize_local
         _write_prepared(
-            staging, data, units, codec, fingerprint, tokenize(units, codec, data.val_fraction), show_progress, report
+            staging,
+            data,
+            units,
+            tokenizer,
+            fingerprint,
+            tokenize(units, tokenizer, data.val_fraction),
+            show_progress,
+            report,
         )
         _publish(staging, root, key)
     finally:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from shardyard.data.corpus import STDLIB, is_validation, stdlib_root
-from shardyard.data.storage import filesystem, is_remote, protocol_of
+from shardyard.data.storage import filesystem, protocol_of
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec, SourceSpec
 
 ROW_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -75,7 +76,7 @@ def _keeps(name: str, declared: str, extensions: list[str]) -> bool:
 
 def _local_units(index: int, spec: SourceSpec, data: DataSpec) -> list[Unit]:
     entry = spec.path
-    root = stdlib_root() if entry == STDLIB else Path(entry).expanduser()
+    root = stdlib_root() if entry == STDLIB else local_path(entry)
 
     def unit(path: Path, key: str, named: bool) -> Unit:
         st = path.stat()
@@ -176,7 +177,7 @@ def _open(location: str):
     if is_remote(location):
         fs, path = filesystem(location)
         return fs.open(path, "rb")
-    return open(location, "rb")
+    return open(local_path(location), "rb")
 
 
 def _row_text(unit: Unit, value: Any, where: str) -> bytes:

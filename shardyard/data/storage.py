@@ -1,4 +1,5 @@
-"""Local paths and object-storage URLs (s3://, gs://, ... through fsspec) behind one small interface.
+"""Object-storage URLs (s3://, gs://, ... through fsspec) behind one small interface; which locations
+are remote is platform/locations.py's one check.
 
 Local paths stay plain `pathlib` (no fsspec import on the byte path). A URL with a scheme goes to
 fsspec; for s3 the endpoint and credentials come from the usual environment variables
@@ -10,10 +11,6 @@ from __future__ import annotations
 
 import os
 from typing import Any
-
-
-def is_remote(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
 
 
 def filesystem(url: str) -> tuple[Any, str]:

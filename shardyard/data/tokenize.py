@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from shardyard.data.storage import filesystem, is_remote
+from shardyard.data.storage import filesystem
 from shardyard.platform.errors import UserError
+from shardyard.platform.locations import is_remote, local_path
 from shardyard.platform.schema import DataSpec
 
 BYTES = "bytes"
@@ -39,7 +40,7 @@ def read_tokenizer_file(location: str) -> str:
             fs, path = filesystem(location)
             with fs.open(path, "rb") as f:
                 return f.read().decode("utf-8")
-        with open(location, "rb") as f:
+        with open(local_path(location), "rb") as f:
             return f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"data.tokenizer: cannot read {location!r} ({err})") from None
@@ -52,11 +53,11 @@ def vocab_size_for(data: DataSpec) -> int:
         return 256
     if data.tokenizer.startswith("bpe:"):
         return int(data.tokenizer[4:])
-    return Codec.from_json(read_tokenizer_file(data.tokenizer)).vocab_size
+    return Tokenizer.from_json(read_tokenizer_file(data.tokenizer)).vocab_size
 
 
 @dataclass
-class Codec:
+class Tokenizer:
     """Bytes -> token ids. `hf_json` is None for the byte tokenizer."""
 
     vocab_size: int
@@ -64,21 +65,21 @@ class Codec:
     _hf: Any = None
 
     @staticmethod
-    def bytes() -> Codec:
-        return Codec(256)
+    def bytes() -> Tokenizer:
+        return Tokenizer(256)
 
     @staticmethod
-    def from_json(text: str, vocab_size: int | None = None) -> Codec:
-        from tokenizers import Tokenizer
+    def from_json(text: str, vocab_size: int | None = None) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            hf = Tokenizer.from_str(text)
+            hf = HFTokenizer.from_str(text)
         except Exception as err:  # tokenizers raises a bare Exception for a malformed file
             raise UserError(f"data.tokenizer: not a HF tokenizers tokenizer.json ({err})") from None
         size = hf.get_vocab_size(with_added_tokens=True)
         if vocab_size is not None and size > vocab_size:
             raise UserError(f"data.tokenizer: the tokenizer has {size} ids, more than the model's {vocab_size}")
-        return Codec(vocab_size or size, text, hf)
+        return Tokenizer(vocab_size or size, text, hf)
 
     @property
     def is_bytes(self) -> bool:
@@ -90,9 +91,9 @@ class Codec:
 
     def hf(self) -> Any:
         if self._hf is None and self.hf_json is not None:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer as HFTokenizer
 
-            self._hf = Tokenizer.from_str(self.hf_json)
+            self._hf = HFTokenizer.from_str(self.hf_json)
         return self._hf
 
     def encode(self, docs: list[bytes]) -> list[np.ndarray]:
@@ -141,12 +142,13 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Codec:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (every byte value in the alphabet, so any text encodes) trained on `texts`;
     deterministic for the same texts in the same order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    hf = Tokenizer(models.BPE())
+    hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -156,4 +158,4 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Codec:
         special_tokens=[],
     )
     hf.train_from_iterator(texts, trainer=trainer)
-    return Codec(vocab_size, hf.to_str(), hf)
+    return Tokenizer(vocab_size, hf.to_str(), hf)

@@ -48,15 +48,15 @@ class TrainingData:
 
     def encode_text(self, text: HeldOutText) -> HeldOutText:
         """An extra evaluation text (bytes) in this data's tokens (training.eval_sets)."""
-        if self.prepared is None or self.prepared.codec().is_bytes:
+        if self.prepared is None or self.prepared.tokenizer().is_bytes:
             return text
-        codec = self.prepared.codec()
+        tokenizer = self.prepared.tokenizer()
         bounds = list(text.file_offsets) + [len(text.data)]
         pieces = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             doc = bytes(np.asarray(text.data[a:b]))
             try:
-                pieces.append(codec.encode([doc])[0])
+                pieces.append(tokenizer.encode([doc])[0])
             except UnicodeDecodeError:
                 raise UserError("training.eval_sets: a text tokenizer needs UTF-8 evaluation files") from None
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
@@ -111,11 +111,13 @@ def load_training_data(data: DataSpec) -> TrainingData:
 
 
 def build_data_loader(
-    data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int
+    data: TrainingData, seq_len: int, batch_size: int, rank: int, world: int, seed: int, ledger: bool = True
 ) -> TrainLoader:
-    """The rank's resumable loader: global windows of the one stream, or the weighted mixture."""
+    """The rank's resumable loader: global windows of the one stream, or the weighted mixture.
+    `rank` / `world`: data-parallel coordinates; `ledger`: whether this rank writes the sample ledger
+    test hook (one of the ranks reading the same batches)."""
     if len(data.sources) == 1:
-        return build_train_loader(data.train, seq_len, batch_size, rank, world, seed)
+        return build_train_loader(data.train, seq_len, batch_size, rank, world, seed, ledger)
     from shardyard.data.mixture import MixtureWindowStream
 
     stream = MixtureWindowStream(

@@ -273,12 +273,12 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y[offsets[e-1]:offsets[e]] = x[offsets[e-1]:offsets[e]] @ w[e]; x [M, K], w [E, K, N] -> [M, N]."""
-    return _dispatch(x, w, offsets, backend, transpose_w=False)
+    return _run_backend(x, w, offsets, backend, transpose_w=False)
 
 
 def grouped_mm_t(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Transposed-weight variant: y_e = x_e @ w[e]^T; x [M, K], w [E, N, K] -> [M, N]."""
-    return _dispatch(x, w, offsets, backend, transpose_w=True)
+    return _run_backend(x, w, offsets, backend, transpose_w=True)
 
 
 def check_backend_device(backend: str, x: torch.Tensor) -> None:
@@ -288,7 +288,9 @@ def check_backend_device(backend: str, x: torch.Tensor) -> None:
         raise BackendUnavailable(reason)
 
 
-def _dispatch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str, transpose_w: bool) -> torch.Tensor:
+def _run_backend(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str, transpose_w: bool
+) -> torch.Tensor:
     if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1 or offsets.numel() != w.shape[0]:
         raise ValueError(
             f"grouped_mm wants x [M, K], w [E, K, N], offsets [E]; got {tuple(x.shape)}, "

@@ -7,7 +7,7 @@ the MoE model and the byte models' stages.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -216,11 +216,19 @@ class TransformerStack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {x.shape[1]} exceeds max_seq_len {self.rope_cos.shape[0]}")
-        rope = (self.rope_cos, self.rope_sin)
-        every = self.checkpoint_every if torch.is_grad_enabled() else 0
-        for i, block in enumerate(self.blocks):
-            x = checkpointed(block, x, rope) if every and (i + 1) % every == 0 else block(x, rope)
+        x = run_blocks(enumerate(self.blocks), x, (self.rope_cos, self.rope_sin), self.checkpoint_every)
         return self.norm(x)
+
+
+def run_blocks(
+    blocks: Iterable[tuple[int, nn.Module]], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], every: int
+) -> torch.Tensor:
+    """Blocks in order, given with their index in the whole stack: every `every`-th (by that index)
+    recomputed in backward (activation checkpointing; 0 = none, and none without grad)."""
+    every = every if torch.is_grad_enabled() else 0
+    for i, block in blocks:
+        x = checkpointed(block, x, rope) if every and (i + 1) % every == 0 else block(x, rope)
+    return x
 
 
 class ByteTransformerLM(nn.Module):

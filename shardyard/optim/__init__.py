@@ -9,7 +9,7 @@ Wiring, in this order:
 1. `model = prepare_model_for_optimizer(model, spec.optim)` right after the model is built (and
    expert parallelism applied): for q_galore_adamw it swaps projected weights for INT8 layers
    (int8_weights.py); for other kinds it returns the model unchanged.
-2. `optimizer = build_optimizer(spec.optim, model)`.
+2. `optimizer = build_optimizer(spec.optim, model, group)` (group: the data-parallel ranks).
 3. With `optim.galore.layerwise` (any world size), or q_galore_adamw with more than one worker
    (DDP cannot wrap INT8 layers): `LayerwiseStepper` (layerwise.py) instead of DDP. It reduces
    gradients in buckets from their hooks; layer-wise it steps each parameter as its bucket lands,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shardyard.optim.int8_weights import prepare_model_for_optimizer
@@ -40,7 +41,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(spec: OptimSpec, model: nn.Module, group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
+    """`group`: the data-parallel ranks GaLore shares its projection over (None: one process alone)."""
     if spec.kind == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps)
     if spec.kind == "sgd":
@@ -67,6 +69,7 @@ def build_optimizer(spec: OptimSpec, model: nn.Module) -> torch.optim.Optimizer:
             layerwise=g.layerwise,
             moments=g.moments,
             layerwise_clip=spec.grad_clip if g.layerwise else 0.0,
+            group=group,
         )
         if spec.kind == "galore_adamw":
             return GaLoreAdamW(groups, **common)

@@ -6,7 +6,8 @@ Each gradient is counted where it lives:
   over the ranks each mesh dim shards it across (each holds a disjoint piece);
 - an expert-parallel shard (models.moe.experts.is_expert_shard): summed over the EP group, whose ranks
   hold disjoint experts (their EDP peers hold the same, already reduced, values);
-- a plain tensor: replicated (already reduced), counted once.
+- a plain tensor: replicated (already reduced), counted once;
+- and under pipeline parallelism the whole sum over the stage group: stages hold disjoint parameters.
 Squares are summed in float64 on the CPU. Gradients are then scaled by max_norm / (norm + 1e-6) when
 that is below one (the rule of torch.nn.utils.clip_grad_norm_).
 """
@@ -54,7 +55,11 @@ def _shard_groups(g: DTensor) -> list[dist.ProcessGroup]:
 
 
 @torch.no_grad()
-def grad_norm(params: Iterable[nn.Parameter], expert_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def grad_norm(
+    params: Iterable[nn.Parameter],
+    expert_group: dist.ProcessGroup | None = None,
+    stage_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """The global gradient norm (float32 scalar on CPU); collective over the groups involved."""
     params = [p for p in params if p.grad is not None]
     device = params[0].device if params else torch.device("cpu")
@@ -77,7 +82,10 @@ def grad_norm(params: Iterable[nn.Parameter], expert_group: dist.ProcessGroup | 
     expert_sq = local_square_norm(experts)
     if expert_group is not None and dist.get_world_size(expert_group) > 1:
         expert_sq = _sum_over(expert_sq, expert_group, device)
-    return (total + expert_sq).sqrt().float()
+    total = total + expert_sq
+    if stage_group is not None and dist.get_world_size(stage_group) > 1:
+        total = _sum_over(total, stage_group, device)
+    return total.sqrt().float()
 
 
 @torch.no_grad()
@@ -91,12 +99,15 @@ def scale_grads_(params: Iterable[nn.Parameter], total_norm: torch.Tensor, max_n
 
 @torch.no_grad()
 def clip_grad_norm_(
-    params: Iterable[nn.Parameter], max_norm: float, expert_group: dist.ProcessGroup | None = None
+    params: Iterable[nn.Parameter],
+    max_norm: float,
+    expert_group: dist.ProcessGroup | None = None,
+    stage_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Clip the gradients of `params` by their global norm (`max_norm` <= 0: no clipping); returns the
     norm before clipping. Collective: every rank calls it with its own parameters."""
     params = list(params)
-    norm = grad_norm(params, expert_group)
+    norm = grad_norm(params, expert_group, stage_group)
     if max_norm > 0:
         scale_grads_(params, norm, max_norm)
     return norm

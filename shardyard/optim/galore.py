@@ -132,7 +132,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         layerwise: bool = False,
         moments: str = "fp32",
         layerwise_clip: float = 0.0,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
+        """`group`: the data-parallel ranks that hold the same dense weights (the projection is
+        broadcast over it; layer-wise steps are driven by a LayerwiseStepper when it has several
+        ranks); None for one process on its own."""
         if projection not in ("svd", "randomized"):
             raise ValueError(f"unknown projection {projection!r}; available: svd, randomized")
         if moments not in ("fp32", "int8"):
@@ -153,6 +157,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
         self.broadcast_projection = broadcast_projection
+        self.group = group
         self.layerwise = layerwise
         self.moments = moments
         self.layerwise_clip = layerwise_clip  # layer-wise: clip each gradient's norm to this (0 = off)
@@ -218,7 +223,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _attach_layerwise_hooks(self) -> None:
         """Single worker: step and free each gradient from its own hook. Under data parallelism the
         gradient must first be averaged over ranks: LayerwiseStepper attaches those hooks instead."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.group is not None and dist.get_world_size(self.group) > 1:
             return
 
         def hook(p: torch.Tensor) -> None:
@@ -263,8 +268,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         )
         # expert-parallel shards hold different experts on every rank: never broadcast those
         sharded = is_expert_shard(p)
-        if self.broadcast_projection and not sharded and dist.is_available() and dist.is_initialized():
-            dist.broadcast(basis, src=0)
+        if self.broadcast_projection and not sharded and self.group is not None:
+            dist.broadcast(basis, group=self.group, group_src=0)
         return basis
 
     def _refresh_due(self, state: dict) -> bool:

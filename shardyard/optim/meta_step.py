@@ -97,12 +97,12 @@ class MetaMemoryMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = self._dispatch(func, args, kwargs)
+        out = self._run_op(func, args, kwargs)
         inputs = {storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         self._track(out, inputs)
         return out
 
-    def _dispatch(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+    def _run_op(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         if func is aten.bincount.default:
             ids = args[0]
             minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)

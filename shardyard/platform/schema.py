@@ -791,6 +791,34 @@ class DispatchSpec(Section):
         )
 
 
+class PipelineSpec(Section):
+    """How a pipeline-parallel job's layers are split into stages and its batch into micro-batches."""
+
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = Field(
+        "1f1b",
+        description="1f1b (one forward, one backward in steady state; bubble (p-1)/(m+p-1)) | interleaved_1f1b "
+        "(stages_per_rank looped stages per rank: bubble (p-1)/(v m + p-1)) | gpipe (all forwards, then all "
+        "backwards: the 1f1b bubble, m micro-batches of activations held)",
+    )
+    microbatches: PositiveInt = Field(
+        2, description="micro-batches each optimizer micro-step's batch (training.batch_size) is split into"
+    )
+    stages_per_rank: PositiveInt | None = Field(
+        None, description="stages (virtual stages) each pipeline rank holds; default: 2 for interleaved_1f1b, else 1"
+    )
+    layers_per_stage: list[int] | None = Field(
+        None,
+        description="transformer blocks of each stage, in order (sum = model.depth, one entry per stage); default: "
+        "as even as possible, extra blocks to the stages after the first (which also holds the embedding)",
+    )
+
+    @property
+    def virtual_stages(self) -> int:
+        if self.stages_per_rank is not None:
+            return self.stages_per_rank
+        return 2 if self.schedule == "interleaved_1f1b" else 1
+
+
 class ParallelSpec(Section):
     expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
     tensor_parallel: PositiveInt = Field(
@@ -817,6 +845,14 @@ class ParallelSpec(Section):
         "with expert_parallel (experts stay sharded over EP): none = replicated (DDP) | zero2 = "
         "parameters kept gathered between forward and backward | full = parameters resharded after "
         "forward (ZeRO-3)",
+    )
+    pipeline_parallel: PositiveInt = Field(
+        1,
+        description="pipeline-parallel degree: the model's blocks split into stages over this many ranks (the "
+        "outermost mesh dim); its ranks share one batch, so data-parallel ranks = workers / pipeline_parallel",
+    )
+    pipeline: PipelineSpec = Field(
+        default_factory=PipelineSpec, description="pipeline schedule and split (with pipeline_parallel > 1)"
     )
 
     # Fields a resume may not change when the checkpoint format does not reshard (see `checkpoints_reshard`).
@@ -1012,6 +1048,7 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _cross_section(self) -> JobSpec:
         ep = self.parallel.expert_parallel
+        self._check_pipeline()
         if ep > 1:
             if self.model.kind != "moe":
                 raise ValueError(
@@ -1021,6 +1058,12 @@ class JobSpec(Section):
             if self.resources.workers % ep:
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})"
+                )
+            stage_workers = self.resources.workers // self.parallel.pipeline_parallel
+            if stage_workers % ep:  # EP groups hold distinct tokens: data-parallel or tensor-parallel ranks
+                raise ValueError(
+                    f"parallel.expert_parallel: {ep} must divide the workers of a pipeline stage "
+                    f"({stage_workers} = resources.workers / parallel.pipeline_parallel)"
                 )
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(
@@ -1104,6 +1147,11 @@ class JobSpec(Section):
                 f"{field} splits weight matrices over ranks, but optim.kind {self.optim.kind} projects whole "
                 "gradient matrices; use adamw or sgd"
             )
+        if self.parallel.pipeline_parallel > 1:
+            return (
+                f"{field} with parallel.pipeline_parallel: {self.parallel.pipeline_parallel}: tensor parallelism "
+                "inside pipeline stages is not supported yet; use one of them"
+            )
         if m.init_from or m.upcycle_from:
             which = "model.init_from" if m.init_from else "model.upcycle_from"
             return (
@@ -1111,6 +1159,73 @@ class JobSpec(Section):
                 f"tensor_parallel 1 and resume it at {tp}"
             )
         return None
+
+    def _check_pipeline(self) -> None:
+        """parallel.pipeline_parallel and parallel.pipeline against the rest of the job."""
+        pp, pipe = self.parallel.pipeline_parallel, self.parallel.pipeline
+        if pp == 1:
+            return
+        workers = self.resources.workers
+        if workers % pp:
+            raise ValueError(f"parallel.pipeline_parallel: {pp} must divide resources.workers ({workers})")
+        if self.model.kind not in ("dense", "moe"):
+            raise ValueError(
+                f"parallel.pipeline_parallel: {pp} splits a flat model's blocks into stages; model.kind "
+                f"{self.model.kind!r} is not a flat model (dense | moe)"
+            )
+        if self.parallel.zero:
+            raise ValueError(
+                f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with "
+                f"parallel.pipeline_parallel ({pp}); use parallel.shard (FSDP2) with pipeline parallelism"
+            )
+        if self.optim.galore is not None:
+            raise ValueError(
+                f"optim.kind: {self.optim.kind} steps from gradient hooks, which a pipeline schedule does not "
+                f"run in order; use optim.kind: adamw with parallel.pipeline_parallel ({pp})"
+            )
+        if self.model.tie_embeddings:
+            raise ValueError(
+                f"model.tie_embeddings: the embedding (first stage) and the head (last stage) would share one "
+                f"weight across parallel.pipeline_parallel ({pp}) ranks; untie them"
+            )
+        stages = pp * pipe.virtual_stages
+        if pipe.layers_per_stage is not None:
+            if (
+                len(pipe.layers_per_stage) != stages
+                or sum(pipe.layers_per_stage) != self.model.depth
+                or min(pipe.layers_per_stage) < 1
+            ):
+                raise ValueError(
+                    f"parallel.pipeline.layers_per_stage: {pipe.layers_per_stage} must have one entry (>= 1) per "
+                    f"stage ({stages} = pipeline_parallel x stages_per_rank) summing to model.depth "
+                    f"({self.model.depth})"
+                )
+        elif self.model.depth < stages:
+            raise ValueError(
+                f"parallel.pipeline_parallel: {pp} x stages_per_rank {pipe.virtual_stages} = {stages} stages, but "
+                f"model.depth is {self.model.depth}: every stage needs a block"
+            )
+        if pipe.schedule != "interleaved_1f1b" and pipe.stages_per_rank not in (None, 1):
+            raise ValueError(
+                f"parallel.pipeline.stages_per_rank: {pipe.stages_per_rank} needs schedule interleaved_1f1b "
+                f"(a {pipe.schedule} schedule runs one stage per rank)"
+            )
+        if self.training.batch_size % pipe.microbatches:
+            raise ValueError(
+                f"parallel.pipeline.microbatches: {pipe.microbatches} must divide training.batch_size "
+                f"({self.training.batch_size}, the sequences of one data-parallel replica's micro-step)"
+            )
+        rounds = max(1, pipe.microbatches // pp)
+        if pipe.schedule == "interleaved_1f1b" and pipe.microbatches % rounds:
+            raise ValueError(
+                f"parallel.pipeline.microbatches: {pipe.microbatches} must be a multiple of its rounds "
+                f"({rounds} = microbatches // pipeline_parallel) for schedule interleaved_1f1b"
+            )
+
+    def data_parallel_workers(self) -> int:
+        """Workers reading their own batches: the ranks of one pipeline, and of one tensor-parallel
+        group, share one."""
+        return self.resources.workers // (self.parallel.pipeline_parallel * self.parallel.tensor_parallel)
 
     def notes(self) -> list[str]:
         """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,
@@ -1134,12 +1249,6 @@ class JobSpec(Section):
             )
         return out
 
-    @property
-    def data_parallel(self) -> int:
-        """Data-parallel replicas: workers reading distinct batches."""
-        return self.resources.workers // self.parallel.tensor_parallel
-
     def tokens_per_step(self) -> int:
-        """Bytes trained on per optimizer step, over all data-parallel replicas and micro-batches (the
-        workers of one tensor-parallel group share one batch)."""
-        return self.data_parallel * self.training.batch_size * self.training.grad_accum * self.data.seq_len
+        """Bytes trained on per optimizer step, over all data-parallel workers and micro-batches."""
+        return self.data_parallel_workers() * self.training.batch_size * self.training.grad_accum * self.data.seq_len

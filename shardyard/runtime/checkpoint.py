@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.runtime.safe_load import checkpoint_code_problem
 
 META_FILE = "meta.json"
@@ -130,7 +131,7 @@ def _maybe_die_mid_save(step: int) -> None:
     """Test hook ($SHARDYARD_KILL_IN_SAVE="<step>:<marker file>"): the last rank's process exits
     abruptly once, after writing its shards and before the manifest exists."""
     hook = os.environ.get(envvars.KILL_IN_SAVE)
-    if not hook or not dist.is_initialized() or dist.get_rank() != dist.get_world_size() - 1:
+    if not hook or dist.get_rank() != dist.get_world_size() - 1:  # (save_checkpoint's process group)
         return
     at, marker = hook.split(":", 1)
     if int(at) == step and not Path(marker).exists():
@@ -191,7 +192,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every checkpoint_* with a readable meta.json, newest first."""
     found = []
-    for path in Path(run_dir).glob("checkpoint_*"):
+    for path in RunDir(Path(run_dir)).checkpoints():
         try:
             found.append((int(read_meta(path)["step"]), path))
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -204,7 +205,7 @@ def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Pa
     skipped; `report(message)` hears about each (unreadable meta.json included)."""
     if report is not None:
         readable = {path for _, path in checkpoints_newest_first(run_dir)}
-        for path in sorted(set(Path(run_dir).glob("checkpoint_*")) - readable, reverse=True):
+        for path in sorted(set(RunDir(Path(run_dir)).checkpoints()) - readable, reverse=True):
             if path.is_dir():
                 report(f"skipping {path.name}: {META_FILE} is missing or unreadable")
     for _, path in checkpoints_newest_first(run_dir):
@@ -230,18 +231,20 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     return meta
 
 
-def stage_rank_files(source: Path, partial: Path, after_copy: Callable[[], None] | None = None) -> None:
-    """Collective: rank 0 empties `partial`, then every rank copies its files from `source` into it
-    (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`, and waits for all."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    many = dist.is_initialized() and dist.get_world_size() > 1
+def stage_rank_files(
+    source: Path, partial: Path, group: dist.ProcessGroup, after_copy: Callable[[], None] | None = None
+) -> None:
+    """Collective over `group`: its rank 0 empties `partial`, then every rank copies its files from
+    `source` into it (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`,
+    and waits for all."""
+    rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     if many:
-        dist.barrier()
+        dist.barrier(group)
     shutil.copytree(source, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_FILE))
     if after_copy is not None:
         after_copy()
     if many:
-        dist.barrier()
+        dist.barrier(group)

@@ -1,29 +1,27 @@
 """Driver side of a job: build a Ray Train TorchTrainer from the spec and run it.
 
 `run_training` is called by `shardyard run` (embedded local cluster) and by the Ray job's
-entrypoint (`python -m shardyard.runtime.entry`, what `shardyard submit` launches). Re-running a job
+entrypoint (`python -m shardyard.cli.job_entry`, what `shardyard submit` launches). Re-running a job
 with the same name and storage resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardyard import envvars
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
-from shardyard.platform.spec import load_spec, spec_from_json, spec_to_yaml
+from shardyard.platform.spec import load_spec, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
 from shardyard.runtime.preemption import EXIT_STOPPED, clear_stop, graceful_stop, stop_reason
-from shardyard.tracking.logger import METRICS_FILE, read_metrics
+from shardyard.tracking.logger import read_metrics
 
 
 @dataclass
@@ -39,65 +37,18 @@ class TrainingResult:
     def exit_code(self) -> int:
         return 1 if self.error else EXIT_STOPPED if self.stopped else 0
 
-    def summary(self, spec: JobSpec, resume_hint: str | None = None) -> str:
-        """What a finished (or failed, or stopped) run tells its user: final losses, where its files are."""
-        metrics = self.metrics
-        state = "FAILED" if self.error else "stopped" if self.stopped else "done"
-        lines = [f"\n== {spec.name}: {state} at step {self.final_step}/{spec.training.steps}"]
-        if metrics:
-            lines.append(
-                f"   train loss {metrics.get('loss', float('nan')):.4f} ({metrics.get('bpb', float('nan')):.3f} "
-                f"bits/byte), val {metrics.get('val_bpb', float('nan')):.4f}"
-                + (f" +- {metrics['val_bpb_stderr']:.4f}" if "val_bpb_stderr" in metrics else "")
-                + f" bits/byte, {metrics.get('tokens_per_s', 0):.0f} bytes/s"
-            )
-        lines.append(f"   run directory {self.run_dir}")
-        if self.checkpoint:
-            lines.append(f"   newest checkpoint {self.checkpoint}")
-        wandb_runs = self.run_dir / "wandb"
-        if wandb_runs.exists() and spec.tracking.mode == "offline":
-            lines.append(
-                f"   wandb offline runs in {wandb_runs}: push them as one run with `shardyard sync {self.run_dir}`"
-            )
-        if self.error:
-            lines.append(f"   error: {self.error}")
-        if self.stopped and not self.error:
-            lines.append(
-                f"   stopped ({self.stopped}) with a checkpoint at step {self.final_step}; continue with: "
-                f"{resume_hint or 'the same command (same job name)'}"
-            )
-        return "\n".join(lines)
-
-
-def run_directory(spec: JobSpec) -> Path:
-    """<checkpoint.dir>/<name>, a relative checkpoint.dir taken from the working directory. With
-    checkpoint.dir on object storage (s3://...) checkpoints go to the bucket (Ray Train's storage
-    path) and this local directory keeps the rest (metrics.jsonl, spec.yaml, wandb)."""
-    from shardyard.data.storage import is_remote
-
-    if is_remote(spec.checkpoint.dir):
-        digest = hashlib.sha1(spec.checkpoint.dir.encode()).hexdigest()[:12]
-        return Path.home() / ".cache" / "shardyard" / "runs" / digest / spec.name
-    root = Path(spec.checkpoint.dir).expanduser()
-    return (root if root.is_absolute() else Path.cwd() / root) / spec.name
-
 
 def write_run_files(spec: JobSpec, run_dir: Path) -> None:
-    """spec.yaml (the spec of the newest start) and spec-history/NNNN.yaml (every spec used, kept)."""
+    """The run's spec file (the spec of the newest start) and its spec history (every spec used, kept)."""
     from shardyard.runtime.resume_guard import record_spec_history
 
     run_dir.mkdir(parents=True, exist_ok=True)
     text = spec_to_yaml(spec)
     record_spec_history(run_dir, text)
-    tmp = run_dir / ".spec.yaml.tmp"
+    spec_file = RunDir(run_dir).spec_file
+    tmp = spec_file.with_name(f".{spec_file.name}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, run_dir / "spec.yaml")
-
-
-def run_config_location(run_dir: Path) -> tuple[str, str]:
-    """(RunConfig name, storage_path) that make Ray Train write checkpoints into `run_dir` itself, the
-    directory metrics and the spec go to, whatever the job is called (`submit --run-dir`)."""
-    return run_dir.name, str(run_dir.parent)
+    os.replace(tmp, spec_file)
 
 
 def build_trainer(spec: JobSpec, run_dir: Path):
@@ -114,9 +65,7 @@ def build_trainer(spec: JobSpec, run_dir: Path):
         per_worker["GPU"] = res.gpus_per_worker
     if res.memory_per_worker is not None:
         per_worker["memory"] = float(res.memory_per_worker_bytes)
-    name, storage = run_config_location(run_dir)
-    if "://" in spec.checkpoint.dir:  # object storage: checkpoints go to the bucket, the rest stays in run_dir
-        name, storage = spec.name, spec.checkpoint.dir
+    name, storage = RunDir.checkpoint_storage(spec, run_dir)
     return build_torch_trainer(
         run_dir,
         res.collective_timeout_minutes * 60,
@@ -163,7 +112,7 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
     note = getattr(on_progress, "note", None)  # a live display that can print a line above itself
     events = EventPrinter(run_dir, out=note) if callable(note) else EventPrinter(run_dir)
     watcher = threading.Thread(
-        target=_watch_metrics, args=(run_dir / METRICS_FILE, on_progress, stop, events.poll), daemon=True
+        target=_watch_metrics, args=(RunDir(run_dir).metrics, on_progress, stop, events.poll), daemon=True
     )
     watcher.start()
     restore_output = route_worker_output(run_dir)
@@ -226,7 +175,7 @@ def resume_conflicts(spec: JobSpec, run_dir: Path) -> list[str]:
     latest = find_latest_checkpoint(run_dir)
     if latest is None:
         return []
-    stored_file = latest / "spec.yaml" if (latest / "spec.yaml").exists() else run_dir / "spec.yaml"
+    stored_file = latest / SPEC_FILE if (latest / SPEC_FILE).exists() else RunDir(run_dir).spec_file
     if not stored_file.exists():
         return []
     return spec_differences(load_spec(stored_file), spec)
@@ -248,32 +197,3 @@ def latest_step(run_dir: Path) -> int:
     """Step of the run's newest complete checkpoint (0 when it has none)."""
     latest = find_latest_checkpoint(run_dir)
     return 0 if latest is None else int(read_meta(latest)["step"])
-
-
-def main() -> int:
-    """Entrypoint of a submitted Ray job: the resolved spec arrives in $SHARDYARD_SPEC_JSON."""
-    import ray
-
-    spec = spec_from_json(os.environ[envvars.SPEC_JSON])
-    run_dir = Path(os.environ.get(envvars.RUN_DIR) or run_directory(spec))
-    try:
-        refuse_conflicting_resume(spec, run_dir)
-    except UserError as err:
-        print(f"[shardyard] error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
-    print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
-
-    from shardyard.tracking.live import LiveStatus
-
-    progress = LiveStatus(spec.training.steps, tty=False)  # a job log: plain periodic lines
-    result = run_training(spec, run_dir, progress)
-    print(result.summary(spec, resume_hint="submit the same spec again (same job name)"), flush=True)
-    return result.exit_code
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip the interpreter teardown that can crash in Ray's threads (see cli._exit_now)

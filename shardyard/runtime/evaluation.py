@@ -53,9 +53,6 @@ class EvalResult:
     bytes: int  # bytes scored, all ranks
     control_gain: float = 1.0  # plain-estimator variance / this estimator's (1 = no control variates)
 
-    def __str__(self) -> str:
-        return f"{self.bpb:.4f} +- {self.stderr:.4f} bits/byte ({self.windows} windows, {self.bytes:,} bytes)"
-
 
 def window_bits_and_bytes(
     model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor | None = None
@@ -63,6 +60,13 @@ def window_bits_and_bytes(
     """Each window's summed bits and the bytes its targets cover, float64 [batch] each
     (`token_bytes[id]`: bytes of token id; None = one byte per token)."""
     logits, _ = model(inputs, targets)
+    return logits_bits_and_bytes(logits, targets, token_bytes)
+
+
+def logits_bits_and_bytes(
+    logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`window_bits_and_bytes` from the windows' logits."""
     nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     bits = nats.view(targets.shape).double().sum(dim=1) / LN2
     if token_bytes is None:
@@ -170,11 +174,14 @@ def evaluate(
     group: dist.ProcessGroup | None = None,
     token_bytes: torch.Tensor | None = None,
     controls: WindowControls | None = None,
+    logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> EvalResult:
     """Bits per byte of `model` over this rank's `batches`, combined over the `world` ranks (collective
     when world > 1: every rank calls it, with the same number of batches for expert-parallel models).
     `token_bytes`: bytes each token id covers (None: bytes, one each). `controls`: the windows' n-gram
-    control variates in batch order (used with bytes only; the same on every rank or None on every rank)."""
+    control variates in batch order (used with bytes only; the same on every rank or None on every rank).
+    `logits_of`: a batch's logits when `model` is one pipeline rank's part (Pipeline.logits): the last
+    stage's ranks score the windows, the others run their stages and add nothing."""
     use_controls = controls is not None and token_bytes is None
     p = controls.values.shape[1] if use_controls else 0
     # windows, bits, bytes, bits^2, bytes^2, bits*bytes; then sum x, x x^T, x * bpb of the controls
@@ -183,7 +190,13 @@ def evaluate(
     with eval_mode(model):
         for inputs, targets in batches:
             with autocast():
-                bits, covered = window_bits_and_bytes(model, inputs.to(device), targets.to(device), token_bytes)
+                if logits_of is None:
+                    bits, covered = window_bits_and_bytes(model, inputs.to(device), targets.to(device), token_bytes)
+                else:
+                    logits = logits_of(inputs.to(device), targets.to(device))
+                    if logits is None:
+                        continue
+                    bits, covered = logits_bits_and_bytes(logits, targets.to(device), token_bytes)
             bits, covered = bits.cpu(), covered.cpu()
             sums[:6] += torch.stack(
                 [

@@ -5,7 +5,6 @@ one single-worker model: for `shardyard export` (one safetensors file plus the r
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -14,12 +13,12 @@ from torch import nn
 from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec
 from shardyard.runtime import checkpoint as ckpt
 
 WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.yaml"
 
 
 def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
@@ -91,26 +90,6 @@ def export(target: Path, out: Path, step: int | None = None) -> Path:
     return out / WEIGHTS_FILE
 
 
-class _DcpTensors:
-    """Reads one tensor of a DCP checkpoint at a time (any layout: DCP assembles the rank chunks)."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
-
-        self.metadata = read_dcp_metadata(checkpoint / ckpt.SHARDS_DIR / ".metadata")
-        self.path = str(checkpoint / ckpt.SHARDS_DIR)
-        self._dcp, self._reader = dcp, SafeFileSystemReader
-
-    def read(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        state = {"model": {key: torch.empty(like.shape, dtype=like.dtype)}}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            self._dcp.load(state, storage_reader=self._reader(self.path), no_dist=True)
-        return state["model"][key]
-
-
 def export_hf(
     target: Path,
     out: Path,
@@ -121,7 +100,7 @@ def export_hf(
 ) -> tuple[str, list[Path]]:
     """Write a Hugging Face model directory (config.json, generation_config.json, safetensors, the
     tokenizer) that transformers loads with no custom code. Tensors stream one at a time from the
-    checkpoint (a backend's own checkpoint format, e.g. ZeRO's, is consolidated first). Returns (family, files)."""
+    checkpoint, whatever state format wrote it (runtime.parallel.open_weights). Returns (family, files)."""
     from shardyard.interop import Unsupported, pick_family
     from shardyard.interop.hf_dir import byte_tokenizer_json, write_hf, write_tokenizer
 
@@ -136,31 +115,28 @@ def export_hf(
         meta_model = build_model(spec.model, spec.data.seq_len, vocab)
     like = meta_model.state_dict()
     meta = ckpt.read_meta(checkpoint)
-    from shardyard.runtime.parallel import DCP_FORMAT, checkpoint_format
+    from shardyard.runtime.parallel import open_weights
 
-    if checkpoint_format(meta["layout"]) != DCP_FORMAT:  # a backend's own format: consolidated first
-        weights = consolidated_state(checkpoint, build_model(spec.model, spec.data.seq_len, vocab))
+    source = open_weights(checkpoint, meta["layout"])
 
-        def read(key: str) -> torch.Tensor:
-            return weights[key]
-    else:
-        source = _DcpTensors(checkpoint)
+    def read(key: str) -> torch.Tensor:
+        return source.read(key, like[key])
 
-        def read(key: str) -> torch.Tensor:
-            return source.read(key, torch.empty_like(like[key], device="cpu"))
-
-    files = write_hf(
-        out,
-        fam,
-        spec.model,
-        {k: tuple(v.shape) for k, v in like.items()},
-        read,
-        vocab_size=vocab,
-        seq_len=spec.data.seq_len,
-        dtype=dtype,
-        max_shard_bytes=max_shard_bytes,
-        metadata={"step": str(meta["step"]), "source": str(checkpoint)},
-    )
+    try:
+        files = write_hf(
+            out,
+            fam,
+            spec.model,
+            {k: tuple(v.shape) for k, v in like.items()},
+            read,
+            vocab_size=vocab,
+            seq_len=spec.data.seq_len,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            metadata={"step": str(meta["step"]), "source": str(checkpoint)},
+        )
+    finally:
+        source.close()
     if spec.data.tokenizer == "bytes":
         write_tokenizer(out, byte_tokenizer_json())
     elif spec.data.tokenizer.startswith("bpe:"):
@@ -177,7 +153,7 @@ def trained_tokenizer_json(spec: JobSpec) -> str:
     the same deterministic training, if the cache was cleared)."""
     from shardyard.data.prepare import ensure_prepared
 
-    codec = ensure_prepared(spec.data, parallel="local").codec()
-    if codec.hf_json is None:
+    tokenizer = ensure_prepared(spec.data, parallel="local").tokenizer()
+    if tokenizer.hf_json is None:
         raise UserError(f"data.tokenizer: {spec.data.tokenizer!r}, but the prepared data holds no tokenizer.json")
-    return codec.hf_json
+    return tokenizer.hf_json

@@ -32,13 +32,13 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
 from shardyard.runtime.preemption import append_event, read_events
-from shardyard.runtime.watchdog import HEARTBEAT_DIR, StepWatchdog, read_heartbeats, read_stall_reports, stall_report
+from shardyard.runtime.watchdog import StepWatchdog, read_heartbeats, read_stall_reports, stall_report
 
-DRIVER_LOG = "driver.log"
 # Errors a rank raises because ANOTHER rank went away: never the cause when a cause is known.
 TIMEOUT = re.compile(r"Timed out|timed out|Watchdog caught collective operation timeout|DistStoreError", re.I)
 COLLATERAL = re.compile(
@@ -113,7 +113,7 @@ def summarise(error: TrainingFailedError, run_dir: Path, since: float, timeout_s
         return _first_line(str(error)), False
     failures = error.worker_failures
     user = [r for r, e in failures.items() if as_user_error(unwrap(e)) is not None]
-    heartbeats = read_heartbeats(run_dir / HEARTBEAT_DIR)
+    heartbeats = read_heartbeats(RunDir(run_dir).heartbeats)
     stalls = read_stall_reports(run_dir, since)
     if user:
         return describe_rank_failure(user[0], failures[user[0]], heartbeats), True
@@ -121,10 +121,10 @@ def summarise(error: TrainingFailedError, run_dir: Path, since: float, timeout_s
         return f"hang: {stalls[0]['message']}", False
     causes = [r for r, e in sorted(failures.items()) if not COLLATERAL.search(str(unwrap(e)))]
     if causes and all(TIMEOUT.search(str(unwrap(failures[r]))) for r in causes):
-        current = read_heartbeats(run_dir / HEARTBEAT_DIR, since)
+        current = read_heartbeats(RunDir(run_dir).heartbeats, since)
         if current:
             world = max(max(current), max(failures)) + 1
-            return f"hang: {stall_report(run_dir / HEARTBEAT_DIR, -1, world, timeout_s, since)['message']}", False
+            return f"hang: {stall_report(RunDir(run_dir).heartbeats, -1, world, timeout_s, since)['message']}", False
     ranks = causes or sorted(failures)
     phrases = [describe_rank_failure(r, failures[r], heartbeats) for r in ranks]
     return _group_phrases(phrases), False
@@ -233,7 +233,7 @@ class EventPrinter:
             if line:
                 self.out(line)
             if event.get("detail"):
-                with open(self.run_dir / DRIVER_LOG, "a") as log:
+                with open(RunDir(self.run_dir).driver_log, "a") as log:
                     log.write(
                         f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
                         f"{event['detail']}\n"
@@ -246,7 +246,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    log = open(run_dir / DRIVER_LOG, "a", buffering=1)
+    log = open(RunDir(run_dir).driver_log, "a", buffering=1)
     lock = threading.Lock()
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     original = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
@@ -295,7 +295,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
 
 
 def _last_attempt_start(run_dir: Path) -> float:
-    beats = read_heartbeats(run_dir / HEARTBEAT_DIR)
+    beats = read_heartbeats(RunDir(run_dir).heartbeats)
     return max((b.get("attempt", 0.0) for b in beats.values()), default=0.0)
 
 
@@ -320,22 +320,21 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
 def failure_summary(error: BaseException, run_dir: Path, timeout_s: float = 300.0) -> str:
     """The one-line error of a failed `fit()`; the full text goes to driver.log."""
     try:
-        with open(run_dir / DRIVER_LOG, "a") as log:
+        with open(RunDir(run_dir).driver_log, "a") as log:
             log.write(f"--- fit() failed: {type(error).__name__}\n{error}\n")
     except OSError:
         pass
     if isinstance(error, TrainingFailedError):
         line, _ = summarise(error, run_dir, _last_attempt_start(run_dir), timeout_s)
-        return f"{line} (details in {run_dir / DRIVER_LOG})"
-    return f"{type(error).__name__}: {_first_line(str(error))} (details in {run_dir / DRIVER_LOG})"
+        return f"{line} (details in {RunDir(run_dir).driver_log})"
+    return f"{type(error).__name__}: {_first_line(str(error))} (details in {RunDir(run_dir).driver_log})"
 
 
 @contextlib.contextmanager
 def worker_attempt(spec: JobSpec, run_dir: Path) -> Iterator[None]:
     """Around one worker's attempt: the step watchdog runs, and an error that is the user's to fix
     (a model that does not fit) leaves as a UserError, which the policy does not retry."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.get_rank(), dist.get_world_size()  # Ray Train's process group, made before the loop
     attempt = torch.tensor([time.time()], dtype=torch.float64, device=worker_device())
     if world > 1:
         dist.broadcast(attempt, 0)  # one id for this attempt's heartbeats on every rank

@@ -30,11 +30,10 @@ import torch
 import torch.distributed as dist
 
 from shardyard import envvars
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.runtime.watchdog import beat
 
-STOP_FILE = "STOP"
-EVENTS_FILE = "events.jsonl"
 HANG_MARKER = ".injected_hang_done"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same command again to continue
 
@@ -43,8 +42,8 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same comman
 def request_stop(run_dir: Path, reason: str) -> Path:
     """Ask a running job to checkpoint and exit at its next step boundary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    flag = run_dir / STOP_FILE
-    tmp = run_dir / f".{STOP_FILE}.tmp-{os.getpid()}"
+    flag = RunDir(run_dir).stop_request
+    tmp = flag.with_name(f".{flag.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"reason": reason, "time": time.time()}))
     os.replace(tmp, flag)
     return flag
@@ -53,12 +52,12 @@ def request_stop(run_dir: Path, reason: str) -> Path:
 def clear_stop(run_dir: Path) -> None:
     """A new attempt of the run starts: an old request is done with."""
     with contextlib.suppress(FileNotFoundError):
-        (run_dir / STOP_FILE).unlink()
+        RunDir(run_dir).stop_request.unlink()
 
 
 def stop_reason(run_dir: Path) -> str | None:
     try:
-        return str(json.loads((run_dir / STOP_FILE).read_text()).get("reason", "stop requested"))
+        return str(json.loads(RunDir(run_dir).stop_request.read_text()).get("reason", "stop requested"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, AttributeError):
@@ -67,13 +66,13 @@ def stop_reason(run_dir: Path) -> str | None:
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """One JSON line per event (stop, fault, restart) the driver turns into one line for the user."""
-    with open(run_dir / EVENTS_FILE, "a") as f:
+    with open(RunDir(run_dir).events, "a") as f:
         f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Complete event records after byte `offset`, and the offset after them."""
-    path = run_dir / EVENTS_FILE
+    path = RunDir(run_dir).events
     if not path.exists():
         return [], offset
     with open(path, "rb") as f:
@@ -109,7 +108,7 @@ class StepBoundary:
         self.last_save = time.monotonic()
 
     def agree(self, step: int) -> BoundaryDecision:
-        local_stop = self.signalled.is_set() or (self.run_dir / STOP_FILE).exists()
+        local_stop = self.signalled.is_set() or RunDir(self.run_dir).stop_request.exists()
         due = self.interval_s is not None and time.monotonic() - self.last_save >= self.interval_s
         flags = torch.tensor([float(local_stop), float(due)], device=self.device)
         if self._hang is not None and step == self._hang[0]:

@@ -5,9 +5,9 @@
   layouts that reshard on load; exact kernels). Everything else (data selection and order, batch
   size, optimizer hyper-parameters, model, precision, seed, ...) changes what the checkpoint means
   or is silently ignored, so a resume with such a change is refused, naming the fields.
-- `check_corpus_on_every_rank(stored, mine, checkpoint)`: the corpus fingerprint a checkpoint was
+- `check_corpus_on_every_rank(stored, mine, checkpoint, group)`: the corpus fingerprint a checkpoint was
   written with (the training data's `fingerprint`: file list hash, byte counts, window count) against
-  this rank's, agreed over all ranks.
+  this rank's, agreed over the ranks of `group`.
 - `record_spec_history(run_dir, spec)`: spec-history/0001.yaml, 0002.yaml, ... one file per
   distinct spec a run was started with, created exclusively, never overwritten.
 """
@@ -23,9 +23,8 @@ from typing import Any
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
-
-HISTORY_DIR = "spec-history"
 
 # Dotted field paths (fnmatch patterns; list indices appear as numbers) a resume may change.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
@@ -95,11 +94,13 @@ class CorpusChanged(UserError):
     """The corpus a rank sees differs from the one the checkpoint was trained on."""
 
 
-def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, Any], checkpoint: Path) -> None:
+def check_corpus_on_every_rank(
+    stored: dict[str, Any] | None, mine: dict[str, Any], checkpoint: Path, group: dist.ProcessGroup
+) -> None:
     """Collective: every rank compares its corpus fingerprint with the checkpoint's; if any rank
     differs, every rank raises CorpusChanged naming the ranks and fields (no rank is left waiting
     in a collective). A checkpoint written before fingerprints existed passes."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = dist.get_world_size(group)
     problem = None
     if stored is not None:
         fields = [
@@ -111,7 +112,7 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
     problems = [problem]
     if world > 1:
         problems = [None] * world
-        dist.all_gather_object(problems, problem)
+        dist.all_gather_object(problems, problem, group=group)
     bad = {rank: p for rank, p in enumerate(problems) if p}
     if bad:
         detail = "; ".join(f"rank {rank}: {p}" for rank, p in sorted(bad.items()))
@@ -126,7 +127,7 @@ def check_corpus_on_every_rank(stored: dict[str, Any] | None, mine: dict[str, An
 def record_spec_history(run_dir: Path, spec_yaml: str) -> Path:
     """Append `spec_yaml` to run_dir/spec-history/NNNN.yaml unless it equals the newest entry; files
     are created exclusively (O_EXCL), so an entry is never overwritten. Returns the entry."""
-    history = Path(run_dir) / HISTORY_DIR
+    history = RunDir(Path(run_dir)).spec_history
     history.mkdir(parents=True, exist_ok=True)
     entries = sorted(p for p in history.glob("[0-9][0-9][0-9][0-9].yaml"))
     if entries and entries[-1].read_text() == spec_yaml:

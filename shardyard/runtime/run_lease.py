@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 
-LEASE_FILE = ".lease"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 90.0
 
@@ -44,7 +44,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_lease(run_dir: Path) -> dict[str, Any] | None:
-    return _read(Path(run_dir) / LEASE_FILE)
+    return _read(RunDir(Path(run_dir)).lease)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -74,14 +74,14 @@ class Lease:
     """A held lease; `release()` (or leaving `hold_lease`) removes it if it is still ours."""
 
     def __init__(self, run_dir: Path, record: dict[str, Any]) -> None:
-        self.path = Path(run_dir) / LEASE_FILE
+        self.path = RunDir(Path(run_dir)).lease
         self.record = record
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="shardyard-lease", daemon=True)
         self._thread.start()
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".lease.{self.record['owner']}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{self.record['owner']}.tmp")
         tmp.write_text(json.dumps(self.record))
         os.replace(tmp, self.path)
 
@@ -106,7 +106,7 @@ def acquire(run_dir: Path, report=print) -> Lease:
     (`report` hears why)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LEASE_FILE
+    path = RunDir(run_dir).lease
     now = time.time()
     record = {
         "pid": os.getpid(),
@@ -130,7 +130,7 @@ def acquire(run_dir: Path, report=print) -> Lease:
                     f"started {started}); wait for it, stop it, or give this job another name "
                     "(--set name=...)"
                 ) from None
-            aside = path.with_name(f".lease.stale-{record['owner']}")
+            aside = path.with_name(f"{path.name}.stale-{record['owner']}")
             try:
                 os.rename(path, aside)  # only one contender can move the stale file away
             except FileNotFoundError:

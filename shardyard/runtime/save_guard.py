@@ -1,7 +1,7 @@
 """What happens around a checkpoint save: refuse non-finite weights, make the stored copy durable,
 keep the best one by validation bpb.
 
-- `refuse_nonfinite_weights(model, step)` (collective): every rank checks the parameters it holds
+- `refuse_nonfinite_weights(model, step, group)` (collective over `group`): every rank checks the parameters it holds
   (its local shards); if any rank finds a NaN or Inf, every rank raises NonFiniteWeights naming the
   step and the first parameters, before anything is written, so the newest checkpoint stays the last
   good state. It is a UserError: retrying from that checkpoint would only diverge again, so the job
@@ -10,7 +10,7 @@ keep the best one by validation bpb.
   staged directory into the run's storage, fsync the copies of this rank's files and their
   directories there: the copy Ray makes does not, so a power loss could leave a manifest that
   points at files still in the page cache.
-- `keep_best(run_dir, staged, val_bpb, step)` (collective): when `val_bpb` beats `<run_dir>/best`,
+- `keep_best(run_dir, staged, val_bpb, step, group)` (collective over `group`): when `val_bpb` beats `<run_dir>/best`,
   every rank copies its staged files into `<run_dir>/.best.partial`, rank 0 writes the manifest last
   and renames the directory to `best` (the old one removed after). `best` is not a `checkpoint_*`
   directory, so neither Ray's `num_to_keep` nor resume fallback ever touch it.
@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.runtime import checkpoint as ckpt
 
-BEST_DIR = "best"
 BEST_RECORD = "best.json"
 
 
@@ -49,12 +49,12 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
+def refuse_nonfinite_weights(model: torch.nn.Module, step: int, group: dist.ProcessGroup) -> None:
     names = nonfinite_parameters(model)
     found = [names]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        found = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(found, names)
+    if dist.get_world_size(group) > 1:
+        found = [[] for _ in range(dist.get_world_size(group))]
+        dist.all_gather_object(found, names, group=group)
     bad = {rank: n for rank, n in enumerate(found) if n}
     if bad:
         rank, names = next(iter(bad.items()))
@@ -84,7 +84,7 @@ def stored_copies(run_dir: Path, staged: Path, step: int) -> list[Path]:
         return []
     content = rng.read_bytes()
     out = []
-    for directory in Path(run_dir).glob("checkpoint_*"):
+    for directory in RunDir(Path(run_dir)).checkpoints():
         try:
             if (directory / rng.name).read_bytes() != content:
                 continue
@@ -119,7 +119,7 @@ def fsync_stored_checkpoint(run_dir: Path, staged: Path, step: int) -> int:
 # ------------------------------------------------------------------------------------ best
 def best_val_bpb(run_dir: Path) -> float | None:
     """The val bpb of `<run_dir>/best` when it is a complete checkpoint, else None."""
-    best = Path(run_dir) / BEST_DIR
+    best = RunDir(Path(run_dir)).best
     try:
         value = float(json.loads((best / BEST_RECORD).read_text())["val_bpb"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -127,28 +127,27 @@ def best_val_bpb(run_dir: Path) -> float | None:
     return value if ckpt.verify_checkpoint(best, full=False) is None else None
 
 
-def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int) -> bool:
+def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int, group: dist.ProcessGroup) -> bool:
     """Collective: copy the staged checkpoint to `<run_dir>/best` when `val_bpb` is the lowest so far.
     Returns whether it did (the same answer on every rank)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    many = dist.is_initialized() and dist.get_world_size() > 1
+    rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
     decision = [None]
     if rank == 0:
         previous = best_val_bpb(run_dir)
         decision = [previous is None or val_bpb < previous]
     if many:
-        dist.broadcast_object_list(decision, src=0)
+        dist.broadcast_object_list(decision, group=group, group_src=0)
     if not decision[0]:
         return False
     partial = Path(run_dir) / ".best.partial"
-    ckpt.stage_rank_files(staged, partial, after_copy=lambda: fsync_tree(partial, mine=staged))
+    ckpt.stage_rank_files(staged, partial, group, after_copy=lambda: fsync_tree(partial, mine=staged))
     if rank == 0:
         (partial / BEST_RECORD).write_text(json.dumps({"step": step, "val_bpb": val_bpb}))
         manifest = json.loads((staged / ckpt.MANIFEST_FILE).read_text())
         manifest["files"][BEST_RECORD] = ckpt.file_digests(partial)[BEST_RECORD]
         (partial / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))  # the commit marker, last
         fsync_tree(partial, mine=None)
-        best = Path(run_dir) / BEST_DIR
+        best = RunDir(Path(run_dir)).best
         old = Path(run_dir) / ".best.old"
         shutil.rmtree(old, ignore_errors=True)
         if best.exists():
@@ -157,7 +156,7 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int) -> bool:
         _fsync(Path(run_dir))
         shutil.rmtree(old, ignore_errors=True)
     if many:
-        dist.barrier()
+        dist.barrier(group)
     return True
 
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-HEARTBEAT_DIR = "heartbeats"
+from shardyard.platform.run_dir import RunDir
+
 STALL_PREFIX = "stall-rank"
 EXIT_STALLED = 86
 STARTUP_LIMIT_S = 1200.0
@@ -51,7 +52,7 @@ class StepWatchdog:
     ) -> None:
         """`attempt`: an id every rank of this attempt shares (rank 0's start time, broadcast), so a
         report never mixes in a heartbeat left by an earlier attempt."""
-        self.directory = run_dir / HEARTBEAT_DIR
+        self.directory = RunDir(run_dir).heartbeats
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.period_s = period_s if period_s is not None else max(0.2, min(5.0, timeout_s / 4))
@@ -198,7 +199,7 @@ def stall_report(
 def read_stall_reports(run_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
     """Stall reports written by watchdogs since `since` (any rank)."""
     out = []
-    for path in (run_dir / HEARTBEAT_DIR).glob(f"{STALL_PREFIX}*.json"):
+    for path in RunDir(run_dir).heartbeats.glob(f"{STALL_PREFIX}*.json"):
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError):

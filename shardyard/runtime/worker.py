@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.cluster.secret_env import record_secret_probe
-from shardyard.comm.dispatch import dispatch_metrics
+from shardyard.comm.dispatch_metrics import dispatch_metrics
 from shardyard.comm.topology import Topology, topology_from_ray
 from shardyard.data.training_data import build_data_loader, load_training_data
 from shardyard.data.validation import eval_set_texts, rank_batches, rank_controls
@@ -37,8 +37,9 @@ from shardyard.models import build_model, moe_layers
 from shardyard.models.flops import training_flops_per_token
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
-from shardyard.models.moe.layer import attach_router_bias_updates
+from shardyard.models.moe.layer import MoELayer, attach_router_bias_updates
 from shardyard.optim.memory import optimizer_memory_report
+from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
@@ -69,10 +70,12 @@ class WorkerContext:
     device: torch.device
 
 
-def _all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+def _all_reduce_mean(values: torch.Tensor, world: int, replicas: int) -> torch.Tensor:
+    """Mean over the `replicas` data-parallel ranks of a value every rank of the `world` holds (under
+    pipeline parallelism only the last stage's ranks hold it; the others contribute zero)."""
     if world > 1:
         dist.all_reduce(values)
-        values /= world
+        values /= replicas
     return values
 
 
@@ -107,6 +110,8 @@ class Trainer:
 
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
         self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
+        moe_names = [name for name, m in self.model.named_modules() if isinstance(m, MoELayer)]  # every layer's
+        moe_shapes = [(layer.num_experts, layer.top_k) for layer in moe_layers(self.model)]
         if spec.parallel.zero:  # the backend flattens the weights when it is built: start them before
             self._initial_weights(self.model)
         # parallelize (expert placement, activation checkpointing, FSDP / DDP) and what is built beside it
@@ -114,24 +119,27 @@ class Trainer:
         self.module = training.module  # what the forward is called on
         self.optimizer, self.scheduler = training.optimizer, training.scheduler
         self.grad_step, self.train_state = training.step, training.state
+        self.pipeline = training.pipeline  # pp > 1: the schedule runs forward and backward
         if not spec.parallel.zero:  # every rank fills only the slices it holds
             self._initial_weights(self.model)
-        self.moe = moe_layers(self.model)
-        attach_router_bias_updates(self.moe, self.optimizer)
+        self.moe = moe_layers(self.model)  # this rank's (its pipeline stages' under pp)
+        attach_router_bias_updates(self.moe, self.optimizer, self.dims.group("dp"))
         if self.dims.ep_enabled:
             record_topology(run_dir, topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
+        # The ranks of one pipeline read the same batches: data-parallel coordinates (the first stage records them).
+        dp_rank, dp = self.dims.dp_rank, self.dims.dp
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, spec.training.batch_size, self.dims.dp_rank, self.dims.dp, spec.seed
-        )  # the data-parallel coordinates: the ranks of one tensor-parallel group read the same batch
+            self.data, spec.data.seq_len, spec.training.batch_size, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
+        )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
             "": self.data.held_out,
             **{
                 name: self.data.encode_text(text)
                 for name, text in eval_set_texts(
-                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, self.dims.dp
+                    spec.training.eval_sets, spec.data.extensions, spec.data.seq_len, dp
                 ).items()
             },
         }
@@ -144,16 +152,14 @@ class Trainer:
                 spec.data.seq_len,
                 spec.training.eval_bytes,
                 spec.training.batch_size,
-                self.dims.dp_rank,
-                self.dims.dp,
+                dp_rank,
+                dp,
             )
             for name, text in texts.items()
         }
         control = eval_control(spec, self.data)
         self.val_controls = {
-            name: rank_controls(
-                text, spec.data.seq_len, spec.training.eval_bytes, self.dims.dp_rank, self.dims.dp, control
-            )
+            name: rank_controls(text, spec.data.seq_len, spec.training.eval_bytes, dp_rank, dp, control)
             for name, text in texts.items()
         }
         self.autocast = autocast_for(spec, self.ctx.device)
@@ -166,10 +172,13 @@ class Trainer:
             self.ctx.device, spec.training.precision, max(1, int(spec.resources.cpus_per_worker))
         )
         self.predicted_state_bytes = float(optimizer_memory_report(spec.optim, self.model)["total_bytes"])
-        self.expert_window = ExpertLoadWindow(self.moe)
+        held = [name for name, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        self.expert_window = ExpertLoadWindow(
+            self.moe, [moe_names.index(name) for name in held], moe_shapes, self.ctx.device
+        )
         self.expert_file = (
-            ExpertLoadFile(run_dir, [layer.num_experts for layer in self.moe])
-            if self.moe and self.ctx.rank == 0
+            ExpertLoadFile(run_dir, [experts for experts, _ in moe_shapes])
+            if moe_shapes and self.ctx.rank == 0
             else None
         )
         if self.ctx.rank == 0:
@@ -201,7 +210,9 @@ class Trainer:
         """Continue from checkpoint `directory` (any layout the state format can reshard), if given."""
         if directory is None:
             return
-        check_corpus_on_every_rank(ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory)
+        check_corpus_on_every_rank(
+            ckpt.read_meta(directory).get("corpus"), self.corpus_fingerprint, directory, self.dims.group("world")
+        )
         meta = ckpt.load_checkpoint(self.train_state, directory)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.loader.set_position(meta["data_position"])
@@ -212,7 +223,9 @@ class Trainer:
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
         """Collective: every rank writes its shards into its own staging directory and reports it."""
-        refuse_nonfinite_weights(self.model, self.step)  # never make a diverged state the resume point
+        refuse_nonfinite_weights(
+            self.model, self.step, self.dims.group("world")
+        )  # never make a diverged state the resume point
         meta = {
             "step": self.step,
             "name": self.spec.name,
@@ -223,11 +236,11 @@ class Trainer:
         }
         with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
             directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.train_state, directory, meta, {"spec.yaml": spec_to_yaml(self.spec)})
+            ckpt.save_checkpoint(self.train_state, directory, meta, {SPEC_FILE: spec_to_yaml(self.spec)})
             self.report(metrics, directory)
             fsync_stored_checkpoint(self.run_dir, directory, self.step)
             if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
-                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step)
+                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step, self.dims.group("world"))
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -241,6 +254,15 @@ class Trainer:
         for micro in range(accum):
             with timer.section("data"):
                 inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
+            if self.pipeline is not None:  # both passes, micro-batch by micro-batch, in the schedule's order
+                start = time.perf_counter()
+                with self.autocast():
+                    ce_sum += self.pipeline.forward_backward(inputs, targets, scale=1 / accum).to(ce_sum)
+                compute = self.pipeline.take_compute_seconds()
+                for part, seconds in compute.items():
+                    timer.add(part, seconds)
+                timer.add("bubble", time.perf_counter() - start - sum(compute.values()))  # waiting on other stages
+                continue
             with self.grad_step.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
                 with timer.section("forward"), self.autocast():
                     _, ce = self.module(inputs, targets)
@@ -263,7 +285,7 @@ class Trainer:
         if spec.tracking.step_anatomy:
             out.update(step_anatomy(seconds, steps, self.ctx.world))
         out.update(memory_metrics(self.ctx.device, self.ctx.world, self.predicted_state_bytes))
-        if not self.moe:
+        if not self.expert_window.shapes:
             out["aux_loss"] = 0.0
             return out
         load = self.expert_window.take(self.ctx.world)
@@ -289,10 +311,11 @@ class Trainer:
                 batches,
                 self.ctx.device,
                 self.autocast,
-                self.dims.dp,
-                self.dims.group("dp"),
+                self.ctx.world // self.dims.tp,  # a tensor-parallel group scores its batch once
+                self.dims.group("pp_dp"),
                 token_bytes=self.token_bytes,
                 controls=self.val_controls[name],
+                logits_of=self.pipeline.logits if self.pipeline is not None else None,
             )
             for name, batches in self.val.items()
         }
@@ -338,7 +361,7 @@ class Trainer:
             window_steps += 1
             last = self.step == spec.steps
             if self.step % spec.log_every == 0 or last:
-                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world).item()
+                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world, self.dims.dp).item()
                 elapsed = time.perf_counter() - window_start - paused
                 record = {
                     "kind": "train",
@@ -407,16 +430,17 @@ class LocalReporter:
         self.metrics.append(metrics)
         if directory is None:
             return
-        rank, many = dist.get_rank(), dist.get_world_size() > 1  # the Trainer's dims made a group
+        group = dist.group.WORLD  # the process group the Trainer's dims were built over
+        rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
         staged = self.run_dir / f".{directory.name}.partial"
-        ckpt.stage_rank_files(directory, staged)
+        ckpt.stage_rank_files(directory, staged, group)
         if rank == 0:
             shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
-            ckpt.commit_local(staged, self.run_dir / f"checkpoint_{int(metrics['step']):08d}")
+            ckpt.commit_local(staged, RunDir(self.run_dir).checkpoint(int(metrics["step"])))
             for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
         if many:
-            dist.barrier()
+            dist.barrier(group)
 
 
 def ray_report(metrics: dict[str, Any], directory: Path | None) -> None:

@@ -35,6 +35,11 @@ Parts, per worker:
   every activation of a block is split over tp: Korthikanti et al. 2022, eq. 5).
 - under EP > 1 the step runs on the unsliced model (balanced routing gives each rank the same
   number of expert rows either way) and the state is counted on the sliced one.
+- under pipeline parallelism (pp > 1) the worker is rank 0: its model is pruned to its stages by
+  pipeline.split_into_stages (the state counted is theirs) and the step runs its stages on one
+  micro-batch (training.batch_size / microbatches sequences); the activations are that micro-batch's
+  times the micro-batches the schedule keeps in flight on the first stage (`in_flight`: min(m, p)
+  for 1f1b, m for gpipe, v x min(m, p) for interleaved_1f1b).
 - a model with an op no meta kernel covers is predicted without activations (logged).
 - a fixed `PROCESS_BYTES` for the Python, torch and Ray worker process itself.
 
@@ -61,7 +66,6 @@ log = logging.getLogger(__name__)
 
 PROCESS_BYTES = 512 * 2**20
 GIB = 2**30
-MIB = 2**20
 
 
 @dataclass
@@ -97,19 +101,6 @@ class MemoryPrediction:
         items = ", ".join(f"{name} {value / GIB:.2f}" for name, value in self.parts().items())
         return f"{self.total / GIB:.2f} GiB ({items} GiB)"
 
-    def report(self) -> str:
-        """The training-state lines of `validate` (MiB), next to the same job under AdamW."""
-        lines = [f"optimizer {self.kind}: one step of the job's model and optimizer on the meta device"]
-        for name, value in list(self.parts().items())[:4]:
-            lines.append(f"  {name:<16}{value / MIB:9.2f} MiB")
-        if self.adamw is not None:
-            a = self.adamw
-            lines.append(
-                f"  total           {self.state / MIB:9.2f} MiB ({self.state / a.state:.1%} of AdamW's "
-                f"{a.state / MIB:.2f} MiB), before activations"
-            )
-        return "\n".join(lines)
-
 
 # ------------------------------------------------------------------------------ the meta step
 def _dims(spec: JobSpec):
@@ -121,23 +112,44 @@ def _dims(spec: JobSpec):
     return dims_for(spec, Topology(world_size=workers, rank=0, node_rank=0, local_rank=0, ranks_per_node=workers))
 
 
-def _prepared(spec: JobSpec, ep: int, source: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The job's model on the meta device, placed and prepared as build_training does, and its optimizer."""
+@dataclass
+class Prepared:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stages: list[nn.Module]  # pipeline parallelism: the rank's stages (over the pruned model's modules)
+
+
+def _prepared(spec: JobSpec, ep: int, source: str, dims) -> Prepared:
+    """The job's model on the meta device, placed and prepared as build_training does, and its optimizer
+    (under pipeline parallelism pruned to `dims`' rank's stages)."""
     from shardyard.models.moe.layer import MoELayer
     from shardyard.optim import build_optimizer
     from shardyard.optim.int8_weights import prepare_model_for_optimizer
     from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing, keep_expert_slice_
+    from shardyard.runtime.parallel.pipeline import split_into_stages
 
     model = build_meta_model(spec, source)
+    stages = split_into_stages(model, dims, spec.parallel.pipeline) if dims.pp_enabled else []
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         if layer.num_experts % ep:
             raise SpecError(f"{source}: parallel.expert_parallel ({ep}) must divide num_experts ({layer.num_experts})")
         if ep > 1:  # place_experts' slice on rank 0 (every rank holds the same number)
             keep_expert_slice_(layer.experts, 0, layer.num_experts // ep)
-    apply_activation_checkpointing(model, spec.training)
+    for root in [model, *stages]:
+        apply_activation_checkpointing(root, spec.training)
     prepare_model_for_optimizer(model, spec.optim)
     model.train()
-    return model, build_optimizer(spec.optim, model)
+    return Prepared(model, build_optimizer(spec.optim, model), stages)
+
+
+def in_flight(spec: JobSpec) -> int:
+    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+    pp, pipe = spec.parallel.pipeline_parallel, spec.parallel.pipeline
+    if pp == 1:
+        return 1
+    if pipe.schedule == "gpipe":
+        return pipe.microbatches
+    return min(pipe.microbatches, pp) * (pipe.virtual_stages if pipe.schedule == "interleaved_1f1b" else 1)
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
@@ -151,19 +163,27 @@ def _fsdp_fraction(p: torch.Tensor, dp_shard: int) -> float:
     return math.ceil(p.shape[0] / dp_shard) / p.shape[0]
 
 
-def _step(spec: JobSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _step(spec: JobSpec, prepared: Prepared) -> int:
     """Peak bytes a training step allocates beyond the optimizer state (which the first step creates),
     measured on the second step: forward, backward, optimizer step. The gradients it leaves stay."""
     from shardyard.optim.meta_step import MetaMemoryMode, fused_attention
 
-    x = torch.zeros(spec.training.batch_size, spec.data.seq_len, dtype=torch.long, device="meta")
+    model, optimizer, stages = prepared.model, prepared.optimizer, prepared.stages
+    rows = spec.training.batch_size // (spec.parallel.pipeline.microbatches if stages else 1)
+    x = torch.zeros(rows, spec.data.seq_len, dtype=torch.long, device="meta")
     with fused_attention(), MetaMemoryMode() as mode:
         for step in range(2):
             if step:
                 optimizer.zero_grad(set_to_none=True)
                 start = mode.live
                 mode.reset_peak()
-            model(x, x)[1].backward()
+            if stages:  # each of this rank's stages on one micro-batch (activations from the previous rank)
+                for stage in stages:
+                    width = spec.model.width
+                    inputs = x if stage.embed is not None else torch.zeros(*x.shape, width, device="meta")
+                    stage(inputs.requires_grad_(stage.embed is None)).float().sum().backward()
+            else:
+                model(x, x)[1].backward()
             optimizer.step()
         return mode.peak - start
 
@@ -197,18 +217,19 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         dims = _dims(spec)
     except ValueError as err:
         raise SpecError(f"{source}: parallel: {err}") from None
-    model, optimizer = _prepared(spec, dims.ep, source)
+    placed = _prepared(spec, dims.ep, source, dims)
     # the step runs on the unsliced model under EP (balanced routing gives each rank the same number
     # of expert rows either way); the state is counted on this rank's slice
-    stepped, stepped_optimizer = (model, optimizer) if dims.ep == 1 else _prepared(spec, 1, source)
+    stepped = placed if dims.ep == 1 else _prepared(spec, 1, source, dims)
     try:
-        peak: int | None = _step(spec, stepped, stepped_optimizer)
-        held = _unsharded_held(stepped, stepped_optimizer, grads_only=True)
+        peak: int | None = _step(spec, stepped)
+        held = _unsharded_held(stepped.model, stepped.optimizer, grads_only=True)
     except (NotImplementedError, RuntimeError) as err:  # an op without a meta kernel: state only
         log.warning("%s: memory predicted without activations (the meta-device step failed: %s)", source, err)
         peak, held = None, 0
-        model, optimizer = _prepared(spec, dims.ep, source)
-    del stepped, stepped_optimizer
+        placed = _prepared(spec, dims.ep, source, dims)
+    del stepped
+    model, optimizer = placed.model, placed.optimizer
     if peak is None or dims.ep > 1:
         _give_grads(model, optimizer)
     experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
@@ -244,7 +265,7 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         int(total_params),
         int(grads),
         int(state),
-        0 if peak is None else max(0, int(peak - held)),
+        0 if peak is None else max(0, int(peak - held)) * in_flight(spec),
         PROCESS_BYTES,
         expert / max(1.0, params + buffers),
         spec.optim.kind,

@@ -22,8 +22,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-# The parts of a step, in the order they happen (stacked in this order in the report).
-STEP_PARTS = ("data", "forward", "backward", "optimizer")
+# The parts of a step, in the order they happen (stacked in this order in the report). "bubble" is a
+# pipeline rank's time in the schedule not spent computing its stages: waiting on the other stages
+# (the pipeline bubble) and the activation transfers; zero without pipeline parallelism.
+STEP_PARTS = ("data", "forward", "backward", "bubble", "optimizer")
 BETWEEN_STEPS = ("eval", "checkpoint")
 WITHIN_STEP = ("a2a",)  # expert all-to-all (dispatch and combine, all layers): inside forward and backward
 

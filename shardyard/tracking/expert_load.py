@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LOAD_FILE = "expert_load.bin"
-LOAD_INDEX = "expert_load.json"
+from shardyard.platform.run_dir import RunDir
+
 # Per-layer accounting summed over a window (MoELayer.take_step_stats names).
 LAYER_SUMS = ("aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
@@ -53,17 +53,37 @@ class WindowLoad:
 
 class ExpertLoadWindow:
     """Sums the MoE layers' per-step accounting over a logging window (every step, no collective),
-    and reduces it over ranks at log time (one all-reduce)."""
+    and reduces it over ranks at log time (one all-reduce).
 
-    def __init__(self, layers: list[torch.nn.Module]) -> None:
+    Under pipeline parallelism a rank holds some of the model's MoE layers: `positions` gives each
+    held layer's index among all of them and `shapes` every layer's (experts, top_k), so every rank
+    reduces the same vector (zeros for layers held elsewhere) and rank 0 reports every layer."""
+
+    def __init__(
+        self,
+        layers: list[torch.nn.Module],
+        positions: list[int] | None = None,
+        shapes: list[tuple[int, int]] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.layers = layers
+        self.device = device or torch.device("cpu")  # where the all-reduce runs (the process group's device)
+        self.positions = positions if positions is not None else list(range(len(layers)))
+        self.shapes = shapes if shapes is not None else [(layer.num_experts, layer.top_k) for layer in layers]
         self._sums: list[torch.Tensor] | None = None
         self.steps = 0
 
     def add_step(self) -> None:
         """Take (and reset) the layers' accounting of the optimizer step just finished."""
-        stats = [layer.take_step_stats() for layer in self.layers]
-        flat = [torch.cat([s["tokens_per_expert"], torch.stack([s[f] for f in LAYER_SUMS])]) for s in stats]
+        flat = [
+            torch.zeros(experts + len(LAYER_SUMS), dtype=torch.float64, device=self.device)
+            for experts, _ in self.shapes
+        ]
+        for position, layer in zip(self.positions, self.layers):
+            s = layer.take_step_stats()
+            flat[position] = torch.cat([s["tokens_per_expert"], torch.stack([s[f] for f in LAYER_SUMS])]).to(
+                self.device
+            )
         self._sums = flat if self._sums is None else [a + b for a, b in zip(self._sums, flat)]
         self.steps += 1
 
@@ -79,14 +99,13 @@ class ExpertLoadWindow:
         counts: list[np.ndarray] = []
         metrics: dict[str, float] = {"aux_loss": 0.0}
         offset = 0
-        for i, layer in enumerate(self.layers):
-            experts = layer.num_experts
+        for i, (experts, top_k) in enumerate(self.shapes):
             load = flat[offset : offset + experts]
             sums = dict(zip(LAYER_SUMS, flat[offset + experts : offset + experts + len(LAYER_SUMS)]))
             offset += experts + len(LAYER_SUMS)
             counts.append(load.copy())
             weight = max(float(sums["weight"]), 1e-12)  # micro-batch weights summed over steps and ranks
-            for name, value in utilisation_summary(load, layer.top_k).items():
+            for name, value in utilisation_summary(load, top_k).items():
                 metrics[f"moe/layer{i}/{name}"] = value
             metrics[f"moe/layer{i}/balance_loss"] = float(sums["balance_loss"]) / weight
             metrics[f"moe/layer{i}/z_loss"] = float(sums["z_loss"]) / weight
@@ -101,8 +120,8 @@ class ExpertLoadFile:
     """Appends one record per logged step to the run's side file (rank 0 only)."""
 
     def __init__(self, run_dir: Path, experts_per_layer: list[int]) -> None:
-        self.path = run_dir / LOAD_FILE
-        index = run_dir / LOAD_INDEX
+        self.path = RunDir(run_dir).expert_load
+        index = RunDir(run_dir).expert_load_index
         layout = {"experts_per_layer": experts_per_layer, "dtype": "<f8", "step_dtype": "<i8"}
         if index.exists():
             existing = json.loads(index.read_text())
@@ -135,7 +154,7 @@ class ExpertLoadFile:
 def read_expert_load(run_dir: Path) -> tuple[np.ndarray, list[np.ndarray]] | None:
     """(steps [S], per layer an array [S, experts]) from a run's side file, the last record per step
     kept and sorted by step; None when the run has no MoE load records."""
-    index, data = Path(run_dir) / LOAD_INDEX, Path(run_dir) / LOAD_FILE
+    index, data = RunDir(Path(run_dir)).expert_load_index, RunDir(Path(run_dir)).expert_load
     if not index.exists() or not data.exists():
         return None
     experts = json.loads(index.read_text())["experts_per_layer"]

@@ -21,11 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
 
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_id"
-RUN_INFO_FILE = "run_info.json"
 STEP_KEY = "trainer/step"
 PREFIXES = ("train/", "eval/", "time/", "mem/", "moe/", "comm/")
 _RENAMED = {
@@ -63,11 +61,11 @@ def redacted(value: Any, key: str = "") -> Any:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    path = run_dir / WANDB_ID_FILE
+    path = RunDir(run_dir).wandb_id
     if path.exists():
         return path.read_text().strip()
     run_id = f"{uuid.uuid4().hex[:8]}"
-    tmp = path.with_name(f".{WANDB_ID_FILE}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(run_id)
     os.replace(tmp, path)
     return run_id
@@ -99,7 +97,7 @@ def _start_wandb(spec: JobSpec, run_dir: Path, attempts: int = 6):
             if attempt == attempts - 1:
                 warnings.warn(
                     f"wandb could not start ({type(err).__name__}: {err}); this run logs to "
-                    f"{run_dir / METRICS_FILE} only",
+                    f"{RunDir(run_dir).metrics} only",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -119,7 +117,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
+        self._file = open(RunDir(run_dir).metrics, "a", buffering=1)
         if spec.tracking.mode != "disabled":
             self._wandb_run = _start_wandb(spec, run_dir)
         if self._wandb_run is not None:
@@ -131,9 +129,10 @@ class MetricsLogger:
         """Facts about the run (FLOPs per token, the peak used for MFU, ...): run_info.json and wandb config."""
         if not self.enabled:
             return
-        tmp = self.run_dir / f".{RUN_INFO_FILE}.tmp"
+        info = RunDir(self.run_dir).run_info
+        tmp = info.with_name(f".{info.name}.tmp")
         tmp.write_text(json.dumps(facts, indent=1))
-        os.replace(tmp, self.run_dir / RUN_INFO_FILE)
+        os.replace(tmp, info)
         if self._wandb_run is not None:
             self._wandb_run.config.update({"run_info": facts}, allow_val_change=True)
 
@@ -167,7 +166,7 @@ class MetricsLogger:
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(Path(run_dir)).metrics
     if not path.exists():
         return []
     records = []

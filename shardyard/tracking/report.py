@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.tracking.anatomy import BETWEEN_STEPS, STEP_PARTS
 from shardyard.tracking.expert_load import read_expert_load
-from shardyard.tracking.logger import METRICS_FILE, RUN_INFO_FILE, read_events, read_metrics
+from shardyard.tracking.logger import read_events, read_metrics
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 ANATOMY = [*STEP_PARTS, "other", *BETWEEN_STEPS]
@@ -55,9 +56,9 @@ def load_run(directory: Path) -> Run:
         raise UserError(f"{directory}: not a directory (give a run directory, e.g. runs/<job name>)")
     records = read_metrics(directory)
     if not records:
-        raise UserError(f"{directory}: no {METRICS_FILE} records (is this a run directory?)")
-    spec_file = directory / "spec.yaml"
-    info_file = directory / RUN_INFO_FILE
+        raise UserError(f"{directory}: no {RunDir(directory).metrics.name} records (is this a run directory?)")
+    spec_file = RunDir(directory).spec_file
+    info_file = RunDir(directory).run_info
     try:
         info = json.loads(info_file.read_text()) if info_file.exists() else {}
     except ValueError:
@@ -320,7 +321,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
     if out is None:
         out = (
-            runs[0].directory / "report.html"
+            RunDir(runs[0].directory).report
             if len(runs) == 1
             else Path.cwd() / f"report-{'-vs-'.join(r.name for r in runs)}.html"
         )

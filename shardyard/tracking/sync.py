@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from shardyard.platform.errors import UserError
-from shardyard.tracking.logger import WANDB_ID_FILE
+from shardyard.platform.run_dir import RunDir
 
 BLOCK = 32 * 1024
 HEADER = 7  # file: ":W&B" + 2-byte magic + 1-byte version; record: crc32c (4) + length (2) + type (1)
@@ -32,7 +32,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def offline_runs(run_dir: Path) -> list[Path]:
     """The run's offline wandb directories, oldest first (their names start with the start time)."""
-    return sorted(p for p in (run_dir / "wandb").glob("offline-run-*") if p.is_dir())
+    return sorted(p for p in RunDir(run_dir).wandb.glob("offline-run-*") if p.is_dir())
 
 
 def _records(path: Path) -> list[bytes]:
@@ -94,7 +94,7 @@ def read_history(path: Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _project(run_dir: Path) -> str:
-    spec_file = run_dir / "spec.yaml"
+    spec_file = RunDir(run_dir).spec_file
     if spec_file.exists():
         from shardyard.platform.spec import load_spec
 
@@ -107,7 +107,7 @@ def _project(run_dir: Path) -> str:
 
 def sync_command(run_dir: Path, project: str | None = None, entity: str | None = None) -> list[str]:
     """The `wandb sync` invocation that uploads every attempt of the run into its one run id."""
-    id_file = run_dir / WANDB_ID_FILE
+    id_file = RunDir(run_dir).wandb_id
     runs = offline_runs(run_dir)
     if not id_file.exists() or not runs:
         raise UserError(

@@ -38,7 +38,12 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
         True,
     ),
     "train_local": ([], [r"done at step 6/6"], True),
-    "interop": ([], [r"\| 64x1 \| [\d.]+ \|", r"# HF export / import vs model size"], True),
+    "interop": (
+        [],
+        [r"\| 64x1 \| replicated \| [\d.]+ \|", r"# HF export / import vs model size"]
+        + ([r"\| 64x1 \| zero2 \| [\d.]+ \|"] if HAS_DEEPSPEED else []),
+        True,
+    ),
     "upcycle": ([], [r"\| 0 \| [\d.]+ \|", r"Mean difference over seeds"], True),
     "eval_stderr": (
         [],

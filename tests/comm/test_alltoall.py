@@ -70,7 +70,7 @@ def _check_all(topo: Topology) -> None:
             a2a = build_all_to_all(name, groups)
             assert a2a.name == name
             xi = x.detach().clone().requires_grad_(True)
-            route = a2a.plan(torch.tensor(splits).view(-1, 1))
+            route = a2a.route(torch.tensor(splits).view(-1, 1))
             y, recv = run_route(xi, route), route.recv_splits
             w = torch.linspace(-1, 1, y.numel()).view_as(y) + topo.rank
             z = run_route(y * w, route.reverse())
@@ -94,7 +94,7 @@ def _check_all(topo: Topology) -> None:
                     assert a == b, name
         # the reverse route brings every row home unchanged
         for name in ALGORITHMS:
-            route = build_all_to_all(name, groups).plan(torch.tensor(splits).view(-1, 1))
+            route = build_all_to_all(name, groups).route(torch.tensor(splits).view(-1, 1))
             assert torch.equal(route.reverse().run(route.run(x.detach())), x.detach()), name
     dist.barrier()
 
@@ -108,7 +108,7 @@ def _check_three_nodes(topo: Topology) -> None:
     groups = replicated_dims(topo, ep=topo.world_size).expert_groups
     splits = _splits(topo.rank, topo.world_size, 2)
     x = torch.randn(sum(splits), 3, generator=torch.Generator().manual_seed(topo.rank))
-    ys = [run_route(x, build_all_to_all(n, groups).plan(torch.tensor(splits).view(-1, 1))) for n in ALGORITHMS]
+    ys = [run_route(x, build_all_to_all(n, groups).route(torch.tensor(splits).view(-1, 1))) for n in ALGORITHMS]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.alltoall_fit import fit, load_measurements
+from shardyard.cli.output import plan_table
 from shardyard.comm import cost_model as cm
 from shardyard.platform.schema import JobSpec
 
@@ -75,7 +76,7 @@ def test_plan(tmp_path: Path) -> None:
     assert res.bytes_per_rank == 1024 * 2 * 1024 * 2
     assert res.expert_parallel == 64 and res.exchanges_per_step == 16
     assert {r["algo"] for r in res.rows} == set(cm.ALGORITHMS)
-    assert "recommendation" in res.render()
+    assert "recommendation: parallel.a2a =" in plan_table(res)
     # an EP group inside one node: nothing to choose
     assert cm.plan(spec, 64, 8, link=cm.GPU_CLUSTER, expert_parallel=8).recommendation == "flat"
     # the package's fitted constants by default; a constants file when given
@@ -116,7 +117,7 @@ def test_plan_recommends_the_clear_winner() -> None:
         assert (times[winner] <= 0.5 * times["flat"]) if winner != "flat" else (1.25 * times["flat"] <= min(others)), (
             times
         )
-        assert res.recommendation == winner, res.render()
+        assert res.recommendation == winner, plan_table(res)
 
 
 def test_recommendation_against_testbed_measurements() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from shardyard.comm.alltoall import ALGORITHMS
-from shardyard.comm.dispatch import dispatch_metrics
+from shardyard.comm.dispatch_metrics import dispatch_metrics
 from shardyard.comm.launch import spawn
 from shardyard.comm.token_dispatch import TransportDispatcher
 from shardyard.comm.topology import Topology
@@ -22,7 +22,7 @@ from shardyard.comm.wire import FP8Codec
 from shardyard.models.moe.dispatcher import LocalDispatcher
 from shardyard.models.moe.experts import GroupedExperts
 from shardyard.models.moe.layer import MoELayer
-from shardyard.models.moe.permute import combine, dispatch
+from shardyard.models.moe.permute import gather_rows, weighted_sum
 from shardyard.platform.schema import DispatchSpec, ParallelSpec
 from shardyard.runtime.parallel.dims import replicated_dims
 from shardyard.runtime.parallel.parallelize import keep_expert_slice_, place_experts
@@ -77,7 +77,7 @@ def _run(module: _Stack, rank: int, fused: bool) -> dict[str, torch.Tensor]:
     if fused:
         out = module.forward_tokens(tokens, token_of, weight_of, offsets, TOKENS)
     else:  # today's path, as the MoE layer runs it
-        out = combine(module(dispatch(tokens, token_of), offsets), weight_of, token_of, TOKENS)
+        out = weighted_sum(module(gather_rows(tokens, token_of), offsets), weight_of, token_of, TOKENS)
     (out.sin() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     return {
         "out": out.detach(),
@@ -304,7 +304,7 @@ def test_lsh_one_worker_metrics_and_state() -> None:
     with torch.no_grad():  # evaluation does not advance the rotation schedule
         module.eval()
         tokens, token_of, weight_of, offsets = _routing(0)
-        module(dispatch(tokens, token_of), offsets)
+        module(gather_rows(tokens, token_of), offsets)
     assert int(module.lsh.forwards) == 3
 
 
@@ -320,7 +320,7 @@ def test_lsh_under_activation_checkpointing_hashes_alike() -> None:
         module.lsh.forwards.fill_(5)
         module.dispatcher._pending_ratio = 1.0  # the adaptation also happens before hashing
         x = tokens.clone().requires_grad_(True)
-        run = lambda t: module(dispatch(t, token_of), offsets)  # noqa: E731
+        run = lambda t: module(gather_rows(t, token_of), offsets)  # noqa: E731
         out = checkpointed(run, x) if use_checkpoint else run(x)
         out.square().sum().backward()
         assert int(module.lsh.forwards) == 6 and int(module.lsh.active_hashes) == 2

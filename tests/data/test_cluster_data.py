@@ -14,6 +14,7 @@ import pytest
 
 from shardyard import envvars
 from shardyard.data.prepare import prepare
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import DataSpec
 from tests.data.test_prepare import documents, write_jsonl
 from tests.helpers import tiny_spec_yaml, two_node_ray_cluster
@@ -73,7 +74,7 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
     step-4 checkpoint, which exists only in the bucket, and replays steps 5-6 with the same losses."""
     from shardyard.data.storage import filesystem
     from shardyard.platform.spec import load_spec_text
-    from shardyard.runtime.entry import run_directory, run_training
+    from shardyard.runtime.entry import run_training
     from shardyard.runtime.preemption import read_events
 
     fs, _ = filesystem(s3_bucket)
@@ -90,7 +91,7 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
             checkpoint=f"{{dir: '{s3_bucket}/runs', every: 4, keep: 2}}",
         )
     )
-    run_dir = run_directory(spec)
+    run_dir = RunDir.of(spec).path
     assert str(run_dir).startswith(str(Path.home() / ".cache"))
     try:
         result = run_training(spec, run_dir)

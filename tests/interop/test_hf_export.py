@@ -206,7 +206,7 @@ def test_cli_refusals_name_the_field(tmp_path: Path) -> None:
 
 def test_a_bpe_run_exports_its_trained_tokenizer(tmp_path: Path) -> None:
     """A `bpe:N` run's export carries the tokenizer it trained on: AutoTokenizer gives the ids the run's
-    own codec gives, and decodes them back to the text; the model loads with its vocabulary."""
+    own tokenizer gives, and decodes them back to the text; the model loads with its vocabulary."""
     from shardyard.data.prepare import ensure_prepared
 
     corpus = tmp_path / "corpus"
@@ -230,10 +230,10 @@ def test_a_bpe_run_exports_its_trained_tokenizer(tmp_path: Path) -> None:
     out = tmp_path / "hf"
     export_hf(tmp_path / "run", out, "llama")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    codec = ensure_prepared(spec.data, parallel="local").codec()
+    tokenizer = ensure_prepared(spec.data, parallel="local").tokenizer()
     sample = "def value(self):\n    return index + lambda\n"
     ids = hf_tok(sample, add_special_tokens=False)["input_ids"]
-    assert ids == codec.encode([sample.encode()])[0].tolist()
+    assert ids == tokenizer.encode([sample.encode()])[0].tolist()
     assert len(ids) < len(sample.encode())  # merges in use: not the byte tokenizer
     assert hf_tok.decode(ids) == sample
     assert load_hf(out).config.vocab_size == 300

@@ -242,7 +242,7 @@ def _dp_worker(topology, out_dir: str) -> None:
     with torch.no_grad():
         for step in range(5):  # every rank sees different tokens
             layer(_skewed_tokens(64, seed=100 * topology.rank + step))
-            update_router_biases([layer])  # collective: the load summed over both ranks
+            update_router_biases([layer], dist.group.WORLD)  # collective: the load summed over both ranks
             layer.take_step_stats()
     bias = layer.router.expert_bias.clone()
     gathered = [torch.empty_like(bias) for _ in range(topology.world_size)]

@@ -236,4 +236,12 @@ MUTANTS: list[Mutant] = [
         ["tests/tracking/test_report.py", "-k", "one_run or comparison_table"],
         "report shows the first run's restart count in every column",
     ),
+    Mutant(
+        "zero-export-reads-one-rank",
+        "shardyard/runtime/parallel/deepspeed_zero.py",
+        "self.files[piece.rank].read_into(piece.ref",
+        "self.files[0].read_into(piece.ref",
+        ["tests/runtime/test_export.py", "-k", "streams and zero2", *SLOW],
+        "streaming ZeRO export reads every rank's slice of a weight from rank 0's partition file",
+    ),
 ]

@@ -88,7 +88,7 @@ def ddp_worker(steps: int) -> None:
         start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         ddp = DDP(model)
         spec = OptimSpec(kind=kind, lr=1e-2, galore={"rank": 8, "update_gap": 2, **galore})
-        opt = build_optimizer(spec, model)
+        opt = build_optimizer(spec, model, dist.group.WORLD)  # the projection is broadcast over it
         for x in batches(steps, seed=100 + rank):  # different data on every rank
             _, loss = ddp(x[:, :-1], x[:, 1:])
             loss.backward()

@@ -77,7 +77,7 @@ def _dp_rank(topo: Topology) -> None:
             opt_ref.zero_grad(set_to_none=True)
 
         model = prepare_model_for_optimizer(tiny_model(), _spec(kind, True))
-        opt = build_optimizer(_spec(kind, True), model)
+        opt = build_optimizer(_spec(kind, True), model, dist.group.WORLD)  # the stepper drives it
         stepper = LayerwiseStepper(model, opt, None, None, world, BUCKET).attach()
         total_grad = sum(p.numel() * 4 for p in model.parameters())
         largest = max(p.numel() * 4 for p in model.parameters())
@@ -101,7 +101,7 @@ def _dp_rank(topo: Topology) -> None:
         stepper.detach()
         if kind == "q_galore_adamw":  # whole-model steps: the stepper replaces DDP for INT8 layers
             whole = prepare_model_for_optimizer(tiny_model(), _spec(kind, False))
-            opt_whole = build_optimizer(_spec(kind, False), whole)
+            opt_whole = build_optimizer(_spec(kind, False), whole, dist.group.WORLD)
             whole_stepper = LayerwiseStepper(whole, opt_whole, None, None, world, BUCKET).attach()
             for step, micro in enumerate(data):
                 (whole(micro[0][:, :-1], micro[0][:, 1:])[1]).backward()
@@ -167,7 +167,7 @@ def _ep_rank(topo: Topology) -> None:
         net = build_model(mspec, 16)
         net.load_state_dict(start)
         place_experts(net, groups, ParallelSpec())
-        opt = build_optimizer(lw_spec if mode == "layerwise" else spec, net)
+        opt = build_optimizer(lw_spec if mode == "layerwise" else spec, net, dist.group.WORLD)
         stepper = None
         if mode == "layerwise":
             stepper = LayerwiseStepper(net, opt, None, groups.edp, world, 8 << 10).attach()

@@ -16,6 +16,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from shardyard.cli.output import memory_report
 from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
 from shardyard.models.moe.experts import is_expert_shard
@@ -141,7 +142,7 @@ def test_memory_q_galore_report_comes_from_the_model_the_job_builds() -> None:
     p = predict_with_adamw(spec)
     assert p.adamw is not None and p.adamw.kind == "adamw"
     assert p.state / p.adamw.state < 0.3
-    assert "% of AdamW's" in p.report()
+    assert "% of AdamW's" in memory_report(p)
 
 
 def _local_bytes(tensors) -> int:

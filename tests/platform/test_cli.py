@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 
-from tests.helpers import BIN, ROOT, run_cli, tiny_spec_yaml
+from tests.helpers import ROOT, SHARDYARD, run_cli, tiny_spec_yaml
 
 
 def test_validate_prints_summary() -> None:
@@ -16,6 +18,16 @@ def test_validate_prints_summary() -> None:
     assert "spec OK" in out and "moe-tiny" in out
     assert "50 steps" in out and "8 per MoE layer" in out
     assert "active per token" in out and "run dir" in out
+
+
+def test_the_console_script_is_the_cli_the_tests_run() -> None:
+    """pyproject's `shardyard` script names the function `python -m shardyard.cli` (tests.helpers) runs."""
+    from shardyard.cli.main import main
+
+    module, _, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"][
+        "shardyard"
+    ].partition(":")
+    assert getattr(importlib.import_module(module), function) is main
 
 
 def test_bad_spec_exits_2_without_traceback(tmp_path: Path) -> None:
@@ -98,7 +110,7 @@ def test_generate_from_a_checkpoint(tmp_path: Path) -> None:
     """`shardyard generate` on a run directory written by the trainer's checkpoint code."""
     run_dir = _one_process_run(tmp_path, "gen")
     proc = subprocess.run(
-        [str(BIN / "shardyard"), "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
+        [*SHARDYARD, "generate", str(run_dir), "--prompt", "def ", "--bytes", "12"],
         capture_output=True,
         timeout=300,
     )

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.preemption import EXIT_STOPPED, read_events
-from shardyard.runtime.watchdog import HEARTBEAT_DIR, read_heartbeats
-from tests.helpers import BIN, ROOT, tiny_spec_yaml, train_losses
+from shardyard.runtime.watchdog import read_heartbeats
+from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses
 
 pytestmark = pytest.mark.slow
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
@@ -82,7 +83,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
 
 def start_run(cluster: Any, spec: Path, out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec), "--address", cluster.address],
+        [*SHARDYARD, "run", str(spec), "--address", cluster.address],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -119,7 +120,7 @@ def metric_lines(run_dir: Path) -> int:
 def new_attempt_training(run_dir: Path, after: float) -> dict[int, dict]:
     """Heartbeats of an attempt that started after `after`, once it has logged two more steps."""
     beats = wait_for(
-        lambda: (b := read_heartbeats(run_dir / HEARTBEAT_DIR, since=after + 0.5)) and len(b) == 2 and b,
+        lambda: (b := read_heartbeats(RunDir(run_dir).heartbeats, since=after + 0.5)) and len(b) == 2 and b,
         what="a new attempt",
     )
     lines = metric_lines(run_dir)

@@ -14,9 +14,9 @@ import torch
 from shardyard.comm.launch import spawn
 from shardyard.comm.topology import Topology
 from shardyard.platform.errors import SpecError, UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.preemption import (
-    STOP_FILE,
     StepBoundary,
     checkpoint_warning,
     clear_stop,
@@ -25,7 +25,7 @@ from shardyard.runtime.preemption import (
     request_stop,
     stop_reason,
 )
-from shardyard.runtime.watchdog import EXIT_STALLED, HEARTBEAT_DIR, StepWatchdog, beat, read_stall_reports
+from shardyard.runtime.watchdog import EXIT_STALLED, StepWatchdog, beat, read_stall_reports
 from tests.helpers import tiny_spec_yaml
 
 
@@ -64,7 +64,7 @@ def test_ranks_agree_on_stop_and_time_based_checkpoints(tmp_path: Path) -> None:
         assert eval((tmp_path / "out" / f"rank{rank}").read_text()) == expected
     assert stop_reason(tmp_path) == "test"
     clear_stop(tmp_path)
-    assert not (tmp_path / STOP_FILE).exists() and stop_reason(tmp_path) is None
+    assert not RunDir(tmp_path).stop_request.exists() and stop_reason(tmp_path) is None
 
 
 def test_first_signal_requests_a_stop_the_second_aborts(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_watchdog_names_the_rank_that_stopped_progressing(tmp_path: Path) -> Non
     assert report["message"].startswith("rank 1 stopped progressing at step 3 (training)"), report["message"]
     assert "rank 0 at step" in report["message"] and "collective_timeout_minutes" in report["message"]
     assert [r["stuck_rank"] for r in read_stall_reports(tmp_path)] == [1]
-    assert (tmp_path / HEARTBEAT_DIR / "rank0.json").exists()
+    assert (RunDir(tmp_path).heartbeats / "rank0.json").exists()
 
 
 def test_failure_policy_never_retries_user_errors_and_counts_the_rest(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_trainer_checkpoints_by_time_and_stops_with_a_checkpoint_on_request(tmp_
 
 
 def test_stop_command_writes_the_request_into_a_run_directory(tmp_path: Path, capsys) -> None:
-    from shardyard.platform.cli import main
+    from shardyard.cli.main import main
 
     (tmp_path / "spec.yaml").write_text("name: x\n")
     assert main(["stop", str(tmp_path)]) == 0

@@ -21,8 +21,8 @@ def test_degrees_are_validated_against_the_world() -> None:
         ParallelDims(topo, dp_replicate=8, ep=3)
     with pytest.raises(ValueError, match="divide one another"):
         ParallelDims(Topology.from_rank(0, 12, 4), dp_replicate=12, ep=6)
-    with pytest.raises(ValueError, match="not implemented"):
-        ParallelDims(topo, dp_replicate=4, pp=2)
+    with pytest.raises(ValueError, match="divide the ranks of a stage"):
+        ParallelDims(Topology.from_rank(0, 4, 4), dp_replicate=1, ep=2, pp=4)
     with pytest.raises(ValueError, match=">= 1"):
         ParallelDims(topo, dp_replicate=8, ep=0)
 
@@ -57,3 +57,21 @@ def _check_views(topo: Topology) -> None:
 @pytest.mark.distributed
 def test_one_mesh_gives_the_node_aware_groups() -> None:
     spawn(_check_views, 4, 2)
+
+
+def _check_pipeline_views(topo: Topology) -> None:
+    """pp outermost: stages are contiguous blocks of ranks, and every other view stays inside one."""
+    dims = ParallelDims(topo, dp_replicate=2, ep=2, pp=2).build("cpu")
+    r = topo.rank
+    block = [0, 1] if r < 2 else [2, 3]
+    assert dims.ranks("pp") == [r % 2, r % 2 + 2] and dims.pp_rank == r // 2 and dims.dp_rank == r % 2
+    assert dims.ranks("dp") == block and dims.ranks("dp_replicate") == block and dims.ranks("ep") == block
+    assert dims.ranks("edp") == [r]
+    t = torch.ones(1)
+    dist.all_reduce(t, group=dims.group("pp"))
+    assert t.item() == 2
+
+
+@pytest.mark.distributed
+def test_pipeline_stages_are_the_outermost_mesh_dim() -> None:
+    spawn(_check_pipeline_views, 4, 2)

@@ -1,23 +1,26 @@
 """`shardyard export` consolidates sharded checkpoints (expert-parallel, DeepSpeed ZeRO-3) into the
-single-worker model; `generate` reads every kind of checkpoint."""
+single-worker model; `generate` reads every kind of checkpoint; `export --format hf` streams a ZeRO-2
+and a ZeRO-3 checkpoint to exactly DeepSpeed's own consolidation."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from shardyard.platform.schema import JobSpec
 from shardyard.runtime.worker import LocalReporter, Trainer
 from tests.helpers import run_cli
 from tests.runtime.test_parallel_plans import job, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-DENSE = "{kind: dense, width: 64, depth: 2, heads: 2, ffn: {hidden: 128}}"
+DENSE_JSON = '{"kind": "dense", "width": 64, "depth": 2, "heads": 2, "ffn": {"hidden": 128}}'
 
 
 def single_worker_weights(spec, run_dir: Path) -> dict[str, torch.Tensor]:
@@ -89,18 +92,66 @@ def assert_evaluates(run_dir: Path, tmp_path: Path, spec, reference: dict[str, t
     assert float(found.group(1)) == pytest.approx(expected, abs=2e-3), (proc.stdout, expected)
 
 
-def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple[JobSpec, Path]]:
+    """(spec, run directory) of a tiny dense run under ZeRO `stage` on 2 gloo ranks, trained once per
+    module and shared by the tests that read it."""
     pytest.importorskip("deepspeed")
-    zero3 = job(tmp_path, "zero3", 2, 1, "none", 6, 6)
-    zero3 = zero3.model_copy(update={"parallel": zero3.parallel.model_copy(update={"zero": 3})})
-    zero3.model = zero3.model.model_validate_json(
-        '{"kind": "dense", "width": 64, "depth": 2, "heads": 2, "ffn": {"hidden": 128}}'
-    )
-    run(zero3, tmp_path / "zero3")
+    runs: dict[int, tuple[JobSpec, Path]] = {}
+
+    def get(stage: int) -> tuple[JobSpec, Path]:
+        if stage not in runs:
+            storage = tmp_path_factory.mktemp(f"zero{stage}")
+            spec = job(storage, f"zero{stage}", 2, 1, "none", 6, 6)
+            spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(update={"zero": stage})})
+            spec.model = spec.model.model_validate_json(DENSE_JSON)
+            run(spec, storage / "run")
+            runs[stage] = spec, storage / "run"
+        return runs[stage]
+
+    return get
+
+
+def test_export_of_a_zero3_checkpoint_is_the_single_worker_model(tmp_path: Path, zero_run) -> None:
+    zero3, run_dir = zero_run(3)
     one = job(tmp_path, "one", 1, 1, "none", 6, 6)
     one.model = zero3.model
     reference = single_worker_weights(one, tmp_path / "one")
-    assert_same_weights(exported(tmp_path / "zero3", tmp_path / "export-zero3"), reference)
-    sample = run_cli("generate", str(tmp_path / "zero3"), "--prompt", "def ", "--bytes", "16")
+    assert_same_weights(exported(run_dir, tmp_path / "export-zero3"), reference)
+    sample = run_cli("generate", str(run_dir), "--prompt", "def ", "--bytes", "16")
     assert sample.returncode == 0 and "16 bytes" in sample.stderr, sample.stderr
-    assert_evaluates(tmp_path / "zero3", tmp_path, one, reference)
+    assert_evaluates(run_dir, tmp_path, one, reference)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_hf_export_from_a_zero_checkpoint_streams_deepspeeds_consolidated_weights(
+    tmp_path: Path, zero_run, stage: int
+) -> None:
+    """Export reads a ZeRO checkpoint one tensor at a time from the ranks' flat partitions; every tensor
+    it writes equals, bit for bit, what DeepSpeed's own zero_to_fp32 consolidation gives."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from shardyard.interop import pick_family
+    from shardyard.interop.hf_dir import write_hf
+    from shardyard.runtime.checkpoint import find_latest_checkpoint
+    from shardyard.runtime.export import export_hf
+    from shardyard.runtime.parallel.deepspeed_zero import ENGINE_TAG
+
+    spec, run_dir = zero_run(stage)
+    name, files = export_hf(run_dir, tmp_path / "hf")
+    assert name == "llama" and len(files) == 1
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(find_latest_checkpoint(run_dir)), tag=ENGINE_TAG)
+    reference = write_hf(
+        tmp_path / "reference",
+        pick_family(spec.model, "llama"),
+        spec.model,
+        {k: tuple(v.shape) for k, v in consolidated.items()},
+        lambda key: consolidated[key],
+        vocab_size=256,
+        seq_len=spec.data.seq_len,
+    )
+    got, want = load_file(str(files[0])), load_file(str(reference[0]))
+    assert sorted(got) == sorted(want) and "model.layers.1.mlp.down_proj.weight" in want
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

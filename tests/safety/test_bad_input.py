@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardyard.cli.main import main
 from shardyard.models import build_model
-from shardyard.platform.cli import main
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.parallel.parallelize import apply_activation_checkpointing
 from shardyard.runtime.worker_memory import predict_worker_memory

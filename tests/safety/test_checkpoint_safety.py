@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.entry import latest_step, resume_conflicts
 from shardyard.runtime.safe_load import UnsafeCheckpoint
-from shardyard.runtime.save_guard import BEST_DIR, NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint, keep_best
+from shardyard.runtime.save_guard import NonFiniteWeights, best_val_bpb, fsync_stored_checkpoint, keep_best
 from shardyard.runtime.worker import LocalReporter, Trainer
-from tests.helpers import tiny_spec_yaml
+from tests.helpers import tiny_spec_yaml, world_of_one
 
 TINY_MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2}}"
 
@@ -158,6 +159,10 @@ def test_a_planted_pickle_in_a_deepspeed_partition_is_refused(tmp_path: Path) ->
     torch.save({"module": Exploit()}, tmp_path / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(UnsafeCheckpoint, match="optim_states.pt"):
         check_torch_files(tmp_path / "deepspeed")
+    from shardyard.runtime.parallel.deepspeed_zero import ZeroWeights
+
+    with pytest.raises(UnsafeCheckpoint, match=r"optim_states.pt.*refusing to load __builtin__.exec"):
+        ZeroWeights(tmp_path)  # export's streaming reader unpickles the file's tree: refused as well
     assert not marker.exists()
 
 
@@ -176,12 +181,14 @@ def test_non_finite_weights_are_never_saved_and_name_the_step(tmp_path: Path, sm
 
 def test_the_best_checkpoint_is_kept_outside_the_rotation(finished_run: Path, tmp_path: Path) -> None:
     run = copy_run(finished_run, tmp_path)
-    best = run / BEST_DIR
+    best = RunDir(run).best
     assert ckpt.verify_checkpoint(best, full=True) is None  # complete, the fit kept one
     assert best not in [path for _, path in ckpt.checkpoints_newest_first(run)]  # never rotated or resumed from
     first = run / "checkpoint_00000002"
-    keep_best(run, first, val_bpb=0.5, step=2)
+    keep_best(run, first, val_bpb=0.5, step=2, group=world_of_one())
     assert best_val_bpb(run) == 0.5 and ckpt.read_meta(best)["step"] == 2
-    assert not keep_best(run, run / "checkpoint_00000004", val_bpb=0.7, step=4)  # worse: the best stays
+    assert not keep_best(
+        run, run / "checkpoint_00000004", val_bpb=0.7, step=4, group=world_of_one()
+    )  # worse: the best stays
     assert ckpt.read_meta(best)["step"] == 2 and ckpt.verify_checkpoint(best, full=True) is None
     assert fsync_stored_checkpoint(run, first, step=2) == len([p for p in first.rglob("*") if p.is_file()])

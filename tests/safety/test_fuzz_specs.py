@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from shardyard.cli.main import main
 from shardyard.data import corpus
-from shardyard.platform.cli import main
 from tests.helpers import ROOT
 
 SPECS = sorted((ROOT / "jobs").glob("*.yaml"))

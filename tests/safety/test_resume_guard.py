@@ -16,11 +16,12 @@ import pytest
 
 from shardyard.comm.launch import spawn
 from shardyard.platform.errors import UserError
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text, spec_to_yaml
 from shardyard.runtime import run_lease
-from shardyard.runtime.entry import refuse_conflicting_resume, run_config_location, write_run_files
+from shardyard.runtime.entry import refuse_conflicting_resume, write_run_files
 from shardyard.runtime.resume_guard import CorpusChanged, check_corpus_on_every_rank, spec_differences
-from tests.helpers import ROOT, tiny_spec_yaml
+from tests.helpers import ROOT, tiny_spec_yaml, world_of_one
 
 
 def spec(*overrides: str, root: Path = Path("/tmp/unused")):
@@ -89,7 +90,7 @@ def _compare_corpus(topology, stored: dict, tmp: str) -> None:
     if topology.rank == 1:
         mine["bytes"] += 10  # this rank's node has a longer file
     try:
-        check_corpus_on_every_rank(stored, mine, Path("ckpt"))
+        check_corpus_on_every_rank(stored, mine, Path("ckpt"), world_of_one())
     except CorpusChanged as err:
         Path(tmp, f"rank{topology.rank}").write_text(str(err))
 
@@ -101,7 +102,7 @@ def test_a_corpus_change_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     messages = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "rank 1: bytes: 100 -> 110" in messages[0] and "rank 0" not in messages[0]
-    check_corpus_on_every_rank(None, stored, Path("old"))  # written before fingerprints: passes
+    check_corpus_on_every_rank(None, stored, Path("old"), world_of_one())  # written before fingerprints: passes
 
 
 def test_the_spec_history_keeps_every_spec_a_run_used(tmp_path: Path) -> None:
@@ -113,10 +114,6 @@ def test_the_spec_history_keeps_every_spec_a_run_used(tmp_path: Path) -> None:
     assert [p.name for p in entries] == ["0001.yaml", "0002.yaml"]
     assert "steps: 24" in entries[0].read_text() and "steps: 48" in entries[1].read_text()
     assert (run / "spec.yaml").read_text() == entries[1].read_text()
-
-
-def test_checkpoints_and_metrics_share_the_run_directory_whatever_the_name() -> None:
-    assert run_config_location(Path("/shared/runs/custom-dir")) == ("custom-dir", "/shared/runs")
 
 
 HOLD = """
@@ -151,7 +148,7 @@ def test_two_jobs_cannot_hold_one_run_directory(tmp_path: Path) -> None:
 
 
 def test_a_lease_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path: Path) -> None:
-    lease_file = tmp_path / run_lease.LEASE_FILE
+    lease_file = RunDir(tmp_path).lease
     fresh = {"pid": 1, "host": "other-node", "owner": "x", "started": time.time(), "heartbeat": time.time()}
     lease_file.write_text(json.dumps(fresh))
     with pytest.raises(run_lease.RunBusy, match="pid 1 on other-node"):

@@ -14,14 +14,14 @@ import psutil
 import pytest
 import yaml
 
+from shardyard.cli.main import main
 from shardyard.cluster import auth
 from shardyard.cluster.jobs import UPLOAD_ALLOW, stage_upload
 from shardyard.cluster.listening import Listener, describe, listeners_of
 from shardyard.cluster.secret_env import worker_env
-from shardyard.platform.cli import main
 from shardyard.platform.errors import SpecError
 from shardyard.platform.spec import load_spec_text, spec_to_yaml
-from tests.helpers import BIN, ROOT, tiny_spec_yaml
+from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml
 
 
 # ------------------------------------------------------------------------------------- tokens
@@ -161,7 +161,7 @@ def test_a_planted_secret_reaches_the_workers_and_nowhere_else(tmp_path: Path) -
         "PYTHONPATH": str(ROOT),
     }
     proc = subprocess.Popen(
-        [str(BIN / "shardyard"), "run", str(spec)],
+        [*SHARDYARD, "run", str(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

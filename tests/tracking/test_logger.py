@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
-from shardyard.tracking.logger import METRICS_FILE, WANDB_ID_FILE, MetricsLogger, read_metrics, wandb_key
+from shardyard.tracking.logger import MetricsLogger, read_metrics, wandb_key
 from tests.helpers import tiny_spec_yaml
 
 
@@ -21,10 +22,10 @@ def test_rank_zero_writes_jsonl_and_an_offline_wandb_run(tmp_path: Path) -> None
     logger.log(2, {"kind": "train", "loss": 5.0, "bpb": 7.2})
     logger.log(2, {"kind": "eval", "val_bpb": 7.4})
     logger.close()
-    lines = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     assert [(r["step"], r["kind"]) for r in lines] == [(1, "train"), (2, "train"), (2, "eval")]
     assert lines[1]["loss"] == 5.0 and lines[2]["val_bpb"] == 7.4 and all("time" in r for r in lines)
-    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    run_id = RunDir(run_dir).wandb_id.read_text().strip()
     logs = list(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(logs) == 1 and logs[0].stat().st_size > 0
 
@@ -39,7 +40,7 @@ def test_other_ranks_write_nothing_and_disabled_wandb_writes_only_jsonl(tmp_path
     logger = MetricsLogger(_spec(tmp_path, "disabled"), run_dir, enabled=True)
     logger.log(1, {"kind": "train", "loss": 1.0})
     logger.close()
-    assert sorted(p.name for p in run_dir.iterdir()) == [METRICS_FILE]
+    assert sorted(p.name for p in run_dir.iterdir()) == [RunDir(run_dir).metrics.name]
 
 
 def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_cut_line(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_cut_line(tmp_pa
         {"step": 2, "kind": "train", "loss": 1.5},
     ]
     text = "".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "kind": "tr'
-    (tmp_path / METRICS_FILE).write_text(text)
+    RunDir(tmp_path).metrics.write_text(text)
     got = read_metrics(tmp_path)
     assert [(r["step"], r["kind"]) for r in got] == [(1, "train"), (2, "eval"), (2, "train")]
     assert got[2]["loss"] == 1.5

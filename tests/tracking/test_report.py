@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardyard.platform.cli import main
+from shardyard.cli.main import main
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.worker import LocalReporter, Trainer

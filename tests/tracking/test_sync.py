@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from shardyard.platform.cli import main
+from shardyard.cli.main import main
+from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.worker import LocalReporter, Trainer
-from shardyard.tracking.logger import PREFIXES, STEP_KEY, WANDB_ID_FILE
+from shardyard.tracking.logger import PREFIXES, STEP_KEY
 from shardyard.tracking.sync import offline_runs, read_history
 from tests.helpers import tiny_spec_yaml
 
@@ -41,7 +42,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_resumed_job_appends_to_its_one_wandb_run(resumed_run: Path) -> None:
-    run_id = (resumed_run / WANDB_ID_FILE).read_text().strip()
+    run_id = RunDir(resumed_run).wandb_id.read_text().strip()
     attempts = offline_runs(resumed_run)
     assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts)
     series: dict[int, float] = {}
@@ -65,7 +66,7 @@ def test_a_resumed_job_appends_to_its_one_wandb_run(resumed_run: Path) -> None:
 def test_sync_stitches_every_attempt_under_the_run_id(resumed_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sync", str(resumed_run), "--dry-run"]) == 0
     command = capsys.readouterr().out.split()
-    run_id = (resumed_run / WANDB_ID_FILE).read_text().strip()
+    run_id = RunDir(resumed_run).wandb_id.read_text().strip()
     assert command[1:6] == ["sync", "--id", run_id, "--project", "shardyard"]
     assert command[6:] == [str(p) for p in offline_runs(resumed_run)]  # oldest attempt first
 

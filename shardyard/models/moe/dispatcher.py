@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shardyard.models.moe.permute import combine, dispatch
+from shardyard.models.moe.permute import gather_rows, weighted_sum
 
 
 class TokenDispatcher(nn.Module):
@@ -47,4 +47,4 @@ class LocalDispatcher(TokenDispatcher):
         num_tokens: int,
         experts: nn.Module,
     ) -> torch.Tensor:
-        return combine(experts(dispatch(tokens, token_of), offsets), weight_of, token_of, num_tokens)
+        return weighted_sum(experts(gather_rows(tokens, token_of), offsets), weight_of, token_of, num_tokens)

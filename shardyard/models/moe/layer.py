@@ -173,7 +173,7 @@ class MoELayer(nn.Module):
 def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
     """Aux-loss-free balancing, once per optimizer step: move each aux_free router's bias toward
     balance by the step's token counts summed over every data-parallel rank (so replicas agree).
-    Collective over `group` (default: the world) when torch.distributed is initialised."""
+    Collective over `group` (the data-parallel ranks; None: this process's counts alone)."""
     routers = [
         (layer, layer.router)
         for layer in layers
@@ -182,7 +182,7 @@ def update_router_biases(layers: list[MoELayer], group: dist.ProcessGroup | None
     if not routers:
         return
     loads = torch.stack([layer.tokens_per_expert for layer, _ in routers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(loads, group=group)
     for (_, router), load in zip(routers, loads):
         router.update_bias(load)

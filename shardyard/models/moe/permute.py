@@ -1,7 +1,7 @@
 """Token permutation for the MoE layer: gather tokens into expert order, scatter weighted results back.
 
-`dispatch(tokens [T, d], token_of [A])` -> [A, d]: row a is the token of assignment a (a gather).
-`combine(y [A, d], weight [A], token_of [A], T)` -> [T, d]: out[t] = sum over t's assignments of w * y.
+`gather_rows(tokens [T, d], token_of [A])` -> [A, d]: row a is the token of assignment a (a gather).
+`weighted_sum(y [A, d], weight [A], token_of [A], T)` -> [T, d]: out[t] = sum over t's assignments of w * y.
 
 Both are index operations over whole tensors (no Python loop over tokens); their backward passes are
 the mirrored scatter / gather, written out by hand so no [A, d] temporary is kept that autograd
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-class _Dispatch(torch.autograd.Function):
+class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(token_of)
@@ -28,7 +28,7 @@ class _Dispatch(torch.autograd.Function):
         return out.index_add_(0, token_of, grad), None
 
 
-class _Combine(torch.autograd.Function):
+class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, weight: torch.Tensor, token_of: torch.Tensor, num_tokens: int) -> torch.Tensor:
         ctx.save_for_backward(y, weight, token_of)
@@ -47,9 +47,9 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None
 
 
-def dispatch(tokens: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
-    return _Dispatch.apply(tokens, token_of)
+def gather_rows(tokens: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(tokens, token_of)
 
 
-def combine(y: torch.Tensor, weight: torch.Tensor, token_of: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    return _Combine.apply(y, weight, token_of, num_tokens)
+def weighted_sum(y: torch.Tensor, weight: torch.Tensor, token_of: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return _WeightedSum.apply(y, weight, token_of, num_tokens)

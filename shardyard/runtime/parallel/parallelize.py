@@ -2,6 +2,7 @@
 
 `parallelize(model, dims, spec)` reads top to bottom (as torchtitan's parallelize functions do):
 
+0. pipeline split (pp > 1): the model pruned to this rank's stages (pipeline.split_into_stages);
 1. expert placement: every MoE layer keeps its E/ep slice of the experts (in place) and gets the
    token dispatcher the spec asks for (comm.token_dispatch: transport + dedup / LSH / codec stages;
    the layer's local dispatcher at EP 1 without stages);
@@ -9,11 +10,13 @@
    and dense MLPs split, norms and the residual stream split along the sequence, MoE tokens split);
 3. activation checkpointing (training.activation_checkpointing) on every transformer stack;
 4. (compile: not yet)
-5. FSDP2 over the dims' dp_shard mesh (each block, then the root; expert shards stay outside it when
-   ep > 1; with tp, a 2-D layout: FSDP shards the tp shards), or DDP over the data-parallel ranks when
-   dense weights are replicated and nothing else reduces gradients, or nothing (a world of one).
+5. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
+   expert shards stay outside it when ep > 1; with tp, a 2-D layout: FSDP shards the tp shards), or
+   DDP over the data-parallel ranks when dense weights are replicated and nothing else reduces
+   gradients, or nothing (a world of one).
 
-It returns the module the forward is called on (the model itself, or its DDP wrapper). It only
+It returns the module the forward is called on (the model itself, or its DDP wrapper), or under
+pipeline parallelism the rank's stages (an nn.ModuleList the pipeline schedule runs). It only
 places and shards: the optimizer, the scheduler and the gradient step are built beside it
 (runtime.parallel.build_training).
 """
@@ -34,6 +37,7 @@ from shardyard.models.moe.router import ExpertChoiceRouter
 from shardyard.models.transformer import Block, TransformerStack
 from shardyard.platform.schema import JobSpec, ParallelSpec, TrainingSpec
 from shardyard.runtime.parallel.dims import ParallelDims
+from shardyard.runtime.parallel.pipeline import StageModule, split_into_stages
 from shardyard.runtime.parallel.tensor_parallel import apply_tp, head_aligned
 
 
@@ -72,27 +76,30 @@ def place_experts(model: nn.Module, groups: ProcessGroups | None, parallel: Para
 
 # ------------------------------------------------------------------------------ the other steps
 def apply_activation_checkpointing(model: nn.Module, training: TrainingSpec) -> None:
-    """training.activation_checkpointing: every (n-th) block of every stack recomputed in backward."""
+    """training.activation_checkpointing: every (n-th) block of every stack (or pipeline stage, counting
+    blocks by their index in the whole stack) recomputed in backward."""
     mode = training.activation_checkpointing
     if mode == "none":
         return
     every = 1 if mode == "full" else training.activation_checkpointing_every
     for module in model.modules():
-        if isinstance(module, TransformerStack):
+        if isinstance(module, (TransformerStack, StageModule)):
             module.checkpoint_every = every
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool) -> None:
+def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, reshard_after_forward: bool) -> None:
     """FSDP2 over dp_shard (HSDP over (dp_replicate, dp_shard) when both exceed one; no spec asks for
-    that yet): each transformer block, then the root. Expert shards are left out (their gradients are
-    reduced over EDP); with ep == 1 FSDP shards the expert stacks too (dim 0)."""
+    that yet): each transformer block, then each root (the model, or every pipeline stage). Expert
+    shards are left out (their gradients are reduced over EDP); with ep == 1 FSDP shards the expert
+    stacks too (dim 0)."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = dims.mesh("dense") if dims.dp_replicate > 1 else dims.mesh("dp_shard")  # 2-D: HSDP
-    ignored = {p for p in model.parameters() if is_expert_shard(p)}
-    for module in [m for m in model.modules() if isinstance(m, Block)]:
+    ignored = {p for root in roots for p in root.parameters() if is_expert_shard(p)}
+    for module in [m for root in roots for m in root.modules() if isinstance(m, Block)]:
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    for root in roots:
+        fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims, device: torch.device) -> nn.Module:
@@ -109,20 +116,31 @@ def apply_ddp(model: nn.Module, dims: ParallelDims, device: torch.device) -> nn.
 def uses_ddp(dims: ParallelDims, own_reduction: bool) -> bool:
     """DDP reduces dense gradients when they are replicated over several ranks and nothing else
     (expert-parallel reduction, tensor parallelism's DTensors, a hook-reduced stepper, an engine:
-    `own_reduction`) does."""
-    return dims.dp_replicate > 1 and not dims.ep_enabled and not dims.tp_enabled and not own_reduction
+    `own_reduction`; under pipeline parallelism the gradient step's explicit reduction) does."""
+    return (
+        dims.dp_replicate > 1
+        and not dims.ep_enabled
+        and not dims.tp_enabled
+        and not dims.pp_enabled
+        and not own_reduction
+    )
 
 
 def parallelize_transformer(
     model: nn.Module, dims: ParallelDims, spec: JobSpec, device: torch.device, own_reduction: bool = False
 ) -> nn.Module:
     """The flat transformers (dense | moe) and the byte models (their stacks are transformer stacks)."""
+    stages = split_into_stages(model, dims, spec.parallel.pipeline) if dims.pp_enabled else []
     place_experts(model, dims.expert_groups if dims.ep_enabled else None, spec.parallel)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"), head_aligned(spec.model, dims.tp))
-    apply_activation_checkpointing(model, spec.training)
+    for root in [model, *stages]:
+        apply_activation_checkpointing(root, spec.training)
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims, reshard_after_forward=spec.parallel.shard == "full")
+        apply_fsdp(stages or [model], dims, reshard_after_forward=spec.parallel.shard == "full")
+    if stages:
+        return nn.ModuleList(stages)
+    if dims.fsdp_enabled:
         return model
     if uses_ddp(dims, own_reduction):
         return apply_ddp(model, dims, device)

@@ -30,7 +30,7 @@ from shardyard.runtime.parallel.tensor_parallel import HeadAligned
 from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
 
 DCP_FORMAT = "dcp"
-LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their plan
+LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were named: their mode
 
 
 class TrainingState:
@@ -47,7 +47,7 @@ class TrainingState:
 
 
 def checkpoint_format(layout: dict[str, Any]) -> str:
-    """The state format a checkpoint was written in (older checkpoints name their plan in "mode")."""
+    """The state format a checkpoint was written in (older checkpoints name their parallel mode in "mode")."""
     if "format" in layout:
         return layout["format"]
     mode = layout.get("mode", DCP_FORMAT)
@@ -82,6 +82,7 @@ class DCPState(TrainingState):
             "ep": self.dims.ep,
             "tp": self.dims.tp,
             "shard": self.shard if self.dims.fsdp_enabled else "none",
+            "pp": self.dims.pp,
         }
 
     def save(self, directory: Path) -> None:
@@ -131,10 +132,21 @@ class DCPState(TrainingState):
                 k: {key: self._import_tensor(k, v) for key, v in entry.items()}
                 for k, entry in state["optim"]["state"].items()
             },
-            "param_groups": state["optim"]["param_groups"],
+            "param_groups": self._own_param_groups(state["optim"]["param_groups"]),
         }
         set_model_state_dict(self.model, model_sd)
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
+
+    def _own_param_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The saved groups' settings over this rank's parameters. DCP keeps one rank's copy of the
+        (non-tensor) groups, whose name lists cover only that rank's pipeline stages; the settings are
+        the same on every rank, the names are this rank's own."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        mine = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        if len(saved) != len(mine):
+            raise RuntimeError(f"checkpoint has {len(saved)} optimizer parameter groups, this job {len(mine)}")
+        return [{**group, "params": own["params"]} for group, own in zip(saved, mine)]
 
     def _export_tensor(self, name: str, value: Any) -> Any:
         """An expert-parallel shard becomes a DTensor over (edp, ep), Shard(0) on ep; a head-aligned
@@ -179,3 +191,26 @@ def read_dcp_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tens
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(checkpoint) / SHARDS_DIR)), no_dist=True)
     return state["model"]
+
+
+class DCPWeights:
+    """Reads one weight of a DCP checkpoint at a time, by its single-worker name (any layout: DCP
+    assembles the ranks' chunks of that one tensor)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        read_dcp_metadata(Path(checkpoint) / SHARDS_DIR / ".metadata")  # refuses code before DCP reads it
+        self.path = str(Path(checkpoint) / SHARDS_DIR)
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {name: torch.empty(like.shape, dtype=like.dtype)}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
+        return state["model"][name]
+
+    def close(self) -> None:
+        pass

@@ -66,9 +66,10 @@ class ReducedStep(GradientStep):
         self.ddp = isinstance(module, DistributedDataParallel)
         self.explicit = dims.world_size > 1 and not self.ddp  # what no wrapper reduces, reduced here
         self.expert_group = dims.group("ep")
+        self.stage_group = dims.group("pp") if dims.pp_enabled else None  # stages hold disjoint parameters
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        if self.dims.fsdp_enabled:
+        if self.dims.fsdp_enabled and not self.dims.pp_enabled:  # a pipeline stage syncs at its schedule's end
             self.model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last only
         if self.ddp and not last:
             return self.module.no_sync()
@@ -86,7 +87,7 @@ class ReducedStep(GradientStep):
                 dense=not self.dims.fsdp_enabled,
                 replicas=self.dims.dp,
             )
-        norm = clip_grad_norm_(self.model.parameters(), self.grad_clip, self.expert_group)
+        norm = clip_grad_norm_(self.model.parameters(), self.grad_clip, self.expert_group, self.stage_group)
         self._apply()
         return norm
 
