@@ -117,6 +117,8 @@ BAD = [
         [],
         2,
         ["parallel.tensor_parallel: 2 must divide data.seq_len (33)"],
+    ),
+    (
         "name: t\nparallel: {pipeline_parallel: 3}\nresources: {workers: 4}\n",
         [],
         2,
@@ -156,7 +158,7 @@ BAD = [
         "name: t\nmodel: {kind: moe}\nparallel: {pipeline_parallel: 2, expert_parallel: 2}\nresources: {workers: 2}\n",
         [],
         3,
-        ["parallel.expert_parallel: 2 must divide the data-parallel workers (1 ="],
+        ["parallel.expert_parallel: 2 must divide the workers of a pipeline stage (1 ="],
     ),
     ("name: t\ndata:\n  val_fraction: 0.9\n", [], 3, ["data.val_fraction", "less than 0.5"]),
     ("name: t\ndata:\n  paths: []\n", [], 3, ["data.paths", "at least 1"]),
