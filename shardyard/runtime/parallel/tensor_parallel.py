@@ -206,12 +206,14 @@ def sum_partial_grads_over_tp(model: nn.Module, group: dist.ProcessGroup) -> Non
     and shared experts) is all-reduced. Expert-parallel shards are reduced over EDP instead."""
     grads = []
     for p in model.parameters():
-        g = p.grad
-        if g is None or is_expert_shard(p):
+        if not p.requires_grad or is_expert_shard(p):
             continue
+        g = p.grad
         if isinstance(g, DTensor) and any(placement.is_partial() for placement in g.placements):
             p.grad = g.redistribute(g.device_mesh, p.placements)
         elif not (isinstance(p, DTensor) and _on_tp(p)):  # a tp shard's gradient is its slice's whole
+            if g is None:  # no token reached it here: every rank still reduces the same buffers
+                g = p.grad = torch.zeros_like(p)
             grads.append(g.to_local() if isinstance(g, DTensor) else g)
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
