@@ -121,7 +121,7 @@ def spec_text(width: int, depth: int, storage: Path, init_from: Path | None = No
         data: {{paths: [stdlib], seq_len: 64, max_bytes: 1000000}}
         training: {{steps: 1, batch_size: 1, eval_every: 0, eval_bytes: 1024}}
         resources: {{workers: {2 if zero else 1}, cpus_per_worker: 1, max_failures: 0}}
-        parallel: {{zero: {zero or "null"}}}
+        parallel: {{zero: {zero}}}
         checkpoint: {{dir: {storage}, every: 1, keep: 2}}
         tracking: {{mode: disabled}}
         """

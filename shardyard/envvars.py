@@ -17,6 +17,7 @@ FAULT_STEP = "SHARDYARD_FAULT_STEP"  # tests: "<step>[:kill]": rank 0 raises (or
 KILL_IN_SAVE = "SHARDYARD_KILL_IN_SAVE"  # tests: "<step>:<marker>": the last rank dies mid-save once
 SECRET_PROBE = "SHARDYARD_SECRET_PROBE"  # tests: "NAME,...": each worker records the sha256 of those variables
 SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
+CLUSTER_ID = "SHARDYARD_CLUSTER_ID"  # marks every process of an embedded cluster (cluster/orphans.py)
 HANG_AT = (
     "SHARDYARD_HANG_AT"  # tests: "<step>:<rank>": that rank sleeps once instead of joining the step-boundary all_reduce
 )

@@ -75,53 +75,59 @@ def assert_same_series(got: dict[int, float], want: dict[int, float], rel: float
         assert abs(got[step] - want[step]) <= rel * abs(want[step]) + 1e-7, (what, step, got[step], want[step])
 
 
-@contextlib.contextmanager
-def two_node_ray_cluster() -> Iterator[Any]:
-    """A real 2-node Ray cluster on this machine (two raylets of 2 CPUs), connected; torn down after."""
-    from shardyard.cluster.auth import ensure_token
-
-    ensure_token(generate=True)
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 1024**2})
-    cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
-    try:
-        ray.init(address=cluster.address, logging_level="WARNING")
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 _shared_ray: dict[str, Any] = {}
 
 
-def shared_ray_address() -> str:
-    """GCS address of one Ray head shared by this test session's `shardyard run --address` jobs.
+def shared_ray_cluster() -> Any:
+    """One real 2-node Ray cluster (two raylets of 2 logical CPUs each) shared by the test session.
 
-    Starting an embedded cluster costs 10-15 s per `shardyard run`; jobs that do not test the
-    embedded cluster itself run on this one instead (each job is its own Ray driver, so jobs stay
-    isolated: their actors and placement groups end with them). Stopped by `stop_shared_ray` at the
-    end of the session (tests/conftest.py)."""
+    Starting a cluster costs 10-15 s, an embedded one per `shardyard run` as much again: jobs that do
+    not test the embedded cluster itself (`run_job`) and the multi-node tests (`two_node_ray_cluster`)
+    all run here. Each job is its own Ray driver, so jobs stay isolated: their actors, placement groups
+    and runtime env end with them. Tests that kill a node start their own cluster. Stopped by
+    `stop_shared_ray` at the end of the session (tests/conftest.py)."""
     if "cluster" not in _shared_ray:
         from shardyard.cluster.auth import ensure_token
 
         ensure_token(generate=True)
         from ray.cluster_utils import Cluster
 
-        # 2 workers x 1 CPU plus Ray Train's controller; logical CPUs, so 4 fit on 2 cores.
-        _shared_ray["cluster"] = Cluster(
+        # 2 + 2 logical CPUs: a 2-worker job packs onto one node, a 4-worker job spans both (Ray
+        # Train's controller takes no CPU). No dashboard: each job's driver cleans up its own groups.
+        store = 150 * 1024**2
+        cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 4, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+            head_node_args={"num_cpus": 2, "object_store_memory": store, "include_dashboard": False},
         )
-    return _shared_ray["cluster"].address
+        cluster.add_node(num_cpus=2, object_store_memory=store)
+        _shared_ray["cluster"] = cluster
+    return _shared_ray["cluster"]
+
+
+def shared_ray_address() -> str:
+    """GCS address of the session's shared cluster (`shardyard run --address`)."""
+    return shared_ray_cluster().address
 
 
 def stop_shared_ray() -> None:
     cluster = _shared_ray.pop("cluster", None)
     if cluster is not None:
         cluster.shutdown()
+
+
+@contextlib.contextmanager
+def two_node_ray_cluster(env_vars: dict[str, str] | None = None) -> Iterator[Any]:
+    """The session's 2-node cluster with this process connected as a driver, disconnected after.
+    `env_vars` go into the driver's runtime env: every task and actor of its jobs sees them (Ray
+    Train's workers included), whatever the environment the raylets started with."""
+    import ray
+
+    cluster = shared_ray_cluster()
+    ray.init(address=cluster.address, logging_level="WARNING", runtime_env={"env_vars": env_vars or {}})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
 
 
 def run_job(spec: Path | str, *args: str, **kwargs: Any):

@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"starting an embedded Ray cluster ({cpus_needed(spec)} logical CPUs)...", flush=True)
         cluster = local_cluster(
             cpus_needed(spec),
-            math.ceil(spec.resources.workers * spec.resources.gpus_per_worker) or None,
+            math.ceil(spec.resources.max_workers * spec.resources.gpus_per_worker) or None,
             secret_env=worker_env,
         )
     with cluster:

@@ -28,7 +28,9 @@ def main() -> int:
         print(f"[shardyard] error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)  # Ray Jobs sets RAY_ADDRESS
-    print(f"[shardyard] job {spec.name}: {spec.resources.workers} workers, run directory {run_dir}", flush=True)
+    print(
+        f"[shardyard] job {spec.name}: {spec.resources.describe_workers()} workers, run directory {run_dir}", flush=True
+    )
     progress = LiveStatus(spec.training.steps, tty=False)  # a job log: plain periodic lines
     result = run_training(spec, run_dir, progress)
     print(training_summary(result, spec, resume_hint="submit the same spec again (same job name)"), flush=True)

@@ -94,6 +94,19 @@ def _pipeline_lines(spec: JobSpec) -> list[str]:
     ]
 
 
+def _batch_phrase(spec: JobSpec) -> str:
+    """How a step's sequences are split: per worker, or the global batch at every worker count."""
+    t, r = spec.training, spec.resources
+    if t.global_batch is None:
+        accum = f" x {t.grad_accum} accum" if t.grad_accum > 1 else ""
+        dp = "data-parallel " if spec.data_parallel_workers() < r.workers else ""
+        return f"{t.batch_size} seq/worker{accum} x {spec.data_parallel_workers()} {dp}workers"
+    splits = ", ".join(
+        f"{n}: {micro} x accum {accum}" for n in r.worker_counts for micro, accum in [spec.batch_layout(n)]
+    )
+    return f"{t.global_batch} seq (global batch; workers: micro-batch x accum = {splits})"
+
+
 def spec_summary(pre: Preflight, run_dir: Path) -> str:
     """One screen about a job: model size, active parameters, resources, steps, where it writes."""
     spec, facts = pre.spec, pre.facts
@@ -108,13 +121,12 @@ def spec_summary(pre: Preflight, run_dir: Path) -> str:
         f"device), {fmt_count(facts.flops_per_token * per_step)}FLOP per step: the MFU numerator",
         f"data       {data}: {facts.data_files} files, {fmt_count(facts.corpus_bytes)}B; sequences of "
         f"{spec.data.seq_len} tokens, tokenizer {spec.data.tokenizer}",
-        f"training   {t.steps} steps x {t.batch_size} seq/worker x {spec.data_parallel_workers()} "
-        f"{'data-parallel ' if spec.data_parallel_workers() < r.workers else ''}workers = "
+        f"training   {t.steps} steps x {_batch_phrase(spec)} = "
         f"{fmt_count(per_step)} bytes/step, {fmt_count(per_step * t.steps)} bytes total; {t.precision}",
         *_pipeline_lines(spec),
         f"optimizer  {spec.optim.kind} lr {spec.optim.lr:g}, warm-up {spec.optim.schedule.warmup}, "
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
-        f"resources  {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
+        f"resources  {r.describe_workers()} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
         f"zero {spec.parallel.zero}, pp {spec.parallel.pipeline_parallel}, tp {spec.parallel.tensor_parallel}",
         f"run dir    {run_dir}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",

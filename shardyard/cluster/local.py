@@ -1,4 +1,5 @@
-"""The embedded local Ray cluster `shardyard run` starts for a job and stops afterwards."""
+"""The embedded local Ray cluster `shardyard run` starts for a job and stops afterwards (or, if the
+driver is killed, its watcher ends: cluster/orphans.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,20 @@ import contextlib
 import math
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 
 from shardyard import envvars
 from shardyard.cluster.auth import ensure_token
 from shardyard.cluster.listening import descendants, describe, listeners_of
+from shardyard.cluster.orphans import start_watcher
 from shardyard.platform.errors import ClusterError
 from shardyard.platform.schema import JobSpec
 
 
 def cpus_needed(spec: JobSpec) -> int:
     """Logical CPUs for the workers plus one for the Ray Train controller (never fewer than 2)."""
-    return max(2, math.ceil(spec.resources.workers * spec.resources.cpus_per_worker) + 1)
+    return max(2, math.ceil(spec.resources.max_workers * spec.resources.cpus_per_worker) + 1)
 
 
 @contextlib.contextmanager
@@ -34,6 +37,8 @@ def local_cluster(
     # Ray's runtime env agent logs every runtime env, env_vars values included, at INFO: the secrets of
     # a spec's `env` would land in the session logs. WARNING keeps them out (and Ray's daemons quieter).
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+    # Every process of this cluster inherits the mark; the watcher ends them all if the driver dies.
+    os.environ[envvars.CLUSTER_ID] = uuid.uuid4().hex
     # The dashboard serves the state API Ray Train's placement-group cleaner polls. address="local":
     # always a new embedded cluster, never one that happens to run on this machine already. SHARDYARD_*
     # variables (test hooks such as FAULT_STEP) reach every worker through the runtime_env.
@@ -50,6 +55,7 @@ def local_cluster(
         logging_level="WARNING",
         runtime_env={"env_vars": {**envvars.forwarded(), **(secret_env or {})}},
     )
+    watcher = start_watcher(os.environ[envvars.CLUSTER_ID])
     print(
         f"embedded Ray cluster (token authentication on):\n{describe(listeners_of(descendants(os.getpid())))}",
         flush=True,
@@ -58,6 +64,9 @@ def local_cluster(
         yield
     finally:
         ray.shutdown()
+        watcher.kill()
+        watcher.wait()
+        os.environ.pop(envvars.CLUSTER_ID, None)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from shardyard.comm.alltoall import ALGORITHMS
+from shardyard.comm.groups import largest_expert_parallel
+from shardyard.comm.topology import Topology
 
 TERMS = ("stage", "intra_msg", "intra_byte", "inter_msg", "inter_byte", "copy_byte")
 CONSTANTS_PATH = Path(__file__).with_name("alltoall_cost_model.json")  # package data
@@ -198,6 +200,10 @@ def plan(
     world = nodes * gpus_per_node
     notes: list[str] = []
     ep = expert_parallel or spec.parallel.expert_parallel
+    if ep == "auto":  # what an elastic group at this world size would pick
+        experts = spec.model.moe.num_experts if spec.model.moe else 1
+        ep = largest_expert_parallel(Topology.from_rank(0, world, gpus_per_node), experts)
+        notes.append(f"parallel.expert_parallel auto: EP {ep} at {nodes} x {gpus_per_node} ranks")
     if ep <= 1:
         ep = world
         notes.append(

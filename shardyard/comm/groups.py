@@ -72,3 +72,13 @@ def ep_layout(topo: Topology, ep: int) -> dict[str, list[list[int]]]:
         intra_groups += nodes
         inter_groups += [[node[l] for node in nodes] for l in range(per_node)]
     return {"ep": ep_groups, "edp": edp_groups, "intra": intra_groups, "inter": inter_groups}
+
+
+def largest_expert_parallel(topo: Topology, num_experts: int) -> int:
+    """`parallel.expert_parallel: auto`: the largest EP degree that divides the world size and
+    `num_experts` and that `ep_layout` accepts on these nodes (1 when nothing larger does)."""
+    world, rpn = topo.world_size, topo.ranks_per_node
+    for ep in range(min(world, num_experts), 1, -1):
+        if world % ep == 0 and num_experts % ep == 0 and not (ep % rpn and rpn % ep):
+            return ep
+    return 1

@@ -186,6 +186,7 @@ class TransportDispatcher(TokenDispatcher):
         return float(t[0] / t[1].clamp(min=1))
 
     # ------------------------------------------------------------------ what the layer calls
+    @torch.compiler.disable  # eager under training.compile: data-dependent splits, collectives, host-side ledger
     def forward(
         self,
         tokens: torch.Tensor,

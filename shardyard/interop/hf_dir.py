@@ -54,7 +54,7 @@ def write_hf(
     `shapes`: key -> shape of every tensor the model holds). Returns the safetensors files written."""
     torch_dtype = DTYPES[dtype]
     maps, zeros = layouts(family, m, vocab_size)
-    # Plan on the meta device: names and shapes of every HF tensor, grouped per shardyard key.
+    # Laid out on the meta device first: names and shapes of every HF tensor, grouped per shardyard key.
     groups: list[tuple[str | None, list[tuple[str, torch.dtype, tuple[int, ...]]]]] = []
     for key, layout in maps.items():
         meta = torch.empty(shapes[key], device="meta")
@@ -81,12 +81,12 @@ def write_hf(
         with open(out / fname, "wb") as f:
             f.write(_header(entries, {"format": "pt", **(metadata or {})}))
             for g in members:
-                key, planned = groups[g]
+                key, expected = groups[g]
                 if key is None:
-                    tensors = iter([(planned[0][0], torch.zeros(planned[0][2], dtype=torch_dtype))])
+                    tensors = iter([(expected[0][0], torch.zeros(expected[0][2], dtype=torch_dtype))])
                 else:  # lazily: one HF piece of the tensor alive at a time
                     tensors = to_hf(maps[key], read(key).detach().to("cpu", torch.float32))
-                for (name, tensor), (want, _, shape) in zip(tensors, planned, strict=True):
+                for (name, tensor), (want, _, shape) in zip(tensors, expected, strict=True):
                     assert name == want and tuple(tensor.shape) == shape, (name, want, tensor.shape, shape)
                     data = tensor.to(torch_dtype).contiguous()
                     f.write(memoryview(data.view(torch.uint8).numpy()))  # no bytes copy

@@ -18,8 +18,16 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class GroupedOps:
-    """`mm(a, b, offs)`: a_e @ b[e] (b possibly a transposed view); `wgrad(a, g, offs, E)`: a_e^T @ g_e."""
+    """`mm(a, b, offs)`: a_e @ b[e] (b possibly a transposed view); `wgrad(a, g, offs, E)`: a_e^T @ g_e;
+    `mm_into(a, b, offs, out)`: mm written into the rows of `out` (a contiguous [M, N] tensor or row
+    slice), for callers that fill one buffer block by block; a backend without its own copies mm's result."""
 
     name: str
     mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     wgrad: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+    into: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def mm_into(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.into is not None:
+            return self.into(a, b, offs, out)
+        return out.copy_(self.mm(a, b, offs))

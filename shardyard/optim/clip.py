@@ -8,8 +8,9 @@ Each gradient is counted where it lives:
   hold disjoint experts (their EDP peers hold the same, already reduced, values);
 - a plain tensor: replicated (already reduced), counted once;
 - and under pipeline parallelism the whole sum over the stage group: stages hold disjoint parameters.
-Squares are summed in float64 on the CPU. Gradients are then scaled by max_norm / (norm + 1e-6) when
-that is below one (the rule of torch.nn.utils.clip_grad_norm_).
+Squares are summed in float64 (each tensor's norm where it lives, their squares on the CPU).
+Gradients are then scaled by max_norm / (norm + 1e-6) when that is below one (the rule of
+torch.nn.utils.clip_grad_norm_).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def _local(g: torch.Tensor) -> torch.Tensor:
 
 
 def local_square_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares (float64, on CPU) of the given gradients' LOCAL elements (a DTensor's shard)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        total += _local(g).detach().double().square().sum().cpu()
-    return total
+    """Sum of squares (float64, on CPU) of the given gradients' LOCAL elements (a DTensor's shard):
+    each tensor's norm accumulated in float64 where it lives (no float64 copy of the gradient), one
+    transfer to the CPU for all of them."""
+    norms = [torch.linalg.vector_norm(_local(g).detach(), dtype=torch.float64) for g in grads]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(norms).square().sum().cpu()
 
 
 def _sum_over(value: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
@@ -92,9 +95,7 @@ def grad_norm(
 def scale_grads_(params: Iterable[nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                _local(p.grad).mul_(coef)
+        torch._foreach_mul_([_local(p.grad) for p in params if p.grad is not None], coef)
 
 
 @torch.no_grad()

@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardyard.kernels import grouped_mm
-from shardyard.kernels.grouped_gemm import check_backend_device, resolve_backend
-from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, _BlockedExpertMLP, swiglu
+from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, GroupedExperts, run_experts
 from shardyard.optim.galore import galore_param_groups
 from shardyard.optim.quant import dequantize_int8, quantize_int8
 from shardyard.platform.schema import OptimSpec
@@ -228,16 +226,7 @@ class Int8GroupedExperts(_Int8Weights, GroupedExperts):
         self, x_sorted: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     ) -> torch.Tensor:
         """GroupedExperts.forward's arithmetic on the given (dequantised) stacks."""
-        backend = resolve_backend(self.backend, x_sorted)
-        block_rows = self._block_rows(x_sorted, backend)
-        if block_rows:
-            check_backend_device(backend, x_sorted)
-            return _BlockedExpertMLP.apply(
-                x_sorted, w_up, w_down, offsets.to(torch.int32), backend, self.kind, block_rows
-            )
-        h = grouped_mm(x_sorted, w_up, offsets, backend)
-        h = swiglu(h) if self.kind == "swiglu" else F.gelu(h)
-        return grouped_mm(h, w_down, offsets, backend)
+        return run_experts(self, x_sorted, offsets, w_up, w_down)
 
 
 # ------------------------------------------------------------------------------------ convert

@@ -7,7 +7,8 @@
   what a step allocates on top of the model (activations kept for backward, recomputed blocks under
   activation checkpointing, gradients, optimizer state and the optimizer's temporaries).
 - values of the small integer tensors a forward branches on: meta tensors have none, so token
-  routing (`bincount` of the expert ids, `.tolist()` of expert offsets, capacity masks) would fail.
+  routing (`bincount` of the expert ids, i.e. the router's `expert_counts`, `.tolist()` of expert offsets,
+  capacity masks) would fail.
   `bincount` returns a balanced count (every expert gets the same number of assignments, the
   expectation a memory prediction wants); ops whose inputs all carry such values are computed on the
   CPU next to the meta result ("shadows"); a boolean mask with a shadow indexes through its nonzero
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from shardyard.models.moe.router import EXPERT_COUNTS_OP
 
 aten = torch.ops.aten
 SHADOW_LIMIT = 1 << 22  # elements: larger integer tensors stay meta-only
@@ -103,9 +106,12 @@ class MetaMemoryMode(TorchDispatchMode):
         return out
 
     def _run_op(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
-        if func is aten.bincount.default:
+        if func in (aten.bincount.default, EXPERT_COUNTS_OP):
             ids = args[0]
-            minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
+            if func is EXPERT_COUNTS_OP:
+                minlength = args[1]
+            else:
+                minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
             if ids in self.shadows:
                 return self._meta_of(torch.bincount(self.shadows[ids], minlength=minlength))
             bins = max(int(minlength), 1)

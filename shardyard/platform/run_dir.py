@@ -97,6 +97,16 @@ class RunDir:
         return self.path / "STOP"
 
     @property
+    def resize_request(self) -> Path:
+        """An elastic group's controller asks for a checkpoint before it resizes the group."""
+        return self.path / "RESIZE"
+
+    @property
+    def resize_ready(self) -> Path:
+        """Rank 0: the checkpoint of the agreed boundary is reported (its step); the group holds."""
+        return self.path / "RESIZE_READY"
+
+    @property
     def lease(self) -> Path:
         return self.path / ".lease"
 

@@ -7,6 +7,7 @@ errors; cross-field rules (top_k <= num_experts, heads | width, ...) live in val
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -61,6 +62,13 @@ class MoESpec(Section):
         "takes its top capacity_factor*T*k/E tokens; non-causal)",
     )
     aux_loss: NonNegFloat = Field(0.01, description="weight of the load-balancing loss")
+    balance_scope: Literal["micro", "global"] | None = Field(
+        None,
+        description="tokens the load-balancing loss counts: micro (each micro-batch on each worker on its own) | "
+        "global (the expert fractions over the whole optimizer step: every micro-batch of every worker, as "
+        "Megatron's global aux loss; the loss then does not depend on the worker count). null = global for "
+        "elastic jobs (resources.workers: {min, max}), micro otherwise (docs/moe.md)",
+    )
     z_loss: NonNegFloat = Field(0.001, description="weight of the router z-loss")
     capacity_factor: PositiveFloat | None = Field(
         None,
@@ -626,7 +634,17 @@ class OptimSpec(Section):
 # ------------------------------------------------------------------------------------------ training
 class TrainingSpec(Section):
     steps: PositiveInt = Field(200, description="optimizer steps")
-    batch_size: PositiveInt = Field(8, description="sequences per worker per step")
+    batch_size: PositiveInt = Field(
+        8,
+        description="sequences per worker per micro-batch; with global_batch set, the largest micro-batch a "
+        "worker takes (gradient accumulation makes up the rest)",
+    )
+    global_batch: PositiveInt | None = Field(
+        None,
+        description="sequences per optimizer step over all workers, kept whatever the worker count: each (re)start "
+        "splits it into a micro-batch <= batch_size x gradient accumulation per worker (docs/elastic.md); "
+        "null = batch_size x grad_accum x workers",
+    )
     eval_every: NonNegInt = Field(50, description="steps between validation passes (0 = only at the end)")
     eval_bytes: PositiveInt = Field(
         131_072,
@@ -659,6 +677,12 @@ class TrainingSpec(Section):
         "model.stages[i].checkpoint_chunks",
     )
     activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
+    compile: bool = Field(
+        False,
+        description="torch.compile every transformer block (inductor: C++ kernels on CPU, Triton on GPU), applied "
+        "after activation checkpointing and before FSDP / DDP. The first steps pay the compile time (tens of "
+        "seconds per distinct block on a CPU); see docs/parallelism.md for what compiles as one graph",
+    )
 
     @model_validator(mode="after")
     def _check_eval_sets(self) -> TrainingSpec:
@@ -820,7 +844,11 @@ class PipelineSpec(Section):
 
 
 class ParallelSpec(Section):
-    expert_parallel: PositiveInt = Field(1, description="expert-parallel degree (1 = experts replicated, plain DDP)")
+    expert_parallel: PositiveInt | Literal["auto"] = Field(
+        1,
+        description="expert-parallel degree (1 = experts replicated, plain DDP) | auto: at every (re)start the "
+        "largest degree dividing the worker count and model.moe.num_experts (and fitting the nodes)",
+    )
     tensor_parallel: PositiveInt = Field(
         1,
         description="tensor-parallel degree: attention heads and dense MLPs split over this many neighbouring "
@@ -873,8 +901,24 @@ class ParallelSpec(Section):
         )
 
 
+class WorkerRange(Section):
+    """An elastic worker group: starts with `min` workers, grows to `max` (docs/elastic.md)."""
+
+    min: int = Field(..., description="workers the job needs to start and to go on after a node loss")
+    max: int = Field(..., description="workers the job grows to when the cluster has room")
+
+
 class ResourcesSpec(Section):
-    workers: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
+    workers: int | WorkerRange = Field(
+        2,
+        description="Ray Train workers (data-parallel ranks): N, or {min: A, max: B} for an elastic group that "
+        "starts once A fit, grows to B and goes on without a lost node (docs/elastic.md)",
+    )
+    resize_interval_s: PositiveFloat = Field(
+        60.0,
+        description="elastic jobs: seconds between checks for room to grow (Ray Train's "
+        "elastic_resize_monitor_interval_s)",
+    )
     cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per worker (fractions allowed)")
     gpus_per_worker: NonNegFloat = Field(0.0, description="GPUs per worker (0 = CPU training with gloo)")
     max_failures: int = Field(
@@ -895,6 +939,27 @@ class ResourcesSpec(Section):
         "scheduler); `validate` refuses a spec whose predicted per-worker memory exceeds it (default: "
         "compared with this machine's RAM)",
     )
+
+    @property
+    def elastic(self) -> bool:
+        """The worker count may change while the job runs (`workers: {min, max}` with min < max)."""
+        return isinstance(self.workers, WorkerRange) and self.workers.min < self.workers.max
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.max if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the job may run at."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def describe_workers(self) -> str:
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.min_workers)
 
     @model_validator(mode="after")
     def _check_memory(self) -> ResourcesSpec:
@@ -950,6 +1015,11 @@ def parse_size(value: int | str, field: str) -> int:
 
 
 class CheckpointSpec(Section):
+    # `async` is a Python keyword: the field is `async_` in code, `async` in YAML, --set and JSON.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
     dir: str = Field(
         "runs", description="storage root; the run lives in <dir>/<name> (local path or shared filesystem)"
     )
@@ -969,6 +1039,23 @@ class CheckpointSpec(Section):
         None,
         description="also checkpoint when this many minutes passed since the last checkpoint (decided together by "
         "all ranks at a step boundary); null = by steps only",
+    )
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="write checkpoints in the background: the step waits only while the state is copied to CPU "
+        "memory; the manifest (the commit marker) is written once every rank's write finished (DCP states only: "
+        "not with parallel.zero)",
+    )
+    save_timeout_s: PositiveFloat = Field(
+        1800.0,
+        description="a save still writing after this many seconds counts as failed (a stalled filesystem); its "
+        "partial directory is removed and training goes on",
+    )
+    max_failed_saves: PositiveInt = Field(
+        3,
+        description="consecutive failed saves (disk full, permissions, object store errors, timeouts) after which "
+        "the job stops, keeping its last good checkpoint; fewer are reported and training goes on",
     )
 
 
@@ -1047,20 +1134,25 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> JobSpec:
+        self._check_elastic()
         ep = self.parallel.expert_parallel
+        res = self.resources
         self._check_pipeline()
-        if ep > 1:
+        if ep != "auto" and ep > 1:
             if self.model.kind != "moe":
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} but model.kind is {self.model.kind!r}: only MoE models have "
                     f"experts to shard"
                 )
-            if self.resources.workers % ep:
-                raise ValueError(
-                    f"parallel.expert_parallel: {ep} must divide resources.workers ({self.resources.workers})"
-                )
-            stage_workers = self.resources.workers // self.parallel.pipeline_parallel
-            if stage_workers % ep:  # EP groups hold distinct tokens: data-parallel or tensor-parallel ranks
+            for workers in res.worker_counts:
+                if workers % ep:
+                    raise ValueError(
+                        f"parallel.expert_parallel: {ep} must divide resources.workers ({workers})"
+                        + ("; an elastic job can use parallel.expert_parallel: auto" if res.elastic else "")
+                    )
+            stage_workers = min(res.worker_counts) // self.parallel.pipeline_parallel
+            if any((w // self.parallel.pipeline_parallel) % ep for w in res.worker_counts):
+                # EP groups hold distinct tokens: data-parallel or tensor-parallel ranks
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide the workers of a pipeline stage "
                     f"({stage_workers} = resources.workers / parallel.pipeline_parallel)"
@@ -1076,7 +1168,7 @@ class JobSpec(Section):
         seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
         if seq_len_problem:
             raise ValueError(seq_len_problem)
-        if self.parallel.zero and ep > 1:
+        if self.parallel.zero and ep != 1:
             raise ValueError(
                 f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) does not combine with expert "
                 f"parallelism ({ep}); use parallel.shard: full (FSDP2) with parallel.zero: 0"
@@ -1102,6 +1194,11 @@ class JobSpec(Section):
                 f"so optim.kind {self.optim.kind} would find no matrix to project; use parallel.zero: 0 "
                 "(GaLore already keeps the optimizer state low-rank) or optim.kind: adamw"
             )
+        if self.checkpoint.async_ and self.parallel.zero:
+            raise ValueError(
+                f"checkpoint.async: DeepSpeed ZeRO ({self.parallel.zero}) writes its own checkpoint format "
+                "synchronously; use checkpoint.async: false, or parallel.shard (FSDP2) with parallel.zero: 0"
+            )
         if self.data.tokenizer != "bytes" and self.model.stages:
             raise ValueError(
                 f"data.tokenizer: {self.data.tokenizer!r}, but a {self.model.kind} model reads bytes "
@@ -1116,8 +1213,9 @@ class JobSpec(Section):
         if tp == 1:
             return None
         field = f"parallel.tensor_parallel: {tp}"
-        if self.resources.workers % tp:
-            return f"{field} must divide resources.workers ({self.resources.workers})"
+        for workers in self.resources.worker_counts:
+            if workers % tp:
+                return f"{field} must divide resources.workers ({workers})"
         if m.kind not in ("dense", "moe"):
             return f"{field} applies to the flat models (model.kind dense | moe), not model.kind {m.kind!r}"
         if m.heads % tp or m.attn_kv_heads % tp:
@@ -1147,6 +1245,8 @@ class JobSpec(Section):
                 f"{field} splits weight matrices over ranks, but optim.kind {self.optim.kind} projects whole "
                 "gradient matrices; use adamw or sgd"
             )
+        if self.training.compile:
+            return f"{field} with training.compile: true is not supported yet (untested); use one of them"
         if self.parallel.pipeline_parallel > 1:
             return (
                 f"{field} with parallel.pipeline_parallel: {self.parallel.pipeline_parallel}: tensor parallelism "
@@ -1160,12 +1260,84 @@ class JobSpec(Section):
             )
         return None
 
+    def _check_elastic(self) -> None:
+        """Worker counts are positive, the global batch splits at every one of them, and an elastic group
+        can resume after each resize."""
+        res, t = self.resources, self.training
+        if isinstance(res.workers, int) and res.workers < 1:
+            raise ValueError(f"resources.workers: {res.workers} must be greater than 0")
+        if isinstance(res.workers, WorkerRange):
+            low, high = res.workers.min, res.workers.max
+            if low < 1:
+                raise ValueError(f"resources.workers: min is {low}; an elastic group needs at least 1 worker to train")
+            if low > high:
+                raise ValueError(f"resources.workers: min ({low}) exceeds max ({high})")
+        pp = self.parallel.pipeline_parallel
+        if pp > 1 and (res.elastic or t.global_batch is not None):
+            field = "resources.workers" if res.elastic else "training.global_batch"
+            raise ValueError(
+                f"{field}: pipeline parallelism (parallel.pipeline_parallel {pp}) is not built for "
+                f"{'elastic groups' if res.elastic else 'a derived global batch'} yet; use a fixed "
+                "resources.workers with training.batch_size and training.grad_accum"
+            )
+        if pp > 1 and self.model.moe is not None and self.model.moe.balance_scope == "global":
+            raise ValueError(
+                "model.moe.balance_scope: global counts the step's routing in a forward pre-pass, which the "
+                f"pipeline schedule (parallel.pipeline_parallel {pp}) does not run; use micro with pipeline parallelism"
+            )
+        if t.global_batch is not None:
+            if t.grad_accum != 1:
+                raise ValueError(
+                    f"training.grad_accum: {t.grad_accum} and training.global_batch: {t.global_batch} both set the "
+                    "step's size; with global_batch the accumulation is derived from the worker count (leave "
+                    "grad_accum at 1 and bound the micro-batch with training.batch_size)"
+                )
+            uneven = [n for n in res.worker_counts if t.global_batch % n]
+            if uneven:
+                counts = f"{res.min_workers}-{res.max_workers}" if res.elastic else str(res.min_workers)
+                whole = math.lcm(*res.worker_counts)
+                raise ValueError(
+                    f"training.global_batch: {t.global_batch} sequences do not split evenly over "
+                    f"{', '.join(map(str, uneven))} workers (resources.workers: {counts}); use a multiple of {whole}"
+                )
+        if res.elastic and self.parallel.zero:
+            raise ValueError(
+                f"parallel.zero: DeepSpeed ZeRO ({self.parallel.zero}) checkpoints resume only at the worker count "
+                f"that wrote them, so an elastic group (resources.workers: {{min: {res.min_workers}, max: "
+                f"{res.max_workers}}}) could not continue after a resize; use parallel.shard: zero2 or full "
+                "(FSDP2 checkpoints reshard) with parallel.zero: 0, or a fixed resources.workers"
+            )
+
+    @property
+    def balance_scope(self) -> str:
+        """The MoE load-balancing loss's scope: model.moe.balance_scope, or global for elastic jobs."""
+        moe = self.model.moe
+        chosen = moe.balance_scope if moe is not None else None
+        return chosen or ("global" if self.resources.elastic else "micro")
+
+    def batch_layout(self, workers: int) -> tuple[int, int]:
+        """(micro-batch per worker, gradient accumulation) at `workers` data-parallel ranks: as given, or
+        training.global_batch split into the fewest micro-batches of at most training.batch_size."""
+        t = self.training
+        if t.global_batch is None:
+            return t.batch_size, t.grad_accum
+        if t.global_batch % workers:
+            raise ValueError(f"training.global_batch: {t.global_batch} does not split evenly over {workers} workers")
+        per_worker = t.global_batch // workers
+        accum = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= t.batch_size)
+        return per_worker // accum, accum
+
+    def sequences_per_step(self, workers: int) -> int:
+        """Sequences trained on per optimizer step at `workers` data-parallel workers."""
+        micro, accum = self.batch_layout(workers)
+        return micro * accum * workers
+
     def _check_pipeline(self) -> None:
         """parallel.pipeline_parallel and parallel.pipeline against the rest of the job."""
         pp, pipe = self.parallel.pipeline_parallel, self.parallel.pipeline
         if pp == 1:
             return
-        workers = self.resources.workers
+        workers = self.resources.min_workers  # one count: _check_elastic refuses a pipeline in an elastic group
         if workers % pp:
             raise ValueError(f"parallel.pipeline_parallel: {pp} must divide resources.workers ({workers})")
         if self.model.kind not in ("dense", "moe"):
@@ -1222,10 +1394,12 @@ class JobSpec(Section):
                 f"({rounds} = microbatches // pipeline_parallel) for schedule interleaved_1f1b"
             )
 
-    def data_parallel_workers(self) -> int:
-        """Workers reading their own batches: the ranks of one pipeline, and of one tensor-parallel
-        group, share one."""
-        return self.resources.workers // (self.parallel.pipeline_parallel * self.parallel.tensor_parallel)
+    def data_parallel_workers(self, workers: int | None = None) -> int:
+        """Workers reading their own batches at `workers` (default resources.workers, its max for an elastic
+        group): the ranks of one pipeline, and of one tensor-parallel group, share one."""
+        return (workers or self.resources.max_workers) // (
+            self.parallel.pipeline_parallel * self.parallel.tensor_parallel
+        )
 
     def notes(self) -> list[str]:
         """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,
@@ -1247,8 +1421,15 @@ class JobSpec(Section):
                 f"optim.schedule.warmup: {warmup} is not below training.steps ({t.steps}): the learning "
                 f"rate ends the run at {t.steps / warmup:.0%} of optim.lr, with no decay"
             )
+        if self.resources.elastic and self.training.global_batch is None:
+            out.append(
+                "resources.workers is a range but training.global_batch is unset: each worker keeps "
+                "training.batch_size, so the sequences per step (and the loss curve) change with the worker count; "
+                "set training.global_batch to keep them fixed"
+            )
         return out
 
-    def tokens_per_step(self) -> int:
-        """Bytes trained on per optimizer step, over all data-parallel workers and micro-batches."""
-        return self.data_parallel_workers() * self.training.batch_size * self.training.grad_accum * self.data.seq_len
+    def tokens_per_step(self, workers: int | None = None) -> int:
+        """Bytes trained on per optimizer step, over all data-parallel workers and micro-batches (at
+        `workers`; default resources.workers, its max for an elastic group)."""
+        return self.sequences_per_step(self.data_parallel_workers(workers)) * self.data.seq_len

@@ -44,7 +44,8 @@ def _section(model: type[BaseModel], prefix: str, out: list[str], nested: list[t
     if model.__doc__ and model is not JobSpec:
         out.append(model.__doc__.strip().splitlines()[0] + "\n")
     out.append("| field | type | default | meaning |\n|---|---|---|---|")
-    for name, field in model.model_fields.items():
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute  # the YAML name (`checkpoint.async` is `async_` in code)
         path = f"{prefix}.{name}" if prefix else name
         annotation = field.annotation
         sub = _model_in(annotation)

@@ -11,9 +11,9 @@ A checkpoint is a directory:
     manifest.json    rank 0, written LAST: size and sha256 of every other file; the commit marker
 
 A checkpoint counts only when its manifest exists and every file matches it, so a save killed
-between shards leaves the previous checkpoint the newest complete one. Ray Train merges the
-directories every rank reports into one storage directory; locally `commit_local` renames a
-finished directory into place. The tensors are written and read by the job's training state
+between shards leaves the previous checkpoint the newest complete one. Every rank stages its files
+locally and copies them into the stored directory; rank 0 writes the manifest once all are in
+(runtime.saving, which also makes saves asynchronous and failures non-fatal). The tensors are written and read by the job's training state
 (runtime.parallel.state.TrainingState); loading reshards: the target state dict comes from the
 resuming job (any world size, EP degree or sharding), and DCP reads the chunks each rank needs.
 """
@@ -102,34 +102,40 @@ def file_digests(directory: Path) -> dict[str, list]:
     return out
 
 
-def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
-    """Collective: every rank writes its shards and RNG into `directory` (its own local directory
-    when each rank reports one); rank 0 writes meta.json and `texts` (name -> content, e.g. the
-    resolved spec) and, after every rank is done, the manifest."""
+def write_rank_files(directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+    """This rank's RNG state into `directory`; rank 0 also writes meta.json and `texts` (name -> content,
+    e.g. the resolved spec)."""
     rank = dist.get_rank()  # the job's dims always made a process group (a world of one too)
-    directory.mkdir(parents=True, exist_ok=True)
-    state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
     _write_json(directory / f"rng-rank{rank}.json", rng_state())
     if rank == 0:
         _write_json(directory / META_FILE, {"format": FORMAT, **meta})
         for name, text in (texts or {}).items():
             (directory / name).write_text(text)
+
+
+def save_checkpoint(state, directory: Path, meta: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+    """Collective, all in this thread (tools and benchmarks; training saves go through
+    runtime.saving): every rank writes its shards and RNG into `directory`; rank 0 writes meta.json,
+    `texts` and, after every rank is done, the manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state.save(directory)  # runtime.parallel.state.TrainingState: the backend's own format
+    write_rank_files(directory, meta, texts)
     _fsync_tree(directory)
-    _maybe_die_mid_save(int(meta.get("step", -1)))
     digests = file_digests(directory)
     gathered: list[dict[str, list]] = [digests]
     if dist.get_world_size() > 1:
         gathered = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, digests)  # file names and hashes only, never tensors
-    if rank == 0:
+    if dist.get_rank() == 0:
         manifest = {name: entry for files in gathered for name, entry in files.items()}
         _write_json(directory / MANIFEST_FILE, {"files": manifest})
         _fsync_tree(directory)
 
 
-def _maybe_die_mid_save(step: int) -> None:
+def maybe_die_mid_save(step: int) -> None:
     """Test hook ($SHARDYARD_KILL_IN_SAVE="<step>:<marker file>"): the last rank's process exits
-    abruptly once, after writing its shards and before the manifest exists."""
+    abruptly once, after its files of that step are stored and before the manifest exists (with
+    checkpoint.async, in the background write while training goes on)."""
     hook = os.environ.get(envvars.KILL_IN_SAVE)
     if not hook or dist.get_rank() != dist.get_world_size() - 1:  # (save_checkpoint's process group)
         return
@@ -137,14 +143,6 @@ def _maybe_die_mid_save(step: int) -> None:
     if int(at) == step and not Path(marker).exists():
         Path(marker).write_text(str(step))
         os._exit(17)
-
-
-def commit_local(staged: Path, final: Path) -> Path:
-    """Move a complete staged checkpoint into place atomically (single-process runs)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staged, final)
-    return final
 
 
 # ------------------------------------------------------------------------------------ reading

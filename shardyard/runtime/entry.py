@@ -20,7 +20,7 @@ from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
-from shardyard.runtime.preemption import EXIT_STOPPED, clear_stop, graceful_stop, stop_reason
+from shardyard.runtime.preemption import EXIT_STOPPED, clear_resize, clear_stop, graceful_stop, stop_reason
 from shardyard.tracking.logger import read_metrics
 
 
@@ -55,6 +55,7 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from shardyard.runtime.elastic import checkpoint_first_policy
     from shardyard.runtime.failures import build_torch_trainer
     from shardyard.runtime.worker import train_loop_per_worker
 
@@ -66,13 +67,20 @@ def build_trainer(spec: JobSpec, run_dir: Path):
     if res.memory_per_worker is not None:
         per_worker["memory"] = float(res.memory_per_worker_bytes)
     name, storage = RunDir.checkpoint_storage(spec, run_dir)
+    workers = (res.min_workers, res.max_workers) if res.elastic else res.min_workers
     return build_torch_trainer(
         run_dir,
         res.collective_timeout_minutes * 60,
+        scaling_policy=(lambda config: checkpoint_first_policy(config, run_dir)) if res.elastic else None,
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"spec_json": spec.model_dump_json(), "run_dir": str(run_dir)},
         torch_config=TorchConfig(timeout_s=max(1, round(res.collective_timeout_minutes * 60))),
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            elastic_resize_monitor_interval_s=res.resize_interval_s,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -100,6 +108,7 @@ def _run_training(spec: JobSpec, run_dir: Path, on_progress: Callable[[list[dict
 
     write_run_files(spec, run_dir)
     clear_stop(run_dir)
+    clear_resize(run_dir)
     if spec.data.prepared:  # tokenize + pack once, on the cluster, before any worker starts
         from shardyard.data.prepare import prepare
 

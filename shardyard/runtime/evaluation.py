@@ -242,7 +242,7 @@ def evaluate_run(
 ) -> tuple[JobSpec, EvalResult]:
     """`shardyard eval`: a run's model (newest checkpoint, or `step`) on `data_paths` (every file under
     them; default: the run's own held-out split), through the same window selection and evaluation as
-    training. The windows are those a job with the run's resources.workers would score, evaluated in
+    training. The windows are those a job with the run's resources.workers (its max) would score, evaluated in
     one process, so with the run's held-out split the figure equals the run's logged val_bpb."""
     from shardyard.data.training_data import load_training_data
     from shardyard.data.validation import all_batches, all_controls, load_text
@@ -256,7 +256,7 @@ def evaluate_run(
     text = data.encode_text(load_text(data_paths, spec.data.extensions)) if data_paths else data.held_out
     token_bytes = None if data.token_bytes is None else torch.from_numpy(data.token_bytes)
     seq_len = spec.data.seq_len
-    world = spec.resources.workers
+    world = spec.resources.max_workers
     if (len(text.data) - 1) // seq_len < world:
         from shardyard.platform.errors import UserError
 

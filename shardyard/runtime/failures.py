@@ -212,10 +212,37 @@ def event_line(event: dict[str, Any]) -> str | None:
         if event.get("user_error"):
             return f"[shardyard] error (not retried): {event['message']}"
         return f"[shardyard] fault: {event['message']}; no failures left (resources.max_failures), the job fails"
-    return None  # "stopped" is announced by the workers and the summary
+    if kind == "resize_request":
+        return (
+            f"[shardyard] room for {event['to']} workers: checkpointing at the next step boundary, then "
+            f"workers {event['from']} -> {event['to']}"
+        )
+    return None  # "stopped" and "resize" are announced by the workers and the summary
 
 
 # ------------------------------------------------------------------------------ the driver's console
+class DriverLog:
+    """`<run_dir>/driver.log`, appended line by line; a write that fails (a full disk, a lost mount)
+    loses that detail and says so once on the console instead of ending the driver with a traceback."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = RunDir(run_dir).driver_log
+        self.warned = False
+
+    def write(self, text: str) -> None:
+        try:
+            with open(self.path, "a") as log:
+                log.write(text)
+        except OSError as err:
+            if not self.warned:
+                self.warned = True
+                print(
+                    f"[shardyard] warning: cannot write {self.path} ({err.strerror or err}); its detail is lost "
+                    "until the disk has room",
+                    flush=True,
+                )
+
+
 class EventPrinter:
     """Tails `<run_dir>/events.jsonl` (from where it was at start) and prints each event as one line;
     writes the full detail to driver.log."""
@@ -224,6 +251,7 @@ class EventPrinter:
         self.run_dir, self.out = run_dir, out
         _, self.offset = read_events(run_dir, 0)
         self.events: list[dict[str, Any]] = []
+        self.log = DriverLog(run_dir)
 
     def poll(self) -> None:
         events, self.offset = read_events(self.run_dir, self.offset)
@@ -232,12 +260,13 @@ class EventPrinter:
             line = event_line(event)
             if line:
                 self.out(line)
-            if event.get("detail"):
                 with open(RunDir(self.run_dir).driver_log, "a") as log:
-                    log.write(
-                        f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
-                        f"{event['detail']}\n"
-                    )
+                    log.write(line + "\n")
+            if event.get("detail"):
+                self.log.write(
+                    f"--- {event.get('event')} at {time.strftime('%H:%M:%S')}: {event.get('message')}\n"
+                    f"{event['detail']}\n"
+                )
 
 
 def route_worker_output(run_dir: Path) -> Callable[[], None]:
@@ -246,7 +275,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    log = open(RunDir(run_dir).driver_log, "a", buffering=1)
+    log = DriverLog(run_dir)
     lock = threading.Lock()
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     original = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
@@ -259,8 +288,8 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         now = time.time()
         keep = []
         with lock:
+            log.write("".join(f"({source} pid={data.get('pid')}) {line}\n" for line in lines))
             for line in lines:
-                log.write(f"({source} pid={data.get('pid')}) {line}\n")
                 key = (data.get("pid"), line)
                 # Ray Train streams a worker's stdout twice (its log file and the job's): print once.
                 if line.lstrip().startswith("[shardyard]") and now - recent.get(key, 0.0) > 5.0:
@@ -276,8 +305,7 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         this module function: they go to driver.log; the fault's event line says it once."""
         if data.get("pid") == "raylet":
             with lock:
-                for line in data.get("lines") or []:
-                    log.write(f"(raylet) {line}\n")
+                log.write("".join(f"(raylet) {line}\n" for line in data.get("lines") or []))
             return
         print_any(data, ignore_prefix)
 
@@ -289,7 +317,6 @@ def route_worker_output(run_dir: Path) -> Callable[[], None]:
         ray_worker.print_to_stdstream = print_any
         dispatcher.remove_handler("shardyard_print_logs")
         dispatcher.add_handler("ray_print_logs", original)
-        log.close()
 
     return restore
 
@@ -299,9 +326,12 @@ def _last_attempt_start(run_dir: Path) -> float:
     return max((b.get("attempt", 0.0) for b in beats.values()), default=0.0)
 
 
-def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
+def build_torch_trainer(
+    run_dir: Path, timeout_s: float, scaling_policy: Callable[[Any], Any] | None = None, **kwargs: Any
+):
     """A TorchTrainer (same arguments) that fails fast on user errors, records failure events in
-    `run_dir` and does not take over SIGINT."""
+    `run_dir` and does not take over SIGINT; `scaling_policy(scaling_config)`, when given, replaces
+    Ray's own (elastic groups: runtime/elastic.py)."""
     from ray.train.torch import TorchTrainer
 
     class ShardyardTorchTrainer(TorchTrainer):
@@ -309,6 +339,8 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
             controller_kwargs["failure_policy"] = ShardyardFailurePolicy(
                 self.run_config.failure_config, str(run_dir), timeout_s
             )
+            if scaling_policy is not None:
+                controller_kwargs["scaling_policy"] = scaling_policy(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_kwargs)
 
         def _register_sigint_handler(self, controller: Any) -> None:
@@ -319,11 +351,7 @@ def build_torch_trainer(run_dir: Path, timeout_s: float, **kwargs: Any):
 
 def failure_summary(error: BaseException, run_dir: Path, timeout_s: float = 300.0) -> str:
     """The one-line error of a failed `fit()`; the full text goes to driver.log."""
-    try:
-        with open(RunDir(run_dir).driver_log, "a") as log:
-            log.write(f"--- fit() failed: {type(error).__name__}\n{error}\n")
-    except OSError:
-        pass
+    DriverLog(run_dir).write(f"--- fit() failed: {type(error).__name__}\n{error}\n")
     if isinstance(error, TrainingFailedError):
         line, _ = summarise(error, run_dir, _last_attempt_start(run_dir), timeout_s)
         return f"{line} (details in {RunDir(run_dir).driver_log})"

@@ -8,6 +8,12 @@ same step, having written the same checkpoint, or none does. The same reduction 
 time-based checkpoint interval (`checkpoint.every_minutes`): the clocks of the ranks differ, their
 maximum does not.
 
+A planned resize of an elastic group rides on the same agreement: the controller's scaling policy
+(runtime/elastic.py) writes `RESIZE` instead of restarting the group at once; the ranks agree on a
+step boundary, checkpoint there, rank 0 writes `RESIZE_READY` with that step, and every rank holds
+(beating the watchdog) until the controller restarts the group at its new size from that checkpoint.
+So growing redoes no step.
+
 The driver side (`graceful_stop`) turns the first SIGTERM/SIGINT into a stop request and the second
 into an immediate abort (KeyboardInterrupt).
 """
@@ -87,10 +93,33 @@ def read_events(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], i
 
 
 # ------------------------------------------------------------------------------ worker side
+def request_resize(run_dir: Path, workers: int) -> None:
+    """Controller side: checkpoint at the next agreed step boundary, then hold for a resize to `workers`."""
+    request = RunDir(run_dir).resize_request
+    tmp = run_dir / f".{request.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"workers": workers, "time": time.time()}))
+    os.replace(tmp, request)
+
+
+def resize_ready_step(run_dir: Path) -> int | None:
+    """The step whose checkpoint the held group wrote for the requested resize (None: not yet)."""
+    try:
+        return int(json.loads(RunDir(run_dir).resize_ready.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def clear_resize(run_dir: Path) -> None:
+    for path in (RunDir(run_dir).resize_request, RunDir(run_dir).resize_ready):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @dataclass(frozen=True)
 class BoundaryDecision:
     stop: bool
     checkpoint: bool
+    hold: bool = False  # a planned resize: checkpoint, then wait for the controller to restart the group
 
 
 class StepBoundary:
@@ -110,15 +139,30 @@ class StepBoundary:
     def agree(self, step: int) -> BoundaryDecision:
         local_stop = self.signalled.is_set() or RunDir(self.run_dir).stop_request.exists()
         due = self.interval_s is not None and time.monotonic() - self.last_save >= self.interval_s
-        flags = torch.tensor([float(local_stop), float(due)], device=self.device)
+        resize = RunDir(self.run_dir).resize_request.exists()
+        flags = torch.tensor([float(local_stop), float(due), float(resize)], device=self.device)
         if self._hang is not None and step == self._hang[0]:
             self._sleep_once(step)
         beat(step, "step-boundary all_reduce")
         if self.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         beat(step + 1, "training")
-        stop, due = (bool(v) for v in flags.tolist())
-        return BoundaryDecision(stop=stop, checkpoint=due)
+        stop, due, resize = (bool(v) for v in flags.tolist())
+        return BoundaryDecision(stop=stop, checkpoint=due, hold=resize and not stop)
+
+    def hold_for_resize(self, step: int, limit_s: float) -> None:
+        """After the resize checkpoint of `step`: say so (rank 0) and wait to be restarted at the new size.
+        Raises when no restart comes within `limit_s` (the attempt then restarts from that checkpoint)."""
+        if self.rank == 0:
+            ready = RunDir(self.run_dir).resize_ready
+            tmp = self.run_dir / f".{ready.name}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+            os.replace(tmp, ready)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            beat(step, "holding for a resize")
+            time.sleep(0.2)
+        raise RuntimeError(f"a resize was requested at step {step} but the group was not restarted in {limit_s:.0f} s")
 
     def _sleep_once(self, step: int) -> None:
         """Test hook ($SHARDYARD_HANG_AT="<step>:<rank>"): this rank never joins the step's

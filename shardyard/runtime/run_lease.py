@@ -81,17 +81,33 @@ class Lease:
         self._thread.start()
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.{self.record['owner']}.tmp")
+        tmp = self._tmp()
         tmp.write_text(json.dumps(self.record))
         os.replace(tmp, self.path)
 
+    def _tmp(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.{self.record['owner']}.tmp")
+
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(HEARTBEAT_S):
             current = read_lease(self.path.parent)
             if not current or current.get("owner") != self.record["owner"]:
                 return  # taken over (we were presumed dead): never write over the new holder
             self.record["heartbeat"] = time.time()
-            self._write()
+            try:
+                self._write()
+            except OSError as err:  # a full disk: the old heartbeat stays; say so once, keep trying
+                if not failing:
+                    print(
+                        f"[shardyard] warning: cannot renew the run's lease {self.path} ({err.strerror or err}); "
+                        "retrying every beat",
+                        flush=True,
+                    )
+                failing = True
+                self._tmp().unlink(missing_ok=True)
+            else:
+                failing = False
 
     def release(self) -> None:
         self._stop.set()
@@ -99,6 +115,26 @@ class Lease:
         current = read_lease(self.path.parent)
         if current and current.get("owner") == self.record["owner"]:
             self.path.unlink(missing_ok=True)
+
+
+class DriverWatch:
+    """A worker's view of the driver that holds the run's lease: when that driver ran on this host
+    and its process is gone (a SIGKILL, an OOM kill, a closed laptop), the worker ends at once, before
+    it writes anything more into the run. A holder on another host is left to its cluster (the
+    embedded cluster's watcher, or Ray Jobs); a run without a lease (tools, tests) is not watched."""
+
+    def __init__(self, run_dir: Path) -> None:
+        lease = read_lease(run_dir)
+        here = bool(lease) and lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int)
+        self.pid: int | None = lease["pid"] if here and lease else None
+
+    def exit_if_gone(self, step: int) -> None:
+        if self.pid is not None and not _pid_alive(self.pid):
+            print(f"[shardyard] the driver (pid {self.pid}) is gone: this worker stops at step {step}", flush=True)
+            os._exit(EXIT_DRIVER_GONE)
+
+
+EXIT_DRIVER_GONE = 79
 
 
 def acquire(run_dir: Path, report=print) -> Lease:

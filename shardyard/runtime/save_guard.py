@@ -1,15 +1,11 @@
-"""What happens around a checkpoint save: refuse non-finite weights, make the stored copy durable,
-keep the best one by validation bpb.
+"""What happens around a checkpoint save: refuse non-finite weights, keep the best one by validation
+bpb (the stored copy is made durable where it is written: runtime.saving).
 
 - `refuse_nonfinite_weights(model, step, group)` (collective over `group`): every rank checks the parameters it holds
   (its local shards); if any rank finds a NaN or Inf, every rank raises NonFiniteWeights naming the
   step and the first parameters, before anything is written, so the newest checkpoint stays the last
   good state. It is a UserError: retrying from that checkpoint would only diverge again, so the job
   stops (the failure policy treats user errors as final).
-- `fsync_stored_checkpoint(run_dir, staged, step)`: after Ray Train (or LocalReporter) copied a rank's
-  staged directory into the run's storage, fsync the copies of this rank's files and their
-  directories there: the copy Ray makes does not, so a power loss could leave a manifest that
-  points at files still in the page cache.
 - `keep_best(run_dir, staged, val_bpb, step, group)` (collective over `group`): when `val_bpb` beats `<run_dir>/best`,
   every rank copies its staged files into `<run_dir>/.best.partial`, rank 0 writes the manifest last
   and renames the directory to `best` (the old one removed after). `best` is not a `checkpoint_*`
@@ -74,46 +70,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def stored_copies(run_dir: Path, staged: Path, step: int) -> list[Path]:
-    """Checkpoint directories in the run holding this rank's staged files of `step`: this rank's RNG
-    file matches and the meta says `step` (or is not there yet: rank 0 may still be uploading)."""
-    rng = next(staged.glob("rng-rank*.json"), None)
-    if rng is None:
-        return []
-    content = rng.read_bytes()
-    out = []
-    for directory in RunDir(Path(run_dir)).checkpoints():
-        try:
-            if (directory / rng.name).read_bytes() != content:
-                continue
-            meta_step = ckpt.read_meta(directory).get("step") if (directory / ckpt.META_FILE).exists() else step
-        except (OSError, ValueError, AttributeError):
-            continue
-        if meta_step == step:
-            out.append(directory)
-    return out
-
-
-def fsync_stored_checkpoint(run_dir: Path, staged: Path, step: int) -> int:
-    """fsync the stored copies of this rank's files, their directories and the run directory;
-    returns how many files were synced."""
-    count = 0
-    for directory in stored_copies(run_dir, staged, step):
-        folders = {directory}
-        for source in staged.rglob("*"):
-            if not source.is_file():
-                continue
-            target = directory / source.relative_to(staged)
-            if target.exists():
-                _fsync(target)
-                folders.add(target.parent)
-                count += 1
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            _fsync(folder)
-    _fsync(Path(run_dir))
-    return count
 
 
 # ------------------------------------------------------------------------------------ best

@@ -13,11 +13,13 @@ global is refused (UnsafeCheckpoint) before anything is called.
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,6 @@ def _typed(rebuild: Any, new_type: Any, args: tuple, state: Any) -> TensorRef:
 
 class _TreeUnpickler(pickle.Unpickler):
     def __init__(self, raw: bytes, prefix: str, records: set[tuple[str, str]]) -> None:
-        import io
-
         super().__init__(io.BytesIO(raw))
         self.prefix = prefix
         self.records = records
@@ -135,7 +135,7 @@ class _TreeUnpickler(pickle.Unpickler):
 class TorchFile:
     """One `torch.save` file opened lazily: `tree` is its object tree with `TensorRef`s for tensors."""
 
-    def __init__(self, path: Path, records: set[tuple[str, str]] = frozenset()) -> None:
+    def __init__(self, path: Path, records: Collection[tuple[str, str]] = ()) -> None:
         self.path = Path(path)
         try:
             with zipfile.ZipFile(self.path) as archive:

@@ -28,7 +28,14 @@ EXIT_STALLED = 86
 STARTUP_LIMIT_S = 1200.0
 # The phases of one step in the order a rank passes them: among ranks at the same step, the one in
 # an earlier phase is behind (clocks and scheduling make progress times alone unreliable).
-PHASE_ORDER = {"start-up": -1, "training": 0, "step-boundary all_reduce": 1, "evaluation": 2, "checkpoint": 3}
+PHASE_ORDER = {
+    "start-up": -1,
+    "training": 0,
+    "step-boundary all_reduce": 1,
+    "evaluation": 2,
+    "checkpoint": 3,
+    "holding for a resize": 4,
+}
 
 _current: StepWatchdog | None = None
 

@@ -16,10 +16,8 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,18 +35,26 @@ from shardyard.models import build_model, moe_layers
 from shardyard.models.flops import training_flops_per_token
 from shardyard.models.lowrank import set_lowrank_progress
 from shardyard.models.moe.accounting import moe_scope
-from shardyard.models.moe.layer import MoELayer, attach_router_bias_updates
+from shardyard.models.moe.layer import (
+    MoELayer,
+    attach_router_bias_updates,
+    clear_balance_counts,
+    share_balance_counts,
+)
 from shardyard.optim.memory import optimizer_memory_report
-from shardyard.platform.run_dir import SPEC_FILE, RunDir
+from shardyard.platform.run_dir import SPEC_FILE
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import spec_from_json, spec_to_yaml
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
+from shardyard.runtime.elastic import announce_resize
 from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.parallel import build_training, dims_for
 from shardyard.runtime.preemption import StepBoundary
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
-from shardyard.runtime.save_guard import fsync_stored_checkpoint, keep_best, refuse_nonfinite_weights
+from shardyard.runtime.run_lease import DriverWatch
+from shardyard.runtime.save_guard import refuse_nonfinite_weights
+from shardyard.runtime.saving import CheckpointStore, CheckpointWriter, Reporter, state_bytes
 from shardyard.runtime.watchdog import beat
 from shardyard.tracking.anatomy import StepTimer, memory_metrics, step_anatomy
 from shardyard.tracking.expert_load import ExpertLoadFile, ExpertLoadWindow, heatmap_rgb
@@ -58,9 +64,6 @@ from shardyard.tracking.peak_flops import peak_flops
 LN2 = math.log(2)
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 FAULT_MARKER = ".injected_fault_done"
-
-# report(metrics, checkpoint directory or None): called by every rank at the same steps.
-Reporter = Callable[[dict[str, Any], Path | None], None]
 
 
 @dataclass
@@ -129,10 +132,13 @@ class Trainer:
             record_topology(run_dir, topology)
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
+        # training.global_batch stays fixed whatever the world: micro-batch x accumulation per data-parallel rank.
         # The ranks of one pipeline read the same batches: data-parallel coordinates (the first stage records them).
         dp_rank, dp = self.dims.dp_rank, self.dims.dp
+        self.micro_batch, self.accum = spec.batch_layout(dp)
+        self.global_balance = bool(self.moe) and spec.balance_scope == "global" and dp * self.accum > 1
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, spec.training.batch_size, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
+            self.data, spec.data.seq_len, self.micro_batch, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
         )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
@@ -192,6 +198,15 @@ class Trainer:
                 }
             )
         self.boundary = StepBoundary(spec, run_dir, self.ctx.rank, self.ctx.world, self.ctx.device)
+        self.writer = CheckpointWriter(
+            spec.checkpoint,
+            self.train_state,
+            report,
+            run_dir,
+            self.dims.group("world"),
+            lambda: state_bytes(self.model, self.optimizer),
+        )
+        self.driver = DriverWatch(run_dir)  # a driver that is gone: this worker stops before writing more
 
     def _initial_weights(self, model: torch.nn.Module) -> None:
         """model.init_from / model.upcycle_from (an HF directory or a dense run); the optimizer starts fresh."""
@@ -221,12 +236,20 @@ class Trainer:
         if self.ctx.rank == 0:
             changed = "" if meta["layout"] == self.layout() else f", resharded from {meta['layout']} to {self.layout()}"
             print(f"[shardyard] resumed from step {self.step} ({directory}){changed}", flush=True)
+            before = meta.get("batch") or {"world": meta["layout"].get("world")}
+            if before.get("world") != self.ctx.world:
+                announce_resize(self.run_dir, before, self.batch_record(), self.step)
+
+    def batch_record(self) -> dict[str, int]:
+        """This attempt's world, EP degree and batch split (kept in checkpoints: the next resize line)."""
+        return {"world": self.ctx.world, "ep": self.dims.ep, "micro_batch": self.micro_batch, "accum": self.accum}
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
-        """Collective: every rank writes its shards into its own staging directory and reports it."""
-        refuse_nonfinite_weights(
-            self.model, self.step, self.dims.group("world")
-        )  # never make a diverged state the resume point
+        """Collective: start the checkpoint of this step (runtime.saving: with checkpoint.async it is
+        written in the background and reported when every rank's write is done; a failed save is
+        reported without a checkpoint and training goes on)."""
+        # never make a diverged state the resume point
+        refuse_nonfinite_weights(self.model, self.step, self.dims.group("world"))
         meta = {
             "step": self.step,
             "name": self.spec.name,
@@ -234,27 +257,31 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": self.loader.position(),
             "corpus": self.corpus_fingerprint,
+            "batch": self.batch_record(),
         }
-        with tempfile.TemporaryDirectory(prefix="shardyard-ckpt-") as tmp:
-            directory = Path(tmp) / f"step_{self.step:08d}"
-            ckpt.save_checkpoint(self.train_state, directory, meta, {SPEC_FILE: spec_to_yaml(self.spec)})
-            self.report(metrics, directory)
-            fsync_stored_checkpoint(self.run_dir, directory, self.step)
-            if self.spec.checkpoint.keep_best and "val_bpb" in metrics:
-                keep_best(self.run_dir, directory, float(metrics["val_bpb"]), self.step, self.dims.group("world"))
+        self.writer.save(self.step, meta, {SPEC_FILE: spec_to_yaml(self.spec)}, metrics)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step over training.grad_accum micro-batches."""
-        accum = self.spec.training.grad_accum
+        """One optimizer step over `self.accum` micro-batches (training.grad_accum, or derived from
+        training.global_batch at this world size)."""
+        accum = self.accum
         self.model.train()
         if self.spec.model.ffn.kind == "lowrank":
             set_lowrank_progress(self.model, self.step / self.spec.training.steps)  # self-guided blend
         ce_sum = torch.zeros((), device=self.ctx.device)
         timer = self.timer
-        for micro in range(accum):
+        if self.global_balance:  # the step's micro-batches are read first: the pre-pass counts their routing
             with timer.section("data"):
-                inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in self.loader.next_batch())
+                batches = [self._next_batch() for _ in range(accum)]
+            with timer.section("forward"):
+                self._count_routing(batches)
+        for micro in range(accum):
+            if self.global_balance:
+                inputs, targets = batches[micro]
+            else:
+                with timer.section("data"):
+                    inputs, targets = self._next_batch()
             if self.pipeline is not None:  # both passes, micro-batch by micro-batch, in the schedule's order
                 start = time.perf_counter()
                 with self.autocast():
@@ -264,7 +291,10 @@ class Trainer:
                     timer.add(part, seconds)
                 timer.add("bubble", time.perf_counter() - start - sum(compute.values()))  # waiting on other stages
                 continue
-            with self.grad_step.micro_batch(last=micro == accum - 1), moe_scope(weight=1 / accum):
+            with (
+                self.grad_step.micro_batch(last=micro == accum - 1),
+                moe_scope(weight=1 / accum, balance="global" if self.global_balance else None),
+            ):
                 with timer.section("forward"), self.autocast():
                     _, ce = self.module(inputs, targets)
                 with timer.section("backward"):
@@ -272,13 +302,31 @@ class Trainer:
             ce_sum += ce.detach().float()
         with timer.section("optimizer"):
             grad_norm = self.grad_step.step()
+        if self.global_balance:
+            clear_balance_counts(self.moe)
         return {"ce": ce_sum / accum, "grad_norm": grad_norm}
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.loader.next_batch()
+        return inputs.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device, non_blocking=True)
+
+    @torch.no_grad()
+    def _count_routing(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The global balance loss's pre-pass (collective): route the step's micro-batches without
+        gradients, counting assignments per expert, and sum the counts over the data-parallel ranks.
+        The random stream is put back, so the real forwards draw what they would have drawn."""
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), moe_scope(balance="count"):
+            for inputs, targets in batches:
+                with self.autocast():
+                    self.module(inputs, targets)
+        share_balance_counts(self.moe, self.dims.group("dp"))
 
     def observe(self, window_steps: int, window_seconds: float) -> dict[str, float]:
         """The logging window's throughput, MFU, step anatomy, memory and expert load. Collective
         (every rank calls it at the same steps); rank 0 appends the per-expert counts to the side file."""
         spec = self.spec
-        tokens_per_s = spec.tokens_per_step() * window_steps / max(window_seconds, 1e-9)
+        tokens_per_s = spec.tokens_per_step(self.ctx.world) * window_steps / max(window_seconds, 1e-9)
         out: dict[str, float] = {"tokens_per_s": tokens_per_s}
         if self.peak_flops:
             out["mfu"] = self.flops_per_token * tokens_per_s / (self.ctx.world * self.peak_flops)
@@ -357,6 +405,7 @@ class Trainer:
             self.timer.start_step()
             step_metrics = self.train_step()
             self.timer.end_step()
+            self.driver.exit_if_gone(self.step)  # before this step writes anything
             self.expert_window.add_step()
             self.step += 1
             window_steps += 1
@@ -370,10 +419,11 @@ class Trainer:
                     "bpb": ce / LN2 / self.data.bytes_per_token,
                     "grad_norm": float(step_metrics["grad_norm"]),
                     "lr": self.scheduler.get_last_lr()[0],
+                    "world_size": self.ctx.world,
                     "total_steps": spec.steps,
                 }
-                comm = dispatch_metrics(self.model, steps=window_steps * spec.grad_accum)
-                self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * spec.grad_accum / 1000.0)
+                comm = dispatch_metrics(self.model, steps=window_steps * self.accum)
+                self.timer.add("a2a", comm.get("comm/a2a_ms", 0.0) * window_steps * self.accum / 1000.0)
                 record.update(self.observe(window_steps, elapsed))
                 record["bytes_per_s"] = record["tokens_per_s"] * self.data.bytes_per_token
                 record.update(comm)
@@ -382,6 +432,7 @@ class Trainer:
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
             decision = self.boundary.agree(self.step)  # collective: graceful stop, time-based checkpoint
+            self.writer.poll()  # collective while a background save is on its way: finish it once written
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
                 beat(self.step, "evaluation")
                 eval_start = time.perf_counter()
@@ -403,7 +454,8 @@ class Trainer:
                         record[f"val/{name}_bpb"] = result.bpb
                         record[f"val/{name}_bpb_stderr"] = result.stderr
                 self.log.log(self.step, record)
-            if (ckpt_every and self.step % ckpt_every == 0) or last or decision.checkpoint or decision.stop:
+            hold = decision.hold and not last  # a planned resize: checkpoint here, then be restarted
+            if (ckpt_every and self.step % ckpt_every == 0) or last or decision.checkpoint or decision.stop or hold:
                 beat(self.step, "checkpoint")
                 save_start = time.perf_counter()
                 self.save_and_report(metrics)
@@ -411,45 +463,60 @@ class Trainer:
                 self.boundary.saved()
             paused += time.perf_counter() - pause_start
             if decision.stop and not last:
+                self.writer.close()  # a stop waits for the save on its way
                 self.boundary.announce_stop(self.step)
                 break
+            if hold:
+                self.writer.close()  # the resize checkpoint is complete before the group is told
+                self.log.close()
+                self.boundary.hold_for_resize(self.step, self.spec.resources.collective_timeout_minutes * 60)
+        self.writer.close()
         self.log.close()
 
 
 # ------------------------------------------------------------------------------ reporting sinks
 class LocalReporter:
-    """Runs without Ray (tests, tools; one process or a gloo group sharing a filesystem): merge every
-    rank's staged checkpoint into the run directory as checkpoint_<step> (as Ray Train merges
-    reported directories), commit it with a rename once all ranks' files are in, keep the newest
-    `keep`. Metrics go to `self.metrics`."""
+    """Runs without Ray (tests, tools; one process or a gloo group sharing a filesystem): checkpoints
+    are stored as `<run_dir>/checkpoint_<step>` (as Ray Train stores them) and the newest `keep` kept.
+    Metrics go to `self.metrics`."""
 
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.run_dir, self.keep = run_dir, keep
+        self.store = CheckpointStore(str(run_dir))
         self.metrics: list[dict[str, Any]] = []
 
-    def __call__(self, metrics: dict[str, Any], directory: Path | None) -> None:
+    def __call__(self, metrics: dict[str, Any], stored: str | None) -> None:
         self.metrics.append(metrics)
-        if directory is None:
-            return
-        group = dist.group.WORLD  # the process group the Trainer's dims were built over
-        rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
-        staged = self.run_dir / f".{directory.name}.partial"
-        ckpt.stage_rank_files(directory, staged, group)
-        if rank == 0:
-            shutil.copyfile(directory / ckpt.MANIFEST_FILE, staged / ckpt.MANIFEST_FILE)  # the commit marker, last
-            ckpt.commit_local(staged, RunDir(self.run_dir).checkpoint(int(metrics["step"])))
+        if stored is not None and dist.get_rank(dist.group.WORLD) == 0:  # the group the Trainer's dims use
             for _, old in ckpt.checkpoints_newest_first(self.run_dir)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
-        if many:
-            dist.barrier(group)
 
 
-def ray_report(metrics: dict[str, Any], directory: Path | None) -> None:
-    """Every rank reports its own directory (its shards); Ray Train merges them into one checkpoint."""
-    import ray.train
+class RayReporter:
+    """Every rank reports the stored checkpoint directory (written in Ray Train's storage, under the
+    run's experiment path): Ray Train registers it without copying (NO_UPLOAD) and prunes to
+    checkpoint.keep."""
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    def __init__(self) -> None:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        self.store = CheckpointStore(storage.experiment_fs_path, storage.storage_filesystem)
+
+    def __call__(self, metrics: dict[str, Any], stored: str | None) -> None:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        if stored is None:
+            ray.train.report(metrics)
+            return
+        checkpoint = ray.train.Checkpoint(stored, filesystem=self.store.filesystem)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=Path(stored).name,
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
 
 
 def quiet_ray_train_logs() -> None:
@@ -492,7 +559,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = spec_from_json(config["spec_json"])
     run_dir = Path(config["run_dir"])
     with worker_attempt(spec, run_dir):  # step watchdog; a model that cannot fit is a UserError
-        trainer = Trainer(spec, run_dir, ray_report)
+        trainer = Trainer(spec, run_dir, RayReporter())
         record_secret_probe(run_dir, trainer.ctx.rank)  # test hook: digests only
         trainer.resume(_ray_resume_directory(run_dir, trainer.ctx.rank))
         trainer.fit()

@@ -108,7 +108,7 @@ def _dims(spec: JobSpec):
     from shardyard.comm.topology import Topology
     from shardyard.runtime.parallel import dims_for
 
-    workers = spec.resources.workers
+    workers = spec.resources.min_workers  # an elastic group's fewest workers hold the most each
     return dims_for(spec, Topology(world_size=workers, rank=0, node_rank=0, local_rank=0, ranks_per_node=workers))
 
 

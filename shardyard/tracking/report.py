@@ -8,7 +8,8 @@ load heatmaps have one panel per layer and a layer selector made of radio button
 Figures: bits per byte (train and held-out, runs overlaid), throughput and MFU, step anatomy
 (stacked per-step time), memory, expert load (layer x expert x step), all-to-all traffic; then the
 final figures, the spec, and a spec diff when comparing. Restarts (resume events) are dashed
-vertical lines on every curve over steps.
+vertical lines on every curve over steps; a restart at another worker count (an elastic resize) is
+a dotted line labelled with the worker counts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Run:
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     restarts: list[int]
+    resizes: list[tuple[int, int, int]]  # (step, workers before, workers after) of each resize
     spec_text: str
     info: dict[str, Any] = field(default_factory=dict)
     expert_load: tuple[np.ndarray, list[np.ndarray]] | None = None
@@ -73,6 +75,7 @@ def load_run(directory: Path) -> Run:
         train=[r for r in records if r.get("kind") == "train"],
         evals=[r for r in records if r.get("kind") == "eval"],
         restarts=[int(e["step"]) for e in read_events(directory) if e.get("event") == "resume"],
+        resizes=resizes(read_events(directory)),
         spec_text=spec_file.read_text(errors="replace") if spec_file.exists() else "(no spec.yaml)\n",
         info=info,
         expert_load=load,
@@ -90,10 +93,35 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def resizes(events: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """(step, workers before, workers after) for each resume at another world size than the attempt before."""
+    out: list[tuple[int, int, int]] = []
+    world = None
+    for event in events:
+        if event.get("event") == "resume" and world is not None and event.get("world") != world:
+            out.append((int(event["step"]), int(world), int(event["world"])))
+        world = event.get("world", world)
+    return out
+
+
 def _mark_restarts(ax, runs: list[Run]) -> None:
     for i, run in enumerate(runs):
+        colour = COLOURS[i % len(COLOURS)]
+        resized = {step for step, _, _ in run.resizes}
         for step in run.restarts:
-            ax.axvline(step, color=COLOURS[i % len(COLOURS)], linestyle="--", linewidth=1, alpha=0.7)
+            if step not in resized:
+                ax.axvline(step, color=colour, linestyle="--", linewidth=1, alpha=0.7)
+        for step, before, after in run.resizes:
+            ax.axvline(step, color=colour, linestyle=":", linewidth=1.5, alpha=0.9)
+            ax.annotate(
+                f"{before}->{after}",
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color=colour,
+                ha="left",
+                va="top",
+            )
 
 
 def _finish(ax, runs: list[Run], ylabel: str) -> None:
@@ -330,7 +358,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
             "fig-loss",
             "Bits per byte",
             _loss_figure(plt, runs),
-            "train (line) and held-out (points, +- standard error); dashed verticals: restarts",
+            "train (line) and held-out (points, +- standard error); dashed verticals: restarts, dotted: "
+            "resizes (workers before->after)",
         ),
         _figure(
             "fig-throughput",

@@ -32,6 +32,8 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     ),
     "alltoall_fit": ([], [r"## Fitted constants", r"model vs measured medians", r"plot: .*\.png"], False),
     "netbed": ([], [r"2 MiB at 200 Mbit/s tbf: [\d.]+ MB/s", r"left: \[\]"], False),
+    "overhead": ([], [r"round 1: bytes/s bare [\d,]+, trainer [\d,]+", r"\| trainer \| [\d,]+ \|"], True),
+    "compile": ([], [r"\| toy \| [\d.]+M \| \d+ ", r"max rel\. loss diff"], True),
     "observability": (
         [],
         [r"one logging call: [\d.]+ ms, \d+ keys", r"on/off [\d.]+", r"losses identical with timers on and off: True"],
@@ -99,10 +101,26 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "eval_cost": ([], [r"\| moe-tiny \| 6 \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+% \| [\d.]+ \+- [\d.]+ \|"], True),
     "moe_quality": (
         [],
-        [r"\[moe_quality\] done moe 8x192 top-2 softmax cf1\.25 seed 0", r"!\[held-out bpb curves\]"],
+        [
+            r"\[moe_quality\] done cont-upcycled-switch-8x\d+ seed 0",
+            r"\| fine32x\d+-top7-s1-sigmoid-auxfree \| 1 \| [+-][\d.]+ \| ",
+            r"\| top2-8x\d+ \| [\d.]+ \| 1\.0[01]\d\d \|",  # counted FLOPs within 2% of dense's
+            r"!\[held-out bpb curves\]",
+        ],
+        True,
+    ),
+    "pipeline": (
+        [],
+        [r"\| 1f1b \| 2 \| [\d.]+ \([\d.]+-[\d.]+\) \| 0\.333 \| [\d.]+ \|", r"\| interleaved_1f1b \| 4 \|"],
         True,
     ),
     "recovery": ([], [r'"max_loss_difference": [\d.e-]+', r'"ratio_wall": [\d.]+', r'"median_us": [\d.]+'], True),
+    "save_blocking": ([], [r"1M: async/sync blocked = [\d.]+", r"\| 1M \| [\d.]+M \| \d+ \|"], True),
+    "elastic": (
+        [],
+        [r"\| elastic \| [\d.]+ \[", r"goodput elastic / fixed: [\d.]+", r"load average before [\d.]+"],
+        True,
+    ),
 }
 
 
@@ -113,7 +131,8 @@ def _params():
 
 
 def test_every_benchmark_has_a_case() -> None:
-    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "smoke"}
+    # smoke.py and paired.py are libraries the scripts import (the smoke flag, paired-seed statistics)
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "smoke", "paired"}
     covered = {case.split("-")[0] for case in CASES}
     assert scripts == covered, f"benchmarks without a smoke case: {scripts - covered}"
 

@@ -1,4 +1,4 @@
-"""On one real 2-node Ray cluster (module-scoped, started once): `prepare` spreads over both nodes and
+"""On the session's real 2-node Ray cluster: `prepare` spreads over both nodes and
 writes shards byte-identical to a single-process prepare; a job with data, prepared shards and
 checkpoints in a loopback S3 bucket loses a worker process to SIGKILL and resumes from the bucket."""
 
@@ -25,14 +25,13 @@ FAULT_STEP = 6
 
 @pytest.fixture(scope="module")
 def cluster(s3_bucket: str) -> Iterator[Any]:
-    """Started after the S3 server, so every Ray worker inherits its AWS_* variables; the fault hook
-    (rank 0's process SIGKILLs itself once at FAULT_STEP) reaches the training workers the same way."""
-    os.environ[envvars.FAULT_STEP] = f"{FAULT_STEP}:kill"
-    try:
-        with two_node_ray_cluster() as c:
-            yield c
-    finally:
-        os.environ.pop(envvars.FAULT_STEP, None)
+    """The session's 2-node cluster, connected with the S3 server's AWS_* variables and the fault hook
+    (rank 0's process SIGKILLs itself once at FAULT_STEP) in the job's runtime env: every Ray task and
+    training worker sees them."""
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env_vars[envvars.FAULT_STEP] = f"{FAULT_STEP}:kill"
+    with two_node_ray_cluster(env_vars) as c:
+        yield c
 
 
 def shard_bytes(directory: str) -> dict[str, bytes]:

@@ -106,12 +106,28 @@ def test_noncontiguous_output_grad():
 
 
 def test_torch_records_padding_for_unaligned_shapes():
+    """On CPU the forward product is one torch.mm per expert (any strides); the weight gradient goes
+    through grouped_mm, zero-padded when a stride is not a multiple of 16 bytes."""
     before = gg.TORCH_PATHS["padded"]
-    grouped_mm(torch.randn(5, 9), torch.randn(2, 9, 5), _offsets([2, 3]), "torch")
+    w = torch.randn(2, 9, 5, requires_grad=True)
+    grouped_mm(torch.randn(5, 9), w, _offsets([2, 3]), "torch").square().sum().backward()
     assert gg.TORCH_PATHS["padded"] > before
     direct = gg.TORCH_PATHS["direct"]
-    grouped_mm(torch.randn(5, 16), torch.randn(2, 16, 8), _offsets([2, 3]), "torch")
+    w = torch.randn(2, 16, 8, requires_grad=True)
+    grouped_mm(torch.randn(5, 16), w, _offsets([2, 3]), "torch").square().sum().backward()
     assert gg.TORCH_PATHS["direct"] > direct
+
+
+def test_cpu_forward_equals_grouped_mm_bitwise():
+    """The per-expert forward on CPU gives grouped_mm's bits (uneven groups, an empty one)."""
+    import torch.nn.functional as F
+
+    x, w = torch.randn(40, 32), torch.randn(3, 32, 48)
+    offs = _offsets([12, 0, 28])
+    assert torch.equal(gg.TORCH_OPS.mm(x, w, offs), F.grouped_mm(x, w, offs=offs))
+    out = torch.full((40, 48), float("nan"))
+    gg.TORCH_OPS.mm_into(x, w, offs, out)
+    assert torch.equal(out, F.grouped_mm(x, w, offs=offs))
 
 
 def test_auto_and_errors():

@@ -29,7 +29,7 @@ from shardyard.runtime.worker_memory import predict_with_adamw, predict_worker_m
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
-ONE = ["resources.workers=1", "parallel.expert_parallel=1", "parallel.shard=none"]
+ONE = ["resources.workers=1", "parallel.expert_parallel=1", "parallel.shard=none", "parallel.pipeline_parallel=1"]
 # architecture options the old per-block-kind table did not know: nothing here mentions them
 ARCH = [
     "model.kv_heads=2",

@@ -97,11 +97,13 @@ def test_pp2_dense_trains_like_one_worker(tmp_path: Path) -> None:
     assert_trains_like(tmp_path / "pp2", tmp_path / "one", got, want)
 
 
-def test_pp2_x_ep2_trains_like_one_worker(tmp_path: Path) -> None:
-    """4 ranks: two pipelines (data-parallel replicas), each stage's experts split over its 2 ranks."""
+def test_pp2_x_ep2_x_fsdp2_trains_like_one_worker(tmp_path: Path) -> None:
+    """4 ranks: two pipelines (data-parallel replicas); each stage's experts split over its 2 ranks
+    (EP 2) and its dense weights sharded over them (FSDP2, each stage a root)."""
     want = run(one_worker(tmp_path, MOE, replicas=2), tmp_path / "one")
-    got = run(pp_job(tmp_path, "pp2ep2", MOE, 4, pp=2, ep=2), tmp_path / "pp2ep2", ranks_per_node=2)
-    assert_trains_like(tmp_path / "pp2ep2", tmp_path / "one", got, want)
+    spec = pp_job(tmp_path, "composed", MOE, 4, pp=2, ep=2, parallel__shard="full")
+    got = run(spec, tmp_path / "composed", ranks_per_node=2)
+    assert_trains_like(tmp_path / "composed", tmp_path / "one", got, want)
 
 
 def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> list[tuple[int, int]]:
@@ -115,9 +117,10 @@ def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> l
 
 
 def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
-    """Saved at step 4 by a pipeline of 2, resumed to step 8 by 2 expert-parallel ranks without a
+    """Saved at step 3 by a pipeline of 2, resumed to step 6 by 2 expert-parallel ranks without a
     pipeline (each reading one of the pipeline's micro-batches): the losses and gradient norms of a run
-    that used EP 2 from the start, every window once (the pipeline's first stage records them)."""
+    that used EP 2 from the start, every window once (the pipeline's first stage records them); and
+    `export` of the pipeline's final checkpoint is the EP 2 run's model."""
     ledgers = {name: tmp_path / f"ledger-{name}" for name in ("first", "resumed", "reference")}
 
     def traced(name: str, spec, **kwargs) -> list[float]:
@@ -125,15 +128,45 @@ def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path,
         monkeypatch.setenv(envvars.SAMPLE_LEDGER, str(ledgers[name]))
         return run(spec, tmp_path / name, **kwargs)
 
-    traced("first", pp_job(tmp_path, "first", MOE, 2, pp=2, steps=8, every=4))
-    checkpoint = tmp_path / "first" / "checkpoint_00000004"
-    ep2 = {"ep": 2, "batch": BATCH // 2, "steps": 8}
+    traced("first", pp_job(tmp_path, "first", MOE, 2, pp=2, steps=6, every=3))
+    checkpoint = tmp_path / "first" / "checkpoint_00000003"
+    ep2 = {"ep": 2, "batch": BATCH // 2, "steps": 6}
     resumed = traced("resumed", pp_job(tmp_path, "resumed", MOE, 2, **ep2), resume=checkpoint)
     reference = traced("reference", pp_job(tmp_path, "reference", MOE, 2, **ep2))
-    assert len(resumed) == 4
-    assert resumed == pytest.approx(reference[-4:], rel=1e-4, abs=1e-6)
-    norms = {s: n for s, n in train_grad_norms(tmp_path / "reference").items() if s > 4}
+    assert len(resumed) == 3
+    assert resumed == pytest.approx(reference[-3:], rel=1e-4, abs=1e-6)
+    norms = {s: n for s, n in train_grad_norms(tmp_path / "reference").items() if s > 3}
     assert_same_series(train_grad_norms(tmp_path / "resumed"), norms, 1e-4, "grad_norm")
-    windows = _windows(ledgers["first"], steps=4) + _windows(ledgers["resumed"])
-    assert len(windows) == 8 * BATCH and len(set(windows)) == len(windows)  # none twice
+    windows = _windows(ledgers["first"], steps=3) + _windows(ledgers["resumed"])
+    assert len(windows) == 6 * BATCH and len(set(windows)) == len(windows)  # none twice
     assert sorted(windows) == sorted(_windows(ledgers["reference"]))  # none skipped
+    # export consolidates the pipeline's checkpoint into the single-worker model: the EP 2 run's weights
+    from safetensors.torch import load_file
+
+    from shardyard.runtime.export import export
+    from tests.runtime.test_export import assert_same_weights
+
+    pipelined = load_file(str(export(tmp_path / "first", tmp_path / "export-pp2")))
+    assert_same_weights(pipelined, load_file(str(export(tmp_path / "reference", tmp_path / "export-ep2"))))
+
+
+def test_shardyard_run_of_the_pipeline_job_trains(tmp_path: Path) -> None:
+    """`shardyard run jobs/moe-pipeline.yaml` (2 Ray workers, interleaved 1F1B over 4 stages): the
+    loss falls, every MoE layer of both ranks is reported (rank 0 holds two of the four), and the step
+    anatomy shows the bubble as its own part."""
+    from shardyard.tracking.expert_load import read_expert_load
+    from shardyard.tracking.logger import read_metrics
+    from tests.helpers import ROOT, run_job, train_losses
+
+    sets = [f"checkpoint.dir={tmp_path}", "training.steps=16", "optim.schedule.warmup=2", "training.log_every=4"]
+    sets += ["training.eval_bytes=4096", "data.max_bytes=1000000"]
+    proc = run_job(ROOT / "jobs" / "moe-pipeline.yaml", *(a for s in sets for a in ("--set", s)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "moe-pipeline"
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [4, 8, 12, 16] and losses[16] < losses[4] - 0.3, losses
+    last = [r for r in read_metrics(run_dir) if r.get("kind") == "train"][-1]
+    assert all(last[f"moe/layer{i}/util_max"] > 0 for i in range(4)) and last["aux_loss"] > 0
+    assert last["time/bubble_ms"] > 0 and last["time/forward_ms"] > 0 and last["time/backward_ms"] > 0
+    steps, per_layer = read_expert_load(run_dir)
+    assert len(per_layer) == 4 and all(counts.sum() > 0 for counts in per_layer)

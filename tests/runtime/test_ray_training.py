@@ -1,16 +1,20 @@
-"""Real Ray Train runs through `shardyard run`: 2 gloo workers, checkpoints, restart, wandb offline."""
+"""Real Ray Train runs through `shardyard run` on the session's Ray cluster: 2 gloo workers,
+checkpoints, restart, wandb offline. The faulty runs are compared with one uninterrupted run of the
+same Trainer on a plain gloo group."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shardyard.runtime import checkpoint as ckpt
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import assert_same_series, run_cli, run_job, tiny_spec_yaml, train_grad_norms, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
@@ -22,7 +26,7 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
             training="{steps: 40, batch_size: 8, eval_every: 20, eval_bytes: 2048, log_every: 1}",
         )
     )
-    proc = run_cli("run", str(spec))
+    proc = run_job(spec)  # the embedded cluster itself: tests/safety/test_security.py runs a job on one
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done at step 40/40" in proc.stdout
     run_dir = tmp_path / "runs" / "learns"
@@ -76,13 +80,23 @@ def _fault_spec(root: Path) -> Path:
     return spec
 
 
+def _reference_rank(topology: Any, spec_text: str, run_dir: str) -> None:
+    from shardyard.platform.spec import load_spec_text
+    from shardyard.runtime.worker import LocalReporter, Trainer
+
+    spec = load_spec_text(spec_text)
+    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run's directory."""
+    """The uninterrupted run's directory: the same Trainer on 2 gloo ranks without Ray (what Ray Train
+    runs is the same code on the same kind of process group; no worker group to start)."""
+    from shardyard.comm.launch import spawn
+
     root = tmp_path_factory.mktemp("uninterrupted")
     spec = _fault_spec(root)
-    clean = run_job(spec)
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    spawn(_reference_rank, 2, 2, spec.read_text(), str(root / "runs" / "clean"))
     again = run_cli("run", str(spec))  # a finished job run again has nothing left to do
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
     losses = train_losses(root / "runs" / "clean")
@@ -172,3 +186,29 @@ def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path:
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr
     _assert_same_losses(tmp_path / "runs" / "killed", uninterrupted, 1e-5)
+
+
+def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    """checkpoint.async: the last rank's process exits in the background write of the step-8 checkpoint
+    (its files stored, the manifest not yet written) while the training thread goes on: Ray Train
+    restarts the group from step 4, the newest complete checkpoint, and the run ends with the
+    uninterrupted (synchronous) run's losses and gradient norms; every async checkpoint left is complete."""
+    marker = tmp_path / "killed"
+    killed = run_job(
+        _fault_spec(tmp_path),
+        "--set",
+        "name=killed_async",
+        "--set",
+        "checkpoint.async=true",
+        env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"},
+    )
+    assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert marker.read_text() == "8"
+    assert "resumed from step 4" in killed.stdout + killed.stderr
+    run_dir = tmp_path / "runs" / "killed_async"
+    _assert_same_losses(run_dir, uninterrupted, 1e-5)
+    assert_same_series(train_grad_norms(run_dir), train_grad_norms(uninterrupted), 1e-5, "grad_norm")
+    stored = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert stored and all(ckpt.verify_checkpoint(path, full=True) is None for path in stored), stored

@@ -17,15 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardyard.models.moe.accounting import AttachAuxLoss, aux_weight, recomputing
+from shardyard.models.moe.accounting import AttachAuxLoss, StepStatistics, aux_weight, balance_mode
 from shardyard.models.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from shardyard.models.moe.experts import GroupedExperts, SharedExpert
-from shardyard.models.moe.router import Routing, TopKRouter, build_router
+from shardyard.models.moe.router import Routing, TopKRouter, balance_from_counts, build_router, expert_counts
 
 STEP_STATS = ("tokens_per_expert", "aux_loss", "balance_loss", "z_loss", "dropped", "routed", "entropy", "weight")
 
 
-class MoELayer(nn.Module):
+class MoELayer(StepStatistics, nn.Module):
+    step_stat_names = STEP_STATS
+
     def __init__(
         self,
         width: int,
@@ -73,12 +75,15 @@ class MoELayer(nn.Module):
         # scaled per token by sigmoid(x . w) (Qwen2-MoE's shared_expert_gate).
         self.shared_expert = SharedExpert(width, shared_hidden or hidden, expert_kind) if shared_expert else None
         self.shared_gate = nn.Linear(width, 1, bias=False) if shared_expert and shared_gate else None
-        # Accumulated over the optimizer step (micro-batches and checkpoint chunks, recompute not
-        # counted twice); the trainer reads and resets them with take_step_stats(). Not persistent:
-        # a checkpoint is taken between steps, when they are zero.
+        # Accumulated over the optimizer step (micro-batches and checkpoint chunks; a recompute is
+        # taken back out by accounting.checkpointed); the trainer reads and resets them with
+        # take_step_stats(). Not persistent: a checkpoint is taken between steps, when they are zero.
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         for name in STEP_STATS[1:]:
             self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
+        # The optimizer step's assignments per expert over every micro-batch and data-parallel rank, for
+        # the global balance loss (filled by a counting pre-pass, see accounting.py).
+        self.register_buffer("balance_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
 
     @property
     def backend(self) -> str:
@@ -95,7 +100,7 @@ class MoELayer(nn.Module):
         routing: Routing = self.router(tokens)
         assignments = routing.expert_ids.numel()
 
-        counts = torch.bincount(routing.expert_ids, minlength=self.num_experts)
+        counts = expert_counts(routing.expert_ids, self.num_experts)
         kept = counts
         if routing.sorted_by_expert:
             token_of, weight_of = routing.token_ids, routing.weights
@@ -113,12 +118,19 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared
 
-        aux = self.aux_loss_weight * routing.balance_loss + self.z_loss_weight * routing.z_loss
+        mode = balance_mode()
+        if mode == "count":  # the counting pre-pass of the global balance loss: no loss, no accounting
+            self.balance_counts += routing.balance_counts.to(self.balance_counts)
+            return out.view(shape)
+        balance = routing.balance_loss
+        if mode == "global":  # f_e over the whole optimizer step, P_e over this micro-batch
+            balance = balance_from_counts(routing.mean_probs, self.balance_counts)
+            routing.balance_loss = balance
+        aux = self.aux_loss_weight * balance + self.z_loss_weight * routing.z_loss
         weight = aux_weight()
         if self.training and torch.is_grad_enabled() and aux.requires_grad:
             out = AttachAuxLoss.apply(out, aux, weight)
-        if not recomputing():
-            self._accumulate(routing, aux, kept, token_of, num_tokens, assignments, weight)
+        self._accumulate(routing, aux, kept, token_of, num_tokens, assignments, weight)
         return out.view(shape)
 
     @torch.no_grad()
@@ -167,6 +179,26 @@ class MoELayer(nn.Module):
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_of_sorted]
         keep = rank_in_expert < capacity
         return order[keep], counts.clamp(max=capacity)
+
+
+@torch.no_grad()
+def share_balance_counts(layers: list[MoELayer], group: dist.ProcessGroup | None = None) -> None:
+    """Sum every layer's `balance_counts` (the counting pre-pass's) over `group` (the data-parallel
+    ranks; None: this process's counts alone): the step-wide expert fractions of the global balance loss."""
+    if not layers:
+        return
+    counts = torch.stack([layer.balance_counts for layer in layers])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, group=group)
+    for layer, total in zip(layers, counts):
+        layer.balance_counts.copy_(total)
+
+
+@torch.no_grad()
+def clear_balance_counts(layers: list[MoELayer]) -> None:
+    """After the optimizer step: the next step counts afresh."""
+    for layer in layers:
+        layer.balance_counts.zero_()
 
 
 @torch.no_grad()

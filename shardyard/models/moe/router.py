@@ -36,9 +36,30 @@ class Routing:
     expert_ids: torch.Tensor  # [A] int64: its expert
     weights: torch.Tensor  # [A] float, the input dtype: its combine weight
     balance_loss: torch.Tensor  # scalar; Switch-style E * sum_e f_e * P_e (1.0 when perfectly balanced)
+    balance_counts: torch.Tensor  # [E]: the assignments per expert the balance loss's f_e come from
+    mean_probs: torch.Tensor  # [E]: P_e, the mean router probability of each expert (differentiable)
     z_loss: torch.Tensor  # scalar; mean(logsumexp(logits)^2)
     sorted_by_expert: bool = False  # assignments already grouped by expert (expert choice)
     entropy: torch.Tensor | None = None  # scalar, detached: mean per-token entropy of the router (nats)
+
+
+@torch.library.custom_op("shardyard::expert_counts", mutates_args=())
+def _expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(expert_ids, minlength=num_experts)
+
+
+@_expert_counts.register_fake
+def _(expert_ids, num_experts):  # noqa: ANN001, ANN202
+    return expert_ids.new_empty(num_experts)
+
+
+EXPERT_COUNTS_OP = torch.ops.shardyard.expert_counts.default  # what dispatch modes see (optim.meta_step)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 assignments per expert (ids in [0, E)). bincount as an operator whose output shape
+    torch.compile knows (E), where bincount's own shape depends on the largest id."""
+    return _expert_counts(expert_ids, num_experts)
 
 
 @torch.no_grad()
@@ -57,10 +78,12 @@ class LocalTokens:
         return local
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, tokens: LocalTokens) -> torch.Tensor:
-    """Switch Transformer aux loss: E * sum_e (fraction of assignments to e) * (mean router prob of e)."""
-    fraction = tokens.mean(counts.to(probs.dtype) / counts.sum().clamp(min=1))
-    return probs.shape[-1] * torch.sum(fraction * tokens.mean(probs.mean(dim=0)))
+def balance_from_counts(mean_probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer aux loss: E * sum_e f_e * P_e, f_e = counts_e / sum(counts) the fraction of
+    assignments to e, P_e its mean router probability. The counts may be this micro-batch's or the whole
+    optimizer step's (the global balance loss); the gradient flows through P only."""
+    fraction = counts.to(mean_probs.dtype) / counts.sum().clamp(min=1)
+    return mean_probs.shape[-1] * torch.sum(fraction * mean_probs)
 
 
 class _RouterBase(nn.Module):
@@ -125,13 +148,16 @@ class TopKRouter(_RouterBase):
         if self.routed_scale != 1.0:
             top_probs = top_probs * self.routed_scale
         flat_experts = expert_ids.reshape(-1)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = expert_counts(flat_experts, self.num_experts)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        mean_probs = self.token_group.mean(probs.mean(dim=0))
         return Routing(
             token_ids=tokens,
             expert_ids=flat_experts,
             weights=top_probs.reshape(-1).to(x.dtype),
-            balance_loss=load_balancing_loss(probs, counts, self.token_group),
+            balance_loss=balance_from_counts(mean_probs, self.token_group.mean(counts.float())),
+            balance_counts=counts,
+            mean_probs=mean_probs,
             z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
             entropy=self.token_group.mean(mean_entropy(probs)),
         )
@@ -171,11 +197,14 @@ class ExpertChoiceRouter(_RouterBase):
             weights = weights * self.routed_scale
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         counts = torch.full((self.num_experts,), c, device=x.device)
+        mean_probs = self.token_group.mean(probs.mean(dim=0))
         return Routing(
             token_ids=tokens.reshape(-1),
             expert_ids=experts,
             weights=weights.reshape(-1).to(x.dtype),
-            balance_loss=load_balancing_loss(probs, counts, self.token_group),
+            balance_loss=balance_from_counts(mean_probs, self.token_group.mean(counts.float())),
+            balance_counts=counts,
+            mean_probs=mean_probs,
             z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
             sorted_by_expert=True,
             entropy=self.token_group.mean(mean_entropy(probs)),

@@ -61,7 +61,8 @@ def hook_reduced(spec: JobSpec, world: int) -> bool:
 
 def dims_for(spec: JobSpec, topology: Topology) -> ParallelDims:
     """The job's degrees: hook-reduced steps and DeepSpeed replicate the model they are given."""
-    dims = ParallelDims.from_spec(spec.parallel, topology)
+    experts = spec.model.moe.num_experts if spec.model.kind == "moe" and spec.model.moe else 1
+    dims = ParallelDims.from_spec(spec.parallel, topology, experts)
     if spec.parallel.zero or hook_reduced(spec, topology.world_size):
         dims = ParallelDims(topology, dp_replicate=topology.world_size, ep=dims.ep)
     return dims

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from shardyard.platform.errors import UserError
 from shardyard.platform.schema import JobSpec
@@ -36,11 +37,12 @@ ENGINE_TAG = "deepspeed"
 FORMAT = "deepspeed"  # the state format (checkpoint layout "format") and the directory it writes
 
 
-def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
+def deepspeed_config(spec: JobSpec, workers: int) -> dict[str, Any]:
     """Our optimizer and schedule stay ours; DeepSpeed partitions their state and clips gradients."""
+    micro, accum = spec.batch_layout(workers)
     return {
-        "train_micro_batch_size_per_gpu": spec.training.batch_size,
-        "gradient_accumulation_steps": spec.training.grad_accum,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": spec.optim.grad_clip,
         "zero_optimization": {"stage": spec.parallel.zero},
         "zero_allow_untested_optimizer": True,
@@ -77,7 +79,7 @@ class DeepSpeedTraining(GradientStep, TrainingState):
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(spec),
+            config=deepspeed_config(spec, dims.dp),
             dist_init_required=False,
         )
         self.module = self.engine
@@ -96,8 +98,9 @@ class DeepSpeedTraining(GradientStep, TrainingState):
     def layout(self) -> dict[str, Any]:
         return {"format": FORMAT, "world": self.dims.world_size, "zero": self.stage}
 
-    def save(self, directory: Path) -> None:
-        """Collective: every rank writes its partition under directory/deepspeed/."""
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
+        """Collective: every rank writes its partition under directory/deepspeed/ (DeepSpeed's
+        collectives run on the training's own group: `threaded_save` stays False)."""
         self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from shardyard.comm.groups import ProcessGroups, ep_layout
+from shardyard.comm.groups import ProcessGroups, ep_layout, largest_expert_parallel
 from shardyard.comm.topology import Topology
 from shardyard.platform.schema import ParallelSpec
 
@@ -72,19 +72,21 @@ class ParallelDims:
 
     # ------------------------------------------------------------------------------ from the spec
     @classmethod
-    def from_spec(cls, parallel: ParallelSpec, topology: Topology) -> ParallelDims:
+    def from_spec(cls, parallel: ParallelSpec, topology: Topology, num_experts: int = 1) -> ParallelDims:
         """Dense weights sharded over every rank with `parallel.shard` (zero2 / full), else replicated;
-        experts over `parallel.expert_parallel` ranks, stages over `parallel.pipeline_parallel`,
-        tensor-parallel groups of `parallel.tensor_parallel` ranks. Data-parallel ranks = world / (pp x
-        tp); a data-parallel degree of one shards nothing."""
+        experts over `parallel.expert_parallel` ranks (`auto`: the largest degree dividing this world
+        and `num_experts`, re-derived at every start of an elastic group), stages over
+        `parallel.pipeline_parallel`, tensor-parallel groups of `parallel.tensor_parallel` ranks.
+        Data-parallel ranks = world / (pp x tp); a data-parallel degree of one shards nothing."""
         pp, tp = parallel.pipeline_parallel, parallel.tensor_parallel
         dp = topology.world_size // (pp * tp)
         shard = parallel.shard != "none" and dp > 1
+        ep = parallel.expert_parallel
         return cls(
             topology,
             dp_replicate=1 if shard else dp,
             dp_shard=dp if shard else 1,
-            ep=parallel.expert_parallel,
+            ep=largest_expert_parallel(topology, num_experts) if ep == "auto" else ep,
             tp=tp,
             pp=pp,
         )

@@ -9,7 +9,7 @@
 2. tensor parallelism with sequence parallelism over the dims' tp mesh (tensor_parallel.py: heads
    and dense MLPs split, norms and the residual stream split along the sequence, MoE tokens split);
 3. activation checkpointing (training.activation_checkpointing) on every transformer stack;
-4. (compile: not yet)
+4. compile (training.compile): torch.compile on every transformer block, in place (names unchanged);
 5. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
    expert shards stay outside it when ep > 1; with tp, a 2-D layout: FSDP shards the tp shards), or
    DDP over the data-parallel ranks when dense weights are replicated and nothing else reduces
@@ -87,6 +87,20 @@ def apply_activation_checkpointing(model: nn.Module, training: TrainingSpec) -> 
             module.checkpoint_every = every
 
 
+def apply_compile(roots: list[nn.Module], training: TrainingSpec) -> None:
+    """training.compile: torch.compile every transformer block in place (`Module.compile`, so parameter
+    names and checkpoints are unchanged). Blocks compile one by one, as torchtitan does: identical blocks
+    share one compiled graph, and activation checkpointing (outside the block, in TransformerStack) and
+    FSDP / DDP (applied next, hooks outside the compiled region) compose with it. Dense blocks and MoE
+    blocks with the local dispatcher are one graph each; a transport dispatcher (expert parallelism,
+    compressed dispatch) runs eagerly between two graphs (docs/parallelism.md)."""
+    if not training.compile:
+        return
+    blocks = {id(m): m for root in roots for m in root.modules() if isinstance(m, Block)}
+    for block in blocks.values():
+        block.compile()
+
+
 def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, reshard_after_forward: bool) -> None:
     """FSDP2 over dp_shard (HSDP over (dp_replicate, dp_shard) when both exceed one; no spec asks for
     that yet): each transformer block, then each root (the model, or every pipeline stage). Expert
@@ -136,6 +150,7 @@ def parallelize_transformer(
         apply_tp(model, dims.mesh("tp"), head_aligned(spec.model, dims.tp))
     for root in [model, *stages]:
         apply_activation_checkpointing(root, spec.training)
+    apply_compile([model, *stages], spec.training)
     if dims.fsdp_enabled:
         apply_fsdp(stages or [model], dims, reshard_after_forward=spec.parallel.shard == "full")
     if stages:

@@ -2,7 +2,11 @@
 
     state.layout()                  what the checkpoint's tensors depend on (resuming under another
                                     layout reshards, where the format allows it)
-    state.save(directory)           collective: every rank writes its part of the model and optimizer
+    state.save(directory, group)    collective: every rank writes its part of the model and optimizer
+                                    (over `group`, a process group of its own, when the state allows
+                                    `threaded_save`: the checkpoint writer then runs it off the main thread)
+    state.save_async(directory, group)  copy the state to CPU memory now, write it in the background;
+                                    returns the write's Future (DCP only: the spec refuses the rest)
     state.load(directory, layout)   collective: read it back (`layout`: the checkpoint's)
 
 `DCPState` (every mode but a backend with a format of its own, in its own module) writes with
@@ -16,10 +20,12 @@ resharding on resume the normal path.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -36,10 +42,15 @@ LEGACY_DCP_MODES = ("replicated", "mesh")  # layouts written before formats were
 class TrainingState:
     """The interface (see the module docstring)."""
 
+    threaded_save = False  # save() may run in a thread, its collectives on the group it is given
+
     def layout(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
+        raise NotImplementedError
+
+    def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
         raise NotImplementedError
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
@@ -74,6 +85,7 @@ class DCPState(TrainingState):
         self.aligned = aligned or HeadAligned()
         self.expert_mesh = dims.mesh("experts") if dims.ep_enabled else None
         self.experts = expert_prefixes(model)
+        self.stager = None  # DCP's CPU staging for save_async, made on first use
 
     def layout(self) -> dict[str, Any]:
         return {
@@ -85,10 +97,31 @@ class DCPState(TrainingState):
             "pp": self.dims.pp,
         }
 
-    def save(self, directory: Path) -> None:
+    threaded_save = True
+
+    def save(self, directory: Path, group: dist.ProcessGroup | None = None) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR))
+        dcp.save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR), process_group=group)
+
+    def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
+        """DCP's asynchronous save: the state is copied to CPU memory before this returns (so training
+        may change it), the files are written by DCP's own thread; its collectives run on `group`.
+        One stager serves every save: its CPU buffers are reused (the caller starts a save only
+        after the previous one's write ended), so staging is a copy, not an allocation."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self.stager is None:
+            # no pinned or shared memory, copies in this thread: the CPU case; on a GPU the same copy
+            # is a device-to-host transfer (pinned memory and a side stream would overlap it)
+            self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        return dcp.async_save(
+            self.state_dict(),
+            checkpoint_id=str(Path(directory) / SHARDS_DIR),
+            process_group=group,
+            async_stager=self.stager,
+        )
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
