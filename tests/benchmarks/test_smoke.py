@@ -84,7 +84,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     ),
     "scale": (
         [],
-        [r"\| ep2\+fsdp \| 2 \| [\d.]+ \|", r"table written to"]
+        [r"\| ep2\+fsdp \| 2 \| [\d.]+ \|", r"\| tp2 \| 2 \| [\d.]+ \|", r"table written to"]
         + ([r"\| zero2 \| 2 \| [\d.]+ \|"] if HAS_DEEPSPEED else []),
         True,
     ),
