@@ -45,7 +45,8 @@ def build_trainer(name: str, width: int, depth: int, storage: Path):
 
     spec = load_spec_text(SPEC.format(name=name, width=width, depth=depth, storage=storage))
     run_dir = storage / name
-    return Trainer(spec, run_dir, LocalReporter(run_dir, keep=2))
+    # no rotation here: Ray Train prunes old checkpoints in its controller, not in the training thread
+    return Trainer(spec, run_dir, LocalReporter(run_dir, keep=1000))
 
 
 def one_save(trainer, background: bool) -> tuple[float, int]:

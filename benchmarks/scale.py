@@ -1,13 +1,17 @@
-"""Per-rank training state, checkpoint cost and step time of every parallelism mode at 1, 2, 4 ranks.
+"""Per-rank training state, peak memory, checkpoint cost and step time of every parallelism mode at
+1, 2, 4 ranks.
 
-For each (mode, world) it spawns real gloo ranks running the Trainer on the same MoE model and
-measures, on every rank, from the real tensors: bytes of parameters + gradients + optimizer state;
-the time to save a sharded checkpoint and the bytes this rank wrote; the time to load it back
-(into the same layout); the median step time. From bytes per parameter it states the largest model
-whose state fits a per-rank budget under each mode.
+For each (mode, world) it spawns real gloo ranks running the Trainer on the same model (the MoE, or
+with --model dense a dense one) and measures, on every rank, from the real tensors: bytes of
+parameters + gradients + optimizer state; the peak resident memory the training steps added to the
+process (ru_maxrss after the steps minus the resident size before the model was built); the time to
+save a sharded checkpoint and the bytes this rank wrote; the time to load it back (into the same
+layout); the median step time. From bytes per parameter it states the largest model whose state
+fits a per-rank budget under each mode.
 
     python benchmarks/scale.py --worlds 1 2 4 --steps 6 --out benchmarks/results/scale-<date>.md
-    python benchmarks/scale.py --smoke   # 2 ranks, zero2 and ep2+fsdp, a small model, 2 steps, temp dir
+    python benchmarks/scale.py --worlds 4 --modes ddp fsdp ep+fsdp tp2 tp2+fsdp tp4 --out ...  # with TP
+    python benchmarks/scale.py --smoke   # 2 ranks, zero2, ep2+fsdp and tp2, a small model, 2 steps, temp dir
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -27,29 +32,36 @@ from shardyard import envvars
 from shardyard.comm.launch import spawn
 from shardyard.platform.spec import load_spec_text
 
-MODES = {  # name -> (expert_parallel(world), shard, zero)
-    "ddp": (lambda w: 1, "none", 0),
-    "ep": (lambda w: w, "none", 0),
-    "zero2": (lambda w: 1, "none", 2),
-    "fsdp": (lambda w: 1, "full", 0),
-    "ep+fsdp": (lambda w: w, "full", 0),  # the composed mode: experts over all ranks, the rest sharded
-    "ep2+fsdp": (lambda w: min(w, 2), "full", 0),  # EP 2 x shard (the tested layout)
+MODES = {  # name -> (expert_parallel(world), shard, zero, tensor_parallel)
+    "ddp": (lambda w: 1, "none", 0, 1),
+    "ep": (lambda w: w, "none", 0, 1),
+    "zero2": (lambda w: 1, "none", 2, 1),
+    "fsdp": (lambda w: 1, "full", 0, 1),
+    "ep+fsdp": (lambda w: w, "full", 0, 1),  # the composed mode: experts over all ranks, the rest sharded
+    "ep2+fsdp": (lambda w: min(w, 2), "full", 0, 1),  # EP 2 x shard (the tested layout)
+    "tp2": (lambda w: 1, "none", 0, 2),  # tensor parallel pairs, replicated over the pairs
+    "tp2+fsdp": (lambda w: 1, "full", 0, 2),  # 2-D: FSDP over the pairs x TP 2
+    "tp2+ep2": (lambda w: 2, "none", 0, 2),  # MoE: experts over each TP pair's ranks, tokens split
+    "tp4": (lambda w: 1, "none", 0, 4),
 }
+MOE_ONLY = ("ep", "ep+fsdp", "ep2+fsdp", "tp2+ep2")
 
 
-SMOKE_MODES = ["zero2", "ep2+fsdp"]  # DeepSpeed, and EP composed with FSDP (DTensor state)
+SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2"]  # DeepSpeed, EP composed with FSDP (DTensor state), TP
 
 
-def spec_text(name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int) -> str:
-    ep_of, shard, zero = MODES[mode]
-    kind = "moe" if zero == 0 else "moe"
+def spec_text(
+    name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int, kind: str = "moe"
+) -> str:
+    ep_of, shard, zero, tp = MODES[mode]
+    moe = f", moe: {{num_experts: {experts}, top_k: 2}}" if kind == "moe" else ""
     return f"""name: {name}
 seed: 0
-model: {{kind: {kind}, width: {width}, depth: 4, heads: 4, ffn: {{hidden: {3 * width}}}, moe: {{num_experts: {experts}, top_k: 2}}}}
+model: {{kind: {kind}, width: {width}, depth: 4, heads: 4, ffn: {{hidden: {3 * width}}}{moe}}}
 data: {{paths: [stdlib], seq_len: 128, max_bytes: 3000000}}
 optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
 training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_bytes: 2048}}
-parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}}}
+parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}, tensor_parallel: {tp}}}
 resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
 checkpoint: {{dir: {storage}, every: 0, keep: 2}}
 tracking: {{mode: disabled}}
@@ -70,6 +82,7 @@ def _rank(topology, text: str, out: str) -> None:
         **{envvars.FAKE_RANKS_PER_NODE: str(topology.ranks_per_node)},
     )
     spec = load_spec_text(text)
+    resident_before = _resident_bytes()
     trainer = Trainer(spec, Path(out), lambda metrics, directory: None)
 
     def local_bytes(t: torch.Tensor) -> int:
@@ -81,6 +94,7 @@ def _rank(topology, text: str, out: str) -> None:
         start = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - start)
+    peak_added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident_before
     inputs, targets = trainer.loader.next_batch()
     _, ce = trainer.module(inputs, targets)
     trainer.grad_step.backward(ce)
@@ -145,6 +159,7 @@ def _rank(topology, text: str, out: str) -> None:
         "grads": grads,
         "optim": state,
         "total_params": total_params,
+        "peak_added": peak_added,
         "save_s": save_s,
         "load_s": load_s,
         "ckpt_bytes": written,
@@ -153,9 +168,15 @@ def _rank(topology, text: str, out: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def measure(mode: str, world: int, width: int, experts: int, steps: int) -> list[dict]:
+def _resident_bytes() -> int:
+    """This process's resident set size now (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(mode: str, world: int, width: int, experts: int, steps: int, kind: str = "moe") -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        text = spec_text(f"scale-{mode.replace('+', '-')}-{world}", Path(tmp), world, mode, width, experts, steps)
+        name = f"scale-{mode.replace('+', '-')}-{world}"
+        text = spec_text(name, Path(tmp), world, mode, width, experts, steps, kind)
         spawn(_rank, world, min(world, 2), text, tmp)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -166,13 +187,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--model", choices=["moe", "dense"], default="moe", help="the MoE, or a dense model")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument(
         "--budget-gb", type=float, default=80.0, help="per-rank state budget for the 'largest model' column"
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--smoke", action="store_true", help="2 ranks, zero2 and ep2+fsdp, width 64, 4 experts, 2 steps, temp dir"
+        "--smoke", action="store_true", help="2 ranks, zero2, ep2+fsdp and tp2, width 64, 4 experts, 2 steps, temp dir"
     )
     args = parser.parse_args()
     if args.smoke:
@@ -189,9 +211,10 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for world in args.worlds:
-            if world == 1 and mode.startswith("ep"):
+            ep_of, _, _, tp = MODES[mode]
+            if (world == 1 and mode.startswith("ep")) or world % tp or (mode in MOE_ONLY and args.model != "moe"):
                 continue
-            ranks = measure(mode, world, args.width, args.experts, args.steps)
+            ranks = measure(mode, world, args.width, args.experts, args.steps, args.model)
             state = [r["params"] + r["grads"] + r["optim"] for r in ranks]
             total = ranks[0]["total_params"]
             per_param = max(state) / total
@@ -202,6 +225,7 @@ def main() -> None:
                     "params": total,
                     "state_max_mb": max(state) / 1e6,
                     "state_mean_mb": statistics.mean(state) / 1e6,
+                    "peak_added_mb": max(r["peak_added"] for r in ranks) / 1e6,
                     "bytes_per_param": per_param,
                     "ckpt_mb_per_rank": max(r["ckpt_bytes"] for r in ranks) / 1e6,
                     "save_s": max(r["save_s"] for r in ranks),
@@ -212,18 +236,20 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
     header = (
-        "| mode | ranks | state/rank max (MB) | mean | bytes/param | ckpt MB/rank | save s | load s | step s | "
-        f"largest model in {args.budget_gb:g} GB/rank (B params) |"
+        "| mode | ranks | state/rank max (MB) | mean | peak added/rank (MB) | bytes/param | ckpt MB/rank | save s | "
+        f"load s | step s | largest model in {args.budget_gb:g} GB/rank (B params) |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['world']} | {r['state_max_mb']:.2f} | {r['state_mean_mb']:.2f} | "
+            f"{r['peak_added_mb']:.1f} | "
             f"{r['bytes_per_param']:.2f} | {r['ckpt_mb_per_rank']:.2f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
             f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} |"
         )
     table = "\n".join(lines)
     print(table)
+    print(f"model {args.model}, {rows[0]['params'] / 1e6:.1f}M parameters" if rows else "no rows")
     print(f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")
     if args.out:
         args.out.write_text(table + "\n")

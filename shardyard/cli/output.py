@@ -99,7 +99,7 @@ def _batch_phrase(spec: JobSpec) -> str:
     t, r = spec.training, spec.resources
     if t.global_batch is None:
         accum = f" x {t.grad_accum} accum" if t.grad_accum > 1 else ""
-        dp = "data-parallel " if spec.parallel.pipeline_parallel > 1 else ""
+        dp = "data-parallel " if spec.data_parallel_workers() < r.workers else ""
         return f"{t.batch_size} seq/worker{accum} x {spec.data_parallel_workers()} {dp}workers"
     splits = ", ".join(
         f"{n}: {micro} x accum {accum}" for n in r.worker_counts for micro, accum in [spec.batch_layout(n)]
@@ -128,7 +128,7 @@ def spec_summary(pre: Preflight, run_dir: Path) -> str:
         f"{spec.optim.schedule.decay} decay, clip {spec.optim.grad_clip}",
         f"resources  {r.describe_workers()} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU); "
         f"max failures {r.max_failures}; parallel: ep {spec.parallel.expert_parallel}, a2a {spec.parallel.a2a}, "
-        f"zero {spec.parallel.zero}, pp {spec.parallel.pipeline_parallel}",
+        f"zero {spec.parallel.zero}, pp {spec.parallel.pipeline_parallel}, tp {spec.parallel.tensor_parallel}",
         f"run dir    {run_dir}  (checkpoints every {spec.checkpoint.every} steps, keep {spec.checkpoint.keep})",
         f"tracking   wandb {spec.tracking.mode} project {spec.tracking.wandb_project}; metrics.jsonl in the run dir",
         "memory per worker (training state):",

@@ -28,12 +28,14 @@ POLL_S = 0.5
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None when
+    it is gone or a zombie (killed, not yet reaped by its parent)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
 
 
 def marked_processes(cluster_id: str) -> list[int]:

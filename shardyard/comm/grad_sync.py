@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from shardyard.comm.groups import ProcessGroups
 from shardyard.models.moe.experts import is_expert_shard
@@ -22,13 +23,14 @@ from shardyard.models.moe.experts import is_expert_shard
 
 def all_reduce_mean_(params: list[nn.Parameter], group: dist.ProcessGroup | None, world: int) -> None:
     """Sum the gradients of `params` over `group` and divide by `world`: one all-reduce per dtype
-    over the concatenated gradients. A parameter without a gradient gets a zero one, so every rank
-    reduces the same buffers."""
+    over the concatenated gradients (a DTensor's local shard: its tensor-parallel peers reduce theirs
+    alike). A parameter without a gradient gets a zero one, so every rank reduces the same buffers."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        by_dtype.setdefault(grad.dtype, []).append(grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)
@@ -49,7 +51,7 @@ def sync_gradients(
 ) -> None:
     """Average gradients to those of the world-mean loss: dense over `dense_group` (default: the
     world; `dense=False` when FSDP2 reduces them), experts over EDP. `replicas`: the data-parallel
-    ranks whose losses are averaged (default: the world; fewer when a pipeline's ranks share a batch).
+    ranks whose losses are averaged (default: the world; fewer when a pipeline's or a tensor-parallel group's ranks share a batch).
 
     Call after backward, before clipping and the optimizer step; collective over the world."""
     world = replicas or groups.topology.world_size

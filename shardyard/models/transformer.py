@@ -247,14 +247,16 @@ class ByteTransformerLM(nn.Module):
         tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        # Drawn before any layer is built, so it depends only on the RNG state the caller seeded: the
+        # common parts' initial values come from it (see init_common_first).
+        common_seed = int(torch.randint(2**62, (1,), device="cpu"))
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(self.vocab_size, width)
         self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len, opts)
         self.head = nn.Linear(width, self.vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
-        self.apply(init_weights)
-        scale_residual_projections(self.stack, depth)
+        init_common_first(self, depth, common_seed)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -278,10 +280,33 @@ def scale_residual_projections(stack: nn.Module, depth: int) -> None:
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
 
-def init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
+
+
+def init_common_first(model: ByteTransformerLM, depth: int, common_seed: int) -> None:
+    """Initialise a flat model so that its common parts (embedding, attention, norms, head) do not
+    depend on its feed-forward layers: they draw from a generator seeded with `common_seed`, in module
+    order, and the FFNs (dense MLP, router, experts) draw from the global RNG after them. A dense and
+    an MoE model built at the same seed therefore share every common weight: a paired comparison."""
+    device = model.embed.weight.device
+    common = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(common_seed)
+    ffns = [block.ffn for block in model.stack.blocks]
+    inside_ffn = {id(m) for ffn in ffns for m in ffn.modules()}
+    for module in model.modules():
+        if id(module) not in inside_ffn:
+            init_weights(module, common)
+    for ffn in ffns:
+        ffn.apply(init_weights)
+    std = 0.02 / math.sqrt(2 * depth)  # GPT-2: what writes into the residual stream starts smaller
+    for block in model.stack.blocks:
+        nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std, generator=common)
+    for ffn in ffns:
+        for name, p in ffn.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(p, mean=0.0, std=std)

@@ -2,8 +2,8 @@
 mesh dimension, identical on every rank.
 
 Each gradient is counted where it lives:
-- a DTensor (an FSDP2 shard): the squares of its local shard, summed over the ranks its mesh shards
-  it across (each holds a disjoint piece);
+- a DTensor (an FSDP2 shard, a tensor-parallel shard, both): the squares of its local shard, summed
+  over the ranks each mesh dim shards it across (each holds a disjoint piece);
 - an expert-parallel shard (models.moe.experts.is_expert_shard): summed over the EP group, whose ranks
   hold disjoint experts (their EDP peers hold the same, already reduced, values);
 - a plain tensor: replicated (already reduced), counted once;
@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Placement
 
 from shardyard.models.moe.experts import is_expert_shard
 
@@ -45,9 +46,15 @@ def _sum_over(value: torch.Tensor, group: dist.ProcessGroup | None, device: torc
     return value.cpu()
 
 
+def _splits(placement: Placement) -> bool:
+    """Whether a placement splits the tensor over its mesh dim: Shard, and FSDP2's strided shard of a
+    tensor-parallel shard (which is not a Shard subclass)."""
+    return not placement.is_replicate() and not placement.is_partial()
+
+
 def _shard_groups(g: DTensor) -> list[dist.ProcessGroup]:
     mesh = g.device_mesh
-    return [mesh.get_group(i) for i, p in enumerate(g.placements) if isinstance(p, Shard) and mesh.size(i) > 1]
+    return [mesh.get_group(i) for i, p in enumerate(g.placements) if _splits(p) and mesh.size(i) > 1]
 
 
 @torch.no_grad()

@@ -849,6 +849,12 @@ class ParallelSpec(Section):
         description="expert-parallel degree (1 = experts replicated, plain DDP) | auto: at every (re)start the "
         "largest degree dividing the worker count and model.moe.num_experts (and fitting the nodes)",
     )
+    tensor_parallel: PositiveInt = Field(
+        1,
+        description="tensor-parallel degree: attention heads and dense MLPs split over this many neighbouring "
+        "workers, norms and the residual stream split along the sequence (docs/parallelism.md); its ranks share "
+        "one batch, so the data-parallel degree is resources.workers / tensor_parallel",
+    )
     a2a: Literal["flat", "hierarchical", "leader"] = Field(
         "flat", description="all-to-all algorithm for expert parallelism"
     )
@@ -1144,15 +1150,20 @@ class JobSpec(Section):
                         f"parallel.expert_parallel: {ep} must divide resources.workers ({workers})"
                         + ("; an elastic job can use parallel.expert_parallel: auto" if res.elastic else "")
                     )
-            if self.data_parallel_workers() % ep:
+            stage_workers = min(res.worker_counts) // self.parallel.pipeline_parallel
+            if any((w // self.parallel.pipeline_parallel) % ep for w in res.worker_counts):
+                # EP groups hold distinct tokens: data-parallel or tensor-parallel ranks
                 raise ValueError(
-                    f"parallel.expert_parallel: {ep} must divide the data-parallel workers "
-                    f"({self.data_parallel_workers()} = resources.workers / parallel.pipeline_parallel)"
+                    f"parallel.expert_parallel: {ep} must divide the workers of a pipeline stage "
+                    f"({stage_workers} = resources.workers / parallel.pipeline_parallel)"
                 )
             if self.model.moe and self.model.moe.num_experts % ep:
                 raise ValueError(
                     f"parallel.expert_parallel: {ep} must divide model.moe.num_experts ({self.model.moe.num_experts})"
                 )
+        tp_problem = self.tensor_parallel_problem()
+        if tp_problem:
+            raise ValueError(tp_problem)
         galore = self.optim.galore
         seq_len_problem = self.model.seq_len_problem(self.data.seq_len)
         if seq_len_problem:
@@ -1194,6 +1205,60 @@ class JobSpec(Section):
                 "(its stages patch byte sequences); use data.tokenizer: bytes or a flat model (dense | moe)"
             )
         return self
+
+    def tensor_parallel_problem(self) -> str | None:
+        """Why parallel.tensor_parallel does not fit this job (None when it does): tensor parallelism
+        splits heads, dense MLP hidden units and the sequence over its ranks (docs/parallelism.md)."""
+        tp, m = self.parallel.tensor_parallel, self.model
+        if tp == 1:
+            return None
+        field = f"parallel.tensor_parallel: {tp}"
+        for workers in self.resources.worker_counts:
+            if workers % tp:
+                return f"{field} must divide resources.workers ({workers})"
+        if m.kind not in ("dense", "moe"):
+            return f"{field} applies to the flat models (model.kind dense | moe), not model.kind {m.kind!r}"
+        if m.heads % tp or m.attn_kv_heads % tp:
+            return (
+                f"{field} must divide model.heads ({m.heads}) and model.kv_heads ({m.attn_kv_heads}): each rank "
+                "holds whole query heads and the key/value heads they read"
+            )
+        if m.qk_norm == "full":
+            return f"{field}: model.qk_norm full normalises across every head's query; use model.qk_norm: head"
+        dense_blocks = m.moe is None or any(not m.moe.is_moe_block(i) for i in range(m.depth))
+        if dense_blocks and m.ffn.kind == "lowrank":
+            return f"{field} has no plan for model.ffn.kind lowrank (factored weights); use swiglu or gelu"
+        if dense_blocks and m.ffn_hidden % tp:
+            return f"{field} must divide the dense MLP's hidden size, model.ffn.hidden ({m.ffn_hidden})"
+        if self.data.seq_len % tp:
+            return (
+                f"{field} must divide data.seq_len ({self.data.seq_len}): norms and the residual stream are "
+                "split along the sequence"
+            )
+        if self.parallel.zero:
+            return (
+                f"{field} and parallel.zero: {self.parallel.zero}: DeepSpeed ZeRO flattens the weights tensor "
+                "parallelism splits; use parallel.shard (FSDP2) with it"
+            )
+        if self.optim.kind not in ("adamw", "sgd"):
+            return (
+                f"{field} splits weight matrices over ranks, but optim.kind {self.optim.kind} projects whole "
+                "gradient matrices; use adamw or sgd"
+            )
+        if self.training.compile:
+            return f"{field} with training.compile: true is not supported yet (untested); use one of them"
+        if self.parallel.pipeline_parallel > 1:
+            return (
+                f"{field} with parallel.pipeline_parallel: {self.parallel.pipeline_parallel}: tensor parallelism "
+                "inside pipeline stages is not supported yet; use one of them"
+            )
+        if m.init_from or m.upcycle_from:
+            which = "model.init_from" if m.init_from else "model.upcycle_from"
+            return (
+                f"{field}: {which} is not supported with tensor parallelism yet; start the run at "
+                f"tensor_parallel 1 and resume it at {tp}"
+            )
+        return None
 
     def _check_elastic(self) -> None:
         """Worker counts are positive, the global batch splits at every one of them, and an elastic group
@@ -1331,8 +1396,10 @@ class JobSpec(Section):
 
     def data_parallel_workers(self, workers: int | None = None) -> int:
         """Workers reading their own batches at `workers` (default resources.workers, its max for an elastic
-        group): the ranks of one pipeline share one."""
-        return (workers or self.resources.max_workers) // self.parallel.pipeline_parallel
+        group): the ranks of one pipeline, and of one tensor-parallel group, share one."""
+        return (workers or self.resources.max_workers) // (
+            self.parallel.pipeline_parallel * self.parallel.tensor_parallel
+        )
 
     def notes(self) -> list[str]:
         """Settings that are moot for this job (often after `--set training.steps=...`): the job runs,

@@ -148,11 +148,22 @@ class _Save:
     abandoned: threading.Event = field(default_factory=threading.Event)
 
 
+class _OtherRank(RuntimeError):
+    """This rank's save stopped because another rank's failed (the line names that rank's cause)."""
+
+    PREFIX = "another"
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _cause(err: BaseException) -> str:
     """One line: an OSError's reason and the file it met (the stored copy's, where there are two)."""
     if isinstance(err, OSError) and err.strerror:
         where = err.filename2 or err.filename
         return f"{err.strerror} ({where})" if where else err.strerror
+    if isinstance(err, _OtherRank):
+        return str(err)
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     return text.splitlines()[0][:300]
 
@@ -209,6 +220,30 @@ class CheckpointWriter:
                 )
             staged.mkdir(parents=True)
             ckpt.write_rank_files(staged, meta, texts)
+            ready = True
+        except Exception as err:  # noqa: BLE001 - any failure to start is this save's failure
+            ready, write = False, Future()
+            write.set_exception(err)
+        # The state's write is collective: every rank starts it, or none does.
+        if self._all(ready):
+            write = self._start_write(staged, target, step)
+        elif ready:
+            write = Future()
+            write.set_exception(_OtherRank("another rank could not start this save"))
+        self.pending = _Save(step, metrics, staging, staged, target, write)
+        if not self.background:
+            self.wait()
+
+    def _all(self, flag: bool) -> bool:
+        """Collective: whether `flag` holds on every rank."""
+        value = torch.tensor([float(not flag)], dtype=torch.float32)
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.world_group)
+        return value.item() == 0
+
+    def _start_write(self, staged: Path, target: str, step: int) -> Future:
+        write: Future
+        try:
             if self.background:
                 written = self.state.save_async(staged, self.group)  # the step waits for the CPU copy only
                 write = self.pool.submit(self._store, staged, target, step, written)
@@ -217,12 +252,10 @@ class CheckpointWriter:
             else:  # a backend whose collectives run on the training's own group: in this thread
                 self.state.save(staged)
                 write = self.pool.submit(self._store, staged, target, step, None)
-        except Exception as err:  # noqa: BLE001 - any failure to start is this save's failure
+        except Exception as err:  # noqa: BLE001 - the CPU copy's or a backend's own write's failure
             write = Future()
             write.set_exception(err)
-        self.pending = _Save(step, metrics, staging, staged, target, write)
-        if not self.background:
-            self.wait()
+        return write
 
     def _write_and_store(self, staged: Path, target: str, step: int) -> dict[str, list]:
         self.state.save(staged, self.group)
@@ -266,9 +299,9 @@ class CheckpointWriter:
         self._finish(timed_out=bool(overdue[0] > 0))
 
     def close(self) -> None:
-        """Collective: the end of training or a graceful stop: the save on its way is finished first."""
+        """Collective: the end of training, a graceful stop or a planned resize: the save on its way
+        is finished first. The writer stays usable (its thread deletes staged files meanwhile)."""
         self.wait()
-        self.pool.shutdown(wait=False)
 
     def _overdue(self, save: _Save) -> bool:
         return not save.write.done() and time.monotonic() - save.started > self.spec.save_timeout_s
@@ -281,7 +314,7 @@ class CheckpointWriter:
         if timed_out and not save.write.done():
             problem = f"still writing after checkpoint.save_timeout_s ({self.spec.save_timeout_s:g} s)"
         elif timed_out:
-            problem = "another rank's write ran past checkpoint.save_timeout_s"
+            problem = f"{_OtherRank.PREFIX} rank's write ran past checkpoint.save_timeout_s"
         else:
             err = save.write.exception()
             if err is not None:
@@ -294,7 +327,11 @@ class CheckpointWriter:
             dist.all_gather_object(
                 outcomes, (problem, digests), group=self.world_group
             )  # outcomes, file names and hashes: never tensors
-        failed = [(rank, p) for rank, (p, _) in enumerate(outcomes) if p is not None]
+        # the rank with the cause first, before the ranks that stopped because of it
+        failed = sorted(
+            ((rank, p) for rank, (p, _) in enumerate(outcomes) if p is not None),
+            key=lambda item: (item[1].startswith(_OtherRank.PREFIX), item[0]),
+        )
         if not failed:
             manifest = {name: entry for _, files in outcomes for name, entry in files.items()}
             verdict: list[str | None] = [None]
@@ -319,7 +356,7 @@ class CheckpointWriter:
                     (save.staged / ckpt.MANIFEST_FILE).write_text(json.dumps({"files": manifest}))
                 keep_best(self.run_dir, save.staged, float(save.metrics["val_bpb"]), save.step, self.world_group)
         if save.write.done():
-            save.staging.cleanup()
+            self.pool.submit(save.staging.cleanup)  # deleting the staged files is the pool's work too
         else:  # a timed-out write: it cleans up after itself when it ends
             self.late = save
             save.abandoned.set()

@@ -74,8 +74,9 @@ class WorkerContext:
 
 
 def _all_reduce_mean(values: torch.Tensor, world: int, replicas: int) -> torch.Tensor:
-    """Mean over the `replicas` data-parallel ranks of a value every rank of the `world` holds (under
-    pipeline parallelism only the last stage's ranks hold it; the others contribute zero)."""
+    """Mean over the `replicas` ranks holding a value of a value every rank of the `world` holds (under
+    pipeline parallelism only the last stage's ranks hold it, the others contribute zero; every rank of
+    a tensor-parallel group holds its batch's)."""
     if world > 1:
         dist.all_reduce(values)
         values /= replicas
@@ -359,7 +360,8 @@ class Trainer:
                 batches,
                 self.ctx.device,
                 self.autocast,
-                self.ctx.world,
+                self.ctx.world // self.dims.tp,  # a tensor-parallel group scores its batch once
+                self.dims.group("pp_dp"),
                 token_bytes=self.token_bytes,
                 controls=self.val_controls[name],
                 logits_of=self.pipeline.logits if self.pipeline is not None else None,
@@ -409,7 +411,7 @@ class Trainer:
             window_steps += 1
             last = self.step == spec.steps
             if self.step % spec.log_every == 0 or last:
-                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world, self.dims.dp).item()
+                ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world, self.dims.dp * self.dims.tp).item()
                 elapsed = time.perf_counter() - window_start - paused
                 record = {
                     "kind": "train",

@@ -29,6 +29,10 @@ Parts, per worker:
   are added to the activations (every block's from forward to backward under `zero2`, one block's
   under `full`); ZeRO stages partition the optimizer state (1), gradients (2) and parameters (3)
   over the world.
+- tensor parallelism (runtime.parallel.tensor_parallel): the parameters its plan splits (embedding,
+  head, attention projections, dense MLPs: `tp_share`) count 1/tp, with their gradients and optimizer
+  state, before FSDP splits the rest; the step's activations count 1/tp (with sequence parallelism
+  every activation of a block is split over tp: Korthikanti et al. 2022, eq. 5).
 - under EP > 1 the step runs on the unsliced model (balanced routing gives each rank the same
   number of expert rows either way) and the state is counted on the sliced one.
 - under pipeline parallelism (pp > 1) the worker is rank 0: its model is pruned to its stages by
@@ -207,6 +211,7 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     from shardyard.models.moe.experts import is_expert_shard
     from shardyard.models.moe.layer import MoELayer
     from shardyard.optim.meta_step import distinct_bytes
+    from shardyard.runtime.parallel.tensor_parallel import tp_share
 
     try:
         dims = _dims(spec)
@@ -230,21 +235,24 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     experts = {id(p) for layer in model.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()}
     params = grads = state = expert = 0.0
     counted: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         key = p.untyped_storage()._cdata
         if key in counted:
             continue
         counted.add(key)
         # apply_fsdp: expert shards (ep > 1) stay outside FSDP; everything else is split on dim 0
-        fraction = 1.0 if is_expert_shard(p) else _fsdp_fraction(p, dims.dp_shard)
+        # (after tensor parallelism split what its plan splits)
+        fraction = 1.0 if is_expert_shard(p) else _fsdp_fraction(p, dims.dp_shard) * tp_share(name, dims.tp)
         own = distinct_bytes([p])
         params += own * fraction
         expert += own * fraction if id(p) in experts else 0
         grads += distinct_bytes([p.grad] if p.grad is not None else []) * fraction
         for t in _state_tensors(optimizer, p):  # a scalar (AdamW's step) is not sharded
             state += distinct_bytes([t]) * (fraction if t.dim() else 1.0)
+    if peak is not None and dims.tp_enabled:
+        peak = held + (peak - held) / dims.tp  # sequence parallelism splits every activation over tp
     if peak is not None and dims.fsdp_enabled:
-        peak += _gathered(spec, model, dims.dp_shard)
+        peak += _gathered(spec, model, dims.dp_shard, dims.tp)
     buffers = distinct_bytes(list(model.buffers()))  # INT8 codes and scales, router biases, counters
     total_params = params + buffers
     if spec.parallel.zero:  # ZeRO partitions the replicated state over the world
@@ -264,23 +272,25 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     )
 
 
-def _gathered(spec: JobSpec, model: nn.Module, dp_shard: int) -> int:
+def _gathered(spec: JobSpec, model: nn.Module, dp_shard: int, tp: int) -> int:
     """Unsharded parameters FSDP2 holds during a step beyond the shards: every block's from forward
     to backward with `parallel.shard: zero2` (reshard_after_forward False), one block's at a time
     with `full`."""
     from shardyard.models.moe.experts import is_expert_shard
     from shardyard.models.transformer import Block
+    from shardyard.runtime.parallel.tensor_parallel import tp_share
 
-    def extra(module: nn.Module) -> float:
+    def extra(module: nn.Module, prefix: str) -> float:
         return sum(
-            p.numel() * p.element_size() * (1 - _fsdp_fraction(p, dp_shard))
-            for p in module.parameters()
+            p.numel() * p.element_size() * (1 - _fsdp_fraction(p, dp_shard)) * tp_share(prefix + name, tp)
+            for name, p in module.named_parameters()
             if not is_expert_shard(p)
         )
 
     if spec.parallel.shard == "zero2":
-        return int(extra(model))
-    return int(max((extra(b) for b in model.modules() if isinstance(b, Block)), default=0))
+        return int(extra(model, ""))
+    blocks = [(name, b) for name, b in model.named_modules() if isinstance(b, Block)]
+    return int(max((extra(b, f"{name}.") for name, b in blocks), default=0))
 
 
 def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer, grads_only: bool = False) -> int:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from shardyard.models import build_model, moe_layers
 from shardyard.models.moe.layer import MoELayer
-from shardyard.models.moe.router import TopKRouter
+from shardyard.models.moe.router import ExpertChoiceRouter, TopKRouter
 from shardyard.models.transformer import (
     AttnOptions,
     CausalSelfAttention,
@@ -71,6 +71,31 @@ def test_router_weights_match_a_hand_computation(score: str, renorm: bool, scale
         assert g.keys() == h.keys()
         for e in g:
             assert g[e] == pytest.approx(h[e], rel=1e-5, abs=1e-7)
+
+
+def test_expert_choice_weights_are_scaled_probabilities_of_each_experts_top_tokens() -> None:
+    """Expert e takes the C tokens with the highest softmax probability for e; the combine weight is
+    routed_scale x that probability (by loops over experts and tokens)."""
+    torch.manual_seed(0)
+    router = ExpertChoiceRouter(WIDTH, EXPERTS, 2, capacity_factor=1.5, routed_scale=8.0)
+    with torch.no_grad():
+        router.gate.weight.normal_(0, 0.5)
+    tokens = 9
+    x = torch.randn(tokens, WIDTH, generator=torch.Generator().manual_seed(1))
+    routing = router(x)
+    logits = (x @ router.gate.weight.t()).tolist()
+    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
+    capacity = math.ceil(1.5 * tokens * 2 / EXPERTS)  # 5
+    expected = {}
+    for e in range(EXPERTS):
+        for t in sorted(range(tokens), key=lambda t: -probs[t][e])[:capacity]:
+            expected[(t, e)] = 8.0 * probs[t][e]
+    got = {
+        (t, e): w for t, e, w in zip(routing.token_ids.tolist(), routing.expert_ids.tolist(), routing.weights.tolist())
+    }
+    assert got.keys() == expected.keys() and len(got) == capacity * EXPERTS
+    for key, w in got.items():
+        assert w == pytest.approx(expected[key], rel=1e-5)
 
 
 def test_router_defaults_are_unchanged() -> None:

@@ -147,3 +147,28 @@ def test_a_few_steps_reduce_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_dense_and_moe_at_one_seed_share_their_common_initial_weights() -> None:
+    """A paired comparison (benchmarks/moe_quality.py) needs arms that differ only in their FFNs: the
+    embedding, attention, norms and head start equal whatever the FFN is, and each seed differs; the
+    initial distributions are those of GPT-2 (std 0.02, residual projections 0.02 / sqrt(2 depth))."""
+    dense, _ = _model("dense")
+    moe, _ = _model("moe", ", moe: {num_experts: 8, top_k: 3, expert_hidden: 16, shared_experts: 1}")
+    d, m = dense.state_dict(), moe.state_dict()
+    common = [k for k in d if ".ffn." not in k]
+    assert common == [k for k in m if ".ffn." not in k] and len(common) == 11
+    for key in common:
+        assert torch.equal(d[key], m[key]), key
+    torch.manual_seed(1)
+    other = build_model(load_spec_text("name: t\nmodel: {kind: dense, width: 64, depth: 2, heads: 4}\n").model, 64)
+    assert not torch.equal(other.state_dict()["embed.weight"], d["embed.weight"])
+    residual = 0.02 / math.sqrt(2 * 2)
+    for key, std in [
+        ("embed.weight", 0.02),
+        ("stack.blocks.1.attn.qkv.weight", 0.02),
+        ("stack.blocks.1.attn.proj.weight", residual),
+        ("stack.blocks.1.ffn.down.weight", residual),
+    ]:
+        assert abs(d[key].std().item() - std) < 0.1 * std, key
+    assert abs(m["stack.blocks.1.ffn.experts.w_down"].std().item() - residual) < 0.1 * residual

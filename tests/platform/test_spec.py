@@ -82,6 +82,43 @@ BAD = [
         ["parallel.expert_parallel: 3 must divide resources.workers (2)"],
     ),
     (
+        "name: t\nparallel: {tensor_parallel: 3}\nresources: {workers: 4}\n",
+        [],
+        2,
+        ["parallel.tensor_parallel: 3 must divide resources.workers (4)"],
+    ),
+    (
+        "name: t\nparallel: {tensor_parallel: 2}\nmodel: {heads: 4, kv_heads: 1}\n",
+        [],
+        2,
+        ["parallel.tensor_parallel: 2 must divide model.heads (4) and model.kv_heads (1)"],
+    ),
+    (
+        "name: t\nparallel: {tensor_parallel: 2, zero: 2}\nmodel: {kind: dense}\n",
+        [],
+        2,
+        ["parallel.tensor_parallel: 2 and parallel.zero: 2", "use parallel.shard"],
+    ),
+    (
+        "name: t\nparallel: {tensor_parallel: 2}\nmodel:\n  kind: megabyte\n  stages: [{width: 64, depth: 1, heads: 2, "
+        "patch_size: 64}, {width: 32, depth: 1, heads: 2, patch_size: 8}]\n",
+        [],
+        2,
+        ["not model.kind 'megabyte'"],
+    ),
+    (
+        "name: t\nparallel: {tensor_parallel: 2}\noptim: {kind: galore_adamw, galore: {rank: 8}}\n",
+        [],
+        2,
+        ["parallel.tensor_parallel: 2", "optim.kind galore_adamw projects whole gradient matrices"],
+    ),
+    (
+        "name: t\nparallel: {tensor_parallel: 2}\ndata: {seq_len: 33}\n",
+        [],
+        2,
+        ["parallel.tensor_parallel: 2 must divide data.seq_len (33)"],
+    ),
+    (
         "name: t\nparallel: {pipeline_parallel: 3}\nresources: {workers: 4}\n",
         [],
         2,
@@ -121,7 +158,7 @@ BAD = [
         "name: t\nmodel: {kind: moe}\nparallel: {pipeline_parallel: 2, expert_parallel: 2}\nresources: {workers: 2}\n",
         [],
         3,
-        ["parallel.expert_parallel: 2 must divide the data-parallel workers (1 ="],
+        ["parallel.expert_parallel: 2 must divide the workers of a pipeline stage (1 ="],
     ),
     ("name: t\ndata:\n  val_fraction: 0.9\n", [], 3, ["data.val_fraction", "less than 0.5"]),
     ("name: t\ndata:\n  paths: []\n", [], 3, ["data.paths", "at least 1"]),

@@ -237,7 +237,7 @@ def test_a_worker_whose_driver_is_gone_stops_before_writing(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_path: Path) -> None:
     """`shardyard run` (its own embedded cluster, under a Ray temp dir of this test) is SIGKILLed while
-    it trains: within 20 s no process of that Ray session is left (found by the temp dir in their
+    it trains: within 30 s no process of that Ray session is left (found by the temp dir in their
     environment, so nothing else running on the machine matters), and the run directory got no step
     and no complete checkpoint after the step in flight when the driver died."""
     import tempfile
@@ -273,17 +273,18 @@ def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         at_kill = _last_step(run_dir)
-        gone_by = time.monotonic() + 20
+        gone_by = time.monotonic() + 30  # the watcher polls every 0.5 s; room for a loaded machine
         while _session_processes(ray_tmp) and time.monotonic() < gone_by:
             time.sleep(0.5)
         left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in _session_processes(ray_tmp)}
-        assert not left, f"20 s after the driver's SIGKILL these processes of its cluster remain: {left}"
+        out = (tmp_path / "driver.out").read_text()[-2000:]
+        assert not left, f"30 s after the driver's SIGKILL these processes of its cluster remain: {left}\n{out}"
         # nothing after the step in flight when the driver died: no step logged, no checkpoint completed
-        assert _last_step(run_dir) <= at_kill + 1, (at_kill, _last_step(run_dir))
+        assert _last_step(run_dir) <= at_kill + 1, (at_kill, _last_step(run_dir), out)
         complete = [
             step for step, path in ckpt.checkpoints_newest_first(run_dir) if ckpt.verify_checkpoint(path) is None
         ]
-        assert complete and max(complete) <= at_kill + 1, (at_kill, complete)
+        assert complete and max(complete) <= at_kill + 1, (at_kill, complete, out)
     finally:
         for pid in _session_processes(ray_tmp):
             with contextlib.suppress(ProcessLookupError):

@@ -21,9 +21,7 @@ def test_degrees_are_validated_against_the_world() -> None:
         ParallelDims(topo, dp_replicate=8, ep=3)
     with pytest.raises(ValueError, match="divide one another"):
         ParallelDims(Topology.from_rank(0, 12, 4), dp_replicate=12, ep=6)
-    with pytest.raises(ValueError, match="not implemented"):
-        ParallelDims(topo, dp_replicate=4, tp=2)
-    with pytest.raises(ValueError, match="divide the data-parallel ranks"):
+    with pytest.raises(ValueError, match="divide the ranks of a stage"):
         ParallelDims(Topology.from_rank(0, 4, 4), dp_replicate=1, ep=2, pp=4)
     with pytest.raises(ValueError, match=">= 1"):
         ParallelDims(topo, dp_replicate=8, ep=0)
@@ -36,6 +34,8 @@ def test_degrees_from_the_spec() -> None:
     assert composed.fsdp_enabled and composed.ep_enabled
     ddp = ParallelDims.from_spec(ParallelSpec(), topo)
     assert (ddp.dp_replicate, ddp.dp_shard, ddp.ep) == (4, 1, 1)
+    tp = ParallelDims.from_spec(ParallelSpec(tensor_parallel=2, shard="full"), Topology.from_rank(3, 4, 2))
+    assert (tp.dp_shard, tp.tp, tp.dp, tp.dp_rank) == (2, 2, 2, 1)  # tp innermost: ranks 2, 3 share batch 1
     one = ParallelDims.from_spec(ParallelSpec(shard="full"), Topology.from_rank(0, 1, 1))
     assert (one.dp_replicate, one.dp_shard) == (1, 1) and not one.fsdp_enabled  # a world of one shards nothing
 

@@ -68,6 +68,16 @@ def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs.float() * probs.float().clamp_min(1e-30).log()).sum(-1).mean()
 
 
+class LocalTokens:
+    """Where the tokens a router sees come from: all of the batch it balances over (here: this rank's).
+    Parallelism that splits one batch's tokens over ranks (tensor parallelism's sequence split) gives
+    the router a group whose `mean` averages over them, so its losses stay those of the whole batch."""
+
+    def mean(self, local: torch.Tensor) -> torch.Tensor:
+        """The mean over the group of a per-rank mean (equal token counts per rank)."""
+        return local
+
+
 def balance_from_counts(mean_probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer aux loss: E * sum_e f_e * P_e, f_e = counts_e / sum(counts) the fraction of
     assignments to e, P_e its mean router probability. The counts may be this micro-batch's or the whole
@@ -83,6 +93,7 @@ class _RouterBase(nn.Module):
         self.top_k = top_k
         self.jitter = jitter
         self.gate = nn.Linear(width, num_experts, bias=False)
+        self.token_group = LocalTokens()  # parallelize sets the group when one batch's tokens are split
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:
@@ -139,16 +150,16 @@ class TopKRouter(_RouterBase):
         flat_experts = expert_ids.reshape(-1)
         counts = expert_counts(flat_experts, self.num_experts)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        mean_probs = probs.mean(dim=0)
+        mean_probs = self.token_group.mean(probs.mean(dim=0))
         return Routing(
             token_ids=tokens,
             expert_ids=flat_experts,
             weights=top_probs.reshape(-1).to(x.dtype),
-            balance_loss=balance_from_counts(mean_probs, counts),
+            balance_loss=balance_from_counts(mean_probs, self.token_group.mean(counts.float())),
             balance_counts=counts,
             mean_probs=mean_probs,
-            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
-            entropy=mean_entropy(probs),
+            z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
+            entropy=self.token_group.mean(mean_entropy(probs)),
         )
 
     @torch.no_grad()
@@ -186,17 +197,17 @@ class ExpertChoiceRouter(_RouterBase):
             weights = weights * self.routed_scale
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         counts = torch.full((self.num_experts,), c, device=x.device)
-        mean_probs = probs.mean(dim=0)
+        mean_probs = self.token_group.mean(probs.mean(dim=0))
         return Routing(
             token_ids=tokens.reshape(-1),
             expert_ids=experts,
             weights=weights.reshape(-1).to(x.dtype),
-            balance_loss=balance_from_counts(mean_probs, counts),
+            balance_loss=balance_from_counts(mean_probs, self.token_group.mean(counts.float())),
             balance_counts=counts,
             mean_probs=mean_probs,
-            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            z_loss=self.token_group.mean(torch.logsumexp(logits, dim=-1).square().mean()),
             sorted_by_expert=True,
-            entropy=mean_entropy(probs),
+            entropy=self.token_group.mean(mean_entropy(probs)),
         )
 
 

@@ -39,6 +39,7 @@ from shardyard.runtime.parallel.state import (
     read_dcp_weights,
 )
 from shardyard.runtime.parallel.step import GradientStep, HookReducedStep, ReducedStep
+from shardyard.runtime.parallel.tensor_parallel import head_aligned
 
 
 @dataclass
@@ -86,7 +87,9 @@ def build_training(spec: JobSpec, model: nn.Module, dims: ParallelDims, device: 
     else:
         step = ReducedStep(model, module, optimizer, scheduler, dims, spec.optim.grad_clip)
     pipeline = Pipeline(list(module), dims, spec, device) if dims.pp_enabled else None
-    return Training(module, optimizer, scheduler, step, DCPState(model, optimizer, dims, spec.parallel.shard), pipeline)
+    aligned = head_aligned(spec.model, dims.tp)  # the rows tensor parallelism reordered, for checkpoints
+    state = DCPState(model, optimizer, dims, spec.parallel.shard, aligned)
+    return Training(module, optimizer, scheduler, step, state, pipeline)
 
 
 class WeightReader(Protocol):

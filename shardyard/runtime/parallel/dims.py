@@ -3,10 +3,12 @@
 `ParallelDims` validates the degrees against the world and, in `build()`, makes ONE 1-D world
 mesh; every group a job needs is a named view unflattened from it. pp is the outermost dim: the
 ranks of one pipeline stage are a contiguous block of world / pp ranks, and every view below lives
-inside one stage's block (its groups hold the ranks of the same stage):
+inside one stage's block (its groups hold the ranks of the same stage). tp is the innermost: the
+ranks of one tensor-parallel group are neighbours (one node) and read the same batch:
 
-    pp      (pp, dp)                     the pipeline (one rank per stage, same dp coordinate) and
-                                         the data-parallel ranks (each reads its own batches)
+    pp      (pp, dp, tp)                 the pipeline (one rank per stage, same dp and tp coordinate)
+                                         and the data-parallel ranks (each reads its own batches)
+    tp      (pp, dp_replicate, dp_shard, tp)  tensor (and sequence) parallelism (tensor_parallel.py)
     dense   (dp_replicate, dp_shard)     DDP / explicit all-reduce over dp_replicate, FSDP2 over
                                          dp_shard; both together are the data-parallel ranks
     experts (edp, ep)                    EP groups are contiguous blocks of `ep` ranks (as few nodes
@@ -15,8 +17,9 @@ inside one stage's block (its groups hold the ranks of the same stage):
                                          intra-node and inter-node ("rail") groups of the
                                          hierarchical and leader transports and of node dedup
 
-tp is validated (it must be 1 until parallelize implements it) so the next degree has its place.
-Everything that needs a group asks this object: `mesh(name)`, `group(name)` and `expert_groups`
+The data loader and every data-parallel reduction read `dp_rank` / `dp`. Expert-parallel groups are
+contiguous blocks of `ep` ranks of a stage, which may span tensor-parallel ranks (they hold distinct
+tokens too). Everything that needs a group asks this object: `mesh(name)`, `group(name)` and `expert_groups`
 (the EP view comm/ transports take). A world of one is a mesh of one: `build()` starts a one-rank
 process group when none exists, so no caller branches on `dist.is_initialized()`.
 """
@@ -58,16 +61,14 @@ class ParallelDims:
         for name in ("dp_replicate", "dp_shard", "ep", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel degree {name} must be >= 1, got {getattr(self, name)}")
-        if self.tp != 1:
-            raise ValueError(f"tensor parallelism is not implemented yet (tp={self.tp})")
         if self.dp_replicate * self.dp_shard * self.tp * self.pp != world:
             raise ValueError(
                 f"dp_replicate ({self.dp_replicate}) x dp_shard ({self.dp_shard}) x tp ({self.tp}) x pp "
                 f"({self.pp}) must equal the world size ({world})"
             )
         ep_layout(self.topology, self.ep)  # ep divides the ranks, and nodes (ValueError)
-        if self.dp % self.ep:
-            raise ValueError(f"ep ({self.ep}) must divide the data-parallel ranks ({self.dp})")
+        if (self.dp * self.tp) % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide the ranks of a stage ({self.dp * self.tp})")
 
     # ------------------------------------------------------------------------------ from the spec
     @classmethod
@@ -75,10 +76,10 @@ class ParallelDims:
         """Dense weights sharded over every rank with `parallel.shard` (zero2 / full), else replicated;
         experts over `parallel.expert_parallel` ranks (`auto`: the largest degree dividing this world
         and `num_experts`, re-derived at every start of an elastic group), stages over
-        `parallel.pipeline_parallel`. Data-parallel ranks = world / pp; a data-parallel degree of one
-        shards nothing."""
-        pp = parallel.pipeline_parallel
-        dp = topology.world_size // pp
+        `parallel.pipeline_parallel`, tensor-parallel groups of `parallel.tensor_parallel` ranks.
+        Data-parallel ranks = world / (pp x tp); a data-parallel degree of one shards nothing."""
+        pp, tp = parallel.pipeline_parallel, parallel.tensor_parallel
+        dp = topology.world_size // (pp * tp)
         shard = parallel.shard != "none" and dp > 1
         ep = parallel.expert_parallel
         return cls(
@@ -86,6 +87,7 @@ class ParallelDims:
             dp_replicate=1 if shard else dp,
             dp_shard=dp if shard else 1,
             ep=largest_expert_parallel(topology, num_experts) if ep == "auto" else ep,
+            tp=tp,
             pp=pp,
         )
 
@@ -110,12 +112,17 @@ class ParallelDims:
     @property
     def pp_rank(self) -> int:
         """This rank's place in its pipeline (stage blocks are contiguous: pp is the outermost dim)."""
-        return self.rank // self.dp
+        return self.rank // (self.dp * self.tp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel coordinate (which batches it reads; shared by its pipeline)."""
-        return self.rank % self.dp
+        """This rank's data-parallel coordinate (which batches it reads; shared by its pipeline and by
+        its tensor-parallel group: tp is the innermost dim)."""
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
 
     @property
     def ep_enabled(self) -> bool:
@@ -141,18 +148,22 @@ class ParallelDims:
                 f"({dist.get_rank()}/{dist.get_world_size()})"
             )
         world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
-        pipeline = world._unflatten(0, (self.pp, self.dp), ("pp", "dp"))
-        dense = world._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard), ("pp", "dp_replicate", "dp_shard"))
-        experts = world._unflatten(0, (self.pp, self.dp // self.ep, self.ep), ("pp", "edp", "ep"))
+        pipeline = world._unflatten(0, (self.pp, self.dp, self.tp), ("pp", "dp", "tp"))
+        dense = world._unflatten(
+            0, (self.pp, self.dp_replicate, self.dp_shard, self.tp), ("pp", "dp_replicate", "dp_shard", "tp")
+        )  # FSDP2 over dp_shard and TP over tp: views of one mesh (the 2-D layout needs them so)
+        experts = world._unflatten(0, (self.pp, self.dp * self.tp // self.ep, self.ep), ("pp", "edp", "ep"))
         per_node = self.ranks_per_node_in_ep
         nodes = experts._unflatten("ep", (self.ep // per_node, per_node), ("ep_node", "ep_local"))
         self._meshes = {
             "world": world,
             "pp": pipeline["pp"],
             "dp": pipeline["dp"],
+            "pp_dp": pipeline["pp", "dp"]._flatten("pp_dp"),
             "dense": dense["dp_replicate", "dp_shard"],
             "dp_replicate": dense["dp_replicate"],
             "dp_shard": dense["dp_shard"],
+            "tp": dense["tp"],
             "experts": experts["edp", "ep"],
             "edp": experts["edp"],
             "ep": experts["ep"],
@@ -163,8 +174,9 @@ class ParallelDims:
         return self
 
     def mesh(self, name: str) -> DeviceMesh:
-        """A named view: world, pp, dp (dp_replicate x dp_shard flattened), dense (dp_replicate x
-        dp_shard), dp_replicate, dp_shard, experts (edp x ep), edp, ep, ep_node, ep_local."""
+        """A named view: world, pp, dp (dp_replicate x dp_shard flattened), pp_dp (pp x dp flattened:
+        one rank of every tensor-parallel group; the world at tp 1), dense (dp_replicate x
+        dp_shard), dp_replicate, dp_shard, tp, experts (edp x ep), edp, ep, ep_node, ep_local."""
         if not self._meshes:
             raise RuntimeError("ParallelDims.build() has not run")
         return self._meshes[name]
@@ -197,7 +209,8 @@ class ParallelDims:
             self.group("ep_node"),
         )
         layout = ep_layout(self.topology, self.ep)  # the node-aware layout the transports rely on
-        stage = set(self.ranks("dp"))  # EDP groups stop at the stage's block of ranks
+        stage = {r for r in range(self.world_size) if r // (self.dp * self.tp) == self.pp_rank}
+        # EDP groups stop at the stage's block of ranks
         layout["edp"] = [[r for r in g if r in stage] for g in layout["edp"]]
         for kind, mine in (
             ("ep", groups.ep_ranks),

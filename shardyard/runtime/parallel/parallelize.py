@@ -6,11 +6,14 @@
 1. expert placement: every MoE layer keeps its E/ep slice of the experts (in place) and gets the
    token dispatcher the spec asks for (comm.token_dispatch: transport + dedup / LSH / codec stages;
    the layer's local dispatcher at EP 1 without stages);
-2. activation checkpointing (training.activation_checkpointing) on every transformer stack;
-3. compile (training.compile): torch.compile on every transformer block, in place (names unchanged);
-4. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
-   expert shards stay outside it when ep > 1), or DDP over the data-parallel ranks when dense weights
-   are replicated and nothing else reduces gradients, or nothing (a world of one).
+2. tensor parallelism with sequence parallelism over the dims' tp mesh (tensor_parallel.py: heads
+   and dense MLPs split, norms and the residual stream split along the sequence, MoE tokens split);
+3. activation checkpointing (training.activation_checkpointing) on every transformer stack;
+4. compile (training.compile): torch.compile on every transformer block, in place (names unchanged);
+5. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
+   expert shards stay outside it when ep > 1; with tp, a 2-D layout: FSDP shards the tp shards), or
+   DDP over the data-parallel ranks when dense weights are replicated and nothing else reduces
+   gradients, or nothing (a world of one).
 
 It returns the module the forward is called on (the model itself, or its DDP wrapper), or under
 pipeline parallelism the rank's stages (an nn.ModuleList the pipeline schedule runs). It only
@@ -35,6 +38,7 @@ from shardyard.models.transformer import Block, TransformerStack
 from shardyard.platform.schema import JobSpec, ParallelSpec, TrainingSpec
 from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.pipeline import StageModule, split_into_stages
+from shardyard.runtime.parallel.tensor_parallel import apply_tp, head_aligned
 
 
 # ------------------------------------------------------------------------------ expert placement
@@ -125,9 +129,15 @@ def apply_ddp(model: nn.Module, dims: ParallelDims, device: torch.device) -> nn.
 
 def uses_ddp(dims: ParallelDims, own_reduction: bool) -> bool:
     """DDP reduces dense gradients when they are replicated over several ranks and nothing else
-    (expert-parallel reduction, a hook-reduced stepper, an engine: `own_reduction`; under pipeline
-    parallelism the gradient step's explicit reduction) does."""
-    return dims.dp_replicate > 1 and not dims.ep_enabled and not dims.pp_enabled and not own_reduction
+    (expert-parallel reduction, tensor parallelism's DTensors, a hook-reduced stepper, an engine:
+    `own_reduction`; under pipeline parallelism the gradient step's explicit reduction) does."""
+    return (
+        dims.dp_replicate > 1
+        and not dims.ep_enabled
+        and not dims.tp_enabled
+        and not dims.pp_enabled
+        and not own_reduction
+    )
 
 
 def parallelize_transformer(
@@ -136,6 +146,8 @@ def parallelize_transformer(
     """The flat transformers (dense | moe) and the byte models (their stacks are transformer stacks)."""
     stages = split_into_stages(model, dims, spec.parallel.pipeline) if dims.pp_enabled else []
     place_experts(model, dims.expert_groups if dims.ep_enabled else None, spec.parallel)
+    if dims.tp_enabled:
+        apply_tp(model, dims.mesh("tp"), head_aligned(spec.model, dims.tp))
     for root in [model, *stages]:
         apply_activation_checkpointing(root, spec.training)
     apply_compile([model, *stages], spec.training)

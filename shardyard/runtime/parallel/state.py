@@ -12,8 +12,10 @@
 `DCPState` (every mode but a backend with a format of its own, in its own module) writes with
 torch.distributed.checkpoint (DCP) under directory/shards/. State dicts use canonical parameter
 names, the names of a single worker holding every expert: an expert-parallel shard `...experts.w_up`
-is saved as a DTensor over the dims' (edp, ep) mesh placed Shard(0) on ep. DCP then writes each
-rank's own chunks and reads any layout back, which is what makes resharding on resume the normal path.
+is saved as a DTensor over the dims' (edp, ep) mesh placed Shard(0) on ep; a fused projection that
+tensor parallelism reordered by heads (tensor_parallel.HeadAligned) is saved in the single worker's row
+order. DCP then writes each rank's own chunks and reads any layout back, which is what makes
+resharding on resume the normal path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from shardyard.models.moe.layer import MoELayer
 from shardyard.runtime.checkpoint import SHARDS_DIR
 from shardyard.runtime.parallel.dims import ParallelDims
+from shardyard.runtime.parallel.tensor_parallel import HeadAligned
 from shardyard.runtime.safe_load import SafeFileSystemReader, read_dcp_metadata
 
 DCP_FORMAT = "dcp"
@@ -70,16 +73,26 @@ def expert_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 class DCPState(TrainingState):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDims, shard: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dims: ParallelDims,
+        shard: str,
+        aligned: HeadAligned | None = None,
+    ) -> None:
         self.model, self.optimizer, self.dims, self.shard = model, optimizer, dims, shard
+        self.aligned = aligned or HeadAligned()
         self.expert_mesh = dims.mesh("experts") if dims.ep_enabled else None
         self.experts = expert_prefixes(model)
+        self.stager = None  # DCP's CPU staging for save_async, made on first use
 
     def layout(self) -> dict[str, Any]:
         return {
             "format": DCP_FORMAT,
             "world": self.dims.world_size,
             "ep": self.dims.ep,
+            "tp": self.dims.tp,
             "shard": self.shard if self.dims.fsdp_enabled else "none",
             "pp": self.dims.pp,
         }
@@ -93,10 +106,22 @@ class DCPState(TrainingState):
 
     def save_async(self, directory: Path, group: dist.ProcessGroup | None) -> Future:
         """DCP's asynchronous save: the state is copied to CPU memory before this returns (so training
-        may change it), the files are written by DCP's own thread; its collectives run on `group`."""
+        may change it), the files are written by DCP's own thread; its collectives run on `group`.
+        One stager serves every save: its CPU buffers are reused (the caller starts a save only
+        after the previous one's write ended), so staging is a copy, not an allocation."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        return dcp.async_save(self.state_dict(), checkpoint_id=str(Path(directory) / SHARDS_DIR), process_group=group)
+        if self.stager is None:
+            # no pinned or shared memory, copies in this thread: the CPU case; on a GPU the same copy
+            # is a device-to-host transfer (pinned memory and a side stream would overlap it)
+            self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        return dcp.async_save(
+            self.state_dict(),
+            checkpoint_id=str(Path(directory) / SHARDS_DIR),
+            process_group=group,
+            async_stager=self.stager,
+        )
 
     def load(self, directory: Path, layout: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -134,10 +159,10 @@ class DCPState(TrainingState):
         """Load what `state_dict()` gave (after DCP filled it from a checkpoint of any layout)."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        model_sd = {k: self._import_tensor(v) for k, v in state["model"].items()}
+        model_sd = {k: self._import_tensor(k, v) for k, v in state["model"].items()}
         optim_sd = {
             "state": {
-                k: {key: self._import_tensor(v) for key, v in entry.items()}
+                k: {key: self._import_tensor(k, v) for key, v in entry.items()}
                 for k, entry in state["optim"]["state"].items()
             },
             "param_groups": self._own_param_groups(state["optim"]["param_groups"]),
@@ -157,7 +182,10 @@ class DCPState(TrainingState):
         return [{**group, "params": own["params"]} for group, own in zip(saved, mine)]
 
     def _export_tensor(self, name: str, value: Any) -> Any:
-        """An expert-parallel shard becomes a DTensor over (edp, ep), Shard(0) on ep."""
+        """An expert-parallel shard becomes a DTensor over (edp, ep), Shard(0) on ep; a head-aligned
+        fused projection (and its optimizer moments) goes back to the canonical row order."""
+        if name in self.aligned.orders and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return self.aligned.canonical(name, value)
         if (
             self.expert_mesh is not None
             and name.startswith(self.experts)
@@ -176,7 +204,9 @@ class DCPState(TrainingState):
             )
         return value
 
-    def _import_tensor(self, value: Any) -> Any:
+    def _import_tensor(self, name: str, value: Any) -> Any:
+        if name in self.aligned.orders and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return self.aligned.reordered(name, value)
         if self.expert_mesh is not None and isinstance(value, DTensor) and value.device_mesh is self.expert_mesh:
             return value.to_local()
         return value

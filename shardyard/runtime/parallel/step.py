@@ -24,6 +24,7 @@ from shardyard.comm.grad_sync import sync_gradients
 from shardyard.optim.clip import clip_grad_norm_
 from shardyard.optim.layerwise import LayerwiseStepper
 from shardyard.runtime.parallel.dims import ParallelDims
+from shardyard.runtime.parallel.tensor_parallel import sum_partial_grads_over_tp
 
 
 class GradientStep:
@@ -76,6 +77,8 @@ class ReducedStep(GradientStep):
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
+        if self.dims.tp_enabled:  # what each tp rank computed from its own heads or tokens
+            sum_partial_grads_over_tp(self.model, self.dims.group("tp"))
         if self.explicit:
             sync_gradients(
                 self.model,
