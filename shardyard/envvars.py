@@ -18,6 +18,7 @@ KILL_IN_SAVE = "SHARDYARD_KILL_IN_SAVE"  # tests: "<step>:<marker>": the last ra
 SECRET_PROBE = "SHARDYARD_SECRET_PROBE"  # tests: "NAME,...": each worker records the sha256 of those variables
 SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
 CLUSTER_ID = "SHARDYARD_CLUSTER_ID"  # marks every process of an embedded cluster (cluster/orphans.py)
+PAUSE_AT = "SHARDYARD_PAUSE_AT"  # tests: "<step>:<marker>[,...]": every rank waits after that step until marker exists
 HANG_AT = (
     "SHARDYARD_HANG_AT"  # tests: "<step>:<rank>": that rank sleeps once instead of joining the step-boundary all_reduce
 )

@@ -387,6 +387,16 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {self.step} ({envvars.FAULT_STEP})")
 
+    def maybe_pause(self) -> None:
+        """Test hook ($SHARDYARD_PAUSE_AT="<step>:<marker>[,<step>:<marker>]"): after that step every rank
+        waits at the step boundary, beating, until the marker file exists; a test orders its events
+        (a node lost, a node added) against training this way instead of racing the machine's speed."""
+        for item in filter(None, os.environ.get(envvars.PAUSE_AT, "").split(",")):
+            at, marker = item.split(":", 1)
+            while int(at) == self.step and not Path(marker).exists():
+                beat(self.step, "paused by a test hook")
+                time.sleep(0.1)
+
     def fit(self) -> None:
         spec = self.spec.training
         ckpt_every = self.spec.checkpoint.every
@@ -431,6 +441,7 @@ class Trainer:
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             pause_start = time.perf_counter()
             metrics: dict[str, Any] = {"step": self.step}
+            self.maybe_pause()
             decision = self.boundary.agree(self.step)  # collective: graceful stop, time-based checkpoint
             self.writer.poll()  # collective while a background save is on its way: finish it once written
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:

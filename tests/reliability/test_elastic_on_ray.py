@@ -34,6 +34,7 @@ from tests.helpers import ROOT, SHARDYARD, assert_same_series, run_job, tiny_spe
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 120, 10
+LOSE, GROW = EVERY + 3, 60  # the steps after which the job waits for the node loss and for the growth request
 MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2, balance_scope: global}}"
 TRAINING = f"{{steps: {STEPS}, batch_size: 3, global_batch: 12, eval_every: 0, eval_bytes: 2048, log_every: 1}}"
 
@@ -96,6 +97,13 @@ def training_at(run_dir: Path, world: int, since: float) -> bool:
     return len(beats) == world and any(r.get("kind") == "train" and r.get("world_size") == world for r in records[-3:])
 
 
+def growth_requested(run_dir: Path, since: float) -> bool:
+    """The elastic controller asked the running group for its resize checkpoint after `since`."""
+    events = RunDir(run_dir).events
+    lines = events.read_text().splitlines() if events.exists() else []
+    return any(e.get("event") == "resize_request" and e["time"] >= since for e in map(json.loads, lines))
+
+
 def resumes(run_dir: Path) -> list[tuple[int, int, int]]:
     """(world, resume step, newest step logged before it) per resume of the run, in the order logged."""
     out, newest = [], 0
@@ -121,24 +129,33 @@ def test_an_elastic_moe_job_shrinks_on_a_lost_node_grows_back_and_trains_like_a_
     ledger = tmp_path / "ledger"
     ledger.mkdir()
     out = tmp_path / "elastic.out"
+    # The job pauses (every rank, at the step boundary) after step LOSE until the node is lost, and
+    # after step GROW until the controller has asked for the growth: the order of events does not
+    # depend on how fast this machine trains.
+    lost, grow = tmp_path / "node-lost", tmp_path / "growth-requested"
     start = time.time()
     proc = subprocess.Popen(
         [*SHARDYARD, "run", str(spec), "--address", cluster.address],
         stdout=open(out, "w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, envvars.SAMPLE_LEDGER: str(ledger)},
+        env={**os.environ, envvars.SAMPLE_LEDGER: str(ledger), envvars.PAUSE_AT: f"{LOSE}:{lost},{GROW}:{grow}"},
     )
     try:
         wait_for(lambda: training_at(run_dir, 4, start), what="4 workers training")
-        wait_for(lambda: max(train_losses(run_dir)) >= EVERY + 3, what="a checkpoint and 3 more steps")
+        wait_for(lambda: max(train_losses(run_dir)) >= LOSE, what="a checkpoint and 3 more steps")
         other = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
         lost_at = time.time()
         os.kill(other.all_processes["raylet"][0].process.pid, signal.SIGKILL)
+        # the restarted group trains from the checkpoint up to LOSE and waits there too: released once
+        # it runs, so the lost group cannot train past LOSE while its ranks die
         wait_for(lambda: training_at(run_dir, 2, lost_at), what="2 workers training on the head")
+        lost.touch()
         cluster.remove_node(other, allow_graceful=False)
         joined_at = time.time()
         cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
+        wait_for(lambda: growth_requested(run_dir, joined_at), what="the controller to ask for the growth")
+        grow.touch()
         wait_for(lambda: training_at(run_dir, 4, joined_at), what="the group to grow back to 4")
         assert proc.wait(timeout=600) == 0, out.read_text()[-4000:]
     finally:
