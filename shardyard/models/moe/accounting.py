@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -86,12 +86,13 @@ class StepStatistics:
     step_stat_names: tuple[str, ...] = ()
 
 
-def checkpointed(fn: nn.Module, *args: Any, weight: float = 1.0) -> Any:
+def checkpointed(fn: Callable[..., Any], *args: Any, weight: float = 1.0) -> Any:
     """`torch.utils.checkpoint` (non-reentrant) of fn(*args) whose MoE layers carry `weight` of the
     enclosing aux-loss weight, in the forward and in the recompute, and count their tokens once."""
     effective = aux_weight() * weight  # fixed now: the recompute runs later, outside this scope
     balance = balance_mode()
-    counted = [m for m in fn.modules() if isinstance(m, StepStatistics)]
+    modules = fn.modules() if isinstance(fn, nn.Module) else ()
+    counted = [m for m in modules if isinstance(m, StepStatistics)]
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         return _absolute_scope(effective, False, balance), _recompute_scope(effective, balance, counted)
@@ -102,12 +103,14 @@ def checkpointed(fn: nn.Module, *args: Any, weight: float = 1.0) -> Any:
 @contextlib.contextmanager
 def _recompute_scope(weight: float, balance: str, counted: list[nn.Module]) -> Iterator[None]:
     """The recompute: flagged, and the step statistics it adds taken back out."""
-    before = [(buffer, buffer.clone()) for m in counted for buffer in (getattr(m, n) for n in m.step_stat_names)]
-    with _absolute_scope(weight, True, balance):
-        yield
-    with torch.no_grad():
-        for buffer, value in before:
-            buffer.copy_(value)
+    before = [(m, n, getattr(m, n).clone()) for m in counted for n in m.step_stat_names]
+    try:
+        with _absolute_scope(weight, True, balance):
+            yield
+    finally:  # also when torch stops the recompute early (it raises once it has what backward needs)
+        with torch.no_grad():  # by name: a forward may have rebound the attribute to a new tensor
+            for m, n, value in before:
+                getattr(m, n).copy_(value)
 
 
 @contextlib.contextmanager
