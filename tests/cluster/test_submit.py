@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, tiny_spec_yaml
+from tests.helpers import run_cli, stop_shared_ray, tiny_spec_yaml
 
 pytestmark = pytest.mark.slow
 PORT, DASHBOARD = 6389, 8275
@@ -17,6 +17,10 @@ ADDRESS = f"http://127.0.0.1:{DASHBOARD}"
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    # The session's shared cluster (tests.helpers) runs its own per-node agents on Ray's default ports,
+    # where this head's job agent would then fail to listen ("No available agent to submit job"): stop
+    # it; the next test that needs it starts it again.
+    stop_shared_ray()
     token = tmp_path_factory.mktemp("head") / "auth_token"
     env = {"RAY_AUTH_TOKEN_PATH": str(token)}
     up = run_cli("cluster", "up", "--num-cpus", "3", "--port", str(PORT), "--dashboard-port", str(DASHBOARD), env=env)
