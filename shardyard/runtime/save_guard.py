@@ -64,7 +64,8 @@ def refuse_nonfinite_weights(model: torch.nn.Module, step: int, group: dist.Proc
 
 
 # ------------------------------------------------------------------------------------ durability
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -109,7 +110,7 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int, group: dis
         if best.exists():
             os.replace(best, old)
         os.replace(partial, best)
-        _fsync(Path(run_dir))
+        fsync_path(Path(run_dir))
         shutil.rmtree(old, ignore_errors=True)
     if many:
         dist.barrier(group)
@@ -120,5 +121,5 @@ def fsync_tree(directory: Path, mine: Path | None) -> None:
     """fsync the files of `directory` (only those also under `mine`, when given) and its folders."""
     for path in sorted(directory.rglob("*"), reverse=True):
         if path.is_dir() or mine is None or (mine / path.relative_to(directory)).exists():
-            _fsync(path)
-    _fsync(directory)
+            fsync_path(path)
+    fsync_path(directory)

@@ -45,7 +45,7 @@ from shardyard.platform.errors import UserError
 from shardyard.platform.run_dir import CHECKPOINT_PREFIX
 from shardyard.platform.schema import CheckpointSpec
 from shardyard.runtime import checkpoint as ckpt
-from shardyard.runtime.save_guard import keep_best
+from shardyard.runtime.save_guard import fsync_path, keep_best
 
 
 class SaveFailures(UserError):
@@ -87,11 +87,11 @@ class CheckpointStore:
             destination = Path(target) / source.relative_to(staged)
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, destination)
-            _fsync(destination)
+            fsync_path(destination)
             folders.add(destination.parent)
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            _fsync(folder)
-        _fsync(Path(target).parent)
+            fsync_path(folder)
+        fsync_path(Path(target).parent)
 
     def write_manifest(self, target: str, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1).encode()
@@ -105,7 +105,7 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, Path(target) / ckpt.MANIFEST_FILE)
-        _fsync(Path(target))
+        fsync_path(Path(target))
 
     def remove(self, target: str) -> None:
         if self.local:
@@ -115,14 +115,6 @@ class CheckpointStore:
             self.filesystem.delete_dir(target)
         except (OSError, FileNotFoundError):
             pass
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Reporter(Protocol):
