@@ -75,6 +75,44 @@ def assert_same_series(got: dict[int, float], want: dict[int, float], rel: float
         assert abs(got[step] - want[step]) <= rel * abs(want[step]) + 1e-7, (what, step, got[step], want[step])
 
 
+def adam_update_bound(
+    grads: list[Any],
+    ref_grads: list[Any],
+    weight_gap: Any,
+    weights: Any,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> Any:
+    """The largest difference, per element, that one AdamW step (the t-th, t = len(grads)) can show
+    between two runs whose gradients at steps 1..t were `grads` and `ref_grads` and whose weights
+    before the step differ by `weight_gap` (|a - b|; `weights`: the reference's).
+
+    With bias-corrected moments m = sum_s a_s g_s and v = sum_s b_s g_s^2 (sum a_s = sum b_s = 1),
+    the direction m / (sqrt(v) + eps) moves by at most (1 + C) max_s |dg_s| / (min(sqrt(v), sqrt(v'))
+    + eps), where C = sqrt(sum_s a_s^2 / b_s) bounds |m| / sqrt(v) (Cauchy-Schwarz), |dm| <= max_s
+    |dg_s|, and sqrt(v), a weighted 2-norm of the gradients, moves by at most max_s |dg_s| too. So an
+    element whose gradient is near Adam's eps may move by up to lr when its last bits differ, while a
+    well-conditioned element (|g| much larger than its difference) is held to ~1e-6 relative: a wrong
+    lr, weight decay or optimizer state shows there. Plus decoupled weight decay on the weights' own
+    gap, and the fp32 rounding of an update read as after - before."""
+    import torch
+
+    beta1, beta2 = betas
+    t = len(grads)
+    a = [(1 - beta1) * beta1 ** (t - 1 - s) / (1 - beta1**t) for s in range(t)]
+    b = [(1 - beta2) * beta2 ** (t - 1 - s) / (1 - beta2**t) for s in range(t)]
+    c = sum(x * x / y for x, y in zip(a, b)) ** 0.5
+    got = [g.double() for g in grads]
+    want = [g.double() for g in ref_grads]
+    dg = torch.stack([(x - y).abs() for x, y in zip(got, want)]).amax(0)
+    root = torch.minimum(sum(w * g * g for w, g in zip(b, got)).sqrt(), sum(w * g * g for w, g in zip(b, want)).sqrt())
+    rounding = 4 * torch.finfo(torch.float32).eps * (weights.double().abs() + lr) + 1e-6 * lr
+    return lr * ((1 + c) * dg / (root + eps) + weight_decay * weight_gap.double()) + rounding
+
+
 _shared_ray: dict[str, Any] = {}
 
 
