@@ -24,6 +24,11 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray Train's controller polls its workers every 2 s: a finished or failed group is seen up to 2 s
+    # late, in every one of the suite's ~40 Ray Train runs and restarts. Ray Train passes this from the
+    # driver to its controller. Its node-drain watcher (one more actor process per run) is not under test.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`/`ray` of this venv
 
 
