@@ -28,13 +28,19 @@ def stdlib_root() -> Path:
 
 
 def _files_under(root: Path, extensions: list[str]) -> list[Path]:
+    """Files under `root` with one of `extensions` ("*": any), sorted; installed packages and bytecode
+    caches are not descended into (a stdlib or a repository with a venv holds tens of thousands of files
+    there), and neither are symlinked directories (as Path.rglob)."""
     keep_all = "*" in extensions
     skip = {"site-packages", "__pycache__", "dist-packages"}
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not skip.intersection(p.relative_to(root).parts) and (keep_all or p.suffix in extensions)
-    )
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if d not in skip]
+        for name in names:
+            path = Path(directory) / name
+            if name not in skip and (keep_all or path.suffix in extensions) and path.is_file():
+                found.append(path)
+    return sorted(found)
 
 
 def resolve_files(spec: DataSpec) -> list[tuple[Path, str]]:

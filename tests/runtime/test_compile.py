@@ -111,3 +111,39 @@ def test_blocks_compile_without_graph_breaks(kind: str) -> None:
         explained = torch._dynamo.explain(block)(x, rope)
         reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
         assert explained.graph_break_count == 0 and explained.graph_count == 1, (kind, train_mode, reasons)
+
+
+def test_a_transport_dispatcher_runs_eagerly_between_compiled_graphs() -> None:
+    """A compressed dispatch (a transport dispatcher, here at EP 1) is not traced: apply_compile marks
+    its forward eager, the block splits around it, and forward and backward equal the eager block's."""
+    import copy
+
+    from shardyard.comm.token_dispatch import TransportDispatcher, build_token_dispatcher
+    from shardyard.models import build_model
+    from shardyard.models.moe.layer import MoELayer
+    from shardyard.models.transformer import Block
+    from shardyard.platform.schema import DispatchSpec
+    from shardyard.runtime.parallel.parallelize import apply_compile
+
+    spec = job(Path("unused"), "moe", 1, True, aux=True)
+    torch.manual_seed(0)
+    eager = build_model(spec.model, 32, 256)
+    for layer in (m for m in eager.modules() if isinstance(m, MoELayer)):
+        layer.dispatcher = build_token_dispatcher(4, 32, None, DispatchSpec(payload="bf16"))
+    compiled = copy.deepcopy(eager)
+    apply_compile([compiled], spec.training)
+    dispatcher = next(m for m in compiled.modules() if isinstance(m, TransportDispatcher))
+    assert "forward" in vars(dispatcher)  # the instance's eager forward, not the class's
+    block, reference = (next(m for m in model.modules() if isinstance(m, Block)) for model in (compiled, eager))
+    rope = (eager.stack.rope_cos, eager.stack.rope_sin)
+    x = torch.randn(2, 32, 32)
+    outs = []
+    for b in (block, reference):
+        inp = x.clone().requires_grad_(True)
+        out = b(inp, rope)
+        out.square().mean().backward()
+        outs.append((out.detach(), inp.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)  # inductor fuses: rounding
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+    explained = torch._dynamo.explain(reference.__class__.forward)(reference, x, rope)
+    assert explained.graph_break_count >= 1  # undisabled, the dispatcher breaks the graph on its own

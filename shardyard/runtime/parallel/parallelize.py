@@ -96,8 +96,11 @@ def apply_compile(roots: list[nn.Module], training: TrainingSpec) -> None:
     compressed dispatch) runs eagerly between two graphs (docs/parallelism.md)."""
     if not training.compile:
         return
-    blocks = {id(m): m for root in roots for m in root.modules() if isinstance(m, Block)}
-    for block in blocks.values():
+    modules = {id(m): m for root in roots for m in root.modules()}.values()
+    for module in modules:
+        if getattr(module, "eager_under_compile", False):
+            module.forward = torch.compiler.disable(module.forward)
+    for block in (m for m in modules if isinstance(m, Block)):
         block.compile()
 
 
