@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +23,6 @@ from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses
 pytestmark = pytest.mark.slow
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
 RESOURCES = "{workers: 2, cpus_per_worker: 1, max_failures: 2}"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Head and one worker node of 2 CPUs each; node deaths detected within ~3 s."""
-    from shardyard.cluster.auth import ensure_token
-
-    ensure_token(generate=True)
-    import ray
-    from ray.cluster_utils import Cluster
-
-    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2, "_system_config": fast_health},
-    )
-    cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
-    ray.init(address=cluster.address, logging_level="WARNING")
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def job_yaml(tmp_path: Path, name: str, **sections: str) -> Path:
