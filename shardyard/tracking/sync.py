@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -30,9 +31,25 @@ HEADER = 7  # file: ":W&B" + 2-byte magic + 1-byte version; record: crc32c (4) +
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
+# wandb names an offline run "offline-run-<start time>-<run id>", and a second start of the same run id
+# within the same second "<that>-1", "-2", ...
+OFFLINE_RUN = re.compile(r"offline-run-(?P<start>\d{8}_\d{6})-(?P<id>[^-]+)(?:-(?P<again>\d+))?")
+
+
+def offline_run_id(path: Path) -> str | None:
+    """The wandb run id of an offline run directory (None: not one)."""
+    match = OFFLINE_RUN.fullmatch(path.name)
+    return match["id"] if match else None
+
+
 def offline_runs(run_dir: Path) -> list[Path]:
-    """The run's offline wandb directories, oldest first (their names start with the start time)."""
-    return sorted(p for p in RunDir(run_dir).wandb.glob("offline-run-*") if p.is_dir())
+    """The run's offline wandb directories, oldest first (by start time, then wandb's -N suffix)."""
+
+    def started(path: Path) -> tuple[str, int]:
+        match = OFFLINE_RUN.fullmatch(path.name)
+        return (match["start"], int(match["again"] or 0)) if match else (path.name, 0)
+
+    return sorted((p for p in RunDir(run_dir).wandb.glob("offline-run-*") if p.is_dir()), key=started)
 
 
 def _records(path: Path) -> list[bytes]:

@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture(scope="package")
-def _fault_cluster() -> Iterator[Any]:
-    """Head and one worker node of 2 CPUs each; node deaths detected within ~3 s. Started once for the
-    package: a test that kills the worker node leaves a fresh one in its place (the elastic test adds
-    one; the faults test, the last to use it, removes its dead node)."""
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Head and one worker node of 2 CPUs each, node deaths detected within ~3 s, this process connected
+    as a driver; one per module, down before the next module starts (a cluster left up holds Ray's
+    default dashboard and agent ports, which the embedded cluster of test_saves then cannot take)."""
     from shardyard.cluster.auth import ensure_token
 
     ensure_token(generate=True)
+    import ray
     from ray.cluster_utils import Cluster
 
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
@@ -24,19 +25,9 @@ def _fault_cluster() -> Iterator[Any]:
         head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2, "_system_config": fast_health},
     )
     cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
+    ray.init(address=cluster.address, logging_level="WARNING")
     try:
         yield cluster
     finally:
-        cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def cluster(_fault_cluster: Any) -> Iterator[Any]:
-    """The package's fault cluster with this process connected as a driver for one module."""
-    import ray
-
-    ray.init(address=_fault_cluster.address, logging_level="WARNING")
-    try:
-        yield _fault_cluster
-    finally:
         ray.shutdown()
+        cluster.shutdown()

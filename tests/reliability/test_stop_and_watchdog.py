@@ -226,7 +226,11 @@ def _exit_codes(fn, world: int, *args: object, limit_s: float = 50.0) -> tuple[l
     with tempfile.TemporaryDirectory(prefix="shardyard-pg-") as tmp:
         store = os.path.join(tmp, "store")
         context = mp.start_processes(
-            launch._entry, args=(fn, world, world, store, args), nprocs=world, join=False, start_method="spawn"
+            launch._entry,
+            args=(fn, world, world, store, args, launch.caller_context()),
+            nprocs=world,
+            join=False,
+            start_method="forkserver",
         )
         for process in context.processes:
             process.join(max(0.0, limit_s - (time.monotonic() - start)))

@@ -13,7 +13,7 @@ from shardyard.platform.spec import load_spec_text
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.worker import LocalReporter, Trainer
 from shardyard.tracking.logger import PREFIXES, STEP_KEY
-from shardyard.tracking.sync import offline_runs, read_history
+from shardyard.tracking.sync import offline_run_id, offline_runs, read_history
 from tests.helpers import tiny_spec_yaml
 
 
@@ -44,7 +44,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_resumed_job_appends_to_its_one_wandb_run(resumed_run: Path) -> None:
     run_id = RunDir(resumed_run).wandb_id.read_text().strip()
     attempts = offline_runs(resumed_run)
-    assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts)
+    assert len(attempts) == 2 and all(offline_run_id(a) == run_id for a in attempts)  # 2 starts in 1 s: "-1"
     series: dict[int, float] = {}
     evals: dict[int, float] = {}
     for attempt in attempts:
