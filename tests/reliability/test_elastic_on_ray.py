@@ -62,7 +62,7 @@ def wait_for(condition, timeout: float = 300, what: str = "") -> Any:
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(0.25)  # each poll parses the run's files: a busy loop competes with the job for 2 cores
     raise AssertionError(f"timed out waiting for {what}")
 
 

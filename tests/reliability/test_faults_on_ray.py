@@ -73,7 +73,7 @@ def wait_for(condition, timeout: float = 120, what: str = "") -> Any:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(0.2)  # each poll parses the run's files: a busy loop competes with the job for 2 cores
     raise AssertionError(f"timed out waiting for {what}")
 
 
