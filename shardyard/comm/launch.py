@@ -82,17 +82,22 @@ def caller_context() -> tuple[dict[str, str], str]:
     return dict(os.environ), os.getcwd()
 
 
+def start_ranks(
+    fn: Callable[..., Any], world_size: int, ranks_per_node: int, store: str, args: tuple[Any, ...], join: bool
+) -> Any:
+    """Start the ranks from the fork server (gloo through the file `store`); join=False returns the
+    processes' context for a caller that waits on them itself."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)  # read when the server starts
+    return mp.start_processes(
+        _entry,
+        args=(fn, world_size, ranks_per_node, store, args, caller_context()),
+        nprocs=world_size,
+        join=join,
+        start_method="forkserver",
+    )
+
+
 def spawn(fn: Callable[..., Any], world_size: int, ranks_per_node: int, *args: Any) -> None:
     """Run `fn(topology, *args)` on `world_size` gloo ranks; `fn` must be importable (module level)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
-    caller = caller_context()
     with tempfile.TemporaryDirectory(prefix="shardyard-pg-") as tmp:
-        store = os.path.join(tmp, "store")
-        mp.start_processes(
-            _entry,
-            args=(fn, world_size, ranks_per_node, store, args, caller),
-            nprocs=world_size,
-            join=True,
-            start_method="forkserver",
-        )
+        start_ranks(fn, world_size, ranks_per_node, os.path.join(tmp, "store"), args, join=True)

@@ -218,20 +218,11 @@ def _exit_codes(fn, world: int, *args: object, limit_s: float = 50.0) -> tuple[l
     code (negative: killed by that signal), and the seconds until the last one ended."""
     import tempfile
 
-    import torch.multiprocessing as mp
-
     from shardyard.comm import launch
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shardyard-pg-") as tmp:
-        store = os.path.join(tmp, "store")
-        context = mp.start_processes(
-            launch._entry,
-            args=(fn, world, world, store, args, launch.caller_context()),
-            nprocs=world,
-            join=False,
-            start_method="forkserver",
-        )
+        context = launch.start_ranks(fn, world, world, os.path.join(tmp, "store"), args, join=False)
         for process in context.processes:
             process.join(max(0.0, limit_s - (time.monotonic() - start)))
         elapsed = time.monotonic() - start
