@@ -32,6 +32,16 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`/`ray` of this venv
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """What a test puts in os.environ ends with it. An in-process wandb.init, for one, publishes its
+    service's address there, and a Ray cluster a later test starts would hand it to every worker."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_ray_cluster() -> Iterator[None]:
     """Stops the Ray head that tests.helpers.run_job started, if a test started it."""

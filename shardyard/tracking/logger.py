@@ -79,6 +79,10 @@ def _start_wandb(spec: JobSpec, run_dir: Path, attempts: int = 6):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    # This process starts its own wandb service, so the run ends when it does. An inherited service
+    # address (from whatever started the raylet) belongs to a process that outlives a killed worker and
+    # keeps holding the run id: the restarted group then retried for 30 s and logged without wandb.
+    os.environ.pop("WANDB_SERVICE", None)
     for attempt in range(attempts):
         try:
             return wandb.init(

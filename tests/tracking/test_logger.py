@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from shardyard.platform.run_dir import RunDir
@@ -64,3 +68,65 @@ def test_wandb_names_of_the_metrics_keys() -> None:
     assert wandb_key("val_control_gain") == "eval/control_gain" and wandb_key("val/own_bpb") == "eval/own_bpb"
     assert wandb_key("eval_s") == "time/eval_s" and wandb_key("comm/bytes_internode") == "comm/bytes_internode"
     assert wandb_key("loss") == "train/loss"
+
+
+_HOLD_SERVICE = """
+import os, time, wandb
+wandb.setup()
+print(os.environ.get("WANDB_SERVICE", ""), flush=True)
+time.sleep(600)
+"""
+
+_OPEN_RUN = """
+import sys, time
+from pathlib import Path
+from shardyard.platform.spec import load_spec_text
+from shardyard.tracking.logger import MetricsLogger
+logger = MetricsLogger(load_spec_text(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), enabled=True)
+print("wandb" if logger._wandb_run is not None else "no wandb", flush=True)
+Path(sys.argv[3]).write_text("open")
+time.sleep(float(sys.argv[4]))
+logger.close()
+"""
+
+
+def test_a_restarted_rank_reopens_its_wandb_run_at_once_under_an_inherited_wandb_service(tmp_path: Path) -> None:
+    """A raylet started by a process that runs wandb hands its workers that process's service address
+    (WANDB_SERVICE). A rank SIGKILLed with its run open, then restarted, must reopen the same run at
+    once: a foreign service outlives the rank and keeps holding the run id."""
+    # the process that started the raylet, running wandb: its service's address is in its environment
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_SERVICE], stdout=subprocess.PIPE, text=True)
+    try:
+        _restart_under(holder.stdout.readline().strip(), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _restart_under(service: str, tmp_path: Path) -> None:
+    assert service, "precondition: the holder's service address"
+    env = {**os.environ, "WANDB_SERVICE": service}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(tiny_spec_yaml("logged", tmp_path, tracking="{mode: offline}"))
+    run_dir, opened = tmp_path / "logged", tmp_path / "opened"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _OPEN_RUN, str(spec_file), str(run_dir), str(opened), "600"], env=env
+    )
+    deadline = time.time() + 120
+    while not opened.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert opened.exists(), "the first rank never opened its run"
+    killed.kill()
+    killed.wait()
+    opened.unlink()
+    start = time.monotonic()
+    restarted = subprocess.run(
+        [sys.executable, "-c", _OPEN_RUN, str(spec_file), str(run_dir), str(opened), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - start
+    assert restarted.returncode == 0 and restarted.stdout.strip() == "wandb", restarted.stdout + restarted.stderr
+    assert took < 20, f"the restarted rank took {took:.1f} s to open its run (the retries wait 30 s)"
