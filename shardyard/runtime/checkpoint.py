@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,20 +227,3 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     return meta
 
 
-def stage_rank_files(
-    source: Path, partial: Path, group: dist.ProcessGroup, after_copy: Callable[[], None] | None = None
-) -> None:
-    """Collective over `group`: its rank 0 empties `partial`, then every rank copies its files from
-    `source` into it (all but the manifest, the commit marker rank 0 writes last), runs `after_copy`,
-    and waits for all."""
-    rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    if many:
-        dist.barrier(group)
-    shutil.copytree(source, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_FILE))
-    if after_copy is not None:
-        after_copy()
-    if many:
-        dist.barrier(group)

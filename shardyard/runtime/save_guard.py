@@ -9,7 +9,8 @@ bpb (the stored copy is made durable where it is written: runtime.saving).
 - `keep_best(run_dir, staged, val_bpb, step, group)` (collective over `group`): when `val_bpb` beats `<run_dir>/best`,
   every rank copies its staged files into `<run_dir>/.best.partial`, rank 0 writes the manifest last
   and renames the directory to `best` (the old one removed after). `best` is not a `checkpoint_*`
-  directory, so neither Ray's `num_to_keep` nor resume fallback ever touch it.
+  directory, so neither Ray's `num_to_keep` nor resume fallback ever touch it. A copy that fails on
+  any rank (a full disk) raises BestNotKept everywhere and leaves the previous best as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,9 +86,18 @@ def best_val_bpb(run_dir: Path) -> float | None:
     return value if ckpt.verify_checkpoint(best, full=False) is None else None
 
 
-def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int, group: dist.ProcessGroup) -> bool:
+class BestNotKept(Exception):
+    """Copying a checkpoint to `<run_dir>/best` failed on some rank; the previous best is untouched."""
+
+
+def keep_best(
+    run_dir: Path, staged: Path, val_bpb: float, step: int, group: dist.ProcessGroup, manifest: dict | None = None
+) -> bool:
     """Collective: copy the staged checkpoint to `<run_dir>/best` when `val_bpb` is the lowest so far.
-    Returns whether it did (the same answer on every rank)."""
+    Returns whether it did (the same answer on every rank). `manifest` is the stored checkpoint's (read
+    from `staged` when None). A copy that fails on any rank (a full disk, a permission) raises
+    BestNotKept on every rank, naming the rank and the cause, with the partial copy removed and the
+    previous best as it was: the caller reports it and training goes on."""
     rank, many = dist.get_rank(group), dist.get_world_size(group) > 1
     decision = [None]
     if rank == 0:
@@ -97,12 +108,23 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int, group: dis
     if not decision[0]:
         return False
     partial = Path(run_dir) / ".best.partial"
-    ckpt.stage_rank_files(staged, partial, group, after_copy=lambda: fsync_tree(partial, mine=staged))
-    if rank == 0:
+
+    def prepare() -> None:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+
+    def copy() -> None:
+        shutil.copytree(staged, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckpt.MANIFEST_FILE))
+        fsync_tree(partial, mine=staged)
+
+    def commit() -> None:
+        if rank != 0:
+            return
         (partial / BEST_RECORD).write_text(json.dumps({"step": step, "val_bpb": val_bpb}))
-        manifest = json.loads((staged / ckpt.MANIFEST_FILE).read_text())
-        manifest["files"][BEST_RECORD] = ckpt.file_digests(partial)[BEST_RECORD]
-        (partial / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))  # the commit marker, last
+        files = dict((manifest or json.loads((staged / ckpt.MANIFEST_FILE).read_text()))["files"])
+        files[BEST_RECORD] = ckpt.file_digests(partial)[BEST_RECORD]
+        (partial / ckpt.MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))  # the commit marker, last
         fsync_tree(partial, mine=None)
         best = RunDir(Path(run_dir)).best
         old = Path(run_dir) / ".best.old"
@@ -112,9 +134,30 @@ def keep_best(run_dir: Path, staged: Path, val_bpb: float, step: int, group: dis
         os.replace(partial, best)
         fsync_path(Path(run_dir))
         shutil.rmtree(old, ignore_errors=True)
-    if many:
-        dist.barrier(group)
+
+    for stage in (prepare, copy, commit):  # each stage ends with every rank knowing whether all succeeded
+        failed = _first_failure(stage, group)
+        if failed is not None:
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise BestNotKept(failed)
     return True
+
+
+def _first_failure(stage: Callable[[], None], group: dist.ProcessGroup) -> str | None:
+    """Collective: run `stage` on this rank; the first failing rank and its cause, the same on every rank."""
+    try:
+        stage()
+        mine = None
+    except shutil.Error as err:  # copytree's: one (source, target, why) per file that failed
+        mine = str(err.args[0][0][2])
+    except OSError as err:
+        mine = str(err)
+    found = [mine]
+    if dist.get_world_size(group) > 1:
+        found = [None] * dist.get_world_size(group)
+        dist.all_gather_object(found, mine, group=group)
+    return next((f"rank {r}: {cause}" for r, cause in enumerate(found) if cause is not None), None)
 
 
 def fsync_tree(directory: Path, mine: Path | None) -> None:

@@ -45,7 +45,7 @@ from shardyard.platform.errors import UserError
 from shardyard.platform.run_dir import CHECKPOINT_PREFIX
 from shardyard.platform.schema import CheckpointSpec
 from shardyard.runtime import checkpoint as ckpt
-from shardyard.runtime.save_guard import fsync_path, keep_best
+from shardyard.runtime.save_guard import BestNotKept, fsync_path, keep_best
 
 
 class SaveFailures(UserError):
@@ -344,15 +344,28 @@ class CheckpointWriter:
             self.failed_in_a_row = 0
             self.reporter(save.metrics, save.target)
             if self.spec.keep_best and "val_bpb" in save.metrics:
-                if self.rank == 0:  # keep_best copies the staged files and this manifest
-                    (save.staged / ckpt.MANIFEST_FILE).write_text(json.dumps({"files": manifest}))
-                keep_best(self.run_dir, save.staged, float(save.metrics["val_bpb"]), save.step, self.world_group)
+                self._keep_best(save, {"files": manifest})
         if save.write.done():
             self.pool.submit(save.staging.cleanup)  # deleting the staged files is the pool's work too
         else:  # a timed-out write: it cleans up after itself when it ends
             self.late = save
             save.abandoned.set()
             save.write.add_done_callback(lambda _: self._clean_late(save))
+
+    def _keep_best(self, save: _Save, manifest: dict) -> None:
+        """Collective: copy the stored checkpoint's staged files to `<run>/best` when it has the lowest
+        held-out bpb so far. A copy that fails is one line; the checkpoint itself is stored, so it does
+        not count among the failed saves, and the previous best stays."""
+        val_bpb = float(save.metrics["val_bpb"])
+        try:
+            keep_best(self.run_dir, save.staged, val_bpb, save.step, self.world_group, manifest)
+        except BestNotKept as err:
+            if self.rank == 0:
+                print(
+                    f"[shardyard] keeping the checkpoint of step {save.step} as the best (val bpb {val_bpb:.4f}) "
+                    f"failed on {err}; the previous best stays and training goes on",
+                    flush=True,
+                )
 
     def _clean_late(self, save: _Save) -> None:
         self.reporter.store.remove(save.target)

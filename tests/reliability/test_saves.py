@@ -16,9 +16,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from shardyard import envvars
 from shardyard.cluster.orphans import start_time
@@ -161,6 +163,68 @@ def test_saves_into_a_full_filesystem_fail_alone_and_too_many_stop_the_job(tmp_p
             _fit(strict, tmp_path / "strict", disk)
         assert max(train_losses(tmp_path / "strict")) == 6
         assert ckpt.find_latest_checkpoint(disk) == good and ckpt.verify_checkpoint(good, full=True) is None
+
+
+def test_keeping_the_best_on_a_full_disk_is_one_line_and_training_goes_on(tmp_path: Path, capfd) -> None:
+    """The run directory on a tmpfs with room for one checkpoint: the step-2 save is stored, copying
+    it to `best` meets ENOSPC. That is one line naming the step and the cause, no `best` or partial copy
+    is left, the stored checkpoint stays complete and training goes on with the losses of a roomy run."""
+    best = {"training.eval_every": "2", "checkpoint.keep_best": "true", "checkpoint.max_failed_saves": "5"}
+    reference = job(tmp_path, "roomy", steps=4, every=2, **best)
+    _fit(reference, tmp_path / "roomy", tmp_path / "roomy")
+    assert ckpt.verify_checkpoint(tmp_path / "roomy" / "best", full=True) is None  # kept where there is room
+    size = sum(p.stat().st_size for p in (tmp_path / "roomy" / "checkpoint_00000002").rglob("*") if p.is_file())
+
+    with tmpfs(tmp_path / "full", size_kib=(size * 3 // 2) // 1024) as disk:
+        capfd.readouterr()
+        _fit(job(tmp_path, "full", steps=4, every=2, **best), disk, disk)
+        out = capfd.readouterr().out
+        lines = [line for line in out.splitlines() if "as the best" in line]
+        assert len(lines) == 1 and "step 2" in lines[0] and "No space left on device" in lines[0], out
+        assert "training goes on" in lines[0] and "previous best stays" in lines[0]
+        assert not (disk / "best").exists() and not (disk / ".best.partial").exists()
+        assert ckpt.verify_checkpoint(disk / "checkpoint_00000002", full=True) is None
+        assert_same_series(train_losses(disk), train_losses(tmp_path / "roomy"), 1e-7, "loss after a failed best copy")
+
+
+def _keep_best_twice(topology: Any, disk: str, staged_root: str, results: str) -> None:
+    """Rank r: keep a small checkpoint as the best (val 0.9), then one whose rank-1 file cannot fit."""
+    from shardyard.runtime.save_guard import BestNotKept, keep_best
+
+    group = dist.group.WORLD
+    small, big = Path(staged_root) / "small", Path(staged_root) / "big"
+    manifest = {"files": {**ckpt.file_digests(small / "0"), **ckpt.file_digests(small / "1")}}
+    kept = keep_best(Path(disk), small / str(topology.rank), 0.9, 1, group, manifest)
+    try:
+        keep_best(Path(disk), big / str(topology.rank), 0.5, 2, group, {"files": {}})
+        outcome = "kept"
+    except BestNotKept as err:
+        outcome = str(err)
+    Path(results, f"rank{topology.rank}.json").write_text(json.dumps([kept, outcome]))
+
+
+def test_a_best_copy_that_fails_on_a_rank_fails_on_every_rank_and_keeps_the_previous_best(tmp_path: Path) -> None:
+    """2 gloo ranks copy their files into one tmpfs; rank 1's file of the second checkpoint is larger
+    than the free space. Both ranks learn the same failing rank and cause (none waits forever in a
+    collective), the partial copy is removed and `best` is still the first checkpoint, complete."""
+    staged, results = tmp_path / "staged", tmp_path / "results"
+    for rank in (0, 1):
+        (staged / "small" / str(rank)).mkdir(parents=True)
+        (staged / "small" / str(rank) / f"shard{rank}.bin").write_bytes(bytes(1000))
+        (staged / "big" / str(rank)).mkdir(parents=True)
+        (staged / "big" / str(rank) / f"shard{rank}.bin").write_bytes(bytes(1000 if rank == 0 else 600_000))
+    results.mkdir()
+    with tmpfs(tmp_path / "disk", size_kib=256) as disk:
+        spawn(_keep_best_twice, 2, 2, str(disk), str(staged), str(results))
+        outcomes = [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert outcomes[0] == outcomes[1], outcomes
+        kept, failure = outcomes[0]
+        # rank 1's file fills the disk; rank 0's, written at the same time, may meet the full disk too
+        assert kept is True and failure.startswith(("rank 1: ", "rank 0: ")), failure
+        assert "No space left on device" in failure, failure
+        assert not (disk / ".best.partial").exists()
+        assert ckpt.verify_checkpoint(disk / "best", full=True) is None
+        assert json.loads((disk / "best" / "best.json").read_text()) == {"step": 1, "val_bpb": 0.9}
 
 
 # ------------------------------------------------------------------------------ a killed driver
