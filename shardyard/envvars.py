@@ -15,6 +15,7 @@ ADDRESS = "SHARDYARD_ADDRESS"  # the Ray Jobs address clients use
 FAKE_RANKS_PER_NODE = "SHARDYARD_FAKE_RANKS_PER_NODE"  # tests: pretend each node holds this many ranks
 FAULT_STEP = "SHARDYARD_FAULT_STEP"  # tests: "<step>[:kill]": rank 0 raises (or is SIGKILLed) once at that step
 KILL_IN_SAVE = "SHARDYARD_KILL_IN_SAVE"  # tests: "<step>:<marker>": the last rank dies mid-save once
+STALL_IN_SAVE = "SHARDYARD_STALL_IN_SAVE"  # tests: "<step>:<seconds>": that save's writes hang (a stalled filesystem)
 SECRET_PROBE = "SHARDYARD_SECRET_PROBE"  # tests: "NAME,...": each worker records the sha256 of those variables
 SAMPLE_LEDGER = "SHARDYARD_SAMPLE_LEDGER"  # tests: every rank appends the global window ids it trains on
 CLUSTER_ID = "SHARDYARD_CLUSTER_ID"  # marks every process of an embedded cluster (cluster/orphans.py)

@@ -38,8 +38,13 @@ def _environment_restored() -> Iterator[None]:
     service's address there, and a Ray cluster a later test starts would hand it to every worker."""
     saved = dict(os.environ)
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    # only what changed: Ray's and gRPC's threads in this process read the environment meanwhile, and
+    # rewriting all of it under them crashed a Ray thread in getenv
+    for name in [name for name in os.environ if name not in saved]:
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,14 @@ def maybe_die_mid_save(step: int) -> None:
         os._exit(17)
 
 
+def maybe_stall_save(step: int) -> None:
+    """Test hook ($SHARDYARD_STALL_IN_SAVE="<step>:<seconds>"): every rank's write of that step hangs
+    that long before its files are stored, as on a stalled filesystem."""
+    hook = os.environ.get(envvars.STALL_IN_SAVE)
+    if hook and int(hook.split(":")[0]) == step:
+        time.sleep(float(hook.split(":")[1]))
+
+
 # ------------------------------------------------------------------------------------ reading
 def verify_checkpoint(directory: Path, full: bool = True) -> str | None:
     """None when `directory` is a complete checkpoint, else why not. `full` also checks hashes."""
@@ -225,5 +234,3 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     if layout.get("world") == world and rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
     return meta
-
-

@@ -258,6 +258,7 @@ class CheckpointWriter:
         if written is not None:
             written.result()
         digests = ckpt.file_digests(staged)
+        ckpt.maybe_stall_save(step)  # test hook: a stalled filesystem
         self.reporter.store.copy_in(staged, target)
         ckpt.maybe_die_mid_save(step)  # test hook: a kill after this rank's files are stored
         return digests

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -225,6 +226,90 @@ def test_a_best_copy_that_fails_on_a_rank_fails_on_every_rank_and_keeps_the_prev
         assert not (disk / ".best.partial").exists()
         assert ckpt.verify_checkpoint(disk / "best", full=True) is None
         assert json.loads((disk / "best" / "best.json").read_text()) == {"step": 1, "val_bpb": 0.9}
+
+
+def test_a_save_past_its_timeout_fails_alone_and_its_late_write_removes_what_it_left(
+    tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """The step-2 save's write hangs 5 s (a stalled filesystem) under checkpoint.save_timeout_s 0.5:
+    the step waits 0.5 s, the save fails with one line and training goes on with the losses of a run
+    without the stall. The step-4 save meets the step-2 write still running and fails naming it; the
+    late write, when it ends, removes its partial directory: nothing incomplete is left to resume."""
+    reference = job(tmp_path, "prompt", steps=4, every=2)
+    _fit(reference, tmp_path / "prompt", tmp_path / "prompt")
+    monkeypatch.setenv(envvars.STALL_IN_SAVE, "2:5")
+    spec = job(tmp_path, "stalled", steps=4, every=2, **{"checkpoint.save_timeout_s": "0.5"})
+    capfd.readouterr()
+    started = time.monotonic()
+    trainer = Trainer(spec, tmp_path / "stalled", LocalReporter(tmp_path / "stalled", spec.checkpoint.keep))
+    trainer.fit()
+    took = time.monotonic() - started
+    failed = [line for line in capfd.readouterr().out.splitlines() if "failed on this worker" in line]
+    assert len(failed) == 2, failed
+    assert "checkpoint of step 2" in failed[0] and "still writing after checkpoint.save_timeout_s (0.5 s)" in failed[0]
+    assert "checkpoint of step 4" in failed[1] and "the save of step 2 is still writing" in failed[1]
+    assert all("training goes on" in line for line in failed), failed
+    assert took < 5, f"the run waited for the stalled write ({took:.1f} s)"
+    assert_same_series(train_losses(tmp_path / "stalled"), train_losses(tmp_path / "prompt"), 1e-7, "loss")
+    late = trainer.writer.late
+    assert late is not None and late.step == 2 and not late.write.done()
+    late.write.result(timeout=60)  # the stalled write ends: it stores its files, then removes them
+    deadline = time.time() + 30
+    while list((tmp_path / "stalled").glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not list((tmp_path / "stalled").glob("checkpoint_*")), "the late write left its directory"
+    assert ckpt.find_latest_checkpoint(tmp_path / "stalled") is None
+
+
+def _fill(disk: Path) -> Path:
+    """Write zeros into `disk` until it is full; the filler file, to delete to make room again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    return filler
+
+
+def test_the_lease_heartbeat_and_driver_log_degrade_to_one_warning_on_a_full_disk(
+    tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """On a full tmpfs the run lease's heartbeat thread and driver.log each say once that they cannot
+    write and go on (no traceback, no dead thread); the lease keeps its last heartbeat, which renews
+    once there is room again, and the lease is released as usual."""
+    from shardyard.runtime import run_lease
+    from shardyard.runtime.failures import DriverLog
+
+    monkeypatch.setattr(run_lease, "HEARTBEAT_S", 0.05)  # read by the heartbeat loop at every wait
+    crashed: list = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    with tmpfs(tmp_path / "disk", size_kib=64) as disk:
+        run = disk / "run"
+        lease = run_lease.acquire(run)
+        log = DriverLog(run)
+        filler = _fill(disk)
+        capfd.readouterr()
+        before = run_lease.read_lease(run)["heartbeat"]
+        time.sleep(0.5)  # ~10 beats on a full disk
+        for line in ("one\n", "two\n", "three\n"):
+            log.write(line)
+        out = capfd.readouterr().out
+        assert out.count("cannot renew the run's lease") == 1 and "No space left on device" in out, out
+        assert out.count(f"cannot write {log.path}") == 1, out
+        assert run_lease.read_lease(run)["heartbeat"] == before  # the last good heartbeat stays
+        assert not list(run.glob(".lease.*.tmp"))
+        filler.unlink()
+        deadline = time.time() + 10
+        while run_lease.read_lease(run)["heartbeat"] == before and time.time() < deadline:
+            time.sleep(0.05)
+        assert run_lease.read_lease(run)["heartbeat"] > before, "the heartbeat did not renew once there was room"
+        log.write("four\n")
+        assert log.path.read_text() == "four\n"
+        lease.release()
+        assert run_lease.read_lease(run) is None
+    assert not crashed and "Traceback" not in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------------------ a killed driver
