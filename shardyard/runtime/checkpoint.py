@@ -224,8 +224,8 @@ def find_latest_checkpoint(run_dir: Path, full: bool = False, report=None) -> Pa
 
 def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     """Collective: load `directory` into the job's training state (runtime.parallel.state; resharding
-    as its format allows); restore this rank's RNG when the world size is unchanged. Returns the
-    checkpoint's meta."""
+    as its format allows); restore this rank's RNG when the world size is unchanged, else start a stream
+    of its own (seed_rng_after_resize). Returns the checkpoint's meta."""
     meta = read_meta(directory)
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = meta["layout"]
@@ -233,4 +233,17 @@ def load_checkpoint(state, directory: Path) -> dict[str, Any]:
     rng_file = Path(directory) / f"rng-rank{rank}.json"
     if layout.get("world") == world and rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
+    elif (Path(directory) / "rng-rank0.json").exists():
+        seed_rng_after_resize(Path(directory), rank)
     return meta
+
+
+def seed_rng_after_resize(directory: Path, rank: int) -> None:
+    """A resume at another world size: no saved stream belongs to this rank. Each rank's generators
+    start a stream of their own, derived from the saved rank-0 state and this rank, so no rank replays
+    the draws the run began with (which the seed alone would) and a rerun draws the same again."""
+    digest = hashlib.sha256((directory / "rng-rank0.json").read_bytes() + f"/rank {rank}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1
+    torch.manual_seed(seed)  # every device's generator too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

@@ -94,3 +94,32 @@ def test_a_flipped_byte_fails_the_full_check(run_with_two_checkpoints: Path, tmp
     shard.write_bytes(bytes(data))
     assert ckpt.verify_checkpoint(run / "checkpoint_00000004", full=False) is None  # sizes still match
     assert "sha256" in ckpt.verify_checkpoint(run / "checkpoint_00000004", full=True)
+
+
+def test_a_resume_at_another_world_size_draws_a_stream_of_its_own_not_the_runs_first(
+    run_with_two_checkpoints: Path, tmp_path: Path
+) -> None:
+    """No saved stream belongs to a rank of another world size. Without one, a resumed rank would draw
+    what the run drew from its start (router jitter's noise replayed); instead each rank starts a
+    stream derived from the checkpoint and its rank: not the run's first draws, different per rank,
+    the same on a rerun."""
+    from shardyard.platform.spec import load_spec
+
+    run = _copy_run(run_with_two_checkpoints, tmp_path / "run")
+    checkpoint = run / "checkpoint_00000002"
+    meta = json.loads((checkpoint / ckpt.META_FILE).read_text())
+    meta["layout"]["world"] = 2  # as if written by 2 ranks (this rank 0's shards are all there is)
+    (checkpoint / ckpt.META_FILE).write_text(json.dumps(meta))
+    spec = load_spec(checkpoint / "spec.yaml")
+
+    def draws_after(resume: bool) -> torch.Tensor:
+        trainer = Trainer(spec, tmp_path / "again", LocalReporter(tmp_path / "again", 3))
+        if resume:
+            ckpt.load_checkpoint(trainer.train_state, checkpoint)
+        return torch.rand(8)
+
+    first, resumed = draws_after(resume=False), draws_after(resume=True)
+    assert not torch.equal(first, resumed), "the resumed rank replays the run's first draws"
+    assert torch.equal(draws_after(resume=True), resumed), "not reproducible"
+    ckpt.seed_rng_after_resize(checkpoint, rank=1)
+    assert not torch.equal(torch.rand(8), resumed), "two ranks draw the same stream"
