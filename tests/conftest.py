@@ -32,21 +32,6 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`/`ray` of this venv
 
 
-@pytest.fixture(autouse=True)
-def _environment_restored() -> Iterator[None]:
-    """What a test puts in os.environ ends with it. An in-process wandb.init, for one, publishes its
-    service's address there, and a Ray cluster a later test starts would hand it to every worker."""
-    saved = dict(os.environ)
-    yield
-    # only what changed: Ray's and gRPC's threads in this process read the environment meanwhile, and
-    # rewriting all of it under them crashed a Ray thread in getenv
-    for name in [name for name in os.environ if name not in saved]:
-        del os.environ[name]
-    for name, value in saved.items():
-        if os.environ.get(name) != value:
-            os.environ[name] = value
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _shared_ray_cluster() -> Iterator[None]:
     """Stops the Ray head that tests.helpers.run_job started, if a test started it."""

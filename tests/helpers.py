@@ -168,6 +168,23 @@ def two_node_ray_cluster(env_vars: dict[str, str] | None = None) -> Iterator[Any
         ray.shutdown()
 
 
+def _fit_rank(topology: Any, spec_json: str, run_dir: str) -> None:
+    from shardyard.platform.spec import spec_from_json
+    from shardyard.runtime.worker import LocalReporter, Trainer
+
+    spec = spec_from_json(spec_json)
+    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
+
+
+def train_on_gloo(spec: Any, run_dir: Path, world: int, ranks_per_node: int | None = None) -> None:
+    """Train the job spec `spec` to its end into `run_dir` on `world` gloo ranks (`ranks_per_node` per
+    faked node): the Trainer a Ray Train worker runs, on the same kind of process group, without a
+    worker group to start. For tests whose subject is the training, not Ray."""
+    from shardyard.comm.launch import spawn
+
+    spawn(_fit_rank, world, ranks_per_node or world, spec.model_dump_json(), str(run_dir))
+
+
 def run_job(spec: Path | str, *args: str, **kwargs: Any):
     """`shardyard run SPEC ARGS` on the session's shared Ray cluster (see shared_ray_address)."""
     return run_cli("run", str(spec), *args, "--address", shared_ray_address(), **kwargs)

@@ -330,8 +330,8 @@ def build_torch_trainer(
     run_dir: Path, timeout_s: float, scaling_policy: Callable[[Any], Any] | None = None, **kwargs: Any
 ):
     """A TorchTrainer (same arguments) that fails fast on user errors, records failure events in
-    `run_dir` and does not take over SIGINT; `scaling_policy(scaling_config)`, when given, replaces
-    Ray's own (elastic groups: runtime/elastic.py)."""
+    `run_dir`, does not take over SIGINT and starts no Ray Data process it would not use;
+    `scaling_policy(scaling_config)`, when given, replaces Ray's own (elastic groups: runtime/elastic.py)."""
     from ray.train.torch import TorchTrainer
 
     class ShardyardTorchTrainer(TorchTrainer):
@@ -345,6 +345,14 @@ def build_torch_trainer(
 
         def _register_sigint_handler(self, controller: Any) -> None:
             pass  # preemption.graceful_stop owns SIGINT/SIGTERM: checkpoint first, then stop
+
+        def _create_default_callbacks(self) -> list[Any]:
+            # Ray Train starts a DatasetManager actor (one more process, importing Ray Data) for every
+            # worker group, datasets or not; shardyard's workers read their own data
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return ShardyardTorchTrainer(**kwargs)
 

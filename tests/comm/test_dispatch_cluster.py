@@ -1,20 +1,19 @@
-"""An EP run with LSH-compressed dispatch on a real 2-node Ray cluster (the session's) that crashes and
-resumes from its checkpoint equals an uninterrupted one: the rotation schedule (refreshed every 3
+"""An EP run with LSH-compressed dispatch on a real 2-node Ray cluster (the session's) that crashes,
+is restarted by Ray Train and resumes from its checkpoint equals an uninterrupted one: the rotation schedule (refreshed every 3
 micro-batches, so the resume lands in a different rotation epoch than the start) is restored exactly.
 The uninterrupted reference runs the same Trainer on 4 gloo ranks faking the same two nodes, without
 Ray (no worker group to start; tests/reliability/test_faults_on_ray.py does the same)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from shardyard.comm.launch import spawn
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.entry import run_training
-from tests.helpers import tiny_spec_yaml, train_losses, two_node_ray_cluster
+from tests.helpers import tiny_spec_yaml, train_losses, train_on_gloo, two_node_ray_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -25,7 +24,7 @@ def spec(root: Path, name: str):
             name,
             root / "runs",
             training="{steps: 10, batch_size: 2, eval_every: 5, eval_bytes: 2048, log_every: 1}",
-            resources="{workers: 4, cpus_per_worker: 1, max_failures: 0}",
+            resources="{workers: 4, cpus_per_worker: 1, max_failures: 1}",
             checkpoint=f"{{dir: {root / 'runs'}, every: 5, keep: 2}}",
             parallel="{expert_parallel: 4, a2a: hierarchical, dispatch: "
             "{payload: bf16, lsh: {hashes: 4, rotation_refresh: 3, error_every: 2}}}",
@@ -33,26 +32,17 @@ def spec(root: Path, name: str):
     )
 
 
-def _reference_rank(topology: Any, spec_json: str, run_dir: str) -> None:
-    from shardyard.platform.spec import spec_from_json
-    from shardyard.runtime.worker import LocalReporter, Trainer
-
-    spec = spec_from_json(spec_json)
-    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
-
-
 def test_two_node_expert_parallel_lsh_trains_and_resumes(tmp_path: Path) -> None:
-    spawn(_reference_rank, 4, 2, spec(tmp_path, "clean").model_dump_json(), str(tmp_path / "runs" / "clean"))
-    # crash at step 7 (after the step-5 checkpoint) with no restarts; then run the job again: it
-    # resumes from step 5 in a fresh worker group, LSH schedule from the checkpoint. The workers read
-    # the fault step from their environment: connect with it set.
+    train_on_gloo(spec(tmp_path, "clean"), tmp_path / "runs" / "clean", 4, ranks_per_node=2)
+    # rank 0 raises at step 7 (after the step-5 checkpoint); Ray Train restarts the group, which
+    # resumes from step 5 in fresh workers, the LSH schedule taken from the checkpoint. The workers
+    # read the fault step from their environment: connect with it set.
     with two_node_ray_cluster({"SHARDYARD_FAULT_STEP": "7"}):
-        crashed = run_training(spec(tmp_path, "crashed"), tmp_path / "runs" / "crashed")
-        assert crashed.error is not None
-        # rank 0 left a marker: the rerun does not fault again
         resumed = run_training(spec(tmp_path, "crashed"), tmp_path / "runs" / "crashed")
     assert resumed.error is None and resumed.final_step == 10, resumed.error
     assert (tmp_path / "runs" / "crashed" / ".injected_fault_done").exists()
+    records = map(json.loads, (tmp_path / "runs" / "crashed" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [5]
     a, b = train_losses(tmp_path / "runs" / "clean"), train_losses(tmp_path / "runs" / "crashed")
     assert sorted(a) == sorted(b) == list(range(1, 11)) and b[10] < b[1]
     for step in a:

@@ -250,3 +250,21 @@ def test_three_stage_trains_on_64k_context() -> None:
         opt.step()
         losses.append(loss.item() / math.log(2))
     assert losses[0] > 7.5 and losses[-1] < losses[0] - 0.75, losses
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_megabyte_trains_data_parallel_on_two_gloo_ranks_and_generates(tmp_path: Path) -> None:
+    from shardyard.platform.spec import load_spec
+    from tests.helpers import ROOT, run_cli, train_losses, train_on_gloo
+
+    sets = {"training.steps": 16, "optim.schedule.warmup": 2, "training.eval_every": 8, "training.log_every": 1}
+    sets |= {"checkpoint.every": 8, "data.max_bytes": 3000000, "checkpoint.dir": tmp_path}
+    spec = load_spec(ROOT / "jobs" / "megabyte-tiny.yaml", overrides=[f"{k}={v}" for k, v in sets.items()])
+    run_dir = tmp_path / spec.name
+    train_on_gloo(spec, run_dir, 2)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 17))
+    assert losses[16] < losses[1] - 0.5
+    sample = run_cli("generate", str(run_dir), "--prompt", "def ", "--bytes", "32")
+    assert sample.returncode == 0 and "32 bytes" in sample.stderr, sample.stderr

@@ -29,7 +29,15 @@ from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec
 from shardyard.runtime.watchdog import read_heartbeats
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import ROOT, SHARDYARD, assert_same_series, tiny_spec_yaml, train_grad_norms, train_losses
+from tests.helpers import (
+    ROOT,
+    SHARDYARD,
+    assert_same_series,
+    tiny_spec_yaml,
+    train_grad_norms,
+    train_losses,
+    train_on_gloo,
+)
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 60, 10
@@ -141,10 +149,8 @@ def test_an_elastic_moe_job_shrinks_on_a_lost_node_grows_back_and_trains_like_a_
 
     # The reference: a fixed 2-worker run of the same spec (the smallest world that fits), the same
     # Trainer on 2 gloo ranks without Ray (no worker group to start).
-    from shardyard.comm.launch import spawn
-
     fixed_dir = tmp_path / "runs" / "fixed"
-    spawn(_fixed_rank, 2, 2, job_yaml(tmp_path, "fixed", "2").read_text(), str(fixed_dir))
+    train_on_gloo(load_spec(job_yaml(tmp_path, "fixed", "2")), fixed_dir, 2)
     assert_same_series(train_losses(run_dir), train_losses(fixed_dir), 1e-4, "loss")
     assert_same_series(train_grad_norms(run_dir), train_grad_norms(fixed_dir), 1e-4, "grad norm")
 
@@ -179,14 +185,6 @@ def test_an_elastic_moe_job_shrinks_on_a_lost_node_grows_back_and_trains_like_a_
     for line in (lost_line, grown_line):
         assert text.count(line) == 1 and line in driver_log, (line, text[-3000:])
     assert "Traceback" not in text
-
-
-def _fixed_rank(topology: Any, spec_text: str, run_dir: str) -> None:
-    from shardyard.platform.spec import load_spec_text
-    from shardyard.runtime.worker import LocalReporter, Trainer
-
-    spec = load_spec_text(spec_text)
-    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
 
 
 def _num_windows(run_dir: Path) -> int:

@@ -18,7 +18,7 @@ from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.preemption import EXIT_STOPPED, read_events
 from shardyard.runtime.watchdog import read_heartbeats
-from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses
+from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses, train_on_gloo
 
 pytestmark = pytest.mark.slow
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
@@ -37,21 +37,12 @@ def job_yaml(tmp_path: Path, name: str, **sections: str) -> Path:
     return path
 
 
-def _reference_rank(topology: Any, spec_text: str, run_dir: str) -> None:
-    from shardyard.runtime.worker import LocalReporter, Trainer
-
-    spec = load_spec_text(spec_text)
-    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """The uninterrupted run's losses: the same Trainer on 2 gloo ranks without Ray (what Ray Train
     runs is the same code on the same kind of process group; no worker group to start)."""
-    from shardyard.comm.launch import spawn
-
     tmp = tmp_path_factory.mktemp("reference")
-    spawn(_reference_rank, 2, 2, job_yaml(tmp, "reference").read_text(), str(tmp / "reference"))
+    train_on_gloo(load_spec_text(job_yaml(tmp, "reference").read_text()), tmp / "reference", 2)
     losses = train_losses(tmp / "reference")
     assert sorted(losses) == list(range(1, 49))
     return losses

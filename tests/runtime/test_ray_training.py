@@ -5,14 +5,22 @@ same Trainer on a plain gloo group."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from shardyard.platform.spec import load_spec
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
-from tests.helpers import assert_same_series, run_cli, run_job, tiny_spec_yaml, train_grad_norms, train_losses
+from tests.helpers import (
+    assert_same_series,
+    run_cli,
+    run_job,
+    tiny_spec_yaml,
+    train_grad_norms,
+    train_losses,
+    train_on_gloo,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -80,23 +88,13 @@ def _fault_spec(root: Path) -> Path:
     return spec
 
 
-def _reference_rank(topology: Any, spec_text: str, run_dir: str) -> None:
-    from shardyard.platform.spec import load_spec_text
-    from shardyard.runtime.worker import LocalReporter, Trainer
-
-    spec = load_spec_text(spec_text)
-    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run's directory: the same Trainer on 2 gloo ranks without Ray (what Ray Train
     runs is the same code on the same kind of process group; no worker group to start)."""
-    from shardyard.comm.launch import spawn
-
     root = tmp_path_factory.mktemp("uninterrupted")
     spec = _fault_spec(root)
-    spawn(_reference_rank, 2, 2, spec.read_text(), str(root / "runs" / "clean"))
+    train_on_gloo(load_spec(spec), root / "runs" / "clean", 2)
     again = run_cli("run", str(spec))  # a finished job run again has nothing left to do
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
     losses = train_losses(root / "runs" / "clean")
@@ -112,57 +110,6 @@ def _assert_same_losses(run_dir: Path, reference: Path, tolerance: float) -> Non
     for step in reference_losses:
         assert abs(losses[step] - reference_losses[step]) < tolerance, (step, losses[step], reference_losses[step])
     assert_same_series(train_grad_norms(run_dir), train_grad_norms(reference), 1e-4, "grad_norm")
-
-
-def test_expert_parallel_run_equals_the_data_parallel_run(tmp_path: Path, uninterrupted: Path) -> None:
-    ep = run_job(_fault_spec(tmp_path), "--set", "name=ep", "--set", "parallel.expert_parallel=2")
-    assert ep.returncode == 0, ep.stdout[-3000:] + ep.stderr[-3000:]
-    _assert_same_losses(tmp_path / "runs" / "ep", uninterrupted, 1e-4)
-
-
-def test_megabyte_trains_data_parallel_on_two_ray_workers(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[2]
-    proc = run_job(
-        root / "jobs" / "megabyte-tiny.yaml",
-        "--set",
-        f"checkpoint.dir={tmp_path}",
-        "--set",
-        "training.steps=16",
-        "--set",
-        "optim.schedule.warmup=2",
-        "--set",
-        "training.eval_every=8",
-        "--set",
-        "training.log_every=1",
-        "--set",
-        "checkpoint.every=8",
-        "--set",
-        "data.max_bytes=3000000",
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = train_losses(tmp_path / "megabyte-tiny")
-    assert sorted(losses) == list(range(1, 17))
-    assert losses[16] < losses[1] - 0.5
-    sample = run_cli("generate", str(tmp_path / "megabyte-tiny"), "--prompt", "def ", "--bytes", "32")
-    assert sample.returncode == 0 and "32 bytes" in sample.stderr
-
-
-def test_galore_with_lowrank_ffn_trains_on_two_ray_workers(tmp_path: Path) -> None:
-    spec = tmp_path / "job.yaml"
-    spec.write_text(
-        tiny_spec_yaml(
-            "galore",
-            tmp_path / "runs",
-            model="{kind: dense, width: 64, depth: 2, heads: 2, ffn: {kind: lowrank, hidden: 128, rank: 16, "
-            "self_guided: 0.5}}",
-            optim="{kind: q_galore_adamw, lr: 3.0e-3, schedule: {warmup: 2}, galore: {rank: 8, update_gap: 5}}",
-            training="{steps: 16, batch_size: 4, eval_every: 8, eval_bytes: 2048, log_every: 1}",
-        )
-    )
-    proc = run_job(spec)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = train_losses(tmp_path / "runs" / "galore")
-    assert sorted(losses) == list(range(1, 17)) and losses[16] < losses[1] - 0.5
 
 
 def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted: Path) -> None:
