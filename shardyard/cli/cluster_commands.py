@@ -31,7 +31,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """A run directory (or a job name under ./runs) gets a stop request file: its workers checkpoint and
     exit at the next step boundary. Anything else is a Ray job id, stopped through Ray Jobs (its
     entrypoint gets SIGTERM, which does the same)."""
-    from shardyard.runtime.preemption import request_stop
+    from shardyard.runtime.run_events import request_stop
 
     run_dir = RunDir.find(args.job_id)
     if run_dir is not None:

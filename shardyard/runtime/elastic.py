@@ -8,7 +8,7 @@ checkpoint. A lost node fails the group; the restart then takes the workers that
 without waiting for the node.
 
 `CheckpointFirstPolicy` (runs in the Ray Train controller) turns a planned resize into: ask the
-running ranks for a checkpoint at an agreed step boundary (preemption.request_resize), wait until
+running ranks for a checkpoint at an agreed step boundary (run_events.request_resize), wait until
 they report it and hold, then resize. The new group resumes from exactly that step: growing redoes
 nothing. A node loss redoes the steps since the newest checkpoint.
 
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shardyard.runtime.preemption import append_event, clear_resize, read_events, request_resize, resize_ready_step
+from shardyard.runtime.run_events import append_event, clear_resize, read_events, request_resize, resize_ready_step
 
 
 # ------------------------------------------------------------------------------ controller side

@@ -20,7 +20,8 @@ from shardyard.platform.run_dir import SPEC_FILE, RunDir
 from shardyard.platform.schema import JobSpec
 from shardyard.platform.spec import load_spec, spec_to_yaml
 from shardyard.runtime.checkpoint import find_latest_checkpoint, read_meta
-from shardyard.runtime.preemption import EXIT_STOPPED, clear_resize, clear_stop, graceful_stop, stop_reason
+from shardyard.runtime.preemption import EXIT_STOPPED, graceful_stop
+from shardyard.runtime.run_events import clear_resize, clear_stop, stop_reason
 from shardyard.tracking.logger import read_metrics
 
 

@@ -1,10 +1,6 @@
-"""What happens when an attempt fails, and what the user sees of it.
+"""What happens when an attempt fails, and what the user sees of it (the controller's policy itself:
+runtime/failure_policy.py).
 
-- `ShardyardFailurePolicy` (runs in the Ray Train controller): a `UserError` raised on any worker
-  (bad data path, corpus too small, a model that cannot fit) fails the job at once instead of being
-  retried; everything else follows `resources.max_failures` (-1 = unlimited) as Ray's default policy
-  does. Each decision becomes one event in `<run_dir>/events.jsonl`: which rank or node failed, how,
-  the checkpoint step the next attempt starts from and the failures left, plus the full error text.
 - `route_worker_output` (driver): everything the workers and the controller print goes to
   `<run_dir>/driver.log`; the console gets only lines meant for the user (`[shardyard] ...`) and
   one line per event (`EventPrinter`), instead of pages of controller tracebacks.
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,175 +23,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
+from ray.train.v2.api.exceptions import TrainingFailedError
 
-from shardyard.platform.errors import UserError
 from shardyard.platform.run_dir import RunDir
 from shardyard.platform.schema import JobSpec
-from shardyard.runtime import checkpoint as ckpt
 from shardyard.runtime.devices import worker_device
-from shardyard.runtime.preemption import append_event, read_events
-from shardyard.runtime.watchdog import StepWatchdog, read_heartbeats, read_stall_reports, stall_report
-
-# Errors a rank raises because ANOTHER rank went away: never the cause when a cause is known.
-TIMEOUT = re.compile(r"Timed out|timed out|Watchdog caught collective operation timeout|DistStoreError", re.I)
-COLLATERAL = re.compile(
-    r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
-    r"Socket closed|NCCL communicator was aborted|ProcessGroupGloo.*peer|"
-    r"Gloo connectFullMesh failed|Application timeout caused pair closure",
-    re.I,
-)
-
-
-# ------------------------------------------------------------------------------ user errors
-def as_user_error(error: BaseException) -> UserError | None:
-    """The UserError an exception stands for, or None when it is not the user's to fix. A model that
-    does not fit its device fails the same way on every retry."""
-    if isinstance(error, UserError):
-        return error
-    if isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
-    ):
-        return UserError(
-            f"the model does not fit in a worker's memory ({str(error).splitlines()[0][:200]}): "
-            "reduce model.width / model.depth / training.batch_size, shard it (parallel.shard: full) "
-            "or give workers more memory (resources)"
-        )
-    return None
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """The exception behind Ray Train's wrappers (health-check failures wrap the actor's death)."""
-    inner = getattr(error, "health_check_failure", None)
-    return unwrap(inner) if isinstance(inner, BaseException) else error
-
-
-# ------------------------------------------------------------------------------ describing a failure
-def _first_line(text: str, limit: int = 240) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return (lines[-1] if lines else "")[:limit]
-
-
-def describe_rank_failure(rank: int, error: BaseException, heartbeats: dict[int, dict[str, Any]]) -> str:
-    """One phrase: how rank `rank` failed, where it ran."""
-    beat = heartbeats.get(rank, {})
-    node = f", node {beat['node_id'][:8]}" if beat.get("node_id") else ""
-    where = f" (pid {beat['pid']} on {beat['host']}{node})" if beat else ""
-    error = unwrap(error)
-    user = as_user_error(error)
-    if user is not None:
-        return f"rank {rank}{where}: {user}"
-    from ray.exceptions import RayActorError
-
-    if isinstance(error, RayActorError):
-        text = str(error)
-        if error.preempted:
-            how = "its node was preempted"
-        elif re.search(r"node .*(died|dead|removed)|raylet .*died|NODE_DIED|node failure", text, re.I):
-            how = "its node died (raylet lost)"
-        elif re.search(r"exit code 86|EXIT_STALLED", text):
-            how = "ended by the step watchdog"
-        else:
-            how = "its process died (killed by a signal, OOM killer or a crash)"
-        node = re.search(r"ip=?([0-9.]+)", text)
-        return f"rank {rank}{where} died: {how}" + (f", ip {node.group(1)}" if node and not beat else "")
-    return f"rank {rank}{where} raised {type(error).__name__}: {_first_line(str(error))}"
-
-
-def summarise(error: TrainingFailedError, run_dir: Path, since: float, timeout_s: float) -> tuple[str, bool]:
-    """(one line about the failure, whether it is a user error). A collective that timed out is
-    explained by the heartbeats: the rank that stopped progressing, not the ranks that waited."""
-    if isinstance(error, ControllerError):
-        return f"Ray Train controller error: {_first_line(str(error.controller_failure))}", False
-    if not isinstance(error, WorkerGroupError):
-        return _first_line(str(error)), False
-    failures = error.worker_failures
-    user = [r for r, e in failures.items() if as_user_error(unwrap(e)) is not None]
-    heartbeats = read_heartbeats(RunDir(run_dir).heartbeats)
-    stalls = read_stall_reports(run_dir, since)
-    if user:
-        return describe_rank_failure(user[0], failures[user[0]], heartbeats), True
-    if stalls:
-        return f"hang: {stalls[0]['message']}", False
-    causes = [r for r, e in sorted(failures.items()) if not COLLATERAL.search(str(unwrap(e)))]
-    if causes and all(TIMEOUT.search(str(unwrap(failures[r]))) for r in causes):
-        current = read_heartbeats(RunDir(run_dir).heartbeats, since)
-        if current:
-            world = max(max(current), max(failures)) + 1
-            return f"hang: {stall_report(RunDir(run_dir).heartbeats, -1, world, timeout_s, since)['message']}", False
-    ranks = causes or sorted(failures)
-    phrases = [describe_rank_failure(r, failures[r], heartbeats) for r in ranks]
-    return _group_phrases(phrases), False
-
-
-def _group_phrases(phrases: list[str]) -> str:
-    """'rank 0 (...) died: its node died' x N -> one phrase naming the node once."""
-    by_how: dict[str, list[str]] = {}
-    for phrase in phrases:
-        who, _, how = phrase.partition(" died: ")
-        by_how.setdefault(how if how else phrase, []).append(who if how else "")
-    out = []
-    for how, whos in by_how.items():
-        if len(whos) > 1 and all(whos):
-            nodes = sorted({m.group(1) for w in whos if (m := re.search(r"node (\w+)", w))})
-            ranks = ", ".join(w.split(" (")[0].removeprefix("rank ") for w in whos)
-            on = f" on node {', '.join(nodes)}" if nodes else ""
-            out.append(f"ranks {ranks}{on} died: {how.replace('its ', 'their ', 1)}")
-        else:
-            out.extend(f"{w} died: {how}" if w else how for w in whos)
-    text = "; ".join(out[:3])
-    return text + (f"; {len(out) - 3} more" if len(out) > 3 else "")
-
-
-def restart_step(run_dir: Path) -> int | None:
-    latest = ckpt.find_latest_checkpoint(run_dir)
-    if latest is None:
-        return None
-    try:
-        return int(ckpt.read_meta(latest)["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-# ------------------------------------------------------------------------------ the policy
-class ShardyardFailurePolicy(DefaultFailurePolicy):
-    """Ray's default policy (max_failures, -1 = unlimited), except that user errors are never retried;
-    every decision is recorded as an event for the driver to print."""
-
-    def __init__(self, failure_config: Any, run_dir: str, timeout_s: float = 300.0) -> None:
-        super().__init__(failure_config)
-        self.run_dir = run_dir
-        self.timeout_s = timeout_s
-        self.attempt_start = time.time()
-
-    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
-        run_dir = Path(self.run_dir)
-        try:
-            line, user_error = summarise(training_failed_error, run_dir, self.attempt_start, self.timeout_s)
-        except Exception as err:  # describing a failure must never change its handling
-            line, user_error = f"{type(training_failed_error).__name__} ({err} while describing it)", False
-        if user_error:
-            decision = FailureDecision.RAISE
-        else:
-            decision = super().make_decision(training_failed_error)
-        limit = self.failure_config.max_failures
-        left = "unlimited" if limit == -1 else str(max(0, limit - self._worker_group_failures))
-        step = restart_step(run_dir) if decision == FailureDecision.RETRY else None
-        event = {
-            "event": "retry" if decision == FailureDecision.RETRY else "fail",
-            "message": line,
-            "user_error": user_error,
-            "restart_step": step,
-            "failures_left": left,
-            "detail": str(training_failed_error),
-        }
-        try:
-            append_event(run_dir, event)
-        except OSError:
-            pass
-        self.attempt_start = time.time()
-        return decision
+from shardyard.runtime.failure_policy import ShardyardFailurePolicy, as_user_error, first_line, summarise
+from shardyard.runtime.run_events import read_events
+from shardyard.runtime.watchdog import StepWatchdog, read_heartbeats
 
 
 def event_line(event: dict[str, Any]) -> str | None:
@@ -363,7 +197,7 @@ def failure_summary(error: BaseException, run_dir: Path, timeout_s: float = 300.
     if isinstance(error, TrainingFailedError):
         line, _ = summarise(error, run_dir, _last_attempt_start(run_dir), timeout_s)
         return f"{line} (details in {RunDir(run_dir).driver_log})"
-    return f"{type(error).__name__}: {_first_line(str(error))} (details in {RunDir(run_dir).driver_log})"
+    return f"{type(error).__name__}: {first_line(str(error))} (details in {RunDir(run_dir).driver_log})"
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ def test_job_with_data_and_checkpoints_in_the_bucket_resumes_from_it(
     from shardyard.data.storage import filesystem
     from shardyard.platform.spec import load_spec_text
     from shardyard.runtime.entry import run_training
-    from shardyard.runtime.preemption import read_events
+    from shardyard.runtime.run_events import read_events
 
     fs, _ = filesystem(s3_bucket)
     fs.put_file(str(write_jsonl(tmp_path / "corpus.jsonl", documents(120))), f"{s3_bucket[5:]}/job-data/corpus.jsonl")

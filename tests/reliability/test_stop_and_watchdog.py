@@ -16,15 +16,8 @@ from shardyard.comm.topology import Topology
 from shardyard.platform.errors import SpecError, UserError
 from shardyard.platform.run_dir import RunDir
 from shardyard.platform.spec import load_spec_text
-from shardyard.runtime.preemption import (
-    StepBoundary,
-    checkpoint_warning,
-    clear_stop,
-    graceful_stop,
-    read_events,
-    request_stop,
-    stop_reason,
-)
+from shardyard.runtime.preemption import StepBoundary, checkpoint_warning, graceful_stop
+from shardyard.runtime.run_events import clear_stop, read_events, request_stop, stop_reason
 from shardyard.runtime.watchdog import EXIT_STALLED, StepWatchdog, beat, read_stall_reports
 from tests.helpers import tiny_spec_yaml
 
@@ -128,7 +121,8 @@ def test_failure_policy_never_retries_user_errors_and_counts_the_rest(tmp_path: 
     from ray.train.v2._internal.execution.failure_handling import FailureDecision
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from shardyard.runtime.failures import ShardyardFailurePolicy, as_user_error, event_line
+    from shardyard.runtime.failure_policy import ShardyardFailurePolicy, as_user_error
+    from shardyard.runtime.failures import event_line
 
     policy = ShardyardFailurePolicy(FailureConfig(max_failures=-1), str(tmp_path))
     crash = WorkerGroupError(
@@ -255,3 +249,26 @@ def test_a_rank_that_sleeps_in_a_collective_ends_the_attempt_naming_it(tmp_path:
         )
         for r in reports
     ), reports
+
+
+def test_a_lost_node_is_one_line_naming_all_its_ranks_even_those_ray_train_had_not_polled(tmp_path: Path) -> None:
+    """Ray Train reports the ranks of a dead node that it had polled by then (seen: only the first of
+    two). The line names every rank of this attempt whose heartbeat places it on that node, once,
+    and not the collateral ranks of the surviving node."""
+    import json
+
+    from ray.exceptions import RayActorError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from shardyard.runtime.failure_policy import summarise
+
+    beats = RunDir(tmp_path).heartbeats
+    beats.mkdir(parents=True)
+    for rank, node in ((0, "aaaa1111bbbb"), (1, "aaaa1111bbbb"), (2, "cccc2222dddd"), (3, "cccc2222dddd")):
+        record = {"rank": rank, "attempt": 5.0, "node_id": node, "pid": 100 + rank, "host": "h", "step": 3}
+        (beats / f"rank{rank}.json").write_text(json.dumps(record))
+    died = RayActorError(error_msg="The actor died because its node has died. Node Id: cccc2222dddd NODE_DIED")
+    failure = WorkerGroupError("lost", {2: died, 0: RuntimeError("Connection closed by peer [10.0.0.3]:4000")})
+    line, user_error = summarise(failure, tmp_path, since=0.0, timeout_s=300.0)
+    assert not user_error
+    assert line == "ranks 2, 3 on node cccc2222 died: their node died (raylet lost)", line
