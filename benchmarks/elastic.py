@@ -191,7 +191,8 @@ def main() -> int:
     print(text, flush=True)
     if args.out:
         args.out.write_text(
-            f"# Elastic vs fixed-size goodput, 2026-12-05\n\nDevice: 2-core CPU, loaded (shared with other jobs).\n"
+            f"# Elastic vs fixed-size goodput, {time.strftime('%Y-%m-%d')}\n\n"
+            f"Device: {os.cpu_count()}-core CPU; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}.\n"
             f"Command: `python -m benchmarks.elastic {' '.join(sys.argv[1:])}`\n"
             f"Steps {args.steps}, node lost at step {args.kill_at}, away {args.away:.0f} s, rounds {args.rounds}.\n\n"
             f"{text}\n\nRuns:\n\n```\n{json.dumps(results, indent=1)}\n```\n"
