@@ -3,6 +3,7 @@ with token authentication."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -37,12 +38,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
+    """An elastic job (workers 1..2, a global batch of 8) goes through Ray Jobs as it does through
+    `shardyard run`: the elastic scaling policy in the controller, the split per size in the workers."""
     spec = tmp_path / "job.yaml"
     spec.write_text(
         tiny_spec_yaml(
             "submitted",
             tmp_path / "runs",
-            training="{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, log_every: 2}",
+            training="{steps: 12, batch_size: 4, global_batch: 8, eval_every: 6, eval_bytes: 2048, log_every: 2}",
+            resources="{workers: {min: 1, max: 2}, cpus_per_worker: 1, max_failures: 1}",
         )
     )
     proc = run_cli("submit", str(spec), "--address", ADDRESS, "--set", "checkpoint.every=6", env=ray_head)
@@ -59,7 +63,11 @@ def test_submit_status_logs_list(ray_head: dict, tmp_path: Path) -> None:
     logs = run_cli("logs", job_id, "--address", ADDRESS, env=ray_head).stdout
     assert state.startswith("SUCCEEDED"), state + logs[-4000:]
     assert "[shardyard] step 12/12" in logs and "val " in logs and " bpb +- " in logs  # plain lines in a job log
-    assert (tmp_path / "runs" / "submitted" / "metrics.jsonl").exists()
+    records = [
+        json.loads(line) for line in (tmp_path / "runs" / "submitted" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in records if r.get("kind") == "train"]
+    assert train and all(r["world_size"] == 2 for r in train), train[-1]  # max: the head has room for 2
     followed = run_cli("logs", job_id, "--follow", "--address", ADDRESS, env=ray_head, timeout=60)
     assert followed.returncode == 0 and "done at step 12/12" in followed.stdout
     listing = run_cli("list", "--address", ADDRESS, env=ray_head).stdout
