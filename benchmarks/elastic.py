@@ -87,6 +87,20 @@ def steps_redone(run_dir: Path) -> list[int]:
     return out
 
 
+def lose_node(node: Any) -> None:
+    """The node's machine goes away: its raylet and every process under it (the training workers on
+    it) are SIGKILLed at once. Killing the raylet alone lets its workers train on until they notice."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    doomed = [raylet, *raylet.children(recursive=True)]
+    for process in doomed:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
 def one_run(cluster: Any, tmp: Path, name: str, job: tuple[str, bool], steps: int, kill_at: int, away_s: float) -> dict:
     workers, background = job
     spec = tmp / f"{name}.yaml"
@@ -109,7 +123,7 @@ def one_run(cluster: Any, tmp: Path, name: str, job: tuple[str, bool], steps: in
         time.sleep(0.05)
     other = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
     lost_at = time.time()
-    os.kill(other.all_processes["raylet"][0].process.pid, signal.SIGKILL)
+    lose_node(other)
     time.sleep(away_s)
     cluster.remove_node(other, allow_graceful=False)
     cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
@@ -117,7 +131,12 @@ def one_run(cluster: Any, tmp: Path, name: str, job: tuple[str, bool], steps: in
         raise RuntimeError(out.read_text()[-3000:])
     wall = time.time() - start
     resumed = [r for r in records(run_dir) if r.get("event") == "resume"]
-    after = [r for r in records(run_dir) if r.get("kind") == "train" and r["time"] > resumed[0]["time"]]
+    after = [r for r in records(run_dir) if r.get("kind") == "train" and resumed and r["time"] > resumed[0]["time"]]
+    if not after:
+        raise RuntimeError(
+            f"{name}: no step was trained after the node loss (resumes: {resumed}); "
+            f"the job ended before the loss took effect: raise --steps above {steps}"
+        )
     return {
         "wall_s": wall,
         "goodput_steps_per_s": steps / wall,
@@ -163,7 +182,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.smoke:
-        args.rounds, args.steps, args.kill_at, args.away = 1, 40, 12, 15.0
+        args.rounds, args.steps, args.kill_at, args.away = 1, 60, 12, 15.0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
 

@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton's CPU interpreter, hermetic Ray auth token, offline wandb."""
+"""Shared test set-up: Triton's CPU interpreter, hermetic Ray auth token, offline wandb; tests that
+start Ray run in one pytest-xdist worker."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,9 @@ import pytest
 # GEMM backends run here: set it before pytest imports any of them. Triton kernels then run on CPU
 # tensors (correctness only; speed needs a GPU).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two pytest-xdist workers share 2 cores: one torch thread each, not two that contend.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 BIN = Path(sys.executable).parent
 
@@ -39,3 +44,65 @@ def _shared_ray_cluster() -> Iterator[None]:
 
     yield
     stop_shared_ray()
+
+
+# Tests that start a Ray cluster (or a `shardyard run` that embeds one) carry the `ray` mark. Under
+# pytest-xdist (`-n 2`, the README's command) every test module that marks one runs in one worker, one
+# test after another, while the other worker takes the rest: two Ray heads at once on one machine
+# contend for Ray's default dashboard and agent ports. (xdist's own `--dist loadgroup` reads groups
+# from node ids that pytest 9 no longer lets a plugin change.)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+
+    class RayModulesInOneWorker(LoadScopeScheduling):
+        """One work unit of all the modules that mark a test `ray`; every other test its own unit.
+        The largest unit is handed out first (xdist orders units by size)."""
+
+        marks_ray: dict[str, bool] = {}
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module not in self.marks_ray:
+                source = root / module
+                self.marks_ray[module] = source.is_file() and "pytest.mark.ray" in source.read_text()
+            return "ray" if self.marks_ray[module] else nodeid
+
+    return RayModulesInOneWorker(config, log)
+
+
+def _ray_sessions() -> set[str]:
+    root = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    try:
+        return {entry.name for entry in root.iterdir() if entry.name.startswith("session_2")}
+    except OSError:
+        return set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_SESSIONS_BEFORE] = _ray_sessions()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """An unmarked test that started Ray fails (checked when tests run in one process: under xdist the
+    other worker's sessions would show up here too)."""
+    outcome = yield
+    if call.when != "teardown" or "PYTEST_XDIST_WORKER" in os.environ or item.get_closest_marker("ray"):
+        return
+    started = _ray_sessions() - item.stash.get(_SESSIONS_BEFORE, set())
+    report = outcome.get_result()
+    if started and report.outcome == "passed":
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} started a Ray cluster ({', '.join(sorted(started))}) without the `ray` mark: "
+            "mark it (@pytest.mark.ray) so that pytest-xdist runs it in the Ray tests' worker"
+        )
+
+
+_SESSIONS_BEFORE = pytest.StashKey[set[str]]()

@@ -12,7 +12,7 @@ from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.entry import run_training
 from tests.helpers import tiny_spec_yaml, train_losses, two_node_ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_two_node_cluster_hierarchical_expert_parallel(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import run_cli, stop_shared_ray, tiny_spec_yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 PORT, DASHBOARD = 6389, 8275
 ADDRESS = f"http://127.0.0.1:{DASHBOARD}"
 

@@ -15,7 +15,7 @@ from shardyard.platform.spec import load_spec_text
 from shardyard.runtime.entry import run_training
 from tests.helpers import tiny_spec_yaml, train_losses, train_on_gloo, two_node_ray_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.ray]
 
 
 def spec(root: Path, name: str):

@@ -19,7 +19,7 @@ from shardyard.platform.schema import DataSpec
 from tests.data.test_prepare import documents, write_jsonl
 from tests.helpers import tiny_spec_yaml, two_node_ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 FAULT_STEP = 6
 
 

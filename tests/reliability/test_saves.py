@@ -383,6 +383,7 @@ def test_a_worker_whose_driver_is_gone_stops_before_writing(tmp_path: Path) -> N
             assert f"the driver (pid {holder}) is gone: this worker stops at step 7" in done.stdout
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_driver_killed_with_sigkill_leaves_no_cluster_and_no_further_step(tmp_path: Path) -> None:
     """`shardyard run` (its own embedded cluster, under a Ray temp dir of this test) is SIGKILLed while

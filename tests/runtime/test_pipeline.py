@@ -150,6 +150,7 @@ def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path,
     assert_same_weights(pipelined, load_file(str(export(tmp_path / "reference", tmp_path / "export-ep2"))))
 
 
+@pytest.mark.ray
 def test_shardyard_run_of_the_pipeline_job_trains(tmp_path: Path) -> None:
     """`shardyard run jobs/moe-pipeline.yaml` (2 Ray workers, interleaved 1F1B over 4 stages): the
     loss falls, every MoE layer of both ranks is reported (rank 0 holds two of the four), and the step

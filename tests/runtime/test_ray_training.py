@@ -22,7 +22,7 @@ from tests.helpers import (
     train_on_gloo,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.ray]
 
 
 def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:

@@ -131,6 +131,7 @@ def test_the_listener_summary_groups_by_reachability() -> None:
 
 
 # ------------------------------------------------------------------------------------- a real run
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_planted_secret_reaches_the_workers_and_nowhere_else(tmp_path: Path) -> None:
     """`shardyard run` of a tiny job with a marker secret (spec env) and a marker WANDB_API_KEY:
