@@ -3,9 +3,10 @@ start Ray run in one pytest-xdist worker."""
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,10 @@ def _shared_ray_cluster() -> Iterator[None]:
 
 
 # Tests that start a Ray cluster (or a `shardyard run` that embeds one) carry the `ray` mark. Under
-# pytest-xdist (`-n 2`, the README's command) every test module that marks one runs in one worker, one
-# test after another, while the other worker takes the rest: two Ray heads at once on one machine
-# contend for Ray's default dashboard and agent ports. (xdist's own `--dist loadgroup` reads groups
-# from node ids that pytest 9 no longer lets a plugin change.)
+# pytest-xdist (`-n 2`, the README's command) they all run in one worker, one after another, while the
+# other worker takes the rest: two Ray heads at once on one machine contend for Ray's default dashboard
+# and agent ports. (xdist's own `--dist loadgroup` reads groups from node ids, which pytest 9 no longer
+# lets a plugin change; xdist's controller sees node ids only, so the marks are read from the source.)
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getvalue("dist") != "load":
@@ -58,21 +59,44 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     root = config.rootpath
+    marked: dict[str, Callable[[str], bool]] = {}
 
-    class RayModulesInOneWorker(LoadScopeScheduling):
-        """One work unit of all the modules that mark a test `ray`; every other test its own unit.
-        The largest unit is handed out first (xdist orders units by size)."""
-
-        marks_ray: dict[str, bool] = {}
+    class RayTestsInOneWorker(LoadScopeScheduling):
+        """One work unit of every test marked `ray` (handed out first: xdist orders units by size);
+        every other test is a unit of its own."""
 
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            if module not in self.marks_ray:
-                source = root / module
-                self.marks_ray[module] = source.is_file() and "pytest.mark.ray" in source.read_text()
-            return "ray" if self.marks_ray[module] else nodeid
+            module, _, name = nodeid.partition("::")
+            if module not in marked:
+                marked[module] = _ray_marked(root / module)
+            return "ray" if marked[module](name.rsplit("::", 1)[-1].split("[", 1)[0]) else nodeid
 
-    return RayModulesInOneWorker(config, log)
+    return RayTestsInOneWorker(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Ray tests that kill nodes run last: in the Ray tests' worker they then run once the other
+    worker is done, on an otherwise idle machine (node deaths are detected from heartbeats)."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_nodes") is not None)
+
+
+def _ray_marked(module: Path) -> Callable[[str], bool]:
+    """Whether the test function of that name in `module` carries the `ray` mark (its module's
+    `pytestmark` or its own decorators)."""
+    if module.suffix != ".py" or not module.is_file():
+        return lambda name: False
+    source = module.read_text()
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+            if "pytest.mark.ray" in (ast.get_source_segment(source, node.value) or ""):
+                return lambda name: True
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+            ast.get_source_segment(source, d) == "pytest.mark.ray" for d in node.decorator_list
+        ):
+            names.add(node.name)
+    return names.__contains__
 
 
 def _ray_sessions() -> set[str]:

@@ -22,7 +22,12 @@ def cluster() -> Iterator[Any]:
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 120 * 1024**2, "_system_config": fast_health},
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 120 * 1024**2,
+            "include_dashboard": False,  # nothing here reads it; its start costs seconds of CPU
+            "_system_config": fast_health,
+        },
     )
     cluster.add_node(num_cpus=2, object_store_memory=120 * 1024**2)
     ray.init(address=cluster.address, logging_level="WARNING")

@@ -39,7 +39,7 @@ from tests.helpers import (
     train_on_gloo,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.kills_nodes]
 STEPS, EVERY = 60, 10
 LOSE, GROW = EVERY + 3, 30  # the steps after which the job waits for the node loss and for the growth request
 MODEL = "{kind: moe, width: 32, depth: 2, heads: 2, ffn: {hidden: 64}, moe: {num_experts: 4, top_k: 2, balance_scope: global}}"

@@ -21,7 +21,7 @@ from shardyard.runtime.run_events import read_events
 from shardyard.runtime.watchdog import read_heartbeats
 from tests.helpers import ROOT, SHARDYARD, tiny_spec_yaml, train_losses, train_on_gloo
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.kills_nodes]
 TRAINING = "{steps: 48, batch_size: 4, eval_every: 0, eval_bytes: 2048, log_every: 1}"
 RESOURCES = "{workers: 2, cpus_per_worker: 1, max_failures: 2}"
 
