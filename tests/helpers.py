@@ -168,21 +168,28 @@ def two_node_ray_cluster(env_vars: dict[str, str] | None = None) -> Iterator[Any
         ray.shutdown()
 
 
-def _fit_rank(topology: Any, spec_json: str, run_dir: str) -> None:
+def _fit_rank(topology: Any, spec_json: str, run_dir: str, resume: bool) -> None:
     from shardyard.platform.spec import spec_from_json
+    from shardyard.runtime import checkpoint as ckpt
     from shardyard.runtime.worker import LocalReporter, Trainer
 
     spec = spec_from_json(spec_json)
-    Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep)).fit()
+    trainer = Trainer(spec, Path(run_dir), LocalReporter(Path(run_dir), spec.checkpoint.keep))
+    if resume:
+        trainer.resume(ckpt.find_latest_checkpoint(Path(run_dir)))
+    trainer.fit()
 
 
-def train_on_gloo(spec: Any, run_dir: Path, world: int, ranks_per_node: int | None = None) -> None:
+def train_on_gloo(
+    spec: Any, run_dir: Path, world: int, ranks_per_node: int | None = None, resume: bool = False
+) -> None:
     """Train the job spec `spec` to its end into `run_dir` on `world` gloo ranks (`ranks_per_node` per
     faked node): the Trainer a Ray Train worker runs, on the same kind of process group, without a
-    worker group to start. For tests whose subject is the training, not Ray."""
+    worker group to start. For tests whose subject is the training, not Ray. `resume`: from the run's
+    newest complete checkpoint, as a worker does when Ray Train hands it none."""
     from shardyard.comm.launch import spawn
 
-    spawn(_fit_rank, world, ranks_per_node or world, spec.model_dump_json(), str(run_dir))
+    spawn(_fit_rank, world, ranks_per_node or world, spec.model_dump_json(), str(run_dir), resume)
 
 
 def run_job(spec: Path | str, *args: str, **kwargs: Any):

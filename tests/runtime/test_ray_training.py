@@ -1,6 +1,7 @@
 """Real Ray Train runs through `shardyard run` on the session's Ray cluster: 2 gloo workers,
-checkpoints, restart, wandb offline. The faulty runs are compared with one uninterrupted run of the
-same Trainer on a plain gloo group."""
+checkpoints, restart, wandb offline. The faulty run is compared with one uninterrupted run of the same
+Trainer on a plain gloo group (tests/runtime/conftest.py); a crash under ZeRO-2 and a kill mid-save,
+started again by hand on gloo: tests/runtime/test_fault_resume.py."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from shardyard.platform.spec import load_spec
 from shardyard.runtime import checkpoint as ckpt
 from shardyard.tracking.expert_load import read_expert_load
 from shardyard.tracking.logger import read_metrics
 from tests.helpers import (
     assert_same_series,
-    run_cli,
     run_job,
     tiny_spec_yaml,
     train_grad_norms,
     train_losses,
-    train_on_gloo,
 )
+from tests.runtime.fault_runs import assert_same_losses, fault_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.ray]
 
@@ -73,68 +72,6 @@ def test_two_worker_moe_run_learns_checkpoints_and_logs(tmp_path: Path) -> None:
     assert "\r" not in proc.stdout and "[shardyard] step 40/40" in proc.stdout  # plain lines when redirected
 
 
-# One job, three faults: every faulty run below is compared with this one uninterrupted run (the same
-# spec and schedule; checkpoint and evaluation cadence do not change training losses).
-FAULT_TRAINING = "{steps: 12, batch_size: 4, eval_every: 6, eval_bytes: 2048, log_every: 1}"
-
-
-def _fault_spec(root: Path) -> Path:
-    spec = root / "job.yaml"
-    spec.write_text(
-        tiny_spec_yaml(
-            "clean", root / "runs", training=FAULT_TRAINING, checkpoint=f"{{dir: {root / 'runs'}, every: 4, keep: 3}}"
-        )
-    )
-    return spec
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run's directory: the same Trainer on 2 gloo ranks without Ray (what Ray Train
-    runs is the same code on the same kind of process group; no worker group to start)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    spec = _fault_spec(root)
-    train_on_gloo(load_spec(spec), root / "runs" / "clean", 2)
-    again = run_cli("run", str(spec))  # a finished job run again has nothing left to do
-    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:]
-    losses = train_losses(root / "runs" / "clean")
-    assert sorted(losses) == list(range(1, 13))
-    return root / "runs" / "clean"
-
-
-def _assert_same_losses(run_dir: Path, reference: Path, tolerance: float) -> None:
-    """Every step's loss within `tolerance`, and its gradient norm before clipping within a relative
-    1e-4 (clipping and Adam hide a constant gradient scale from the losses)."""
-    losses, reference_losses = train_losses(run_dir), train_losses(reference)
-    assert sorted(losses) == sorted(reference_losses)
-    for step in reference_losses:
-        assert abs(losses[step] - reference_losses[step]) < tolerance, (step, losses[step], reference_losses[step])
-    assert_same_series(train_grad_norms(run_dir), train_grad_norms(reference), 1e-4, "grad_norm")
-
-
-def test_deepspeed_zero2_with_a_crash_matches_ddp(tmp_path: Path, uninterrupted: Path) -> None:
-    """A worker raising at step 9 (not a user error) is retried: the ZeRO-2 group restarts from the
-    step-8 checkpoint and ends with the uninterrupted DDP run's losses. (A SIGKILLed worker and a lost
-    node: tests/reliability/test_faults_on_ray.py.)"""
-    pytest.importorskip("deepspeed")
-    zero = run_job(_fault_spec(tmp_path), "--set", "name=zero2", "--set", "parallel.zero=2", "--fault-step", "9")
-    assert zero.returncode == 0, zero.stdout[-3000:] + zero.stderr[-3000:]
-    assert (tmp_path / "runs" / "zero2" / ".injected_fault_done").exists()
-    assert "resumed from step 8" in zero.stdout + zero.stderr
-    _assert_same_losses(tmp_path / "runs" / "zero2", uninterrupted, 1e-4)  # against DDP
-
-
-def test_a_worker_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path: Path, uninterrupted: Path) -> None:
-    """The last rank's process exits after writing its shards of the step-8 checkpoint, before the
-    manifest: Ray Train restarts the group from step 4 and the run ends with the uninterrupted losses."""
-    marker = tmp_path / "killed"
-    killed = run_job(_fault_spec(tmp_path), "--set", "name=killed", env={"SHARDYARD_KILL_IN_SAVE": f"8:{marker}"})
-    assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert marker.read_text() == "8"
-    assert "resumed from step 4" in killed.stdout + killed.stderr
-    _assert_same_losses(tmp_path / "runs" / "killed", uninterrupted, 1e-5)
-
-
 def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_checkpoint(
     tmp_path: Path, uninterrupted: Path
 ) -> None:
@@ -144,7 +81,7 @@ def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_che
     uninterrupted (synchronous) run's losses and gradient norms; every async checkpoint left is complete."""
     marker = tmp_path / "killed"
     killed = run_job(
-        _fault_spec(tmp_path),
+        fault_spec(tmp_path),
         "--set",
         "name=killed_async",
         "--set",
@@ -155,7 +92,7 @@ def test_a_worker_killed_during_a_background_write_resumes_from_the_previous_che
     assert marker.read_text() == "8"
     assert "resumed from step 4" in killed.stdout + killed.stderr
     run_dir = tmp_path / "runs" / "killed_async"
-    _assert_same_losses(run_dir, uninterrupted, 1e-5)
+    assert_same_losses(run_dir, uninterrupted, 1e-5)
     assert_same_series(train_grad_norms(run_dir), train_grad_norms(uninterrupted), 1e-5, "grad_norm")
     stored = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert stored and all(ckpt.verify_checkpoint(path, full=True) is None for path in stored), stored
