@@ -126,7 +126,9 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
 
 def _params():
     for name, (argv, patterns, slow) in CASES.items():
-        marks = [pytest.mark.slow, pytest.mark.benchmark] if slow else []
+        # the slow ones run after the suite, one at a time; some start a Ray cluster (the `ray` mark:
+        # tests/conftest.py fails a test that starts one unmarked)
+        marks = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.ray] if slow else []
         yield pytest.param(name, argv, patterns, id=name, marks=marks)
 
 
