@@ -5,13 +5,13 @@ on Ray (tests/runtime/test_ray_training.py, test_dispatch_cluster.py, tests/reli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from shardyard import envvars
 from shardyard.platform.spec import load_spec
+from shardyard.tracking.logger import read_events
 from tests.helpers import train_on_gloo
 from tests.runtime.fault_runs import assert_same_losses, fault_spec
 
@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def resumed_from(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["step"] for r in map(json.loads, lines) if r.get("event") == "resume"]
+    return [event["step"] for event in read_events(run_dir) if event["event"] == "resume"]
 
 
 def die_then_resume(spec, run_dir: Path) -> None:  # noqa: ANN001
