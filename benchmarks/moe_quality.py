@@ -82,8 +82,11 @@ class Scale:
 # corpus); Krajewski et al. 2024 (fine-grained MoE scaling laws) and Dai et al. 2024 (DeepSeekMoE) find
 # fine-grained MoE with shared experts ahead of dense at equal active compute at every size they
 # trained, from ~100M total parameters and ~1B tokens up.
+# cpu128: the tiny preset's width and depth (128 x 4), 4 KB per step for 600 steps, where NOTES.md saw
+# the top-2 MoE ahead of dense by ~0.06 bpb on two seeds; ~4-6 min per run on a quiet core.
 SCALES = {
     "cpu": Scale(width=64, depth=2, heads=4, hidden=192, seq_len=128, batch=32, steps=300, cont_steps=100, lr=3e-3),
+    "cpu128": Scale(width=128, depth=4, heads=4, hidden=384, seq_len=128, batch=32, steps=600, cont_steps=300, lr=3e-3),
     "gpu": Scale(width=512, depth=8, heads=8, hidden=1536, seq_len=256, batch=64, steps=3000, cont_steps=1500, lr=1e-3),
 }
 

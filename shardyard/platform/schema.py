@@ -1245,13 +1245,6 @@ class JobSpec(Section):
                 f"{field} splits weight matrices over ranks, but optim.kind {self.optim.kind} projects whole "
                 "gradient matrices; use adamw or sgd"
             )
-        if self.training.compile:
-            return f"{field} with training.compile: true is not supported yet (untested); use one of them"
-        if self.parallel.pipeline_parallel > 1:
-            return (
-                f"{field} with parallel.pipeline_parallel: {self.parallel.pipeline_parallel}: tensor parallelism "
-                "inside pipeline stages is not supported yet; use one of them"
-            )
         if m.init_from or m.upcycle_from:
             which = "model.init_from" if m.init_from else "model.upcycle_from"
             return (

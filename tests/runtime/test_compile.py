@@ -25,17 +25,17 @@ STEPS, GLOBAL_BATCH = 20, 8
 MOE = "{{kind: moe, width: 32, depth: 2, heads: 2, ffn: {{hidden: 64}}, moe: {{num_experts: 4, top_k: 2, aux_loss: {aux}, z_loss: {z}}}}}"
 
 
-def job(storage: Path, name: str, world: int, compile_: bool, aux: bool, checkpointing: str = "none"):
+def job(storage: Path, name: str, world: int, compile_: bool, aux: bool, checkpointing: str = "none", tp: int = 1):
     text = tiny_spec_yaml(
         name,
         storage,
         model=MOE.format(aux=0.01 if aux else 0.0, z=0.001 if aux else 0.0),
         data="{paths: [stdlib], seq_len: 32, max_bytes: 1000000}",
-        training=f"{{steps: {STEPS}, batch_size: {GLOBAL_BATCH // world}, eval_every: 0, eval_bytes: 1024, "
+        training=f"{{steps: {STEPS}, batch_size: {GLOBAL_BATCH * tp // world}, eval_every: 0, eval_bytes: 1024, "
         f"compile: {str(compile_).lower()}, activation_checkpointing: {checkpointing}}}",
         resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
     )
-    return load_spec_text(text)
+    return load_spec_text(text, overrides=[f"parallel.tensor_parallel={tp}"])
 
 
 def train(spec, run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -57,15 +57,24 @@ def _rank(topology, spec_json: str, out: str) -> None:
     dist.all_reduce(mean)  # the global batch's loss: the mean of the ranks' (equal batch sizes)
     if topology.rank == 0:
         losses = {s: float(v) / topology.world_size for s, v in zip(sorted(losses), mean)}
-        (Path(out) / "series.json").write_text(json.dumps({"loss": losses, "grad_norm": norms}))
+        from torch._dynamo.utils import counters
+
+        breaks = {reason: n for reason, n in counters["graph_break"].items()}  # this rank's, whole run
+        (Path(out) / "series.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "breaks": breaks}))
 
 
 def train_on_ranks(spec, out: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Losses (the global batch's) and gradient norms of a run on real gloo ranks; rank 0's graph breaks
+    are in `out`/series.json."""
     from shardyard.comm.launch import spawn
 
     spawn(_rank, spec.resources.workers, spec.resources.workers, spec.model_dump_json(), str(out))
     series = json.loads((out / "series.json").read_text())
     return tuple({int(k): v for k, v in series[key].items()} for key in ("loss", "grad_norm"))  # type: ignore[return-value]
+
+
+def graph_breaks(out: Path) -> dict[str, int]:
+    return json.loads((out / "series.json").read_text())["breaks"]
 
 
 @pytest.mark.slow
@@ -86,6 +95,19 @@ def test_compiled_ddp2_equals_one_eager_worker(tmp_path: Path) -> None:
     loss, norm = train_on_ranks(job(tmp_path, "ddp2", 2, True, aux=False), tmp_path)
     assert_same_series(loss, eager_loss, 1e-4, "loss")
     assert_same_series(norm, eager_norm, 1e-4, "grad_norm")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_compiled_tp2_equals_one_eager_worker_moe_losses_included(tmp_path: Path) -> None:
+    """Tensor parallelism, then compile (torchtitan's order): each block compiles with its DTensor
+    weights and the sequence-parallel gathers and reduce-scatters in the graph; both ranks read the one
+    batch, so the aux and z losses (averaged over the pair) are the single worker's."""
+    eager_loss, eager_norm = train(job(tmp_path, "eager", 1, False, aux=True), tmp_path / "eager")
+    loss, norm = train_on_ranks(job(tmp_path, "tp2", 2, True, aux=True, tp=2), tmp_path)
+    assert_same_series(loss, eager_loss, 1e-4, "loss")
+    assert_same_series(norm, eager_norm, 1e-4, "grad_norm")
+    assert graph_breaks(tmp_path) == {}
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])

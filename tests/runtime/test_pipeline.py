@@ -106,6 +106,21 @@ def test_pp2_x_ep2_x_fsdp2_trains_like_one_worker(tmp_path: Path) -> None:
     assert_trains_like(tmp_path / "composed", tmp_path / "one", got, want)
 
 
+@pytest.mark.parametrize("model", ["moe", "dense"])
+def test_pp2_x_tp2_trains_like_one_worker(tmp_path: Path, moe_reference, model: str) -> None:
+    """4 ranks: one pipeline of 2 stages, each stage tensor parallel over 2 ranks (heads and MLPs split,
+    the sequence split between sub-layers, an MoE's tokens split with its aux losses averaged over the
+    pair); the activations between stages are each tp rank's sequence shard."""
+    if model == "moe":
+        reference, want = moe_reference
+    else:
+        reference = tmp_path / "one"
+        want = run(one_worker(tmp_path, DENSE), reference)
+    spec = pp_job(tmp_path, "pp2tp2", MOE if model == "moe" else DENSE, 4, pp=2, parallel__tensor_parallel=2)
+    got = run(spec, tmp_path / "pp2tp2", ranks_per_node=4)
+    assert_trains_like(tmp_path / "pp2tp2", reference, got, want)
+
+
 def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> list[tuple[int, int]]:
     """(epoch, window) pairs the ranks trained on, in each rank's order; with `steps`, the first steps'."""
     pairs = []

@@ -124,6 +124,21 @@ def tp_share(name: str, tp: int) -> float:
 
 
 # ------------------------------------------------------------------------------ the plan
+class RowwiseParallelSync(RowwiseParallel):
+    """torch's RowwiseParallel with its output's reduction (all-reduce or reduce-scatter) waited for where
+    it is issued. torch's issues it asynchronously and hands on a tensor that waits when first read; when
+    such a tensor is a compiled block's input (the embedding's output entering block 0 under
+    training.compile) AOTAutograd returns no gradient for it (torch 2.13; the compiled-TP test in
+    tests/runtime/test_compile.py fails that way with torch's class). The next op reads the sum at once
+    in every use here, so waiting where it is issued loses no overlap."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
+
+
 def _attention_plan(attn: CausalSelfAttention, prefix: str, tp: int, aligned: HeadAligned) -> dict:
     if attn.heads % tp or attn.kv_heads % tp:
         raise ValueError(f"tensor parallelism ({tp}) must divide heads ({attn.heads}) and kv heads ({attn.kv_heads})")
@@ -134,7 +149,7 @@ def _attention_plan(attn: CausalSelfAttention, prefix: str, tp: int, aligned: He
     return {
         "attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
         "attn.qkv": ColwiseParallel(),
-        "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+        "attn.proj": RowwiseParallelSync(output_layouts=Shard(1)),
     }
 
 
@@ -145,9 +160,9 @@ def _ffn_plan(ffn: nn.Module, prefix: str, aligned: HeadAligned) -> dict:
     gather = {"ffn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
     if isinstance(ffn, SwiGLU):
         aligned.reorder_(f"{prefix}ffn.gate_up.weight", ffn.gate_up.weight)
-        return {**gather, "ffn.gate_up": ColwiseParallel(), "ffn.down": RowwiseParallel(output_layouts=Shard(1))}
+        return {**gather, "ffn.gate_up": ColwiseParallel(), "ffn.down": RowwiseParallelSync(output_layouts=Shard(1))}
     if isinstance(ffn, GeluMLP):
-        return {**gather, "ffn.up": ColwiseParallel(), "ffn.down": RowwiseParallel(output_layouts=Shard(1))}
+        return {**gather, "ffn.up": ColwiseParallel(), "ffn.down": RowwiseParallelSync(output_layouts=Shard(1))}
     raise ValueError(f"tensor parallelism has no plan for a {type(ffn).__name__} feed-forward layer")
 
 
@@ -157,19 +172,21 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, aligned: HeadAligned) -> None:
     if not isinstance(model, ByteTransformerLM):
         raise ValueError(f"tensor parallelism applies to the flat transformers, not {type(model).__name__}")
     tp = mesh.size()
-    tied = model.head.weight is model.embed.weight
-    parallelize_module(
-        model,
-        mesh,
-        {
-            "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "stack.norm": SequenceParallel(),
-            "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-        },
-    )
+    tied = model.head is not None and model.embed is not None and model.head.weight is model.embed.weight
+    # A pipeline stage's model is pruned to its parts (pipeline.split_into_stages): embedding on the first
+    # stage, final norm and head on the last, its blocks under their whole-model indices.
+    ends = {
+        "embed": RowwiseParallelSync(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "stack.norm": SequenceParallel(),
+        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    present = {name: plan for name, plan in ends.items() if _holds(model, name)}
+    if present:
+        parallelize_module(model, mesh, present)
     if tied:  # one vocabulary-split weight, read by both (both split dim 0)
         model.head.weight = model.embed.weight
-    for i, block in enumerate(model.stack.blocks):
+    blocks = model.stack.blocks
+    for i, block in blocks.items() if isinstance(blocks, nn.ModuleDict) else enumerate(blocks):
         prefix = f"stack.blocks.{i}."
         plan = {
             "attn_norm": SequenceParallel(),
@@ -181,6 +198,12 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, aligned: HeadAligned) -> None:
     for layer in model.modules():
         if isinstance(layer, MoELayer):
             layer.router.token_group = TensorParallelTokens(mesh.get_group())
+
+
+def _holds(model: nn.Module, name: str) -> bool:
+    """Whether `model` holds submodule `name` (a pruned pipeline stage sets what it lacks to None)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf, None) is not None
 
 
 # ------------------------------------------------------------------------------ routers and gradients
