@@ -204,6 +204,7 @@ def launch(out: Path, job: Job, args: argparse.Namespace) -> subprocess.Popen:
         f"checkpoint.every={job.steps}",
         "tracking.mode=disabled",
         *scale.overrides(),
+        *([f"optim.lr={args.cont_lr}"] if job.after and args.cont_lr else []),
         *job.overrides,
         *device_sets(args.device),
         *SMOKE_SETS,
@@ -335,7 +336,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     meta["commands"].append(" ".join(sys.argv))
-    meta.update(scale=args.scale, device=args.device, eval_bytes=args.eval_bytes)
+    meta.update(scale=args.scale, device=args.device, eval_bytes=args.eval_bytes, cont_lr=args.cont_lr or None)
     finished = {(r["name"], r["seed"]) for r in done}
     pending = [j for j in plan(args) if (j.name, j.seed) not in finished]
     running: list[tuple[subprocess.Popen, Job]] = []
@@ -720,7 +721,7 @@ def smoke() -> None:
     MAX_ATTEMPTS = 1
     only = [name for name in configs(SCALES["cpu"].hidden) if name == "dense" or name.endswith("sigmoid-auxfree")]
     run_args = dict(
-        out=str(out), steps=4, cont_steps=4, seeds=1, parallel=2, only=only, local=True, scale="cpu", nice=0
+        out=str(out), steps=4, cont_steps=4, cont_lr=0.0, seeds=1, parallel=2, only=only, local=True, scale="cpu", nice=0
     )
     run_args["eval_bytes"] = 4096
     cmd_run(argparse.Namespace(**run_args, upcycle=True, device=SMOKE_DEVICE))
@@ -755,6 +756,7 @@ def main() -> None:
     common(p)
     p.add_argument("--steps", type=int, default=0, help="steps from scratch (0 = the scale's)")
     p.add_argument("--cont-steps", type=int, default=0, help="--upcycle continuation steps (0 = the scale's)")
+    p.add_argument("--cont-lr", type=float, default=0.0, help="--upcycle continuations' peak lr (0 = the scale's)")
     p.add_argument("--seeds", type=int, default=3, help="paired seeds 0..n-1 of every configuration")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each one worker, one thread)")
     p.add_argument("--only", action="append", default=[], help="this configuration (repeatable); default: 3")

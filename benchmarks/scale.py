@@ -7,11 +7,14 @@ parameters + gradients + optimizer state; the peak resident memory the training 
 process (ru_maxrss after the steps minus the resident size before the model was built); the time to
 save a sharded checkpoint and the bytes this rank wrote; the time to load it back (into the same
 layout); the median step time. From bytes per parameter it states the largest model whose state
-fits a per-rank budget under each mode.
+fits a per-rank budget under each mode. Beside the measured state of rank 0 it prints the state
+`shardyard validate` predicts for that rank (runtime.worker_memory: the job's model placed, pruned to
+rank 0's pipeline stages and stepped on the meta device), as predicted / measured.
 
     python benchmarks/scale.py --worlds 1 2 4 --steps 6 --out benchmarks/results/scale-<date>.md
     python benchmarks/scale.py --worlds 4 --modes ddp fsdp ep+fsdp tp2 tp2+fsdp tp4 --out ...  # with TP
-    python benchmarks/scale.py --smoke   # 2 ranks, zero2, ep2+fsdp and tp2, a small model, 2 steps, temp dir
+    python benchmarks/scale.py --worlds 4 --modes pp2 pp2+tp2 pp2+ep2+fsdp pp4 --out ...       # with PP
+    python benchmarks/scale.py --smoke   # 2 ranks, zero2, ep2+fsdp, tp2 and pp2, a small model, 2 steps, temp dir
 """
 
 from __future__ import annotations
@@ -32,28 +35,33 @@ from shardyard import envvars
 from shardyard.comm.launch import spawn
 from shardyard.platform.spec import load_spec_text
 
-MODES = {  # name -> (expert_parallel(world), shard, zero, tensor_parallel)
-    "ddp": (lambda w: 1, "none", 0, 1),
-    "ep": (lambda w: w, "none", 0, 1),
-    "zero2": (lambda w: 1, "none", 2, 1),
-    "fsdp": (lambda w: 1, "full", 0, 1),
-    "ep+fsdp": (lambda w: w, "full", 0, 1),  # the composed mode: experts over all ranks, the rest sharded
-    "ep2+fsdp": (lambda w: min(w, 2), "full", 0, 1),  # EP 2 x shard (the tested layout)
-    "tp2": (lambda w: 1, "none", 0, 2),  # tensor parallel pairs, replicated over the pairs
-    "tp2+fsdp": (lambda w: 1, "full", 0, 2),  # 2-D: FSDP over the pairs x TP 2
-    "tp2+ep2": (lambda w: 2, "none", 0, 2),  # MoE: experts over each TP pair's ranks, tokens split
-    "tp4": (lambda w: 1, "none", 0, 4),
+MODES = {  # name -> (expert_parallel(world), shard, zero, tensor_parallel, pipeline_parallel)
+    "ddp": (lambda w: 1, "none", 0, 1, 1),
+    "ep": (lambda w: w, "none", 0, 1, 1),
+    "zero2": (lambda w: 1, "none", 2, 1, 1),
+    "fsdp": (lambda w: 1, "full", 0, 1, 1),
+    "ep+fsdp": (lambda w: w, "full", 0, 1, 1),  # the composed mode: experts over all ranks, the rest sharded
+    "ep2+fsdp": (lambda w: min(w, 2), "full", 0, 1, 1),  # EP 2 x shard (the tested layout)
+    "tp2": (lambda w: 1, "none", 0, 2, 1),  # tensor parallel pairs, replicated over the pairs
+    "tp2+fsdp": (lambda w: 1, "full", 0, 2, 1),  # 2-D: FSDP over the pairs x TP 2
+    "tp2+ep2": (lambda w: 2, "none", 0, 2, 1),  # MoE: experts over each TP pair's ranks, tokens split
+    "tp4": (lambda w: 1, "none", 0, 4, 1),
+    "pp2": (lambda w: 1, "none", 0, 1, 2),  # two-stage pipelines (1F1B, 2 micro-batches), replicated
+    "pp2+tp2": (lambda w: 1, "none", 0, 2, 2),  # each stage tensor parallel over a pair
+    "pp2+ep2+fsdp": (lambda w: 2, "full", 0, 1, 2),  # each stage: experts over 2 ranks, the rest sharded
+    "pp4": (lambda w: 1, "none", 0, 1, 4),
 }
-MOE_ONLY = ("ep", "ep+fsdp", "ep2+fsdp", "tp2+ep2")
+MOE_ONLY = ("ep", "ep+fsdp", "ep2+fsdp", "tp2+ep2", "pp2+ep2+fsdp")
+MICROBATCHES = 2  # pipeline modes: the batch of 4 sequences in 2 micro-batches
 
 
-SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2"]  # DeepSpeed, EP composed with FSDP (DTensor state), TP
+SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2", "pp2"]  # DeepSpeed, EP composed with FSDP (DTensor state), TP, PP
 
 
 def spec_text(
     name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int, kind: str = "moe"
 ) -> str:
-    ep_of, shard, zero, tp = MODES[mode]
+    ep_of, shard, zero, tp, pp = MODES[mode]
     moe = f", moe: {{num_experts: {experts}, top_k: 2}}" if kind == "moe" else ""
     return f"""name: {name}
 seed: 0
@@ -61,7 +69,8 @@ model: {{kind: {kind}, width: {width}, depth: 4, heads: 4, ffn: {{hidden: {3 * w
 data: {{paths: [stdlib], seq_len: 128, max_bytes: 3000000}}
 optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
 training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_bytes: 2048}}
-parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}, tensor_parallel: {tp}}}
+parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}, tensor_parallel: {tp},
+  pipeline_parallel: {pp}, pipeline: {{microbatches: {MICROBATCHES if pp > 1 else 1}}}}}
 resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
 checkpoint: {{dir: {storage}, every: 0, keep: 2}}
 tracking: {{mode: disabled}}
@@ -96,8 +105,11 @@ def _rank(topology, text: str, out: str) -> None:
         times.append(time.perf_counter() - start)
     peak_added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident_before
     inputs, targets = trainer.loader.next_batch()
-    _, ce = trainer.module(inputs, targets)
-    trainer.grad_step.backward(ce)
+    if trainer.pipeline is not None:  # this rank's stages, forward and backward of every micro-batch
+        trainer.pipeline.forward_backward(inputs, targets, scale=1.0)
+    else:
+        _, ce = trainer.module(inputs, targets)
+        trainer.grad_step.backward(ce)
     engine = getattr(trainer.grad_step, "engine", None)
     if engine is not None:  # DeepSpeed keeps partitions in its own flat buffers
         opt = engine.optimizer
@@ -127,6 +139,12 @@ def _rank(topology, text: str, out: str) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
     rank = topology.rank
+    predicted = None
+    if rank == 0:  # what validate predicts for this rank (rank 0: under pp, the first stage's)
+        from shardyard.runtime.worker_memory import predict_worker_memory
+
+        prediction = predict_worker_memory(spec)
+        predicted = {"state": prediction.state, "peak": prediction.state + prediction.activations}
     with tempfile.TemporaryDirectory(prefix=f"scale-r{rank}-") as tmp:
         directory = Path(tmp) / "ckpt"
         meta = {
@@ -164,6 +182,7 @@ def _rank(topology, text: str, out: str) -> None:
         "load_s": load_s,
         "ckpt_bytes": written,
         "step_s": statistics.median(times[1:] or times),
+        "predicted": predicted,  # rank 0 only
     }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
@@ -194,7 +213,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--smoke", action="store_true", help="2 ranks, zero2, ep2+fsdp and tp2, width 64, 4 experts, 2 steps, temp dir"
+        "--smoke",
+        action="store_true",
+        help="2 ranks, zero2, ep2+fsdp, tp2 and pp2, width 64, 4 experts, 2 steps, temp dir",
     )
     args = parser.parse_args()
     if args.smoke:
@@ -211,8 +232,12 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for world in args.worlds:
-            ep_of, _, _, tp = MODES[mode]
-            if (world == 1 and mode.startswith("ep")) or world % tp or (mode in MOE_ONLY and args.model != "moe"):
+            ep_of, _, _, tp, pp = MODES[mode]
+            if (
+                (world == 1 and mode.startswith("ep"))
+                or world % (tp * pp)
+                or (mode in MOE_ONLY and args.model != "moe")
+            ):
                 continue
             ranks = measure(mode, world, args.width, args.experts, args.steps, args.model)
             state = [r["params"] + r["grads"] + r["optim"] for r in ranks]
@@ -232,20 +257,25 @@ def main() -> None:
                     "load_s": max(r["load_s"] for r in ranks),
                     "step_s": statistics.median(r["step_s"] for r in ranks),
                     "fits_b_params": args.budget_gb * 1e9 / per_param / 1e9,
+                    "rank0_state_predicted_over_measured": ranks[0]["predicted"]["state"] / state[0],
+                    "rank0_peak_predicted_mb": ranks[0]["predicted"]["peak"] / 1e6,
+                    "rank0_peak_added_mb": ranks[0]["peak_added"] / 1e6,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     header = (
         "| mode | ranks | state/rank max (MB) | mean | peak added/rank (MB) | bytes/param | ckpt MB/rank | save s | "
-        f"load s | step s | largest model in {args.budget_gb:g} GB/rank (B params) |"
+        f"load s | step s | largest model in {args.budget_gb:g} GB/rank (B params) | rank 0 state: predicted / measured "
+        "| rank 0 peak MB: predicted (state + activations) / added |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['world']} | {r['state_max_mb']:.2f} | {r['state_mean_mb']:.2f} | "
             f"{r['peak_added_mb']:.1f} | "
             f"{r['bytes_per_param']:.2f} | {r['ckpt_mb_per_rank']:.2f} | {r['save_s']:.3f} | {r['load_s']:.3f} | "
-            f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} |"
+            f"{r['step_s']:.3f} | {r['fits_b_params']:.1f} | {r['rank0_state_predicted_over_measured']:.3f} | "
+            f"{r['rank0_peak_predicted_mb']:.1f} / {r['rank0_peak_added_mb']:.1f} |"
         )
     table = "\n".join(lines)
     print(table)
