@@ -46,13 +46,13 @@ MODES = {  # name -> (expert_parallel(world), shard, zero, tensor_parallel, pipe
     "tp2+fsdp": (lambda w: 1, "full", 0, 2, 1),  # 2-D: FSDP over the pairs x TP 2
     "tp2+ep2": (lambda w: 2, "none", 0, 2, 1),  # MoE: experts over each TP pair's ranks, tokens split
     "tp4": (lambda w: 1, "none", 0, 4, 1),
-    "pp2": (lambda w: 1, "none", 0, 1, 2),  # two-stage pipelines (1F1B, 2 micro-batches), replicated
+    "pp2": (lambda w: 1, "none", 0, 1, 2),  # two-stage pipelines (1F1B), replicated
     "pp2+tp2": (lambda w: 1, "none", 0, 2, 2),  # each stage tensor parallel over a pair
     "pp2+ep2+fsdp": (lambda w: 2, "full", 0, 1, 2),  # each stage: experts over 2 ranks, the rest sharded
     "pp4": (lambda w: 1, "none", 0, 1, 4),
 }
 MOE_ONLY = ("ep", "ep+fsdp", "ep2+fsdp", "tp2+ep2", "pp2+ep2+fsdp")
-MICROBATCHES = 2  # pipeline modes: the batch of 4 sequences in 2 micro-batches
+# pipeline modes: the batch of 4 sequences in pp micro-batches (1F1B's least: one per stage)
 
 
 SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2", "pp2"]  # DeepSpeed, EP composed with FSDP (DTensor state), TP, PP
@@ -70,7 +70,7 @@ data: {{paths: [stdlib], seq_len: 128, max_bytes: 3000000}}
 optim: {{lr: 1.0e-3, schedule: {{warmup: 1}}}}
 training: {{steps: {steps}, batch_size: 4, eval_every: 0, eval_bytes: 2048}}
 parallel: {{expert_parallel: {ep_of(world)}, shard: {shard}, zero: {zero}, tensor_parallel: {tp},
-  pipeline_parallel: {pp}, pipeline: {{microbatches: {MICROBATCHES if pp > 1 else 1}}}}}
+  pipeline_parallel: {pp}, pipeline: {{microbatches: {pp}}}}}
 resources: {{workers: {world}, cpus_per_worker: 1, max_failures: 0}}
 checkpoint: {{dir: {storage}, every: 0, keep: 2}}
 tracking: {{mode: disabled}}

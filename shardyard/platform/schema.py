@@ -1380,6 +1380,11 @@ class JobSpec(Section):
                 f"parallel.pipeline.microbatches: {pipe.microbatches} must divide training.batch_size "
                 f"({self.training.batch_size}, the sequences of one data-parallel replica's micro-step)"
             )
+        if pipe.schedule == "1f1b" and pipe.microbatches < pp:
+            raise ValueError(
+                f"parallel.pipeline.microbatches: {pipe.microbatches} is fewer than the {pp} stages; schedule 1f1b "
+                f"keeps every stage busy only with at least one micro-batch per stage (use >= {pp}, or gpipe)"
+            )
         rounds = max(1, pipe.microbatches // pp)
         if pipe.schedule == "interleaved_1f1b" and pipe.microbatches % rounds:
             raise ValueError(

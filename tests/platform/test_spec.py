@@ -131,6 +131,12 @@ BAD = [
         ["parallel.pipeline.microbatches: 3 must divide training.batch_size (8"],
     ),
     (
+        "name: t\nparallel:\n  pipeline_parallel: 4\n  pipeline: {microbatches: 2}\nresources: {workers: 4}\n",
+        [],
+        4,
+        ["parallel.pipeline.microbatches: 2 is fewer than the 4 stages", "gpipe"],
+    ),
+    (
         "name: t\nparallel: {pipeline_parallel: 2, zero: 1}\n",
         [],
         2,
