@@ -135,6 +135,27 @@ class DenseFusedAct(Dense):
         return self.ffn.down(swiglu(self.ffn.gate_up(x)))
 
 
+class GemmFloor(nn.Module):
+    """The limit: only the expert MLP's matrix products, per expert over its realised row count (forward
+    x @ W_up and a @ W_down, and their four backward products), no routing, activation, permutation or
+    combine. Any dropless layer runs at least these FLOPs with the same GEMM library; on a CPU no
+    variant can beat this row by more than what it saves outside the products."""
+
+    def __init__(self, size: Size, rows_per_expert: list[int]) -> None:
+        super().__init__()
+        self.rows = rows_per_expert
+        self.w_up = nn.Parameter(torch.randn(size.experts, size.width, 2 * size.hidden) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(size.experts, size.hidden, size.width) * 0.02)
+        self.hidden = size.hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for e, part in enumerate(x.split(self.rows)):
+            h = part @ self.w_up[e]
+            outs.append(h[:, : self.hidden] @ self.w_down[e])
+        return torch.cat(outs)
+
+
 def init_deepspeed() -> bool:
     try:
         import deepspeed  # noqa: F401
@@ -156,7 +177,7 @@ def init_deepspeed() -> bool:
 
 
 def build_variants(
-    size: Size, skew: float, with_ds: bool, backends: list[str], seed: int
+    size: Size, skew: float, with_ds: bool, backends: list[str], seed: int, load: torch.Tensor | None = None
 ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     gate_w = make_gate_weight(size, skew, gen)
@@ -173,6 +194,9 @@ def build_variants(
         x,
     )
     variants["naive loop"] = (NaiveLoopMoE(size), x)
+    if load is not None:  # the realised rows per expert of this routing
+        rows = [int(n) for n in load.tolist()]
+        variants["GEMM floor"] = (GemmFloor(size, rows), torch.randn(sum(rows), size.width, generator=gen))
     if with_ds:
         variants["deepspeed cf=1.25"] = (DeepSpeedMoE(size, drop_tokens=True), x)
         variants["deepspeed no-drop"] = (DeepSpeedMoE(size, drop_tokens=False), x)
@@ -230,7 +254,7 @@ def bench(size: Size, skew: float, rounds: int, with_ds: bool, backends: list[st
                     f"{name}: skipped, its dense [T, E, C] dispatch/combine tensors would hold "
                     f"{elements / 1e9:.1f} G elements ({elements * 4 / 2**30:.0f} GiB each in fp32)"
                 )
-    variants = build_variants(size, skew, with_ds, backends, seed)
+    variants = build_variants(size, skew, with_ds, backends, seed, load)
     for line in skipped:
         variants.pop(line.split(":")[0], None)
     wall: dict[str, list[float]] = {name: [] for name in variants}
