@@ -133,12 +133,13 @@ class Trainer:
 
         self.corpus_fingerprint = self.data.fingerprint  # files hash, byte counts, windows (resume check)
         # training.global_batch stays fixed whatever the world: micro-batch x accumulation per data-parallel rank.
-        # The ranks of one pipeline read the same batches: data-parallel coordinates (the first stage records them).
+        # The ranks of one pipeline, and of one tensor-parallel group, read the same batches: data-parallel
+        # coordinates (one rank of each records them: the first stage's first tp rank).
         dp_rank, dp = self.dims.dp_rank, self.dims.dp
         self.micro_batch, self.accum = spec.batch_layout(dp)
         self.global_balance = bool(self.moe) and spec.balance_scope == "global" and dp * self.accum > 1
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, self.micro_batch, dp_rank, dp, spec.seed, self.dims.pp_rank == 0
+            self.data, spec.data.seq_len, self.micro_batch, dp_rank, dp, spec.seed, self.dims.pp_rank == 0 and self.dims.tp_rank == 0
         )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {

@@ -131,11 +131,12 @@ def _windows(ledger: Path, steps: int | None = None, per_step: int = BATCH) -> l
     return pairs
 
 
-def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
-    """Saved at step 3 by a pipeline of 2, resumed to step 6 by 2 expert-parallel ranks without a
-    pipeline (each reading one of the pipeline's micro-batches): the losses and gradient norms of a run
-    that used EP 2 from the start, every window once (the pipeline's first stage records them); and
-    `export` of the pipeline's final checkpoint is the EP 2 run's model."""
+def test_pp2_x_tp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    """Saved at step 3 by a pipeline of 2 whose stages are tensor parallel over 2 ranks (4 ranks), resumed
+    to step 6 by 2 expert-parallel ranks without a pipeline or TP (each reading one of the pipeline's
+    micro-batches): the losses and gradient norms of a run that used EP 2 from the start, every window
+    once (one rank records them: the first stage's first TP rank); and `export` of the 4-rank run's
+    final checkpoint is the EP 2 run's model."""
     ledgers = {name: tmp_path / f"ledger-{name}" for name in ("first", "resumed", "reference")}
 
     def traced(name: str, spec, **kwargs) -> list[float]:
@@ -143,7 +144,7 @@ def test_pp2_checkpoint_resumes_at_ep2_like_an_uninterrupted_run(tmp_path: Path,
         monkeypatch.setenv(envvars.SAMPLE_LEDGER, str(ledgers[name]))
         return run(spec, tmp_path / name, **kwargs)
 
-    traced("first", pp_job(tmp_path, "first", MOE, 2, pp=2, steps=6, every=3))
+    traced("first", pp_job(tmp_path, "first", MOE, 4, pp=2, steps=6, every=3, parallel__tensor_parallel=2))
     checkpoint = tmp_path / "first" / "checkpoint_00000003"
     ep2 = {"ep": 2, "batch": BATCH // 2, "steps": 6}
     resumed = traced("resumed", pp_job(tmp_path, "resumed", MOE, 2, **ep2), resume=checkpoint)

@@ -121,6 +121,11 @@ class ParallelDims:
         return (self.rank // self.tp) % self.dp
 
     @property
+    def tp_rank(self) -> int:
+        """This rank's place in its tensor-parallel group (tp is the innermost dim)."""
+        return self.rank % self.tp
+
+    @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
 
