@@ -721,7 +721,16 @@ def smoke() -> None:
     MAX_ATTEMPTS = 1
     only = [name for name in configs(SCALES["cpu"].hidden) if name == "dense" or name.endswith("sigmoid-auxfree")]
     run_args = dict(
-        out=str(out), steps=4, cont_steps=4, cont_lr=0.0, seeds=1, parallel=2, only=only, local=True, scale="cpu", nice=0
+        out=str(out),
+        steps=4,
+        cont_steps=4,
+        cont_lr=0.0,
+        seeds=1,
+        parallel=2,
+        only=only,
+        local=True,
+        scale="cpu",
+        nice=0,
     )
     run_args["eval_bytes"] = 4096
     cmd_run(argparse.Namespace(**run_args, upcycle=True, device=SMOKE_DEVICE))

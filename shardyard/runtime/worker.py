@@ -139,7 +139,13 @@ class Trainer:
         self.micro_batch, self.accum = spec.batch_layout(dp)
         self.global_balance = bool(self.moe) and spec.balance_scope == "global" and dp * self.accum > 1
         self.loader = build_data_loader(
-            self.data, spec.data.seq_len, self.micro_batch, dp_rank, dp, spec.seed, self.dims.pp_rank == 0 and self.dims.tp_rank == 0
+            self.data,
+            spec.data.seq_len,
+            self.micro_batch,
+            dp_rank,
+            dp,
+            spec.seed,
+            self.dims.pp_rank == 0 and self.dims.tp_rank == 0,
         )
         # Validation: {"": held-out split, name: training.eval_sets[name]} -> this rank's batches
         texts = {
