@@ -94,52 +94,35 @@ SCALES = {
 def configs(h: int) -> dict[str, tuple[Path, list[str]]]:
     """name -> (base spec, overrides) at dense hidden `h`; every MoE's routed + shared hidden is h."""
     e = "model.moe."
-    fine = [f"{e}num_experts=32", f"{e}top_k=7", f"{e}expert_hidden={h // 8}", f"{e}shared_experts=1"]
+
+    def moe(experts: int, top_k: int, hidden: int, shared: int = 0, scale: float = 1.0) -> list[str]:
+        """Every expert-layout field spelled out, whatever the base spec's MoE block says."""
+        return [
+            f"model.ffn.hidden={h}",
+            f"{e}num_experts={experts}",
+            f"{e}top_k={top_k}",
+            f"{e}expert_hidden={hidden}",
+            f"{e}shared_experts={shared}",
+            f"{e}routed_scale={scale}",
+        ]
+
+    fine = moe(32, 7, h // 8, shared=1, scale=7.0)
     return {
         "dense": (DENSE, [f"model.ffn.hidden={h}"]),
-        # today's default: 8 experts of h/2, top-2, renormalised softmax weights (Mixtral)
-        f"top2-8x{h // 2}": (MOE, [f"model.ffn.hidden={h}", f"{e}expert_hidden={h // 2}"]),
+        # 8 experts of h/2, top-2, renormalised softmax weights (Mixtral)
+        f"top2-8x{h // 2}": (MOE, moe(8, 2, h // 2)),
         # fine-grained (1/4 of top-2's expert width) with one shared expert of the same width (DeepSeekMoE);
         # routed_scale = top_k makes the renormalised routed sum the size of a dense FFN at initialisation
-        f"fine32x{h // 8}-top7-s1": (MOE, [f"model.ffn.hidden={h}", *fine, f"{e}routed_scale=7.0"]),
+        f"fine32x{h // 8}-top7-s1": (MOE, fine),
         # the same with DeepSeek-V3's router: sigmoid scores, aux-loss-free balancing by a selection bias
         f"fine32x{h // 8}-top7-s1-sigmoid-auxfree": (
             MOE,
-            [
-                f"model.ffn.hidden={h}",
-                *fine,
-                f"{e}routed_scale=7.0",
-                f"{e}score=sigmoid",
-                f"{e}router=aux_free",
-                f"{e}aux_loss=0.0",
-            ],
+            [*fine, f"{e}score=sigmoid", f"{e}router=aux_free", f"{e}aux_loss=0.0"],
         ),
-        f"fine16x{h // 4}-top3-s1": (
-            MOE,
-            [
-                f"model.ffn.hidden={h}",
-                f"{e}num_experts=16",
-                f"{e}top_k=3",
-                f"{e}expert_hidden={h // 4}",
-                f"{e}shared_experts=1",
-                f"{e}routed_scale=3.0",
-            ],
-        ),
+        f"fine16x{h // 4}-top3-s1": (MOE, moe(16, 3, h // 4, shared=1, scale=3.0)),
         # switch top-1 and expert choice, their ~1/E router probabilities scaled back up by E
-        f"switch-8x{h}-scale8": (
-            MOE,
-            [
-                f"model.ffn.hidden={h}",
-                f"{e}expert_hidden={h}",
-                f"{e}top_k=1",
-                f"{e}router=switch",
-                f"{e}routed_scale=8.0",
-            ],
-        ),
-        f"expert-choice-8x{h // 2}-scale8": (
-            MOE,
-            [f"model.ffn.hidden={h}", f"{e}expert_hidden={h // 2}", f"{e}router=expert_choice", f"{e}routed_scale=8.0"],
-        ),
+        f"switch-8x{h}-scale8": (MOE, [*moe(8, 1, h, scale=8.0), f"{e}router=switch"]),
+        f"expert-choice-8x{h // 2}-scale8": (MOE, [*moe(8, 2, h // 2, scale=8.0), f"{e}router=expert_choice"]),
     }
 
 
@@ -152,7 +135,10 @@ def upcycle_configs(h: int, weights: Path) -> dict[str, tuple[Path, list[str]]]:
             [
                 f"model.ffn.hidden={h}",
                 f"model.upcycle_from={weights}",
+                "model.moe.num_experts=8",
                 "model.moe.top_k=1",
+                f"model.moe.expert_hidden={h}",
+                "model.moe.shared_experts=0",
                 "model.moe.router=switch",
                 "model.moe.routed_scale=8.0",
             ],
@@ -308,7 +294,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     if args.upcycle and "dense" not in names:
         raise SystemExit("--upcycle continues the dense arm: add --only dense")
     jobs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in names:
             base, overrides = configs(scale.hidden)[name]
             jobs.append(Job(name, base, overrides, seed, args.steps or scale.steps))
@@ -553,6 +539,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     run_s = sum(r["train_s"] + r["full_eval_s"] for r in runs)
     cpu_s = sum(r.get("cpu_s", 0.0) for r in runs)
     cpu = f"{cpu_s / 60:.0f} CPU-minutes (process time), " if cpu_s else ""
+    # what the runs did (--steps / --cont-steps / --cont-lr override the scale's)
+    scratch_steps = max((r["steps"] for r in runs if not r["name"].startswith("cont-")), default=scale.steps)
+    cont_steps = max((r["steps"] for r in runs if r["name"].startswith("cont-")), default=scale.cont_steps)
+    cont_lr = meta.get("cont_lr") or scale.lr
     lines = [
         "# MoE vs dense at equal active compute, paired seeds (held-out bits per byte)",
         "",
@@ -561,8 +551,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         f"`{meta['uptime_before']}`, after `{meta.get('uptime_after', '?')}`",
         f"- scale `{meta['scale']}`: width {scale.width}, depth {scale.depth}, heads {scale.heads}, dense FFN hidden "
         f"{scale.hidden}, seq_len {scale.seq_len}, batch {scale.batch} ({scale.batch * scale.seq_len} bytes per step), "
-        f"{scale.steps} steps from scratch, {scale.cont_steps} continued; AdamW lr {scale.lr:g}, 20 warm-up steps, "
-        "cosine to 0.1; one worker per run; base specs `jobs/compare-dense.yaml`, `jobs/compare-moe.yaml`",
+        f"{scratch_steps} steps from scratch, {cont_steps} continued; AdamW lr {scale.lr:g} from scratch, "
+        f"{cont_lr:g} continued, 20 warm-up steps, cosine to 0.1; one worker per run; base specs "
+        "`jobs/compare-dense.yaml`, `jobs/compare-moe.yaml` (every expert-layout field set by the arm)",
         f"- final bpb: {meta['eval_bytes'] // scale.seq_len} held-out windows spread over the split (the `shardyard "
         "eval` path; the same windows for every run); same seed = same data order "
         "and the same initial embedding, attention, norms and head in every arm",
@@ -588,7 +579,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines += ["## From scratch, equal steps", "", *comparison_lines(out, by_name, "dense", scratch), ""]
     if "cont-dense" in by_name and cont:
         lines += [
-            f"## Upcycled vs dense, both continued {scale.cont_steps} steps from the dense arm's final weights",
+            f"## Upcycled vs dense, both continued {cont_steps} steps from the dense arm's final weights",
             "",
             *comparison_lines(out, by_name, "cont-dense", cont),
             "",
@@ -726,6 +717,7 @@ def smoke() -> None:
         cont_steps=4,
         cont_lr=0.0,
         seeds=1,
+        first_seed=0,
         parallel=2,
         only=only,
         local=True,
@@ -767,6 +759,7 @@ def main() -> None:
     p.add_argument("--cont-steps", type=int, default=0, help="--upcycle continuation steps (0 = the scale's)")
     p.add_argument("--cont-lr", type=float, default=0.0, help="--upcycle continuations' peak lr (0 = the scale's)")
     p.add_argument("--seeds", type=int, default=3, help="paired seeds 0..n-1 of every configuration")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+n-1 (runs split over out dirs)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (each one worker, one thread)")
     p.add_argument("--only", action="append", default=[], help="this configuration (repeatable); default: 3")
     p.add_argument("--upcycle", action="store_true", help="also the upcycled-vs-continued-dense pair per seed")

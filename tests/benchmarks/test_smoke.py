@@ -26,7 +26,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "grouped_gemm": ([], [r"\| grouped \[torch\] \| [\d.]+ \|.*\| [\d.]+ \| [\d.]+ \|$", r"fwd\+bwd"], False),
     "moe_layer": (
         [],
-        [r"expert load max/mean = [\d.]+", r"\| ours\[torch\] \| \d+ \|"]
+        [r"expert load max/mean = [\d.]+", r"\| ours\[torch\] \| \d+ \|", r"\| GEMM floor \| \d+ \|"]
         + ([r"\| deepspeed cf=1\.25 \| \d+ \|"] if HAS_DEEPSPEED else []),
         False,
     ),
@@ -84,7 +84,12 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     ),
     "scale": (
         [],
-        [r"\| ep2\+fsdp \| 2 \| [\d.]+ \|", r"\| tp2 \| 2 \| [\d.]+ \|", r"table written to"]
+        [
+            r"\| ep2\+fsdp \| 2 \| [\d.]+ \|",
+            r"\| tp2 \| 2 \| [\d.]+ \|",
+            r"\| pp2 \| 2 \| [\d.]+ \|",
+            r"table written to",
+        ]
         + ([r"\| zero2 \| 2 \| [\d.]+ \|"] if HAS_DEEPSPEED else []),
         True,
     ),

@@ -62,8 +62,8 @@ def test_a_directory_given_as_spec_is_named(tmp_path: Path, capsys) -> None:
             "driven by training.batch_size (512) x data.seq_len (2048)",
         ),
         (
-            ["model.moe.num_experts=512", "resources.memory_per_worker=2GiB"],
-            "mostly expert weights, driven by model.moe.num_experts (512)",
+            ["model.moe.num_experts=2048", "resources.memory_per_worker=2GiB"],
+            "mostly expert weights, driven by model.moe.num_experts (2048)",
         ),
     ],
 )
