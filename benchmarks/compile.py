@@ -34,7 +34,11 @@ MOE_20M = [
     "model.depth=6",
     "model.heads=6",
     "model.ffn.hidden=768",
-    "model.moe.num_experts=8",
+    "model.moe.num_experts=8",  # top-2 of 8 experts of 768: the expert layout spelled out (moe-tiny's is fine-grained)
+    "model.moe.top_k=2",
+    "model.moe.expert_hidden=768",
+    "model.moe.shared_experts=0",
+    "model.moe.routed_scale=1.0",
 ]
 MODELS: dict[str, tuple[str, list[str]]] = {
     "moe-tiny": ("jobs/moe-tiny.yaml", []),
