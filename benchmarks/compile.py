@@ -1,12 +1,13 @@
 """training.compile on CPU: the Trainer's step (forward, backward, clip, AdamW) eager vs compiled, for
-moe-tiny, a ~20M-parameter MoE and a dense model, one worker, one thread.
+moe-tiny, a 46M-parameter MoE (width 384, depth 6, top-2 of 8 experts of 768; ~14M active) and a
+dense model (jobs/compare-dense.yaml), one worker, one thread.
 
 Both Trainers of a model live in this process; after the compiled one's first steps (its compile time,
 reported) the two take turns, `--steps` steps each per round, so load drifts hit both alike. Reported:
 the median step time (wall and CPU) over rounds, its spread, the speed-up, and whether the losses of
 the two runs agree (same data, same initial weights).
 
-    python benchmarks/compile.py [--rounds 5] [--steps 5] [--models moe-tiny,moe-20m,dense]
+    python benchmarks/compile.py [--rounds 5] [--steps 5] [--models moe-tiny,moe-46m,dense]
     python benchmarks/compile.py --smoke     # a 2-block toy, 1 round (tens of seconds: it compiles)
 """
 
@@ -28,7 +29,7 @@ from shardyard.platform.spec import load_spec  # noqa: E402
 from shardyard.runtime.worker import LocalReporter, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MOE_20M = [
+MOE_46M = [
     "model.preset=null",
     "model.width=384",
     "model.depth=6",
@@ -42,7 +43,7 @@ MOE_20M = [
 ]
 MODELS: dict[str, tuple[str, list[str]]] = {
     "moe-tiny": ("jobs/moe-tiny.yaml", []),
-    "moe-20m": ("jobs/moe-tiny.yaml", MOE_20M),
+    "moe-46m": ("jobs/moe-tiny.yaml", MOE_46M),
     "dense": ("jobs/compare-dense.yaml", []),
 }
 SMOKE = (
