@@ -91,20 +91,26 @@ SCALES = {
 }
 
 
+def expert_layout(h: int, experts: int, top_k: int, hidden: int, shared: int = 0, scale: float = 1.0) -> list[str]:
+    """An MoE arm's overrides at dense hidden `h` with every expert-layout field spelled out, whatever
+    the base spec's MoE block says (the base spec may change between runs)."""
+    e = "model.moe."
+    return [
+        f"model.ffn.hidden={h}",
+        f"{e}num_experts={experts}",
+        f"{e}top_k={top_k}",
+        f"{e}expert_hidden={hidden}",
+        f"{e}shared_experts={shared}",
+        f"{e}routed_scale={scale}",
+    ]
+
+
 def configs(h: int) -> dict[str, tuple[Path, list[str]]]:
     """name -> (base spec, overrides) at dense hidden `h`; every MoE's routed + shared hidden is h."""
     e = "model.moe."
 
     def moe(experts: int, top_k: int, hidden: int, shared: int = 0, scale: float = 1.0) -> list[str]:
-        """Every expert-layout field spelled out, whatever the base spec's MoE block says."""
-        return [
-            f"model.ffn.hidden={h}",
-            f"{e}num_experts={experts}",
-            f"{e}top_k={top_k}",
-            f"{e}expert_hidden={hidden}",
-            f"{e}shared_experts={shared}",
-            f"{e}routed_scale={scale}",
-        ]
+        return expert_layout(h, experts, top_k, hidden, shared, scale)
 
     fine = moe(32, 7, h // 8, shared=1, scale=7.0)
     return {
@@ -132,16 +138,7 @@ def upcycle_configs(h: int, weights: Path) -> dict[str, tuple[Path, list[str]]]:
         "cont-dense": (DENSE, [f"model.ffn.hidden={h}", f"model.init_from={weights}"]),
         f"cont-upcycled-switch-8x{h}": (
             MOE,
-            [
-                f"model.ffn.hidden={h}",
-                f"model.upcycle_from={weights}",
-                "model.moe.num_experts=8",
-                "model.moe.top_k=1",
-                f"model.moe.expert_hidden={h}",
-                "model.moe.shared_experts=0",
-                "model.moe.router=switch",
-                "model.moe.routed_scale=8.0",
-            ],
+            [*expert_layout(h, 8, 1, h, scale=8.0), "model.moe.router=switch", f"model.upcycle_from={weights}"],
         ),
     }
 

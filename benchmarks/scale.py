@@ -52,7 +52,6 @@ MODES = {  # name -> (expert_parallel(world), shard, zero, tensor_parallel, pipe
     "pp4": (lambda w: 1, "none", 0, 1, 4),
 }
 MOE_ONLY = ("ep", "ep+fsdp", "ep2+fsdp", "tp2+ep2", "pp2+ep2+fsdp")
-# pipeline modes: the batch of 4 sequences in pp micro-batches (1F1B's least: one per stage)
 
 
 SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2", "pp2"]  # DeepSpeed, EP composed with FSDP (DTensor state), TP, PP
@@ -61,7 +60,7 @@ SMOKE_MODES = ["zero2", "ep2+fsdp", "tp2", "pp2"]  # DeepSpeed, EP composed with
 def spec_text(
     name: str, storage: Path, world: int, mode: str, width: int, experts: int, steps: int, kind: str = "moe"
 ) -> str:
-    ep_of, shard, zero, tp, pp = MODES[mode]
+    ep_of, shard, zero, tp, pp = MODES[mode]  # pipelines: the batch of 4 in pp micro-batches (1F1B's least)
     moe = f", moe: {{num_experts: {experts}, top_k: 2}}" if kind == "moe" else ""
     return f"""name: {name}
 seed: 0

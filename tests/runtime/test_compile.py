@@ -59,7 +59,7 @@ def _rank(topology, spec_json: str, out: str) -> None:
         losses = {s: float(v) / topology.world_size for s, v in zip(sorted(losses), mean)}
         from torch._dynamo.utils import counters
 
-        breaks = {reason: n for reason, n in counters["graph_break"].items()}  # this rank's, whole run
+        breaks = dict(counters["graph_break"])  # this rank's, whole run
         (Path(out) / "series.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "breaks": breaks}))
 
 
