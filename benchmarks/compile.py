@@ -1,11 +1,14 @@
-"""training.compile on CPU: the Trainer's step (forward, backward, clip, AdamW) eager vs compiled, for
-moe-tiny, a 46M-parameter MoE (width 384, depth 6, top-2 of 8 experts of 768; ~14M active) and a
-dense model (jobs/compare-dense.yaml), one worker, one thread.
+"""training.compile on CPU: the Trainer's step (forward, backward, clip, the job's optimizer) eager vs
+compiled, for moe-tiny, a 46M-parameter MoE (width 384, depth 6, top-2 of 8 experts of 768; ~14M
+active) and a dense model (jobs/compare-dense.yaml), one worker, one thread; beside them the reference
+the issue sets: a plain loop over the same model, eager and `torch.compile(model)` (the whole model as
+one graph), with the same optimizer and torch's clip_grad_norm_.
 
-Both Trainers of a model live in this process; after the compiled one's first steps (its compile time,
-reported) the two take turns, `--steps` steps each per round, so load drifts hit both alike. Reported:
-the median step time (wall and CPU) over rounds, its spread, the speed-up, and whether the losses of
-the two runs agree (same data, same initial weights).
+All four arms of a model live in this process; after the compiled ones' first steps (their compile
+time, reported) they take turns, `--steps` steps each per round, so load drifts hit all alike.
+Reported: the median step time (wall) over rounds and its spread, each pair's speed-up, the Trainer's
+compiled step against the whole-model compiled loop's, and whether the Trainer's compiled and eager
+losses agree (same data, same initial weights).
 
     python benchmarks/compile.py [--rounds 5] [--steps 5] [--models moe-tiny,moe-46m,dense]
     python benchmarks/compile.py --smoke     # a 2-block toy, 1 round (tens of seconds: it compiles)
@@ -14,17 +17,20 @@ the two runs agree (same data, same initial weights).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shardyard.optim import build_optimizer  # noqa: E402
 from shardyard.platform.spec import load_spec  # noqa: E402
 from shardyard.runtime.worker import LocalReporter, Trainer  # noqa: E402
 
@@ -59,41 +65,73 @@ def trainer(spec_path: str, overrides: list[str], compiled: bool, root: Path, na
     return Trainer(spec, root / name, LocalReporter(root / name, 1))
 
 
-def timed_steps(t: Trainer, steps: int) -> tuple[list[float], list[float], list[float]]:
-    walls, cpus, losses = [], [], []
+def timed_steps(step: Callable[[], float], steps: int) -> tuple[list[float], list[float]]:
+    walls, losses = [], []
     for _ in range(steps):
-        w, c = time.perf_counter(), time.process_time()
-        out = t.train_step()
-        losses.append(float(out["ce"]))
+        w = time.perf_counter()
+        losses.append(step())
         walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return walls, cpus, losses
+    return walls, losses
+
+
+def plain_loop(t: Trainer, compiled: bool) -> Callable[[], float]:
+    """The reference: a copy of the Trainer's initial model, `torch.compile(model)` or eager, the same
+    optimizer kind (build_optimizer), torch's clip_grad_norm_, a fixed batch of random bytes."""
+    spec = t.spec
+    model = copy.deepcopy(t.model)
+    optimizer = build_optimizer(spec.optim, model)
+    run = torch.compile(model) if compiled else model
+    gen = torch.Generator().manual_seed(0)
+    shape = (spec.training.batch_size, spec.data.seq_len)
+    inputs, targets = torch.randint(0, 256, shape, generator=gen), torch.randint(0, 256, shape, generator=gen)
+
+    def step() -> float:
+        _, loss = run(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def trainer_step(t: Trainer) -> Callable[[], float]:
+    return lambda: float(t.train_step()["ce"])
 
 
 def bench(label: str, spec_path: str, overrides: list[str], rounds: int, steps: int, root: Path) -> str:
     eager = trainer(spec_path, overrides, False, root, f"{label}-eager")
     compiled = trainer(spec_path, overrides, True, root, f"{label}-compiled")
     params = sum(p.numel() for p in eager.model.parameters())
-    start = time.perf_counter()
-    _, _, first_c = timed_steps(compiled, 2)  # compiles forward and backward
-    compile_s = time.perf_counter() - start
-    _, _, first_e = timed_steps(eager, 2)
-    med: dict[str, list[float]] = {"eager": [], "compiled": []}
-    cpu: dict[str, list[float]] = {"eager": [], "compiled": []}
-    losses = {"eager": first_e, "compiled": first_c}
+    arms = {
+        "trainer eager": trainer_step(eager),
+        "trainer compiled": trainer_step(compiled),
+        "plain eager": plain_loop(eager, compiled=False),
+        "plain compiled": plain_loop(eager, compiled=True),
+    }
+    first: dict[str, float] = {}
+    losses: dict[str, list[float]] = {name: [] for name in arms}
+    for name, step in arms.items():  # compiles forward and backward of the compiled arms
+        start = time.perf_counter()
+        losses[name] += timed_steps(step, 2)[1]
+        first[name] = time.perf_counter() - start
+    med: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
-        for name, t in (("eager", eager), ("compiled", compiled)):
-            walls, cpus, ls = timed_steps(t, steps)
+        for name, step in arms.items():
+            walls, ls = timed_steps(step, steps)
             med[name].append(statistics.median(walls))
-            cpu[name].append(statistics.median(cpus))
             losses[name] += ls
-    e, c = statistics.median(med["eager"]), statistics.median(med["compiled"])
-    ec, cc = statistics.median(cpu["eager"]), statistics.median(cpu["compiled"])
-    diff = max(abs(a - b) / abs(b) for a, b in zip(losses["compiled"], losses["eager"]))
+    ms = {name: 1e3 * statistics.median(v) for name, v in med.items()}
+    spread = {name: f"{1e3 * min(v):.0f}..{1e3 * max(v):.0f}" for name, v in med.items()}
+    diff = max(abs(a - b) / abs(b) for a, b in zip(losses["trainer compiled"], losses["trainer eager"]))
     return (
-        f"| {label} | {params / 1e6:.1f}M | {1e3 * e:.0f} ({1e3 * min(med['eager']):.0f}..{1e3 * max(med['eager']):.0f}) "
-        f"| {1e3 * c:.0f} ({1e3 * min(med['compiled']):.0f}..{1e3 * max(med['compiled']):.0f}) | {e / c:.2f} "
-        f"| {ec / cc:.2f} | {compile_s:.0f} | {diff:.1e} |"
+        f"| {label} | {params / 1e6:.1f}M | {ms['trainer eager']:.0f} ({spread['trainer eager']}) "
+        f"| {ms['trainer compiled']:.0f} ({spread['trainer compiled']}) "
+        f"| {ms['trainer eager'] / ms['trainer compiled']:.2f} "
+        f"| {ms['plain eager']:.0f} ({spread['plain eager']}) | {ms['plain compiled']:.0f} ({spread['plain compiled']}) "
+        f"| {ms['plain eager'] / ms['plain compiled']:.2f} | {ms['plain compiled'] / ms['trainer compiled']:.2f} "
+        f"| {first['trainer compiled']:.0f} / {first['plain compiled']:.0f} | {diff:.1e} |"
     )
 
 
@@ -109,10 +147,11 @@ def main() -> int:
     rounds, steps = (1, 2) if args.smoke else (args.rounds, args.steps)
     print(f"torch {torch.__version__}, 1 thread, {rounds} interleaved rounds of {steps} steps; load {os.getloadavg()}")
     print(
-        "\n| model | params | eager ms/step (spread of round medians) | compiled ms/step | speed-up (wall) "
-        "| speed-up (CPU) | first 2 compiled steps s | max rel. loss diff |"
+        "\n| model | params | Trainer eager ms/step (spread of round medians) | Trainer compiled | Trainer speed-up "
+        "| plain eager | plain torch.compile(model) | plain speed-up | Trainer compiled vs plain compiled (>1: Trainer "
+        "faster) | first 2 compiled steps s (Trainer / plain) | max rel. loss diff (Trainer) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="shardyard-compile-") as tmp:
         for label, (spec_path, overrides) in models.items():
             print(bench(label, spec_path, overrides, rounds, steps, Path(tmp)), flush=True)

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from shardyard.optim.int8_weights import prepare_model_for_optimizer
 from shardyard.platform.schema import OptimSpec, ScheduleSpec
@@ -41,12 +42,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # torch's per-group flags that pick the kernel
+
+
+def kernel_options(implementation: str, model: nn.Module) -> dict[str, bool]:
+    """optim.implementation as torch's flags. Two cases take the for-loop, with the same maths and state:
+    parameters on the meta device (validate's memory prediction steps a meta model; no fused kernel
+    there), and a model mixing DTensors with plain tensors (expert shards beside FSDP's or tensor
+    parallelism's DTensors): torch's fused and foreach kernels take one kind of tensor per call."""
+    params = list(model.parameters())
+    dtensors = sum(isinstance(p, DTensor) for p in params)
+    if any(p.device.type == "meta" for p in params) or 0 < dtensors < len(params):
+        return {"foreach": False}
+    if implementation == "fused":
+        return {"fused": True}
+    return {"foreach": implementation == "foreach"}
+
+
 def build_optimizer(spec: OptimSpec, model: nn.Module, group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """`group`: the data-parallel ranks GaLore shares its projection over (None: one process alone)."""
     if spec.kind == "adamw":
-        return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        kernels = kernel_options(spec.implementation, model)
+        return torch.optim.AdamW(
+            param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps, **kernels
+        )
     if spec.kind == "sgd":
-        return torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum)
+        kernels = kernel_options(spec.implementation, model)
+        return torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum, **kernels)
     if spec.kind in ("galore_adamw", "q_galore_adamw"):
         from shardyard.optim.galore import GaLoreAdamW, galore_param_groups
         from shardyard.optim.qgalore import QGaLoreAdamW

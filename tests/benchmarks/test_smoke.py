@@ -34,6 +34,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "netbed": ([], [r"2 MiB at 200 Mbit/s tbf: [\d.]+ MB/s", r"left: \[\]"], False),
     "overhead": ([], [r"round 1: bytes/s bare [\d,]+, trainer [\d,]+", r"\| trainer \| [\d,]+ \|"], True),
     "compile": ([], [r"\| toy \| [\d.]+M \| \d+ ", r"max rel\. loss diff"], True),
+    "optimizer": ([], [r"\| jobs/moe-tiny\.yaml \| [\d.]+M \| \d+ \| [\d.]+ \(", r"max param diff"], False),
     "observability": (
         [],
         [r"one logging call: [\d.]+ ms, \d+ keys", r"on/off [\d.]+", r"losses identical with timers on and off: True"],

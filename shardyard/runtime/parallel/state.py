@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardyard.models.moe.layer import MoELayer
+from shardyard.optim import KERNEL_FLAGS
 from shardyard.runtime.checkpoint import SHARDS_DIR
 from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.tensor_parallel import HeadAligned
@@ -173,13 +174,18 @@ class DCPState(TrainingState):
     def _own_param_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The saved groups' settings over this rank's parameters. DCP keeps one rank's copy of the
         (non-tensor) groups, whose name lists cover only that rank's pipeline stages; the settings are
-        the same on every rank, the names are this rank's own."""
+        the same on every rank, the names are this rank's own. The kernel flags are this job's too: the
+        layout picks them (optim.kernel_options), and a fused kernel chosen at the saved layout may
+        not run at this one."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         mine = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
         if len(saved) != len(mine):
             raise RuntimeError(f"checkpoint has {len(saved)} optimizer parameter groups, this job {len(mine)}")
-        return [{**group, "params": own["params"]} for group, own in zip(saved, mine)]
+        return [
+            {**group, **{key: own[key] for key in KERNEL_FLAGS if key in own}, "params": own["params"]}
+            for group, own in zip(saved, mine)
+        ]
 
     def _export_tensor(self, name: str, value: Any) -> Any:
         """An expert-parallel shard becomes a DTensor over (edp, ep), Shard(0) on ep; a head-aligned
