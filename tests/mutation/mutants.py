@@ -78,6 +78,22 @@ MUTANTS: list[Mutant] = [
         ["tests/runtime/test_gradients.py", "-k", "ep2 and not fsdp", *SLOW],
         "the global grad norm counts only this rank's expert shard (clipping and grad_norm see too small a norm)",
     ),
+    Mutant(
+        "grad-norm-in-low-precision",
+        "shardyard/optim/clip.py",
+        "torch._foreach_norm(local, 2, dtype=torch.float32)",
+        "torch._foreach_norm(local, 2)",
+        ["tests/optim/test_clip.py"],
+        "each gradient's norm accumulated in its own dtype (bf16 gradients: a norm off by ~1e-3)",
+    ),
+    Mutant(
+        "resume-takes-saved-kernel",
+        "shardyard/runtime/parallel/state.py",
+        '{**group, **{key: own[key] for key in KERNEL_FLAGS if key in own}, "params": own["params"]}',
+        '{**group, "params": own["params"]}',
+        ["tests/runtime/test_parallel_plans.py", "-k", "resume_reshards and composed", *SLOW],
+        "a resume keeps the checkpoint's fused-kernel flag, which the new layout's mixed parameters cannot run",
+    ),
     # ------------------------------------------------------------------ resume: data position, RNG, manifest
     Mutant(
         "resume-skips-a-batch",

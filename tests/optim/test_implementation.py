@@ -4,15 +4,14 @@ for-loop's (torch's CPU default, what every job stepped with before the field ex
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from shardyard.comm.launch import spawn
 from shardyard.models import build_model
 from shardyard.optim import build_optimizer, kernel_options
 from shardyard.platform.spec import load_spec
@@ -48,26 +47,24 @@ def test_fused_steps_equal_the_for_loop_within_rounding(kind: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{impl}: {name}")
 
 
+def _mixed_rank(topology) -> None:
+    mesh = init_device_mesh("cpu", (1,))
+    sharded = nn.Linear(4, 4, bias=False)
+    sharded.weight = nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Shard(0)]))
+    assert kernel_options("fused", sharded) == {"fused": True}  # all DTensors: fused
+    mixed = nn.Sequential(sharded, nn.Linear(4, 4))  # a DTensor beside plain tensors (expert shards)
+    assert kernel_options("fused", mixed) == {"foreach": False}
+    assert kernel_options("foreach", mixed) == {"foreach": False}
+    optimizer = torch.optim.AdamW(mixed.parameters(), **kernel_options("fused", mixed))
+    for p in mixed.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # torch's fused and foreach kernels refuse this mix; the for-loop steps it
+
+
 def test_meta_and_mixed_parameters_take_the_for_loop() -> None:
     plain = nn.Linear(4, 4)
     assert kernel_options("fused", plain) == {"fused": True}
     assert kernel_options("foreach", plain) == {"foreach": True}
     assert kernel_options("for-loop", plain) == {"foreach": False}
     assert kernel_options("fused", nn.Linear(4, 4, device="meta")) == {"foreach": False}
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29591")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        sharded = nn.Linear(4, 4, bias=False)
-        sharded.weight = nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Shard(0)]))
-        assert kernel_options("fused", sharded) == {"fused": True}  # all DTensors: fused
-        mixed = nn.Sequential(sharded, nn.Linear(4, 4))  # a DTensor beside plain tensors (expert shards)
-        assert kernel_options("fused", mixed) == {"foreach": False}
-        assert kernel_options("foreach", mixed) == {"foreach": False}
-        optimizer = torch.optim.AdamW(mixed.parameters(), **kernel_options("fused", mixed))
-        for p in mixed.parameters():
-            p.grad = torch.ones_like(p)
-        optimizer.step()  # torch's fused and foreach kernels refuse this mix; the for-loop steps it
-    finally:
-        dist.destroy_process_group()
+    spawn(_mixed_rank, 1, 1)  # a DTensor needs a process group: its own process
