@@ -36,9 +36,11 @@ def bench(spec_path: str, overrides: list[str], rounds: int) -> str:
     spec = load_spec(str(ROOT / spec_path), ["tracking.mode=disabled", *overrides])
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, spec.data.seq_len)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    models = {impl: copy.deepcopy(model) for impl in IMPLEMENTATIONS}  # deepcopy keeps each .grad
+    grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
+    models = {impl: copy.deepcopy(model) for impl in IMPLEMENTATIONS}
+    for m in models.values():
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
     optimizers = {
         impl: build_optimizer(spec.optim.model_copy(update={"implementation": impl}), models[impl])
         for impl in IMPLEMENTATIONS

@@ -1,7 +1,7 @@
 """The platform tax: `shardyard run` against a bare two-process gloo DDP loop of the same model, batch
 and optimizer, back to back, interleaved (bare, trainer, run, bare, trainer, run, ...).
 
-- bare:    torch.multiprocessing + gloo, DDP(model), the job's AdamW and LR schedule, torch's
+- bare:    torch.multiprocessing + gloo, DDP(model) (the model alone for one worker), the job's AdamW and LR schedule, torch's
            clip_grad_norm_, random windows of the job's training bytes; nothing else.
 - trainer: the workers' Trainer (runtime.worker) on the same two spawned gloo ranks, no Ray: the
            platform's own loop (timers, MoE statistics, the stop agreement, logging, checkpoints).
@@ -59,7 +59,8 @@ def _bare(topology, spec_json: str, out: str) -> None:
     torch.manual_seed(spec.seed)
     data = load_training_data(spec.data)
     model = build_model(spec.model, spec.data.seq_len, data.vocab_size)
-    module = DistributedDataParallel(model, forward_sync_buffers=False)
+    # DDP where there is something to reduce: the Trainer skips it for one worker, and so does this loop
+    module = DistributedDataParallel(model, forward_sync_buffers=False) if topology.world_size > 1 else model
     optimizer = build_optimizer(spec.optim, model)
     scheduler = build_scheduler(spec.optim, optimizer, spec.training.steps)
     tokens = np.asarray(data.train)
