@@ -61,14 +61,11 @@ def kernel_options(implementation: str, model: nn.Module) -> dict[str, bool]:
 
 def build_optimizer(spec: OptimSpec, model: nn.Module, group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """`group`: the data-parallel ranks GaLore shares its projection over (None: one process alone)."""
-    if spec.kind == "adamw":
-        kernels = kernel_options(spec.implementation, model)
-        return torch.optim.AdamW(
-            param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps, **kernels
-        )
-    if spec.kind == "sgd":
-        kernels = kernel_options(spec.implementation, model)
-        return torch.optim.SGD(param_groups(model, spec.weight_decay), lr=spec.lr, momentum=spec.momentum, **kernels)
+    if spec.kind in ("adamw", "sgd"):
+        groups, kernels = param_groups(model, spec.weight_decay), kernel_options(spec.implementation, model)
+        if spec.kind == "adamw":
+            return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, **kernels)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, **kernels)
     if spec.kind in ("galore_adamw", "q_galore_adamw"):
         from shardyard.optim.galore import GaLoreAdamW, galore_param_groups
         from shardyard.optim.qgalore import QGaLoreAdamW

@@ -599,7 +599,7 @@ class OptimSpec(Section):
     implementation: Literal["fused", "foreach", "for-loop"] = Field(
         "fused",
         description="the adamw / sgd update's kernels: fused (torch's fused kernel, one pass over all parameters; "
-        "on a CPU 4-6x faster than the for-loop, docs/parallelism.md), foreach (batched per-operation "
+        "2.7-3.4x faster than the for-loop on this project's CPU models, docs/parallelism.md), foreach (batched per-operation "
         "kernels) or for-loop (one parameter at a time: torch's CPU default). The same maths; the results "
         "differ in rounding only. Layouts that mix DTensors with plain expert shards (ep with fsdp or "
         "tensor_parallel) take the for-loop: torch's fused and foreach kernels take one kind per call. The "
