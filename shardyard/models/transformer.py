@@ -214,10 +214,13 @@ class TransformerStack(nn.Module):
         self.checkpoint_every = 0  # activation checkpointing: 0 = off, n = every n-th block (1 = all)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks_output(x))
+
+    def blocks_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output, before the final norm."""
         if x.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {x.shape[1]} exceeds max_seq_len {self.rope_cos.shape[0]}")
-        x = run_blocks(enumerate(self.blocks), x, (self.rope_cos, self.rope_sin), self.checkpoint_every)
-        return self.norm(x)
+        return run_blocks(enumerate(self.blocks), x, (self.rope_cos, self.rope_sin), self.checkpoint_every)
 
 
 def run_blocks(
@@ -262,7 +265,12 @@ class ByteTransformerLM(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: [B, T] int64 token ids. Returns logits [B, T, vocab] and mean CE (nats)."""
-        logits = self.head(self.stack(self.embed(idx)))
+        return self.output(self.stack.blocks_output(self.embed(idx)), targets)
+
+    def output(self, hidden: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final norm, the head and the mean cross-entropy over the last block's output: one
+        function, so that training.compile compiles them as one graph (runtime.parallel.apply_compile)."""
+        logits = self.head(self.stack.norm(hidden))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1))

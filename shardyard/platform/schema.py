@@ -688,7 +688,8 @@ class TrainingSpec(Section):
     activation_checkpointing_every: PositiveInt = Field(2, description="every_n only: checkpoint every n-th block")
     compile: bool = Field(
         False,
-        description="torch.compile every transformer block (inductor: C++ kernels on CPU, Triton on GPU), applied "
+        description="torch.compile every transformer block and the flat model's output (final norm, head, loss) "
+        "(inductor: C++ kernels on CPU, Triton on GPU), applied "
         "after activation checkpointing and before FSDP / DDP. The first steps pay the compile time (tens of "
         "seconds per distinct block on a CPU); see docs/parallelism.md for what compiles as one graph",
     )

@@ -1,5 +1,5 @@
 """training.compile: compiled training equals eager training, and dense / local-MoE blocks compile as
-one graph.
+one graph, as do the final norm, the head and the loss.
 
 The runs drive the Trainer's own step (`Trainer.train_step`: parallelize with compile, the gradient
 step, the optimizer) for 20 steps and compare the loss and the gradient norm before clipping of every
@@ -25,7 +25,16 @@ STEPS, GLOBAL_BATCH = 20, 8
 MOE = "{{kind: moe, width: 32, depth: 2, heads: 2, ffn: {{hidden: 64}}, moe: {{num_experts: 4, top_k: 2, aux_loss: {aux}, z_loss: {z}}}}}"
 
 
-def job(storage: Path, name: str, world: int, compile_: bool, aux: bool, checkpointing: str = "none", tp: int = 1):
+def job(
+    storage: Path,
+    name: str,
+    world: int,
+    compile_: bool,
+    aux: bool,
+    checkpointing: str = "none",
+    tp: int = 1,
+    shard: str = "none",
+):
     text = tiny_spec_yaml(
         name,
         storage,
@@ -35,7 +44,7 @@ def job(storage: Path, name: str, world: int, compile_: bool, aux: bool, checkpo
         f"compile: {str(compile_).lower()}, activation_checkpointing: {checkpointing}}}",
         resources=f"{{workers: {world}, cpus_per_worker: 1, max_failures: 0}}",
     )
-    return load_spec_text(text, overrides=[f"parallel.tensor_parallel={tp}"])
+    return load_spec_text(text, overrides=[f"parallel.tensor_parallel={tp}", f"parallel.shard={shard}"])
 
 
 def train(spec, run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -99,6 +108,18 @@ def test_compiled_ddp2_equals_one_eager_worker(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_compiled_fsdp2_equals_one_eager_worker(tmp_path: Path) -> None:
+    """FSDP2 after compile: the per-block all-gathers and reduce-scatters run outside the compiled
+    blocks, and the root's (embedding, final norm, head) around the compiled output graph."""
+    eager_loss, eager_norm = train(job(tmp_path, "eager", 1, False, aux=False), tmp_path / "eager")
+    loss, norm = train_on_ranks(job(tmp_path, "fsdp2", 2, True, aux=False, shard="full"), tmp_path)
+    assert_same_series(loss, eager_loss, 1e-4, "loss")
+    assert_same_series(norm, eager_norm, 1e-4, "grad_norm")
+    assert graph_breaks(tmp_path) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_compiled_tp2_equals_one_eager_worker_moe_losses_included(tmp_path: Path) -> None:
     """Tensor parallelism, then compile (torchtitan's order): each block compiles with its DTensor
     weights and the sequence-parallel gathers and reduce-scatters in the graph; both ranks read the one
@@ -113,7 +134,8 @@ def test_compiled_tp2_equals_one_eager_worker_moe_losses_included(tmp_path: Path
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_blocks_compile_without_graph_breaks(kind: str) -> None:
     """Every op of a dense block and of an MoE block with the local dispatcher (router, expert
-    counts, permutation, the expert MLP operator, the aux-loss bookkeeping) is in one graph."""
+    counts, permutation, the expert MLP operator, the aux-loss bookkeeping) is in one graph; the
+    model's output (final norm, head, cross-entropy) in another."""
     from shardyard.models import build_model
     from shardyard.models.transformer import Block
 
@@ -128,11 +150,13 @@ def test_blocks_compile_without_graph_breaks(kind: str) -> None:
     block = next(m for m in model.modules() if isinstance(m, Block))
     rope = (model.stack.rope_cos, model.stack.rope_sin)
     x = torch.randn(2, 32, 32, requires_grad=True)
+    targets = torch.randint(0, 256, (2, 32))
     for train_mode in (True, False):
-        block.train(train_mode)
-        explained = torch._dynamo.explain(block)(x, rope)
-        reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, (kind, train_mode, reasons)
+        model.train(train_mode)
+        for part, args in ((block, (x, rope)), (model.output, (x, targets))):  # a block; final norm, head, loss
+            explained = torch._dynamo.explain(part)(*args)
+            reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, (kind, train_mode, reasons)
 
 
 def test_a_transport_dispatcher_runs_eagerly_between_compiled_graphs() -> None:

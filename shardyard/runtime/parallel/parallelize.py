@@ -9,7 +9,8 @@
 2. tensor parallelism with sequence parallelism over the dims' tp mesh (tensor_parallel.py: heads
    and dense MLPs split, norms and the residual stream split along the sequence, MoE tokens split);
 3. activation checkpointing (training.activation_checkpointing) on every transformer stack;
-4. compile (training.compile): torch.compile on every transformer block, in place (names unchanged);
+4. compile (training.compile): torch.compile on every transformer block, in place (names unchanged),
+   and on the flat model's output (final norm, head, loss);
 5. FSDP2 over the dims' dp_shard mesh (each block, then the root -- each stage is a root under pp;
    expert shards stay outside it when ep > 1; with tp, a 2-D layout: FSDP shards the tp shards), or
    DDP over the data-parallel ranks when dense weights are replicated and nothing else reduces
@@ -34,7 +35,7 @@ from shardyard.comm.token_dispatch import build_token_dispatcher
 from shardyard.models.moe.experts import EXPERT_SHARD_ATTR, is_expert_shard
 from shardyard.models.moe.layer import MoELayer
 from shardyard.models.moe.router import ExpertChoiceRouter
-from shardyard.models.transformer import Block, TransformerStack
+from shardyard.models.transformer import Block, ByteTransformerLM, TransformerStack
 from shardyard.platform.schema import JobSpec, ParallelSpec, TrainingSpec
 from shardyard.runtime.parallel.dims import ParallelDims
 from shardyard.runtime.parallel.pipeline import StageModule, split_into_stages
@@ -89,7 +90,8 @@ def apply_activation_checkpointing(model: nn.Module, training: TrainingSpec) -> 
 
 def apply_compile(roots: list[nn.Module], training: TrainingSpec) -> None:
     """training.compile: torch.compile every transformer block in place (`Module.compile`, so parameter
-    names and checkpoints are unchanged). Blocks compile one by one, as torchtitan does: identical blocks
+    names and checkpoints are unchanged), and a flat model's output (final norm, head and loss: eager,
+    they were most of the gap to a whole-model compile). Blocks compile one by one, as torchtitan does: identical blocks
     share one compiled graph, and activation checkpointing (outside the block, in TransformerStack) and
     FSDP / DDP (applied next, hooks outside the compiled region) compose with it. Dense blocks and MoE
     blocks with the local dispatcher are one graph each; a transport dispatcher (expert parallelism,
@@ -102,6 +104,8 @@ def apply_compile(roots: list[nn.Module], training: TrainingSpec) -> None:
             module.forward = torch.compiler.disable(module.forward)
     for block in (m for m in modules if isinstance(m, Block)):
         block.compile()
+    for model in (m for m in modules if isinstance(m, ByteTransformerLM)):
+        model.output = torch.compile(model.output)  # final norm, head and loss: one more graph
 
 
 def apply_fsdp(roots: list[nn.Module], dims: ParallelDims, reshard_after_forward: bool) -> None:
