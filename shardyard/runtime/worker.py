@@ -416,7 +416,9 @@ class Trainer:
                 "total_steps": spec.steps,
             },
         )
-        window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes eval/checkpoints
+        # Throughput counts every second of a window but evaluation and checkpoints (the stop agreement,
+        # the logging and the save polls included: a user's job pays them).
+        window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         while self.step < spec.steps:
             self.maybe_inject_fault()
             self.timer.start_step()
@@ -429,7 +431,8 @@ class Trainer:
             last = self.step == spec.steps
             if self.step % spec.log_every == 0 or last:
                 ce = _all_reduce_mean(step_metrics["ce"].reshape(1), self.ctx.world, self.dims.dp * self.dims.tp).item()
-                elapsed = time.perf_counter() - window_start - paused
+                window_end = time.perf_counter()  # this window's logging counts in the next one's time
+                elapsed = window_end - window_start - paused
                 record = {
                     "kind": "train",
                     "loss": ce,
@@ -445,8 +448,7 @@ class Trainer:
                 record["bytes_per_s"] = record["tokens_per_s"] * self.data.bytes_per_token
                 record.update(comm)
                 self.log.log(self.step, record)
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            pause_start = time.perf_counter()
+                window_start, window_steps, paused = window_end, 0, 0.0
             metrics: dict[str, Any] = {"step": self.step}
             self.maybe_pause()
             decision = self.boundary.agree(self.step)  # collective: graceful stop, time-based checkpoint
@@ -457,6 +459,7 @@ class Trainer:
                 results = self.evaluate()
                 eval_s = time.perf_counter() - eval_start
                 self.timer.add("eval", eval_s)
+                paused += eval_s
                 metrics["val_bpb"] = results[""].bpb
                 record = {
                     "kind": "eval",
@@ -477,9 +480,10 @@ class Trainer:
                 beat(self.step, "checkpoint")
                 save_start = time.perf_counter()
                 self.save_and_report(metrics)
-                self.timer.add("checkpoint", time.perf_counter() - save_start)
+                save_s = time.perf_counter() - save_start
+                self.timer.add("checkpoint", save_s)
+                paused += save_s
                 self.boundary.saved()
-            paused += time.perf_counter() - pause_start
             if decision.stop and not last:
                 self.writer.close()  # a stop waits for the save on its way
                 self.boundary.announce_stop(self.step)

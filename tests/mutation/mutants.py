@@ -237,6 +237,14 @@ MUTANTS: list[Mutant] = [
         "MFU counts forward FLOPs only",
     ),
     Mutant(
+        "throughput-skips-logging",
+        "shardyard/runtime/worker.py",
+        "window_start, window_steps, paused = window_end, 0, 0.0",
+        "window_start, window_steps, paused = time.perf_counter(), 0, 0.0",
+        ["tests/tracking/test_observability.py", "-k", "throughput"],
+        "bytes/s and MFU leave the logging between windows out of the window's time",
+    ),
+    Mutant(
         "param-count-misses-1d",
         "shardyard/models/__init__.py",
         "total = sum(p.numel() for p in model.parameters())",

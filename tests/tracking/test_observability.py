@@ -162,3 +162,24 @@ def test_a_model_the_meta_device_cannot_run_falls_back_to_six_times_its_active_p
     active = 2 * vocab * width + depth * block + width  # embedding, untied head, final norm
     assert active == 131_392
     assert training_flops_per_token(spec.model, spec.data.seq_len) == 6.0 * active
+
+
+def test_throughput_counts_the_logging_but_not_evaluation_or_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """A window's bytes/s is over all of its wall time but evaluation and checkpoints: the logging of
+    the window before (observe, the metrics write), the stop agreement and the save polls count. Slowed
+    here on purpose: logging by 0.2 s, evaluation and checkpoints by 2 s each, all every 2 steps."""
+    import time
+
+    for name, delay in (("observe", 0.2), ("evaluate", 2.0), ("save_and_report", 2.0)):
+        slow = getattr(Trainer, name)
+        monkeypatch.setattr(
+            Trainer, name, lambda self, *a, _slow=slow, _delay=delay, **k: (time.sleep(_delay), _slow(self, *a, **k))[1]
+        )
+    spec = _spec(tmp_path, "rate", "{steps: 6, batch_size: 4, eval_every: 2, eval_bytes: 512, log_every: 2}")
+    spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"every": 2})})
+    _fit(spec, tmp_path / "rate")
+    train = [r for r in read_metrics(tmp_path / "rate") if r["kind"] == "train"]
+    window_s = [2 * 4 * 32 / r["tokens_per_s"] for r in train]  # 2 steps of 4 x 32 bytes
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for seconds in window_s[1:]:  # each holds the logging of the window before, not its eval or checkpoint
+        assert 0.2 <= seconds < 2.0, window_s
