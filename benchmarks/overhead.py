@@ -5,12 +5,13 @@ and optimizer, back to back, interleaved (bare, trainer, run, bare, trainer, run
            clip_grad_norm_, random windows of the job's training bytes; nothing else.
 - trainer: the workers' Trainer (runtime.worker) on the same two spawned gloo ranks, no Ray: the
            platform's own loop (timers, MoE statistics, the stop agreement, logging, checkpoints).
-- run:     `shardyard run SPEC --address <a Ray head this script starts once>`: Ray Train workers,
-           the driver's live view, wandb offline; what a user gets.
+- run:     `shardyard run SPEC`: its embedded Ray cluster, Ray Train workers, the driver's live view,
+           wandb offline; what a user gets.
 
 Each variant's figure is its steady-state bytes/s: the median over logging windows of log_every steps,
 after the first two windows (warm-up), the pauses for evaluation and checkpoints left out as the
-Trainer's own `bytes_per_s` does. Ratios are per round (variant / bare of the same round).
+Trainer's own `bytes_per_s` does (the logging between windows counted, as the bare loop's is).
+Ratios are per round (variant / bare of the same round).
 
     python benchmarks/overhead.py [--spec jobs/moe-tiny.yaml] [--rounds 3]
     python benchmarks/overhead.py --smoke        # 12 steps, one round, no Ray (seconds)
@@ -111,23 +112,11 @@ def trainer(spec: JobSpec, root: Path, name: str) -> float:
 
 
 # ------------------------------------------------------------------------------ shardyard run
-def ray_head() -> tuple[object, str]:
-    from ray.cluster_utils import Cluster
-
-    from shardyard.cluster.auth import ensure_token
-
-    ensure_token(generate=True)
-    workers = 4  # the job's workers plus Ray Train's controller (logical CPUs)
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": workers, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
-    )
-    return cluster, cluster.address
-
-
-def shardyard_run(spec_path: str, overrides: list[str], root: Path, name: str, address: str) -> float:
+def shardyard_run(spec_path: str, overrides: list[str], root: Path, name: str) -> float:
+    """`shardyard run SPEC` as the README runs it: its own embedded Ray cluster (dashboard, agents,
+    Ray Train's controller actors), started and stopped by the run; its start-up is outside the windows."""
     sets = [*overrides, f"name={name}", f"checkpoint.dir={root}"]
-    cmd = [sys.executable, "-m", "shardyard.cli", "run", spec_path, "--address", address]
+    cmd = [sys.executable, "-m", "shardyard.cli", "run", spec_path]
     for o in sets:
         cmd += ["--set", o]
     done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
@@ -154,24 +143,16 @@ def main() -> int:
     print(f"load before: {os.getloadavg()}", flush=True)
     variants = ["bare", "trainer"] + ([] if args.no_ray else ["run"])
     rates: dict[str, list[float]] = {v: [] for v in variants}
-    cluster = None
     with tempfile.TemporaryDirectory(prefix="shardyard-overhead-") as tmp:
         root = Path(tmp)
         spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(root)})})
-        address = None
-        if not args.no_ray:
-            cluster, address = ray_head()
-        try:
-            for r in range(args.rounds):
-                rates["bare"].append(bare(spec, root))
-                rates["trainer"].append(trainer(spec, root, f"trainer-{r}"))
-                if address is not None:
-                    rates["run"].append(shardyard_run(args.spec, overrides, root, f"run-{r}", address))
-                line = ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in variants)
-                print(f"round {r + 1}: bytes/s {line}; load {os.getloadavg()[0]:.1f}", flush=True)
-        finally:
-            if cluster is not None:
-                cluster.shutdown()
+        for r in range(args.rounds):
+            rates["bare"].append(bare(spec, root))
+            rates["trainer"].append(trainer(spec, root, f"trainer-{r}"))
+            if not args.no_ray:
+                rates["run"].append(shardyard_run(args.spec, overrides, root, f"run-{r}"))
+            line = ", ".join(f"{v} {rates[v][-1]:,.0f}" for v in variants)
+            print(f"round {r + 1}: bytes/s {line}; load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"load after: {os.getloadavg()}")
     print("\n| variant | median bytes/s | min..max | x bare (median of per-round ratios) | per-round ratios |")
     print("|---|---:|---:|---:|---|")

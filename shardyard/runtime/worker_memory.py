@@ -19,16 +19,18 @@ Parts, per worker:
 
 - parameters: distinct storages of the model's parameters and buffers (INT8 codes and scales
   included); gradients: the `.grad` storages held after the step (none in layer-wise mode: they are
-  freed as each parameter steps); optimizer state: every tensor in `optimizer.state`.
+  freed as each parameter steps), twice under DDP (its all-reduce buckets are a second copy, held
+  from the first step on); optimizer state: every tensor in `optimizer.state`.
 - activations: the second step's peak live bytes beyond those three (kept activations, a recomputed
   block under activation checkpointing, layer-wise gradients in flight, optimizer temporaries), so
   the total is the steady-state peak of a step.
 - sharding of the dense part over `dims.dp_shard` ranks (FSDP2, as `apply_fsdp`: every parameter
   not marked as an expert shard, split on dim 0 into ceil(dim0 / dp_shard) rows per rank, with its
-  gradient and optimizer state; scalar state is not split); the unsharded parameters FSDP gathers
-  are added to the activations (every block's from forward to backward under `zero2`, one block's
-  under `full`); ZeRO stages partition the optimizer state (1), gradients (2) and parameters (3)
-  over the world.
+  gradient and optimizer state; scalar state is not split); what FSDP allocates beyond the shards is
+  added to the activations (`_gathered`: the root's unsharded parameters, and seven of the largest
+  block's under `full`: parameters in computation and in flight, gradients and their reduce-scatter
+  input, buffers kept between steps; every block's and four of the largest under `zero2`); ZeRO
+  stages partition the optimizer state (1), gradients (2) and parameters (3) over the world.
 - tensor parallelism (runtime.parallel.tensor_parallel): the parameters its plan splits (embedding,
   head, attention projections, dense MLPs: `tp_share`) count 1/tp, with their gradients and optimizer
   state, before FSDP splits the rest; the step's activations count 1/tp (with sequence parallelism
@@ -211,6 +213,8 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     from shardyard.models.moe.experts import is_expert_shard
     from shardyard.models.moe.layer import MoELayer
     from shardyard.optim.meta_step import distinct_bytes
+    from shardyard.runtime.parallel import hook_reduced
+    from shardyard.runtime.parallel.parallelize import uses_ddp
     from shardyard.runtime.parallel.tensor_parallel import tp_share
 
     try:
@@ -249,10 +253,12 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
         grads += distinct_bytes([p.grad] if p.grad is not None else []) * fraction
         for t in _state_tensors(optimizer, p):  # a scalar (AdamW's step) is not sharded
             state += distinct_bytes([t]) * (fraction if t.dim() else 1.0)
+    if uses_ddp(dims, hook_reduced(spec, dims.world_size) or bool(spec.parallel.zero)):
+        grads *= 2  # DDP's all-reduce buckets: a copy of every gradient, held from the first step on
     if peak is not None and dims.tp_enabled:
         peak = held + (peak - held) / dims.tp  # sequence parallelism splits every activation over tp
     if peak is not None and dims.fsdp_enabled:
-        peak += _gathered(spec, model, dims.dp_shard, dims.tp)
+        peak += _gathered(spec, model, dims.tp)
     buffers = distinct_bytes(list(model.buffers()))  # INT8 codes and scales, router biases, counters
     total_params = params + buffers
     if spec.parallel.zero:  # ZeRO partitions the replicated state over the world
@@ -272,25 +278,34 @@ def predict_worker_memory(spec: JobSpec, model: nn.Module | None = None, source:
     )
 
 
-def _gathered(spec: JobSpec, model: nn.Module, dp_shard: int, tp: int) -> int:
-    """Unsharded parameters FSDP2 holds during a step beyond the shards: every block's from forward
-    to backward with `parallel.shard: zero2` (reshard_after_forward False), one block's at a time
-    with `full`."""
+def _gathered(spec: JobSpec, model: nn.Module, tp: int) -> int:
+    """What FSDP2 allocates beyond the shards (each unsharded copy is a new tensor of the parameter's
+    full size; the shards stay): the root's own parameters (embedding, head, final norm), unsharded
+    from the first forward to the end of backward, and
+    - `parallel.shard: full`: seven times the largest block: in the step its unsharded parameters
+      while it computes, the next block's all-gather output and the copy-out from it (FSDP2 gathers
+      one block ahead), the block's unsharded gradients and their reduce-scatter input; between steps
+      the last reduce-scatter's input and the last all-gather's output, kept for the next step;
+    - `zero2` (no reshard after forward): every block's unsharded parameters from forward to backward,
+      and four times the largest block (an all-gather output, unsharded gradients, their
+      reduce-scatter input, the one kept between steps).
+    Fitted to the profiler's allocation events on 4 gloo ranks (tests/optim/test_worker_memory.py;
+    both are per block, so they do not grow with depth). Expert shards (ep > 1) are outside FSDP."""
     from shardyard.models.moe.experts import is_expert_shard
     from shardyard.models.transformer import Block
     from shardyard.runtime.parallel.tensor_parallel import tp_share
 
-    def extra(module: nn.Module, prefix: str) -> float:
-        return sum(
-            p.numel() * p.element_size() * (1 - _fsdp_fraction(p, dp_shard)) * tp_share(prefix + name, tp)
-            for name, p in module.named_parameters()
-            if not is_expert_shard(p)
-        )
+    def unsharded(named: list[tuple[str, nn.Parameter]]) -> float:
+        return sum(p.numel() * p.element_size() * tp_share(name, tp) for name, p in named if not is_expert_shard(p))
 
-    if spec.parallel.shard == "zero2":
-        return int(extra(model, ""))
     blocks = [(name, b) for name, b in model.named_modules() if isinstance(b, Block)]
-    return int(max((extra(b, f"{name}.") for name, b in blocks), default=0))
+    per_block = [unsharded([(f"{name}.{n}", p) for n, p in b.named_parameters()]) for name, b in blocks]
+    in_blocks = {id(p) for _, b in blocks for p in b.parameters()}
+    root = unsharded([(n, p) for n, p in model.named_parameters() if id(p) not in in_blocks])
+    largest = max(per_block, default=0.0)
+    if spec.parallel.shard == "zero2":
+        return int(root + sum(per_block) + 4 * largest)
+    return int(root + 7 * largest)
 
 
 def _unsharded_held(model: nn.Module, optimizer: torch.optim.Optimizer, grads_only: bool = False) -> int:

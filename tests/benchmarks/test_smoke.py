@@ -35,6 +35,7 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "overhead": ([], [r"round 1: bytes/s bare [\d,]+, trainer [\d,]+", r"\| trainer \| [\d,]+ \|"], True),
     "compile": ([], [r"\| toy \| [\d.]+M \| \d+ ", r"max rel\. loss diff"], True),
     "optimizer": ([], [r"\| jobs/moe-tiny\.yaml \| [\d.]+M \| \d+ \| [\d.]+ \(", r"max param diff"], False),
+    "step_memory": ([], [r"\| none \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", r"\| full \| 2 \| [\d.]+ \|"], True),
     "observability": (
         [],
         [r"one logging call: [\d.]+ ms, \d+ keys", r"on/off [\d.]+", r"losses identical with timers on and off: True"],

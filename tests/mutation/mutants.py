@@ -245,6 +245,22 @@ MUTANTS: list[Mutant] = [
         "bytes/s and MFU leave the logging between windows out of the window's time",
     ),
     Mutant(
+        "fsdp-gathers-one-block",
+        "shardyard/runtime/worker_memory.py",
+        "    return int(root + 7 * largest)",
+        "    return int(root + largest)",
+        ["tests/optim/test_worker_memory.py", "-k", "four_gloo"],
+        "validate counts one unsharded block under FSDP2 (it holds up to seven blocks' worth)",
+    ),
+    Mutant(
+        "ddp-buckets-uncounted",
+        "shardyard/runtime/worker_memory.py",
+        "        grads *= 2  # DDP's all-reduce buckets",
+        "        grads *= 1  # DDP's all-reduce buckets",
+        ["tests/optim/test_worker_memory.py", "-k", "four_gloo and none"],
+        "validate leaves out DDP's gradient buckets",
+    ),
+    Mutant(
         "param-count-misses-1d",
         "shardyard/models/__init__.py",
         "total = sum(p.numel() for p in model.parameters())",

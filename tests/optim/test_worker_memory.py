@@ -210,3 +210,18 @@ def test_memory_prediction_without_a_meta_step_keeps_the_state(monkeypatch) -> N
     partial = predict_worker_memory(spec)
     assert partial.activations == 0
     assert (partial.params, partial.grads, partial.optimizer) == (whole.params, whole.grads, whole.optimizer)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("shard", ["none", "full", "zero2"])
+def test_memory_step_peak_prediction_within_12_percent_on_four_gloo_ranks(shard: str) -> None:
+    """validate's per-worker tensor bytes (everything but the fixed process allowance) against the
+    peak of live tensor bytes in a real step on rank 0 of 4 (benchmarks/step_memory.py: the
+    profiler's allocation events): DDP, FSDP2 full and zero2 (the prediction is 0.95-0.96 of it for
+    each; 0.94 at one worker). Found with it: DDP's buckets (a second copy of the gradients) and
+    FSDP2's unsharded copies and buffers (full-size tensors beside the shards, several blocks at once)
+    were not counted: 13-23 % under."""
+    from benchmarks.step_memory import measure
+
+    measured, predicted = measure(ROOT / "jobs" / "moe-tiny.yaml", [f"parallel.shard={shard}"], world=4)
+    assert abs(predicted / measured - 1) < 0.12, (shard, predicted, measured)
