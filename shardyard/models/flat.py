@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from shardyard.models.ffn import build_ffn_factory
@@ -12,7 +14,9 @@ from shardyard.platform.schema import ModelSpec
 
 @register_model("dense", any_vocab=True)
 @register_model("moe", any_vocab=True)
-def build_transformer(spec: ModelSpec, seq_len: int, vocab_size: int = 256) -> nn.Module:
+def build_transformer(
+    spec: ModelSpec, seq_len: int, vocab_size: int = 256, materialize: Callable[[int], bool] | None = None
+) -> nn.Module:
     moe = spec.moe if spec.kind == "moe" else None
     return ByteTransformerLM(
         spec.width,
@@ -23,6 +27,7 @@ def build_transformer(spec: ModelSpec, seq_len: int, vocab_size: int = 256) -> n
         vocab_size,
         attn_options(spec),
         spec.tie_embeddings,
+        materialize,
     )
 
 

@@ -29,12 +29,18 @@ def register_model(kind: str, any_vocab: bool = False) -> Callable[[ModelBuilder
     return wrap
 
 
-def build_model(spec: ModelSpec, seq_len: int, vocab_size: int = BYTE_VOCAB) -> nn.Module:
-    """The model for `spec`; `vocab_size` comes from data.tokenizer (256 = bytes)."""
+def build_model(
+    spec: ModelSpec, seq_len: int, vocab_size: int = BYTE_VOCAB, materialize: Callable[[int], bool] | None = None
+) -> nn.Module:
+    """The model for `spec`; `vocab_size` comes from data.tokenizer (256 = bytes). `materialize`
+    (flat models: a pipeline rank's blocks): the blocks it rejects are built on the meta device, the
+    others with the values the whole model would give them."""
     try:
         builder = MODEL_REGISTRY[spec.kind]
     except KeyError:
         raise ValueError(f"unknown model kind {spec.kind!r}; registered: {sorted(MODEL_REGISTRY)}") from None
+    if materialize is not None:
+        return builder(spec, seq_len, vocab_size=vocab_size, materialize=materialize)
     if spec.kind in ANY_VOCAB:
         return builder(spec, seq_len, vocab_size=vocab_size)
     if vocab_size != BYTE_VOCAB:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -202,10 +203,21 @@ class TransformerStack(nn.Module):
         ffn_factory: FFNFactory,
         max_seq_len: int,
         opts: AttnOptions | None = None,
+        materialize: Callable[[int], bool] | None = None,
     ) -> None:
+        """`materialize(i)` False: block i is built on the meta device (a pipeline rank's model holds
+        only its stages' blocks). Each block is built from its own random stream (`stream_seed`), so
+        its initial values do not depend on which other blocks were built."""
         super().__init__()
         opts = opts or AttnOptions()
-        self.blocks = nn.ModuleList(Block(width, heads, ffn_factory(i), opts) for i in range(depth))
+        self.block_seed = int(torch.randint(2**62, (1,), device="cpu"))  # one draw from the caller's RNG
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(stream_seed(self.block_seed, i))
+                where = torch.device("meta") if materialize is not None and not materialize(i) else nullcontext()
+                with where:
+                    self.blocks.append(Block(width, heads, ffn_factory(i), opts))
         self.norm = RMSNorm(width, opts.norm_eps)
         head_dim = opts.head_dim or width // heads
         cos, sin = rotary_tables(max_seq_len, head_dim, opts.rope_theta, scaling=opts.rope_scaling)
@@ -248,18 +260,21 @@ class ByteTransformerLM(nn.Module):
         vocab_size: int = 256,
         opts: AttnOptions | None = None,
         tie_embeddings: bool = False,
+        materialize: Callable[[int], bool] | None = None,
     ) -> None:
+        """`materialize`: which blocks are built on the current device (the others on meta; see
+        TransformerStack): every built block's values are those of the whole model's."""
         super().__init__()
-        # Drawn before any layer is built, so it depends only on the RNG state the caller seeded: the
-        # common parts' initial values come from it (see init_common_first).
-        common_seed = int(torch.randint(2**62, (1,), device="cpu"))
+        # Drawn before any layer is built, so they depend only on the RNG state the caller seeded: the
+        # common parts' and the FFNs' initial values come from them (see init_common_first).
+        common_seed, ffn_seed = (int(v) for v in torch.randint(2**62, (2,), device="cpu"))
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(self.vocab_size, width)
-        self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len, opts)
+        self.stack = TransformerStack(width, depth, heads, ffn_factory, max_seq_len, opts, materialize)
         self.head = nn.Linear(width, self.vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
-        init_common_first(self, depth, common_seed)
+        init_common_first(self, depth, common_seed, ffn_seed)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -297,24 +312,37 @@ def init_weights(module: nn.Module, generator: torch.Generator | None = None) ->
         nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
 
 
-def init_common_first(model: ByteTransformerLM, depth: int, common_seed: int) -> None:
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` (a block) derived from `seed`."""
+    return (seed + 1_000_003 * (index + 1)) % 2**63
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)  # CPU: the models are built there (or on meta)
+
+
+def init_common_first(model: ByteTransformerLM, depth: int, common_seed: int, ffn_seed: int) -> None:
     """Initialise a flat model so that its common parts (embedding, attention, norms, head) do not
-    depend on its feed-forward layers: they draw from a generator seeded with `common_seed`, in module
-    order, and the FFNs (dense MLP, router, experts) draw from the global RNG after them. A dense and
-    an MoE model built at the same seed therefore share every common weight: a paired comparison."""
-    device = model.embed.weight.device
-    common = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(common_seed)
-    ffns = [block.ffn for block in model.stack.blocks]
-    inside_ffn = {id(m) for ffn in ffns for m in ffn.modules()}
+    depend on its feed-forward layers, and no block on another: the embedding and head draw from a
+    generator seeded with `common_seed`, block i's common parts from stream i of it and its FFN
+    (dense MLP, router, experts) from stream i of `ffn_seed` (`stream_seed`). A dense and an MoE model
+    built at the same seed therefore share every common weight (a paired comparison), and a pipeline
+    rank that builds only its stages' blocks holds the whole model's values for them."""
+    blocks = list(model.stack.blocks)
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    top = _generator(common_seed)
     for module in model.modules():
-        if id(module) not in inside_ffn:
-            init_weights(module, common)
-    for ffn in ffns:
-        ffn.apply(init_weights)
+        if id(module) not in inside_blocks:
+            init_weights(module, top)
     std = 0.02 / math.sqrt(2 * depth)  # GPT-2: what writes into the residual stream starts smaller
-    for block in model.stack.blocks:
+    for i, block in enumerate(blocks):
+        common, ffn = _generator(stream_seed(common_seed, i)), _generator(stream_seed(ffn_seed, i))
+        inside_ffn = {id(m) for m in block.ffn.modules()}
+        for module in block.modules():
+            if id(module) not in inside_ffn:
+                init_weights(module, common)
+        block.ffn.apply(lambda m, g=ffn: init_weights(m, g))
         nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std, generator=common)
-    for ffn in ffns:
-        for name, p in ffn.named_parameters():
+        for name, p in block.ffn.named_parameters():
             if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=std, generator=ffn)

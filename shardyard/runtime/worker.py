@@ -50,6 +50,7 @@ from shardyard.runtime.devices import worker_device
 from shardyard.runtime.elastic import announce_resize
 from shardyard.runtime.evaluation import EvalResult, autocast_for, eval_control, evaluate
 from shardyard.runtime.parallel import build_training, dims_for
+from shardyard.runtime.parallel.pipeline import rank_blocks
 from shardyard.runtime.preemption import StepBoundary
 from shardyard.runtime.resume_guard import check_corpus_on_every_rank
 from shardyard.runtime.run_lease import DriverWatch
@@ -113,7 +114,13 @@ class Trainer:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
 
         self.data = load_training_data(spec.data)  # memory-maps (prepared) tokens; sets the vocabulary
-        self.model = build_model(spec.model, spec.data.seq_len, self.data.vocab_size).to(self.ctx.device)
+        # A pipeline rank builds only its stages' blocks (the others on the meta device, dropped when
+        # parallelize splits the model): each with the values the whole model would give it.
+        mine = rank_blocks(spec.model.depth, self.dims, spec.parallel.pipeline) if self.dims.pp_enabled else None
+        self.model = build_model(
+            spec.model, spec.data.seq_len, self.data.vocab_size, None if mine is None else mine.__contains__
+        )
+        self.model._apply(lambda t: t if t.is_meta else t.to(self.ctx.device))  # meta blocks stay until the split
         moe_names = [name for name, m in self.model.named_modules() if isinstance(m, MoELayer)]  # every layer's
         moe_shapes = [(layer.num_experts, layer.top_k) for layer in moe_layers(self.model)]
         if spec.parallel.zero:  # the backend flattens the weights when it is built: start them before

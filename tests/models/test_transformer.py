@@ -172,3 +172,26 @@ def test_dense_and_moe_at_one_seed_share_their_common_initial_weights() -> None:
     ]:
         assert abs(d[key].std().item() - std) < 0.1 * std, key
     assert abs(m["stack.blocks.1.ffn.experts.w_down"].std().item() - residual) < 0.1 * residual
+
+
+def test_a_pipeline_ranks_blocks_build_with_the_whole_models_values() -> None:
+    """A pipeline rank builds only its stages' blocks (the rest on the meta device): each block draws
+    from its own stream, so the blocks it builds, and the embedding and head, equal the whole model's;
+    and the blocks do not repeat one another."""
+    spec = load_spec_text(
+        "name: t\nmodel: {kind: moe, width: 32, depth: 4, heads: 2, ffn: {hidden: 64}, "
+        "moe: {num_experts: 4, top_k: 2, shared_experts: 1}}\n"
+    )
+    torch.manual_seed(0)
+    whole = build_model(spec.model, 32).state_dict()
+    kept = {1, 2}
+    torch.manual_seed(0)
+    part = build_model(spec.model, 32, materialize=kept.__contains__)
+    for i, block in enumerate(part.stack.blocks):
+        assert {p.is_meta for p in block.parameters()} == {i not in kept}, i
+    real = {k: v for k, v in part.state_dict().items() if not v.is_meta}
+    assert len(real) > 20 and "embed.weight" in real and "head.weight" in real
+    for key, value in real.items():
+        assert torch.equal(value, whole[key]), key
+    assert not torch.equal(whole["stack.blocks.1.ffn.experts.w_up"], whole["stack.blocks.2.ffn.experts.w_up"])
+    assert not torch.equal(whole["stack.blocks.1.attn.qkv.weight"], whole["stack.blocks.2.attn.qkv.weight"])

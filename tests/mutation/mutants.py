@@ -261,6 +261,14 @@ MUTANTS: list[Mutant] = [
         "validate leaves out DDP's gradient buckets",
     ),
     Mutant(
+        "pp-block-init-global-rng",
+        "shardyard/models/transformer.py",
+        "        block.ffn.apply(lambda m, g=ffn: init_weights(m, g))",
+        "        block.ffn.apply(init_weights)",
+        ["tests/models/test_transformer.py", "-k", "pipeline_ranks"],
+        "a block's FFN initialises from the global RNG: a pipeline rank's blocks differ from the whole model's",
+    ),
+    Mutant(
         "param-count-misses-1d",
         "shardyard/models/__init__.py",
         "total = sum(p.numel() for p in model.parameters())",

@@ -84,8 +84,15 @@ class StageModule(nn.Module):
         return x
 
 
+def rank_blocks(depth: int, dims: ParallelDims, pipeline: PipelineSpec) -> set[int]:
+    """The blocks (whole-model indices) this pipeline rank's stages hold."""
+    layers = stage_layers(depth, dims.pp * pipeline.virtual_stages, pipeline.layers_per_stage)
+    return {i for s in rank_stages(dims.pp_rank, dims.pp, pipeline.virtual_stages) for i in layers[s]}
+
+
 def split_into_stages(model: nn.Module, dims: ParallelDims, pipeline: PipelineSpec) -> list[StageModule]:
-    """Prune `model` (a flat transformer, in place) to this pipeline rank's stages and return them."""
+    """Prune `model` (a flat transformer, in place) to this pipeline rank's stages and return them. The
+    blocks of other stages may be on the meta device (built so: `rank_blocks`); they are dropped."""
     stages = dims.pp * pipeline.virtual_stages
     layers = stage_layers(len(model.stack.blocks), stages, pipeline.layers_per_stage)
     mine = rank_stages(dims.pp_rank, dims.pp, pipeline.virtual_stages)
