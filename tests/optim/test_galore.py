@@ -96,7 +96,10 @@ def test_nothing_projected_equals_torch_adamw() -> None:
     ours = GaLoreAdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     train(a, ref, data)
     train(b, ours, data)
-    assert_same_weights(a, b, atol=1e-6, rtol=1e-5)
+    # 5 steps of lr 1e-2 move a weight by up to 5e-2; where a gradient is near zero Adam's m / sqrt(v)
+    # is a ratio of two tiny numbers, and the two kernels' rounding moves it by up to ~1e-5 (one
+    # element of 8192 did, at 8.5e-6, from the 2026-12-06 initial weights). A wrong step is ~1e-2.
+    assert_same_weights(a, b, atol=2e-5, rtol=1e-5)
 
 
 def test_expert_slices_step_like_separate_matrices() -> None:

@@ -188,7 +188,8 @@ def _ep_rank(topo: Topology) -> None:
         torch.testing.assert_close(p, results["sync"][name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         full = ref_params[name].detach()
         expect = full[lo : lo + per] if name in sharded else full
-        torch.testing.assert_close(p, expect, rtol=1e-4, atol=1e-5, msg=lambda m: f"vs single worker {name}: {m}")
+        # atol as the other single-worker comparisons here: Adam's near-zero-gradient elements
+        torch.testing.assert_close(p, expect, rtol=1e-4, atol=5e-5, msg=lambda m: f"vs single worker {name}: {m}")
 
 
 def _moe_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
