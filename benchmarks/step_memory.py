@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "step 2"
 
 
-def live_peak_from(prof, marker: str) -> int:
+def live_peak_from(prof, marker: str | None = None) -> int:
     """Peak of the CPU allocator's live bytes (counted from the profile's start) from the start of
-    the `marker` region on."""
+    the `marker` region on (None: over the whole profile)."""
     from torch._C._profiler import _EventType
 
     events: list[tuple[int, int]] = []
@@ -46,10 +46,11 @@ def live_peak_from(prof, marker: str) -> int:
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
+    start = begins[0] if marker is not None else 0
     live, peak = 0, None
     for time_ns, size in sorted(events):
         live += size
-        if time_ns >= begins[0]:
+        if time_ns >= start:
             peak = live if peak is None else max(peak, live)
     assert peak is not None, f"no allocation after {marker!r}"
     return peak

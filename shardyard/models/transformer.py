@@ -210,11 +210,11 @@ class TransformerStack(nn.Module):
         its initial values do not depend on which other blocks were built."""
         super().__init__()
         opts = opts or AttnOptions()
-        self.block_seed = int(torch.randint(2**62, (1,), device="cpu"))  # one draw from the caller's RNG
+        block_seed = int(torch.randint(2**62, (1,), device="cpu"))  # one draw from the caller's RNG
         self.blocks = nn.ModuleList()
         for i in range(depth):
             with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(stream_seed(self.block_seed, i))
+                torch.random.default_generator.manual_seed(stream_seed(block_seed, i))
                 where = torch.device("meta") if materialize is not None and not materialize(i) else nullcontext()
                 with where:
                     self.blocks.append(Block(width, heads, ffn_factory(i), opts))

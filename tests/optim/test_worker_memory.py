@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.step_memory import live_peak_from, measure
 from shardyard.cli.output import memory_report
 from shardyard.data.tokenize import vocab_size_for
 from shardyard.models import build_model
@@ -40,25 +40,6 @@ ARCH = [
     "model.moe.score=sigmoid",
 ]
 QGALORE_LW = ["optim.kind=q_galore_adamw", "optim.galore.layerwise=true", "optim.grad_clip=0"]
-
-
-def _allocator_peak(prof) -> int:
-    """Peak of the CPU allocator's live bytes during the profiled region, relative to its start."""
-    events: list[tuple[int, int]] = []
-
-    def walk(e) -> None:
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        for child in e.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def real_step(spec) -> dict[str, int]:
@@ -87,7 +68,7 @@ def real_step(spec) -> dict[str, int]:
         "grads": distinct_bytes(p.grad for p in params if p.grad is not None),
         "optimizer": state(),
         "before": before,
-        "peak": _allocator_peak(prof),
+        "peak": live_peak_from(prof),
         "experts": sum(is_expert_shard(p) for p in params),
     }
 
@@ -221,7 +202,5 @@ def test_memory_step_peak_prediction_within_12_percent_on_four_gloo_ranks(shard:
     each; 0.94 at one worker). Found with it: DDP's buckets (a second copy of the gradients) and
     FSDP2's unsharded copies and buffers (full-size tensors beside the shards, several blocks at once)
     were not counted: 13-23 % under."""
-    from benchmarks.step_memory import measure
-
     measured, predicted = measure(ROOT / "jobs" / "moe-tiny.yaml", [f"parallel.shard={shard}"], world=4)
     assert abs(predicted / measured - 1) < 0.12, (shard, predicted, measured)
